@@ -1,0 +1,93 @@
+"""Atomic writes: nothing half-written ever looks complete.
+
+A stage writes its folder under a temporary sibling name and renames it into place
+when everything is there; single files are written beside their target and replaced
+with ``os.replace``. Standard library only: the runtime uses this module too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+
+
+def check_destination(dest: Path, overwrite: bool) -> None:
+    """Refuse an existing destination unless ``overwrite``; call before any work."""
+    if dest.exists() and not overwrite:
+        raise EdgeftError(f"{dest} already exists (use --overwrite to replace it)")
+    if not dest.parent.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move a finished folder ``src`` to ``dest``, replacing what is there atomically enough.
+
+    A rename over a non-empty folder is impossible, so an old ``dest`` is first renamed
+    aside and removed only after the new one is in place.
+    """
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(src, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success rename it to ``dest``.
+
+    On any exception (Ctrl-C included) the temporary folder is removed and ``dest``
+    is left as it was.
+    """
+    dest = Path(dest)
+    check_destination(dest, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a finished folder is readable like any other
+    replace_dir(tmp, dest)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
