@@ -1,0 +1,649 @@
+"""``edgeft serve``: an OpenAI-compatible HTTP server over one or more artifacts.
+
+Routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (``stream: true``
+answers server-sent events), ``/v1/classify``, ``/health`` (503 until every model is
+loaded, and again while draining) and ``/metrics`` (Prometheus text).
+
+How it holds load: the event loop only parses, validates and streams; generation runs on
+worker threads (``GenerationPool``: one engine per worker, a bounded waiting line that
+answers 429 past its size) and concurrent classification requests are batched together
+(``ClassifyBatcher``). SIGTERM stops accepting connections, lets the requests in flight
+finish (up to ``drain_timeout`` seconds), then exits with status 0.
+
+This module knows HTTP (Starlette, uvicorn), the settings and the engines' agreed API
+(``edgeft.runtime.load``, ``Generator``, ``TextClassifier``, ``SamplingParams``); it knows
+nothing of torch, of how artifacts are made, or of the OpenAI JSON shapes (``wire``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from edgeft.errors import EdgeftError
+from edgeft.runtime import wire
+from edgeft.runtime.batching import ClassifyBatcher, GenerationPool, Overloaded
+from edgeft.runtime.metrics import Registry
+from edgeft.runtime.wire import ApiError, bad
+
+log = logging.getLogger("edgeft.serve")
+access_log = logging.getLogger("edgeft.access")
+
+CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify")
+
+
+class LogFormat(str, enum.Enum):
+    """How the server writes its log lines to stderr."""
+
+    text = "text"
+    json = "json"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``edgeft serve`` can be told (each also from an ``EDGEFT_*`` environment variable)."""
+
+    artifacts: tuple[Path, ...]
+    """Artifact folders or packed ``.edgeft`` files to serve."""
+    names: tuple[str, ...] = ()
+    """Model names, one per artifact, in order (default: the folder or file name)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """When set, every /v1 route wants ``Authorization: Bearer <key>``."""
+    threads: int | None = None
+    """onnxruntime intra-op threads per model (default: onnxruntime's choice, all cores)."""
+    workers: int = 1
+    """Generations run at once per model; each worker holds its own engine (memory grows with it)."""
+    queue_size: int = 16
+    """Requests that may wait per model beyond those running; more are answered 429."""
+    max_tokens: int = 1024
+    """The largest ``max_tokens`` a request may ask for."""
+    max_body_bytes: int = 1 << 20
+    max_inputs: int = 256
+    """Texts per /v1/classify request."""
+    batch_size: int = 32
+    """Most texts in one classifier run (micro-batch)."""
+    batch_wait_ms: float = 5.0
+    """How long the first classify request waits for others to join its batch."""
+    max_connections: int = 512
+    drain_timeout: float = 30.0
+    """Seconds SIGTERM waits for in-flight requests before cancelling them."""
+    log_format: LogFormat = LogFormat.text
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "artifacts", tuple(Path(a) for a in self.artifacts))
+        object.__setattr__(self, "names", tuple(self.names))
+        if not self.artifacts:
+            raise EdgeftError("serve needs at least one artifact")
+        if self.names and len(self.names) != len(self.artifacts):
+            raise EdgeftError(f"{len(self.names)} --name for {len(self.artifacts)} artifacts: give one per artifact")
+        names = self.model_names()
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise EdgeftError(f"two artifacts would both be served as {dup[0]!r}: name them with --name")
+        if not 0 <= self.port <= 65535:
+            raise EdgeftError(f"port must be in 0..65535, got {self.port}")
+        for name in ("workers", "max_tokens", "max_body_bytes", "max_inputs", "batch_size", "max_connections"):
+            if getattr(self, name) < 1:
+                raise EdgeftError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise EdgeftError(f"threads must be at least 1, got {self.threads}")
+        if self.queue_size < 0 or self.batch_wait_ms < 0 or self.drain_timeout < 0:
+            raise EdgeftError("queue-size, batch-wait-ms and drain-timeout cannot be negative")
+        if self.api_key is not None and not self.api_key.strip():
+            raise EdgeftError("the API key is empty")
+        if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
+            raise EdgeftError(f"unknown log level {self.log_level!r}")
+
+    def model_names(self) -> list[str]:
+        if self.names:
+            return list(self.names)
+        return [a.stem if a.suffix == ".edgeft" else a.name for a in self.artifacts]
+
+
+# ---------------------------------------------------------------- models
+
+@dataclass
+class Model:
+    """One served artifact: its engines behind a pool (generation) or a batcher (classification)."""
+
+    name: str
+    task: str
+    manifest: Any
+    front: Any  # an engine used for tokenizing and chat templates on the request's thread
+    pool: GenerationPool | None = None
+    batcher: ClassifyBatcher | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def info(self) -> dict[str, Any]:
+        d = {"id": self.name, "object": "model", "created": self.created, "owned_by": "edgeft", "task": self.task}
+        if self.manifest.decoder is not None:
+            d["context_length"] = self.manifest.decoder.context_length
+        if self.manifest.classifier is not None:
+            d["labels"] = list(self.manifest.classifier.labels)
+        return d
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.close)
+        if self.batcher is not None:
+            await self.batcher.close()
+
+
+def _threads_per_engine(config: ServeConfig) -> int | None:
+    if config.workers == 1:
+        return config.threads
+    return max(1, (config.threads or os.cpu_count() or 1) // config.workers)
+
+
+def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
+    """Open every artifact (blocking: run it off the event loop)."""
+    from edgeft.runtime import Generator, load
+
+    models: dict[str, Model] = {}
+    threads = _threads_per_engine(config)
+    wait_s = config.batch_wait_ms / 1000
+    for name, path in zip(config.model_names(), config.artifacts):
+        t0 = time.perf_counter()
+        first = load(path, threads=threads)
+        task = getattr(first.manifest.task, "value", first.manifest.task)
+        if task == CAUSAL_LM:
+            engines = [first] + [Generator.open(path, threads=threads) for _ in range(config.workers - 1)]
+            m = Model(name, task, first.manifest, first, pool=GenerationPool(name, engines, config.queue_size, metrics))
+        else:
+            batcher = ClassifyBatcher(name, first, config.batch_size, wait_s, config.queue_size, metrics)
+            m = Model(name, task, first.manifest, first, batcher=batcher)
+        models[name] = m
+        metrics.loaded.set(1, model=name)
+        log.info("loaded %s (%s) from %s in %.1fs", name, task, path, time.perf_counter() - t0,
+                 extra={"fields": {"model": name, "task": task, "path": str(path)}})
+    return models
+
+
+class ServerState:
+    """What the routes share: settings, metrics, the models once loaded, and the lifecycle flags."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.metrics = Registry()
+        self.models: dict[str, Model] = {}
+        self.ready = False
+        self.draining = False
+        self.failed: str | None = None
+        self.on_fatal: Callable[[], None] | None = None
+        self.cancels: set[threading.Event] = set()
+
+    def check_serving(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        if not self.ready:
+            raise ApiError(503, "the models are still loading", type="server_error", code="loading")
+
+    def model(self, name: str | None, task: str) -> Model:
+        served = ", ".join(self.models) or "none"
+        if name is None:
+            fits = [m for m in self.models.values() if m.task == task]
+            if len(fits) == 1:
+                return fits[0]
+            raise bad(f"'model' is required (served here: {served})", "model")
+        m = self.models.get(name)
+        if m is None:
+            raise ApiError(404, f"the model '{name}' is not served here (served: {served})",
+                           param="model", code="model_not_found")
+        if m.task != task:
+            route = "/v1/classify" if m.task == CLASSIFICATION else "/v1/completions or /v1/chat/completions"
+            raise bad(f"'{name}' is a {m.task} model: use {route}", "model", "wrong_model_task")
+        return m
+
+
+# ---------------------------------------------------------------- request helpers
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object, within ``limit`` bytes (413 past it, 400 if not JSON)."""
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad("invalid Content-Length header")
+        if int(declared) > limit:
+            raise too_big
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise too_big
+    try:
+        body = json.loads(bytes(buf), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    return body
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def api(handler: Callable) -> Callable:
+    """Turn the errors a request can cause into OpenAI-style bodies; never a 500 for bad input."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error_response(exc)
+        except Overloaded as exc:
+            return _error_response(ApiError(429, str(exc), type="rate_limit_error", code="queue_full"))
+        except EdgeftError as exc:  # the engine refused the input (context, template...)
+            return _error_response(bad(exc.message))
+
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------- generation
+
+def _prompt_ids(model: Model, req: wire.GenerationRequest) -> list[int]:
+    """Tokenize (after the chat template for chat); blocking, so called off the event loop."""
+    if req.messages is not None:
+        try:
+            return model.front.encode(model.front.render_chat(req.messages))
+        except EdgeftError:
+            raise
+        except Exception as exc:  # a template that refuses these messages (e.g. roles out of order)
+            raise bad(f"the chat template refused these messages: {exc}", "messages") from None
+    if isinstance(req.prompt, str):
+        return model.front.encode(req.prompt)
+    vocab = model.manifest.decoder.vocab_size
+    if any(t >= vocab for t in req.prompt):
+        raise bad(f"token ids must be below the vocabulary size {vocab}", "prompt")
+    return list(req.prompt)
+
+
+def _params(model: Model, req: wire.GenerationRequest, n_prompt: int, cap: int) -> Any:
+    from edgeft.runtime import SamplingParams
+
+    ctx = model.manifest.decoder.context_length
+    param = "messages" if req.messages is not None else "prompt"
+    if n_prompt >= ctx:
+        raise bad(f"This model's maximum context length is {ctx} tokens, but the prompt has {n_prompt} tokens.",
+                  param, "context_length_exceeded")
+    room = ctx - n_prompt
+    if req.max_tokens is None:
+        defaults = model.manifest.generation
+        max_new = min(defaults.max_new_tokens if defaults else 128, cap, room)
+    elif req.max_tokens > room:
+        raise bad(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                  f"{n_prompt + req.max_tokens} tokens ({n_prompt} in the prompt, {req.max_tokens} for the "
+                  "completion). Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+    else:
+        max_new = req.max_tokens
+    d = model.manifest.generation
+    pick = lambda v, default: default if v is None else v  # noqa: E731
+    try:
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=pick(req.temperature, d.temperature if d else 0.0),
+            top_k=pick(req.top_k, d.top_k if d else 0),
+            top_p=pick(req.top_p, d.top_p if d else 1.0),
+            repetition_penalty=pick(req.repetition_penalty, d.repetition_penalty if d else 1.0),
+            seed=req.seed,
+            stop=req.stop,
+        )
+    except (ValueError, TypeError) as exc:
+        raise bad(str(exc)) from None
+
+
+def _collect(engine: Any, ids: list[int], params: Any, cancel: threading.Event,
+             on_first: Callable[[], None]) -> tuple[str, int, str]:
+    """Run one generation to the end on a worker thread: (text, tokens, finish_reason)."""
+    parts, n, finish = [], 0, None
+    for chunk in engine.stream(ids, params):
+        if chunk.token_id is not None:
+            if n == 0:
+                on_first()
+            n += 1
+        parts.append(chunk.text)
+        finish = chunk.finish_reason or finish
+        if cancel.is_set():
+            break
+    return "".join(parts), n, finish or "length"
+
+
+async def _generate(request: Request, chat: bool) -> Response:
+    state: ServerState = request.app.state.edgeft
+    state.check_serving()
+    cfg = state.config
+    body = await read_json(request, cfg.max_body_bytes)
+    req = (wire.parse_chat if chat else wire.parse_completion)(body, cfg.max_tokens)
+    model = state.model(req.model, CAUSAL_LM)
+    ids = await asyncio.to_thread(_prompt_ids, model, req)
+    params = _params(model, req, len(ids), cfg.max_tokens)
+    rid = wire.new_id("chatcmpl" if chat else "cmpl")
+    t_admit = time.perf_counter()
+    on_first = lambda: state.metrics.first_token.observe(time.perf_counter() - t_admit, model=model.name)  # noqa: E731
+    cancel = threading.Event()
+    if req.stream:
+        loop = asyncio.get_running_loop()
+        chunks = model.pool.submit_stream(lambda engine: engine.stream(ids, params), cancel, loop)
+        state.metrics.prompt_tokens.inc(len(ids), model=model.name)
+        events = _stream_events(state, model, req, rid, chat, len(ids), chunks, cancel, on_first)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    state.cancels.add(cancel)
+    try:
+        text, n, finish = await model.pool.run(lambda engine: _collect(engine, ids, params, cancel, on_first))
+    finally:
+        state.cancels.discard(cancel)
+    state.metrics.prompt_tokens.inc(len(ids), model=model.name)
+    state.metrics.generated_tokens.inc(n, model=model.name)
+    build = wire.chat_body if chat else wire.completion_body
+    return JSONResponse(build(rid, model.name, text, finish, wire.usage(len(ids), n)))
+
+
+async def _stream_events(state: ServerState, model: Model, req: wire.GenerationRequest, rid: str, chat: bool,
+                         n_prompt: int, chunks: asyncio.Queue, cancel: threading.Event,
+                         on_first: Callable[[], None]) -> AsyncIterator[str]:
+    """Server-sent events for one streamed generation; always ends with ``data: [DONE]``."""
+    state.cancels.add(cancel)
+    n, finish = 0, None
+    piece = (lambda t, f: wire.chat_chunk(rid, model.name, {"content": t} if t else {}, f)) if chat else \
+        (lambda t, f: wire.completion_chunk(rid, model.name, t, f))
+    try:
+        if chat:
+            yield _sse(wire.chat_chunk(rid, model.name, {"role": "assistant", "content": ""}, None))
+        while True:
+            item = await chunks.get()
+            if isinstance(item, StopAsyncIteration):
+                break
+            if isinstance(item, BaseException):
+                log.error("generation failed: %s", item, exc_info=item)
+                message = item.message if isinstance(item, EdgeftError) else "generation failed"
+                yield _sse(wire.ApiError(500, message, type="server_error").body())
+                return
+            if item.token_id is not None:
+                if n == 0:
+                    on_first()
+                n += 1
+            finish = item.finish_reason or finish
+            if item.text:
+                yield _sse(piece(item.text, None))
+        yield _sse(piece("", finish or "length"))
+        if req.include_usage:
+            yield _sse(wire.usage_chunk(rid, model.name, chat, wire.usage(n_prompt, n)))
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()  # the client left (or we are done): the worker stops at its next token
+        state.cancels.discard(cancel)
+        state.metrics.generated_tokens.inc(n, model=model.name)
+
+
+@api
+async def completions(request: Request) -> Response:
+    return await _generate(request, chat=False)
+
+
+@api
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, chat=True)
+
+
+# ---------------------------------------------------------------- other routes
+
+@api
+async def classify(request: Request) -> Response:
+    state: ServerState = request.app.state.edgeft
+    state.check_serving()
+    body = await read_json(request, state.config.max_body_bytes)
+    req = wire.parse_classify(body, state.config.max_inputs)
+    model = state.model(req.model, CLASSIFICATION)
+    results = await model.batcher.classify(req.texts)
+    return JSONResponse(wire.classify_body(model.name, results))
+
+
+@api
+async def list_models(request: Request) -> Response:
+    state: ServerState = request.app.state.edgeft
+    state.check_serving()
+    return JSONResponse({"object": "list", "data": [m.info() for m in state.models.values()]})
+
+
+@api
+async def get_model(request: Request) -> Response:
+    state: ServerState = request.app.state.edgeft
+    state.check_serving()
+    name = request.path_params["model"]
+    if name not in state.models:
+        raise ApiError(404, f"the model '{name}' is not served here", param="model", code="model_not_found")
+    return JSONResponse(state.models[name].info())
+
+
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.edgeft
+    if state.failed:
+        return JSONResponse({"status": "failed", "error": state.failed}, status_code=503)
+    if state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not state.ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok", "models": list(state.models)})
+
+
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.edgeft
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                    code=code))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s: %s", request.url.path, exc, exc_info=exc)
+    return JSONResponse(ApiError(500, "internal server error", type="server_error").body(), status_code=500)
+
+
+# ---------------------------------------------------------------- middleware: ids, auth, metrics, access log
+
+def _route_label(path: str) -> str:
+    if path in ROUTES:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
+class EdgeMiddleware:
+    """Request ids, bearer-key checks on /v1, request metrics and one access-log line per request."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+        key = state.config.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        return hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, path = time.perf_counter(), scope["path"]
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            if self.expected is not None and path.startswith("/v1") and not self._authorized(headers):
+                err = ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+                response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            self._record(scope, path, status, time.perf_counter() - t0, rid)
+
+    def _record(self, scope: dict, path: str, status: int, seconds: float, rid: str) -> None:
+        route, method = _route_label(path), scope.get("method", "")
+        self.state.metrics.requests.inc(route=route, method=method, status=str(status))
+        self.state.metrics.latency.observe(seconds, route=route)
+        if path in ("/health", "/metrics") and status == 200:
+            return  # probes and scrapes would drown the log
+        client = scope.get("client") or ("", 0)
+        access_log.info("%s %s %d %.1fms", method, path, status, seconds * 1000, extra={"fields": {
+            "method": method, "path": path, "status": status, "ms": round(seconds * 1000, 2),
+            "request_id": rid, "client": client[0]}})
+
+
+# ---------------------------------------------------------------- the app and the process
+
+def build_app(config: ServeConfig) -> Starlette:
+    """The ASGI app; its lifespan loads the models in the background and closes them at the end."""
+    state = ServerState(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loader = asyncio.get_running_loop().create_task(_load(state))
+        try:
+            yield
+        finally:
+            state.draining = True
+            for cancel in list(state.cancels):
+                cancel.set()
+            if loader.done():
+                for m in state.models.values():
+                    await m.close()
+            log.info("stopped")
+
+    routes = [
+        Route("/health", health, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/classify", classify, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    app.state.edgeft = state
+    app.add_middleware(EdgeMiddleware, state=state)
+    return app
+
+
+async def _load(state: ServerState) -> None:
+    try:
+        models = await asyncio.to_thread(load_models, state.config, state.metrics)
+    except Exception as exc:  # a broken artifact stops the server with one clear line
+        state.failed = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        log.error("could not load the models: %s", state.failed)
+        if state.on_fatal is not None:
+            state.on_fatal()
+        return
+    for m in models.values():
+        if m.batcher is not None:
+            m.batcher.start()
+    state.models = models
+    state.ready = True
+    log.info("ready: serving %s", ", ".join(models), extra={"fields": {"models": list(models)}})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message and the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        d = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+             "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        d.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d, default=str, ensure_ascii=False)
+
+
+def configure_logging(fmt: LogFormat, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt is LogFormat.json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _make_server(config: ServeConfig, app: Starlette) -> Any:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, except that SIGTERM/SIGINT mark the app draining and the process then exits 0."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state: ServerState = app.state.edgeft
+            if not state.draining:
+                log.info("received %s: draining in-flight requests (up to %.0fs)",
+                         signal.Signals(sig).name, config.drain_timeout)
+            state.draining = True
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    uv = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                        log_level=config.log_level.lower(), timeout_graceful_shutdown=config.drain_timeout,
+                        limit_concurrency=config.max_connections, server_header=False, lifespan="on")
+    return DrainingServer(uv)
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the server until SIGTERM/SIGINT; raise ``EdgeftError`` if the models cannot be loaded."""
+    configure_logging(config.log_format, config.log_level)
+    for path in config.artifacts:
+        if not path.exists():
+            raise EdgeftError(f"{path} does not exist")
+    app = build_app(config)
+    state: ServerState = app.state.edgeft
+    server = _make_server(config, app)
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    log.info("listening on http://%s:%d (models load in the background; /health says when ready)%s",
+             config.host, config.port, ", API key required on /v1" if config.api_key else "")
+    server.run()
+    if state.failed:
+        raise EdgeftError(f"could not load the models: {state.failed}")

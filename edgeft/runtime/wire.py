@@ -1,0 +1,263 @@
+"""The OpenAI-compatible wire format: request parsing, response shapes, error bodies.
+
+Every request body is checked field by field here, so a wrong type or value becomes a
+400 with an OpenAI-style error body (``{"error": {"message", "type", "param", "code"}}``)
+and never a 500. This module knows JSON shapes and limits; it knows nothing of HTTP
+frameworks, threads or models (it does not tokenize or generate).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_STOP = 16
+
+
+class ApiError(Exception):
+    """An error answered to the client as an OpenAI-style JSON body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A parsed /v1/completions or /v1/chat/completions request (model and prompt still unresolved)."""
+
+    model: str | None
+    prompt: str | list[int] | None = None  # completions
+    messages: list[dict[str, str]] | None = None  # chat
+    max_tokens: int | None = None  # None: the artifact's default, clamped to the context
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    model: str | None
+    texts: list[str]
+    single: bool  # the input was one string, not a list
+
+
+# ---------------------------------------------------------------- field readers
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _opt_int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_int(v):
+        raise bad(f"'{name}' must be an integer, got {type(v).__name__}", name)
+    if lo is not None and v < lo:
+        raise bad(f"'{name}' must be at least {lo}, got {v}", name)
+    if hi is not None and v > hi:
+        raise bad(f"'{name}' must be at most {hi}, got {v}", name)
+    return v
+
+
+def _opt_number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_number(v):
+        raise bad(f"'{name}' must be a number, got {type(v).__name__}", name)
+    if (v <= lo if lo_open else v < lo) or v > hi:
+        raise bad(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
+    return float(v)
+
+
+def _opt_bool(body: dict, name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad(f"'{name}' must be true or false, got {type(v).__name__}", name)
+    return v
+
+
+def _model(body: dict) -> str | None:
+    v = body.get("model")
+    if v is not None and not isinstance(v, str):
+        raise bad(f"'model' must be a string, got {type(v).__name__}", "model")
+    return v
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise bad("'stop' must be a non-empty string or a list of non-empty strings", "stop")
+    if len(items) > MAX_STOP:
+        raise bad(f"'stop' takes at most {MAX_STOP} strings", "stop")
+    return tuple(items)
+
+
+def _unsupported(body: dict) -> None:
+    """Reject features edgeft does not implement rather than silently ignoring them."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad("only 'n': 1 is supported", "n")
+    for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "response_format"):
+        if body.get(name) not in (None, False, 0):
+            raise bad(f"'{name}' is not supported by this server", name)
+    best_of = body.get("best_of")
+    if best_of not in (None, 1):
+        raise bad("only 'best_of': 1 is supported", "best_of")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = body.get(name)
+        if v is not None and (not _is_number(v) or v != 0):
+            raise bad(f"'{name}' is not supported (use 'repetition_penalty')", name)
+
+
+def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_tokens") -> dict[str, Any]:
+    _unsupported(body)
+    max_tokens = _opt_int(body, max_tokens_name, 1, None)
+    if max_tokens is not None and max_tokens > max_tokens_cap:
+        raise bad(f"'{max_tokens_name}' must be at most {max_tokens_cap} on this server, got {max_tokens}",
+                  max_tokens_name)
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    include_usage = (opts or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad("'stream_options.include_usage' must be true or false", "stream_options")
+    return dict(
+        model=_model(body),
+        max_tokens=max_tokens,
+        temperature=_opt_number(body, "temperature", 0.0, 2.0),
+        top_p=_opt_number(body, "top_p", 0.0, 1.0, lo_open=True),
+        top_k=_opt_int(body, "top_k", 0, None),
+        repetition_penalty=_opt_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True),
+        seed=_opt_int(body, "seed"),
+        stop=_stop(body),
+        stream=_opt_bool(body, "stream"),
+        include_usage=include_usage,
+    )
+
+
+# ---------------------------------------------------------------- requests
+
+def parse_completion(body: dict, max_tokens_cap: int) -> GenerationRequest:
+    """``POST /v1/completions``: prompt is a string, a list of token ids, or a one-string list."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
+        pass
+    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
+        raise bad("one prompt per request: send several requests for several prompts", "prompt")
+    elif not isinstance(prompt, str):
+        raise bad("'prompt' must be a string or a list of token ids", "prompt")
+    return GenerationRequest(prompt=prompt, **_sampling(body, max_tokens_cap))
+
+
+def _message(i: int, m: Any) -> dict[str, str]:
+    if not isinstance(m, dict):
+        raise bad(f"messages[{i}] must be an object", "messages")
+    role, content = m.get("role"), m.get("content")
+    if not isinstance(role, str) or not role:
+        raise bad(f"messages[{i}].role must be a non-empty string", "messages")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"messages[{i}].content: only text parts are supported", "messages")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
+    return {"role": role, "content": content}
+
+
+def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
+    """``POST /v1/chat/completions``: a non-empty list of {role, content} messages."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    msgs = [_message(i, m) for i, m in enumerate(messages)]
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return GenerationRequest(messages=msgs, **_sampling(body, max_tokens_cap, name))
+
+
+def parse_classify(body: dict, max_inputs: int) -> ClassifyRequest:
+    """``POST /v1/classify``: ``{"model", "input": str | [str]}``."""
+    value = body.get("input")
+    single = isinstance(value, str)
+    texts = [value] if single else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise bad("'input' must be a string or a non-empty list of strings", "input")
+    if len(texts) > max_inputs:
+        raise bad(f"at most {max_inputs} inputs per request, got {len(texts)}", "input")
+    return ClassifyRequest(model=_model(body), texts=texts, single=single)
+
+
+# ---------------------------------------------------------------- responses
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish: str, u: dict) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": u}
+
+
+def chat_body(rid: str, model: str, text: str, finish: str, u: dict) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish, "logprobs": None}], "usage": u}
+
+
+def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+
+def usage_chunk(rid: str, model: str, chat: bool, u: dict) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [], "usage": u}
+
+
+def classify_body(model: str, results: list[dict]) -> dict[str, Any]:
+    data = [{"object": "classification", "index": i, "label": r["label"],
+             "score": float(r["scores"][r["label"]]), "scores": {k: float(v) for k, v in r["scores"].items()}}
+            for i, r in enumerate(results)]
+    return {"object": "list", "model": model, "data": data}
