@@ -1,0 +1,82 @@
+"""Which comparisons are the headline, and the goals from the benchmarks issue.
+
+System names used across the suite are defined here, so the cases that measure and the
+writers that report agree. Goals are computed and reported (met, or missed by how much);
+nothing here asserts them.
+"""
+
+from __future__ import annotations
+
+from benchmarks.schema import Goal, Ratio, SuiteResult
+
+EDGEFT = {q: f"edgeft {q}" for q in ("fp32", "int8", "int4", "mixed")}
+HF = "transformers fp32"
+GENAI = "ort-genai int8"
+LLAMA = {q: f"llama.cpp {q}" for q in ("F16", "Q8_0", "Q4_1")}
+TORCH_CLS = "pytorch fp32"
+CLS = {q: f"edgeft {q}" for q in ("fp32", "int8")}
+
+# (metric, numerator, denominator, params): the ratios that open the report.
+HEADLINE: list[tuple[str, str, str, dict]] = [
+    ("decode_tps", EDGEFT["int8"], HF, {}),
+    ("decode_tps", EDGEFT["int8"], GENAI, {}),
+    ("decode_tps", EDGEFT["int8"], LLAMA["Q8_0"], {}),
+    ("decode_tps", EDGEFT["int4"], LLAMA["Q4_1"], {}),
+    ("decode_tps", EDGEFT["mixed"], LLAMA["Q4_1"], {}),
+    ("prefill_tps", EDGEFT["int8"], LLAMA["Q8_0"], {"prompt_tokens": 512}),
+    ("prefill_tps", EDGEFT["int8"], HF, {"prompt_tokens": 512}),
+    ("ttft_ms", EDGEFT["int8"], LLAMA["Q8_0"], {}),
+    ("throughput", CLS["int8"], TORCH_CLS, {"batch": 1}),
+    ("throughput", CLS["int8"], TORCH_CLS, {"batch": 32}),
+    ("peak_mib", "edgeft top-N over int8", "full fine-tuning", {}),
+]
+
+
+def headline_ratios(res: SuiteResult) -> list[Ratio]:
+    out = []
+    for metric, num, den, params in HEADLINE:
+        r = res.ratio(metric, num, den, params)
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def _ratio_value(res: SuiteResult, metric: str, num: str, den: str, params: dict | None = None) -> float | None:
+    r = res.ratio(metric, num, den, params)
+    return r.value if r else None
+
+
+def _diff(res: SuiteResult, metric: str, a: str, b: str, params: dict | None = None) -> float | None:
+    x, y = res.find(metric, a, params), res.find(metric, b, params)
+    return x.median - y.median if x and y else None
+
+
+def goals(res: SuiteResult) -> list[Goal]:
+    """The issue's goals, evaluated on one suite result."""
+    share = res.find("bandwidth_share", EDGEFT["int8"])
+    q4 = [v for v in (_ratio_value(res, "decode_tps", EDGEFT[q], LLAMA["Q4_1"]) for q in ("int4", "mixed"))
+          if v is not None]
+    return [
+        Goal("int8 decode vs llama.cpp Q8_0", _ratio_value(res, "decode_tps", EDGEFT["int8"], LLAMA["Q8_0"]), 1.3,
+             detail="ratio of decode tokens/s"),
+        Goal("int8 decode share of the bandwidth limit", share.median if share else None, 0.60,
+             detail="measured tokens/s / (bandwidth / weight bytes per token)"),
+        Goal("best of int4/mixed decode vs llama.cpp Q4", max(q4) if q4 else None, 1.3,
+             detail="ratio of decode tokens/s (the gate must pass: see the artifacts' manifests)"),
+        Goal("prefill at 512 vs llama.cpp Q8_0", _ratio_value(res, "prefill_tps", EDGEFT["int8"], LLAMA["Q8_0"],
+                                                              {"prompt_tokens": 512}), 1.0),
+        Goal("int8 decode vs transformers fp32 generate", _ratio_value(res, "decode_tps", EDGEFT["int8"], HF), 10.0),
+        Goal("int8 decode vs onnxruntime-genai's loop", _ratio_value(res, "decode_tps", EDGEFT["int8"], GENAI), 1.5),
+        Goal("classification int8 vs PyTorch at batch 32",
+             _ratio_value(res, "throughput", CLS["int8"], TORCH_CLS, {"batch": 32}), 3.0),
+        Goal("classification int8 accuracy lost (points)",
+             _neg(_diff(res, "accuracy", CLS["int8"], TORCH_CLS, {"dataset": "sst2-dev"})), 0.5, "<="),
+        Goal("8-bit-frozen tuning peak memory vs full fine-tuning",
+             _ratio_value(res, "peak_mib", "edgeft top-N over int8", "full fine-tuning"), 0.40, "<="),
+        Goal("8-bit-frozen tuning accuracy below full fine-tuning (points)",
+             _neg(_diff(res, "accuracy", "edgeft top-N over int8", "full fine-tuning")), 1.0, "<="),
+    ]
+
+
+def _neg(x: float | None) -> float | None:
+    return None if x is None else -x

@@ -1,0 +1,201 @@
+"""One system, measured alone in its own process: ``python -m benchmarks.workers SPEC_JSON``.
+
+Each worker loads one system (edgeft's runtime, transformers, onnxruntime-genai,
+llama.cpp, a PyTorch classifier...), runs the timing helpers of ``edgeft.bench`` on it
+and prints one line ``RESULT {json}`` last, with its process's peak memory. A fresh
+process per system keeps one system's memory and threads from polluting another's.
+The parent (``benchmarks.cases``) builds the spec and reads the line; it never imports
+the systems itself. Heavy imports happen inside the worker functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from edgeft.bench import (
+    OnToken,
+    Runner,
+    bench_batches,
+    bench_generation,
+    edgeft_runner,
+    memory_bandwidth,
+    peak_rss_mib,
+)
+
+
+def _ids(spec: dict) -> tuple[list[int], dict[int, list[int]]]:
+    return spec["decode_prompt"], {int(k): v for k, v in spec["prefill_prompts"].items()}
+
+
+def gen_generic(spec: dict, run: Runner) -> dict:
+    """Time a system given as ``run(ids, n, on_token)`` with the spec's prompts and repeats."""
+    decode_prompt, prefill = _ids(spec)
+    return bench_generation(run, decode_prompt, prefill, spec["new_tokens"], spec["repeats"],
+                            spec.get("warmup", 1)).to_dict()
+
+
+# ---------------------------------------------------------------- generation systems
+
+
+def gen_edgeft(spec: dict) -> dict:
+    from edgeft.runtime import Generator
+
+    t0 = time.perf_counter()
+    gen = Generator.open(spec["path"], threads=spec["threads"])
+    load_s = time.perf_counter() - t0
+    return {**gen_generic(spec, edgeft_runner(gen)), "load_s": load_s}
+
+
+def gen_transformers(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+
+    class Stamp(BaseStreamer):
+        def __init__(self, on_token: OnToken) -> None:
+            self.on_token, self.prompt_seen = on_token, False
+
+        def put(self, value) -> None:  # noqa: ANN001 - the first call carries the prompt
+            if self.prompt_seen:
+                self.on_token()
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    def run(ids: list[int], n: int, on_token: OnToken) -> None:
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, streamer=Stamp(on_token), pad_token_id=model.config.eos_token_id)
+
+    return {**gen_generic(spec, run), "load_s": load_s}
+
+
+def gen_genai(spec: dict) -> dict:
+    import onnxruntime_genai as og
+
+    t0 = time.perf_counter()
+    config = og.Config(spec["path"])
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+    load_s = time.perf_counter() - t0
+
+    def run(ids: list[int], n: int, on_token: OnToken) -> None:
+        params = og.GeneratorParams(model)
+        total = len(ids) + n
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)  # runs the prompt; the first token is then read from its logits
+        while not gen.is_done():
+            gen.generate_next_token()
+            on_token()
+
+    return {**gen_generic(spec, run), "load_s": load_s}
+
+
+def gen_llamacpp(spec: dict) -> dict:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(spec["path"], n_ctx=spec.get("n_ctx", 1024), n_batch=512, n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def run(ids: list[int], n: int, on_token: OnToken) -> None:
+        llm.reset()  # no KV-cache reuse between runs: every run pays its prompt
+        for i, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                           reset=True)):
+            on_token()
+            if i + 1 >= n:
+                break
+
+    return {**gen_generic(spec, run), "load_s": load_s}
+
+
+# ---------------------------------------------------------------- classification systems
+
+
+def _sst2(spec: dict) -> tuple[list[str], list[int] | None]:
+    from benchmarks.data import read_tsv_classification
+
+    return read_tsv_classification(spec["data"])
+
+
+def cls_edgeft(spec: dict) -> dict:
+    from edgeft.runtime import TextClassifier
+
+    clf = TextClassifier.open(spec["path"], threads=spec["threads"])
+
+    def predict(texts: list[str]):  # noqa: ANN202
+        return clf.predict_proba(texts, batch_size=len(texts))
+
+    return _classification(spec, predict, clf.labels)
+
+
+def cls_torch(spec: dict) -> dict:
+    import torch
+
+    from benchmarks.data import load_torch_classifier
+
+    torch.set_num_threads(spec["threads"])
+    model, tok, labels = load_torch_classifier(spec["path"])
+
+    def predict(texts: list[str]):  # noqa: ANN202
+        enc = tok(texts, padding=True, truncation=True, max_length=spec.get("max_length", 128), return_tensors="pt")
+        with torch.inference_mode():
+            return torch.softmax(model(**enc).logits, -1).numpy()
+
+    return _classification(spec, predict, labels)
+
+
+def _classification(spec: dict, predict, labels: list[str]) -> dict:  # noqa: ANN001
+    import numpy as np
+
+    texts, gold = _sst2(spec)
+    out: dict[str, Any] = {"batches": [bench_batches(predict, texts, b, spec["batches"]).to_dict()
+                                       for b in spec["batch_sizes"]]}
+    if gold is not None:
+        probs = np.concatenate([predict(texts[i:i + 32]) for i in range(0, len(texts), 32)])
+        names = [labels[i] for i in probs.argmax(-1)]
+        out["accuracy"] = 100.0 * float(np.mean([n == str(g) for n, g in zip(names, gold)]))
+    return out
+
+
+def bandwidth(spec: dict) -> dict:
+    return {"gbps": memory_bandwidth(spec["threads"], spec.get("mib", 1024), spec["repeats"]).to_dict()}
+
+
+WORKERS = {
+    "gen-edgeft": gen_edgeft,
+    "gen-transformers": gen_transformers,
+    "gen-genai": gen_genai,
+    "gen-llamacpp": gen_llamacpp,
+    "cls-edgeft": cls_edgeft,
+    "cls-torch": cls_torch,
+    "bandwidth": bandwidth,
+}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[1])
+    threads = str(spec.get("threads", os.cpu_count()))
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    result = WORKERS[spec["worker"]](spec)
+    result["peak_rss_mib"] = peak_rss_mib()
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,367 @@
+"""Measuring one thing well: timing statistics, memory bandwidth, and one artifact alone.
+
+What ``edgeft bench ARTIFACT`` runs, and the building blocks ``benchmarks/`` (the suite
+that compares edgeft with the alternatives) reuses:
+
+- ``Stat`` / ``summarize`` / ``timeit``: every figure is a median of several runs after a
+  warm-up, reported with its spread (quartiles, min, max).
+- ``memory_bandwidth``: this machine's memory read bandwidth (numpy sums over a large
+  array, one slice per thread), the physical limit for decoding.
+- ``bench_generator`` / ``bench_classifier``: decode and prefill tokens/s, time to first
+  token; classification throughput and latency percentiles per batch size.
+- ``onnx_weight_bytes``: bytes of weights a decoder reads per generated token.
+- ``peak_rss_mib``: the process's peak resident memory.
+
+It knows nothing of torch or of the other systems the suite compares against; it imports
+only numpy and the standard library at import time, and ``edgeft.runtime`` inside
+functions, so it runs where only the runtime extra is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeft.errors import EdgeftError
+
+
+@dataclass(frozen=True)
+class Stat:
+    """The median of ``n`` measurements with its spread."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+    n: int
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    def scaled(self, factor: float) -> "Stat":
+        """The same figures multiplied by ``factor`` (for unit changes)."""
+        return Stat(self.median * factor, self.q1 * factor, self.q3 * factor,
+                    self.min * factor, self.max * factor, self.n)
+
+    def inverse(self, numerator: float = 1.0) -> "Stat":
+        """``numerator / x`` for each figure (seconds -> rate); quartiles and extremes swap."""
+        f = lambda x: numerator / x if x > 0 else float("inf")  # noqa: E731
+        return Stat(f(self.median), f(self.q3), f(self.q1), f(self.max), f(self.min), self.n)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Stat":
+        return cls(**{k: d[k] for k in ("median", "q1", "q3", "min", "max", "n")})
+
+    def __str__(self) -> str:
+        return f"{self.median:.4g} (IQR {self.q1:.4g}-{self.q3:.4g}, n={self.n})"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in 0..100) of a non-empty sequence."""
+    if not values:
+        raise ValueError("percentile of no values")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(values: Sequence[float]) -> Stat:
+    """Median, quartiles and extremes of the measurements."""
+    if not values:
+        raise ValueError("cannot summarize no measurements")
+    return Stat(statistics.median(values), percentile(values, 25), percentile(values, 75),
+                min(values), max(values), len(values))
+
+
+def timeit(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Run ``fn`` ``warmup`` times unmeasured, then ``repeats`` times; return seconds per run."""
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def memory_bandwidth(threads: int = 2, mib: int = 1024, repeats: int = 5) -> Stat:
+    """Memory read bandwidth in GB/s: ``threads`` threads each summing their slice of one array.
+
+    numpy releases the GIL inside the reduction, so the threads read memory in parallel.
+    The array (``mib`` MiB of float32) is far larger than any CPU cache.
+    """
+    data = np.ones(mib * (1 << 20) // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    sink = [0.0] * threads
+
+    def read_all() -> None:
+        def work(i: int) -> None:
+            sink[i] = float(np.add.reduce(parts[i], dtype=np.float32))
+
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    secs = timeit(read_all, repeats=repeats, warmup=1)
+    return summarize(secs).inverse(data.nbytes / 1e9)
+
+
+# ---------------------------------------------------------------- weights read per token
+
+
+def onnx_weight_bytes(model_file: Path) -> int:
+    """Bytes of initializers a decode step reads: all of them except lookup-only tables.
+
+    An initializer that only feeds ``Gather`` nodes (an embedding table) costs one row per
+    token, not its whole size. Needs the ``onnx`` package; external data is not loaded.
+    """
+    import onnx
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in _all_nodes(model.graph):
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in model.graph.initializer:
+        ops = consumers.get(init.name, set())
+        if ops and ops <= {"Gather", "GatherBlockQuantized"}:
+            continue
+        total += _tensor_bytes(init)
+    return total
+
+
+def _all_nodes(graph):  # noqa: ANN001, ANN202 - onnx types
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and len(attr.g.node):
+                yield from _all_nodes(attr.g)
+
+
+def _tensor_bytes(t) -> int:  # noqa: ANN001
+    import onnx
+
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * itemsize
+
+
+def artifact_weight_bytes(folder: Path, graph_file: str) -> int:
+    """Bytes read per token for an artifact's graph; total weight file size without ``onnx``."""
+    path = Path(folder) / graph_file
+    try:
+        return onnx_weight_bytes(path)
+    except ImportError:
+        return sum(p.stat().st_size for p in Path(folder).iterdir()
+                   if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
+
+
+# ---------------------------------------------------------------- one artifact alone
+
+
+@dataclass(frozen=True)
+class GenerationFigures:
+    """What a generation benchmark reports for one system."""
+
+    decode_tps: Stat  # tokens/s while decoding (after the first token)
+    ttft_s: Stat  # seconds from call to first token, prompt of ``prompt_tokens``
+    prefill_tps: dict[int, Stat]  # prompt length -> prompt tokens/s
+    new_tokens: int  # tokens generated per decode run (median)
+    prompt_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"decode_tps": self.decode_tps.to_dict(), "ttft_s": self.ttft_s.to_dict(),
+                "prefill_tps": {str(k): v.to_dict() for k, v in self.prefill_tps.items()},
+                "new_tokens": self.new_tokens, "prompt_tokens": self.prompt_tokens}
+
+
+def prompt_ids(encode: Callable[[str], list[int]], text: str, length: int) -> list[int]:
+    """Exactly ``length`` token ids taken from ``text`` (repeated if it is too short)."""
+    ids = encode(text)
+    if not ids:
+        raise EdgeftError("the prompt text encodes to no tokens")
+    while len(ids) < length:
+        ids = ids + ids
+    return ids[:length]
+
+
+OnToken = Callable[[], None]
+Runner = Callable[[list[int], int, OnToken], None]  # run(prompt ids, new tokens, called per token)
+
+
+def bench_generation(
+    run: Runner,
+    decode_prompt: list[int],
+    prefill_prompts: dict[int, list[int]],
+    new_tokens: int,
+    repeats: int,
+    warmup: int = 1,
+) -> GenerationFigures:
+    """Time any system given as ``run(ids, max_new_tokens, on_token)``.
+
+    ``run`` must call ``on_token()`` as each new token becomes available. Decode rate is
+    (tokens after the first) / (time after the first), so prefill does not count; time to
+    first token uses ``decode_prompt``; prefill rate at length L is L / (time to the first
+    token with an L-token prompt).
+    """
+    decode, ttft, counts = [], [], []
+    for i in range(warmup + repeats):
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        run(decode_prompt, new_tokens, lambda: stamps.append(time.perf_counter()))
+        if i >= warmup and len(stamps) >= 2:
+            decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            ttft.append(stamps[0] - t0)
+            counts.append(len(stamps))
+    if not decode:
+        raise EdgeftError("the model stopped after one token in every run; cannot time decoding")
+    prefill = {}
+    for length, ids in prefill_prompts.items():
+        secs = []
+        for i in range(warmup + repeats):
+            stamps = []
+            t0 = time.perf_counter()
+            run(ids, 1, lambda: stamps.append(time.perf_counter()))
+            if i >= warmup and stamps:
+                secs.append(stamps[0] - t0)
+        prefill[length] = summarize(secs).inverse(length)
+    return GenerationFigures(summarize(decode), summarize(ttft), prefill,
+                             int(statistics.median(counts)), len(decode_prompt))
+
+
+def edgeft_runner(gen) -> Runner:  # noqa: ANN001 - runtime.Generator
+    """``run(ids, n, on_token)`` over edgeft's runtime, greedy, not stopping at end-of-sequence.
+
+    Benchmarks need the same token count from every system, so end-of-sequence ids are
+    hidden from the generator for its lifetime (in memory, nothing on disk).
+    """
+    from edgeft.runtime import SamplingParams
+
+    _ignore_eos(gen)
+
+    def run(ids: list[int], n: int, on_token: OnToken) -> None:
+        for _ in gen.stream(list(ids), SamplingParams(max_new_tokens=n, temperature=0.0)):
+            on_token()
+
+    return run
+
+
+def _ignore_eos(gen) -> None:  # noqa: ANN001
+    import dataclasses
+
+    m = gen.manifest
+    tok = dataclasses.replace(m.tokenizer, eos_token_ids=[], eos_token=None)
+    try:
+        gen.manifest = dataclasses.replace(m, tokenizer=tok)
+    except (AttributeError, dataclasses.FrozenInstanceError):
+        pass
+    for attr in ("eos_token_ids", "_eos_ids", "eos_ids", "_eos"):
+        if hasattr(gen, attr):
+            cur = getattr(gen, attr)
+            try:
+                setattr(gen, attr, type(cur)() if cur is not None else cur)
+            except (AttributeError, TypeError):
+                pass
+
+
+@dataclass(frozen=True)
+class ClassifyFigures:
+    """Throughput and latency of a classifier at one batch size."""
+
+    batch: int
+    throughput: float  # texts/s over all measured batches
+    p50_ms: float
+    p95_ms: float
+    latency_ms: Stat
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["latency_ms"] = self.latency_ms.to_dict()
+        return d
+
+
+def bench_batches(predict: Callable[[list[str]], Any], texts: list[str], batch: int,
+                  batches: int, warmup: int = 2) -> ClassifyFigures:
+    """Call ``predict`` on ``batches`` consecutive batches of ``batch`` texts (after warm-up)."""
+    if len(texts) < batch:
+        raise EdgeftError(f"need at least {batch} texts, got {len(texts)}")
+    chunks = [texts[(i * batch) % (len(texts) - batch + 1):][:batch] for i in range(warmup + batches)]
+    for c in chunks[:warmup]:
+        predict(c)
+    lat = []
+    for c in chunks[warmup:]:
+        t0 = time.perf_counter()
+        predict(c)
+        lat.append((time.perf_counter() - t0) * 1000)
+    return ClassifyFigures(batch, batch * len(lat) / (sum(lat) / 1000), percentile(lat, 50),
+                           percentile(lat, 95), summarize(lat))
+
+
+DEFAULT_TEXT = (
+    "From fairest creatures we desire increase, that thereby beauty's rose might never die, "
+    "but as the riper should by time decease, his tender heir might bear his memory: but thou, "
+    "contracted to thine own bright eyes, feed'st thy light's flame with self-substantial fuel, "
+    "making a famine where abundance lies, thyself thy foe, to thy sweet self too cruel. "
+)
+
+
+def bench_artifact(path: str | Path, threads: int | None = None, repeats: int = 5,
+                   new_tokens: int = 64, prompt_lengths: Sequence[int] = (32, 512),
+                   batches: Sequence[int] = (1, 8, 32)) -> dict[str, Any]:
+    """Measure one artifact alone with edgeft's runtime; a JSON-ready dict."""
+    from edgeft import runtime
+
+    threads = threads or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    model = runtime.load(path, threads=threads)
+    load_s = time.perf_counter() - t0
+    m = model.manifest
+    out: dict[str, Any] = {"artifact": str(path), "task": m.task.value, "threads": threads,
+                           "quantization": m.quantization.get("scheme"), "load_s": load_s}
+    if m.task.value == "causal-lm":
+        ctx = m.decoder.context_length
+        lengths = [n for n in prompt_lengths if n + 1 <= ctx]
+        fig = bench_generation(edgeft_runner(model), prompt_ids(model.encode, DEFAULT_TEXT, 32),
+                           {n: prompt_ids(model.encode, DEFAULT_TEXT, n) for n in lengths},
+                           new_tokens, repeats)
+        out["generation"] = fig.to_dict()
+        out["weight_bytes_per_token"] = artifact_weight_bytes(Path(model.folder), m.graph.file)
+    else:
+        texts = [s.strip() for s in DEFAULT_TEXT.split(",") if s.strip()] * 8
+        out["classification"] = [
+            bench_batches(lambda b: model.predict_proba(b, batch_size=len(b)), texts, b,
+                          batches=max(repeats, 3)).to_dict()
+            for b in batches if b <= len(texts)
+        ]
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
