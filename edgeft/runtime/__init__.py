@@ -1,0 +1,24 @@
+"""edgeft's torch-free runtime: generation and classification from an artifact.
+
+Imports only onnxruntime, tokenizers, numpy, jinja2 (chat templates) and edgeft's
+torch-free modules. ``load`` opens any artifact by its manifest's task.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeft.artifact import Task, open_artifact
+from edgeft.runtime.classify import TextClassifier
+from edgeft.runtime.generate import Chunk, Completion, Generator
+from edgeft.runtime.sampling import SamplingParams
+
+__all__ = ["Generator", "TextClassifier", "SamplingParams", "Completion", "Chunk", "load"]
+
+
+def load(path: str | Path, threads: int | None = None) -> Generator | TextClassifier:
+    """Open an artifact folder or packed file as a ``Generator`` or a ``TextClassifier``."""
+    folder, manifest = open_artifact(path)
+    if manifest.task is Task.causal_lm:
+        return Generator(folder, manifest, threads)
+    return TextClassifier(folder, manifest, threads)

@@ -1,0 +1,89 @@
+"""Text classification on onnxruntime: batched, dynamically padded, sorted by length.
+
+Texts are tokenized in one call, ordered by length so each batch pads only to its own
+longest text (little wasted compute on padding), run through the graph, and put back in
+the caller's order. Returns every label's probability. This module knows the classifier
+graph convention of ``edgeft.artifact`` and nothing of the model's origin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edgeft.artifact import Manifest, Task, open_artifact
+from edgeft.errors import EdgeftError
+from edgeft.runtime.session import input_dtypes, open_session
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class TextClassifier:
+    """A classification artifact: texts in, label probabilities out."""
+
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None) -> None:
+        if manifest.task is not Task.classification:
+            raise EdgeftError(f"{folder} is a {manifest.task.value} artifact, not a classifier")
+        self.folder, self.manifest = Path(folder), manifest
+        self.labels: list[str] = list(manifest.classifier.labels)
+        self.max_length = manifest.classifier.max_length
+        self.session = open_session(self.folder / manifest.graph.file, threads)
+        self.dtypes = input_dtypes(self.session)
+        self.uses_token_type_ids = "token_type_ids" in self.dtypes
+        if manifest.classifier.uses_token_type_ids and not self.uses_token_type_ids:
+            raise EdgeftError("the manifest says the graph takes token_type_ids but it does not")
+        self.tokenizer = Tokenizer.from_file(str(self.folder / manifest.tokenizer.file))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_length)
+        self.pad_id = manifest.tokenizer.pad_token_id or 0
+
+    @classmethod
+    def open(cls, path: str | Path, threads: int | None = None) -> "TextClassifier":
+        """Open an artifact folder or packed ``.edgeft`` file (verified against its checksums)."""
+        folder, manifest = open_artifact(path)
+        return cls(folder, manifest, threads)
+
+    def _batch(self, encodings: list) -> dict[str, np.ndarray]:
+        """Pad one batch to its longest member."""
+        width = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[row, :n], mask[row, :n], types[row, :n] = e.ids, 1, e.type_ids
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self.uses_token_type_ids:
+            feeds["token_type_ids"] = types
+        return {k: v.astype(self.dtypes.get(k, np.int64), copy=False) for k, v in feeds.items()
+                if k in self.dtypes}
+
+    def predict_proba(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Probabilities [len(texts), labels] (float32), in the order of ``texts``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if batch_size < 1:
+            raise EdgeftError(f"batch_size must be at least 1, got {batch_size}")
+        if any(not isinstance(t, str) for t in texts):
+            raise EdgeftError("every input to classify must be a string")
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self.tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            (logits,) = self.session.run(["logits"], self._batch([encodings[i] for i in rows]))
+            out[rows] = softmax(logits.astype(np.float32))
+        return out
+
+    def classify(self, texts: list[str], batch_size: int = 32) -> list[dict]:
+        """For each text: ``{"label": best, "scores": {label: probability}}``."""
+        probs = self.predict_proba(texts, batch_size)
+        return [{"label": self.labels[int(p.argmax())], "scores": dict(zip(self.labels, map(float, p)))}
+                for p in probs]

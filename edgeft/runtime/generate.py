@@ -1,0 +1,347 @@
+"""Text generation on onnxruntime with a KV cache: prefill the prompt, then decode token by token.
+
+Two kinds of decoder graph follow the artifact convention (see ``edgeft.artifact``):
+
+- the onnxruntime-genai builder's fused graph (GroupQueryAttention). Its past and present
+  caches can be ONE buffer: the cache for the whole generation is allocated once, bound
+  as both input and output, and the kernel writes each new key/value in place
+  (``past_present_share_buffer``, as onnxruntime-genai's own loop does). Nothing is
+  copied or reallocated per token.
+- a torch.onnx-exported graph, whose ``present`` outputs are ``past`` concatenated with
+  the new step. onnxruntime allocates them; they are bound straight back as the next
+  step's ``past`` (OrtValues, no numpy round trip).
+
+Either way every input and output goes through one I/O binding per generation; a decode
+step rebinds only the attention mask's length and writes one token id into a bound
+buffer, and the graph's logits for that one position land in a preallocated array.
+
+``KVDecoder`` knows token ids and logits only; ``Generator`` adds the tokenizer, chat
+template, sampling, stop strings and incremental detokenization. Nothing here imports
+torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from edgeft.artifact import Decoder, Manifest, Task, open_artifact
+from edgeft.errors import EdgeftError
+from edgeft.runtime import chat
+from edgeft.runtime.detok import IncrementalDetokenizer
+from edgeft.runtime.sampling import Sampler, SamplingParams
+from edgeft.runtime.session import input_dtypes, open_session, output_dtypes
+
+
+class ContextLengthError(EdgeftError):
+    """The prompt plus the tokens asked for do not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One step of a stream: the text this token completed (may be "" while held back).
+
+    ``token_id`` is the generated token, or None on a closing chunk that generated nothing
+    new (an end-of-sequence token is not part of the output). ``finish_reason`` is None
+    until the last chunk, then "stop" (EOS or a stop string) or "length".
+    """
+
+    text: str
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation: text, generated ids (EOS excluded) and the counts an API reports."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class KVDecoder:
+    """Drives one decoder graph: ``start`` a cache, ``prefill`` a prompt, ``step`` one token."""
+
+    def __init__(self, session: ort.InferenceSession, decoder: Decoder, share_buffer: bool) -> None:
+        self.session = session
+        self.decoder = decoder
+        names = [i.name for i in session.get_inputs()]
+        self.inputs = set(names)
+        dtypes = input_dtypes(session)
+        self.ids_dtype = dtypes["input_ids"]
+        self.mask_dtype = dtypes.get("attention_mask", np.int64)
+        self.pos_dtype = dtypes.get("position_ids", np.int64)
+        self.uses_positions = "position_ids" in self.inputs
+        self.layers = [(decoder.past_key.format(i=i), decoder.past_value.format(i=i),
+                        decoder.present_key.format(i=i), decoder.present_value.format(i=i))
+                       for i in range(decoder.num_layers)]
+        missing = [n for layer in self.layers for n in layer[:2] if n not in self.inputs]
+        if missing or "input_ids" not in self.inputs:
+            raise EdgeftError(f"the decoder graph lacks inputs the manifest names: {', '.join(missing[:3]) or 'input_ids'}")
+        self.kv_dtype = dtypes[self.layers[0][0]]
+        self.logits_dtype = output_dtypes(session)["logits"]
+        self.share_buffer = share_buffer
+        self.vocab = decoder.vocab_size
+
+    def start(self, capacity: int) -> "DecodeState":
+        """A fresh cache for up to ``capacity`` tokens (prompt and generated)."""
+        return DecodeState(self, capacity)
+
+
+class DecodeState:
+    """The cache and I/O binding of one sequence being generated."""
+
+    def __init__(self, eng: KVDecoder, capacity: int) -> None:
+        self.eng = eng
+        self.capacity = capacity
+        self.length = 0  # tokens already in the cache
+        self.io = eng.session.io_binding()
+        self.mask = np.ones((1, capacity), dtype=eng.mask_dtype)
+        self.positions = np.arange(capacity, dtype=eng.pos_dtype)[None, :]
+        self.token = np.zeros((1, 1), dtype=eng.ids_dtype)
+        self.logits = np.empty((1, 1, eng.vocab), dtype=eng.logits_dtype)
+        self._decode_bound = False
+        d = eng.decoder
+        if eng.share_buffer:
+            # One buffer per layer and per key/value, bound as past AND present: written in place.
+            shape = (1, d.num_kv_heads, capacity, d.head_dim)
+            self.cache = [np.empty(shape, dtype=eng.kv_dtype) for _ in range(2 * d.num_layers)]
+            for (pk, pv, ok, ov), k, v in zip(eng.layers, self.cache[0::2], self.cache[1::2]):
+                for name_in, name_out, buf in ((pk, ok, k), (pv, ov, v)):
+                    self._bind_in(name_in, buf, buf.shape)
+                    self.io.bind_output(name_out, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        else:
+            empty = np.zeros((1, d.num_kv_heads, 0, d.head_dim), dtype=eng.kv_dtype)
+            self.cache = [empty]
+            for pk, pv, ok, ov in eng.layers:
+                self._bind_in(pk, empty, empty.shape)
+                self._bind_in(pv, empty, empty.shape)
+                self.io.bind_output(ok, "cpu")
+                self.io.bind_output(ov, "cpu")
+        self.io.bind_output("logits", "cpu")
+
+    def _bind_in(self, name: str, arr: np.ndarray, shape, offset: int = 0) -> None:
+        self.io.bind_input(name, "cpu", 0, arr.dtype, list(shape), arr.ctypes.data + offset * arr.itemsize)
+
+    def _run(self, n: int) -> None:
+        """Run the graph on ``n`` new tokens already bound as input_ids."""
+        eng = self.eng
+        total = self.length + n
+        if total > self.capacity:
+            raise ContextLengthError(f"the cache holds {self.capacity} tokens; {total} needed")
+        if "attention_mask" in eng.inputs:
+            self._bind_in("attention_mask", self.mask, (1, total))
+        if eng.uses_positions:
+            self._bind_in("position_ids", self.positions, (1, n), offset=self.length)
+        eng.session.run_with_iobinding(self.io)
+        self.length = total
+        if not eng.share_buffer:  # the new presents become the next pasts, as OrtValues
+            outs = dict(zip(self._output_names(), self.io.get_outputs()))
+            for pk, pv, ok, ov in eng.layers:
+                self.io.bind_ortvalue_input(pk, outs[ok])
+                self.io.bind_ortvalue_input(pv, outs[ov])
+
+    def _output_names(self) -> list[str]:
+        """Bound outputs in binding order (a rebound name keeps its place): presents, then logits."""
+        return [n for _, _, ok, ov in self.eng.layers for n in (ok, ov)] + ["logits"]
+
+    def prefill(self, ids: list[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Feed the prompt; return the last position's logits [vocab] (or every position's)."""
+        arr = np.ascontiguousarray(np.asarray(ids, dtype=self.eng.ids_dtype).reshape(1, -1))
+        if arr.shape[1] == 0:
+            raise EdgeftError("the prompt is empty: nothing to continue from")
+        self._bind_in("input_ids", arr, arr.shape)
+        self._run(arr.shape[1])
+        logits = self._logits_output()
+        return logits[0].astype(np.float32) if all_logits else logits[0, -1].astype(np.float32)
+
+    def _logits_output(self) -> np.ndarray:
+        outs = self.io.get_outputs()
+        names = self._output_names()
+        return outs[names.index("logits")].numpy()
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one generated token; return the next position's logits [vocab] (float32)."""
+        if not self._decode_bound:  # from now on one token in, one row of logits out, no allocation
+            self._bind_in("input_ids", self.token, (1, 1))
+            self.io.bind_output("logits", "cpu", 0, self.logits.dtype, list(self.logits.shape),
+                                self.logits.ctypes.data)
+            self._decode_bound = True
+        self.token[0, 0] = token
+        self._run(1)
+        row = self.logits[0, 0]
+        return row.astype(np.float32) if row.dtype != np.float32 else row.copy()
+
+
+# --------------------------------------------------------------------------- stop strings
+
+
+class StopMatcher:
+    """Cuts the output at the first stop string, holding back text that may begin one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[:min(hits)], True
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1))
+                    if buf.endswith(s[:k])), default=0)
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep], False
+
+    def finish(self, text: str) -> tuple[str, bool]:
+        """At the end: whatever is left, cut at a stop string if one completed."""
+        out, hit = self.feed(text)
+        rest, self.held = self.held, ""
+        return (out if hit else out + rest), hit
+
+
+# --------------------------------------------------------------------------- the generator
+
+
+def _shares_buffer(folder: Path, manifest: Manifest) -> bool:
+    """Whether the graph's past and present caches may be one buffer (the genai builder's GQA)."""
+    if manifest.graph.genai_config and (folder / manifest.graph.genai_config).is_file():
+        cfg = json.loads((folder / manifest.graph.genai_config).read_text())
+        return bool(cfg.get("search", {}).get("past_present_share_buffer", False))
+    return manifest.graph.builder == "onnxruntime-genai" and manifest.graph.fused
+
+
+class Generator:
+    """A causal language model artifact, ready to continue prompts and chats."""
+
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None) -> None:
+        if manifest.task is not Task.causal_lm:
+            raise EdgeftError(f"{folder} is a {manifest.task.value} artifact, not a text generator")
+        self.folder, self.manifest = Path(folder), manifest
+        self.tokenizer = Tokenizer.from_file(str(self.folder / manifest.tokenizer.file))
+        self.decoder = manifest.decoder
+        session = open_session(self.folder / manifest.graph.file, threads)
+        self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest))
+        tok = manifest.tokenizer
+        self.eos_ids = frozenset(tok.eos_token_ids or ([self.tokenizer.token_to_id(tok.eos_token)]
+                                                         if tok.eos_token and self.tokenizer.token_to_id(tok.eos_token) is not None
+                                                         else []))
+        self.bos_id = self.tokenizer.token_to_id(tok.bos_token) if tok.bos_token else None
+        self.chat_template = chat.load_template(self.folder, tok.chat_template, tok.config_file)
+
+    @classmethod
+    def open(cls, path: str | Path, threads: int | None = None) -> "Generator":
+        """Open an artifact folder or packed ``.edgeft`` file (verified against its checksums)."""
+        folder, manifest = open_artifact(path)
+        return cls(folder, manifest, threads)
+
+    @property
+    def context_length(self) -> int:
+        return self.decoder.context_length
+
+    # ---- text <-> ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the special tokens the model expects (BOS where it needs one)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        if self.manifest.tokenizer.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The conversation as prompt text via the artifact's chat template, ending in the assistant's turn."""
+        if self.chat_template is None:
+            raise EdgeftError(f"{self.folder.name} has no chat template: use plain prompts (edgeft generate)")
+        tok = self.manifest.tokenizer
+        return chat.render(self.chat_template, messages, add_generation_prompt=True,
+                           bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.decoder.vocab_size]
+        if bad:
+            raise EdgeftError(f"token id {bad[0]} is outside the vocabulary (0..{self.decoder.vocab_size - 1})")
+        return ids
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise ``ContextLengthError`` when the prompt and the tokens asked for exceed the context."""
+        ctx = self.decoder.context_length
+        if prompt_tokens + max_new_tokens > ctx:
+            raise ContextLengthError(
+                f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for: "
+                f"{prompt_tokens + max_new_tokens} exceeds the model's context of {ctx} tokens"
+            )
+
+    # ---- the model
+
+    def score(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] (float32) for every position, in one pass without a cache."""
+        ids = self._prompt_ids(ids)
+        self.check_context(len(ids), 0)
+        return self.engine.start(len(ids)).prefill(ids, all_logits=True)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
+        """Generate token by token; each chunk carries the text that token completed."""
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        if not ids:
+            raise EdgeftError("the prompt is empty: nothing to continue from")
+        self.check_context(len(ids), params.max_new_tokens)
+        return self._stream(ids, params)
+
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
+        sampler = Sampler(params, self.decoder.vocab_size, seen=ids)
+        detok = IncrementalDetokenizer(self.tokenizer, context=ids)
+        stops = StopMatcher(params.stop)
+        state = self.engine.start(len(ids) + params.max_new_tokens)
+        logits = state.prefill(ids)
+        for produced in range(1, params.max_new_tokens + 1):
+            token = sampler(logits)
+            if token in self.eos_ids:
+                text, _ = stops.finish(detok.flush())
+                yield Chunk(text, None, "stop")
+                return
+            sampler.observe(token)
+            text, hit = stops.feed(detok.add(token))
+            if hit:
+                yield Chunk(text, token, "stop")
+                return
+            if produced == params.max_new_tokens:
+                rest, hit = stops.finish(detok.flush())
+                yield Chunk(text + rest, token, "stop" if hit else "length")
+                return
+            yield Chunk(text, token, None)
+            logits = state.step(token)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
+        """Generate to the end and return the whole completion."""
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        texts, out, reason = [], [], "length"
+        for chunk in self.stream(ids, params):
+            texts.append(chunk.text)
+            if chunk.token_id is not None:
+                out.append(chunk.token_id)
+            reason = chunk.finish_reason or reason
+        return Completion("".join(texts), out, len(ids), len(out), reason)

@@ -1,0 +1,133 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+
+The processors run in the order transformers' ``generate`` uses (repetition penalty, then
+temperature, top-k, top-p) so that seeded sampling here means what it means there. This
+module knows numpy arrays of logits and token ids only; nothing of graphs or text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeft.errors import EdgeftError
+
+# top-p first looks at this many best tokens; only if they hold less than top_p of the mass
+# does it sort the whole vocabulary (rare for a trained model, costly for 50k tokens).
+_TOP_P_WINDOW = 1024
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # a lone string is one stop, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if self.max_new_tokens < 1:
+            raise EdgeftError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise EdgeftError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.top_k < 0:
+            raise EdgeftError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise EdgeftError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise EdgeftError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise EdgeftError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Picks tokens for one generation; holds its random state and the ids seen so far."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, seen: list[int] | None = None) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self._penalize = params.repetition_penalty != 1.0
+        self._seen_mask = np.zeros(vocab_size, dtype=bool)
+        self._seen: list[int] = []
+        for t in seen or ():
+            self.observe(t)
+
+    def observe(self, token: int) -> None:
+        """Record a token of the context (for the repetition penalty)."""
+        if self._penalize and 0 <= token < self._seen_mask.size and not self._seen_mask[token]:
+            self._seen_mask[token] = True
+            self._seen.append(token)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """The next token for ``logits`` [vocab] (float32; may be modified in place)."""
+        p = self.params
+        if self._penalize and self._seen:
+            logits = apply_repetition_penalty(logits, np.asarray(self._seen), p.repetition_penalty)
+        if p.greedy:
+            return int(np.argmax(logits))
+        return sample(logits, p.temperature, p.top_k, p.top_p, self.rng)
+
+
+def apply_repetition_penalty(logits: np.ndarray, ids: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's penalty as transformers applies it: divide positive logits, multiply negative ones."""
+    picked = logits[ids]
+    logits[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    return logits
+
+
+def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids allowed by top-k then top-p, and their probabilities (summing to 1)."""
+    v = logits.size
+    k = top_k if 0 < top_k < v else v
+    if k == v and top_p >= 1.0:  # plain temperature sampling: no sort needed
+        probs = _softmax(logits)
+        return np.arange(v), probs
+    if k == v and v > _TOP_P_WINDOW:
+        ids, probs = _best(logits, _TOP_P_WINDOW)  # probabilities over the whole vocabulary
+        if probs.sum() < top_p:  # the window holds too little mass: sort everything
+            ids, probs = _best(logits, v)
+    else:
+        ids, probs = _best(logits, k)
+        probs = probs / probs.sum()  # top-p acts on the distribution top-k left
+    if top_p < 1.0:
+        keep = min(int(np.searchsorted(np.cumsum(probs), top_p)) + 1, ids.size)  # smallest set reaching top_p
+        ids, probs = ids[:keep], probs[:keep]
+    return ids, probs / probs.sum()
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max())
+    return e / e.sum()
+
+
+def _best(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best ids by logit, best first, with their probabilities over the whole vocabulary."""
+    ids = np.argpartition(-logits, k - 1)[:k] if k < logits.size else np.arange(logits.size)
+    ids = ids[np.argsort(-logits[ids], kind="stable")]
+    m = float(logits[ids[0]])
+    z = np.exp(logits.astype(np.float64) - m).sum()
+    return ids, np.exp(logits[ids].astype(np.float64) - m) / z
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
+           rng: np.random.Generator) -> int:
+    """One draw from the temperature-scaled distribution restricted by top-k and top-p."""
+    scaled = logits / np.float32(temperature)
+    ids, probs = candidates(scaled, top_k, top_p)
+    r = rng.random()
+    i = int(np.searchsorted(np.cumsum(probs), r, side="right"))
+    return int(ids[min(i, ids.size - 1)])
