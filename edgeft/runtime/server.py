@@ -538,20 +538,21 @@ class EdgeMiddleware:
 
 # ---------------------------------------------------------------- the app and the process
 
-def build_app(config: ServeConfig) -> Starlette:
-    """The ASGI app; its lifespan loads the models in the background and closes them at the end."""
+def build_app(config: ServeConfig, loader: Callable[[ServeConfig, Registry], dict[str, Model]] = load_models
+              ) -> Starlette:
+    """The ASGI app; its lifespan loads the models (``loader``) in the background and closes them at the end."""
     state = ServerState(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loader = asyncio.get_running_loop().create_task(_load(state))
+        loading = asyncio.get_running_loop().create_task(_load(state, loader))
         try:
             yield
         finally:
             state.draining = True
             for cancel in list(state.cancels):
                 cancel.set()
-            if loader.done():
+            if loading.done():
                 for m in state.models.values():
                     await m.close()
             log.info("stopped")
@@ -572,9 +573,9 @@ def build_app(config: ServeConfig) -> Starlette:
     return app
 
 
-async def _load(state: ServerState) -> None:
+async def _load(state: ServerState, loader: Callable) -> None:
     try:
-        models = await asyncio.to_thread(load_models, state.config, state.metrics)
+        models = await asyncio.to_thread(loader, state.config, state.metrics)
     except Exception as exc:  # a broken artifact stops the server with one clear line
         state.failed = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
         log.error("could not load the models: %s", state.failed)
