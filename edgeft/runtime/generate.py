@@ -152,6 +152,8 @@ class DecodeState:
             for pk, pv, ok, ov in eng.layers:
                 self.io.bind_ortvalue_input(pk, outs[ok])
                 self.io.bind_ortvalue_input(pv, outs[ov])
+                self.io.bind_output(ok, "cpu")  # unallocated again: the next present is one longer
+                self.io.bind_output(ov, "cpu")
 
     def _output_names(self) -> list[str]:
         """Bound outputs in binding order (a rebound name keeps its place): presents, then logits."""

@@ -1,0 +1,73 @@
+"""``edgeft chat``: an interactive multi-turn conversation with a causal-LM artifact.
+
+Keeps the conversation as messages, renders it with the artifact's chat template each
+turn, and streams the reply. ``/reset`` forgets the conversation, ``/exit`` leaves. When
+the conversation outgrows the model's context the oldest turns are dropped.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from edgeft.cli.app import app
+from edgeft.cli.generate import (ARTIFACT_HELP, MAX_NEW, REPETITION, SEED, STOP, TEMPERATURE, THREADS, TOP_K,
+                                 TOP_P, sampling_params, stream_to_terminal)
+
+HELP = "Commands: /reset (forget the conversation), /exit (leave). Ctrl-D also leaves."
+
+
+def _fit(gen, system: list[dict], turns: list[dict], max_new: int) -> list[int] | None:
+    """Prompt ids of the conversation, dropping the oldest turns until it fits the context."""
+    while turns:
+        ids = gen.encode(gen.render_chat(system + turns))
+        if len(ids) + max_new <= gen.context_length:
+            return ids
+        turns[:] = turns[2:] if len(turns) > 2 else []
+        typer.echo("[context full: dropped the oldest exchange]", err=True)
+    return None
+
+
+@app.command()
+def chat(
+    artifact: str = typer.Argument(..., help=ARTIFACT_HELP),
+    system: str = typer.Option(None, "--system", help="A system message that starts the conversation."),
+    max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
+    repetition_penalty: float = REPETITION, seed: int = SEED, stop: list[str] = STOP, threads: int = THREADS,
+) -> None:
+    """Chat with a causal-LM artifact in the terminal (multi-turn; /reset, /exit)."""
+    import dataclasses
+
+    from edgeft.errors import EdgeftError
+    from edgeft.runtime import Generator
+
+    gen = Generator.open(artifact, threads=threads)
+    if gen.chat_template is None:
+        raise EdgeftError(f"{artifact} has no chat template: use `edgeft generate` for plain prompts")
+    params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
+    head = [{"role": "system", "content": system}] if system else []
+    turns: list[dict] = []
+    typer.echo(HELP, err=True)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("")
+            return
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            turns.clear()
+            typer.echo("[conversation reset]", err=True)
+            continue
+        if not text:
+            continue
+        turns.append({"role": "user", "content": line})
+        max_new = min(params.max_new_tokens, gen.context_length // 2)
+        ids = _fit(gen, head, turns, max_new)
+        if ids is None:
+            typer.echo("[that message alone is longer than the model's context]", err=True)
+            continue
+        typer.echo("assistant> ", nl=False)
+        reply, *_ = stream_to_terminal(gen, ids, dataclasses.replace(params, max_new_tokens=max_new))
+        turns.append({"role": "assistant", "content": reply})
