@@ -1,0 +1,92 @@
+"""Sequence classifiers to ONNX: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``) -> ``logits``.
+
+The names and dynamic axes are optimum's, so ``ORTModelForSequenceClassification`` can
+open the artifact. BERT-family encoders are then fused by onnxruntime's transformer
+optimizer (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization where
+its patterns match). The graph is full precision; ``edgeft.export.quantize`` narrows it.
+
+This module knows torch.onnx and the optimizer; it knows nothing of labels or the gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+from edgeft.export.decoder import _interface, _op_counts, _quiet_warnings
+from edgeft.export.quantize import load, save
+
+# model_type -> onnxruntime.transformers optimizer model type
+FUSABLE = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "xlm-roberta": "bert", "electra": "bert"}
+SUPPORTED = ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta-v2", "modernbert")
+
+
+@dataclass
+class ClassifierGraph:
+    path: Path
+    inputs: list[str]
+    outputs: list[str]
+    uses_token_type_ids: bool
+    fused: bool
+    opset: int
+    fusions: dict[str, int] = field(default_factory=dict)
+
+
+def check_supported(hf_config: Any) -> None:
+    if hf_config.model_type not in SUPPORTED:
+        raise EdgeftError(f"cannot export a {hf_config.model_type} classifier; supported classifiers: "
+                          f"{', '.join(SUPPORTED)}")
+
+
+def export_classifier(model: Any, work: Path, max_length: int) -> ClassifierGraph:
+    """Export ``model`` (a ``...ForSequenceClassification``) to ``work/classifier/model.onnx``."""
+    import inspect
+
+    import torch
+
+    check_supported(model.config)
+    raw, out = work / "classifier" / "raw.onnx", work / "classifier" / "model.onnx"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    accepts = inspect.signature(model.forward).parameters
+    with_types = "token_type_ids" in accepts and getattr(model.config, "type_vocab_size", 0) > 0
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
+    seq = min(8, max_length)
+    args = tuple(torch.ones(2, seq, dtype=torch.long) for _ in names)
+    axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
+    axes["logits"] = {0: "batch_size"}
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, *tensors):
+            return self.m(**dict(zip(names, tensors))).logits
+
+    with torch.no_grad(), _quiet_warnings():
+        torch.onnx.export(Logits().eval(), args, str(raw), input_names=names, output_names=["logits"],
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
+    fused = _optimize(raw, out, model.config)
+    inputs, outputs, opset = _interface(out)
+    return ClassifierGraph(path=out, inputs=inputs, outputs=outputs, uses_token_type_ids=with_types,
+                           fused=fused, opset=opset, fusions=_op_counts(out))
+
+
+def _optimize(raw: Path, out: Path, cfg: Any) -> bool:
+    kind = FUSABLE.get(cfg.model_type)
+    if kind is None:
+        save(load(raw), out)
+        return False
+    from onnxruntime.transformers import optimizer
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        opt = optimizer.optimize_model(str(raw), model_type=kind, num_heads=cfg.num_attention_heads,
+                                       hidden_size=cfg.hidden_size, opt_level=0)
+    save(opt.model, out)
+    return any(opt.get_fused_operator_statistics().values())

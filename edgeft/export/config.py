@@ -1,0 +1,152 @@
+"""``ExportConfig``: every choice ``edgeft export`` makes, validated on construction.
+
+This module knows the knobs (quantization scheme, block size, gate thresholds, eval
+data) and their allowed values; it knows nothing of torch, ONNX or the runtime, so the
+CLI can build a config (and fail on a bad flag) before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+
+
+class Quantize(str, enum.Enum):
+    """How the weights are stored in the artifact."""
+
+    none = "none"  # fp32: the reference, largest
+    int8 = "int8"  # weight-only 8-bit (decoders, MatMulNBits); classifiers: dynamic or weight-only int8
+    int4 = "int4"  # weight-only 4-bit (MatMulNBits), embeddings 4-bit too
+    mixed = "mixed"  # head, embeddings, first and last blocks 8-bit; the rest 4-bit
+    auto = "auto"  # the smallest of int4, mixed, int8 that passes the gate
+
+
+class TaskName(str, enum.Enum):
+    """What a bare base model should be exported as (a run folder already knows)."""
+
+    causal_lm = "causal-lm"
+    classification = "classification"
+
+
+class Int8Mode(str, enum.Enum):
+    """Classifier int8 flavour: measure both and keep the better, or force one."""
+
+    best = "best"
+    dynamic = "dynamic"  # int8 weights and activations (DynamicQuantizeMatMul / MatMulInteger)
+    weight_only = "weight-only"  # int8 weights, fp32 activations (MatMulNBits)
+
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+# Smallest first: what ``auto`` tries, in order.
+AUTO_ORDER = (Quantize.int4, Quantize.mixed, Quantize.int8)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """One export: from a run folder or a base model to a gated artifact folder."""
+
+    source: str
+    """Run folder from `edgeft tune`, a pulled model name, a Hugging Face folder or a hub id."""
+    out: Path
+    """Artifact folder to write (atomically)."""
+    quantize: Quantize = Quantize.int8
+    """Weight storage: none, int8, int4, mixed or auto."""
+    task: TaskName | None = None
+    """Needed only for a bare base model whose architecture does not say (causal-lm / classification)."""
+    overwrite: bool = False
+    """Replace an existing artifact at `out`."""
+    allow_degraded: bool = False
+    """Write the artifact even when the gate fails (the manifest says so)."""
+    eval_data: Path | None = None
+    """Held-out data for the gate; default: the run's eval data, else a small built-in text set."""
+    block_size: int = 32
+    """Block size of weight-only quantization (MatMulNBits): 16, 32, 64, 128 or 256."""
+    int8_mode: Int8Mode = Int8Mode.best
+    """Classifier int8 flavour."""
+    max_accuracy_drop: float = 1.0
+    """Gate, classification: largest allowed accuracy drop, in points."""
+    min_label_agreement: float = 0.97
+    """Gate, classification: smallest allowed share of predictions equal to PyTorch's."""
+    max_perplexity_increase: float = 5.0
+    """Gate, causal LM: largest allowed perplexity increase over PyTorch, in percent."""
+    min_token_agreement: float = 0.80
+    """Gate, causal LM: smallest allowed share of greedy next tokens equal to PyTorch's."""
+    max_repetition_increase: float = 0.20
+    """Gate, causal LM: largest allowed rise in repeated 4-grams of greedy continuations."""
+    gate_texts: int | None = None
+    """How many held-out texts the gate scores (default: 64 for a causal LM, 1000 for a classifier)."""
+    gate_prompts: int = 8
+    """How many prompts the gate continues greedily (token agreement, repetition)."""
+    gate_new_tokens: int = 48
+    """Tokens generated per gate prompt."""
+    context_length: int | None = None
+    """Decoder context length recorded in the manifest (default: the model's)."""
+    max_length: int | None = None
+    """Classifier: longest input in tokens (default: the run's, else 128)."""
+    labels: tuple[str, ...] | None = None
+    """Classifier label names (default: the run's, else the model config's)."""
+    threads: int | None = None
+    """Threads for the gate's runtime sessions (default: onnxruntime's)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "quantize", _enum(Quantize, self.quantize, "--quantize"))
+        object.__setattr__(self, "int8_mode", _enum(Int8Mode, self.int8_mode, "--int8-mode"))
+        if self.task is not None:
+            object.__setattr__(self, "task", _enum(TaskName, self.task, "--task"))
+        if self.eval_data is not None:
+            object.__setattr__(self, "eval_data", Path(self.eval_data))
+            if not self.eval_data.is_file():
+                raise EdgeftError(f"--eval-data {self.eval_data} is not a file")
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(self.labels))
+        if not str(self.source).strip():
+            raise EdgeftError("give a source: a run folder, a pulled model name, a Hugging Face folder or a hub id")
+        if self.block_size not in BLOCK_SIZES:
+            raise EdgeftError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {self.block_size}")
+        _positive(self, "gate_prompts", "gate_new_tokens")
+        _non_negative(self, "max_accuracy_drop", "max_perplexity_increase", "max_repetition_increase")
+        for name in ("min_label_agreement", "min_token_agreement"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise EdgeftError(f"{name.replace('_', '-')} must be between 0 and 1")
+        for name in ("context_length", "max_length", "threads", "gate_texts"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EdgeftError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, enum.Enum):
+                d[k] = v.value
+            elif isinstance(v, Path):
+                d[k] = str(v)
+            elif isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+
+def _enum(klass: type[enum.Enum], value: Any, flag: str) -> Any:
+    try:
+        return klass(value.value if isinstance(value, enum.Enum) else value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in klass)
+        raise EdgeftError(f"{flag} must be one of {allowed}, not {value!r}") from None
+
+
+def _positive(cfg: ExportConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise EdgeftError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _non_negative(cfg: ExportConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise EdgeftError(f"--{name.replace('_', '-')} must not be negative")

@@ -1,0 +1,232 @@
+"""Decoder LMs to ONNX with a KV cache, one input/output convention for every architecture.
+
+Architectures onnxruntime-genai's model builder knows (the Llama family, SmolLM2
+included, Mistral, Qwen, Phi, Gemma...) go through it: a fused graph
+(GroupQueryAttention, SkipSimplifiedLayerNormalization, rotary embedding inside the
+attention op) that needs no ``position_ids``, plus the ``genai_config.json`` its own
+runtime reads. Others (GPT-2 first) go through ``torch.onnx.export`` with the same names,
+then onnxruntime's transformer optimizer where its fusions apply.
+
+The graph built here is full precision; ``edgeft.export.quantize`` narrows it. This
+module knows transformers, the builder and torch.onnx; it knows nothing of the gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+from edgeft.export.quantize import load, save
+
+# Hugging Face architecture -> model_type, for those onnxruntime-genai's builder turns into a fused graph.
+BUILDER_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3", "PhiForCausalLM": "phi", "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "GraniteForCausalLM": "granite",
+    "OlmoForCausalLM": "olmo", "NemotronForCausalLM": "nemotron", "SmolLM3ForCausalLM": "smollm3",
+}
+# Exported with torch.onnx (and checked against PyTorch in the tests).
+TORCH_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2"}
+OPTIMIZER_TYPES = {"gpt2": "gpt2"}
+
+
+def supported() -> str:
+    names = sorted(set(BUILDER_ARCHITECTURES.values())) + sorted(set(TORCH_ARCHITECTURES.values()))
+    return ", ".join(names)
+
+
+@dataclass
+class DecoderGraph:
+    """An exported fp32 decoder graph in a work folder, and how to drive it."""
+
+    path: Path  # model.onnx (+ model.onnx.data)
+    builder: str  # "onnxruntime-genai" or "torch.onnx"
+    fused: bool
+    inputs: list[str]
+    outputs: list[str]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    uses_position_ids: bool
+    kv_dtype: str = "float32"
+    opset: int = 0
+    genai_config: Path | None = None
+    fusions: dict[str, int] = field(default_factory=dict)
+
+
+def check_supported(hf_config: Any) -> str:
+    """'builder' or 'torch' for a decoder config; one line naming the supported ones otherwise."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if any(a in BUILDER_ARCHITECTURES for a in archs):
+        return "builder"
+    if any(a in TORCH_ARCHITECTURES for a in archs):
+        return "torch"
+    raise EdgeftError(f"cannot export a {getattr(hf_config, 'model_type', '?')} decoder "
+                      f"({', '.join(archs) or 'no architectures'}); supported decoders: {supported()}")
+
+
+def export_decoder(model: Any, hf_dir: Path, work: Path) -> DecoderGraph:
+    """Export the fp32 decoder saved at ``hf_dir`` (and loaded as ``model``) into ``work``."""
+    if check_supported(model.config) == "builder":
+        return _builder_export(hf_dir, work)
+    return _torch_export(model, work)
+
+
+# ---------------------------------------------------------------- onnxruntime-genai builder
+
+def _builder_export(hf_dir: Path, work: Path) -> DecoderGraph:
+    from onnxruntime_genai.models import builder
+
+    out, cache = work / "builder", work / "builder-cache"
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            opts = builder.parse_extra_options(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), [])
+            builder.create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), **opts)
+        except (NotImplementedError, ValueError) as exc:
+            raise EdgeftError(f"onnxruntime-genai's builder refused this model: {exc}") from None
+    shutil.rmtree(cache, ignore_errors=True)
+    genai = json.loads((out / "genai_config.json").read_text())
+    dec = genai["model"]["decoder"]
+    path = out / dec.get("filename", "model.onnx")
+    inputs, outputs, opset = _interface(path)
+    return DecoderGraph(
+        path=path, builder="onnxruntime-genai", fused=True,
+        inputs=inputs, outputs=outputs, num_layers=dec["num_hidden_layers"],
+        num_kv_heads=dec["num_key_value_heads"], head_dim=dec["head_size"],
+        vocab_size=genai["model"]["vocab_size"], context_length=genai["model"]["context_length"],
+        uses_position_ids="position_ids" in inputs, kv_dtype=_kv_dtype(path),
+        opset=opset, genai_config=out / "genai_config.json", fusions=_op_counts(path),
+    )
+
+
+def _interface(path: Path) -> tuple[list[str], list[str], int]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    init = {t.name for t in m.graph.initializer}
+    return [i.name for i in m.graph.input if i.name not in init], [o.name for o in m.graph.output], opset
+
+
+def _kv_dtype(path: Path) -> str:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    for i in m.graph.input:
+        if i.name.startswith("past_key_values"):
+            return {1: "float32", 10: "float16", 16: "bfloat16"}.get(i.type.tensor_type.elem_type, "float32")
+    return "float32"
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    fused = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "SkipSimplifiedLayerNormalization",
+             "SkipLayerNormalization", "SimplifiedLayerNormalization", "FastGelu", "BiasGelu", "Gelu",
+             "RotaryEmbedding", "EmbedLayerNormalization", "LayerNormalization")
+    m = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in m.graph.node:
+        if n.op_type in fused:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------- torch.onnx
+
+def _past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def _present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def _wrapper(model: Any, num_layers: int) -> Any:
+    import torch
+    from transformers import DynamicCache
+
+    class WithCache(torch.nn.Module):
+        """Flat tensors in and out: the runtime's convention around a Hugging Face decoder."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache()
+            for i in range(num_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+            flat = []
+            for layer in out.past_key_values.layers[:num_layers]:
+                flat += [layer.keys, layer.values]
+            return (out.logits, *flat)
+
+    return WithCache().eval()
+
+
+def _torch_export(model: Any, work: Path) -> DecoderGraph:
+    import torch
+
+    cfg = model.config
+    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    raw, out = work / "torch" / "raw.onnx", work / "torch" / "model.onnx"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    ids, pos = torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])
+    mask = torch.ones(1, 5, dtype=torch.long)
+    past = [torch.zeros(1, kv_heads, 2, head_dim) for _ in range(2 * layers)]
+    names_in = ["input_ids", "attention_mask", "position_ids", *_past_names(layers)]
+    names_out = ["logits", *_present_names(layers)]
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    axes.update({n: {0: "batch", 2: "past_sequence"} for n in _past_names(layers)})
+    axes.update({n: {0: "batch", 2: "total_sequence"} for n in _present_names(layers)})
+    with torch.no_grad(), _quiet_warnings():
+        torch.onnx.export(_wrapper(model, layers), (ids, mask, pos, *past), str(raw), input_names=names_in,
+                          output_names=names_out, dynamic_axes=axes, opset_version=17, dynamo=False)
+    fused = _optimize(raw, out, cfg)
+    inputs, outputs, opset = _interface(out)
+    return DecoderGraph(path=out, builder="torch.onnx", fused=fused, inputs=inputs, outputs=outputs,
+                        num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=cfg.vocab_size,
+                        context_length=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024),
+                        uses_position_ids=True, opset=opset, fusions=_op_counts(out))
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _optimize(raw: Path, out: Path, cfg: Any) -> bool:
+    """Apply onnxruntime's transformer fusions where the model type has them; else copy."""
+    kind = OPTIMIZER_TYPES.get(cfg.model_type)
+    if kind is None:
+        save(load(raw), out)
+        return False
+    from onnxruntime.transformers import optimizer
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        opt = optimizer.optimize_model(str(raw), model_type=kind, num_heads=cfg.num_attention_heads,
+                                       hidden_size=cfg.hidden_size, opt_level=0)
+    stats = opt.get_fused_operator_statistics()
+    save(opt.model, out)
+    return any(stats.values())

@@ -1,0 +1,313 @@
+"""The gate: measure an artifact with edgeft's own runtime against the PyTorch model.
+
+Causal LMs: perplexity of both on held-out texts (ratio), greedy-token agreement (the
+artifact's argmax against PyTorch's greedy continuation of held-out prompts, teacher
+forced, so one early difference does not hide the rest), and degenerate repetition (the
+share of repeated 4-grams in the artifact's own greedy continuations, against
+PyTorch's: int4 SmolLM2-135M was seen looping on one phrase). Classifiers: accuracy of
+both on labelled held-out texts (drop in points) and label agreement.
+
+The PyTorch side is measured once (``Reference``) and every candidate artifact (int4,
+mixed, int8...) is compared with it. The artifact side goes only through
+``edgeft.runtime`` (``Generator.score/generate``, ``TextClassifier.predict_proba``),
+so the gate measures exactly what users will run. This module knows torch and the
+runtime; it knows nothing of how graphs are built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeft.errors import EdgeftError
+from edgeft.export.config import ExportConfig, TaskName
+
+# Used only when neither --eval-data nor a run's data is available (a bare base model).
+BUILTIN_TEXTS = (
+    "The history of the city begins with a small fishing village on the northern bank of the river.",
+    "To make the bread, mix the flour and water, let the dough rest for an hour, then bake it until golden.",
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "The committee met on Tuesday to discuss the budget for the coming year and the repairs to the school.",
+    "Photosynthesis converts light energy into chemical energy that plants store as sugar.",
+    "She opened the letter slowly, afraid of what it might say, and read it twice before she spoke.",
+    "A good test suite runs quickly, fails for one reason at a time and says clearly what went wrong.",
+    "The train left the station at dawn, carrying passengers through fields of wheat and quiet towns.",
+    "Water boils at one hundred degrees Celsius at sea level, but at a lower temperature in the mountains.",
+    "In the morning the market fills with traders selling fruit, fish, cloth and spices from far away.",
+    "He argued that the plan was too expensive, yet he admitted that nothing better had been proposed.",
+    "The museum's new exhibition shows paintings from the early twentieth century and a few sculptures.",
+    "When the storm passed, the children ran outside to look at the fallen branches and the deep puddles.",
+    "Regular exercise improves sleep, mood and the health of the heart at every age.",
+    "The old lighthouse keeper wrote in his journal every night, describing the ships and the weather.",
+    "Please summarize the main arguments of the article in three short sentences.",
+)
+PROMPT_TOKENS = 24
+MAX_TEXT_TOKENS = 128
+NGRAM = 4
+
+
+@dataclass
+class EvalSet:
+    """Held-out data for the gate: texts (and labels for classifiers), plus prompts."""
+
+    texts: list[str]
+    labels: list[str] | None = None
+    prompts: list[str] = field(default_factory=list)
+    whole_prompts: bool = False  # chat prompts are kept whole (their end is the assistant's turn)
+    origin: str = "built-in"
+    sha256: str | None = None
+
+
+@dataclass
+class Reference:
+    """The PyTorch model's figures on the eval set, measured once."""
+
+    metrics: dict[str, float]
+    token_ids: list[list[int]] = field(default_factory=list)  # scored sequences (causal LM)
+    nll: float = 0.0
+    count: int = 0
+    prompts: list[list[int]] = field(default_factory=list)
+    continuations: list[list[int]] = field(default_factory=list)
+    probs: np.ndarray | None = None  # classifier
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    metrics: dict[str, float]
+    failures: list[str]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "metrics": self.metrics, "failures": self.failures}
+
+
+# ---------------------------------------------------------------- eval data
+
+def eval_set(config: ExportConfig, task: TaskName, run_config: dict[str, Any], tokenizer: Any,
+             labels: list[str] | None) -> EvalSet:
+    """The gate's data: --eval-data, else the run's eval data, else its training data, else built-in."""
+    from edgeft import data
+
+    path = _eval_path(config, run_config)
+    limit = config.gate_texts or (1000 if task is TaskName.classification else 64)
+    if path is None:
+        if task is TaskName.classification:
+            raise EdgeftError("the classification gate needs labelled data: pass --eval-data (text and label columns)")
+        texts = list(BUILTIN_TEXTS)
+        return EvalSet(texts=texts[:limit], prompts=texts[:config.gate_prompts])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if task is TaskName.classification:
+        texts, got = data.load_classification(path, run_config.get("text_col"), run_config.get("label_col"))
+        unknown = sorted(set(got) - set(labels or []))
+        if unknown:
+            raise EdgeftError(f"{path}: labels {', '.join(unknown[:3])} are not the model's ({', '.join(labels or [])})")
+        idx = _spread(len(texts), limit)
+        return EvalSet([texts[i] for i in idx], [got[i] for i in idx], origin=str(path), sha256=digest)
+    if data.is_chat_file(path):
+        pairs = [data.render_chat(tokenizer, m) for m in data.load_chat(path)]
+        idx = _spread(len(pairs), limit)
+        texts = [pairs[i][0] + pairs[i][1] for i in idx]
+        prompts = [pairs[i][0] for i in idx[:config.gate_prompts]]
+        return EvalSet(texts, prompts=prompts, whole_prompts=True, origin=str(path), sha256=digest)
+    texts = data.load_texts(path, run_config.get("text_col"))
+    idx = _spread(len(texts), limit)
+    texts = [texts[i] for i in idx]
+    return EvalSet(texts, prompts=texts[:config.gate_prompts], origin=str(path), sha256=digest)
+
+
+def _eval_path(config: ExportConfig, run_config: dict[str, Any]) -> Path | None:
+    if config.eval_data is not None:
+        return config.eval_data
+    for key in ("eval_data", "data"):
+        value = run_config.get(key)
+        if value and Path(value).is_file():
+            return Path(value)
+    return None
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``n`` items (all when k >= n): deterministic, no seed."""
+    if k >= n:
+        return list(range(n))
+    return sorted({int(i) for i in np.linspace(0, n - 1, k)})
+
+
+# ---------------------------------------------------------------- causal LM
+
+def repetition(ids: list[int], n: int = NGRAM) -> float:
+    """Share of repeated n-grams in a token sequence (0: none; near 1: one phrase looping)."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if len(grams) > 1 else 0.0
+
+
+def _nll(logits: np.ndarray, ids: list[int]) -> float:
+    """Summed negative log-likelihood of ids[1:] given logits [len, vocab] (float64 maths)."""
+    x = logits[:-1].astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    logz = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
+    return float((logz - x[np.arange(len(ids) - 1), ids[1:]]).sum())
+
+
+def lm_reference(model: Any, encode, evals: EvalSet, config: ExportConfig, eos_ids: set[int]) -> Reference:
+    """PyTorch's perplexity and greedy continuations on the eval set."""
+    import torch
+
+    seqs = [ids[:MAX_TEXT_TOKENS] for ids in (encode(t) for t in evals.texts)]
+    seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise EdgeftError(f"the gate's eval data ({evals.origin}) has no text of two tokens or more")
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in seqs:
+            logits = model(torch.tensor([ids])).logits[0].float().numpy()
+            nll += _nll(logits, ids)
+            count += len(ids) - 1
+        prompts = [encode(p)[-MAX_TEXT_TOKENS:] if evals.whole_prompts else encode(p)[:PROMPT_TOKENS]
+                   for p in evals.prompts]
+        prompts = [p for p in prompts if p]
+        conts = [_greedy(model, p, config.gate_new_tokens, eos_ids) for p in prompts]
+    reps = [repetition(c) for c in conts]
+    return Reference(
+        metrics={"perplexity": math.exp(nll / count), "repetition": float(np.mean(reps)) if reps else 0.0},
+        token_ids=seqs, nll=nll, count=count, prompts=prompts, continuations=conts)
+
+
+def _greedy(model: Any, prompt: list[int], n: int, eos_ids: set[int]) -> list[int]:
+    import torch
+
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, num_beams=1,
+                         pad_token_id=next(iter(eos_ids), 0), eos_token_id=sorted(eos_ids) or None)
+    ids = out[0, len(prompt):].tolist()
+    cut = next((i for i, t in enumerate(ids) if t in eos_ids), len(ids))
+    return ids[:cut]
+
+
+def lm_gate(artifact: Path, ref: Reference, config: ExportConfig) -> GateResult:
+    """Compare a decoder artifact, through ``edgeft.runtime.Generator``, with the reference."""
+    from edgeft.runtime import Generator, SamplingParams
+
+    start = time.perf_counter()
+    gen = Generator.open(artifact, threads=config.threads)
+    nll = 0.0
+    for ids in ref.token_ids:
+        nll += _nll(gen.score(ids), ids)
+    agree, total, reps, exact = 0, 0, [], 0
+    params = SamplingParams(max_new_tokens=config.gate_new_tokens, temperature=0.0)
+    for prompt, cont in zip(ref.prompts, ref.continuations):
+        if cont:
+            logits = gen.score(prompt + cont)
+            guess = logits[len(prompt) - 1:len(prompt) - 1 + len(cont)].argmax(axis=1)
+            agree += int((guess == np.array(cont)).sum())
+            total += len(cont)
+        own = gen.generate(prompt, params).token_ids
+        reps.append(repetition(own))
+        exact += int(own == cont)
+    ppl = math.exp(nll / ref.count)
+    metrics = {
+        "perplexity": ppl,
+        "reference_perplexity": ref.metrics["perplexity"],
+        "perplexity_increase_pct": 100.0 * (ppl / ref.metrics["perplexity"] - 1.0),
+        "token_agreement": agree / total if total else 1.0,
+        "repetition": float(np.mean(reps)) if reps else 0.0,
+        "reference_repetition": ref.metrics["repetition"],
+        "identical_continuations": exact / len(ref.prompts) if ref.prompts else 1.0,
+        "texts": len(ref.token_ids), "tokens": ref.count, "prompts": len(ref.prompts),
+    }
+    failures = _lm_failures(metrics, config)
+    return GateResult(not failures, _round(metrics), failures, time.perf_counter() - start)
+
+
+def _lm_failures(m: dict[str, float], c: ExportConfig) -> list[str]:
+    out = []
+    if m["perplexity_increase_pct"] > c.max_perplexity_increase:
+        out.append(f"perplexity {m['perplexity']:.3f} is {m['perplexity_increase_pct']:.2f}% above PyTorch's "
+                   f"{m['reference_perplexity']:.3f} (allowed {c.max_perplexity_increase:g}%)")
+    if m["token_agreement"] < c.min_token_agreement:
+        out.append(f"greedy-token agreement {m['token_agreement']:.3f} is below {c.min_token_agreement:g}")
+    rise = m["repetition"] - m["reference_repetition"]
+    if rise > c.max_repetition_increase:
+        out.append(f"degenerate repetition: {m['repetition']:.2f} of 4-grams repeat in greedy continuations, "
+                   f"PyTorch {m['reference_repetition']:.2f} (allowed rise {c.max_repetition_increase:g})")
+    return out
+
+
+# ---------------------------------------------------------------- classification
+
+def classifier_reference(model: Any, tokenizer_json: Path, evals: EvalSet, labels: list[str],
+                         max_length: int) -> Reference:
+    """PyTorch's probabilities on the eval texts, tokenized exactly as the runtime does."""
+    import torch
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    encs = tok.encode_batch(evals.texts)
+    import inspect
+
+    types = "token_type_ids" in inspect.signature(model.forward).parameters
+    probs = []
+    with torch.no_grad():
+        for e in encs:
+            kw = {"input_ids": torch.tensor([e.ids]), "attention_mask": torch.ones(1, len(e.ids), dtype=torch.long)}
+            if types:
+                kw["token_type_ids"] = torch.tensor([e.type_ids])
+            probs.append(torch.softmax(model(**kw).logits.float(), -1)[0].numpy())
+    probs = np.stack(probs)
+    metrics = {"accuracy": _accuracy(probs, evals.labels, labels)}
+    return Reference(metrics=metrics, probs=probs)
+
+
+def _accuracy(probs: np.ndarray, gold: list[str] | None, labels: list[str]) -> float:
+    if not gold:
+        return float("nan")
+    index = {name: i for i, name in enumerate(labels)}
+    return float(np.mean([int(p.argmax()) == index[g] for p, g in zip(probs, gold)]))
+
+
+def classifier_gate(artifact: Path, ref: Reference, evals: EvalSet, config: ExportConfig) -> GateResult:
+    """Compare a classifier artifact, through ``edgeft.runtime.TextClassifier``, with the reference."""
+    from edgeft.runtime import TextClassifier
+
+    clf = TextClassifier.open(artifact, threads=config.threads)
+    clf.predict_proba(evals.texts[:8])  # warm up before timing
+    start = time.perf_counter()
+    probs = clf.predict_proba(evals.texts)
+    seconds = time.perf_counter() - start
+    acc = _accuracy(probs, evals.labels, clf.labels)
+    metrics = {
+        "accuracy": acc,
+        "reference_accuracy": ref.metrics["accuracy"],
+        "accuracy_drop_points": 100.0 * (ref.metrics["accuracy"] - acc),
+        "label_agreement": float(np.mean(probs.argmax(1) == ref.probs.argmax(1))),
+        "max_probability_diff": float(np.abs(probs - ref.probs).max()),
+        "texts": len(evals.texts),
+        "ms_per_text": 1000.0 * seconds / max(1, len(evals.texts)),
+    }
+    failures = []
+    if metrics["accuracy_drop_points"] > config.max_accuracy_drop:
+        failures.append(f"accuracy {acc:.4f} is {metrics['accuracy_drop_points']:.2f} points below PyTorch's "
+                        f"{ref.metrics['accuracy']:.4f} (allowed {config.max_accuracy_drop:g})")
+    if metrics["label_agreement"] < config.min_label_agreement:
+        failures.append(f"label agreement {metrics['label_agreement']:.4f} is below {config.min_label_agreement:g}")
+    return GateResult(not failures, _round(metrics), failures, seconds)
+
+
+def _round(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+def thresholds(config: ExportConfig, task: TaskName) -> dict[str, float]:
+    if task is TaskName.classification:
+        return {"max_accuracy_drop_points": config.max_accuracy_drop, "min_label_agreement": config.min_label_agreement}
+    return {"max_perplexity_increase_pct": config.max_perplexity_increase,
+            "min_token_agreement": config.min_token_agreement,
+            "max_repetition_increase": config.max_repetition_increase}

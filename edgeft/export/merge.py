@@ -1,0 +1,210 @@
+"""Turn what the user named into one full-precision PyTorch model plus where it came from.
+
+A run folder holds only the trained parameters (``trained.safetensors``); they are
+merged into the base's *original* full-precision weights (never the 8-bit copies used
+while training), untying the head first when the run trained it untied. A pulled name,
+a Hugging Face folder or a hub id is loaded as it is. The result, ``Source``, also
+carries what the manifest records about origin (base name and hash, run folder, data
+hashes) and the tokenizer folder.
+
+This module knows transformers and the run folder contract; it knows nothing of ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+from edgeft.export.config import ExportConfig, TaskName
+from edgeft.runs import TRAINED, RunInfo, is_run_folder, read_run
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+@dataclass
+class Source:
+    """A merged fp32 model ready to export, and its provenance."""
+
+    model: Any  # a transformers PreTrainedModel in eval mode, fp32
+    task: TaskName
+    architecture: str  # model_type
+    tokenizer_dir: Path | str  # folder (or hub id) holding the tokenizer files
+    labels: list[str] | None = None
+    max_length: int | None = None
+    run: RunInfo | None = None
+    run_dir: Path | None = None
+    base_name: str = ""
+    base_sha256: str = ""
+    data_sha256: dict[str, str] = field(default_factory=dict)
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "base_model": self.base_name,
+            "base_sha256": self.base_sha256,
+            "run_folder": str(self.run_dir.resolve()) if self.run_dir else None,
+            "data_sha256": dict(self.data_sha256),
+            "trainable_layers": self.run.trainable_layers if self.run else 0,
+        }
+
+
+def load_source(config: ExportConfig) -> Source:
+    """Resolve ``config.source`` (run folder or model) into a merged fp32 ``Source``."""
+    path = Path(str(config.source)).expanduser()
+    if path.is_dir() and is_run_folder(path):
+        return _load_run(path, config)
+    if path.is_dir() and (path / "run.json").exists():
+        read_run(path)  # raises the run folder's own one-line error
+    return _load_base(config)
+
+
+def _task_of(hf_config: Any, asked: TaskName | None) -> TaskName:
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if asked is not None:
+        return asked
+    if any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
+        return TaskName.causal_lm
+    if any(a.endswith(CLASSIFIER_SUFFIX) for a in archs):
+        return TaskName.classification
+    raise EdgeftError(
+        f"cannot tell the task of a {getattr(hf_config, 'model_type', '?')} model "
+        f"({', '.join(archs) or 'no architectures'}): pass --task causal-lm or --task classification"
+    )
+
+
+def _auto_class(task: TaskName) -> Any:
+    import transformers
+
+    return transformers.AutoModelForCausalLM if task is TaskName.causal_lm else transformers.AutoModelForSequenceClassification
+
+
+def _label_kwargs(labels: list[str] | None) -> dict[str, Any]:
+    if not labels:
+        return {}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def _load_model(where: Path | str, task: TaskName, labels: list[str] | None, untie: bool = False) -> Any:
+    import torch
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    hf_config = AutoConfig.from_pretrained(where)
+    for k, v in _label_kwargs(labels).items():
+        setattr(hf_config, k, v)
+    if untie:
+        hf_config.tie_word_embeddings = False
+    try:
+        model = _auto_class(task).from_pretrained(where, config=hf_config, dtype=torch.float32)
+    except ValueError as exc:  # transformers: "Unrecognized configuration class ..."
+        raise EdgeftError(f"cannot load {where} as a {task.value} model: {str(exc).splitlines()[0]}") from None
+    if untie and task is TaskName.causal_lm:
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
+            head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    return model.eval()
+
+
+def _load_base(config: ExportConfig) -> Source:
+    from transformers import AutoConfig
+
+    from edgeft.models import model_identity, resolve_model
+
+    where = resolve_model(str(config.source))
+    try:
+        hf_config = AutoConfig.from_pretrained(where)
+    except (OSError, ValueError) as exc:
+        raise EdgeftError(f"cannot load {config.source}: {str(exc).splitlines()[0]}") from None
+    task = _task_of(hf_config, config.task)
+    labels = list(config.labels) if config.labels else _config_labels(hf_config, task)
+    model = _load_model(where, task, labels)
+    return Source(model=model, task=task, architecture=hf_config.model_type, tokenizer_dir=where,
+                  labels=labels, max_length=config.max_length, base_name=str(config.source),
+                  base_sha256=model_identity(where))
+
+
+def _config_labels(hf_config: Any, task: TaskName) -> list[str] | None:
+    if task is not TaskName.classification:
+        return None
+    id2label = getattr(hf_config, "id2label", None) or {}
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not any(a.endswith(CLASSIFIER_SUFFIX) for a in archs):
+        raise EdgeftError("a base encoder has no classification head: tune it first, or pass --labels")
+    return [id2label[i] for i in sorted(id2label, key=int)] if id2label else None
+
+
+def _load_run(run_dir: Path, config: ExportConfig) -> Source:
+    import torch
+    from safetensors.torch import load_file
+
+    info = read_run(run_dir)
+    task = TaskName(info.task)
+    base = _run_base(run_dir, info)
+    labels = list(config.labels) if config.labels else info.labels
+    model = _load_model(base, task, labels, untie=info.untied_head)
+    trained = load_file(str(run_dir / TRAINED))
+    state = model.state_dict()
+    unknown = sorted(set(trained) - set(state))
+    if unknown:
+        raise EdgeftError(f"{run_dir / TRAINED} holds parameters the base model lacks: {', '.join(unknown[:3])}")
+    for name, tensor in trained.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise EdgeftError(f"{run_dir / TRAINED}: {name} has shape {tuple(tensor.shape)}, "
+                              f"the base expects {tuple(state[name].shape)}")
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(torch.float32) for k, v in trained.items()}, strict=False)
+    run_config = _read_json(run_dir / "config.json")
+    tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else base
+    return Source(model=model.eval(), task=task, architecture=info.architecture, tokenizer_dir=tok_dir,
+                  labels=labels, max_length=config.max_length or info.max_length, run=info, run_dir=run_dir,
+                  base_name=info.base_model, base_sha256=info.base_sha256, data_sha256=dict(info.data_sha256),
+                  run_config=run_config)
+
+
+def _run_base(run_dir: Path, info: RunInfo) -> Path | str:
+    """The run's base weights, checked against the hash the run recorded."""
+    from edgeft.models import model_identity, resolve_model
+
+    base: Path | str = Path(info.base_path)
+    if not Path(info.base_path).is_dir():
+        try:
+            base = resolve_model(info.base_model)
+        except EdgeftError:
+            raise EdgeftError(f"{run_dir}: its base model {info.base_model} ({info.base_path}) "
+                              "is not on this machine") from None
+    if info.base_sha256 and isinstance(base, Path) and model_identity(base) != info.base_sha256:
+        raise EdgeftError(f"{run_dir}: the base model at {base} is not the one this run was trained on "
+                          "(weights hash differs)")
+    return base
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def save_hf_folder(source: Source, folder: Path) -> Path:
+    """Write the merged model as a plain Hugging Face folder (what the genai builder reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source.model.save_pretrained(folder, safe_serialization=True)
+    tokenizer = load_tokenizer(source)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_tokenizer(source: Source) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        raise EdgeftError(f"cannot load the tokenizer from {source.tokenizer_dir}: {str(exc).splitlines()[0]}") from None

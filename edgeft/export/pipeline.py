@@ -1,0 +1,259 @@
+"""``export(config)``: source -> merged fp32 model -> ONNX graph -> quantized candidates -> gate -> artifact.
+
+Every candidate (one scheme, or several for ``auto`` and for classifier int8) is a
+complete artifact folder in a work folder beside the destination, opened by edgeft's
+own runtime for the gate. The one kept is moved into place atomically; when the gate
+fails nothing is written (unless ``allow_degraded``) and the error names what failed.
+This module orchestrates; the steps live in ``merge``, ``decoder``, ``classifier``,
+``quantize``, ``assemble`` and ``gate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeft.artifact import Manifest, write_manifest
+from edgeft.errors import EdgeftError
+from edgeft.export import assemble, gate, quantize
+from edgeft.export.config import AUTO_ORDER, ExportConfig, Int8Mode, Quantize, TaskName
+from edgeft.fsutil import atomic_dir, check_destination
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Candidate:
+    name: str  # "int8", "int4", "mixed", "none", "int8-dynamic", "int8-weight-only"
+    folder: Path
+    manifest: Manifest
+    result: gate.GateResult | None = None
+
+
+def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
+    """Write the artifact for ``config`` at ``config.out`` (atomically) and return its path."""
+    log = log or (lambda _msg: None)
+    check_destination(config.out, config.overwrite)
+    _check_scheme(config)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{config.out.name}.work-", dir=config.out.parent) as work:
+            return _export(config, Path(work), log)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise EdgeftError(f"no space left on the device while writing {config.out}: nothing was written") from None
+        raise
+
+
+def _check_scheme(config: ExportConfig) -> None:
+    if config.task is TaskName.classification and config.quantize in (Quantize.int4, Quantize.mixed):
+        raise EdgeftError("classifiers export as none, int8 or auto (int4 and mixed are for decoders)")
+
+
+def _export(config: ExportConfig, work: Path, log: Log) -> Path:
+    from edgeft.export.merge import load_source, load_tokenizer, save_hf_folder
+
+    t0 = time.perf_counter()
+    log(f"loading {config.source}")
+    source = load_source(config)
+    _check_scheme(dataclasses.replace(config, task=source.task))
+    _torch_threads(config, source.model)
+    hf_dir = save_hf_folder(source, work / "hf")
+    tokenizer = load_tokenizer(source)
+    if source.task is TaskName.causal_lm:
+        candidates, ref_ctx = _decoder_candidates(config, source, hf_dir, tokenizer, work, log)
+    else:
+        candidates, ref_ctx = _classifier_candidates(config, source, hf_dir, tokenizer, work, log)
+    chosen = _run_gate(config, source, candidates, ref_ctx, log)
+    seconds = time.perf_counter() - t0
+    return _publish(config, chosen, candidates, ref_ctx, seconds, log)
+
+
+def _torch_threads(config: ExportConfig, model: Any) -> None:
+    """Small models run fastest on one thread (no spin-waiting on a busy machine); --threads wins."""
+    import torch
+
+    small = sum(p.numel() for p in model.parameters()) < 20_000_000
+    torch.set_num_threads(config.threads or (1 if small else torch.get_num_threads()))
+
+
+# ---------------------------------------------------------------- decoders
+
+def _decoder_schemes(config: ExportConfig) -> list[Quantize]:
+    return list(AUTO_ORDER) if config.quantize is Quantize.auto else [config.quantize]
+
+
+def _decoder_candidates(config, source, hf_dir, tokenizer, work, log):
+    from edgeft.export.decoder import check_supported, export_decoder
+
+    check_supported(source.model.config)
+    log("exporting the decoder graph (fp32)")
+    graph = export_decoder(source.model, hf_dir, work)
+    tok = None
+    out = []
+    for scheme in _decoder_schemes(config):
+        folder = work / f"candidate-{scheme.value}"
+        folder.mkdir()
+        if scheme is Quantize.none:
+            assemble.copy_graph(graph.path, folder)
+            quant = quantize.QuantReport(scheme="none", groups={"all": "fp32"}, method="none").to_dict()
+        else:
+            log(f"quantizing: {scheme.value} (block size {config.block_size})")
+            report = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
+                                               graph.num_layers, graph.vocab_size)
+            quant = report.to_dict()
+        assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict())
+        tok = tok or assemble.tokenizer_section(tokenizer, source.model.config,
+                                                getattr(source.model, "generation_config", None), folder)
+        gen = assemble.generation_section(getattr(source.model, "generation_config", None))
+        manifest = assemble.decoder_manifest(graph, tok, gen, quant, source.architecture, config.context_length,
+                                             source.provenance())
+        out.append(Candidate(scheme.value, folder, write_manifest(folder, manifest)))
+    return out, {"graph": graph, "tokenizer": tokenizer}
+
+
+# ---------------------------------------------------------------- classifiers
+
+def _classifier_schemes(config: ExportConfig) -> list[str]:
+    if config.quantize is Quantize.none:
+        return ["none"]
+    if config.int8_mode is Int8Mode.best:
+        return ["int8-dynamic", "int8-weight-only"]
+    return [f"int8-{config.int8_mode.value}"]
+
+
+def _classifier_candidates(config, source, hf_dir, tokenizer, work, log):
+    from edgeft.export.classifier import export_classifier
+
+    if not source.labels:
+        raise EdgeftError("the classifier has no label names: pass --labels")
+    max_length = source.max_length or 128
+    log("exporting the classifier graph (fp32)")
+    graph = export_classifier(source.model, work, max_length)
+    out = []
+    for name in _classifier_schemes(config):
+        folder = work / f"candidate-{name}"
+        folder.mkdir()
+        if name == "none":
+            assemble.copy_graph(graph.path, folder)
+            quant = quantize.QuantReport(scheme="none", groups={"all": "fp32"}, method="none").to_dict()
+        elif name == "int8-dynamic":
+            log("quantizing: int8 dynamic")
+            quant = quantize.quantize_classifier_dynamic(graph.path, folder / "model.onnx").to_dict()
+        else:
+            log(f"quantizing: int8 weight-only (block size {config.block_size})")
+            quant = quantize.quantize_classifier_weight_only(graph.path, folder / "model.onnx",
+                                                            config.block_size).to_dict()
+        for leftover in folder.glob("dynamic-tmp.onnx*"):
+            leftover.unlink()
+        assemble.copy_support_files(hf_dir, folder, None, tokenizer, source.labels, config.to_dict())
+        tok = assemble.tokenizer_section(tokenizer, source.model.config, None, folder)
+        manifest = assemble.classifier_manifest(graph, tok, quant, source.architecture, source.labels, max_length,
+                                                source.provenance())
+        out.append(Candidate(name, folder, write_manifest(folder, manifest)))
+    return out, {"graph": graph, "tokenizer": tokenizer, "max_length": max_length}
+
+
+# ---------------------------------------------------------------- gate
+
+def _run_gate(config: ExportConfig, source, candidates: list[Candidate], ctx: dict, log: Log) -> Candidate | None:
+    evals = gate.eval_set(config, source.task, source.run_config, ctx["tokenizer"], source.labels)
+    ctx["evals"] = evals
+    log(f"gate: measuring PyTorch on {len(evals.texts)} held-out texts ({evals.origin})")
+    if source.task is TaskName.causal_lm:
+        return _gate_decoders(config, source, candidates, ctx, evals, log)
+    ref = gate.classifier_reference(source.model, candidates[0].folder / "tokenizer.json", evals, source.labels,
+                                    ctx["max_length"])
+    ctx["reference"] = ref
+    for c in candidates:
+        c.result = gate.classifier_gate(c.folder, ref, evals, config)
+        _say(c, log)
+    passing = [c for c in candidates if c.result.passed]
+    if not passing:
+        return None
+    best = max(c.result.metrics["accuracy"] for c in passing)
+    close = [c for c in passing if best - c.result.metrics["accuracy"] <= 0.0025]
+    return min(close, key=lambda c: c.result.metrics["ms_per_text"])
+
+
+def _gate_decoders(config, source, candidates, ctx, evals, log) -> Candidate | None:
+    from edgeft.runtime import Generator
+
+    first = Generator.open(candidates[0].folder, threads=config.threads)
+    eos = set(first.eos_ids)
+    ref = gate.lm_reference(source.model, first.encode, evals, config, eos)
+    ctx["reference"] = ref
+    for c in candidates:
+        c.result = gate.lm_gate(c.folder, ref, config)
+        _say(c, log)
+        if c.result.passed:
+            return c  # candidates are ordered smallest first
+    return None
+
+
+def _say(c: Candidate, log: Log) -> None:
+    m = c.result.metrics
+    if "perplexity" in m:
+        figures = (f"perplexity {m['perplexity']:.3f} ({m['perplexity_increase_pct']:+.2f}%), "
+                   f"token agreement {m['token_agreement']:.3f}, repetition {m['repetition']:.2f}")
+    else:
+        figures = (f"accuracy {m['accuracy']:.4f} (drop {m['accuracy_drop_points']:.2f} pt), "
+                   f"agreement {m['label_agreement']:.4f}, {m['ms_per_text']:.2f} ms/text")
+    log(f"gate {c.name}: {'passed' if c.result.passed else 'FAILED'}: {figures}")
+
+
+# ---------------------------------------------------------------- publish
+
+def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Candidate], ctx: dict,
+             seconds: float, log: Log) -> Path:
+    degraded = chosen is None
+    if degraded:
+        failures = [f"{c.name}: {f}" for c in candidates for f in c.result.failures]
+        if not config.allow_degraded:
+            raise EdgeftError("the gate refused the export, nothing written: " + "; ".join(failures)
+                              + " (loosen the thresholds or pass --allow-degraded)")
+        chosen = candidates[-1]  # the largest: closest to PyTorch
+        log("gate failed; writing anyway (--allow-degraded), marked degraded in the manifest")
+    task = TaskName.causal_lm if chosen.manifest.decoder else TaskName.classification
+    evals, ref = ctx["evals"], ctx["reference"]
+    record = {
+        "passed": not degraded,
+        "degraded": degraded,
+        "chosen": chosen.name,
+        "metrics": chosen.result.metrics,
+        "reference": ref.metrics,
+        "failures": chosen.result.failures,
+        "thresholds": gate.thresholds(config, task),
+        "eval_data": evals.origin,
+        "eval_sha256": evals.sha256,
+        "candidates": {c.name: {**c.result.to_dict(), "bytes": assemble.folder_size(c.folder)} for c in candidates},
+        "runtime": "edgeft.runtime",
+        "export_seconds": round(seconds, 2),
+    }
+    manifest = dataclasses.replace(chosen.manifest, gate=record)
+    with atomic_dir(config.out, overwrite=config.overwrite) as tmp:
+        for item in chosen.folder.iterdir():
+            if item.name != "manifest.json":
+                shutil.move(str(item), tmp / item.name)
+        write_manifest(tmp, manifest)
+    log(f"wrote {config.out} ({chosen.name}, {assemble.folder_size(config.out) / 1e6:.1f} MB)")
+    return config.out
+
+
+def summary(manifest: Manifest) -> dict[str, Any]:
+    """One-line-per-field view of an artifact's gate, for the CLI."""
+    g = manifest.gate or {}
+    return {"task": manifest.task.value, "architecture": manifest.architecture,
+            "quantization": manifest.quantization.get("scheme"), "gate": "passed" if g.get("passed") else "degraded",
+            "metrics": g.get("metrics", {})}

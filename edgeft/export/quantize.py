@@ -1,0 +1,390 @@
+"""Weight quantization of exported ONNX graphs, and the per-group record of what was done.
+
+Decoders get weight-only block quantization: every MatMul with a constant weight becomes
+``MatMulNBits`` (8 or 4 bits, symmetric, selectable block size, int8 activations on CPU),
+and the token embedding becomes ``GatherBlockQuantized`` at the same width, sharing the
+head's quantized matrix when the model ties them. ``mixed`` keeps the sensitive tensors
+(head, embeddings, first and last blocks) at 8 bits and the rest at 4.
+
+Classifiers get int8: dynamic (int8 weights and activations, ``quantize_dynamic``) or
+weight-only (``MatMulNBits`` 8-bit); ``edgeft.export`` measures both and keeps the better.
+
+This module knows ONNX graphs and onnxruntime's quantizers; it knows nothing of torch,
+tokenizers or where a model came from. Tensor groups are found by name (``layers.3``,
+``h.3``, ``layer.3``...), so it works on both the genai builder's and torch.onnx's graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.export.config import Quantize
+
+_BLOCK_RE = re.compile(r"(?:^|[./_])(?:layers|layer|h|blocks|block)[._/](\d+)(?:[./_]|$)")
+EXTERNAL_DATA_THRESHOLD = 1024
+
+
+@dataclass
+class MatMulTarget:
+    """A MatMul whose weight is a constant, and the tensor group it belongs to."""
+
+    node: str
+    weight: str
+    group: str  # "head", "block.N" or "other"
+
+
+@dataclass
+class QuantReport:
+    """What ended up at which width: the manifest's ``quantization`` section."""
+
+    scheme: str
+    block_size: int | None = None
+    groups: dict[str, str] = field(default_factory=dict)
+    method: str = "weight-only"
+    tied_embeddings_shared: bool = False
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "method": self.method, "block_size": self.block_size,
+                "groups": dict(self.groups), "tied_embeddings_shared": self.tied_embeddings_shared}
+
+
+def _quiet() -> None:
+    for name in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------- graph helpers
+
+def load(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save(model, path: Path) -> None:
+    """Save with every tensor over 1 KiB in ``<name>.data`` beside the graph."""
+    import onnx
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=EXTERNAL_DATA_THRESHOLD, convert_attribute=False)
+
+
+def _inits(model) -> dict:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _producers(model) -> dict:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def block_of(*names: str) -> int | None:
+    for name in names:
+        m = _BLOCK_RE.search(name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def gemm_to_matmul(model) -> int:
+    """Rewrite plain ``Gemm`` nodes with a constant weight as ``MatMul`` + ``Add`` (so they quantize)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits, changed, nodes = _inits(model), 0, []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[weight]).T.copy()
+            weight = f"{weight}_T"
+            model.graph.initializer.append(numpy_helper.from_array(w, weight))
+        mm_out = node.output[0] if len(node.input) < 3 else f"{node.output[0]}_mm"
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=f"{node.name}_MatMul"))
+        if len(node.input) >= 3 and node.input[2]:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}_Add"))
+        changed += 1
+    if changed:
+        model.graph.ClearField("node")
+        model.graph.node.extend(nodes)
+        onnx.checker.check_model(model, full_check=False) if model.ByteSize() < (1 << 31) else None
+    return changed
+
+
+def matmul_targets(model, vocab_size: int | None = None) -> list[MatMulTarget]:
+    """Every MatMul with a constant 2-D weight, grouped as head / block.N / other."""
+    inits, out = _inits(model), []
+    logits_producers = _logits_chain(model)
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        dims = list(inits[node.input[1]].dims)
+        if len(dims) != 2:
+            continue
+        if "lm_head" in node.name or "lm_head" in node.input[1] or node.name in logits_producers:
+            group = "head"
+        elif (b := block_of(node.input[1], node.name)) is not None:
+            group = f"block.{b}"
+        elif vocab_size and dims[1] == vocab_size:
+            group = "head"
+        else:
+            group = "other"
+        out.append(MatMulTarget(node.name, node.input[1], group))
+    return out
+
+
+def _logits_chain(model) -> set[str]:
+    """Names of nodes that feed ``logits`` through shape-only ops (to spot the head)."""
+    producers, seen, todo = _producers(model), set(), ["logits"]
+    while todo:
+        node = producers.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("Reshape", "Add", "Identity", "Cast", "Squeeze", "Unsqueeze"):
+            todo.extend(node.input[:1])
+    return seen
+
+
+# ---------------------------------------------------------------- decoder schemes
+
+def bits_for(group: str, scheme: Quantize, num_layers: int) -> int:
+    """Width of one tensor group under a scheme (0: keep fp32)."""
+    if scheme is Quantize.none:
+        return 0
+    if scheme is Quantize.int8:
+        return 8
+    if scheme is Quantize.int4:
+        return 4
+    if scheme is Quantize.mixed:
+        if group in ("head", "embeddings", "other") or group in ("block.0", f"block.{num_layers - 1}"):
+            return 8
+        return 4
+    raise ValueError(f"no fixed widths for {scheme}")
+
+
+def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, num_layers: int,
+                     vocab_size: int) -> QuantReport:
+    """Quantize a decoder graph's weights; write ``dest`` (+ ``.data``); say what went where."""
+    _quiet()
+    model = load(src)
+    gemm_to_matmul(model)
+    targets = matmul_targets(model, vocab_size)
+    plan = {t.node: bits_for(t.group, scheme, num_layers) for t in targets}
+    head = next((t for t in targets if t.group == "head"), None)
+    for bits in (4, 8):
+        model = _nbits_pass(model, [n for n, b in plan.items() if b == bits],
+                            [n for n, b in plan.items() if b != bits], bits, block_size)
+    emb_bits = bits_for("embeddings", scheme, num_layers)
+    shared = _quantize_embedding(model, emb_bits, block_size, head, plan.get(head.node, 0) if head else 0)
+    _drop_unused_initializers(model)
+    save(model, dest)
+    return QuantReport(scheme=scheme.value, block_size=block_size,
+                       groups=_group_widths(targets, plan, emb_bits, num_layers),
+                       tied_embeddings_shared=shared)
+
+
+def _nbits_pass(model, include: list[str], exclude: list[str], bits: int, block_size: int):
+    if not include:
+        return model
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                             nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
+    q.process()
+    return q.model.model
+
+
+def _group_widths(targets: list[MatMulTarget], plan: dict[str, int], emb_bits: int, num_layers: int) -> dict[str, str]:
+    """Collapse per-node widths into readable groups: embeddings, head, blocks.a-b, other."""
+    def name(bits: int) -> str:
+        return f"int{bits}" if bits else "fp32"
+
+    groups = {"embeddings": name(emb_bits)}
+    per_block: dict[int, set[int]] = {}
+    for t in targets:
+        if t.group.startswith("block."):
+            per_block.setdefault(int(t.group[6:]), set()).add(plan[t.node])
+        else:
+            groups[t.group] = name(plan[t.node])
+    runs: list[tuple[int, int, str]] = []
+    for b in sorted(per_block):
+        w = "+".join(name(x) for x in sorted(per_block[b]))
+        if runs and runs[-1][2] == w and runs[-1][1] == b - 1:
+            runs[-1] = (runs[-1][0], b, w)
+        else:
+            runs.append((b, b, w))
+    for a, b, w in runs:
+        groups[f"blocks.{a}" if a == b else f"blocks.{a}-{b}"] = w
+    return groups
+
+
+# ---------------------------------------------------------------- embeddings
+
+def _embedding_gather(model, head_weight: str | None):
+    """The token-embedding Gather: (node, fp32 matrix name or None, tied-to-head?)."""
+    inits, producers = _inits(model), _producers(model)
+    for node in model.graph.node:
+        if node.op_type != "Gather":
+            continue
+        if node.input[1] != "input_ids" and "input_ids" not in _ancestors(producers, node.input[1]):
+            continue
+        data = node.input[0]
+        if data in inits and len(inits[data].dims) == 2:
+            return node, data, False
+        prod = producers.get(data)
+        if prod is not None and prod.op_type == "Transpose" and prod.input[0] == head_weight:
+            return node, None, True
+    return None, None, False
+
+
+def _ancestors(producers: dict, name: str, depth: int = 4) -> set[str]:
+    seen, frontier = set(), [name]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            node = producers.get(n)
+            if node is not None:
+                seen.update(node.input)
+                nxt.extend(node.input)
+        frontier = nxt
+    return seen
+
+
+def _quantize_embedding(model, bits: int, block_size: int, head: MatMulTarget | None, head_bits: int) -> bool:
+    """Replace the token-embedding Gather by GatherBlockQuantized; True when it shares the head's weight."""
+    from onnx import helper, numpy_helper
+
+    if not bits:
+        return False
+    node, matrix, tied = _embedding_gather(model, head.weight if head else None)
+    if node is None:
+        return False
+    inits = _inits(model)
+    if tied and head_bits == bits:
+        qnode = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith(head.node))
+        attrs = {a.name: helper.get_attribute_value(a) for a in qnode.attribute}
+        qweight, scales = qnode.input[1], qnode.input[2]
+        vocab, hidden = attrs["N"], attrs["K"]
+        nb = int(inits[qweight].dims[1])
+        flat = nb * attrs["block_size"] * bits // 8
+        shape_name = f"{node.name}_qshape"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([vocab, flat], np.int64), shape_name))
+        reshape = helper.make_node("Reshape", [qweight, shape_name], [f"{node.name}_qdata"], name=f"{node.name}_Reshape")
+        new = _gbq_nodes(node, reshape.output[0], scales, bits, attrs["block_size"], hidden, nb * attrs["block_size"], model)
+        _replace_node(model, node, [reshape, *new])
+        return True
+    if matrix is None:  # tied, but the head stays at another width: materialize the matrix
+        w = numpy_helper.to_array(inits[head.weight]).T
+    else:
+        w = numpy_helper.to_array(inits[matrix])
+    vocab, hidden = w.shape
+    data, scales = block_quantize_rows(w.astype(np.float32), bits, block_size)
+    dname, sname = f"{node.name}_Q{bits}", f"{node.name}_scales"
+    model.graph.initializer.extend([numpy_helper.from_array(data, dname), numpy_helper.from_array(scales, sname)])
+    new = _gbq_nodes(node, dname, sname, bits, block_size, hidden, data.shape[1] * 8 // bits, model)
+    _replace_node(model, node, new)
+    return False
+
+
+def _gbq_nodes(node, data: str, scales: str, bits: int, block_size: int, hidden: int, padded: int, model) -> list:
+    from onnx import helper, numpy_helper
+
+    out = node.output[0] if padded == hidden else f"{node.output[0]}_padded"
+    gbq = helper.make_node("GatherBlockQuantized", [data, node.input[1], scales], [out], name=f"{node.name}_Q{bits}",
+                           domain="com.microsoft", bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)
+    if padded == hidden:
+        return [gbq]
+    consts = {f"{node.name}_s0": [0], f"{node.name}_s1": [hidden], f"{node.name}_ax": [-1]}
+    for name, value in consts.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+    sl = helper.make_node("Slice", [out, *consts], [node.output[0]], name=f"{node.name}_Slice")
+    return [gbq, sl]
+
+
+def _replace_node(model, old, new: list) -> None:
+    nodes = []
+    for n in model.graph.node:
+        nodes.extend(new if n is old else [n])
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(__import__("onnx").helper.make_opsetid("com.microsoft", 1))
+
+
+def block_quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block quantization of each row of ``w`` [V, H] into uint8 (zero point 2^(bits-1)).
+
+    Returns ``data`` [V, padded_H * bits / 8] (4-bit values packed low nibble first, as
+    GatherBlockQuantized reads them) and ``scales`` [V, blocks] in float32.
+    """
+    rows, cols = w.shape
+    nb = -(-cols // block_size)
+    padded = np.zeros((rows, nb * block_size), np.float32)
+    padded[:, :cols] = w
+    blocks = padded.reshape(rows, nb, block_size)
+    qmax = 2 ** (bits - 1) - 1
+    scales = np.abs(blocks).max(axis=2) / qmax
+    scales[scales == 0] = 1.0
+    q = np.clip(np.rint(blocks / scales[:, :, None]), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
+    q = q.reshape(rows, nb * block_size).astype(np.uint8)
+    if bits == 4:
+        q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(q), scales.astype(np.float32)
+
+
+def _drop_unused_initializers(model) -> None:
+    """Remove nodes nothing reads (a tied Transpose left behind), then unused initializers."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        live = [n for n in model.graph.node if any(o in used for o in n.output)]
+        if len(live) == len(model.graph.node):
+            break
+        model.graph.ClearField("node")
+        model.graph.node.extend(live)
+    used = {i for n in model.graph.node for i in n.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    if len(keep) != len(model.graph.initializer):
+        model.graph.ClearField("initializer")
+        model.graph.initializer.extend(keep)
+
+
+# ---------------------------------------------------------------- classifiers
+
+def quantize_classifier_dynamic(src: Path, dest: Path) -> QuantReport:
+    """int8 weights and activations (per-channel), computed in int8 at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quiet()
+    tmp = Path(dest).with_name("dynamic-tmp.onnx")
+    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    save(load(tmp), dest)
+    return QuantReport(scheme="int8", method="dynamic", block_size=None,
+                       groups={"embeddings": "fp32", "attention": "int8", "mlp": "int8", "classifier": "int8"})
+
+
+def quantize_classifier_weight_only(src: Path, dest: Path, block_size: int) -> QuantReport:
+    """int8 weights (MatMulNBits), fp32 activations."""
+    _quiet()
+    model = load(src)
+    gemm_to_matmul(model)
+    targets = matmul_targets(model)
+    model = _nbits_pass(model, [t.node for t in targets], [], 8, block_size)
+    _drop_unused_initializers(model)
+    save(model, dest)
+    return QuantReport(scheme="int8", method="weight-only", block_size=block_size,
+                       groups={"embeddings": "fp32", "matmuls": "int8", "fused-attention": "fp32"})
