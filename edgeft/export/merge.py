@@ -95,6 +95,7 @@ def _load_model(where: Path | str, task: TaskName, labels: list[str] | None, unt
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # the head a run trained is "missing" from the base until merged
 
     hf_config = AutoConfig.from_pretrained(where)
     for k, v in _label_kwargs(labels).items():

@@ -71,10 +71,20 @@ def save(model, path: Path) -> None:
     import onnx
 
     path = Path(path)
+    _ensure_domains(model)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=EXTERNAL_DATA_THRESHOLD, convert_attribute=False)
+
+
+def _ensure_domains(model) -> None:
+    """Declare every operator domain the nodes use (fusions add com.microsoft ops without it)."""
+    from onnx import helper
+
+    have = {o.domain for o in model.opset_import}
+    for domain in sorted({n.domain for n in model.graph.node} - have - {"ai.onnx"}):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def _inits(model) -> dict:
@@ -95,7 +105,6 @@ def block_of(*names: str) -> int | None:
 
 def gemm_to_matmul(model) -> int:
     """Rewrite plain ``Gemm`` nodes with a constant weight as ``MatMul`` + ``Add`` (so they quantize)."""
-    import onnx
     from onnx import helper, numpy_helper
 
     inits, changed, nodes = _inits(model), 0, []
@@ -118,7 +127,6 @@ def gemm_to_matmul(model) -> int:
     if changed:
         model.graph.ClearField("node")
         model.graph.node.extend(nodes)
-        onnx.checker.check_model(model, full_check=False) if model.ByteSize() < (1 << 31) else None
     return changed
 
 
@@ -369,9 +377,11 @@ def quantize_classifier_dynamic(src: Path, dest: Path) -> QuantReport:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _quiet()
+    logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing": the graph is already optimized
     tmp = Path(dest).with_name("dynamic-tmp.onnx")
     quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True,
+                                   "DefaultTensorType": 1})  # fused ops defeat shape inference: float
     save(load(tmp), dest)
     return QuantReport(scheme="int8", method="dynamic", block_size=None,
                        groups={"embeddings": "fp32", "attention": "int8", "mlp": "int8", "classifier": "int8"})
