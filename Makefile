@@ -28,6 +28,10 @@ test: setup ## the default suite: tiny random models, real int8 / export / runti
 test-slow: setup ## real-model tests on pulled SmolLM2-135M and MiniLM-L6
 	$(BIN)/python -m pytest -q -m slow
 
+.PHONY: deploy-check
+deploy-check: setup ## rehearse deploy/: wheel -> fresh runtime-only venv (no torch) -> serve real artifacts -> SIGTERM; lint Dockerfile, compose, kubernetes, systemd
+	PYTHON=$(PYTHON) DEV_VENV=$(VENV) bash deploy/rehearse.sh
+
 demo: setup ## pull SmolLM2-135M and MiniLM-L6, tune both on the demo data, export, run
 	$(EDGEFT) pull smollm2-135m-instruct
 	$(EDGEFT) pull minilm-l6

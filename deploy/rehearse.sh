@@ -32,7 +32,8 @@ WORK=$(cd "$WORK" && pwd)
 rm -rf "$WORK/dist" "$WORK/venv" "$WORK/home" "$WORK/serve.log"
 
 step "1/6 build the wheel"
-"$DEV_VENV/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" . >/dev/null
+"$DEV_VENV/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" . >"$WORK/wheel.log" 2>&1 \
+    || { cat "$WORK/wheel.log"; fail "pip wheel"; }
 WHEEL=$(ls "$WORK"/dist/edgeft-*.whl)
 echo "$WHEEL"
 
@@ -44,7 +45,7 @@ RT="$WORK/venv/bin"
 import importlib.metadata as md, importlib.util, sys
 heavy = [m for m in ("torch", "transformers", "bitsandbytes") if importlib.util.find_spec(m)]
 cuda = [d.metadata["Name"] for d in md.distributions() if d.metadata["Name"].lower().startswith("nvidia")]
-print("installed:", ", ".join(sorted(f"{d.metadata['Name']}=={d.version}" for d in md.distributions())))
+print("installed:", ", ".join(sorted({f"{d.metadata['Name']}=={d.version}" for d in md.distributions()})))
 sys.exit(1 if heavy or cuda else 0)
 EOF
 echo "torch, transformers, bitsandbytes and CUDA wheels: absent"
@@ -65,7 +66,7 @@ ls -l "$WORK/sentiment.edgeft"
 step "4/6 edgeft serve from the runtime venv: requests, SIGTERM with requests in flight"
 PORT=$("$RT/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 EDGEFT_HOME="$WORK/home" EDGEFT_PORT="$PORT" EDGEFT_API_KEY="$KEY" EDGEFT_THREADS=1 EDGEFT_LOG_FORMAT=json \
-EDGEFT_ARTIFACTS="$ART/chat $WORK/sentiment.edgeft" \
+EDGEFT_ARTIFACTS="$ART/chat:$WORK/sentiment.edgeft" \
     "$RT/edgeft" serve 2>"$WORK/serve.log" &
 PID=$!
 trap 'kill -9 $PID 2>/dev/null || true' EXIT

@@ -21,10 +21,10 @@ class LogFormat(str, enum.Enum):
 def serve(
     artifacts: list[Path] = typer.Argument(
         ..., envvar="EDGEFT_ARTIFACTS", show_default=False,
-        help="Artifact folders or packed .edgeft files (env: EDGEFT_ARTIFACTS, space-separated)."),
+        help="Artifact folders or packed .edgeft files (env: EDGEFT_ARTIFACTS, separated by ':', ';' on Windows)."),
     name: list[str] = typer.Option(
         [], "--name", envvar="EDGEFT_NAMES", show_default=False,
-        help="Model name for each artifact, in order (default: the folder or file name). Repeat per artifact."),
+        help="Model name for each artifact, in order (default: the folder or file name). Repeat per artifact (env: space-separated)."),
     host: str = typer.Option("127.0.0.1", envvar="EDGEFT_HOST",
                              help="Address to bind. 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8000, envvar="EDGEFT_PORT", help="Port to listen on."),
