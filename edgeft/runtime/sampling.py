@@ -14,11 +14,6 @@ import numpy as np
 
 from edgeft.errors import EdgeftError
 
-# top-p first looks at this many best tokens; only if they hold less than top_p of the mass
-# does it sort the whole vocabulary (rare for a trained model, costly for 50k tokens).
-_TOP_P_WINDOW = 1024
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy."""
@@ -89,45 +84,59 @@ def apply_repetition_penalty(logits: np.ndarray, ids: np.ndarray, penalty: float
     return logits
 
 
-def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids allowed by top-k then top-p, and their probabilities (summing to 1)."""
+def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """Token ids allowed by top-k then top-p, and their probabilities (summing to 1), best first.
+
+    ids is None when every token stays a candidate (probabilities then cover the vocabulary).
+    Selection never sorts the whole vocabulary: it widens a logit threshold below the best
+    token until the tokens above it are enough (k of them, or top_p of the mass), then sorts those.
+    """
     v = logits.size
+    m = logits.max()
+    e = np.exp(logits - m)
+    z = float(e.sum())
     k = top_k if 0 < top_k < v else v
-    if k == v and top_p >= 1.0:  # plain temperature sampling: no sort needed
-        probs = _softmax(logits)
-        return np.arange(v), probs
-    if k == v and v > _TOP_P_WINDOW:
-        ids, probs = _best(logits, _TOP_P_WINDOW)  # probabilities over the whole vocabulary
-        if probs.sum() < top_p:  # the window holds too little mass: sort everything
-            ids, probs = _best(logits, v)
-    else:
-        ids, probs = _best(logits, k)
-        probs = probs / probs.sum()  # top-p acts on the distribution top-k left
+    if k == v and top_p >= 1.0:  # plain temperature sampling: no selection
+        return None, e / z
+    d = 4.0
+    while True:
+        ids = np.flatnonzero(logits >= m - d)
+        enough = ids.size >= k if k < v else float(e[ids].sum()) >= top_p * z
+        if enough or ids.size == v or d > 1e4:
+            break
+        d *= 2
+    ids = ids[np.argsort(logits[ids], kind="stable")[::-1]][:k]
+    probs = e[ids].astype(np.float64)
+    probs /= probs.sum() if k < v else z  # top-p acts on the distribution top-k left
     if top_p < 1.0:
         keep = min(int(np.searchsorted(np.cumsum(probs), top_p)) + 1, ids.size)  # smallest set reaching top_p
         ids, probs = ids[:keep], probs[:keep]
     return ids, probs / probs.sum()
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x.astype(np.float64) - x.max())
-    return e / e.sum()
+def draw(probs: np.ndarray, u: float, block: int = 512) -> int:
+    """The index where ``u`` (in [0, 1)) falls in the cumulative distribution of ``probs``.
 
-
-def _best(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best ids by logit, best first, with their probabilities over the whole vocabulary."""
-    ids = np.argpartition(-logits, k - 1)[:k] if k < logits.size else np.arange(logits.size)
-    ids = ids[np.argsort(-logits[ids], kind="stable")]
-    m = float(logits[ids[0]])
-    z = np.exp(logits.astype(np.float64) - m).sum()
-    return ids, np.exp(logits[ids].astype(np.float64) - m) / z
+    Large vocabularies go block by block (sum blocks, find the block, then scan inside it),
+    which is several times cheaper than one cumulative sum over 50k float32 values.
+    """
+    n = probs.size
+    if n <= 4 * block:
+        cdf = np.cumsum(probs)
+        return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1)
+    nb = n // block
+    sums = probs[:nb * block].reshape(nb, block).sum(axis=1, dtype=np.float64)
+    cdf = np.cumsum(np.append(sums, probs[nb * block:].sum(dtype=np.float64)))
+    target = u * cdf[-1]
+    b = min(int(np.searchsorted(cdf, target, side="right")), cdf.size - 1)
+    inside = np.cumsum(probs[b * block:(b + 1) * block], dtype=np.float64) + (cdf[b - 1] if b else 0.0)
+    return b * block + min(int(np.searchsorted(inside, target, side="right")), inside.size - 1)
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
            rng: np.random.Generator) -> int:
     """One draw from the temperature-scaled distribution restricted by top-k and top-p."""
-    scaled = logits / np.float32(temperature)
+    scaled = logits / np.float32(temperature) if temperature != 1.0 else logits
     ids, probs = candidates(scaled, top_k, top_p)
-    r = rng.random()
-    i = int(np.searchsorted(np.cumsum(probs), r, side="right"))
-    return int(ids[min(i, ids.size - 1)])
+    i = draw(probs, rng.random())
+    return int(ids[i]) if ids is not None else i

@@ -1,0 +1,101 @@
+"""``edgeft generate``, ``chat`` and ``classify`` through typer's CliRunner on tiny artifacts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from test_runtime_support import LABELS, build
+from typer.testing import CliRunner
+
+from edgeft.cli import app
+from edgeft.runtime import Generator, SamplingParams, TextClassifier
+
+PROMPT = "shall i compare thee to a summer's day"
+
+
+@pytest.fixture(scope="module")
+def llama_art(tiny_llama_dir, tmp_path_factory):
+    return build("llama", str(tiny_llama_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def bert_art(tiny_bert_dir, tmp_path_factory):
+    return build("bert", str(tiny_bert_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def test_generate_streams_the_same_text_as_the_api(llama_art):
+    res = run("generate", llama_art, PROMPT, "-n", 12, "-t", 0.9, "--seed", 4, "--stats")
+    assert res.exit_code == 0, res.output
+    want = Generator.open(llama_art).generate(PROMPT, SamplingParams(max_new_tokens=12, temperature=0.9, seed=4))
+    assert want.text in res.stdout
+    assert "12 generated" in res.stderr and "tok/s" in res.stderr
+    piped = run("generate", llama_art, "-n", 12, "-t", 0.9, "--seed", 4, input=PROMPT)
+    assert piped.exit_code == 0 and want.text in piped.stdout
+
+
+def test_generate_chat_and_errors(llama_art, bert_art, tmp_path):
+    gen = Generator.open(llama_art)
+    res = run("generate", llama_art, "hello", "--chat", "-n", 6)
+    want = gen.generate(gen.render_chat([{"role": "user", "content": "hello"}]), SamplingParams(max_new_tokens=6))
+    assert res.exit_code == 0 and want.text in res.stdout
+    bad = run("generate", llama_art, "x " * 300, "-n", 20)
+    assert bad.exit_code == 2 and "context" in bad.output and "Traceback" not in bad.output
+    assert run("generate", bert_art, "x").exit_code == 2
+    assert run("generate", tmp_path / "nothing", "x").exit_code == 2
+    assert run("generate", llama_art, "x", "--top-p", 0).exit_code == 2
+
+
+def test_chat_is_multi_turn_with_reset(llama_art):
+    res = run("chat", llama_art, "-n", 5, "-t", 1, "--seed", 3, input="hello\nhow are you?\n/reset\nagain\n/exit\n")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("assistant> ") == 3
+    assert "[conversation reset]" in res.stderr
+    gen = Generator.open(llama_art)
+    p = SamplingParams(max_new_tokens=5, temperature=1.0, seed=3)
+    first = gen.generate(gen.render_chat([{"role": "user", "content": "hello"}]), p)
+    second = gen.generate(gen.render_chat([{"role": "user", "content": "hello"},
+                                           {"role": "assistant", "content": first.text},
+                                           {"role": "user", "content": "how are you?"}]), p)
+    after_reset = gen.generate(gen.render_chat([{"role": "user", "content": "again"}]), p)
+    replies = [r.split("you> ")[0][:-1] for r in res.stdout.split("assistant> ")[1:]]
+    assert replies == [first.text, second.text, after_reset.text]
+
+
+def test_classify_texts_and_files(bert_art, tmp_path):
+    texts = ["a gorgeous, witty movie", "bad", "thou art more lovely and more temperate"]
+    want = TextClassifier.open(bert_art).classify(texts)
+    res = run("classify", bert_art, *texts)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["text"] for r in rows] == texts and [r["label"] for r in rows] == [w["label"] for w in want]
+    assert all(abs(r["scores"][k] - w["scores"][k]) < 1e-6 for r, w in zip(rows, want) for k in LABELS)
+
+    (tmp_path / "in.csv").write_text("id,text\n1,\"a gorgeous, witty movie\"\n2,bad\n3,thou art more lovely and more temperate\n")
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n\n")
+    for src in ("in.csv", "in.jsonl", "in.txt"):
+        out = tmp_path / f"{src}.out.csv"
+        res = run("classify", bert_art, "--input", tmp_path / src, "--output", out, "--batch-size", 2)
+        assert res.exit_code == 0, res.output
+        got = list(csv.DictReader(io.StringIO(out.read_text())))
+        assert [g["text"] for g in got] == texts and [g["label"] for g in got] == [w["label"] for w in want]
+        assert set(got[0]) == {"text", "label", *[f"p_{lab}" for lab in LABELS]}
+    res = run("classify", bert_art, "--input", tmp_path / "in.csv", "--format", "jsonl")
+    assert [json.loads(x)["label"] for x in res.stdout.splitlines()] == [w["label"] for w in want]
+
+
+def test_classify_errors(bert_art, tmp_path):
+    (tmp_path / "in.csv").write_text("id,body\n1,hi\n")
+    res = run("classify", bert_art, "--input", tmp_path / "in.csv")
+    assert res.exit_code == 2 and "--text-column" in res.output
+    assert run("classify", bert_art, "--input", tmp_path / "in.csv", "--text-column", "body").exit_code == 0
+    assert run("classify", bert_art).exit_code == 2  # neither texts nor --input
+    (tmp_path / "x.parquet").write_text("")
+    assert run("classify", bert_art, "--input", tmp_path / "x.parquet").exit_code == 2
