@@ -36,10 +36,18 @@ def _stderr(msg: str) -> None:
 
 @dataclass
 class Candidate:
+    """One complete artifact folder in the work folder, built on demand, then gated."""
+
     name: str  # "int8", "int4", "mixed", "none", "int8-dynamic", "int8-weight-only"
-    folder: Path
-    manifest: Manifest
+    build: Callable[[], tuple[Path, Manifest]]
+    folder: Path | None = None
+    manifest: Manifest | None = None
     result: gate.GateResult | None = None
+
+    def ensure_built(self) -> "Candidate":
+        if self.folder is None:
+            self.folder, self.manifest = self.build()
+        return self
 
 
 def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
@@ -100,9 +108,9 @@ def _decoder_candidates(config, source, hf_dir, tokenizer, work, log):
     check_supported(source.model.config)
     log("exporting the decoder graph (fp32)")
     graph = export_decoder(source.model, hf_dir, work)
-    tok = None
-    out = []
-    for scheme in _decoder_schemes(config):
+    gen = assemble.generation_section(getattr(source.model, "generation_config", None))
+
+    def build(scheme: Quantize) -> tuple[Path, Manifest]:
         folder = work / f"candidate-{scheme.value}"
         folder.mkdir()
         if scheme is Quantize.none:
@@ -110,16 +118,16 @@ def _decoder_candidates(config, source, hf_dir, tokenizer, work, log):
             quant = quantize.QuantReport(scheme="none", groups={"all": "fp32"}, method="none").to_dict()
         else:
             log(f"quantizing: {scheme.value} (block size {config.block_size})")
-            report = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
-                                               graph.num_layers, graph.vocab_size)
-            quant = report.to_dict()
+            quant = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
+                                              graph.num_layers, graph.vocab_size).to_dict()
         assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict())
-        tok = tok or assemble.tokenizer_section(tokenizer, source.model.config,
-                                                getattr(source.model, "generation_config", None), folder)
-        gen = assemble.generation_section(getattr(source.model, "generation_config", None))
+        tok = assemble.tokenizer_section(tokenizer, source.model.config,
+                                         getattr(source.model, "generation_config", None), folder)
         manifest = assemble.decoder_manifest(graph, tok, gen, quant, source.architecture, config.context_length,
                                              source.provenance())
-        out.append(Candidate(scheme.value, folder, write_manifest(folder, manifest)))
+        return folder, write_manifest(folder, manifest)
+
+    out = [Candidate(s.value, lambda s=s: build(s)) for s in _decoder_schemes(config)]
     return out, {"graph": graph, "tokenizer": tokenizer}
 
 
@@ -141,8 +149,8 @@ def _classifier_candidates(config, source, hf_dir, tokenizer, work, log):
     max_length = source.max_length or 128
     log("exporting the classifier graph (fp32)")
     graph = export_classifier(source.model, work, max_length)
-    out = []
-    for name in _classifier_schemes(config):
+
+    def build(name: str) -> tuple[Path, Manifest]:
         folder = work / f"candidate-{name}"
         folder.mkdir()
         if name == "none":
@@ -161,7 +169,9 @@ def _classifier_candidates(config, source, hf_dir, tokenizer, work, log):
         tok = assemble.tokenizer_section(tokenizer, source.model.config, None, folder)
         manifest = assemble.classifier_manifest(graph, tok, quant, source.architecture, source.labels, max_length,
                                                 source.provenance())
-        out.append(Candidate(name, folder, write_manifest(folder, manifest)))
+        return folder, write_manifest(folder, manifest)
+
+    out = [Candidate(n, lambda n=n: build(n)) for n in _classifier_schemes(config)]
     return out, {"graph": graph, "tokenizer": tokenizer, "max_length": max_length}
 
 
@@ -173,11 +183,12 @@ def _run_gate(config: ExportConfig, source, candidates: list[Candidate], ctx: di
     log(f"gate: measuring PyTorch on {len(evals.texts)} held-out texts ({evals.origin})")
     if source.task is TaskName.causal_lm:
         return _gate_decoders(config, source, candidates, ctx, evals, log)
-    ref = gate.classifier_reference(source.model, candidates[0].folder / "tokenizer.json", evals, source.labels,
+    ref = gate.classifier_reference(source.model, candidates[0].ensure_built().folder / "tokenizer.json", evals,
+                                    source.labels,
                                     ctx["max_length"])
     ctx["reference"] = ref
     for c in candidates:
-        c.result = gate.classifier_gate(c.folder, ref, evals, config)
+        c.result = gate.classifier_gate(c.ensure_built().folder, ref, evals, config)
         _say(c, log)
     passing = [c for c in candidates if c.result.passed]
     if not passing:
@@ -190,12 +201,12 @@ def _run_gate(config: ExportConfig, source, candidates: list[Candidate], ctx: di
 def _gate_decoders(config, source, candidates, ctx, evals, log) -> Candidate | None:
     from edgeft.runtime import Generator
 
-    first = Generator.open(candidates[0].folder, threads=config.threads)
+    first = Generator.open(candidates[0].ensure_built().folder, threads=config.threads)
     eos = set(first.eos_ids)
     ref = gate.lm_reference(source.model, first.encode, evals, config, eos)
     ctx["reference"] = ref
     for c in candidates:
-        c.result = gate.lm_gate(c.folder, ref, config)
+        c.result = gate.lm_gate(c.ensure_built().folder, ref, config)
         _say(c, log)
         if c.result.passed:
             return c  # candidates are ordered smallest first
@@ -237,7 +248,8 @@ def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Ca
         "thresholds": gate.thresholds(config, task),
         "eval_data": evals.origin,
         "eval_sha256": evals.sha256,
-        "candidates": {c.name: {**c.result.to_dict(), "bytes": assemble.folder_size(c.folder)} for c in candidates},
+        "candidates": {c.name: {**c.result.to_dict(), "bytes": assemble.folder_size(c.folder)}
+                       for c in candidates if c.result is not None},
         "runtime": "edgeft.runtime",
         "export_seconds": round(seconds, 2),
     }

@@ -1,0 +1,54 @@
+"""``edgeft export``: flags -> ``ExportConfig`` -> ``edgeft.export.export`` (torch loads only when it runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edgeft.cli.app import app
+from edgeft.export.config import Int8Mode, Quantize, TaskName
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="Run folder from `edgeft tune`, a pulled model name, a Hugging Face folder or a hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write (refused if it exists, see --overwrite)."),
+    quantize: Quantize = typer.Option(Quantize.int8, "--quantize", "-q",
+                                      help="Weights: none (fp32), int8, int4, mixed (sensitive tensors 8-bit, rest 4-bit) or auto (smallest that passes the gate)."),
+    task: TaskName = typer.Option(None, "--task", show_default=False,
+                                  help="For a bare base model whose architecture does not say: causal-lm or classification."),
+    eval_data: Path = typer.Option(None, "--eval-data", show_default=False,
+                                   help="Held-out data for the gate (default: the run's eval data, else built-in texts)."),
+    block_size: int = typer.Option(32, "--block-size", help="Block size of weight-only quantization: 16, 32, 64, 128 or 256."),
+    int8_mode: Int8Mode = typer.Option(Int8Mode.best, "--int8-mode",
+                                       help="Classifiers: dynamic, weight-only, or best (measure both, keep the better)."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Gate (classifiers): allowed accuracy drop, in points."),
+    min_label_agreement: float = typer.Option(0.97, "--min-label-agreement", help="Gate (classifiers): least share of labels equal to PyTorch's."),
+    max_perplexity_increase: float = typer.Option(5.0, "--max-perplexity-increase", help="Gate (LMs): allowed perplexity rise, in percent."),
+    min_token_agreement: float = typer.Option(0.80, "--min-token-agreement", help="Gate (LMs): least share of greedy tokens equal to PyTorch's."),
+    max_repetition_increase: float = typer.Option(0.20, "--max-repetition-increase",
+                                                  help="Gate (LMs): allowed rise in repeated 4-grams of greedy continuations (catches looping)."),
+    gate_texts: int = typer.Option(None, "--gate-texts", show_default=False,
+                                   help="Held-out texts the gate scores (default: 64 for LMs, 1000 for classifiers)."),
+    context_length: int = typer.Option(None, "--context-length", show_default=False, help="Decoder context recorded in the manifest (default: the model's)."),
+    max_length: int = typer.Option(None, "--max-length", show_default=False, help="Classifier: longest input in tokens (default: the run's, else 128)."),
+    labels: str = typer.Option(None, "--labels", show_default=False, help="Classifier label names, comma-separated (default: the run's)."),
+    threads: int = typer.Option(None, "--threads", show_default=False, help="Threads for PyTorch and the gate's onnxruntime sessions."),
+    allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Write the artifact even if the gate fails (marked degraded)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact at --out."),
+) -> None:
+    """Export a tuned run or a base model to a quantized ONNX artifact, gated against PyTorch."""
+    from edgeft.export import ExportConfig
+    from edgeft.export import export as run_export
+
+    config = ExportConfig(
+        source=source, out=out, quantize=quantize, task=task, overwrite=overwrite, allow_degraded=allow_degraded,
+        eval_data=eval_data, block_size=block_size, int8_mode=int8_mode, max_accuracy_drop=max_accuracy_drop,
+        min_label_agreement=min_label_agreement, max_perplexity_increase=max_perplexity_increase,
+        min_token_agreement=min_token_agreement, max_repetition_increase=max_repetition_increase,
+        gate_texts=gate_texts, context_length=context_length, max_length=max_length,
+        labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else None, threads=threads,
+    )
+    path = run_export(config)
+    typer.echo(str(path))
