@@ -94,7 +94,8 @@ def main(out: Path) -> None:
     export(ExportConfig(source=str(llama), out=out / "chat", task="causal-lm", overwrite=True,
                         allow_degraded=True, gate_texts=8, gate_prompts=2, gate_new_tokens=8))
     export(ExportConfig(source=str(bert), out=out / "sentiment", task="classification", overwrite=True,
-                        allow_degraded=True, labels=("negative", "positive"), gate_texts=8))
+                        allow_degraded=True, labels=("negative", "positive"), gate_texts=8,
+                        eval_data=REPO / "demo" / "sst2_2k.csv"))
     print(out / "chat")
     print(out / "sentiment")
 

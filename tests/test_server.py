@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 PROMPTS = ["Shall I compare thee", "From fairest creatures", "When forty winters", "Look in thy glass",
            "Unthrifty loveliness", "Those hours that", "Then let not winter", "Lo in the orient"]
@@ -38,7 +39,8 @@ def artifacts(tmp_path_factory, tiny_llama_dir, tiny_bert_dir) -> dict[str, Path
     chat = export(ExportConfig(source=str(tiny_llama_dir), out=out / "chat", task="causal-lm",
                                allow_degraded=True, gate_texts=8, gate_prompts=2, gate_new_tokens=8))
     sentiment = export(ExportConfig(source=str(tiny_bert_dir), out=out / "sentiment", task="classification",
-                                    labels=("negative", "positive"), allow_degraded=True, gate_texts=8))
+                                    labels=("negative", "positive"), allow_degraded=True, gate_texts=8,
+                                    eval_data=REPO / "demo" / "sst2_2k.csv"))
     return {"chat": Path(chat), "sentiment": Path(sentiment)}
 
 
