@@ -59,9 +59,8 @@ else
 fi
 [ -f "$ART/chat/manifest.json" ] && [ -f "$ART/sentiment/manifest.json" ] || fail "no artifacts in $ART"
 # The classifier travels packed (one .edgeft file), as it would to a laptop.
-"$RT/python" -c "import sys; from edgeft.artifact import pack; pack(sys.argv[1], sys.argv[2])" \
-    "$ART/sentiment" "$WORK/sentiment.edgeft"
-ls -l "$WORK/sentiment.edgeft"
+"$RT/edgeft" pack "$ART/sentiment" -o "$WORK/sentiment.edgeft" --overwrite
+"$RT/edgeft" verify "$WORK/sentiment.edgeft"
 
 step "4/6 edgeft serve from the runtime venv: requests, SIGTERM with requests in flight"
 PORT=$("$RT/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")

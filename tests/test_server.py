@@ -405,7 +405,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(artifacts):
     while time.time() < deadline and 'edgeft_inference_in_flight{model="poet"} 1' not in \
             httpx.get(url + "/metrics").text:
         time.sleep(0.005)
+    unfinished = len(threads) - len(results)
     proc.send_signal(signal.SIGTERM)
+    assert unfinished >= 1, "every request ended before SIGTERM: nothing was in flight"
     for t in threads:
         t.join(120)
     rc, err = stop(proc)
