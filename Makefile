@@ -28,6 +28,18 @@ test: setup ## the default suite: tiny random models, real int8 / export / runti
 test-slow: setup ## real-model tests on pulled SmolLM2-135M and MiniLM-L6
 	$(BIN)/python -m pytest -q -m slow
 
+.PHONY: runtime-check
+runtime-check: setup ## edgeft's wheel with only the runtime extra in a fresh venv: no torch, and the commands run
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w "$$tmp/dist" . ; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check "$$(ls "$$tmp"/dist/edgeft-*.whl)[runtime]"; \
+	if "$$tmp/venv/bin/python" -c 'import torch' 2>/dev/null; then echo "runtime-check: torch is importable" >&2; exit 1; fi; \
+	if "$$tmp/venv/bin/python" -c 'import transformers' 2>/dev/null; then echo "runtime-check: transformers is importable" >&2; exit 1; fi; \
+	for cmd in "" generate chat classify serve; do "$$tmp/venv/bin/edgeft" $$cmd --help >/dev/null; done; \
+	"$$tmp/venv/bin/python" -c 'import edgeft.runtime, edgeft.cli.generate, edgeft.cli.chat, edgeft.cli.classify'; \
+	echo "runtime-check: ok (no torch, no transformers; edgeft --help, generate/chat/classify/serve --help work)"
+
 .PHONY: deploy-check
 deploy-check: setup ## rehearse deploy/: wheel -> fresh runtime-only venv (no torch) -> serve real artifacts -> SIGTERM; lint Dockerfile, compose, kubernetes, systemd
 	PYTHON=$(PYTHON) DEV_VENV=$(VENV) bash deploy/rehearse.sh
