@@ -237,4 +237,17 @@ def test_classifier_matches_pytorch_and_keeps_order(bert_art, tiny_bert_dir):
     out = clf.classify(TEXTS, batch_size=4)
     assert [o["label"] for o in out] == [LABELS[int(r.argmax())] for r in ref]
     assert all(set(o["scores"]) == set(LABELS) and abs(sum(o["scores"].values()) - 1) < 1e-5 for o in out)
-    assert clf.predict_proba([]).shape == (0, 3)
+    assert clf.predict_proba([]).shape == (0, len(LABELS))
+
+
+def test_blockwise_draw_equals_one_cumulative_sum():
+    from edgeft.runtime.sampling import draw
+
+    rng = np.random.default_rng(2)
+    for n in (7, 3000, 49153):
+        probs = rng.random(n).astype(np.float32) ** 8
+        probs /= probs.sum()
+        cdf = np.cumsum(probs.astype(np.float64))
+        for u in rng.random(50).tolist() + [0.0, 0.999999]:
+            want = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1)
+            assert abs(draw(probs, u) - want) <= 1 and probs[draw(probs, u)] > 0
