@@ -28,7 +28,7 @@ HEADLINE: list[tuple[str, str, str, dict]] = [
     ("ttft_ms", EDGEFT["int8"], LLAMA["Q8_0"], {}),
     ("throughput", CLS["int8"], TORCH_CLS, {"batch": 1}),
     ("throughput", CLS["int8"], TORCH_CLS, {"batch": 32}),
-    ("peak_mib", "edgeft top-N over int8", "full fine-tuning", {}),
+    ("train_mib", "edgeft top-N over int8", "full fine-tuning", {}),
 ]
 
 
@@ -72,7 +72,8 @@ def goals(res: SuiteResult) -> list[Goal]:
         Goal("classification int8 accuracy lost (points)",
              _neg(_diff(res, "accuracy", CLS["int8"], TORCH_CLS, {"dataset": "sst2-dev"})), 0.5, "<="),
         Goal("8-bit-frozen tuning peak memory vs full fine-tuning",
-             _ratio_value(res, "peak_mib", "edgeft top-N over int8", "full fine-tuning"), 0.40, "<="),
+             _ratio_value(res, "train_mib", "edgeft top-N over int8", "full fine-tuning"), 0.40, "<=",
+             detail="weights + memory growth while training (gradients, optimizer, activations)"),
         Goal("8-bit-frozen tuning accuracy below full fine-tuning (points)",
              _neg(_diff(res, "accuracy", "edgeft top-N over int8", "full fine-tuning")), 1.0, "<="),
     ]

@@ -37,7 +37,7 @@ def fmt(x: float) -> str:
         return f"{x:.0f}"
     if a >= 10:
         return f"{x:.1f}"
-    if a >= 1 or a == 0:
+    if a >= 0.1 or a == 0:
         return f"{x:.2f}"
     return f"{x:.3g}"
 

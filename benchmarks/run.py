@@ -1,0 +1,124 @@
+"""``make bench``: run the suite on this machine and write JSON, a Markdown report and PNG charts.
+
+    python -m benchmarks.run                      # every case, ~30-45 min on 2 cores
+    BENCH_QUICK=1 python -m benchmarks.run        # fewer repeats/tokens/steps: a few minutes
+    python -m benchmarks.run --cases generation,bandwidth
+    python -m benchmarks.run --report benchmarks/results/2026-11-28-host.json   # rewrite md + png
+
+Results go to ``benchmarks/results/<date>-<host>.{json,md}`` and ``...-<chart>.png``;
+cached work (tuned runs, artifacts, GGUF files, venvs) to ``benchmarks/work/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+from benchmarks.cases import CASES, Context
+from benchmarks.prepare import REPO, Unavailable
+from benchmarks.report import write_charts, write_markdown
+from benchmarks.schema import Environment, SuiteResult
+
+RESULTS = REPO / "benchmarks" / "results"
+VERSIONS = ("edgeft", "onnxruntime", "onnxruntime-genai", "torch", "transformers", "llama-cpp-python",
+            "bitsandbytes", "peft", "numpy", "tokenizers")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int, quick: bool, shared: str) -> Environment:
+    versions = {}
+    for name in VERSIONS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return Environment(
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), host=socket.gethostname(),
+        cpu=cpu_name(), cores=os.cpu_count() or 1, threads=threads, memory_gib=mem,
+        python=platform.python_version(), versions=versions, quick=quick, shared_machine=shared,
+        load_average=list(os.getloadavg()))
+
+
+def context(res: SuiteResult, quick: bool, threads: int) -> Context:
+    if quick:
+        return Context(res, threads=threads, quick=True, repeats=3, new_tokens=32, prompt_lengths=(32, 512),
+                       batches=5, tune_steps=60)
+    return Context(res, threads=threads)
+
+
+def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "") -> SuiteResult:
+    res = SuiteResult(environment(threads, quick, shared))
+    ctx = context(res, quick, threads)
+    t0 = time.perf_counter()
+    for name in cases:
+        print(f"[bench] {name} ...", flush=True)
+        t = time.perf_counter()
+        try:
+            CASES[name](ctx)
+        except Unavailable as exc:
+            res.skip(name, "(whole case)", str(exc))
+        except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others' figures
+            traceback.print_exc()
+            res.skip(name, "(whole case)", f"crashed: {type(exc).__name__}: {exc}")
+        print(f"[bench] {name} done in {time.perf_counter() - t:.0f}s", flush=True)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def write_all(res: SuiteResult, folder: Path, stem: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path = res.save(folder / f"{stem}.json")
+    charts = write_charts(res, folder, stem)
+    md = write_markdown(res, folder / f"{stem}.md", charts)
+    return [json_path, md, *charts]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    ap.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK") == "1",
+                    help="fewer repeats, tokens and steps (also BENCH_QUICK=1)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)),
+                    help="threads every system gets (default 2)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    ap.add_argument("--shared-note", default=os.environ.get("BENCH_SHARED_NOTE", ""),
+                    help="a note printed with the results when the machine was shared meanwhile")
+    ap.add_argument("--report", type=Path, help="only rewrite the Markdown and charts of this JSON result")
+    args = ap.parse_args(argv)
+    if args.report:
+        res = SuiteResult.load(args.report)
+        paths = write_all(res, args.report.parent, args.report.stem)
+    else:
+        cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = [c for c in cases if c not in CASES]
+        if unknown:
+            ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+        res = run_suite(cases, args.quick, args.threads, args.shared_note)
+        stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}{'-quick' if args.quick else ''}"
+        paths = write_all(res, args.out, stem)
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
