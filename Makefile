@@ -44,6 +44,11 @@ runtime-check: setup ## edgeft's wheel with only the runtime extra in a fresh ve
 deploy-check: setup ## rehearse deploy/: wheel -> fresh runtime-only venv (no torch) -> serve real artifacts -> SIGTERM; lint Dockerfile, compose, kubernetes, systemd
 	PYTHON=$(PYTHON) DEV_VENV=$(VENV) bash deploy/rehearse.sh
 
+.PHONY: bench
+bench: setup ## the benchmark suite on this CPU (~30-45 min; BENCH_QUICK=1 for minutes, BENCH_ARGS="--cases generation"): benchmarks/results/
+	@$(BIN)/python -c 'import llama_cpp' 2>/dev/null || echo "bench: llama-cpp-python absent, llama.cpp rows will be skipped (optional: CMAKE_ARGS='-DGGML_NATIVE=ON' $(BIN)/pip install '.[bench]', ~10 min compile)"
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
 demo: setup ## pull SmolLM2-135M and MiniLM-L6, tune both on the demo data, export, run
 	$(EDGEFT) pull smollm2-135m-instruct
 	$(EDGEFT) pull minilm-l6
