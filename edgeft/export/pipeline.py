@@ -76,6 +76,7 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
     log(f"loading {config.source}")
     source = load_source(config)
     _check_scheme(dataclasses.replace(config, task=source.task))
+    _check_architecture(source)
     _torch_threads(config, source.model)
     hf_dir = save_hf_folder(source, work / "hf")
     tokenizer = load_tokenizer(source)
@@ -86,6 +87,15 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
     chosen = _run_gate(config, source, candidates, ref_ctx, log)
     seconds = time.perf_counter() - t0
     return _publish(config, chosen, candidates, ref_ctx, seconds, log)
+
+
+def _check_architecture(source) -> None:
+    """One line naming the supported architectures, before any slow step."""
+    if source.task is TaskName.causal_lm:
+        from edgeft.export.decoder import check_supported
+    else:
+        from edgeft.export.classifier import check_supported
+    check_supported(source.model.config)
 
 
 def _torch_threads(config: ExportConfig, model: Any) -> None:

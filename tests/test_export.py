@@ -1,0 +1,386 @@
+"""``edgeft export`` on tiny random llama, gpt2 and bert: real ONNX export, real quantizers, the
+gate through the real runtime. fp32 graphs match PyTorch step by step through the runtime's KV
+cache; quantized ones pass the gate, a forced failure writes nothing; checksums catch
+tampering; pack/unpack round-trips; bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgeft.artifact import verify
+from edgeft.cli import app
+from edgeft.errors import EdgeftError
+from edgeft.export import ExportConfig, Quantize, export
+
+FAST_GATE = {"gate_prompts": 4, "gate_new_tokens": 12, "gate_texts": 12, "threads": 1}
+# Long enough greedy continuations that int4 visibly drifts from PyTorch on the random tiny llama.
+LONG_GATE = {"gate_prompts": 8, "gate_new_tokens": 48, "gate_texts": 16}
+SILENT = None
+
+
+def _export(source, out, quantize="int8", **kw) -> Path:
+    return export(ExportConfig(source=str(source), out=out, quantize=quantize, **{**FAST_GATE, **kw}), log=SILENT)
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _torch_logits(model_dir, ids, **load):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **load).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _runtime_steps(folder: Path, ids: list[int], prefill: int) -> np.ndarray:
+    """Logits for every position, from a prefill of ``prefill`` tokens then one token at a time."""
+    from edgeft.runtime import Generator
+
+    gen = Generator.open(folder, threads=1)
+    state = gen.engine.start(len(ids))
+    rows = [state.prefill(ids[:prefill], all_logits=True)]
+    rows += [state.step(t)[None] for t in ids[prefill:]]
+    return np.concatenate(rows)
+
+
+def _ops(folder: Path) -> list:
+    import onnx
+
+    return list(onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+
+
+def _bits(node) -> int:
+    return next(a.i for a in node.attribute if a.name == "bits")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+# ------------------------------------------------------------------------------------ decoders
+
+@pytest.mark.parametrize("fixture,builder,positions", [
+    ("tiny_llama_dir", "onnxruntime-genai", False),
+    ("tiny_gpt2_dir", "torch.onnx", True),
+])
+def test_fp32_decoder_matches_pytorch_through_runtime_kv_cache(request, work, fixture, builder, positions):
+    src = request.getfixturevalue(fixture)
+    out = _export(src, work / f"{fixture}-fp32", "none")
+    m = _manifest(out)
+    assert m["graph"]["builder"] == builder and m["graph"]["fused"]
+    assert m["decoder"]["uses_position_ids"] is positions
+    assert ("position_ids" in m["graph"]["inputs"]) is positions
+    assert m["graph"]["outputs"][0] == "logits" and "present.0.key" in m["graph"]["outputs"]
+    assert m["gate"]["passed"] and abs(m["gate"]["metrics"]["perplexity_increase_pct"]) < 0.01
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "genai_config.json").is_file() is (builder == "onnxruntime-genai")
+
+    ids = [5, 17, 33, 99, 140, 7, 8, 61, 200, 3]
+    got = _runtime_steps(out, ids, prefill=4)
+    want = _torch_logits(src, ids)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_llama_shares_tied_embedding_and_passes_gate(work, tiny_llama_dir):
+    out = _export(tiny_llama_dir, work / "llama-int8", "int8")
+    m = _manifest(out)
+    q = m["quantization"]
+    assert q["scheme"] == "int8" and q["block_size"] == 32 and q["tied_embeddings_shared"]
+    assert q["groups"] == {"embeddings": "int8", "head": "int8", "blocks.0-3": "int8"}
+    nodes = _ops(out)
+    assert {_bits(n) for n in nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized")} == {8}
+    assert not [n for n in nodes if n.op_type == "MatMul" and "proj" in n.name]
+    assert m["gate"]["passed"] and not m["gate"]["degraded"]
+    assert m["gate"]["metrics"]["token_agreement"] >= 0.8
+    assert m["tokenizer"]["eos_token_ids"] and m["tokenizer"]["chat_template"] == "chat_template.jinja"
+    assert m["source"]["base_sha256"] and m["decoder"]["num_kv_heads"] == 2 and m["decoder"]["head_dim"] == 16
+    fp32 = sum(f["size"] for f in _manifest(work / "tiny_llama_dir-fp32")["files"].values()) \
+        if (work / "tiny_llama_dir-fp32").exists() else None
+    if fp32:
+        assert sum(f["size"] for f in m["files"].values()) < 0.6 * fp32
+
+
+def test_mixed_keeps_sensitive_tensors_at_8_bits(work, tiny_gpt2_dir):
+    out = _export(tiny_gpt2_dir, work / "gpt2-mixed", "mixed", block_size=16)
+    m = _manifest(out)
+    assert m["quantization"]["groups"] == {"embeddings": "int8", "head": "int8", "blocks.0": "int8",
+                                           "blocks.1-2": "int4", "blocks.3": "int8"}
+    widths = {}
+    inits = set()
+    import onnx
+
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    inits = {t.name for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            weight = n.input[1]
+            block = next((b for b in range(4) if f"h.{b}." in weight), "head")
+            widths.setdefault(block, set()).add(_bits(n))
+            assert weight in inits
+    assert widths == {0: {8}, 1: {4}, 2: {4}, 3: {8}, "head": {8}}
+    assert m["gate"]["passed"]
+    assert next(_bits(n) for n in model.graph.node if n.op_type == "GatherBlockQuantized") == 8
+
+
+def test_auto_keeps_the_smallest_that_passes(work, tiny_llama_dir):
+    # int4 disagrees with PyTorch on some greedy tokens of this random model; demand more than it gives.
+    out = _export(tiny_llama_dir, work / "llama-auto", "auto", min_token_agreement=0.97, **LONG_GATE)
+    g = _manifest(out)["gate"]
+    assert g["passed"]
+    tried = list(g["candidates"])
+    assert tried[0] == "int4" and not g["candidates"]["int4"]["passed"]
+    assert g["chosen"] == tried[-1] and g["chosen"] in ("mixed", "int8")
+    assert g["candidates"]["int4"]["bytes"] < g["candidates"][g["chosen"]]["bytes"]
+
+
+def test_failing_gate_writes_nothing_and_says_what_failed(work, tiny_llama_dir):
+    dest = work / "llama-refused"
+    with pytest.raises(EdgeftError, match="greedy-token agreement .* is below 1") as err:
+        _export(tiny_llama_dir, dest, "int4", min_token_agreement=1.0, **LONG_GATE)
+    assert "nothing written" in str(err.value)
+    assert not dest.exists()
+    assert not [p for p in work.iterdir() if p.name.startswith(".llama-refused")]
+
+    out = _export(tiny_llama_dir, dest, "int4", min_token_agreement=1.0, allow_degraded=True, **LONG_GATE)
+    g = _manifest(out)["gate"]
+    assert g["degraded"] and not g["passed"] and g["failures"]
+    verify(out)
+
+
+def test_interrupted_export_leaves_nothing(work, tiny_gpt2_dir, monkeypatch):
+    from edgeft.export import gate
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gate, "lm_gate", boom)
+    dest = work / "gpt2-interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        _export(tiny_gpt2_dir, dest, "int8")
+    assert not dest.exists()
+    assert not [p for p in work.iterdir() if p.name.startswith(".gpt2-interrupted")]
+
+
+# ------------------------------------------------------------------------------------ run folders
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A causal-LM run folder written by hand through edgeft.runs: top block, norm and an untied head trained."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeft.models import model_identity
+    from edgeft.runs import RunInfo, write_run_info
+
+    run = tmp_path_factory.mktemp("llama-run")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    trained = {n: p.detach().clone() + 0.05 * torch.randn(p.shape, generator=g)
+               for n, p in model.named_parameters() if n.startswith(("model.layers.3.", "model.norm"))}
+    trained["lm_head.weight"] = model.lm_head.weight.detach().clone() + 0.05 * torch.randn(
+        model.lm_head.weight.shape, generator=g)
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(run / "trained.safetensors"))
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(run)
+    lines = [ln for ln in (Path(__file__).parents[1] / "demo" / "sonnets.txt").read_text().split("\n\n") if ln.strip()]
+    (run / "eval.txt").write_text("\n\n".join(lines[:20]))
+    (run / "config.json").write_text(json.dumps({"eval_data": str(run / "eval.txt")}))
+    write_run_info(run, RunInfo(
+        task="causal-lm", base_model=str(tiny_llama_dir), base_path=str(tiny_llama_dir),
+        base_sha256=model_identity(tiny_llama_dir), architecture="llama", trainable_layers=1,
+        trained_parameters=sorted(trained), untied_head=True, data_sha256={"train": "abc", "eval": "def"}))
+    return run
+
+
+def test_run_folder_merges_trained_weights_and_untied_head(work, llama_run, tiny_llama_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = _export(llama_run, work / "run-fp32", "none")
+    m = _manifest(out)
+    assert m["source"]["run_folder"] == str(llama_run.resolve())
+    assert m["source"]["data_sha256"] == {"train": "abc", "eval": "def"}
+    assert m["gate"]["eval_data"] == str(llama_run / "eval.txt") and m["gate"]["eval_sha256"]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+    cfg = AutoConfig.from_pretrained(tiny_llama_dir)
+    cfg.tie_word_embeddings = False
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, config=cfg, dtype=torch.float32).eval()
+    ref.lm_head.weight = torch.nn.Parameter(ref.model.embed_tokens.weight.detach().clone())
+    ref.load_state_dict(load_file(str(llama_run / "trained.safetensors")), strict=False)
+    ids = [9, 40, 41, 42, 100, 7]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    got = _runtime_steps(out, ids, prefill=3)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert np.abs(got - base).max() > 1e-2  # the trained weights really are in the artifact
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory, tiny_bert_dir, shared_data) -> Path:
+    """A classification run folder by hand: classifier head and the top block 'trained'."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgeft.models import model_identity
+    from edgeft.runs import RunInfo, write_run_info
+
+    run = tmp_path_factory.mktemp("bert-run")
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    names = [n for n in model.state_dict() if n.startswith(("classifier", "bert.pooler", "bert.encoder.layer.3."))]
+    save_file({n: model.state_dict()[n].contiguous() for n in names}, str(run / "trained.safetensors"))
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(run)
+    rows = [ln.split("\t") for ln in (shared_data / "sst2" / "dev.tsv").read_text().splitlines()[1:301]]
+    with open(run / "eval.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        w.writerows([t, "positive" if y.strip() == "1" else "negative"] for t, y in rows)
+    (run / "config.json").write_text(json.dumps({"eval_data": str(run / "eval.csv")}))
+    write_run_info(run, RunInfo(
+        task="classification", base_model=str(tiny_bert_dir), base_path=str(tiny_bert_dir),
+        base_sha256=model_identity(tiny_bert_dir), architecture="bert", trainable_layers=1,
+        trained_parameters=names, labels=["negative", "positive"], max_length=64))
+    return run
+
+
+def test_classifier_fp32_matches_pytorch_and_int8_picks_a_measured_flavour(work, bert_run, tiny_bert_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgeft.runtime import TextClassifier
+
+    fp32 = _export(bert_run, work / "bert-fp32", "none")
+    m = _manifest(fp32)
+    assert m["graph"]["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert m["classifier"] == {"labels": ["negative", "positive"], "max_length": 64, "uses_token_type_ids": True}
+    assert m["graph"]["fused"] and json.loads((fp32 / "labels.json").read_text())["labels"] == ["negative", "positive"]
+
+    texts = ["a gorgeous, witty film", "dull and far too long", "it is what it is"]
+    ref = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    ref.load_state_dict(load_file(str(bert_run / "trained.safetensors")), strict=False)
+    tok = AutoTokenizer.from_pretrained(bert_run)
+    with torch.no_grad():
+        want = torch.softmax(ref(**tok(texts, return_tensors="pt", padding=True)).logits, -1).numpy()
+    got = TextClassifier.open(fp32, threads=1).predict_proba(texts)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+    int8 = _export(bert_run, work / "bert-int8", "int8")
+    g = _manifest(int8)["gate"]
+    assert set(g["candidates"]) == {"int8-dynamic", "int8-weight-only"}
+    assert g["passed"] and g["chosen"] in g["candidates"]
+    assert _manifest(int8)["quantization"]["method"] == g["chosen"].removeprefix("int8-")
+    assert g["metrics"]["label_agreement"] >= 0.97 and g["metrics"]["texts"] == 12
+    ops = {n.op_type for n in _ops(int8)}
+    assert ops & {"MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "QAttention"}
+
+
+def test_classifier_refuses_int4(work, bert_run):
+    with pytest.raises(EdgeftError, match="classifiers export as none, int8 or auto"):
+        _export(bert_run, work / "bert-int4", "int4")
+
+
+# ------------------------------------------------------------------------------------ artifacts
+
+def test_tampering_truncation_and_extra_files_are_refused(work, tiny_llama_dir):
+    src = work / "llama-int8"
+    if not src.exists():
+        _export(tiny_llama_dir, src, "int8")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", str(src)])
+    assert ok.exit_code == 0 and "ok" in ok.output and "gate passed" in ok.output
+
+    bad = work / "tampered"
+    shutil.copytree(src, bad)
+    data = bad / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    res = runner.invoke(app, ["verify", str(bad)])
+    assert res.exit_code == 2 and "model.onnx.data does not match its checksum" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+    data.write_bytes(bytes(raw[:-10]))
+    with pytest.raises(EdgeftError, match="truncated"):
+        verify(bad)
+    shutil.copy2(src / "model.onnx.data", data)
+    verify(bad)
+    (bad / "extra.bin").write_bytes(b"x")
+    with pytest.raises(EdgeftError, match="not in the manifest"):
+        verify(bad)
+
+
+def test_pack_unpack_round_trip(work, tiny_llama_dir):
+    from edgeft.runtime import Generator, SamplingParams
+
+    src = work / "llama-int8"
+    if not src.exists():
+        _export(tiny_llama_dir, src, "int8")
+    runner = CliRunner()
+    res = runner.invoke(app, ["pack", str(src), "-o", str(work / "llama.edgeft")])
+    assert res.exit_code == 0, res.output
+    again = runner.invoke(app, ["pack", str(src), "-o", str(work / "llama.edgeft")])
+    assert again.exit_code == 2 and "already exists" in again.output
+    params = SamplingParams(max_new_tokens=10)
+    a = Generator.open(src, threads=1).generate("Shall I compare thee", params)
+    b = Generator.open(work / "llama.edgeft", threads=1).generate("Shall I compare thee", params)
+    assert a.token_ids == b.token_ids and a.completion_tokens == 10
+    assert runner.invoke(app, ["verify", str(work / "llama.edgeft")]).exit_code == 0
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+def test_bad_inputs_are_one_line(work, tmp_path, tiny_llama_dir):
+    runner = CliRunner()
+
+    def fails(args, needle):
+        res = runner.invoke(app, ["export", *args])
+        assert res.exit_code == 2, res.output
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("Error")]
+        assert len(errors) == 1 and needle in errors[0] and "Traceback" not in res.output, res.output
+
+    (tmp_path / "exists").mkdir()
+    fails([str(tiny_llama_dir), "-o", str(tmp_path / "exists")], "already exists")
+    (tmp_path / "empty").mkdir()
+    fails([str(tmp_path / "empty"), "-o", str(tmp_path / "a")], "not a Hugging Face model folder")
+    fails(["no-such-model", "-o", str(tmp_path / "a")], "unknown model")
+    fails([str(tiny_llama_dir), "-o", str(tmp_path / "a"), "--block-size", "48"], "--block-size must be one of")
+    fails([str(tiny_llama_dir), "-o", str(tmp_path / "a"), "--eval-data", str(tmp_path / "nope.txt")], "is not a file")
+    assert not (tmp_path / "a").exists()
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                             word_embed_proj_dim=16, max_position_embeddings=32)).save_pretrained(tmp_path / "opt")
+    with pytest.raises(EdgeftError, match=r"cannot export a opt decoder .*supported decoders: .*llama.*gpt2"):
+        export(ExportConfig(source=str(tmp_path / "opt"), out=tmp_path / "a"), log=SILENT)
+    assert not (tmp_path / "a").exists()
+
+
+def test_export_config_validates():
+    with pytest.raises(EdgeftError, match="--quantize must be one of"):
+        ExportConfig(source="x", out=Path("y"), quantize="int3")
+    with pytest.raises(EdgeftError, match="min-token-agreement must be between 0 and 1"):
+        ExportConfig(source="x", out=Path("y"), min_token_agreement=1.5)
+    c = ExportConfig(source="x", out="y", quantize="mixed", labels=["a", "b"])
+    assert c.quantize is Quantize.mixed and c.to_dict()["labels"] == ["a", "b"] and c.to_dict()["out"] == "y"
