@@ -146,10 +146,33 @@ def case_generation(ctx: Context) -> None:
             ctx.add("generation", system, "prefill_tps", _stat(st), "tok/s", prompt_tokens=int(n))
         ctx.add("generation", system, "peak_mib", r["peak_rss_mib"], "MiB", higher=False)
         ctx.add("generation", system, "load_s", r["load_s"], "s", higher=False)
+        if system == EDGEFT["int8"]:
+            profile_note(ctx, system, path, decode_prompt)
         try:
             ctx.cache.setdefault("weights", {})[system] = weight_bytes(path)
         except Exception as exc:  # noqa: BLE001 - a missing size only drops the bandwidth share
             ctx.res.notes.append(f"weight bytes of {system} unknown: {exc}")
+
+
+def profile_note(ctx: Context, system: str, path: Path, decode_prompt: list[int]) -> None:
+    """Where edgeft's decode time goes (onnxruntime profile), as a note and figures."""
+    try:
+        r = ctx.spawn("profile-edgeft", path=str(path), new_tokens=min(ctx.new_tokens, 64), decode_prompt=decode_prompt)
+    except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+        ctx.res.notes.append(f"profile of {system} failed: {exc}")
+        return
+    kern = r.get("kernel_s", {})
+    total = sum(kern.values()) or 1.0
+    top = sorted(kern.items(), key=lambda kv: -kv[1])[:5]
+    shares = ", ".join(f"{op} {100 * t / total:.0f}%" for op, t in top)
+    in_run = 100 * r.get("run_s", 0.0) / r["wall_s"]
+    ctx.res.notes.append(
+        f"Profile of {system} decoding {r['tokens']} tokens (onnxruntime profiler, profiling on): "
+        f"{in_run:.0f}% of the loop's wall time is inside session runs, the rest is the Python loop "
+        f"(sampling, detokenizing, binding); kernel time by op: {shares}.")
+    for op, t in top:
+        ctx.add("profile", system, f"kernel_share {op}", 100 * t / total, "%")
+    ctx.add("profile", system, "in_session_share", in_run, "%")
 
 
 def case_bandwidth(ctx: Context) -> None:

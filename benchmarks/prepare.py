@@ -95,7 +95,8 @@ def ensure_exported(name: str, source: str | Path, quantize: str, extra: list[st
     _need("edgeft.export", "exporting")
     out = WORK / "artifacts" / name
     if not (out / "manifest.json").is_file():
-        cmd = edgeft_cmd() + ["export", str(source), "--quantize", quantize, "--out", str(out),
+        q = "none" if quantize == "fp32" else quantize  # the CLI calls full precision "none"
+        cmd = edgeft_cmd() + ["export", str(source), "--quantize", q, "--out", str(out),
                               "--overwrite", "--allow-degraded", *extra]
         secs = run_logged(cmd, WORK / "logs" / f"export-{name}.log", f"edgeft export ({name})")
         (WORK / "logs" / f"export-{name}.seconds").write_text(f"{secs:.2f}\n")

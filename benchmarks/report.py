@@ -21,6 +21,7 @@ CASE_TITLES = {
     "quality": "Quality",
     "tuning": "Tuning: same model, data and steps",
     "footprint": "Footprint",
+    "profile": "Where edgeft's decode time goes (profile)",
 }
 
 

@@ -243,6 +243,42 @@ def first_token(spec: dict) -> dict:
     return {"first_token_s": summarize(secs).to_dict()}
 
 
+def profile_edgeft(spec: dict) -> dict:
+    """Where a decode step's time goes: onnxruntime's per-op profile against the loop's wall time."""
+    import glob
+    import tempfile
+
+    import edgeft.runtime.generate as g
+    from edgeft.runtime import Generator, SamplingParams
+
+    prefix = os.path.join(tempfile.mkdtemp(prefix="edgeft-prof-"), "decode")
+    real = g.open_session
+    g.open_session = lambda path, threads=None, **kw: real(path, threads, profile_prefix=prefix, **kw)
+    gen = Generator.open(spec["path"], threads=spec["threads"])
+    gen.eos_ids = frozenset()
+    ids = spec["decode_prompt"]
+    gen.generate(ids, SamplingParams(max_new_tokens=4))  # warm-up
+    t0 = time.perf_counter()
+    gen.generate(ids, SamplingParams(max_new_tokens=spec["new_tokens"]))
+    wall = time.perf_counter() - t0
+    path = gen.engine.session.end_profiling()
+    files = [path] if path and os.path.isfile(path) else glob.glob(prefix + "*.json")
+    return {"wall_s": wall, "tokens": spec["new_tokens"], **_op_shares(files[0], spec["new_tokens"])}
+
+
+def _op_shares(path: str, last_runs: int) -> dict:
+    """Time in the last ``last_runs`` session runs, and in kernels by op type, from a profile."""
+    events = json.load(open(path))
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])[-last_runs:]
+    kernels: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            kernels[op] = kernels.get(op, 0.0) + e["dur"] / 1e6
+    return {"run_s": sum(e["dur"] for e in runs) / 1e6, "runs": len(runs), "kernel_s": kernels}
+
+
 def tune_variant(spec: dict) -> dict:
     from benchmarks.tuning import train_variant
 
@@ -265,6 +301,7 @@ WORKERS = {
     "ppl-torch": ppl_torch,
     "first-token": first_token,
     "tune-variant": tune_variant,
+    "profile-edgeft": profile_edgeft,
 }
 
 

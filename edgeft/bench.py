@@ -277,21 +277,9 @@ def edgeft_runner(gen) -> Runner:  # noqa: ANN001 - runtime.Generator
 
 
 def _ignore_eos(gen) -> None:  # noqa: ANN001
-    import dataclasses
-
-    m = gen.manifest
-    tok = dataclasses.replace(m.tokenizer, eos_token_ids=[], eos_token=None)
-    try:
-        gen.manifest = dataclasses.replace(m, tokenizer=tok)
-    except (AttributeError, dataclasses.FrozenInstanceError):
-        pass
-    for attr in ("eos_token_ids", "_eos_ids", "eos_ids", "_eos"):
-        if hasattr(gen, attr):
-            cur = getattr(gen, attr)
-            try:
-                setattr(gen, attr, type(cur)() if cur is not None else cur)
-            except (AttributeError, TypeError):
-                pass
+    if not hasattr(gen, "eos_ids"):
+        raise EdgeftError("this runtime's Generator has no eos_ids: cannot force equal token counts")
+    gen.eos_ids = frozenset()
 
 
 @dataclass(frozen=True)
