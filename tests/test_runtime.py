@@ -251,3 +251,14 @@ def test_blockwise_draw_equals_one_cumulative_sum():
         for u in rng.random(50).tolist() + [0.0, 0.999999]:
             want = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1)
             assert abs(draw(probs, u) - want) <= 1 and probs[draw(probs, u)] > 0
+
+
+def test_chunked_prefill_equals_one_pass(decoder_case, monkeypatch):
+    from edgeft.runtime import generate
+
+    _, _, gen = decoder_case
+    ids = gen.encode(PROMPT + " thou art more lovely and more temperate")
+    whole, greedy = gen.score(ids), gen.generate(ids, SamplingParams(max_new_tokens=8))
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 5)  # several graph calls with a growing cache
+    np.testing.assert_allclose(gen.score(ids), whole, atol=1e-5, rtol=1e-5)
+    assert gen.generate(ids, SamplingParams(max_new_tokens=8)) == greedy

@@ -39,6 +39,10 @@ from edgeft.runtime.sampling import Sampler, SamplingParams
 from edgeft.runtime.session import input_dtypes, open_session, output_dtypes
 
 
+# Prompt tokens per graph call during prefill: bounds the logits output and activations.
+PREFILL_CHUNK = 256
+
+
 class ContextLengthError(EdgeftError):
     """The prompt plus the tokens asked for do not fit the model's context."""
 
@@ -160,14 +164,25 @@ class DecodeState:
         return [n for _, _, ok, ov in self.eng.layers for n in (ok, ov)] + ["logits"]
 
     def prefill(self, ids: list[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
-        """Feed the prompt; return the last position's logits [vocab] (or every position's)."""
+        """Feed prompt tokens; return the last position's logits [vocab] (or every position's).
+
+        Long prompts go in chunks of ``PREFILL_CHUNK`` tokens, so the graph's logits output
+        (every position x the vocabulary) stays small: 256 x 49k floats, not 8k x 49k.
+        """
         arr = np.ascontiguousarray(np.asarray(ids, dtype=self.eng.ids_dtype).reshape(1, -1))
         if arr.shape[1] == 0:
             raise EdgeftError("the prompt is empty: nothing to continue from")
-        self._bind_in("input_ids", arr, arr.shape)
-        self._run(arr.shape[1])
-        logits = self._logits_output()
-        return logits[0].astype(np.float32) if all_logits else logits[0, -1].astype(np.float32)
+        rows = []
+        for start in range(0, arr.shape[1], PREFILL_CHUNK):
+            chunk = arr[:, start:start + PREFILL_CHUNK]
+            self._bind_in("input_ids", chunk, chunk.shape)
+            self.io.bind_output("logits", "cpu")  # allocated by onnxruntime: [1, len(chunk), vocab]
+            self._decode_bound = False
+            self._run(chunk.shape[1])
+            logits = self._logits_output()
+            if all_logits:
+                rows.append(logits[0].astype(np.float32))
+        return np.concatenate(rows) if all_logits else logits[0, -1].astype(np.float32)
 
     def _logits_output(self) -> np.ndarray:
         outs = self.io.get_outputs()
