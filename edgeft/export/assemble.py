@@ -31,7 +31,8 @@ def copy_graph(model_path: Path, dest: Path) -> None:
 
 
 def copy_support_files(hf_dir: Path, dest: Path, genai_config: Path | None, tokenizer: Any,
-                       labels: list[str] | None, export_config: dict[str, Any]) -> None:
+                       labels: list[str] | None, export_config: dict[str, Any],
+                       context_length: int | None = None) -> None:
     """Everything but the graph: tokenizer files, HF configs, genai config, labels, export.json."""
     for name in (*TOKENIZER_FILES, "config.json", "generation_config.json"):
         if (hf_dir / name).is_file():
@@ -40,7 +41,11 @@ def copy_support_files(hf_dir: Path, dest: Path, genai_config: Path | None, toke
     if isinstance(template, str) and template and not (dest / "chat_template.jinja").is_file():
         (dest / "chat_template.jinja").write_text(template)
     if genai_config is not None:
-        shutil.copy2(genai_config, dest / "genai_config.json")
+        genai = json.loads(genai_config.read_text())
+        if context_length:  # keep onnxruntime-genai's view of the context equal to the manifest's
+            genai["model"]["context_length"] = context_length
+            genai.setdefault("search", {})["max_length"] = context_length
+        atomic_write_json(dest / "genai_config.json", genai)
     if labels:
         atomic_write_json(dest / "labels.json", {"labels": list(labels)})
     atomic_write_json(dest / "export.json", export_config)

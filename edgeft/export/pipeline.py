@@ -118,6 +118,9 @@ def _decoder_candidates(config, source, hf_dir, tokenizer, work, log):
     check_supported(source.model.config)
     log("exporting the decoder graph (fp32)")
     graph = export_decoder(source.model, hf_dir, work)
+    if config.context_length and config.context_length > graph.context_length:
+        raise EdgeftError(f"--context-length {config.context_length} is longer than the model's "
+                          f"{graph.context_length} positions")
     gen = assemble.generation_section(getattr(source.model, "generation_config", None))
 
     def build(scheme: Quantize) -> tuple[Path, Manifest]:
@@ -130,7 +133,8 @@ def _decoder_candidates(config, source, hf_dir, tokenizer, work, log):
             log(f"quantizing: {scheme.value} (block size {config.block_size})")
             quant = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
                                               graph.num_layers, graph.vocab_size).to_dict()
-        assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict())
+        assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict(),
+                                    config.context_length)
         tok = assemble.tokenizer_section(tokenizer, source.model.config,
                                          getattr(source.model, "generation_config", None), folder)
         manifest = assemble.decoder_manifest(graph, tok, gen, quant, source.architecture, config.context_length,
