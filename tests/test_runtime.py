@@ -262,3 +262,24 @@ def test_chunked_prefill_equals_one_pass(decoder_case, monkeypatch):
     monkeypatch.setattr(generate, "PREFILL_CHUNK", 5)  # several graph calls with a growing cache
     np.testing.assert_allclose(gen.score(ids), whole, atol=1e-5, rtol=1e-5)
     assert gen.generate(ids, SamplingParams(max_new_tokens=8)) == greedy
+
+
+def test_prompt_cache_reuses_a_conversation_prefix(decoder_case):
+    from edgeft.runtime.generate import PromptCache
+
+    _, _, gen = decoder_case
+    p = SamplingParams(max_new_tokens=6, temperature=1.0, seed=11)
+    cache = PromptCache()
+    first = gen.encode(PROMPT)
+    a = gen.generate(first, p)
+    assert "".join(c.text for c in gen.stream(first, p, cache=cache)) == a.text
+    # the next turn repeats the first prompt and its reply, then adds more (the cache must grow)
+    second = first + a.token_ids + gen.encode(" thou art more lovely and more temperate, rough winds")
+    b_fresh = gen.generate(second, p)
+    b_cached = "".join(c.text for c in gen.stream(second, p, cache=cache))
+    assert b_cached == b_fresh.text and cache.reused >= len(first) + len(a.token_ids) - 1
+    # a prompt that diverges early (an edited turn) rewinds the cache and still matches
+    third = first[:3] + gen.encode(" summer")
+    reused = cache.reused
+    assert "".join(c.text for c in gen.stream(third, p, cache=cache)) == gen.generate(third, p).text
+    assert cache.reused == reused + 3

@@ -2,7 +2,8 @@
 
 Keeps the conversation as messages, renders it with the artifact's chat template each
 turn, and streams the reply. ``/reset`` forgets the conversation, ``/exit`` leaves. When
-the conversation outgrows the model's context the oldest turns are dropped.
+the conversation outgrows the model's context the oldest turns are dropped. The KV cache
+of each turn is kept, so a new turn computes only its own tokens.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def chat(
 
     from edgeft.errors import EdgeftError
     from edgeft.runtime import Generator
+    from edgeft.runtime.generate import PromptCache
 
     gen = Generator.open(artifact, threads=threads)
     if gen.chat_template is None:
@@ -46,6 +48,7 @@ def chat(
     params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     head = [{"role": "system", "content": system}] if system else []
     turns: list[dict] = []
+    cache = PromptCache()
     typer.echo(HELP, err=True)
     while True:
         try:
@@ -58,6 +61,7 @@ def chat(
             return
         if text == "/reset":
             turns.clear()
+            cache.clear()
             typer.echo("[conversation reset]", err=True)
             continue
         if not text:
@@ -69,5 +73,5 @@ def chat(
             typer.echo("[that message alone is longer than the model's context]", err=True)
             continue
         typer.echo("assistant> ", nl=False)
-        reply, *_ = stream_to_terminal(gen, ids, dataclasses.replace(params, max_new_tokens=max_new))
+        reply, *_ = stream_to_terminal(gen, ids, dataclasses.replace(params, max_new_tokens=max_new), cache)
         turns.append({"role": "assistant", "content": reply})

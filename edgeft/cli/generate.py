@@ -46,11 +46,12 @@ def sampling_params(gen: "Generator", max_new_tokens: int | None, temperature: f
                           seed=seed, stop=tuple(stop or ()))
 
 
-def stream_to_terminal(gen: "Generator", prompt: str | list[int], params: "SamplingParams") -> tuple[str, int, float, str]:
+def stream_to_terminal(gen: "Generator", prompt: str | list[int], params: "SamplingParams",
+                       cache=None) -> tuple[str, int, float, str]:
     """Print chunks as they come; return (text, tokens, seconds, finish_reason)."""
     pieces, tokens, reason = [], 0, "length"
     start = time.perf_counter()
-    for chunk in gen.stream(prompt, params):
+    for chunk in gen.stream(prompt, params, cache=cache):
         if chunk.text:
             typer.echo(chunk.text, nl=False)
             sys.stdout.flush()

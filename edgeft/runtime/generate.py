@@ -153,11 +153,41 @@ class DecodeState:
         self.length = total
         if not eng.share_buffer:  # the new presents become the next pasts, as OrtValues
             outs = dict(zip(self._output_names(), self.io.get_outputs()))
+            self.pasts = [outs[name] for _, _, ok, ov in eng.layers for name in (ok, ov)]
             for pk, pv, ok, ov in eng.layers:
                 self.io.bind_ortvalue_input(pk, outs[ok])
                 self.io.bind_ortvalue_input(pv, outs[ov])
                 self.io.bind_output(ok, "cpu")  # unallocated again: the next present is one longer
                 self.io.bind_output(ov, "cpu")
+
+    def rewind(self, length: int) -> None:
+        """Forget every cached token after the first ``length`` (to reuse a shared prefix)."""
+        if length >= self.length:
+            return
+        if not self.eng.share_buffer:  # the pasts are exact-length tensors: bind shortened copies
+            self.cache = [np.ascontiguousarray(v.numpy()[:, :, :length]) for v in self.pasts]
+            for (pk, pv, _, _), k, v in zip(self.eng.layers, self.cache[0::2], self.cache[1::2]):
+                self._bind_in(pk, k, k.shape)
+                self._bind_in(pv, v, v.shape)
+        self.length = length  # a shared buffer just gets overwritten from there on
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` tokens, keeping what is cached."""
+        if capacity <= self.capacity:
+            return
+        self.mask = np.ones((1, capacity), dtype=self.eng.mask_dtype)
+        self.positions = np.arange(capacity, dtype=self.eng.pos_dtype)[None, :]
+        if self.eng.share_buffer:
+            old, n = self.cache, self.length
+            self.cache = []
+            for (pk, pv, ok, ov), k, v in zip(self.eng.layers, old[0::2], old[1::2]):
+                for name_in, name_out, buf in ((pk, ok, k), (pv, ov, v)):
+                    grown = np.empty(buf.shape[:2] + (capacity,) + buf.shape[3:], dtype=buf.dtype)
+                    grown[:, :, :n] = buf[:, :, :n]
+                    self.cache.append(grown)
+                    self._bind_in(name_in, grown, grown.shape)
+                    self.io.bind_output(name_out, "cpu", 0, grown.dtype, list(grown.shape), grown.ctypes.data)
+        self.capacity = capacity
 
     def _output_names(self) -> list[str]:
         """Bound outputs in binding order (a rebound name keeps its place): presents, then logits."""
@@ -234,6 +264,31 @@ class StopMatcher:
 
 
 # --------------------------------------------------------------------------- the generator
+
+
+class PromptCache:
+    """The KV cache a conversation leaves behind, reused by its next turn.
+
+    Each turn's prompt repeats the previous turns; only the tokens after the longest
+    common prefix with what the cache holds are computed. One per conversation; not
+    thread-safe (one stream at a time).
+    """
+
+    def __init__(self) -> None:
+        self.state: DecodeState | None = None
+        self.tokens: list[int] = []  # the tokens whose keys and values the state holds
+        self.reused = 0  # prompt tokens not recomputed, over the cache's life
+
+    def clear(self) -> None:
+        self.state, self.tokens = None, []
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _shares_buffer(folder: Path, manifest: Manifest) -> bool:
@@ -318,21 +373,41 @@ class Generator:
         self.check_context(len(ids), 0)
         return self.engine.start(len(ids)).prefill(ids, all_logits=True)
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Chunk]:
-        """Generate token by token; each chunk carries the text that token completed."""
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+               cache: "PromptCache | None" = None) -> Iterator[Chunk]:
+        """Generate token by token; each chunk carries the text that token completed.
+
+        With a ``PromptCache`` (one per conversation, never shared between concurrent
+        streams) the tokens this prompt shares with the previous one are not computed again.
+        """
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
         if not ids:
             raise EdgeftError("the prompt is empty: nothing to continue from")
         self.check_context(len(ids), params.max_new_tokens)
-        return self._stream(ids, params)
+        return self._stream(ids, params, cache)
 
-    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
+    def _prefill(self, ids: list[int], capacity: int, cache: "PromptCache | None") -> tuple["DecodeState", np.ndarray]:
+        """A state holding ``ids`` (reusing the cache's common prefix) and the next logits."""
+        if cache is None or cache.state is None or cache.state.eng is not self.engine:
+            state = self.engine.start(capacity)
+            logits = state.prefill(ids)
+        else:
+            state = cache.state
+            keep = min(_common_prefix(cache.tokens, ids), len(ids) - 1)  # at least one token to feed
+            state.rewind(keep)
+            state.reserve(capacity)
+            cache.reused += keep
+            logits = state.prefill(ids[keep:])
+        if cache is not None:
+            cache.state, cache.tokens = state, list(ids)
+        return state, logits
+
+    def _stream(self, ids: list[int], params: SamplingParams, cache: "PromptCache | None" = None) -> Iterator[Chunk]:
         sampler = Sampler(params, self.decoder.vocab_size, seen=ids)
         detok = IncrementalDetokenizer(self.tokenizer, context=ids)
         stops = StopMatcher(params.stop)
-        state = self.engine.start(len(ids) + params.max_new_tokens)
-        logits = state.prefill(ids)
+        state, logits = self._prefill(ids, len(ids) + params.max_new_tokens, cache)
         for produced in range(1, params.max_new_tokens + 1):
             token = sampler(logits)
             if token in self.eos_ids:
@@ -350,6 +425,8 @@ class Generator:
                 return
             yield Chunk(text, token, None)
             logits = state.step(token)
+            if cache is not None:
+                cache.tokens.append(token)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
         """Generate to the end and return the whole completion."""
