@@ -14,6 +14,8 @@ Two kinds of decoder graph follow the artifact convention (see ``edgeft.artifact
 Either way every input and output goes through one I/O binding per generation; a decode
 step rebinds only the attention mask's length and writes one token id into a bound
 buffer, and the graph's logits for that one position land in a preallocated array.
+Prompts are prefilled in chunks (the logits output stays small), and a ``PromptCache``
+lets a conversation's next turn reuse the keys and values of the tokens it repeats.
 
 ``KVDecoder`` knows token ids and logits only; ``Generator`` adds the tokenizer, chat
 template, sampling, stop strings and incremental detokenization. Nothing here imports
@@ -311,9 +313,7 @@ class Generator:
         session = open_session(self.folder / manifest.graph.file, threads)
         self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest))
         tok = manifest.tokenizer
-        self.eos_ids = frozenset(tok.eos_token_ids or ([self.tokenizer.token_to_id(tok.eos_token)]
-                                                         if tok.eos_token and self.tokenizer.token_to_id(tok.eos_token) is not None
-                                                         else []))
+        self.eos_ids = frozenset(tok.eos_token_ids) or self._token_ids(tok.eos_token)
         self.bos_id = self.tokenizer.token_to_id(tok.bos_token) if tok.bos_token else None
         self.chat_template = chat.load_template(self.folder, tok.chat_template, tok.config_file)
 
@@ -322,6 +322,10 @@ class Generator:
         """Open an artifact folder or packed ``.edgeft`` file (verified against its checksums)."""
         folder, manifest = open_artifact(path)
         return cls(folder, manifest, threads)
+
+    def _token_ids(self, token: str | None) -> frozenset[int]:
+        tid = self.tokenizer.token_to_id(token) if token else None
+        return frozenset() if tid is None else frozenset({tid})
 
     @property
     def context_length(self) -> int:
