@@ -75,8 +75,9 @@ def start_cli_server(artifacts: list[Path], env_extra: dict[str, str], args: lis
     return proc, url
 
 
-def stop(proc: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
-    if proc.poll() is None:
+def stop(proc: subprocess.Popen, timeout: float = 30, signal_it: bool = True) -> tuple[int, str]:
+    """SIGTERM (once: a second one during the last instants of shutdown would kill it) and wait."""
+    if signal_it and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
         _, err = proc.communicate(timeout=timeout)
@@ -396,22 +397,26 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(artifacts):
 
     def request(i: int) -> None:
         results.append(httpx.post(url + "/v1/completions", timeout=120, json={
-            "model": "poet", "prompt": PROMPTS[i], "max_tokens": 150, "stream": i == 0}))
+            "model": "poet", "prompt": PROMPTS[i], "max_tokens": 200, "stream": i == 0}))
 
     threads = [threading.Thread(target=request, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    deadline = time.time() + 20
-    while time.time() < deadline and 'edgeft_inference_in_flight{model="poet"} 1' not in \
-            httpx.get(url + "/metrics").text:
+    deadline = time.time() + 20  # wait until all four are admitted (one running, three queued) or done
+    while time.time() < deadline and len(results) < len(threads):
+        text = httpx.get(url + "/metrics").text
+        admitted = metric(text, 'edgeft_inference_in_flight{model="poet"}') + \
+            metric(text, 'edgeft_queue_depth{model="poet"}')
+        if admitted + len(results) >= len(threads) and admitted >= 1:
+            break
         time.sleep(0.005)
     unfinished = len(threads) - len(results)
     proc.send_signal(signal.SIGTERM)
     assert unfinished >= 1, "every request ended before SIGTERM: nothing was in flight"
     for t in threads:
         t.join(120)
-    rc, err = stop(proc)
-    assert rc == 0, err[-2000:]
+    rc, err = stop(proc, signal_it=False)
+    assert rc == 0, f"exit status {rc}: {err[-3000:]}"
     assert [r.status_code for r in results] == [200] * 4
     assert all(r.text.rstrip().endswith("[DONE]") or r.json()["usage"]["completion_tokens"] >= 1 for r in results)
     with pytest.raises(httpx.ConnectError):

@@ -198,8 +198,8 @@ class ServerState:
         self.cancels: set[threading.Event] = set()
 
     def check_serving(self) -> None:
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        # While draining, requests that reached us are served: uvicorn has stopped accepting
+        # connections and /health says 503, so load balancers send nothing new.
         if not self.ready:
             raise ApiError(503, "the models are still loading", type="server_error", code="loading")
 
@@ -386,22 +386,30 @@ async def _stream_events(state: ServerState, model: Model, req: wire.GenerationR
     try:
         if chat:
             yield _sse(wire.chat_chunk(rid, model.name, {"role": "assistant", "content": ""}, None))
-        while True:
-            item = await chunks.get()
-            if isinstance(item, StopAsyncIteration):
-                break
-            if isinstance(item, BaseException):
-                log.error("generation failed: %s", item, exc_info=item)
-                message = item.message if isinstance(item, EdgeftError) else "generation failed"
-                yield _sse(wire.ApiError(500, message, type="server_error").body())
-                return
-            if item.token_id is not None:
-                if n == 0:
-                    on_first()
-                n += 1
-            finish = item.finish_reason or finish
-            if item.text:
-                yield _sse(piece(item.text, None))
+        done = False
+        while not done:
+            # Every chunk already waiting goes out in one write: fewer syscalls when the client lags.
+            items, events = [await chunks.get()], []
+            while not chunks.empty():
+                items.append(chunks.get_nowait())
+            for item in items:
+                if isinstance(item, StopAsyncIteration):
+                    done = True
+                    break
+                if isinstance(item, BaseException):
+                    log.error("generation failed: %s", item, exc_info=item)
+                    message = item.message if isinstance(item, EdgeftError) else "generation failed"
+                    yield "".join(events) + _sse(wire.ApiError(500, message, type="server_error").body())
+                    return
+                if item.token_id is not None:
+                    if n == 0:
+                        on_first()
+                    n += 1
+                finish = item.finish_reason or finish
+                if item.text:
+                    events.append(_sse(piece(item.text, None)))
+            if events:
+                yield "".join(events)
         yield _sse(piece("", finish or "length"))
         if req.include_usage:
             yield _sse(wire.usage_chunk(rid, model.name, chat, wire.usage(n_prompt, n)))
