@@ -384,3 +384,24 @@ def test_export_config_validates():
         ExportConfig(source="x", out=Path("y"), min_token_agreement=1.5)
     c = ExportConfig(source="x", out="y", quantize="mixed", labels=["a", "b"])
     assert c.quantize is Quantize.mixed and c.to_dict()["labels"] == ["a", "b"] and c.to_dict()["out"] == "y"
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+def test_tune_then_export_then_runtime(work, tiny_llama_dir):
+    """A real `edgeft tune` run folder (top block over the int8 base) exports, passes the gate, generates."""
+    from edgeft.runtime import Generator, SamplingParams
+    from edgeft.tune import TuneConfig, tune
+
+    verse = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
+             "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date.\n\n")
+    data = work / "verse.txt"
+    data.write_text(verse * 30)
+    run = tune(TuneConfig(model=str(tiny_llama_dir), data=data, out=work / "tuned", max_length=32, batch_size=8,
+                          max_steps=6, lr=3e-3, warmup=0, progress=False, threads=1, trainable_layers=1))
+    out = _export(run, work / "tuned-int8", "int8")
+    m = _manifest(out)
+    assert m["gate"]["passed"] and m["source"]["run_folder"] == str(Path(run).resolve())
+    assert m["source"]["trainable_layers"] == 1 and m["source"]["data_sha256"]
+    done = Generator.open(out, threads=1).generate("Shall I compare thee", SamplingParams(max_new_tokens=8))
+    assert done.completion_tokens >= 1 and done.finish_reason in ("stop", "length")
