@@ -173,15 +173,18 @@ def read_manifest(folder: Path) -> Manifest:
         raise EdgeftError(f"{path} is not a valid manifest: {exc}") from None
 
 
+def file_hashes_names(folder: Path) -> list[str]:
+    """Every file under ``folder`` but the manifest, as sorted relative POSIX paths."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name != MANIFEST)
+
+
 def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file under ``folder`` except the manifest itself."""
     folder = Path(folder)
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            rel = p.relative_to(folder).as_posix()
-            out[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-    return out
+    return {rel: {"sha256": sha256_file(folder / rel), "size": (folder / rel).stat().st_size}
+            for rel in file_hashes_names(folder)}
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
@@ -209,11 +212,6 @@ def verify(folder: Path) -> Manifest:
     if extra:
         raise EdgeftError(f"{folder}: files not in the manifest: {', '.join(sorted(extra))}")
     return manifest
-
-
-def file_hashes_names(folder: Path) -> list[str]:
-    return [p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")
-            if p.is_file() and p.name != MANIFEST]
 
 
 def pack(folder: Path, out: Path) -> Path:
@@ -287,7 +285,44 @@ def open_artifact(path: Path | str) -> tuple[Path, Manifest]:
     if path.is_file():
         folder = unpack(path)
         return folder, read_manifest(folder)
-    return path, verify(path)
+    return path, verify_cached(path)
+
+
+def _stamp_path(folder: Path) -> Path:
+    import hashlib
+
+    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:24]
+    return cache_root() / "verified" / f"{key}.json"
+
+
+def _file_stats(folder: Path) -> dict[str, list[int]]:
+    stats = {}
+    for rel in [MANIFEST, *file_hashes_names(folder)]:
+        st = (folder / rel).stat()
+        stats[rel] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def verify_cached(folder: Path) -> Manifest:
+    """``verify``, skipped when nothing changed (same files, sizes, mtimes) since the last full check.
+
+    Loading a verified artifact again then costs a few ``stat`` calls instead of hashing
+    hundreds of MB. ``edgeft verify`` always recomputes every checksum.
+    """
+    folder = Path(folder)
+    stamp = _stamp_path(folder)
+    try:
+        if json.loads(stamp.read_text()) == _file_stats(folder):
+            return read_manifest(folder)
+    except (OSError, ValueError):
+        pass
+    manifest = verify(folder)
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stamp, _file_stats(folder))
+    except OSError:
+        pass  # a read-only cache only costs the next load a full check
+    return manifest
 
 
 def write_bytes(folder: Path, name: str, data: bytes) -> None:

@@ -4,6 +4,7 @@ pull resolves names, and bad input is one line with exit code 2."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -101,3 +102,19 @@ def test_cli_models_lists_pullable():
     res = CliRunner().invoke(app, ["models"])
     assert res.exit_code == 0
     assert "smollm2-135m-instruct" in res.output and "minilm-l6" in res.output
+
+
+def test_open_artifact_rechecks_after_a_change(tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"graph")
+    artifact.write_manifest(folder, _manifest())
+    assert artifact.open_artifact(folder)[1].task is artifact.Task.classification
+    assert artifact.open_artifact(folder)[1].files  # second open: from the stamp
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    (folder / "model.onnx").write_bytes(b"grapH")  # same size, new content and mtime
+    with pytest.raises(EdgeftError, match="checksum"):
+        artifact.open_artifact(folder)
+    (folder / "extra.bin").write_bytes(b"x")
+    with pytest.raises(EdgeftError):
+        artifact.open_artifact(folder)
