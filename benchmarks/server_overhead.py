@@ -7,6 +7,8 @@ request through ``edgeft serve`` (a subprocess on loopback) as one JSON response
 server-sent-event stream, at two lengths (``--short`` and ``--long`` new tokens). The slope
 between the two lengths is the cost per token; its difference between HTTP and in-process
 is the server's per-token overhead, the intercept difference its fixed cost per request.
+Each is measured in wall time and in CPU time (this process for in-process, the server
+process for HTTP): on a shared, loaded machine the CPU time is the steadier of the two.
 Both sides use the same thread count and take turns request by request, never at once. Writes
 ``benchmarks/work/server_overhead.json`` and prints a table.
 """
@@ -59,20 +61,27 @@ def over_http(client: httpx.Client, stream: bool):
     return once
 
 
-def measure(paths: dict, lengths: tuple[int, int], runs: int) -> dict[str, list[tuple[float, int]]]:
-    """Median (seconds, tokens) per path and length; the paths take turns, so load drifts hit all alike."""
-    times = {(name, n): [] for name in paths for n in lengths}
+def measure(paths: dict, lengths: tuple[int, int], runs: int) -> dict[str, dict[str, list[tuple[float, int]]]]:
+    """Median wall and CPU seconds (with tokens) per path and length.
+
+    ``paths`` maps a name to (generate function, CPU clock of the process doing the work).
+    The paths take turns request by request, so a drift in the machine's load hits all alike.
+    """
+    wall = {(name, n): [] for name in paths for n in lengths}
+    cpu = {(name, n): [] for name in paths for n in lengths}
     tokens = {}
-    for name, fn in paths.items():
+    for name, (fn, _) in paths.items():
         for n in lengths:
             fn(n)  # warm-up
     for _ in range(runs):
         for n in lengths:
-            for name, fn in paths.items():
-                t0 = time.perf_counter()
+            for name, (fn, clock) in paths.items():
+                c0, t0 = clock(), time.perf_counter()
                 tokens[name, n] = fn(n)
-                times[name, n].append(time.perf_counter() - t0)
-    return {name: [(statistics.median(times[name, n]), tokens[name, n]) for n in lengths] for name in paths}
+                wall[name, n].append(time.perf_counter() - t0)
+                cpu[name, n].append(clock() - c0)
+    return {name: {kind: [(statistics.median(d[name, n]), tokens[name, n]) for n in lengths]
+                   for kind, d in (("wall", wall), ("cpu", cpu))} for name in paths}
 
 
 def start_server(artifact: Path, threads: int) -> tuple[subprocess.Popen, str]:
@@ -109,33 +118,40 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "work" / "server_overhead.json")
     a = ap.parse_args()
 
+    import psutil
+
     proc, url = start_server(a.artifact, a.threads)
+    server = psutil.Process(proc.pid)
+    server_cpu = lambda: sum(server.cpu_times()[:2])  # noqa: E731 (all the server's threads)
     try:
         with httpx.Client(base_url=url, timeout=300) as client:
-            paths = {"in-process": in_process(a.artifact, a.threads),
-                     "HTTP JSON": over_http(client, stream=False),
-                     "HTTP SSE stream": over_http(client, stream=True)}
+            paths = {"in-process": (in_process(a.artifact, a.threads), time.process_time),
+                     "HTTP JSON": (over_http(client, stream=False), server_cpu),
+                     "HTTP SSE stream": (over_http(client, stream=True), server_cpu)}
             rows = measure(paths, (a.short, a.long), a.runs)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
 
-    tokens = {k: [n for _, n in v] for k, v in rows.items()}
+    tokens = {k: [n for _, n in v["wall"]] for k, v in rows.items()}
     if len({tuple(t) for t in tokens.values()}) != 1:
         raise SystemExit(f"the paths generated different token counts: {tokens}")
-    base_tok, base_fixed = fit(*rows["in-process"])
     result = {"artifact": str(a.artifact), "threads": a.threads, "runs": a.runs, "prompt": PROMPT,
-              "tokens": tokens["in-process"], "cpu_count": os.cpu_count(), "paths": {}}
-    print(f"{'path':<16} {'ms/token':>9} {'fixed ms':>9} {'overhead ms/token':>18} {'overhead %':>10}"
-          f" {'fixed overhead ms':>18}")
-    for name, pts in rows.items():
-        per_tok, fixed = fit(*pts)
-        d = {"seconds": [t for t, _ in pts], "ms_per_token": per_tok * 1e3, "fixed_ms": fixed * 1e3,
-             "overhead_ms_per_token": (per_tok - base_tok) * 1e3,
-             "overhead_pct": 100 * (per_tok - base_tok) / base_tok, "fixed_overhead_ms": (fixed - base_fixed) * 1e3}
-        result["paths"][name] = d
-        print(f"{name:<16} {d['ms_per_token']:9.3f} {d['fixed_ms']:9.2f} {d['overhead_ms_per_token']:18.3f}"
-              f" {d['overhead_pct']:10.1f} {d['fixed_overhead_ms']:18.2f}")
+              "tokens": tokens["in-process"], "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+              "paths": {}}
+    for kind in ("wall", "cpu"):
+        base_tok, base_fixed = fit(*rows["in-process"][kind])
+        print(f"\n{kind} time: {'path':<16} {'ms/token':>9} {'fixed ms':>9} {'overhead ms/token':>18}"
+              f" {'overhead %':>10} {'fixed overhead ms':>18}")
+        for name, pts in rows.items():
+            per_tok, fixed = fit(*pts[kind])
+            d = {"seconds": [t for t, _ in pts[kind]], "ms_per_token": per_tok * 1e3, "fixed_ms": fixed * 1e3,
+                 "overhead_ms_per_token": (per_tok - base_tok) * 1e3,
+                 "overhead_pct": 100 * (per_tok - base_tok) / base_tok,
+                 "fixed_overhead_ms": (fixed - base_fixed) * 1e3}
+            result["paths"].setdefault(name, {})[kind] = d
+            print(f"{'':<11}{name:<16} {d['ms_per_token']:9.3f} {d['fixed_ms']:9.2f} "
+                  f"{d['overhead_ms_per_token']:18.3f} {d['overhead_pct']:10.1f} {d['fixed_overhead_ms']:18.2f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"tokens generated per request: {tokens['in-process']}; written {a.out}")

@@ -217,6 +217,7 @@ def test_classify_single_and_batch(http, classifier):
     ("/v1/completions", {"model": "chat", "prompt": "x", "n": 3}, "n"),
     ("/v1/completions", {"model": "chat", "prompt": [999999]}, "prompt"),
     ("/v1/completions", {"model": 7, "prompt": "x"}, "model"),
+    ("/v1/completions", {"model": "chat", "prompt": ""}, "prompt"),
     ("/v1/chat/completions", {"model": "chat", "messages": []}, "messages"),
     ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user"}]}, "messages"),
     ("/v1/chat/completions", {"model": "chat", "messages": "hi"}, "messages"),
@@ -367,6 +368,25 @@ def test_limits_413_429_and_max_tokens_cap(artifacts):
         assert rejected.json()["error"]["code"] == "queue_full" and rejected.headers["retry-after"]
         # once the burst is over the server answers again
         assert httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_two_workers_serve_concurrent_requests_without_mixing(artifacts, engine):
+    from edgeft.runtime.server import ServeConfig
+
+    want = {p: expected(engine, p, 24).text for p in PROMPTS[:6]}
+    cfg = ServeConfig(artifacts=(artifacts["chat"],), port=free_port(), threads=2, workers=2)
+    with InProcessServer(cfg) as s:
+        wait_healthy(s.url)
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
+                return await asyncio.gather(*[c.post("/v1/completions", json={"prompt": p, "max_tokens": 24})
+                                              for p in want])
+
+        got = [r.json()["choices"][0]["text"] for r in asyncio.run(run())]
+        metrics = httpx.get(s.url + "/metrics").text
+    assert got == list(want.values())
+    assert 'edgeft_inference_in_flight{model="chat"} 0' in metrics
 
 
 def test_health_is_503_until_loaded(artifacts):

@@ -352,6 +352,8 @@ async def _generate(request: Request, chat: bool) -> Response:
     req = (wire.parse_chat if chat else wire.parse_completion)(body, cfg.max_tokens)
     model = state.model(req.model, CAUSAL_LM)
     ids = await asyncio.to_thread(_prompt_ids, model, req)
+    if not ids:
+        raise bad("the prompt is empty: nothing to continue from", "prompt")
     params = _params(model, req, len(ids), cfg.max_tokens)
     rid = wire.new_id("chatcmpl" if chat else "cmpl")
     t_admit = time.perf_counter()
