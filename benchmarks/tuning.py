@@ -87,6 +87,7 @@ def train_variant(spec: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - t0)
+    peak = peak_rss_mib()  # before evaluation, so only training counts
     model.eval()
     dev_x, dev_y = read_tsv_classification(spec["eval"])
     preds = []
@@ -95,8 +96,7 @@ def train_variant(spec: dict) -> dict:
             enc = tok(dev_x[i:i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
             preds += model(**enc).logits.argmax(-1).tolist()
     acc = 100.0 * float(np.mean([names[p] == g for p, g in zip(preds, dev_y)]))
-    peak = peak_rss_mib()
     return {"step_s": summarize(step_s[min(5, steps - 1):]).to_dict(), "accuracy": acc,
             "weights_mib": weights_mib, "growth_mib": peak - loaded_rss,
             "train_mib": weights_mib + peak - loaded_rss, "process_mib": peak - base_rss, "trainable": sum(p.numel() for p in params),
-            "final_loss": float(loss.detach())}
+            "final_loss": float(loss.detach()), "train_peak_rss_mib": peak}
