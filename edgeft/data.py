@@ -1,0 +1,210 @@
+"""Reading training and evaluation data: CSV, TSV, JSONL, JSON lists and plain text.
+
+Shared by ``edgeft tune`` and export's gate. Three shapes come out of a file:
+
+- classification: ``load_classification(path) -> (texts, labels)``, labels as strings;
+- plain text: ``load_texts(path) -> list[str]`` (a .txt file splits on blank lines, so a
+  poem or a paragraph stays whole; a table gives its text column);
+- instruction or chat rows: ``load_chat(path) -> list[list[message]]`` where a row is
+  ``{"messages": [{"role", "content"}, ...]}``, alpaca's ``instruction``/``input``/``output``
+  or ``prompt``/``completion`` (``response``); ``render_chat`` turns one into a
+  ``(prompt, answer)`` pair of strings through a chat template.
+
+Columns are taken from flags or detected by name. Every problem a user can cause
+(missing or empty file, missing column, unknown format) is an ``EdgeftError``.
+This module knows nothing of models or torch; rendering only calls the tokenizer it is given.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "question", "query", "input", "prompt")
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "sentiment", "coarse_label", "intent")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+SUFFIXES = (*TABLE_SUFFIXES, ".txt")
+
+Message = dict[str, str]
+
+
+def check_file(path: Path) -> Path:
+    """The path itself if it is a non-empty file of a known kind; else one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeftError(f"data file {path} does not exist")
+    if path.suffix.lower() not in SUFFIXES:
+        raise EdgeftError(f"{path}: unknown data format {path.suffix!r} (use {', '.join(SUFFIXES)})")
+    if not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise EdgeftError(f"data file {path} is empty")
+    return path
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a table file (CSV, TSV, JSONL or a JSON list of objects)."""
+    path = check_file(path)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        raise EdgeftError(f"{path} is plain text, not a table with columns")
+    text = path.read_text(encoding="utf-8")
+    if suffix in (".csv", ".tsv"):
+        csv.field_size_limit(sys.maxsize)
+        dialect = "excel-tab" if suffix == ".tsv" else "excel"
+        rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+    elif suffix == ".jsonl":
+        rows = [_json(line, path, i + 1) for i, line in enumerate(text.splitlines()) if line.strip()]
+    else:
+        rows = _json(text, path, None)
+        if isinstance(rows, dict) and isinstance(rows.get("data"), list):
+            rows = rows["data"]
+        if not isinstance(rows, list):
+            raise EdgeftError(f"{path}: a .json data file must hold a list of objects")
+    if not rows:
+        raise EdgeftError(f"data file {path} has no rows")
+    if not all(isinstance(r, dict) for r in rows):
+        raise EdgeftError(f"{path}: every row must be an object with named fields")
+    return rows
+
+
+def _json(text: str, path: Path, line: int | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {line}" if line else f"line {e.lineno}"
+        raise EdgeftError(f"{path}: invalid JSON at {where}: {e.msg}") from None
+
+
+def _pick(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str, path: Path,
+          exclude: str | None = None) -> str:
+    if given is not None:
+        if given not in columns:
+            raise EdgeftError(f"{path}: no column {given!r} (columns: {', '.join(columns)})")
+        return given
+    lower = {c.lower(): c for c in columns if c != exclude}
+    for cand in candidates:
+        if cand in lower:
+            return lower[cand]
+    flag = "--text-col" if what == "text" else "--label-col"
+    raise EdgeftError(f"{path}: cannot tell the {what} column among {', '.join(columns)}; name it with {flag}")
+
+
+def detect_columns(path: Path, text_col: str | None = None, label_col: str | None = None,
+                   need_label: bool = True) -> tuple[str, str | None]:
+    """The (text, label) column names of a table file, from flags or by name."""
+    rows = read_rows(path)
+    columns = list(rows[0].keys())
+    label = _pick(columns, label_col, LABEL_COLUMNS, "label", Path(path)) if need_label else None
+    text = _pick(columns, text_col, TEXT_COLUMNS, "text", Path(path), exclude=label)
+    return text, label
+
+
+def has_label_column(path: Path, label_col: str | None = None) -> bool:
+    """Whether a table file has a label column (named, or detected by name)."""
+    if Path(path).suffix.lower() == ".txt":
+        return False
+    columns = list(read_rows(path)[0].keys())
+    if label_col is not None:
+        return label_col in columns
+    return any(c.lower() in LABEL_COLUMNS for c in columns)
+
+
+def _cell(row: dict[str, Any], col: str, path: Path, i: int) -> str:
+    value = row.get(col)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise EdgeftError(f"{path}: row {i + 1} has no value in column {col!r}")
+    return str(value).strip()
+
+
+def load_classification(path: Path, text_col: str | None = None,
+                        label_col: str | None = None) -> tuple[list[str], list[str]]:
+    """Texts and their labels (as strings) from a table file."""
+    path = Path(path)
+    text, label = detect_columns(path, text_col, label_col, need_label=True)
+    rows = read_rows(path)
+    texts = [_cell(r, text, path, i) for i, r in enumerate(rows)]
+    labels = [_cell(r, label, path, i) for i, r in enumerate(rows)]
+    return texts, labels
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Blank-line separated paragraphs (a whole poem, a speech); lines if there are no blank lines."""
+    paras = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n")]
+    paras = [p for p in paras if p.strip()]
+    if len(paras) == 1:
+        paras = [ln for ln in paras[0].splitlines() if ln.strip()]
+    return paras
+
+
+def load_texts(path: Path, text_col: str | None = None) -> list[str]:
+    """Plain texts: paragraphs of a .txt file, or the text column of a table."""
+    path = check_file(path)
+    if path.suffix.lower() == ".txt":
+        return split_paragraphs(path.read_text(encoding="utf-8"))
+    text, _ = detect_columns(path, text_col, None, need_label=False)
+    return [_cell(r, text, path, i) for i, r in enumerate(read_rows(path))]
+
+
+# ---- instruction and chat rows -------------------------------------------------------------
+
+def row_messages(row: dict[str, Any]) -> list[Message] | None:
+    """One row as chat messages ending with the assistant's answer; None if it is not a chat row."""
+    if isinstance(row.get("messages"), list):
+        msgs = [{"role": str(m.get("role", "")), "content": str(m.get("content", ""))}
+                for m in row["messages"] if isinstance(m, dict)]
+        return msgs or None
+    if "instruction" in row and "output" in row:
+        extra = str(row.get("input") or "").strip()
+        user = str(row["instruction"]).strip() + (f"\n\n{extra}" if extra else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": str(row["output"])}]
+    answer_key = next((k for k in ("completion", "response", "answer") if k in row), None)
+    if "prompt" in row and answer_key:
+        return [{"role": "user", "content": str(row["prompt"])}, {"role": "assistant", "content": str(row[answer_key])}]
+    return None
+
+
+def is_chat_file(path: Path) -> bool:
+    """Whether a table file holds instruction or chat rows (checked on its first row)."""
+    if Path(path).suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv"):
+        return False
+    return row_messages(read_rows(path)[0]) is not None
+
+
+def load_chat(path: Path) -> list[list[Message]]:
+    """Every row of an instruction or chat file as messages ending with an assistant answer."""
+    path = Path(path)
+    out = []
+    for i, row in enumerate(read_rows(path)):
+        msgs = row_messages(row)
+        if msgs is None:
+            raise EdgeftError(f"{path}: row {i + 1} is not an instruction/chat row "
+                              "(messages, instruction+output or prompt+completion)")
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise EdgeftError(f"{path}: row {i + 1} does not end with an assistant answer")
+        out.append(msgs)
+    return out
+
+
+FALLBACK_PROMPT = "### Instruction:\n{user}\n\n### Response:\n"
+
+
+def render_chat(tokenizer: Any, messages: list[Message]) -> tuple[str, str]:
+    """(prompt, answer) strings for one conversation: the loss goes on the answer only.
+
+    The prompt is every message but the last, rendered with the tokenizer's chat
+    template and its generation prompt; the answer is what the template adds for the
+    last (assistant) message. A tokenizer without a template gets a plain
+    ``### Instruction / ### Response`` layout and its end-of-text token.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+        return prompt, messages[-1]["content"] + (tokenizer.eos_token or "")
+    user = "\n\n".join(m["content"] for m in messages[:-1])
+    return FALLBACK_PROMPT.format(user=user), messages[-1]["content"] + (tokenizer.eos_token or "")

@@ -1,0 +1,295 @@
+"""Load a base model for tuning: top blocks trainable in fp32, the frozen rest in 8-bit.
+
+``load_for_tuning`` finds the model's layout (the list of transformer blocks, the final
+norm, the head) on a meta-device copy, then loads the real weights with the frozen
+Linear layers as bitsandbytes LLM.int8 layers (``BitsAndBytesConfig(load_in_8bit=True,
+llm_int8_skip_modules=[trainable modules and heads])``), or in bf16/fp16/fp32 when asked.
+The trainable modules always stay in fp32.
+
+Trained: the top ``N`` blocks, the final norm and the head (``lm_head``; for
+classification the new classifier/score layer and BERT's pooler). Frozen: the embeddings
+and every lower block. A head *tied* to the input embeddings (SmolLM2, GPT-2) stays tied
+and frozen by default, since training it would change the frozen embeddings; with
+``untie_head`` it is copied into its own fp32 ``lm_head.weight`` and trained, and the run
+records ``untied_head=True`` so export unties it too.
+
+This module knows transformers, bitsandbytes and torch; it knows nothing of data or loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a model's parts are, by module name in the task model."""
+
+    blocks: str  # the ModuleList of transformer blocks, e.g. "model.layers"
+    n_blocks: int
+    norms: tuple[str, ...]  # final norm(s), e.g. ("model.norm",)
+    heads: tuple[str, ...]  # task head modules, e.g. ("lm_head",) or ("bert.pooler", "classifier")
+    embeddings: str  # the input embedding module
+    tied_head: bool  # the output head shares its weight with the input embeddings
+
+    def trainable(self, n: int, untie_head: bool = False, train_embeddings: bool = False) -> list[str]:
+        """Names of the modules trained when the top ``n`` blocks are."""
+        top = [f"{self.blocks}.{i}" for i in range(self.n_blocks - n, self.n_blocks)]
+        heads = [h for h in self.heads if not (self.tied_head and h == "lm_head" and not untie_head)]
+        return top + list(self.norms) + heads + ([self.embeddings] if train_embeddings else [])
+
+
+@dataclass
+class Loaded:
+    """A model ready for the loop, and what the run folder records about it."""
+
+    model: Any
+    tokenizer: Any
+    layout: Layout
+    trainable_modules: list[str]
+    trained_names: list[str]  # parameter names (as in the task model's state_dict) that train
+    untied_head: bool
+    device: Any
+    autocast_dtype: Any = None  # torch dtype for autocast, or None
+    max_positions: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def model_class(task: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports (new head weights, unused pooler) for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    bnb_logger = logging.getLogger("bitsandbytes")
+    bnb_level = bnb_logger.level
+    bnb_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        bnb_logger.setLevel(bnb_level)
+
+
+def _drop_cast_notice(record: logging.LogRecord) -> bool:
+    return "inputs will be cast" not in record.getMessage()
+
+
+def silence_int8_cast_notice() -> None:
+    """bitsandbytes logs on every int8 matmul that fp32 inputs are cast to fp16: expected, once is plenty."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _drop_cast_notice not in logger.filters:
+        logger.addFilter(_drop_cast_notice)
+
+
+def load_tokenizer(path: Path | str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise EdgeftError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def hf_config(path: Path | str, task: str, labels: list[str] | None, tokenizer: Any) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise EdgeftError(f"unknown model {path}: {str(e).splitlines()[0]}") from None
+    if task == "classification":
+        cfg.num_labels = len(labels or [])
+        cfg.id2label = dict(enumerate(labels or []))
+        cfg.label2id = {name: i for i, name in enumerate(labels or [])}
+    if getattr(cfg, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        cfg.pad_token_id = tokenizer.pad_token_id
+    return cfg
+
+
+def find_layout(model: Any) -> Layout:
+    """The blocks, final norm(s), heads and embeddings of a task model (any device, meta included)."""
+    import torch.nn as nn
+
+    base = model.base_model
+    names = {id(m): n for n, m in model.named_modules()}
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    lists = [m for _, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    fitting = [m for m in lists if len(m) == n_layers] or lists
+    if not fitting:
+        raise EdgeftError(f"cannot find the transformer blocks of a {model.config.model_type} model")
+    blocks = max(fitting, key=lambda m: sum(p.numel() for p in m.parameters()))
+    has_params = lambda m: m is not None and any(True for _ in m.parameters())  # noqa: E731
+    norms = tuple(names[id(c)] for _, c in base.named_children()
+                  if "norm" in type(c).__name__.lower() or "layernorm" in type(c).__name__.lower())
+    heads = [n for n, c in model.named_children() if c is not base and has_params(c)]
+    heads += [names[id(c)] for n, c in base.named_children() if n == "pooler" and has_params(c)]
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = bool(out is not None and getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    return Layout(blocks=names[id(blocks)], n_blocks=len(blocks), norms=norms, heads=tuple(heads),
+                  embeddings=names[id(inp)], tied_head=tied)
+
+
+def meta_layout(path: Path | str, task: str, cfg: Any) -> Layout:
+    """The layout from a weightless (meta-device) copy of the model: no memory, no load."""
+    import torch
+
+    try:
+        with torch.device("meta"), quiet_transformers():
+            model = model_class(task).from_config(cfg)
+    except ValueError as e:
+        raise EdgeftError(f"a {cfg.model_type} model cannot do {task}: {str(e).splitlines()[0]}") from None
+    return find_layout(model)
+
+
+def pick_device(device: str) -> Any:
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise EdgeftError("--device cuda asked but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: Any, precision: str) -> Any:
+    """bf16 autocast on CUDA; on CPU only when the frozen base itself is bf16/fp16."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def _load_weights(path: Path | str, task: str, cfg: Any, precision: str, skip: list[str], device: Any) -> Any:
+    import torch
+
+    kwargs: dict[str, Any] = {"config": cfg}
+    if precision == "int8":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs["dtype"] = torch.float32
+    else:
+        kwargs["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    try:
+        with quiet_transformers():
+            model = model_class(task).from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise EdgeftError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
+    return model if precision == "int8" else model.to(device)
+
+
+def _untie(model: Any) -> None:
+    import torch.nn as nn
+
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    model.config.get_text_config().tie_word_embeddings = False
+
+
+def _freeze(model: Any, modules: list[str]) -> list[str]:
+    """Only parameters inside ``modules`` train (kept in fp32); return their names."""
+    import torch
+
+    for name, module in model.named_modules():
+        if name in modules:
+            module.to(torch.float32)
+    trained = []
+    for name, p in model.named_parameters():
+        train = any(name == m or name.startswith(m + ".") for m in modules)
+        p.requires_grad_(train)
+        if train:
+            trained.append(name)
+    return trained
+
+
+def max_positions(cfg: Any) -> int | None:
+    text = cfg.get_text_config()
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+
+
+def load_for_tuning(path: Path | str, task: str, labels: list[str] | None, trainable_layers: int,
+                    precision: str = "int8", device: str = "auto", untie_head: bool = False,
+                    train_embeddings: bool = False, seed: int = 0) -> Loaded:
+    """Load ``path`` for ``task`` with only the top ``trainable_layers`` blocks (+ norm, head) trainable."""
+    import torch
+
+    tokenizer = load_tokenizer(path)
+    cfg = hf_config(path, task, labels, tokenizer)
+    layout = meta_layout(path, task, cfg)
+    if trainable_layers > layout.n_blocks:
+        raise EdgeftError(f"--trainable-layers {trainable_layers} but the model has {layout.n_blocks} blocks")
+    untie = untie_head and layout.tied_head
+    modules = layout.trainable(trainable_layers, untie_head=untie, train_embeddings=train_embeddings)
+    dev = pick_device(device)
+    silence_int8_cast_notice()
+    torch.manual_seed(seed)  # a new head (classifier) starts from the same weights every time
+    model = _load_weights(path, task, cfg, precision, skip=sorted(set(modules) | set(layout.heads)), device=dev)
+    if untie:
+        _untie(model)
+    trained = _freeze(model, modules)
+    if task == "causal-lm":
+        model.config.use_cache = False
+    return Loaded(model=model, tokenizer=tokenizer, layout=layout, trainable_modules=modules,
+                  trained_names=trained, untied_head=untie, device=dev,
+                  autocast_dtype=autocast_dtype(dev, precision), max_positions=max_positions(cfg))
+
+
+def frozen_linear_kinds(loaded: Loaded) -> dict[str, str]:
+    """{module name: class name} of every Linear-like layer outside the trainable modules."""
+    out = {}
+    for name, module in loaded.model.named_modules():
+        inside = any(name == m or name.startswith(m + ".") for m in loaded.trainable_modules)
+        if not inside and "Linear" in type(module).__name__:
+            out[name] = type(module).__name__
+    return out
+
+
+def load_tuned(run_dir: Path, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a finished run: the base's original weights with the trained ones merged in.
+
+    For checks and benchmarks (generation, comparing runs); export has its own merge.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from edgeft.models import resolve_model
+    from edgeft.runs import TRAINED, read_run
+
+    info = read_run(run_dir)
+    base = info.base_path if Path(info.base_path).exists() else resolve_model(info.base_model)
+    tokenizer = load_tokenizer(run_dir)
+    cfg = hf_config(base, info.task, info.labels, tokenizer)
+    with quiet_transformers():
+        model = model_class(info.task).from_pretrained(str(base), config=cfg, dtype=dtype or torch.float32)
+    if info.untied_head:
+        _untie(model)
+    trained = load_file(str(Path(run_dir) / TRAINED))
+    missing = set(trained) - set(model.state_dict())
+    if missing:
+        raise EdgeftError(f"{run_dir}: trained parameters not in the base model: {sorted(missing)[:3]}")
+    model.load_state_dict(trained, strict=False)
+    return model.eval(), tokenizer

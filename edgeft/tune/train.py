@@ -1,0 +1,540 @@
+"""``tune(config)``: the training loop and the run folder it writes.
+
+Setup resolves the model, reads and tokenizes the data, and loads the base with only
+the top blocks trainable (``edgeft.tune.model``); every user error is raised before
+anything is written. The loop is edgeft's own (transformers' Trainer refuses an 8-bit
+model without adapters): AdamW or bitsandbytes' 8-bit AdamW, warmup then cosine/linear
+decay, gradient accumulation, clipping, bf16 autocast on CUDA, optional gradient
+checkpointing, evaluation every N steps keeping the best, early stopping, class weights.
+
+Work happens in ``OUT.partial/`` (config, checkpoints, live log). A checkpoint is a
+complete ``ckpt-STEP/`` folder made under a temporary name, then named in
+``checkpoint.json``; ``--resume`` restores parameters, optimizer, RNG and counters from
+it, and the data order is a function of (seed, step), so a resumed run ends where an
+uninterrupted one would. The finished run folder is written under a temporary name and
+renamed to OUT; only then is ``OUT.partial`` removed.
+
+This module knows torch and the run folder contract; model loading, data and metrics
+live in their own modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from edgeft.runs import TRAINED, RunInfo, write_run_info
+from edgeft.tune import dataset as DS
+from edgeft.tune import metrics as M
+from edgeft.tune.config import Task, TuneConfig
+
+CHECKPOINT = "checkpoint.json"
+DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256}
+
+
+@dataclass
+class State:
+    """Counters and history a checkpoint carries besides tensors."""
+
+    step: int = 0
+    best_step: int | None = None
+    best_score: float = -math.inf
+    best_metrics: dict[str, Any] | None = None
+    last_metrics: dict[str, Any] | None = None
+    before: dict[str, Any] | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    tokens: int = 0
+    examples: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---- setup ----------------------------------------------------------------------------------
+
+def resolve_task(cfg: TuneConfig) -> str:
+    if cfg.task is not Task.auto:
+        return cfg.task.value
+    from edgeft import data as D
+
+    D.check_file(cfg.data)
+    labelled = cfg.label_col is not None or D.has_label_column(cfg.data)
+    return "classification" if labelled and not D.is_chat_file(cfg.data) else "causal-lm"
+
+
+def preflight(cfg: TuneConfig) -> None:
+    """Refuse a finished OUT (without --overwrite) and check what --resume would continue."""
+    if cfg.out.exists() and not cfg.overwrite:
+        raise EdgeftError(f"{cfg.out} already exists (use --overwrite to replace it)")
+    partial = cfg.partial
+    if cfg.resume:
+        if not (partial / CHECKPOINT).is_file():
+            raise EdgeftError(f"nothing to resume: {partial} holds no checkpoint")
+        saved = json.loads((partial / "config.json").read_text())
+        changed = cfg.same_run(saved)
+        if changed:
+            raise EdgeftError(f"--resume needs the interrupted run's settings; these differ: {', '.join(changed)}")
+    elif partial.exists() and not cfg.overwrite:
+        raise EdgeftError(f"an interrupted run is in {partial}: continue it with --resume or restart with --overwrite")
+
+
+def resolve_max_length(cfg: TuneConfig, task: str, positions: int | None) -> int:
+    length = cfg.max_length or DEFAULT_MAX_LENGTH[task]
+    if positions and length > positions:
+        if cfg.max_length:
+            raise EdgeftError(f"--max-length {length} exceeds the model's context of {positions} tokens")
+        length = positions
+    return length
+
+
+def prepare_data(cfg: TuneConfig, task: str, tokenizer: Any, max_length: int) -> DS.Prepared:
+    if task == "classification":
+        prep = DS.prepare_classification(tokenizer, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
+                                         max_length, cfg.text_col, cfg.label_col)
+    else:
+        prep = DS.prepare_causal(tokenizer, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
+                                 max_length, cfg.text_col)
+    if cfg.max_eval_examples and len(prep.eval) > cfg.max_eval_examples:
+        prep.eval = prep.eval[: cfg.max_eval_examples]
+    DS.warn_truncation(prep, max_length)
+    return prep
+
+
+# ---- one step -------------------------------------------------------------------------------
+
+def _autocast(loaded: Any) -> Any:
+    import torch
+
+    if loaded.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(loaded.device.type, dtype=loaded.autocast_dtype)
+
+
+def _forward(model: Any, batch: dict[str, Any]) -> Any:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def loss_sum(model: Any, batch: dict[str, Any], task: str, weights: Any = None) -> Any:
+    """The summed loss of a micro-batch; a group's mean is sum(losses) / sum(loss_weight)."""
+    import torch.nn.functional as F
+
+    logits = _forward(model, batch)
+    labels = batch["labels"]
+    if task == "classification":
+        return F.cross_entropy(logits, labels, weight=weights, reduction="sum")
+    logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    return F.cross_entropy(logits, labels, ignore_index=DS.IGNORE, reduction="sum")
+
+
+def loss_weight(batch: dict[str, Any], task: str, weights: Any = None) -> float:
+    labels = batch["labels"]
+    if task == "classification":
+        return float(weights[labels].sum()) if weights is not None else float(len(labels))
+    return float((labels[:, 1:] != DS.IGNORE).sum())
+
+
+def lr_at(cfg: TuneConfig, step: int, total: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule.value == "constant":
+        return cfg.lr
+    progress = (step - warm) / max(1, total - warm)
+    if cfg.schedule.value == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (1.0 - progress)
+
+
+def make_optimizer(cfg: TuneConfig, model: Any) -> Any:
+    """AdamW (or bitsandbytes' 8-bit AdamW) with no weight decay on biases and norms."""
+    import torch
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if cfg.optimizer.value == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Recompute the trained blocks' activations in backward (transformers 5 name, older fallback)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def set_modes(model: Any, trainable: list[str], training: bool) -> None:
+    """Frozen modules always in eval mode (no dropout); trainable ones follow ``training``."""
+    model.eval()
+    if training:
+        for name, module in model.named_modules():
+            if name in trainable:
+                module.train()
+
+
+def class_weights(cfg: TuneConfig, prep: DS.Prepared, device: Any) -> Any:
+    import torch
+
+    if prep.task != "classification" or cfg.class_weights.value == "none":
+        return None
+    counts = Counter(y for _, y in prep.train)
+    n, c = len(prep.train), len(prep.labels or [])
+    return torch.tensor([n / (c * counts[i]) if counts[i] else 0.0 for i in range(c)], device=device)
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+def evaluate(loaded: Any, examples: list[DS.Example], task: str, labels: list[str] | None,
+             batch_size: int) -> dict[str, Any]:
+    """Eval loss/perplexity (causal LM) or accuracy, macro P/R/F1 and confusion matrix (classification)."""
+    import torch
+    import torch.nn.functional as F
+
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    examples = sorted(examples, key=lambda e: len(e[0]))  # less padding; the figures do not depend on order
+    was = [m.training for m in model.modules()]
+    model.eval()
+    total, count, preds, truth = 0.0, 0, [], []
+    with torch.no_grad(), _autocast(loaded):
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(loaded.device) for k, v in DS.collate(examples[i:i + batch_size], pad, task).items()}
+            logits = _forward(model, batch)
+            if task == "classification":
+                total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+                count += len(batch["labels"])
+                preds += logits.argmax(-1).tolist()
+                truth += batch["labels"].tolist()
+            else:
+                lab = batch["labels"][:, 1:].reshape(-1)
+                total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab,
+                                               ignore_index=DS.IGNORE, reduction="sum"))
+                count += int((lab != DS.IGNORE).sum())
+    for m, t in zip(model.modules(), was, strict=True):
+        m.training = t
+    if task == "classification":
+        return M.classification_metrics(truth, preds, labels or [], loss=total / max(count, 1))
+    return M.lm_metrics(total, count)
+
+
+def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+def trainable_tensors(model: Any, names: list[str]) -> dict[str, Any]:
+    """Detached CPU fp32 copies of the trained parameters, named as in the state_dict."""
+    import torch
+
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().to("cpu", torch.float32).contiguous().clone() for n in names}
+
+
+def save_checkpoint(partial: Path, loaded: Any, optimizer: Any, state: State, best: dict[str, Any] | None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    name = f"ckpt-{state.step:07d}"
+    tmp = partial / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_tensors(loaded.model, loaded.trained_names), str(tmp / "trainable.safetensors"))
+    if best is not None:
+        save_file(best, str(tmp / "best.safetensors"))
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    atomic_write_json(tmp / "state.json", dataclasses.asdict(state))
+    shutil.rmtree(partial / name, ignore_errors=True)
+    os.replace(tmp, partial / name)
+    atomic_write_json(partial / CHECKPOINT, {"step": state.step, "dir": name})
+    for old in partial.glob("ckpt-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(partial: Path, loaded: Any, optimizer: Any) -> tuple[State, dict[str, Any] | None]:
+    import torch
+    from safetensors.torch import load_file
+
+    folder = partial / json.loads((partial / CHECKPOINT).read_text())["dir"]
+    params = dict(loaded.model.named_parameters())
+    with torch.no_grad():
+        for n, t in load_file(str(folder / "trainable.safetensors")).items():
+            params[n].copy_(t.to(params[n].device))
+    blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"]["cpu"])
+    if blob["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    state = State(**json.loads((folder / "state.json").read_text()))
+    best_file = folder / "best.safetensors"
+    return state, (load_file(str(best_file)) if best_file.is_file() else None)
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    total_steps: int
+    steps_per_epoch: int
+    micro_per_epoch: int
+
+
+def make_plan(cfg: TuneConfig, n_train: int) -> Plan:
+    micro = DS.micro_batches_per_epoch(n_train, cfg.batch_size)
+    per_epoch = max(1, math.ceil(micro / cfg.grad_accum))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    return Plan(total, per_epoch, micro)
+
+
+def is_eval_step(cfg: TuneConfig, plan: Plan, step: int) -> bool:
+    every = cfg.eval_every or plan.steps_per_epoch
+    return step == plan.total_steps or step % every == 0
+
+
+def is_checkpoint_step(cfg: TuneConfig, plan: Plan, step: int) -> bool:
+    if cfg.checkpoint_every:
+        return step == plan.total_steps or step % cfg.checkpoint_every == 0
+    return is_eval_step(cfg, plan, step)
+
+
+def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, step: int,
+               plan: Plan, weights: Any) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns its log entry."""
+    import torch
+
+    model, task, pad = loaded.model, prep.task, loaded.tokenizer.pad_token_id
+    lr = lr_at(cfg, step, plan.total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batches = [DS.collate(DS.micro_batch(prep.train, cfg.batch_size, cfg.seed, step * cfg.grad_accum + k,
+                                         by_length=cfg.group_by_length), pad, task)
+               for k in range(cfg.grad_accum)]
+    batches = [{k: v.to(loaded.device) for k, v in b.items()} for b in batches]
+    denom = sum(loss_weight(b, task, weights) for b in batches) or 1.0
+    total = 0.0
+    for b in batches:
+        with _autocast(loaded):
+            loss = loss_sum(model, b, task, weights)
+        (loss / denom).backward()
+        total += float(loss.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    examples = sum(len(b["input_ids"]) for b in batches)
+    return {"step": step + 1, "epoch": round((step + 1) / plan.steps_per_epoch, 4), "loss": total / denom,
+            "lr": lr, "grad_norm": float(norm), "tokens": tokens, "examples": examples}
+
+
+def _after_eval(cfg: TuneConfig, state: State, metrics: dict[str, Any], task: str, loaded: Any,
+                best: dict[str, Any] | None) -> dict[str, Any] | None:
+    state.last_metrics = metrics
+    state.log.append({"step": state.step, "eval": _brief(metrics)})
+    s = M.score(metrics, task)
+    if s > state.best_score:
+        state.best_score, state.best_step, state.best_metrics, state.bad_evals = s, state.step, metrics, 0
+        return trainable_tensors(loaded.model, loaded.trained_names)
+    state.bad_evals += 1
+    if cfg.patience and state.bad_evals >= cfg.patience:
+        state.stopped_early = True
+    return best
+
+
+def _bar(cfg: TuneConfig, plan: Plan, state: State) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=plan.total_steps, initial=state.step, disable=not cfg.progress, unit="step",
+                desc="tune", dynamic_ncols=True, file=sys.stderr)
+
+
+def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, plan: Plan,
+             callback: Callable[[int], None] | None = None) -> tuple[State, dict[str, Any] | None]:
+    """Train from the start or the last checkpoint to the end; return the state and the best parameters."""
+    optimizer = make_optimizer(cfg, loaded.model)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(loaded.model)
+    best: dict[str, Any] | None = None
+    if cfg.resume:
+        state, best = load_checkpoint(partial, loaded, optimizer)
+    else:
+        state = State()
+        state.before = evaluate(loaded, prep.eval, prep.task, prep.labels, cfg.eval_batch_size)
+        state.log.append({"step": 0, "eval": _brief(state.before)})
+    weights = class_weights(cfg, prep, loaded.device)
+    unit = "tok/s" if prep.task == "causal-lm" else "ex/s"
+    with _bar(cfg, plan, state) as bar:
+        while state.step < plan.total_steps and not state.stopped_early:
+            set_modes(loaded.model, loaded.trainable_modules, training=True)
+            t0 = time.perf_counter()
+            entry = train_step(cfg, loaded, prep, optimizer, state.step, plan, weights)
+            state.train_seconds += time.perf_counter() - t0
+            state.step += 1
+            state.tokens += entry.pop("tokens")
+            state.examples += entry.pop("examples")
+            state.log.append(entry)
+            rate = (state.tokens if unit == "tok/s" else state.examples) / max(state.train_seconds, 1e-9)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", **{unit.replace("/", "_"): f"{rate:.0f}"})
+            bar.update(1)
+            if is_eval_step(cfg, plan, state.step):
+                metrics = evaluate(loaded, prep.eval, prep.task, prep.labels, cfg.eval_batch_size)
+                best = _after_eval(cfg, state, metrics, prep.task, loaded, best)
+                if cfg.progress:
+                    bar.write(_eval_line(state.step, metrics), file=sys.stderr)
+            if is_checkpoint_step(cfg, plan, state.step) or state.stopped_early:
+                save_checkpoint(partial, loaded, optimizer, state, best)
+                _write_log(partial, state.log)
+            if callback is not None:
+                callback(state.step)
+    return state, best
+
+
+def _eval_line(step: int, m: dict[str, Any]) -> str:
+    if "accuracy" in m:
+        return f"step {step}: eval accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}, loss {m['eval_loss']:.4f}"
+    return f"step {step}: eval loss {m['eval_loss']:.4f}, perplexity {m['perplexity']:.2f}"
+
+
+# ---- the run folder -------------------------------------------------------------------------
+
+def _write_log(folder: Path, log: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(folder / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log).encode())
+
+
+def plot_loss(log: list[dict[str, Any]], path: Path) -> None:
+    """Train loss per step and eval loss at each evaluation, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log if "loss" in e]
+    evals = [(e["step"], e["eval"]["eval_loss"]) for e in log if "eval" in e and "eval_loss" in e["eval"]]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def peak_memory_mb(device: Any) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_metrics(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, plan: Plan) -> dict[str, Any]:
+    n_trained = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in loaded.model.parameters())
+    rate_key, count = ("tokens_per_s", state.tokens) if prep.task == "causal-lm" else ("examples_per_s", state.examples)
+    return {
+        "task": prep.task, "base_model": cfg.model, "base_precision": cfg.base_precision.value,
+        "trainable_layers": cfg.trainable_layers, "before": state.before, "after": state.best_metrics,
+        "last": state.last_metrics, "best_step": state.best_step, "steps": state.step,
+        "planned_steps": plan.total_steps, "stopped_early": state.stopped_early,
+        "train_examples": len(prep.train), "eval_examples": len(prep.eval),
+        "train_seconds": round(state.train_seconds, 2), rate_key: round(count / max(state.train_seconds, 1e-9), 2),
+        "peak_memory_mb": round(peak_memory_mb(loaded.device), 1),
+        "trainable_parameters": n_trained, "total_parameters": n_total,
+    }
+
+
+def write_run(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, plan: Plan,
+              best: dict[str, Any] | None, resolved: Path | str, max_length: int) -> Path:
+    """Write the finished run folder atomically: trained params, run.json, config, tokenizer, metrics, log, plot."""
+    from safetensors.torch import save_file
+
+    from edgeft.models import model_identity
+
+    tensors = best if best is not None else trainable_tensors(loaded.model, loaded.trained_names)
+    data_hash = {"train": sha256_file(cfg.data)} | ({"eval": sha256_file(cfg.eval_data)} if cfg.eval_data else {})
+    info = RunInfo(task=prep.task, base_model=cfg.model, base_path=str(resolved), base_sha256=model_identity(resolved),
+                   architecture=loaded.model.config.model_type, trainable_layers=cfg.trainable_layers,
+                   trained_parameters=list(loaded.trained_names), labels=prep.labels, untied_head=loaded.untied_head,
+                   data_sha256=data_hash, max_length=max_length)
+    resolved_cfg = cfg.to_dict() | {"task": prep.task, "max_length": max_length, "data_kind": prep.kind,
+                                    "total_steps": plan.total_steps, "trainable_modules": loaded.trainable_modules,
+                                    "resume": False, "overwrite": False}
+    with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        save_file(tensors, str(tmp / TRAINED), metadata={"format": "pt"})
+        write_run_info(tmp, info)
+        atomic_write_json(tmp / "config.json", resolved_cfg)
+        loaded.tokenizer.save_pretrained(str(tmp))
+        if prep.labels:
+            atomic_write_json(tmp / "labels.json", {"labels": prep.labels,
+                                                    "label2id": {n: i for i, n in enumerate(prep.labels)}})
+        atomic_write_json(tmp / "metrics.json", build_metrics(cfg, loaded, prep, state, plan))
+        _write_log(tmp, state.log)
+        plot_loss(state.log, tmp / "loss.png")
+    shutil.rmtree(cfg.partial, ignore_errors=True)
+    return cfg.out
+
+
+def _open_partial(cfg: TuneConfig) -> Path:
+    partial = cfg.partial
+    if not cfg.resume:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        atomic_write_json(partial / "config.json", cfg.to_dict())
+    return partial
+
+
+def tune(config: TuneConfig, callback: Callable[[int], None] | None = None) -> Path:
+    """Tune ``config.model`` on ``config.data``; return the finished run folder.
+
+    ``callback(step)`` is called after every optimizer step (and its checkpoint, if any).
+    """
+    import torch
+
+    from edgeft.models import resolve_model
+    from edgeft.tune.model import hf_config, load_for_tuning, load_tokenizer, max_positions
+
+    cfg = config
+    preflight(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    resolved = resolve_model(cfg.model)
+    task = resolve_task(cfg)
+    tokenizer = load_tokenizer(resolved)
+    max_length = resolve_max_length(cfg, task, max_positions(hf_config(resolved, "causal-lm", None, tokenizer)))
+    prep = prepare_data(cfg, task, tokenizer, max_length)
+    loaded = load_for_tuning(resolved, task, prep.labels, cfg.trainable_layers, cfg.base_precision.value,
+                             cfg.device.value, cfg.untie_head, cfg.train_embeddings, cfg.seed)
+    plan = make_plan(cfg, len(prep.train))
+    partial = _open_partial(cfg)
+    try:
+        state, best = run_loop(cfg, loaded, prep, partial, plan, callback)
+    except KeyboardInterrupt:
+        print(f"interrupted: continue from the last checkpoint with --resume ({partial})", file=sys.stderr)
+        raise
+    return write_run(cfg, loaded, prep, state, plan, best, resolved, max_length)

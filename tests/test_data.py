@@ -1,0 +1,136 @@
+"""edgeft.data: tables, column detection, plain text, instruction/chat rows and their rendering."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeft import data as D
+from edgeft.errors import EdgeftError
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_csv_with_text_label_columns_works_as_is(tmp_path):
+    p = _write(tmp_path / "dataset.csv", 'text,label\n"good, really good",pos\nawful,neg\n')
+    texts, labels = D.load_classification(p)
+    assert texts == ["good, really good", "awful"]
+    assert labels == ["pos", "neg"]
+
+
+def test_sst2_tsv_columns_are_detected(shared_data):
+    texts, labels = D.load_classification(shared_data / "sst2" / "dev.tsv")
+    assert len(texts) == len(labels) == 872
+    assert set(labels) == {"0", "1"}
+
+
+def test_trec_needs_no_flag_for_coarse_label_but_takes_one_for_fine(shared_data):
+    path = shared_data / "trec" / "test.tsv"
+    _, coarse = D.load_classification(path)
+    _, fine = D.load_classification(path, label_col="fine_label")
+    assert "DESC" in coarse and any(":" in f for f in fine)
+
+
+def test_jsonl_and_json_tables(tmp_path):
+    rows = [{"sentence": "a b", "category": "x"}, {"sentence": "c", "category": "y"}]
+    jl = _write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    js = _write(tmp_path / "d.json", json.dumps(rows))
+    assert D.load_classification(jl) == (["a b", "c"], ["x", "y"])
+    assert D.load_classification(js) == (["a b", "c"], ["x", "y"])
+
+
+def test_explicit_columns_and_missing_column(tmp_path):
+    p = _write(tmp_path / "d.csv", "body,tag\nhello,a\nbye,b\n")
+    assert D.load_classification(p, text_col="body", label_col="tag") == (["hello", "bye"], ["a", "b"])
+    with pytest.raises(EdgeftError, match="cannot tell the label column"):
+        D.load_classification(p)
+    with pytest.raises(EdgeftError, match="no column 'nope'"):
+        D.load_classification(p, text_col="body", label_col="nope")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.csv", None, "does not exist"),
+    ("empty.csv", "", "is empty"),
+    ("blank.txt", "\n\n  \n", "is empty"),
+    ("header_only.csv", "text,label\n", "no rows"),
+    ("data.parquet", "x", "unknown data format"),
+    ("bad.jsonl", '{"text": "a"}\n{oops\n', "invalid JSON at line 2"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, name, content, message):
+    p = tmp_path / name
+    if content is not None:
+        p.write_text(content)
+    with pytest.raises(EdgeftError, match=message) as e:
+        D.load_classification(p)
+    assert "\n" not in str(e.value)
+
+
+def test_empty_cell_is_reported_with_its_row(tmp_path):
+    p = _write(tmp_path / "d.csv", "text,label\nfine,a\n,b\n")
+    with pytest.raises(EdgeftError, match="row 2 has no value in column 'text'"):
+        D.load_classification(p)
+
+
+def test_plain_text_splits_on_blank_lines(tmp_path):
+    p = _write(tmp_path / "poems.txt", "one\ntwo\n\nthree\n\n\nfour\n")
+    assert D.load_texts(p) == ["one\ntwo", "three", "four"]
+    q = _write(tmp_path / "lines.txt", "a\nb\nc\n")
+    assert D.load_texts(q) == ["a", "b", "c"]
+
+
+def test_sonnets_are_whole_paragraphs(shared_data):
+    sonnets = D.load_texts(shared_data / "poetry" / "shakespeare_sonnets.txt")
+    assert len(sonnets) > 100
+    assert all(len(s.splitlines()) >= 2 for s in sonnets[5:50])
+
+
+def test_alpaca_rows_become_messages(shared_data):
+    path = shared_data / "instruct" / "alpaca_small_2k.json"
+    assert D.is_chat_file(path)
+    convs = D.load_chat(path)
+    assert len(convs) == 2000
+    first = convs[0]
+    assert [m["role"] for m in first] == ["user", "assistant"]
+    assert "Facebook post" in first[0]["content"] and "meanest" in first[0]["content"]
+    assert first[1]["content"] == "no"
+
+
+def test_messages_and_prompt_completion_rows(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "hello"}]},
+            {"prompt": "2+2?", "completion": "4"}]
+    p = _write(tmp_path / "chat.jsonl", "\n".join(json.dumps(r) for r in rows))
+    convs = D.load_chat(p)
+    assert convs[0][-1] == {"role": "assistant", "content": "hello"}
+    assert convs[1] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert not D.is_chat_file(_write(tmp_path / "cls.csv", "text,label\na,b\n"))
+
+
+def test_chat_row_without_answer_is_refused(tmp_path):
+    p = _write(tmp_path / "chat.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+    with pytest.raises(EdgeftError, match="does not end with an assistant answer"):
+        D.load_chat(p)
+
+
+def test_render_chat_uses_the_template_and_splits_at_the_answer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]
+    prompt, answer = D.render_chat(tok, msgs)
+    assert prompt == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    assert answer.startswith("Red.<|im_end|>")
+    assert prompt + answer == tok.apply_chat_template(msgs, tokenize=False)
+
+
+def test_render_chat_without_template_falls_back(tiny_gpt2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    prompt, answer = D.render_chat(tok, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}])
+    assert prompt == "### Instruction:\nQ\n\n### Response:\n"
+    assert answer == "A" + tok.eos_token

@@ -1,0 +1,271 @@
+"""edgeft tune on tiny random llama, gpt2 and bert: the real bitsandbytes int8 path on CPU.
+
+Frozen layers really are int8 and never move; trained ones change and learn; an
+interrupted run resumed from its checkpoint ends where an uninterrupted one ends; the
+run folder holds exactly what the contract says.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from edgeft.runs import TRAINED, read_run
+from edgeft.tune import TuneConfig, tune
+
+POSITIVE = ["great", "lovely", "fine", "good", "happy"]
+NEGATIVE = ["awful", "dull", "boring", "bad", "sad"]
+
+
+def _cls_data(path, n=240, seed=0):
+    """A learnable sentiment set: each text is five words of its label's vocabulary."""
+    rng = random.Random(seed)
+    rows = ["text,label"]
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        words = POSITIVE if label == "positive" else NEGATIVE
+        rows.append(f"{' '.join(rng.choice(words) for _ in range(5))},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _text_data(path):
+    verse = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
+             "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date.\n\n")
+    path.write_text(verse * 40)
+    return path
+
+
+def _cfg(model_dir, data, out, **kw):
+    base = dict(model=str(model_dir), data=data, out=out, max_length=32, batch_size=8, max_steps=8,
+                lr=3e-3, warmup=0, progress=False, threads=1, trainable_layers=2)
+    return TuneConfig(**(base | kw))
+
+
+def _base_state(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+# ---- the int8 base --------------------------------------------------------------------------
+
+def test_frozen_linears_are_bitsandbytes_int8_and_top_blocks_fp32(tiny_llama_dir):
+    import bitsandbytes as bnb
+    import torch
+
+    from edgeft.tune.model import frozen_linear_kinds, load_for_tuning
+
+    loaded = load_for_tuning(tiny_llama_dir, "causal-lm", None, trainable_layers=2)
+    frozen = frozen_linear_kinds(loaded)
+    assert frozen.pop("lm_head") == "Linear"  # tied to the fp32 embeddings, frozen with them
+    assert loaded.model.lm_head.weight is loaded.model.get_input_embeddings().weight
+    assert frozen and set(frozen.values()) == {"Linear8bitLt"}, frozen
+    assert {n.split(".")[2] for n in frozen if n.startswith("model.layers.")} == {"0", "1"}
+    for name, module in loaded.model.named_modules():
+        if name in frozen:
+            assert isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8
+        if name.startswith(("model.layers.2.", "model.layers.3.")) and isinstance(module, torch.nn.Linear):
+            assert type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
+    # the tied head stays frozen with the embeddings; top blocks and the final norm train
+    assert loaded.layout.tied_head and not loaded.untied_head
+    assert loaded.trainable_modules == ["model.layers.2", "model.layers.3", "model.norm"]
+    assert all(n.startswith(("model.layers.2.", "model.layers.3.", "model.norm.")) for n in loaded.trained_names)
+    assert not loaded.model.get_input_embeddings().weight.requires_grad
+
+
+def test_layouts_of_gpt2_and_bert(tiny_gpt2_dir, tiny_bert_dir):
+    from edgeft.tune.model import load_for_tuning
+
+    gpt2 = load_for_tuning(tiny_gpt2_dir, "causal-lm", None, trainable_layers=1, untie_head=True)
+    assert gpt2.trainable_modules == ["transformer.h.3", "transformer.ln_f", "lm_head"]
+    assert gpt2.untied_head and "lm_head.weight" in gpt2.trained_names
+    assert gpt2.model.lm_head.weight.data_ptr() != gpt2.model.transformer.wte.weight.data_ptr()
+    assert set(type(m).__name__ for n, m in gpt2.model.named_modules()
+               if n.startswith("transformer.h.0.") and n.endswith(("c_attn", "c_fc"))) == {"Linear8bitLt"}
+
+    bert = load_for_tuning(tiny_bert_dir, "classification", ["a", "b", "c"], trainable_layers=2)
+    assert bert.trainable_modules == ["bert.encoder.layer.2", "bert.encoder.layer.3", "classifier", "bert.pooler"]
+    assert bert.model.classifier.out_features == 3
+
+
+def test_more_trainable_layers_than_blocks_is_refused(tiny_llama_dir):
+    from edgeft.errors import EdgeftError
+    from edgeft.tune.model import load_for_tuning
+
+    with pytest.raises(EdgeftError, match="the model has 4 blocks"):
+        load_for_tuning(tiny_llama_dir, "causal-lm", None, trainable_layers=5)
+
+
+def test_training_moves_only_the_trained_weights(tiny_llama_dir, tmp_path):
+    """In memory, int8 codes and scales included: every frozen tensor is bit-identical after training."""
+    import torch
+
+    from edgeft.tune import train as T
+    from edgeft.tune.model import load_for_tuning
+
+    cfg = _cfg(tiny_llama_dir, _text_data(tmp_path / "t.txt"), tmp_path / "run", max_steps=4)
+    loaded = load_for_tuning(tiny_llama_dir, "causal-lm", None, 2)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    prep = T.prepare_data(cfg, "causal-lm", loaded.tokenizer, 32)
+    cfg.partial.mkdir()
+    T.run_loop(cfg, loaded, prep, cfg.partial, T.make_plan(cfg, len(prep.train)))
+    after = loaded.model.state_dict()
+    trained = set(loaded.trained_names)
+    assert any(k.endswith("SCB") for k in after)  # the int8 scales are part of the frozen state
+    for k, v in before.items():
+        if k in trained:
+            assert not torch.equal(v, after[k]), k
+        else:
+            assert torch.equal(v, after[k]), k
+
+
+def test_run_folder_holds_only_trained_params_and_merges_onto_fp32_base(tiny_llama_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from edgeft.tune.model import load_tuned
+
+    out = tune(_cfg(tiny_llama_dir, _text_data(tmp_path / "t.txt"), tmp_path / "run"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.txt"]  # no .partial left behind
+    info = read_run(out)
+    trained = load_file(str(out / TRAINED))
+    assert set(trained) == set(info.trained_parameters)
+    assert all(t.dtype == torch.float32 for t in trained.values())
+    assert all(n.startswith(("model.layers.2.", "model.layers.3.", "model.norm.")) for n in trained)
+    base = _base_state(tiny_llama_dir)
+    merged = load_tuned(out)[0].state_dict()
+    for name, tensor in base.items():
+        if name in trained:
+            assert not torch.equal(tensor, merged[name]), name
+            assert torch.equal(trained[name], merged[name])
+        else:
+            assert torch.equal(tensor, merged[name]), name  # the original fp32, never an int8 round trip
+    assert info.task == "causal-lm" and info.base_sha256 and not info.untied_head
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "causal-lm" and config["max_length"] == 32
+
+
+# ---- learning -------------------------------------------------------------------------------
+
+def test_classification_learns_and_reports_before_and_after(tiny_bert_dir, tmp_path):
+    out = tune(_cfg(tiny_bert_dir, _cls_data(tmp_path / "d.csv"), tmp_path / "run", max_steps=40,
+                    batch_size=16, eval_every=20, lr=1e-3, class_weights="balanced"))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "classification" and m["before"] and m["after"]
+    assert m["after"]["accuracy"] >= 0.9 > m["before"]["accuracy"] + 0.2
+    assert set(m["after"]) >= {"accuracy", "macro_precision", "macro_recall", "macro_f1", "confusion_matrix"}
+    cm = m["after"]["confusion_matrix"]
+    assert cm["labels"] == ["negative", "positive"] and sum(map(sum, cm["matrix"])) == m["eval_examples"]
+    assert json.loads((out / "labels.json").read_text())["labels"] == ["negative", "positive"]
+    assert read_run(out).labels == ["negative", "positive"]
+    losses = [e["loss"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e]
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.9 * sum(losses[:5])
+
+
+def test_causal_lm_perplexity_falls(tiny_llama_dir, tmp_path):
+    out = tune(_cfg(tiny_llama_dir, _text_data(tmp_path / "t.txt"), tmp_path / "run", max_steps=30, lr=5e-3))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["after"]["perplexity"] < 0.5 * m["before"]["perplexity"]
+    assert m["tokens_per_s"] > 0 and m["peak_memory_mb"] > 0
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chat_rows_train_on_the_answer_only(tiny_llama_dir, tmp_path):
+    from edgeft.tune import dataset as DS
+    from edgeft.tune.model import load_tokenizer
+
+    rows = [{"instruction": f"Say the word number {i}.", "input": "", "output": "Sonnet."} for i in range(40)]
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(rows))
+    tok = load_tokenizer(tiny_llama_dir)
+    prep = DS.prepare_causal(tok, data, None, 0.1, 0, 64, None)
+    assert prep.kind == "chat" and len(prep.train) == 36
+    ids, labels = prep.train[0]
+    answer = [t for t, y in zip(ids, labels, strict=True) if y != DS.IGNORE]
+    assert tok.decode(answer).startswith("Sonnet.<|im_end|>")
+    assert tok.decode(ids[: labels.index(answer[0])]).endswith("<|im_start|>assistant\n")
+    out = tune(_cfg(tiny_llama_dir, data, tmp_path / "run", max_steps=25, max_length=64))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["after"]["eval_loss"] < 0.9 * m["before"]["eval_loss"]
+
+
+def test_early_stopping_keeps_the_best(tiny_llama_dir, tmp_path):
+    """Evaluated on gibberish, a model learning the sonnet soon stops improving."""
+    rng = random.Random(0)
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(" ".join("".join(rng.choice("xzqjkvwy") for _ in range(4)) for _ in range(12))
+                                 for _ in range(20)))
+    out = tune(_cfg(tiny_llama_dir, _text_data(tmp_path / "t.txt"), tmp_path / "run", eval_data=other,
+                    max_steps=40, lr=1e-2, eval_every=2, patience=2))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["stopped_early"] and m["steps"] < 40
+    assert m["after"]["eval_loss"] <= m["last"]["eval_loss"]
+    assert m["best_step"] <= m["steps"] - 4  # two evaluations (of two steps each) without improvement
+
+
+# ---- resume ---------------------------------------------------------------------------------
+
+class _Kill(KeyboardInterrupt):
+    pass
+
+
+def _interrupt_at(step):
+    def callback(s):
+        if s == step:
+            raise _Kill()
+    return callback
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tiny_bert_dir, tmp_path):
+    """BERT has dropout in its trained blocks, so the RNG state must be restored too."""
+    import torch
+    from safetensors.torch import load_file
+
+    data = _cls_data(tmp_path / "d.csv")
+    kw = dict(max_steps=12, eval_every=4, batch_size=16, grad_accum=2)
+    straight = tune(_cfg(tiny_bert_dir, data, tmp_path / "a", **kw))
+
+    cfg = _cfg(tiny_bert_dir, data, tmp_path / "b", **kw)
+    with pytest.raises(_Kill):
+        tune(cfg, callback=_interrupt_at(6))
+    assert not cfg.out.exists()
+    assert json.loads((cfg.partial / "checkpoint.json").read_text())["step"] == 4
+    resumed = tune(_cfg(tiny_bert_dir, data, tmp_path / "b", resume=True, **kw))
+    assert not cfg.partial.exists()
+
+    a, b = load_file(str(straight / TRAINED)), load_file(str(resumed / TRAINED))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (straight, resumed))
+    assert ma["after"]["accuracy"] == mb["after"]["accuracy"]
+    assert ma["after"]["eval_loss"] == pytest.approx(mb["after"]["eval_loss"], abs=1e-6)
+    la, lb = ((p / "log.jsonl").read_text().splitlines() for p in (straight, resumed))
+    assert len(la) == len(lb)
+    assert [json.loads(x).get("loss") for x in la] == pytest.approx([json.loads(x).get("loss") for x in lb], abs=1e-6)
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoint(tiny_llama_dir, tmp_path):
+    from edgeft.errors import EdgeftError
+
+    data = _text_data(tmp_path / "t.txt")
+    with pytest.raises(EdgeftError, match="nothing to resume"):
+        tune(_cfg(tiny_llama_dir, data, tmp_path / "run", resume=True))
+    with pytest.raises(_Kill):
+        tune(_cfg(tiny_llama_dir, data, tmp_path / "run", eval_every=2), callback=_interrupt_at(3))
+    with pytest.raises(EdgeftError, match="differ: lr"):
+        tune(_cfg(tiny_llama_dir, data, tmp_path / "run", eval_every=2, lr=1e-2, resume=True))
+    with pytest.raises(EdgeftError, match="an interrupted run is in"):
+        tune(_cfg(tiny_llama_dir, data, tmp_path / "run", eval_every=2))
+
+
+def test_long_text_is_truncated_with_one_warning(tiny_bert_dir, tmp_path, capfd):
+    rows = ["text,label"] + [f"{'word ' * (30 if i % 3 == 0 else 3)},{'ab'[i % 2]}" for i in range(60)]
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(rows) + "\n")
+    tune(_cfg(tiny_bert_dir, data, tmp_path / "run", max_steps=1, max_length=16))
+    warnings = [ln for ln in capfd.readouterr().err.splitlines() if "truncated" in ln]
+    assert warnings == ["warning: 20 of 60 examples are longer than 16 tokens and were truncated"]
