@@ -50,6 +50,8 @@ def export_classifier(model: Any, work: Path, max_length: int) -> ClassifierGrap
     import torch
 
     check_supported(model.config)
+    if FUSABLE.get(model.config.model_type) and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")  # the pattern onnxruntime's Attention fusion knows; same numbers
     raw, out = work / "classifier" / "raw.onnx", work / "classifier" / "model.onnx"
     raw.parent.mkdir(parents=True, exist_ok=True)
     accepts = inspect.signature(model.forward).parameters

@@ -382,9 +382,9 @@ def quantize_classifier_dynamic(src: Path, dest: Path) -> QuantReport:
     quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
                      use_external_data_format=True, extra_options={"MatMulConstBOnly": True,
                                    "DefaultTensorType": 1})  # fused ops defeat shape inference: float
-    save(load(tmp), dest)
-    return QuantReport(scheme="int8", method="dynamic", block_size=None,
-                       groups={"embeddings": "fp32", "attention": "int8", "mlp": "int8", "classifier": "int8"})
+    model = load(tmp)
+    save(model, dest)
+    return QuantReport(scheme="int8", method="dynamic", block_size=None, groups=_classifier_groups(model))
 
 
 def quantize_classifier_weight_only(src: Path, dest: Path, block_size: int) -> QuantReport:
@@ -396,5 +396,12 @@ def quantize_classifier_weight_only(src: Path, dest: Path, block_size: int) -> Q
     model = _nbits_pass(model, [t.node for t in targets], [], 8, block_size)
     _drop_unused_initializers(model)
     save(model, dest)
-    return QuantReport(scheme="int8", method="weight-only", block_size=block_size,
-                       groups={"embeddings": "fp32", "matmuls": "int8", "fused-attention": "fp32"})
+    return QuantReport(scheme="int8", method="weight-only", block_size=block_size, groups=_classifier_groups(model))
+
+
+def _classifier_groups(model) -> dict[str, str]:
+    """What the quantizer actually reached, read off the graph's operators."""
+    ops = {n.op_type for n in model.graph.node}
+    dense = "int8" if ops & {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul"} else "fp32"
+    attention = "int8" if "QAttention" in ops else ("fp32" if "Attention" in ops else dense)
+    return {"embeddings": "fp32", "attention": attention, "dense": dense}
