@@ -362,6 +362,7 @@ async def _generate(request: Request, chat: bool) -> Response:
     if req.stream:
         loop = asyncio.get_running_loop()
         chunks = model.pool.submit_stream(lambda engine: engine.stream(ids, params), cancel, loop)
+        state.cancels.add(cancel)  # shutdown stops it even if the response never starts
         state.metrics.prompt_tokens.inc(len(ids), model=model.name)
         events = _stream_events(state, model, req, rid, chat, len(ids), chunks, cancel, on_first)
         return StreamingResponse(events, media_type="text/event-stream",
@@ -381,7 +382,6 @@ async def _stream_events(state: ServerState, model: Model, req: wire.GenerationR
                          n_prompt: int, chunks: asyncio.Queue, cancel: threading.Event,
                          on_first: Callable[[], None]) -> AsyncIterator[str]:
     """Server-sent events for one streamed generation; always ends with ``data: [DONE]``."""
-    state.cancels.add(cancel)
     n, finish = 0, None
     piece = (lambda t, f: wire.chat_chunk(rid, model.name, {"content": t} if t else {}, f)) if chat else \
         (lambda t, f: wire.completion_chunk(rid, model.name, t, f))
