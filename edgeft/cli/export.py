@@ -30,7 +30,7 @@ def export(
     max_repetition_increase: float = typer.Option(0.20, "--max-repetition-increase",
                                                   help="Gate (LMs): allowed rise in repeated 4-grams of greedy continuations (catches looping)."),
     gate_texts: int = typer.Option(None, "--gate-texts", show_default=False,
-                                   help="Held-out texts the gate scores (default: 64 for LMs, 1000 for classifiers)."),
+                                   help="Held-out texts the gate scores (default: 32 for LMs, 1000 for classifiers)."),
     context_length: int = typer.Option(None, "--context-length", show_default=False, help="Decoder context recorded in the manifest (default: the model's)."),
     max_length: int = typer.Option(None, "--max-length", show_default=False, help="Classifier: longest input in tokens (default: the run's, else 128)."),
     labels: str = typer.Option(None, "--labels", show_default=False, help="Classifier label names, comma-separated (default: the run's)."),

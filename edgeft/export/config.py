@@ -80,7 +80,7 @@ class ExportConfig:
     max_repetition_increase: float = 0.20
     """Gate, causal LM: largest allowed rise in repeated 4-grams of greedy continuations."""
     gate_texts: int | None = None
-    """How many held-out texts the gate scores (default: 64 for a causal LM, 1000 for a classifier)."""
+    """How many held-out texts the gate scores (default: 32 for a causal LM, 1000 for a classifier)."""
     gate_prompts: int = 8
     """How many prompts the gate continues greedily (token agreement, repetition)."""
     gate_new_tokens: int = 48

@@ -96,7 +96,7 @@ def eval_set(config: ExportConfig, task: TaskName, run_config: dict[str, Any], t
     from edgeft import data
 
     path = _eval_path(config, run_config)
-    limit = config.gate_texts or (1000 if task is TaskName.classification else 64)
+    limit = config.gate_texts or (1000 if task is TaskName.classification else 32)
     if path is None:
         if task is TaskName.classification:
             raise EdgeftError("the classification gate needs labelled data: pass --eval-data (text and label columns)")

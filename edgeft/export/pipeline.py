@@ -61,6 +61,8 @@ def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise EdgeftError(f"no space left on the device while writing {config.out}: nothing was written") from None
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise EdgeftError(f"cannot write beside {config.out}: {exc.strerror}") from None
         raise
 
 
