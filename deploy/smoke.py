@@ -22,7 +22,8 @@ import urllib.error
 import urllib.request
 
 
-def call(url: str, path: str, body: dict | None = None, key: str | None = None, timeout: float = 60) -> tuple[int, bytes]:
+def call(url: str, path: str, body: dict | None = None, key: str | None = None,
+         timeout: float = 60) -> tuple[int, bytes]:
     req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     if key:

@@ -64,7 +64,8 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
     raise AssertionError("server not healthy in time")
 
 
-def start_cli_server(artifacts: list[Path], env_extra: dict[str, str], args: list[str] = ()) -> tuple[subprocess.Popen, str]:
+def start_cli_server(artifacts: list[Path], env_extra: dict[str, str],
+                     args: list[str] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "EDGEFT_PORT": str(port), "EDGEFT_THREADS": "1", **env_extra}
     cmd = [sys.executable, "-c", "from edgeft.cli import main; main()"]

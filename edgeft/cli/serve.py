@@ -24,7 +24,8 @@ def serve(
         help="Artifact folders or packed .edgeft files (env: EDGEFT_ARTIFACTS, separated by ':', ';' on Windows)."),
     name: list[str] = typer.Option(
         [], "--name", envvar="EDGEFT_NAMES", show_default=False,
-        help="Model name for each artifact, in order (default: the folder or file name). Repeat per artifact (env: space-separated)."),
+        help="Model name for each artifact, in order (default: the folder or file name). "
+             "Repeat per artifact (env: space-separated)."),
     host: str = typer.Option("127.0.0.1", envvar="EDGEFT_HOST",
                              help="Address to bind. 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8000, envvar="EDGEFT_PORT", help="Port to listen on."),
@@ -58,6 +59,7 @@ def serve(
         artifacts=tuple(artifacts), names=tuple(name), host=host, port=port, api_key=api_key or None,
         threads=threads, workers=workers, queue_size=queue_size, max_tokens=max_tokens,
         max_body_bytes=max_body_bytes, max_inputs=max_inputs, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
-        max_connections=max_connections, drain_timeout=drain_timeout, log_format=server.LogFormat(log_format.value), log_level=log_level,
+        max_connections=max_connections, drain_timeout=drain_timeout,
+        log_format=server.LogFormat(log_format.value), log_level=log_level,
     )
     server.serve(config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MAX_STOP = 16
@@ -48,7 +48,6 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
