@@ -42,7 +42,7 @@ class Context:
     prompt_lengths: tuple[int, ...] = (32, 512)
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     batches: int = 20
-    tune_steps: int = 300
+    tune_steps: int = 200
     cache: dict[str, Any] = field(default_factory=dict)
 
     def spawn(self, worker: str, timeout: float = 1800, **spec: Any) -> dict[str, Any]:
@@ -289,23 +289,49 @@ def _classifier_systems(ctx: Context, run: Path, tag: str, quants: tuple[str, ..
     return out
 
 
+def run_metrics(ctx: Context, run: Path, dataset: str) -> None:
+    """What ``edgeft tune`` itself reported: the base before tuning and the tuned model after."""
+    try:
+        m = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return
+    for when in ("before", "after"):
+        figs = m.get(when) or {}
+        if "accuracy" in figs:
+            ctx.add("quality", f"edgeft tune eval ({when} tuning)", "accuracy", 100 * figs["accuracy"], "%",
+                    dataset=dataset, note="edgeft tune's own evaluation (PyTorch, int8-frozen base)")
+        if "perplexity" in figs:
+            ctx.add("quality", f"edgeft tune eval ({when} tuning)", "perplexity", figs["perplexity"], "ppl",
+                    higher=False, dataset=dataset, note="edgeft tune's own evaluation (PyTorch, int8-frozen base)")
+    if "train_seconds" in m:
+        ctx.add("tuning", f"edgeft tune CLI ({dataset})", "wall_s", m["train_seconds"], "s", higher=False,
+                note=f"edgeft tune itself: {m.get('steps')} steps, peak {m.get('peak_memory_mb')} MB "
+                     f"(its own loop, data and settings; not the same-loop comparison)")
+
+
 def case_quality(ctx: Context) -> None:
     sst2 = _classifier_systems(ctx, sst2_run(ctx), "sst2", ("fp32", "int8"))
     for m in [m for m in ctx.res.measurements if m.case == "classification" and m.metric == "accuracy"]:
         ctx.add("quality", m.system, "accuracy", m.value, "%", dataset="sst2-dev")
+    run_metrics(ctx, sst2_run(ctx), "sst2-dev")
     done = {m.system for m in ctx.res.measurements if m.case == "quality"}
     _accuracy_rows(ctx, "sst2-dev", prepare.data_file("sst2", "dev.tsv"), [s for s in sst2 if s[0] not in done], 1)
     try:
+        run_metrics(ctx, trec_run(ctx), "trec-test")
         trec = _classifier_systems(ctx, trec_run(ctx), "trec", ("fp32", "int8"))
         _accuracy_rows(ctx, "trec-test", prepare.data_file("trec", "test.tsv"), trec, 1)
     except Unavailable as exc:
         ctx.res.skip("quality", "trec", str(exc))
     _, held = sonnet_files()
     ppl: list[tuple[str, str, Path]] = [("smollm2 base (pytorch)", "ppl-torch", prepare.ensure_model(prepare.LM))]
+    for q in ("fp32", "int8", "int4", "mixed"):  # the generation case's artifacts, when it made them
+        if f"lm-base-{q}" in ctx.cache:
+            ppl.append((f"smollm2 base edgeft {q}", "ppl-edgeft", ctx.cache[f"lm-base-{q}"]))
     try:
         run = sonnets_run(ctx)
+        run_metrics(ctx, run, "sonnets-heldout")
         ppl.append(("smollm2 tuned (pytorch)", "ppl-torch", run))
-        for q in ("fp32", "int8", "int4", "mixed"):
+        for q in ("int8", "int4"):  # each LM export runs its gate: minutes on 2 cores
             try:
                 ppl.append((f"smollm2 tuned edgeft {q}", "ppl-edgeft", lm_artifact(ctx, q, str(run), "sonnets")))
             except Unavailable as exc:
