@@ -297,6 +297,31 @@ def test_concurrent_classify_requests_are_batched(server, http, classifier):
     assert 1 <= runs < len(texts), f"{len(texts)} concurrent requests took {runs} classifier runs"
 
 
+def test_mixed_load_never_errors_500(server, http):
+    bodies = [
+        ("/v1/completions", {"model": "chat", "prompt": "Shall I", "max_tokens": 12, "stream": True}),
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}),
+        ("/v1/classify", {"model": "sentiment", "input": ["good", "bad", "so-so"]}),
+        ("/v1/completions", {"model": "chat", "prompt": ["not", "one"]}),
+        ("/v1/classify", {"model": "sentiment", "input": {"text": "x"}}),
+    ]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+            return await asyncio.gather(*[c.post(route, json=body) for route, body in bodies * 8])
+
+    responses = asyncio.run(run())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 400, 429}, codes
+    assert codes[3::5] == [400] * 8 and codes[4::5] == [400] * 8
+    assert http.get("/health").json()["status"] == "ok"
+    idle = ('edgeft_queue_depth{model="chat"} 0', 'edgeft_inference_in_flight{model="chat"} 0')
+    deadline = time.time() + 10  # a stream's worker lets go an instant after its last event
+    while not all(s in http.get("/metrics").text for s in idle) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(s in http.get("/metrics").text for s in idle)
+
+
 def test_metrics_count_routes_tokens_and_latency(http):
     http.post("/v1/completions", json={"model": "chat", "prompt": "Hello", "max_tokens": 3})
     http.post("/v1/completions", content=b"{")
