@@ -151,8 +151,8 @@ def test_run_folder_holds_only_trained_params_and_merges_onto_fp32_base(tiny_lla
 # ---- learning -------------------------------------------------------------------------------
 
 def test_classification_learns_and_reports_before_and_after(tiny_bert_dir, tmp_path):
-    out = tune(_cfg(tiny_bert_dir, _cls_data(tmp_path / "d.csv"), tmp_path / "run", max_steps=40,
-                    batch_size=16, eval_every=20, lr=1e-3, class_weights="balanced"))
+    out = tune(_cfg(tiny_bert_dir, _cls_data(tmp_path / "d.csv"), tmp_path / "run", max_steps=60,
+                    batch_size=16, eval_every=20, lr=2e-3, class_weights="balanced"))
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"] == "classification" and m["before"] and m["after"]
     assert m["after"]["accuracy"] >= 0.9 > m["before"]["accuracy"] + 0.2
@@ -162,7 +162,7 @@ def test_classification_learns_and_reports_before_and_after(tiny_bert_dir, tmp_p
     assert json.loads((out / "labels.json").read_text())["labels"] == ["negative", "positive"]
     assert read_run(out).labels == ["negative", "positive"]
     losses = [e["loss"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in e]
-    assert len(losses) == 40 and sum(losses[-5:]) < 0.9 * sum(losses[:5])
+    assert len(losses) == 60 and sum(losses[-5:]) < 0.5 * sum(losses[:5])
 
 
 def test_causal_lm_perplexity_falls(tiny_llama_dir, tmp_path):
