@@ -415,6 +415,28 @@ def test_two_workers_serve_concurrent_requests_without_mixing(artifacts, engine)
     assert 'edgeft_inference_in_flight{model="chat"} 0' in metrics
 
 
+def test_a_client_that_leaves_stops_its_generation(artifacts):
+    from edgeft.runtime.server import ServeConfig
+
+    cfg = ServeConfig(artifacts=(artifacts["chat"],), port=free_port(), threads=1)
+    with InProcessServer(cfg) as s:
+        wait_healthy(s.url)
+        cancelled = 0.0
+        for _ in range(3):  # the worker must notice before it would have finished 240 tokens anyway
+            with httpx.stream("POST", s.url + "/v1/completions", json={
+                    "prompt": PROMPTS[0], "max_tokens": 240, "temperature": 1.0, "seed": 1, "stream": True}) as r:
+                next(ln for ln in r.iter_lines() if ln.startswith("data: {"))
+            deadline = time.time() + 5
+            while time.time() < deadline and 'edgeft_inference_in_flight{model="chat"} 0' not in \
+                    (text := httpx.get(s.url + "/metrics").text):
+                time.sleep(0.02)
+            cancelled = metric(text, 'edgeft_stream_cancelled_total{model="chat"}')
+            if cancelled:
+                break
+        assert cancelled >= 1
+        assert httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
 def test_health_is_503_until_loaded(artifacts):
     from edgeft.runtime.server import ServeConfig, load_models
 

@@ -97,6 +97,7 @@ class GenerationPool:
                         for item in it:
                             loop.call_soon_threadsafe(out.put_nowait, item)
                             if cancel.is_set():
+                                self.metrics.cancelled.inc(model=self.name)
                                 break
                     finally:
                         close = getattr(it, "close", None)

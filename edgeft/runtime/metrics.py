@@ -142,6 +142,9 @@ class Registry:
         self.in_flight = Gauge("edgeft_inference_in_flight", "Requests running on a worker now.", ("model",))
         self.rejected = Counter("edgeft_rejected_total", "Requests refused because the queue was full.",
                                 ("model",))
+        self.cancelled = Counter("edgeft_stream_cancelled_total",
+                                 "Streamed generations stopped early: the client left or the server stopped.",
+                                 ("model",))
         self.classified = Counter("edgeft_classified_texts_total", "Texts classified.", ("model",))
         self.batch_size = Histogram("edgeft_classify_batch_size",
                                     "Texts per classifier run (micro-batches of concurrent requests).",
