@@ -18,6 +18,7 @@ This module knows nothing of models or torch; rendering only calls the tokenizer
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 from pathlib import Path
@@ -40,14 +41,23 @@ def check_file(path: Path) -> Path:
         raise EdgeftError(f"data file {path} does not exist")
     if path.suffix.lower() not in SUFFIXES:
         raise EdgeftError(f"{path}: unknown data format {path.suffix!r} (use {', '.join(SUFFIXES)})")
-    if not path.read_text(encoding="utf-8", errors="replace").strip():
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    if not head.strip() and size <= len(head):
         raise EdgeftError(f"data file {path} is empty")
     return path
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a table file (CSV, TSV, JSONL or a JSON list of objects)."""
+    """The rows of a table file (CSV, TSV, JSONL or a JSON list of objects); treat them as read-only."""
     path = check_file(path)
+    st = path.stat()
+    return _read_rows(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_rows(path: Path, mtime_ns: int, size: int) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         raise EdgeftError(f"{path} is plain text, not a table with columns")

@@ -97,7 +97,7 @@ def test_int8_llama_shares_tied_embedding_and_passes_gate(work, tiny_llama_dir):
     out = _export(tiny_llama_dir, work / "llama-int8", "int8")
     m = _manifest(out)
     q = m["quantization"]
-    assert q["scheme"] == "int8" and q["block_size"] == 32 and q["tied_embeddings_shared"]
+    assert q["scheme"] == "int8" and q["block_size"] == 32 and q["tied_embeddings_shared"] and q["activations"] == "int8"
     assert q["groups"] == {"embeddings": "int8", "head": "int8", "blocks.0-3": "int8"}
     nodes = _ops(out)
     assert {_bits(n) for n in nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized")} == {8}
@@ -113,8 +113,9 @@ def test_int8_llama_shares_tied_embedding_and_passes_gate(work, tiny_llama_dir):
 
 
 def test_mixed_keeps_sensitive_tensors_at_8_bits(work, tiny_gpt2_dir):
-    out = _export(tiny_gpt2_dir, work / "gpt2-mixed", "mixed", block_size=16)
+    out = _export(tiny_gpt2_dir, work / "gpt2-mixed", "mixed", block_size=16, int8_activations=False)
     m = _manifest(out)
+    assert m["quantization"]["activations"] == "fp32"
     assert m["quantization"]["groups"] == {"embeddings": "int8", "head": "int8", "blocks.0": "int8",
                                            "blocks.1-2": "int4", "blocks.3": "int8"}
     widths = {}
@@ -129,6 +130,7 @@ def test_mixed_keeps_sensitive_tensors_at_8_bits(work, tiny_gpt2_dir):
             block = next((b for b in range(4) if f"h.{b}." in weight), "head")
             widths.setdefault(block, set()).add(_bits(n))
             assert weight in inits
+            assert next(a.i for a in n.attribute if a.name == "accuracy_level") == 1
     assert widths == {0: {8}, 1: {4}, 2: {4}, 3: {8}, "head": {8}}
     assert m["gate"]["passed"]
     assert next(_bits(n) for n in model.graph.node if n.op_type == "GatherBlockQuantized") == 8

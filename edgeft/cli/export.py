@@ -21,6 +21,8 @@ def export(
     eval_data: Path = typer.Option(None, "--eval-data", show_default=False,
                                    help="Held-out data for the gate (default: the run's eval data, else built-in texts)."),
     block_size: int = typer.Option(32, "--block-size", help="Block size of weight-only quantization: 16, 32, 64, 128 or 256."),
+    int8_activations: bool = typer.Option(True, "--int8-activations/--fp32-activations",
+                                          help="Decoders: quantized matmuls compute on int8 activations (faster) or fp32 (closer to PyTorch)."),
     int8_mode: Int8Mode = typer.Option(Int8Mode.best, "--int8-mode",
                                        help="Classifiers: dynamic, weight-only, or best (measure both, keep the better)."),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Gate (classifiers): allowed accuracy drop, in points."),
@@ -44,7 +46,8 @@ def export(
 
     config = ExportConfig(
         source=source, out=out, quantize=quantize, task=task, overwrite=overwrite, allow_degraded=allow_degraded,
-        eval_data=eval_data, block_size=block_size, int8_mode=int8_mode, max_accuracy_drop=max_accuracy_drop,
+        eval_data=eval_data, block_size=block_size, int8_mode=int8_mode,
+        int8_activations=int8_activations, max_accuracy_drop=max_accuracy_drop,
         min_label_agreement=min_label_agreement, max_perplexity_increase=max_perplexity_increase,
         min_token_agreement=min_token_agreement, max_repetition_increase=max_repetition_increase,
         gate_texts=gate_texts, context_length=context_length, max_length=max_length,

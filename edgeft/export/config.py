@@ -69,6 +69,8 @@ class ExportConfig:
     """Block size of weight-only quantization (MatMulNBits): 16, 32, 64, 128 or 256."""
     int8_mode: Int8Mode = Int8Mode.best
     """Classifier int8 flavour."""
+    int8_activations: bool = True
+    """Decoders: MatMulNBits computes with int8 activations (faster on CPUs) rather than fp32 (closer)."""
     max_accuracy_drop: float = 1.0
     """Gate, classification: largest allowed accuracy drop, in points."""
     min_label_agreement: float = 0.97

@@ -134,7 +134,7 @@ def _decoder_candidates(config, source, hf_dir, tokenizer, work, log):
         else:
             log(f"quantizing: {scheme.value} (block size {config.block_size})")
             quant = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
-                                              graph.num_layers, graph.vocab_size).to_dict()
+                                              graph.num_layers, graph.vocab_size, config.int8_activations).to_dict()
         assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict(),
                                     config.context_length)
         tok = assemble.tokenizer_section(tokenizer, source.model.config,

@@ -47,10 +47,12 @@ class QuantReport:
     groups: dict[str, str] = field(default_factory=dict)
     method: str = "weight-only"
     tied_embeddings_shared: bool = False
+    activations: str = "fp32"  # what MatMulNBits computes with: "int8" (accuracy_level 4) or "fp32"
 
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, "method": self.method, "block_size": self.block_size,
-                "groups": dict(self.groups), "tied_embeddings_shared": self.tied_embeddings_shared}
+                "groups": dict(self.groups), "tied_embeddings_shared": self.tied_embeddings_shared,
+                "activations": self.activations}
 
 
 def _quiet() -> None:
@@ -183,7 +185,7 @@ def bits_for(group: str, scheme: Quantize, num_layers: int) -> int:
 
 
 def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, num_layers: int,
-                     vocab_size: int) -> QuantReport:
+                     vocab_size: int, int8_activations: bool = True) -> QuantReport:
     """Quantize a decoder graph's weights; write ``dest`` (+ ``.data``); say what went where."""
     _quiet()
     model = load(src)
@@ -191,24 +193,25 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
     targets = matmul_targets(model, vocab_size)
     plan = {t.node: bits_for(t.group, scheme, num_layers) for t in targets}
     head = next((t for t in targets if t.group == "head"), None)
+    level = 4 if int8_activations else 1
     for bits in (4, 8):
         model = _nbits_pass(model, [n for n, b in plan.items() if b == bits],
-                            [n for n, b in plan.items() if b != bits], bits, block_size)
+                            [n for n, b in plan.items() if b != bits], bits, block_size, level)
     emb_bits = bits_for("embeddings", scheme, num_layers)
     shared = _quantize_embedding(model, emb_bits, block_size, head, plan.get(head.node, 0) if head else 0)
     _drop_unused_initializers(model)
     save(model, dest)
     return QuantReport(scheme=scheme.value, block_size=block_size,
                        groups=_group_widths(targets, plan, emb_bits, num_layers),
-                       tied_embeddings_shared=shared)
+                       tied_embeddings_shared=shared, activations="int8" if int8_activations else "fp32")
 
 
-def _nbits_pass(model, include: list[str], exclude: list[str], bits: int, block_size: int):
+def _nbits_pass(model, include: list[str], exclude: list[str], bits: int, block_size: int, level: int = 4):
     if not include:
         return model
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=level,
                              nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
     q.process()
     return q.model.model
@@ -393,7 +396,7 @@ def quantize_classifier_weight_only(src: Path, dest: Path, block_size: int) -> Q
     model = load(src)
     gemm_to_matmul(model)
     targets = matmul_targets(model)
-    model = _nbits_pass(model, [t.node for t in targets], [], 8, block_size)
+    model = _nbits_pass(model, [t.node for t in targets], [], 8, block_size, 1)
     _drop_unused_initializers(model)
     save(model, dest)
     return QuantReport(scheme="int8", method="weight-only", block_size=block_size, groups=_classifier_groups(model))

@@ -382,6 +382,8 @@ def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, pla
         state = State()
         state.before = evaluate(loaded, prep.eval, prep.task, prep.labels, cfg.eval_batch_size)
         state.log.append({"step": 0, "eval": _brief(state.before)})
+        if cfg.progress:
+            print(_eval_line(0, state.before) + " (before tuning)", file=sys.stderr)
     weights = class_weights(cfg, prep, loaded.device)
     unit = "tok/s" if prep.task == "causal-lm" else "ex/s"
     with _bar(cfg, plan, state) as bar:
