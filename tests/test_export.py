@@ -19,7 +19,7 @@ from edgeft.cli import app
 from edgeft.errors import EdgeftError
 from edgeft.export import ExportConfig, Quantize, export
 
-FAST_GATE = {"gate_prompts": 4, "gate_new_tokens": 12, "gate_texts": 12, "threads": 1}
+FAST_GATE = {"gate_prompts": 4, "gate_new_tokens": 12, "gate_texts": 12, "threads": 1, "progress": False}
 # Long enough greedy continuations that int4 visibly drifts from PyTorch on the random tiny llama.
 LONG_GATE = {"gate_prompts": 8, "gate_new_tokens": 48, "gate_texts": 16}
 SILENT = None

@@ -94,7 +94,9 @@ class ExportConfig:
     labels: tuple[str, ...] | None = None
     """Classifier label names (default: the run's, else the model config's)."""
     threads: int | None = None
-    """Threads for the gate's runtime sessions (default: onnxruntime's)."""
+    """Threads for PyTorch and the gate's runtime sessions (default: all usable cores)."""
+    progress: bool = True
+    """Progress bars on stderr for the gate's long loops."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))

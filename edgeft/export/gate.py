@@ -132,6 +132,12 @@ def _eval_path(config: ExportConfig, run_config: dict[str, Any]) -> Path | None:
     return None
 
 
+def _bar(items, desc: str, config: ExportConfig):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False, disable=not config.progress, unit="text")
+
+
 def _spread(n: int, k: int) -> list[int]:
     """``k`` indices spread evenly over ``n`` items (all when k >= n): deterministic, no seed."""
     if k >= n:
@@ -165,14 +171,14 @@ def lm_reference(model: Any, encode, evals: EvalSet, config: ExportConfig, eos_i
         raise EdgeftError(f"the gate's eval data ({evals.origin}) has no text of two tokens or more")
     nll, count = 0.0, 0
     with torch.no_grad():
-        for ids in seqs:
+        for ids in _bar(seqs, "gate: PyTorch perplexity", config):
             logits = model(torch.tensor([ids])).logits[0].float().numpy()
             nll += _nll(logits, ids)
             count += len(ids) - 1
         prompts = [encode(p)[-MAX_TEXT_TOKENS:] if evals.whole_prompts else encode(p)[:PROMPT_TOKENS]
                    for p in evals.prompts]
         prompts = [p for p in prompts if p]
-        conts = [_greedy(model, p, config.gate_new_tokens, eos_ids) for p in prompts]
+        conts = [_greedy(model, p, config.gate_new_tokens, eos_ids) for p in _bar(prompts, "gate: PyTorch greedy", config)]
     reps = [repetition(c) for c in conts]
     return Reference(
         metrics={"perplexity": math.exp(nll / count), "repetition": float(np.mean(reps)) if reps else 0.0},
@@ -197,11 +203,11 @@ def lm_gate(artifact: Path, ref: Reference, config: ExportConfig) -> GateResult:
     start = time.perf_counter()
     gen = Generator.open(artifact, threads=config.threads)
     nll = 0.0
-    for ids in ref.token_ids:
+    for ids in _bar(ref.token_ids, "gate: artifact perplexity", config):
         nll += _nll(gen.score(ids), ids)
     agree, total, reps, exact = 0, 0, [], 0
     params = SamplingParams(max_new_tokens=config.gate_new_tokens, temperature=0.0)
-    for prompt, cont in zip(ref.prompts, ref.continuations):
+    for prompt, cont in _bar(list(zip(ref.prompts, ref.continuations)), "gate: artifact greedy", config):
         if cont:
             logits = gen.score(prompt + cont)
             guess = logits[len(prompt) - 1:len(prompt) - 1 + len(cont)].argmax(axis=1)
