@@ -33,6 +33,16 @@ class Unavailable(Exception):
     """Something the suite needs cannot be had here; the message says why."""
 
 
+# With BENCH_CACHED_ONLY=1 (``--cached-only``) nothing is tuned or exported: only what
+# benchmarks/work/ already holds is measured, the rest is reported as skipped.
+CACHED_ONLY = os.environ.get("BENCH_CACHED_ONLY") == "1"
+
+
+def _may_make(what: str, out: Path) -> None:
+    if CACHED_ONLY:
+        raise Unavailable(f"{what}: not in {out.parent.name}/ yet and this run is --cached-only")
+
+
 def edgeft_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("edgeft")
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "edgeft.cli"]
@@ -80,6 +90,7 @@ def ensure_tuned(name: str, args: list[str]) -> Path:
     _need("edgeft.tune", "tuning")
     out = WORK / "runs" / name
     if not (out / "run.json").is_file():
+        _may_make(f"tuned run {name}", out)
         cmd = edgeft_cmd() + ["tune", *args, "--out", str(out), "--overwrite"]
         secs = run_logged(cmd, WORK / "logs" / f"tune-{name}.log", f"edgeft tune ({name})")
         (WORK / "logs" / f"tune-{name}.seconds").write_text(f"{secs:.2f}\n")
@@ -95,6 +106,7 @@ def ensure_exported(name: str, source: str | Path, quantize: str, extra: list[st
     _need("edgeft.export", "exporting")
     out = WORK / "artifacts" / name
     if not (out / "manifest.json").is_file():
+        _may_make(f"artifact {name}", out)
         q = "none" if quantize == "fp32" else quantize  # the CLI calls full precision "none"
         cmd = edgeft_cmd() + ["export", str(source), "--quantize", q, "--out", str(out),
                               "--overwrite", "--allow-degraded", *extra]

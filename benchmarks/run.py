@@ -60,13 +60,20 @@ def environment(threads: int, quick: bool, shared: str) -> Environment:
 def context(res: SuiteResult, quick: bool, threads: int) -> Context:
     if quick:
         return Context(res, threads=threads, quick=True, repeats=3, new_tokens=32, prompt_lengths=(32, 512),
-                       batches=5, tune_steps=60)
+                       batches=5, tune_steps=20)
     return Context(res, threads=threads)
 
 
-def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "") -> SuiteResult:
+def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
+              tune_steps: int | None = None) -> SuiteResult:
+    import benchmarks.prepare as prep
+
     res = SuiteResult(environment(threads, quick, shared))
     ctx = context(res, quick, threads)
+    if tune_steps:
+        ctx.tune_steps = tune_steps
+    if prep.CACHED_ONLY:
+        res.notes.append("cached-only run: nothing was tuned or exported; what benchmarks/work/ lacked is skipped")
     t0 = time.perf_counter()
     for name in cases:
         print(f"[bench] {name} ...", flush=True)
@@ -102,8 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--shared-note", default=os.environ.get("BENCH_SHARED_NOTE", ""),
                     help="a note printed with the results when the machine was shared meanwhile")
+    ap.add_argument("--cached-only", action="store_true", default=os.environ.get("BENCH_CACHED_ONLY") == "1",
+                    help="tune and export nothing: measure what benchmarks/work/ holds, skip the rest "
+                         "(also BENCH_CACHED_ONLY=1)")
+    ap.add_argument("--tune-steps", type=int, default=None, help="steps per variant in the tuning case")
     ap.add_argument("--report", type=Path, help="only rewrite the Markdown and charts of this JSON result")
     args = ap.parse_args(argv)
+    if args.cached_only:
+        import benchmarks.prepare as prep
+
+        prep.CACHED_ONLY = True
     if args.report:
         res = SuiteResult.load(args.report)
         paths = write_all(res, args.report.parent, args.report.stem)
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [c for c in cases if c not in CASES]
         if unknown:
             ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-        res = run_suite(cases, args.quick, args.threads, args.shared_note)
+        res = run_suite(cases, args.quick, args.threads, args.shared_note, args.tune_steps)
         stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}{'-quick' if args.quick else ''}"
         paths = write_all(res, args.out, stem)
     for p in paths:
