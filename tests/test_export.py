@@ -112,6 +112,28 @@ def test_int8_llama_shares_tied_embedding_and_passes_gate(work, tiny_llama_dir):
         assert sum(f["size"] for f in m["files"].values()) < 0.6 * fp32
 
 
+def test_onnxruntime_genai_runs_the_builder_artifact_like_edgeft(work, tiny_llama_dir):
+    """What the builder made is kept beside the graph: onnxruntime-genai opens the folder and agrees."""
+    import onnxruntime_genai as og
+
+    from edgeft.runtime import Generator, SamplingParams
+
+    src = work / "llama-int8"
+    if not src.exists():
+        _export(tiny_llama_dir, src, "int8")
+    model = og.Model(str(src))
+    ids = og.Tokenizer(model).encode("Shall I compare thee").tolist()
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 10, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    theirs = list(gen.get_sequence(0))[len(ids):]
+    ours = Generator.open(src, threads=1).generate(ids, SamplingParams(max_new_tokens=10)).token_ids
+    assert theirs[:len(ours)] == ours and len(ours) >= 1
+
+
 def test_mixed_keeps_sensitive_tensors_at_8_bits(work, tiny_gpt2_dir):
     out = _export(tiny_gpt2_dir, work / "gpt2-mixed", "mixed", block_size=16, int8_activations=False)
     m = _manifest(out)
