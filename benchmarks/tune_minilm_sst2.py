@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default="int8-top2,full")
     ap.add_argument("--out", type=Path, default=Path("/tmp/edgeft-bench/minilm-sst2"))
+    ap.add_argument("--tag", default="", help="suffix of the result file name (a second budget beside the first)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
     args = ap.parse_args()
     if args.one:
@@ -70,7 +71,7 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
     out = {"case": "all-MiniLM-L6-v2 on SST-2 (train 67k, dev 872), CPU", "goal_dev_accuracy": 0.88,
            "command": " ".join([Path(sys.executable).name, *sys.argv]), "variants": results}
-    dest = REPO / "benchmarks" / "results" / "tune_minilm_sst2.json"
+    dest = REPO / "benchmarks" / "results" / f"tune_minilm_sst2{'-' + args.tag if args.tag else ''}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n")
 

@@ -225,7 +225,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_bert_dir, tmp_path):
     from safetensors.torch import load_file
 
     data = _cls_data(tmp_path / "d.csv")
-    kw = dict(max_steps=12, eval_every=4, batch_size=16, grad_accum=2)
+    kw = dict(max_steps=8, eval_every=4, batch_size=16, grad_accum=2)
     straight = tune(_cfg(tiny_bert_dir, data, tmp_path / "a", **kw))
 
     cfg = _cfg(tiny_bert_dir, data, tmp_path / "b", **kw)
