@@ -65,7 +65,8 @@ def context(res: SuiteResult, quick: bool, threads: int) -> Context:
 
 
 def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
-              tune_steps: int | None = None) -> SuiteResult:
+              tune_steps: int | None = None, after_case=None) -> SuiteResult:  # noqa: ANN001
+    """Run ``cases`` in order; ``after_case(res)`` is called after each (to write partial results)."""
     import benchmarks.prepare as prep
 
     res = SuiteResult(environment(threads, quick, shared))
@@ -86,7 +87,9 @@ def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
             traceback.print_exc()
             res.skip(name, "(whole case)", f"crashed: {type(exc).__name__}: {exc}")
         print(f"[bench] {name} done in {time.perf_counter() - t:.0f}s", flush=True)
-    res.seconds = time.perf_counter() - t0
+        res.seconds = time.perf_counter() - t0
+        if after_case is not None:
+            after_case(res)
     return res
 
 
@@ -127,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [c for c in cases if c not in CASES]
         if unknown:
             ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-        res = run_suite(cases, args.quick, args.threads, args.shared_note, args.tune_steps)
         stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}{'-quick' if args.quick else ''}"
+        res = run_suite(cases, args.quick, args.threads, args.shared_note, args.tune_steps,
+                        after_case=lambda r: write_all(r, args.out, stem))
         paths = write_all(res, args.out, stem)
     for p in paths:
         print(p)
