@@ -10,6 +10,9 @@ OUT    ?= out
 # torch is pinned to the CPU build that lies on this kind of machine's disk; an unpinned
 # torch would pull a multi-GB CUDA build. On a GPU workstation install your CUDA torch first.
 TORCH  ?= torch==2.13.0
+# Demo budget (CPU): optimizer steps for SmolLM2, epochs for MiniLM.
+DEMO_LM_STEPS   ?= 16
+DEMO_CLS_EPOCHS ?= 2
 
 .PHONY: setup test test-slow demo clean
 
@@ -49,9 +52,22 @@ bench: setup ## the benchmark suite on this CPU (~30-45 min; BENCH_QUICK=1 for m
 	@$(BIN)/python -c 'import llama_cpp' 2>/dev/null || echo "bench: llama-cpp-python absent, llama.cpp rows will be skipped (optional: $(BIN)/pip install '.[bench]', ~10 min compile; see benchmarks/README.md)"
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
-demo: setup ## pull SmolLM2-135M and MiniLM-L6, tune both on the demo data, export, run
+demo: setup ## pull SmolLM2-135M and MiniLM-L6, tune both on the demo data, export, run (CPU, ~15-25 min)
 	$(EDGEFT) pull smollm2-135m-instruct
 	$(EDGEFT) pull minilm-l6
+	@echo "== style tuning: SmolLM2-135M on Shakespeare's sonnets, top 4 of 30 blocks over an 8-bit base"
+	$(EDGEFT) tune -m smollm2-135m-instruct -d demo/sonnets.txt -o $(OUT)/runs/sonnets \
+		--trainable-layers 4 --max-length 128 --batch-size 8 --max-steps $(DEMO_LM_STEPS) --lr 5e-4 --overwrite
+	$(EDGEFT) export $(OUT)/runs/sonnets --quantize int8 -o $(OUT)/artifacts/sonnets --overwrite
+	$(EDGEFT) generate $(OUT)/artifacts/sonnets "Shall I compare thee to a summer's day?" \
+		--max-new-tokens 60 --temperature 0.8 --top-p 0.95 --seed 1 --stats
+	@echo "== sentiment: MiniLM-L6 on 2,000 SST-2 reviews, top 2 of 6 blocks over an 8-bit base"
+	$(EDGEFT) tune -m minilm-l6 -d demo/sst2_2k.csv -o $(OUT)/runs/sentiment \
+		--trainable-layers 2 --epochs $(DEMO_CLS_EPOCHS) --lr 1e-3 --overwrite
+	$(EDGEFT) export $(OUT)/runs/sentiment --quantize int8 -o $(OUT)/artifacts/sentiment --overwrite
+	$(EDGEFT) classify $(OUT)/artifacts/sentiment "a gorgeous, witty, seductive movie." "the plot is a lump of coal."
+	$(EDGEFT) pack $(OUT)/artifacts/sentiment -o $(OUT)/sentiment.edgeft --overwrite
+	@echo "== done: artifacts in $(OUT)/artifacts; try: $(EDGEFT) chat $(OUT)/artifacts/sonnets  or  $(EDGEFT) serve $(OUT)/artifacts/*"
 
 clean:
 	rm -rf $(OUT) .pytest_cache
