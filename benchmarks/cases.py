@@ -201,6 +201,8 @@ TUNE_FLAGS = ["--batch-size", "32", "--lr", "2e-4", "--max-length", "64", "--thr
 
 
 def sst2_run(ctx: Context) -> Path:
+    if os.environ.get("BENCH_SST2_RUN"):  # reuse a run folder made elsewhere (e.g. benchmarks/tune_*.py)
+        ctx.cache["sst2-run"] = Path(os.environ["BENCH_SST2_RUN"])
     if "sst2-run" not in ctx.cache:
         data = prepare.data_file("sst2", "train.tsv")
         ctx.cache["sst2-run"] = prepare.ensure_tuned(f"minilm-sst2-{ctx.classifier_steps}", [

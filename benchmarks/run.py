@@ -65,11 +65,13 @@ def context(res: SuiteResult, quick: bool, threads: int) -> Context:
 
 
 def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
-              tune_steps: int | None = None, after_case=None) -> SuiteResult:  # noqa: ANN001
-    """Run ``cases`` in order; ``after_case(res)`` is called after each (to write partial results)."""
+              tune_steps: int | None = None, after_case=None,  # noqa: ANN001
+              into: SuiteResult | None = None) -> SuiteResult:
+    """Run ``cases`` in order (adding to ``into`` when given); ``after_case(res)`` runs after each."""
     import benchmarks.prepare as prep
 
-    res = SuiteResult(environment(threads, quick, shared))
+    res = into or SuiteResult(environment(threads, quick, shared))
+    before = res.seconds
     ctx = context(res, quick, threads)
     if tune_steps:
         ctx.tune_steps = tune_steps
@@ -87,7 +89,7 @@ def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
             traceback.print_exc()
             res.skip(name, "(whole case)", f"crashed: {type(exc).__name__}: {exc}")
         print(f"[bench] {name} done in {time.perf_counter() - t:.0f}s", flush=True)
-        res.seconds = time.perf_counter() - t0
+        res.seconds = before + time.perf_counter() - t0
         if after_case is not None:
             after_case(res)
     return res
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cached-only", action="store_true", default=os.environ.get("BENCH_CACHED_ONLY") == "1",
                     help="tune and export nothing: measure what benchmarks/work/ holds, skip the rest "
                          "(also BENCH_CACHED_ONLY=1)")
+    ap.add_argument("--append", action="store_true",
+                    help="add to today's result file for this host (other cases, later) instead of replacing it")
     ap.add_argument("--tune-steps", type=int, default=None, help="steps per variant in the tuning case")
     ap.add_argument("--report", type=Path, help="only rewrite the Markdown and charts of this JSON result")
     args = ap.parse_args(argv)
@@ -131,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
         stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}{'-quick' if args.quick else ''}"
+        prior = args.out / f"{stem}.json"
+        into = SuiteResult.load(prior) if args.append and prior.is_file() else None
         res = run_suite(cases, args.quick, args.threads, args.shared_note, args.tune_steps,
-                        after_case=lambda r: write_all(r, args.out, stem))
+                        after_case=lambda r: write_all(r, args.out, stem), into=into)
         paths = write_all(res, args.out, stem)
     for p in paths:
         print(p)
