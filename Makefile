@@ -11,7 +11,7 @@ OUT    ?= out
 # torch would pull a multi-GB CUDA build. On a GPU workstation install your CUDA torch first.
 TORCH  ?= torch==2.13.0
 # Demo budget (CPU): optimizer steps for SmolLM2, epochs for MiniLM.
-DEMO_LM_STEPS   ?= 16
+DEMO_LM_STEPS   ?= 12
 DEMO_CLS_EPOCHS ?= 2
 
 .PHONY: setup test test-slow demo clean
@@ -57,13 +57,13 @@ demo: setup ## pull SmolLM2-135M and MiniLM-L6, tune both on the demo data, expo
 	$(EDGEFT) pull minilm-l6
 	@echo "== style tuning: SmolLM2-135M on Shakespeare's sonnets, top 4 of 30 blocks over an 8-bit base"
 	$(EDGEFT) tune -m smollm2-135m-instruct -d demo/sonnets.txt -o $(OUT)/runs/sonnets \
-		--trainable-layers 4 --max-length 128 --batch-size 8 --max-steps $(DEMO_LM_STEPS) --lr 5e-4 --overwrite
+		--trainable-layers 4 --max-length 128 --batch-size 8 --max-steps $(DEMO_LM_STEPS) --lr 5e-4 --warmup 0.1 --eval-batch-size 8 --overwrite
 	$(EDGEFT) export $(OUT)/runs/sonnets --quantize int8 -o $(OUT)/artifacts/sonnets --overwrite
 	$(EDGEFT) generate $(OUT)/artifacts/sonnets "Shall I compare thee to a summer's day?" \
 		--max-new-tokens 60 --temperature 0.8 --top-p 0.95 --seed 1 --stats
 	@echo "== sentiment: MiniLM-L6 on 2,000 SST-2 reviews, top 2 of 6 blocks over an 8-bit base"
 	$(EDGEFT) tune -m minilm-l6 -d demo/sst2_2k.csv -o $(OUT)/runs/sentiment \
-		--trainable-layers 2 --epochs $(DEMO_CLS_EPOCHS) --lr 1e-3 --overwrite
+		--trainable-layers 2 --max-length 64 --batch-size 32 --epochs $(DEMO_CLS_EPOCHS) --lr 1e-3 --warmup 0.1 --overwrite
 	$(EDGEFT) export $(OUT)/runs/sentiment --quantize int8 -o $(OUT)/artifacts/sentiment --overwrite
 	$(EDGEFT) classify $(OUT)/artifacts/sentiment "a gorgeous, witty, seductive movie." "the plot is a lump of coal."
 	$(EDGEFT) pack $(OUT)/artifacts/sentiment -o $(OUT)/sentiment.edgeft --overwrite
