@@ -387,7 +387,8 @@ def quantize_classifier_dynamic(src: Path, dest: Path) -> QuantReport:
                                    "DefaultTensorType": 1})  # fused ops defeat shape inference: float
     model = load(tmp)
     save(model, dest)
-    return QuantReport(scheme="int8", method="dynamic", block_size=None, groups=_classifier_groups(model))
+    return QuantReport(scheme="int8", method="dynamic", block_size=None, groups=_classifier_groups(model),
+                       activations="int8")
 
 
 def quantize_classifier_weight_only(src: Path, dest: Path, block_size: int) -> QuantReport:
