@@ -52,7 +52,7 @@ bench: setup ## the benchmark suite on this CPU (~30-45 min; BENCH_QUICK=1 for m
 	@$(BIN)/python -c 'import llama_cpp' 2>/dev/null || echo "bench: llama-cpp-python absent, llama.cpp rows will be skipped (optional: $(BIN)/pip install '.[bench]', ~10 min compile; see benchmarks/README.md)"
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
-demo: setup ## pull SmolLM2-135M and MiniLM-L6, tune both on the demo data, export, run (CPU, ~15-25 min)
+demo: setup ## pull SmolLM2-135M and MiniLM-L6, tune both on the demo data, export, run (2 CPU cores: ~10 min)
 	$(EDGEFT) pull smollm2-135m-instruct
 	$(EDGEFT) pull minilm-l6
 	@echo "== style tuning: SmolLM2-135M on Shakespeare's sonnets, top 4 of 30 blocks over an 8-bit base"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,19 @@ def render_chat(tokenizer: Any, messages: list[Message]) -> tuple[str, str]:
         return prompt, messages[-1]["content"] + (tokenizer.eos_token or "")
     user = "\n\n".join(m["content"] for m in messages[:-1])
     return FALLBACK_PROMPT.format(user=user), messages[-1]["content"] + (tokenizer.eos_token or "")
+
+
+def held_out_split(items: list[Any], fraction: float, seed: int, what: str) -> tuple[list[Any], list[Any]]:
+    """Split ``items`` into (train, held out): a seeded ``fraction`` held out, order kept.
+
+    ``edgeft tune`` evaluates on the held-out part when there is no ``--eval-data``, and
+    ``edgeft export``'s gate rebuilds the same part from the run's seed, so the gate never
+    scores the texts the model was trained on.
+    """
+    if len(items) < 2:
+        raise EdgeftError(f"{what} has too few examples to hold some out for evaluation: give --eval-data")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

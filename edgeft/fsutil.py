@@ -58,8 +58,20 @@ def atomic_dir(dest: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a finished folder is readable like any other
+    _readable(tmp)
     replace_dir(tmp, dest)
+
+
+def _readable(folder: Path) -> None:
+    """Make a finished folder readable like any other (mkdtemp/mkstemp create 0700/0600).
+
+    A service account that only reads an artifact (systemd DynamicUser, a container's
+    non-root user) must be able to open every file in it.
+    """
+    os.chmod(folder, 0o755)
+    for p in folder.rglob("*"):
+        mode = p.stat().st_mode
+        os.chmod(p, mode | (0o055 if p.is_dir() else 0o044))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -118,3 +118,14 @@ def test_open_artifact_rechecks_after_a_change(tmp_path):
     (folder / "extra.bin").write_bytes(b"x")
     with pytest.raises(EdgeftError):
         artifact.open_artifact(folder)
+
+
+def test_finished_folders_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    with atomic_dir(tmp_path / "out") as tmp:
+        fd = os.open(tmp / "private", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+    for p in (tmp_path / "out", tmp_path / "out" / "private"):
+        assert p.stat().st_mode & stat.S_IROTH

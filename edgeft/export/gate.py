@@ -92,10 +92,11 @@ class GateResult:
 
 def eval_set(config: ExportConfig, task: TaskName, run_config: dict[str, Any], tokenizer: Any,
              labels: list[str] | None) -> EvalSet:
-    """The gate's data: --eval-data, else the run's eval data, else its training data, else built-in."""
+    """The gate's data: --eval-data, else the run's eval data, else its held-out split, else built-in."""
     from edgeft import data
 
-    path = _eval_path(config, run_config)
+    path, from_training = _eval_path(config, run_config)
+    split = _held_out(run_config, path) if from_training else (lambda items: items)
     limit = config.gate_texts or (1000 if task is TaskName.classification else 32)
     if path is None:
         if task is TaskName.classification:
@@ -105,31 +106,41 @@ def eval_set(config: ExportConfig, task: TaskName, run_config: dict[str, Any], t
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if task is TaskName.classification:
         texts, got = data.load_classification(path, run_config.get("text_col"), run_config.get("label_col"))
+        texts, got = (list(x) for x in zip(*split(list(zip(texts, got, strict=True))), strict=True))
         unknown = sorted(set(got) - set(labels or []))
         if unknown:
             raise EdgeftError(f"{path}: labels {', '.join(unknown[:3])} are not the model's ({', '.join(labels or [])})")
         idx = _spread(len(texts), limit)
         return EvalSet([texts[i] for i in idx], [got[i] for i in idx], origin=str(path), sha256=digest)
     if data.is_chat_file(path):
-        pairs = [data.render_chat(tokenizer, m) for m in data.load_chat(path)]
+        pairs = [data.render_chat(tokenizer, m) for m in split(data.load_chat(path))]
         idx = _spread(len(pairs), limit)
         texts = [pairs[i][0] + pairs[i][1] for i in idx]
         prompts = [pairs[i][0] for i in idx[:config.gate_prompts]]
         return EvalSet(texts, prompts=prompts, whole_prompts=True, origin=str(path), sha256=digest)
-    texts = data.load_texts(path, run_config.get("text_col"))
+    texts = split(data.load_texts(path, run_config.get("text_col")))
     idx = _spread(len(texts), limit)
     texts = [texts[i] for i in idx]
     return EvalSet(texts, prompts=texts[:config.gate_prompts], origin=str(path), sha256=digest)
 
 
-def _eval_path(config: ExportConfig, run_config: dict[str, Any]) -> Path | None:
+def _eval_path(config: ExportConfig, run_config: dict[str, Any]) -> tuple[Path | None, bool]:
+    """The gate's data file, and whether it is the run's training file (then split like tune did)."""
     if config.eval_data is not None:
-        return config.eval_data
+        return config.eval_data, False
     for key in ("eval_data", "data"):
         value = run_config.get(key)
         if value and Path(value).is_file():
-            return Path(value)
-    return None
+            return Path(value), key == "data"
+    return None, False
+
+
+def _held_out(run_config: dict[str, Any], path: Path):
+    """The run's own held-out part of its training file: same fraction, same seed as ``edgeft tune``."""
+    from edgeft import data
+
+    fraction, seed = float(run_config.get("eval_fraction", 0.1)), int(run_config.get("seed", 0))
+    return lambda items: data.held_out_split(items, fraction, seed, str(path))[1]
 
 
 def _bar(items, desc: str, config: ExportConfig):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +40,6 @@ class Prepared:
     total: int = 0
 
 
-def _split(items: list[Any], fraction: float, seed: int, what: str) -> tuple[list[Any], list[Any]]:
-    if len(items) < 2:
-        raise EdgeftError(f"{what} has too few examples to hold some out for evaluation: give --eval-data")
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(items) - 1, max(1, round(len(items) * fraction)))
-    held = set(order[:n_eval])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
 def label_names(labels: list[str]) -> list[str]:
     """Sorted label names (numerically when they are all integers)."""
     names = set(labels)
@@ -74,7 +63,7 @@ def prepare_classification(tokenizer: Any, train_path: Path, eval_path: Path | N
     texts, labels = D.load_classification(train_path, text_col, label_col)
     rows = list(zip(texts, labels, strict=True))
     if eval_path is None:
-        rows, held = _split(rows, fraction, seed, str(train_path))
+        rows, held = D.held_out_split(rows, fraction, seed, str(train_path))
     else:
         e_texts, e_labels = D.load_classification(eval_path, text_col, label_col)
         held = list(zip(e_texts, e_labels, strict=True))
@@ -130,7 +119,7 @@ def prepare_causal(tokenizer: Any, train_path: Path, eval_path: Path | None, fra
         items = D.load_texts(train_path, text_col)
         held = D.load_texts(eval_path, text_col) if eval_path else None
     if held is None:
-        items, held = _split(items, fraction, seed, str(train_path))
+        items, held = D.held_out_split(items, fraction, seed, str(train_path))
     if chat:
         train, cut1 = _chat_examples(tokenizer, items, max_length)
         ev, cut2 = _chat_examples(tokenizer, held, max_length)
