@@ -10,16 +10,12 @@ This module knows torch.onnx and the optimizer; it knows nothing of labels or th
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.export.decoder import _interface, _op_counts, _quiet_warnings
-from edgeft.export.quantize import load, save
+from edgeft.export.decoder import _interface, _op_counts, _quiet_warnings, optimize_graph
 
 # model_type -> onnxruntime.transformers optimizer model type
 FUSABLE = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "xlm-roberta": "bert", "electra": "bert"}
@@ -73,22 +69,7 @@ def export_classifier(model: Any, work: Path, max_length: int) -> ClassifierGrap
     with torch.no_grad(), _quiet_warnings():
         torch.onnx.export(Logits().eval(), args, str(raw), input_names=names, output_names=["logits"],
                           dynamic_axes=axes, opset_version=17, dynamo=False)
-    fused = _optimize(raw, out, model.config)
+    fused = optimize_graph(raw, out, model.config, FUSABLE)
     inputs, outputs, opset = _interface(out)
     return ClassifierGraph(path=out, inputs=inputs, outputs=outputs, uses_token_type_ids=with_types,
                            fused=fused, opset=opset, fusions=_op_counts(out))
-
-
-def _optimize(raw: Path, out: Path, cfg: Any) -> bool:
-    kind = FUSABLE.get(cfg.model_type)
-    if kind is None:
-        save(load(raw), out)
-        return False
-    from onnxruntime.transformers import optimizer
-
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):
-        opt = optimizer.optimize_model(str(raw), model_type=kind, num_heads=cfg.num_attention_heads,
-                                       hidden_size=cfg.hidden_size, opt_level=0)
-    save(opt.model, out)
-    return any(opt.get_fused_operator_statistics().values())

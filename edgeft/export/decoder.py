@@ -198,7 +198,7 @@ def _torch_export(model: Any, work: Path) -> DecoderGraph:
     with torch.no_grad(), _quiet_warnings():
         torch.onnx.export(_wrapper(model, layers), (ids, mask, pos, *past), str(raw), input_names=names_in,
                           output_names=names_out, dynamic_axes=axes, opset_version=17, dynamo=False)
-    fused = _optimize(raw, out, cfg)
+    fused = optimize_graph(raw, out, cfg, OPTIMIZER_TYPES)
     inputs, outputs, opset = _interface(out)
     return DecoderGraph(path=out, builder="torch.onnx", fused=fused, inputs=inputs, outputs=outputs,
                         num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=cfg.vocab_size,
@@ -215,9 +215,10 @@ def _quiet_warnings():
         yield
 
 
-def _optimize(raw: Path, out: Path, cfg: Any) -> bool:
-    """Apply onnxruntime's transformer fusions where the model type has them; else copy."""
-    kind = OPTIMIZER_TYPES.get(cfg.model_type)
+def optimize_graph(raw: Path, out: Path, cfg: Any, kinds: dict[str, str]) -> bool:
+    """Apply onnxruntime's transformer fusions where ``kinds`` maps the model type to an
+    optimizer type; else copy. Returns whether anything fused. Shared with classifiers."""
+    kind = kinds.get(cfg.model_type)
     if kind is None:
         save(load(raw), out)
         return False
