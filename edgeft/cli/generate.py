@@ -32,18 +32,11 @@ def sampling_params(gen: "Generator", max_new_tokens: int | None, temperature: f
                     top_p: float | None, repetition_penalty: float | None, seed: int | None,
                     stop: list[str] | None) -> "SamplingParams":
     """Flags over the artifact's defaults (``manifest.generation``)."""
-    from edgeft.artifact import Generation
     from edgeft.runtime import SamplingParams
 
-    d = gen.manifest.generation or Generation()
-
-    def pick(flag, default):
-        return default if flag is None else flag
-
-    return SamplingParams(max_new_tokens=pick(max_new_tokens, d.max_new_tokens),
-                          temperature=pick(temperature, d.temperature), top_k=pick(top_k, d.top_k),
-                          top_p=pick(top_p, d.top_p), repetition_penalty=pick(repetition_penalty, d.repetition_penalty),
-                          seed=seed, stop=tuple(stop or ()))
+    return SamplingParams.over(gen.manifest.generation, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                               stop=tuple(stop or ()))
 
 
 def stream_to_terminal(gen: "Generator", prompt: str | list[int], params: "SamplingParams",

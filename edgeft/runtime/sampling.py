@@ -7,8 +7,10 @@ module knows numpy arrays of logits and token ids only; nothing of graphs or tex
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +45,17 @@ class SamplingParams:
             raise EdgeftError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise EdgeftError("stop strings must be non-empty strings")
+
+    @classmethod
+    def over(cls, defaults: Any, **given: Any) -> "SamplingParams":
+        """``given`` values (None: not given) over an artifact's ``manifest.generation`` defaults.
+
+        ``defaults`` may be None (an artifact without them): then the class defaults apply.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in dataclasses.asdict(defaults).items() if k in names} if defaults else {}
+        kw.update({k: v for k, v in given.items() if v is not None})
+        return cls(**kw)
 
     @property
     def greedy(self) -> bool:

@@ -312,18 +312,10 @@ def _params(model: Model, req: wire.GenerationRequest, n_prompt: int, cap: int) 
                   "completion). Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
     else:
         max_new = req.max_tokens
-    d = model.manifest.generation
-    pick = lambda v, default: default if v is None else v  # noqa: E731
     try:
-        return SamplingParams(
-            max_new_tokens=max_new,
-            temperature=pick(req.temperature, d.temperature if d else 0.0),
-            top_k=pick(req.top_k, d.top_k if d else 0),
-            top_p=pick(req.top_p, d.top_p if d else 1.0),
-            repetition_penalty=pick(req.repetition_penalty, d.repetition_penalty if d else 1.0),
-            seed=req.seed,
-            stop=req.stop,
-        )
+        return SamplingParams.over(model.manifest.generation, max_new_tokens=max_new, temperature=req.temperature,
+                                   top_k=req.top_k, top_p=req.top_p, repetition_penalty=req.repetition_penalty,
+                                   seed=req.seed, stop=req.stop)
     except (ValueError, TypeError) as exc:
         raise bad(str(exc)) from None
 
