@@ -240,6 +240,21 @@ def test_classifier_matches_pytorch_and_keeps_order(bert_art, tiny_bert_dir):
     assert clf.predict_proba([]).shape == (0, len(LABELS))
 
 
+def test_classifier_token_budget_cuts_calls_and_keeps_answers(bert_art):
+    clf = TextClassifier.open(bert_art, batch_tokens=24)
+    lengths = [7, 3, 12, 30, 5, 5, 9]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunks = clf._chunks(order, lengths, batch_size=3)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for c in chunks:  # padded size within the budget, unless one text is longer on its own
+        assert len(c) <= 3 and (len(c) * max(lengths[i] for i in c) <= 24 or len(c) == 1)
+    assert [len(c) for c in chunks] == [3, 2, 1, 1]  # 3,5,5 | 7,9 | 12 | 30
+    whole = TextClassifier.open(bert_art, batch_tokens=10**6)
+    np.testing.assert_allclose(clf.predict_proba(TEXTS * 3), whole.predict_proba(TEXTS * 3), atol=1e-5)
+    with pytest.raises(EdgeftError):
+        TextClassifier.open(bert_art, batch_tokens=0)
+
+
 def test_blockwise_draw_equals_one_cumulative_sum():
     from edgeft.runtime.sampling import draw
 
