@@ -197,7 +197,8 @@ def case_bandwidth(ctx: Context) -> None:
 
 
 # classifier tuning: edgeft's defaults except a larger batch and rate for few steps on 2 cores
-TUNE_FLAGS = ["--batch-size", "32", "--lr", "2e-4", "--max-length", "64", "--threads", "2", "--no-progress"]
+CLS_MAX_LENGTH = 64  # both edgeft and the PyTorch reference truncate here
+TUNE_FLAGS = ["--batch-size", "32", "--lr", "2e-4", "--max-length", str(CLS_MAX_LENGTH), "--threads", "2", "--no-progress"]
 
 
 def sst2_run(ctx: Context) -> Path:
@@ -224,7 +225,7 @@ def case_classification(ctx: Context) -> None:
     for system, worker, path in systems:
         try:
             r = ctx.spawn(worker, path=str(path), data=str(dev), batch_sizes=list(ctx.batch_sizes),
-                          batches=ctx.batches)
+                          batches=ctx.batches, max_length=CLS_MAX_LENGTH)
         except (WorkerFailed, subprocess.TimeoutExpired) as exc:
             ctx.res.skip("classification", system, str(exc))
             continue
@@ -278,7 +279,8 @@ def _accuracy_rows(ctx: Context, dataset: str, data: Path, systems: list[tuple[s
                    label_col: int) -> None:
     for system, worker, path in systems:
         try:
-            r = ctx.spawn(worker, path=str(path), data=str(data), batch_sizes=[], batches=0, label_col=label_col)
+            r = ctx.spawn(worker, path=str(path), data=str(data), batch_sizes=[], batches=0, label_col=label_col,
+                          max_length=CLS_MAX_LENGTH)
             ctx.add("quality", system, "accuracy", r["accuracy"], "%", dataset=dataset)
         except (WorkerFailed, subprocess.TimeoutExpired) as exc:
             ctx.res.skip("quality", f"{system} ({dataset})", str(exc))
