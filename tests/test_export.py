@@ -139,28 +139,34 @@ def test_mixed_keeps_sensitive_tensors_at_8_bits(work, tiny_gpt2_dir):
     m = _manifest(out)
     assert m["quantization"]["activations"] == "fp32"
     assert m["quantization"]["groups"] == {"embeddings": "int8", "head": "int8", "blocks.0": "int8",
-                                           "blocks.1-2": "int4", "blocks.3": "int8"}
-    widths = {}
-    inits = set()
+                                           "blocks.1-2": "int4+int8", "blocks.3": "int8"}
     import onnx
 
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
+    widths: dict = {}
     for n in model.graph.node:
         if n.op_type == "MatMulNBits":
-            weight = n.input[1]
-            block = next((b for b in range(4) if f"h.{b}." in weight), "head")
-            widths.setdefault(block, set()).add(_bits(n))
-            assert weight in inits
+            where = f"{n.name} {n.input[1]}"
+            block = next((b for b in range(4) if f"h.{b}." in where or f"h.{b}/" in where), "head")
+            kind = "mlp_in" if "c_fc" in where else "rest"
+            widths.setdefault((block, kind), set()).add(_bits(n))
+            assert n.input[1] in inits
             assert next(a.i for a in n.attribute if a.name == "accuracy_level") == 1
-    assert widths == {0: {8}, 1: {4}, 2: {4}, 3: {8}, "head": {8}}
+            # 4-bit matrices carry zero points (asymmetric); 8-bit ones are symmetric
+            assert (len(n.input) > 3 and n.input[3] != "") == (_bits(n) == 4)
+    # only the MLP input projections of the middle blocks go to 4 bits
+    assert widths == {(0, "mlp_in"): {8}, (0, "rest"): {8}, (1, "mlp_in"): {4}, (1, "rest"): {8},
+                      (2, "mlp_in"): {4}, (2, "rest"): {8}, (3, "mlp_in"): {8}, (3, "rest"): {8},
+                      ("head", "rest"): {8}}
     assert m["gate"]["passed"]
     assert next(_bits(n) for n in model.graph.node if n.op_type == "GatherBlockQuantized") == 8
 
 
 def test_auto_keeps_the_smallest_that_passes(work, tiny_llama_dir):
-    # int4 disagrees with PyTorch on some greedy tokens of this random model; demand more than it gives.
-    out = _export(tiny_llama_dir, work / "llama-auto", "auto", min_token_agreement=0.97, **LONG_GATE)
+    # int4 disagrees with PyTorch on some greedy tokens of this random model (agreement ~0.995);
+    # demand more than it gives.
+    out = _export(tiny_llama_dir, work / "llama-auto", "auto", min_token_agreement=0.999, **LONG_GATE)
     g = _manifest(out)["gate"]
     assert g["passed"]
     tried = list(g["candidates"])

@@ -15,7 +15,7 @@ def export(
     source: str = typer.Argument(..., help="Run folder from `edgeft tune`, a pulled model name, a Hugging Face folder or a hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write (refused if it exists, see --overwrite)."),
     quantize: Quantize = typer.Option(Quantize.int8, "--quantize", "-q",
-                                      help="Weights: none (fp32), int8, int4, mixed (sensitive tensors 8-bit, rest 4-bit) or auto (smallest that passes the gate)."),
+                                      help="Weights: none (fp32), int8, int4, mixed (MLP input projections of the middle blocks 4-bit, the rest 8-bit) or auto (smallest that passes the gate)."),
     task: TaskName = typer.Option(None, "--task", show_default=False,
                                   help="For a bare base model whose architecture does not say: causal-lm or classification."),
     eval_data: Path = typer.Option(None, "--eval-data", show_default=False,

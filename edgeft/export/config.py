@@ -22,7 +22,7 @@ class Quantize(str, enum.Enum):
     none = "none"  # fp32: the reference, largest
     int8 = "int8"  # weight-only 8-bit (decoders, MatMulNBits); classifiers: dynamic or weight-only int8
     int4 = "int4"  # weight-only 4-bit (MatMulNBits), embeddings 4-bit too
-    mixed = "mixed"  # head, embeddings, first and last blocks 8-bit; the rest 4-bit
+    mixed = "mixed"  # MLP input projections (gate/up) of the middle blocks 4-bit; the rest 8-bit
     auto = "auto"  # the smallest of int4, mixed, int8 that passes the gate
 
 

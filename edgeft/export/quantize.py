@@ -1,10 +1,17 @@
 """Weight quantization of exported ONNX graphs, and the per-group record of what was done.
 
 Decoders get weight-only block quantization: every MatMul with a constant weight becomes
-``MatMulNBits`` (8 or 4 bits, symmetric, selectable block size, int8 activations on CPU),
-and the token embedding becomes ``GatherBlockQuantized`` at the same width, sharing the
-head's quantized matrix when the model ties them. ``mixed`` keeps the sensitive tensors
-(head, embeddings, first and last blocks) at 8 bits and the rest at 4.
+``MatMulNBits`` (8 or 4 bits, selectable block size, int8 activations on CPU), and the
+token embedding becomes ``GatherBlockQuantized`` at the same width, sharing the head's
+quantized matrix when the model ties them. 8-bit blocks are symmetric; 4-bit blocks have
+a zero point (asymmetric), except the head, whose matrix the embedding may share.
+
+``mixed`` puts 4 bits only where they cost least: the MLP's input projections (gate/up,
+``fc1``, ``c_fc``) of the middle blocks. Attention, the MLP's output projection, the first
+and last blocks, head and embeddings stay at 8. Measured on SmolLM2-135M (sonnets, 1.5k
+tokens, teacher-forced against the fp32 graph): every middle-block matrix at 4 bits gave
+perplexity +16% and top-1 agreement 0.69; all MLP matrices +5% / 0.78; gate/up only
+-0.3% / 0.84 (symmetric gate/up: +6% / 0.83).
 
 Classifiers get int8: dynamic (int8 weights and activations, ``quantize_dynamic``) or
 weight-only (``MatMulNBits`` 8-bit); ``edgeft.export`` measures both and keeps the better.
@@ -29,6 +36,9 @@ _BLOCK_RE = re.compile(r"(?:^|[./_])(?:layers|layer|h|blocks|block)[._/](\d+)(?:
 EXTERNAL_DATA_THRESHOLD = 1024
 
 
+_MLP_IN_RE = re.compile(r"(?:gate_proj|up_proj|gate_up|c_fc|fc1|dense_h_to_4h|intermediate[./_]dense|[./_]w[13][./_])")
+
+
 @dataclass
 class MatMulTarget:
     """A MatMul whose weight is a constant, and the tensor group it belongs to."""
@@ -36,6 +46,7 @@ class MatMulTarget:
     node: str
     weight: str
     group: str  # "head", "block.N" or "other"
+    mlp_in: bool = False  # an MLP input projection (gate/up, fc1, c_fc): the least sensitive to 4 bits
 
 
 @dataclass
@@ -150,7 +161,8 @@ def matmul_targets(model, vocab_size: int | None = None) -> list[MatMulTarget]:
             group = "head"
         else:
             group = "other"
-        out.append(MatMulTarget(node.name, node.input[1], group))
+        mlp_in = bool(_MLP_IN_RE.search(f"{node.name} {node.input[1]}"))
+        out.append(MatMulTarget(node.name, node.input[1], group, mlp_in and group.startswith("block.")))
     return out
 
 
@@ -169,7 +181,7 @@ def _logits_chain(model) -> set[str]:
 
 # ---------------------------------------------------------------- decoder schemes
 
-def bits_for(group: str, scheme: Quantize, num_layers: int) -> int:
+def bits_for(group: str, scheme: Quantize, num_layers: int, mlp_in: bool = False) -> int:
     """Width of one tensor group under a scheme (0: keep fp32)."""
     if scheme is Quantize.none:
         return 0
@@ -178,9 +190,8 @@ def bits_for(group: str, scheme: Quantize, num_layers: int) -> int:
     if scheme is Quantize.int4:
         return 4
     if scheme is Quantize.mixed:
-        if group in ("head", "embeddings", "other") or group in ("block.0", f"block.{num_layers - 1}"):
-            return 8
-        return 4
+        middle = group.startswith("block.") and group not in ("block.0", f"block.{num_layers - 1}")
+        return 4 if middle and mlp_in else 8
     raise ValueError(f"no fixed widths for {scheme}")
 
 
@@ -191,12 +202,16 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
     model = load(src)
     gemm_to_matmul(model)
     targets = matmul_targets(model, vocab_size)
-    plan = {t.node: bits_for(t.group, scheme, num_layers) for t in targets}
+    plan = {t.node: bits_for(t.group, scheme, num_layers, t.mlp_in) for t in targets}
     head = next((t for t in targets if t.group == "head"), None)
     level = 4 if int8_activations else 1
-    for bits in (4, 8):
-        model = _nbits_pass(model, [n for n, b in plan.items() if b == bits],
-                            [n for n, b in plan.items() if b != bits], bits, block_size, level)
+    # (bits, symmetric, nodes): 4-bit blocks with zero points; a 4-bit head stays symmetric, as
+    # the embedding lookup may share its quantized matrix
+    passes = [(4, False, [n for n, b in plan.items() if b == 4 and (head is None or n != head.node)]),
+              (4, True, [head.node] if head is not None and plan[head.node] == 4 else []),
+              (8, True, [n for n, b in plan.items() if b == 8])]
+    for bits, symmetric, nodes in passes:
+        model = _nbits_pass(model, nodes, [n for n in plan if n not in nodes], bits, block_size, level, symmetric)
     emb_bits = bits_for("embeddings", scheme, num_layers)
     shared = _quantize_embedding(model, emb_bits, block_size, head, plan.get(head.node, 0) if head else 0)
     _drop_unused_initializers(model)
@@ -206,12 +221,13 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
                        tied_embeddings_shared=shared, activations="int8" if int8_activations else "fp32")
 
 
-def _nbits_pass(model, include: list[str], exclude: list[str], bits: int, block_size: int, level: int = 4):
+def _nbits_pass(model, include: list[str], exclude: list[str], bits: int, block_size: int, level: int = 4,
+                symmetric: bool = True):
     if not include:
         return model
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=level,
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=level,
                              nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
     q.process()
     return q.model.model
