@@ -89,7 +89,9 @@ def _lm_prompts(ctx: Context) -> tuple[list[int], dict[str, list[int]]]:
 def lm_artifact(ctx: Context, quant: str, source: str = prepare.LM, tag: str = "base") -> Path:
     key = f"lm-{tag}-{quant}"
     if key not in ctx.cache:
-        extra = ["--task", "causal-lm"] if source == prepare.LM else []
+        # the base model is gated on instruction prompts (what it was made for); a run on its own eval data
+        extra = (["--task", "causal-lm", "--eval-data", str(prepare.data_file("instruct", "alpaca_small_2k.json"))]
+                 if source == prepare.LM else [])
         ctx.cache[key] = prepare.ensure_exported(f"smollm2-{tag}-{quant}", source, quant, extra)
     return ctx.cache[key]
 

@@ -158,6 +158,19 @@ def test_goals_met_missed_and_not_measured(result):
     assert Goal("x", 0.5, 0.4, "<=").verdict == "missed by 25%"
 
 
+def test_q4_goal_counts_only_artifacts_whose_gate_passed(result):
+    def q4_goal(res):
+        return next(g for g in goals(res) if g.name == "best of int4/mixed decode vs llama.cpp Q4")
+
+    res = SuiteResult.from_dict(result.to_dict())
+    res.add(Measurement("generation", LLAMA["Q4_1"], "decode_tps", 40.0, "tok/s"))
+    res.add(Measurement("generation", EDGEFT["int4"], "decode_tps", 100.0, "tok/s",
+                        note="edgeft int4: gate FAILED (exported with --allow-degraded)"))
+    assert q4_goal(res).verdict == "not measured"  # the faster int4 failed its gate: it does not count
+    res.add(Measurement("generation", EDGEFT["mixed"], "decode_tps", 60.0, "tok/s", note="edgeft mixed: gate passed"))
+    assert q4_goal(res).value == pytest.approx(1.5) and q4_goal(res).met
+
+
 # ---------------------------------------------------------------- writers
 
 
