@@ -314,7 +314,7 @@ def run_metrics(ctx: Context, run: Path, dataset: str) -> None:
                     higher=False, dataset=dataset, note="edgeft tune's own evaluation (PyTorch, int8-frozen base)")
     if "train_seconds" in m:
         ctx.add("tuning", f"edgeft tune CLI ({dataset})", "wall_s", m["train_seconds"], "s", higher=False,
-                note=f"edgeft tune itself: {m.get('steps')} steps, peak {m.get('peak_memory_mb')} MB "
+                note=f"edgeft tune CLI ({dataset}): {m.get('steps')} steps, peak {m.get('peak_memory_mb')} MB "
                      f"(its own loop, data and settings; not the same-loop comparison)")
 
 
@@ -343,7 +343,7 @@ def case_quality(ctx: Context) -> None:
         run = sonnets_run(ctx)
         run_metrics(ctx, run, "sonnets-heldout")
         ppl.append(("smollm2 tuned (pytorch)", "ppl-torch", run))
-        for q in ("int8", "int4"):  # each LM export runs its gate: minutes on 2 cores
+        for q in ("int8", "int4", "mixed"):  # each LM export runs its gate: about a minute on 2 cores
             try:
                 ppl.append((f"smollm2 tuned edgeft {q}", "ppl-edgeft", lm_artifact(ctx, q, str(run), "sonnets")))
             except Unavailable as exc:

@@ -13,6 +13,8 @@ installed yet, an optional extra missing. Work is cached by name; delete
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import subprocess
@@ -105,7 +107,7 @@ def ensure_exported(name: str, source: str | Path, quantize: str, extra: list[st
     """
     _need("edgeft.export", "exporting")
     out = WORK / "artifacts" / name
-    if not (out / "manifest.json").is_file():
+    if not (out / "manifest.json").is_file() or _stale(out, source):
         _may_make(f"artifact {name}", out)
         q = "none" if quantize == "fp32" else quantize  # the CLI calls full precision "none"
         cmd = edgeft_cmd() + ["export", str(source), "--quantize", q, "--out", str(out),
@@ -113,6 +115,18 @@ def ensure_exported(name: str, source: str | Path, quantize: str, extra: list[st
         secs = run_logged(cmd, WORK / "logs" / f"export-{name}.log", f"edgeft export ({name})")
         (WORK / "logs" / f"export-{name}.seconds").write_text(f"{secs:.2f}\n")
     return out
+
+
+def _stale(artifact: Path, source: str | Path) -> bool:
+    """A cached artifact exported from another run folder than ``source`` (made by hand, or
+    before the run was re-tuned) must not stand in for it."""
+    if not Path(source).is_dir():
+        return False  # a pulled model's name: its sha256 is checked by the export itself
+    try:
+        made_from = json.loads((artifact / "manifest.json").read_text())["source"].get("run_folder")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return True
+    return made_from != str(Path(source).resolve())
 
 
 def logged_seconds(kind: str, name: str) -> float | None:

@@ -256,3 +256,16 @@ def test_runtime_extra_closure_has_no_torch():
     assert "torch" not in runtime and "transformers" not in runtime
     assert "torch" in closure("edgeft", {"train"})
     assert 0 < extra_installed_mib("runtime") < extra_installed_mib("train")
+
+
+def test_cached_artifact_from_another_run_is_stale(tmp_path):
+    from benchmarks.prepare import _stale
+
+    run, other, art = tmp_path / "run", tmp_path / "other", tmp_path / "art"
+    for d in (run, other, art):
+        d.mkdir()
+    (art / "manifest.json").write_text(json.dumps({"source": {"run_folder": str(run.resolve())}}))
+    assert not _stale(art, run) and _stale(art, other)
+    assert not _stale(art, "smollm2-135m-instruct")  # a pulled model's name, not a folder
+    (art / "manifest.json").write_text("{not json")
+    assert _stale(art, run)
