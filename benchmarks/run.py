@@ -80,7 +80,9 @@ def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
     t0 = time.perf_counter()
     for name in cases:
         print(f"[bench] {name} ...", flush=True)
-        res.skipped = [k for k in res.skipped if k.case != name]  # an appended re-run replaces old skips
+        # an appended re-run of a case replaces its old figures and skips
+        res.skipped = [k for k in res.skipped if k.case != name]
+        res.measurements = [m for m in res.measurements if m.case != name]
         t = time.perf_counter()
         try:
             CASES[name](ctx)

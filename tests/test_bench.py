@@ -269,3 +269,16 @@ def test_cached_artifact_from_another_run_is_stale(tmp_path):
     assert not _stale(art, "smollm2-135m-instruct")  # a pulled model's name, not a folder
     (art / "manifest.json").write_text("{not json")
     assert _stale(art, run)
+
+
+def test_appended_rerun_of_a_case_replaces_its_figures(result, monkeypatch):
+    import benchmarks.run as run
+
+    def fake_classification(ctx):
+        ctx.add("classification", CLS["int8"], "throughput", 1.0, "texts/s", batch=32)
+
+    monkeypatch.setitem(run.CASES, "classification", fake_classification)
+    res = run.run_suite(["classification"], quick=True, threads=2, into=SuiteResult.from_dict(result.to_dict()))
+    rows = [m for m in res.measurements if m.case == "classification"]
+    assert [(m.system, m.value) for m in rows] == [(CLS["int8"], 1.0)]
+    assert res.find("decode_tps", EDGEFT["int8"]) is not None  # other cases kept
