@@ -437,3 +437,18 @@ def test_tune_then_export_then_runtime(work, tiny_llama_dir):
     assert m["source"]["trainable_layers"] == 1 and m["source"]["data_sha256"]
     done = Generator.open(out, threads=1).generate("Shall I compare thee", SamplingParams(max_new_tokens=8))
     assert done.completion_tokens >= 1 and done.finish_reason in ("stop", "length")
+
+
+def test_classifier_pick_prefers_speed_within_the_gate():
+    from types import SimpleNamespace as NS
+
+    from edgeft.export.pipeline import pick_classifier
+
+    def cand(name, acc, ms):
+        return NS(name=name, result=NS(metrics={"accuracy": acc, "ms_per_text": ms}))
+
+    dynamic, weight_only = cand("dynamic", 0.820, 2.1), cand("weight-only", 0.825, 7.0)
+    assert pick_classifier([weight_only, dynamic]).name == "dynamic"  # 3.3x faster, both passed
+    close = cand("weight-only", 0.825, 2.2)  # within 10% of the fastest: the more accurate wins
+    assert pick_classifier([dynamic, close]).name == "weight-only"
+    assert pick_classifier([]) is None

@@ -34,7 +34,7 @@ class TaskName(str, enum.Enum):
 
 
 class Int8Mode(str, enum.Enum):
-    """Classifier int8 flavour: measure both and keep the better, or force one."""
+    """Classifier int8 flavour: gate both and keep the faster that passes, or force one."""
 
     best = "best"
     dynamic = "dynamic"  # int8 weights and activations (DynamicQuantizeMatMul / MatMulInteger)

@@ -14,7 +14,7 @@ perplexity +16% and top-1 agreement 0.69; all MLP matrices +5% / 0.78; gate/up o
 -0.3% / 0.84 (symmetric gate/up: +6% / 0.83).
 
 Classifiers get int8: dynamic (int8 weights and activations, ``quantize_dynamic``) or
-weight-only (``MatMulNBits`` 8-bit); ``edgeft.export`` measures both and keeps the better.
+weight-only (``MatMulNBits`` 8-bit); ``edgeft.export`` gates both and keeps the faster.
 
 This module knows ONNX graphs and onnxruntime's quantizers; it knows nothing of torch,
 tokenizers or where a model came from. Tensor groups are found by name (``layers.3``,
