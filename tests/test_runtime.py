@@ -241,7 +241,7 @@ def test_classifier_matches_pytorch_and_keeps_order(bert_art, tiny_bert_dir):
 
 
 def test_classifier_token_budget_cuts_calls_and_keeps_answers(bert_art):
-    clf = TextClassifier.open(bert_art, batch_tokens=24)
+    clf = TextClassifier.open(bert_art, batch_tokens=24, threads=2)  # several calls, run side by side
     lengths = [7, 3, 12, 30, 5, 5, 9]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     chunks = clf._chunks(order, lengths, batch_size=3)
