@@ -336,9 +336,11 @@ def case_quality(ctx: Context) -> None:
         ctx.res.skip("quality", "trec", str(exc))
     _, held = sonnet_files()
     ppl: list[tuple[str, str, Path]] = [("smollm2 base (pytorch)", "ppl-torch", prepare.ensure_model(prepare.LM))]
-    for q in ("fp32", "int8", "int4", "mixed"):  # the generation case's artifacts, when it made them
-        if f"lm-base-{q}" in ctx.cache:
-            ppl.append((f"smollm2 base edgeft {q}", "ppl-edgeft", ctx.cache[f"lm-base-{q}"]))
+    for q in ("fp32", "int8", "int4", "mixed"):  # the generation case's artifacts (cached in work/)
+        try:
+            ppl.append((f"smollm2 base edgeft {q}", "ppl-edgeft", lm_artifact(ctx, q)))
+        except Unavailable as exc:
+            ctx.res.skip("quality", f"smollm2 base edgeft {q}", str(exc))
     try:
         run = sonnets_run(ctx)
         run_metrics(ctx, run, "sonnets-heldout")

@@ -78,11 +78,13 @@ def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
     if prep.CACHED_ONLY:
         res.notes.append("cached-only run: nothing was tuned or exported; what benchmarks/work/ lacked is skipped")
     t0 = time.perf_counter()
+    earlier = {id(m) for m in res.measurements}  # an appended run's figures from before
     for name in cases:
         print(f"[bench] {name} ...", flush=True)
-        # an appended re-run of a case replaces its old figures and skips
+        # an appended re-run of a case replaces its old figures and skips (not those this run made:
+        # the quality case records the tune CLI's own figures under "tuning")
         res.skipped = [k for k in res.skipped if k.case != name]
-        res.measurements = [m for m in res.measurements if m.case != name]
+        res.measurements = [m for m in res.measurements if m.case != name or id(m) not in earlier]
         t = time.perf_counter()
         try:
             CASES[name](ctx)

@@ -282,3 +282,18 @@ def test_appended_rerun_of_a_case_replaces_its_figures(result, monkeypatch):
     rows = [m for m in res.measurements if m.case == "classification"]
     assert [(m.system, m.value) for m in rows] == [(CLS["int8"], 1.0)]
     assert res.find("decode_tps", EDGEFT["int8"]) is not None  # other cases kept
+
+
+def test_a_case_keeps_figures_an_earlier_case_of_the_same_run_filed_under_it(monkeypatch):
+    import benchmarks.run as run
+
+    def quality(ctx):
+        ctx.add("tuning", "edgeft tune CLI (sst2-dev)", "wall_s", 30.0, "s", higher=False)
+
+    def tuning(ctx):
+        ctx.add("tuning", "full fine-tuning", "peak_mib", 900.0, "MiB", higher=False)
+
+    monkeypatch.setitem(run.CASES, "quality", quality)
+    monkeypatch.setitem(run.CASES, "tuning", tuning)
+    res = run.run_suite(["quality", "tuning"], quick=True, threads=2)
+    assert {m.system for m in res.measurements} == {"edgeft tune CLI (sst2-dev)", "full fine-tuning"}
