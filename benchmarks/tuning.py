@@ -1,11 +1,12 @@
 """Case 5's training loop: five ways to tune one classifier, with one loop, so only the method differs.
 
-Variants (MiniLM-L6 on SST-2 in the suite): ``full`` (every parameter), ``head`` (pooler
-and classifier only), ``top-fp32`` (top N blocks + head, frozen part in fp32),
-``top-int8`` (edgeft's default: the frozen part loaded in 8-bit by bitsandbytes LLM.int8,
-the top N blocks and head skipped and trained in full precision), ``lora`` (peft LoRA on
-query/value, head trained). Same data order, batch, steps and optimizer (AdamW) for all;
-run inside a worker process so its peak memory is its own. Imports torch inside.
+Variants (MiniLM-L6 and SmolLM2-135M as SST-2 classifiers in the suite): ``full`` (every
+parameter), ``head`` (the classification head only), ``top-fp32`` (top N blocks, final
+norm and head; frozen part in fp32), ``top-int8`` (edgeft's default: the frozen part loaded
+in 8-bit by bitsandbytes LLM.int8, the top N blocks, norm and head skipped and trained in
+full precision), ``lora`` (peft LoRA on the attention's query/value, head trained). Same
+data order, batch, steps and optimizer (AdamW) for all; run inside a worker process so its
+peak memory is its own. Imports torch inside.
 """
 
 from __future__ import annotations
@@ -17,29 +18,38 @@ from typing import Any
 from edgeft.bench import peak_rss_mib, summarize
 
 VARIANTS = ("full", "head", "top-fp32", "top-int8", "lora")
-HEAD = ("pooler", "classifier")
+# model_type -> (head modules, block prefix, final norm, LoRA targets)
+FAMILIES = {
+    "bert": (("pooler", "classifier"), "encoder.layer.", None, ["query", "value"]),
+    "llama": (("score",), "model.layers.", "model.norm", ["q_proj", "v_proj"]),
+}
 
 
-def _load(path: str, variant: str, top_n: int, num_labels: int):  # noqa: ANN202
+def _load(path: str, variant: str, top_n: int, num_labels: int, pad_token_id: int | None):  # noqa: ANN202
+    import re
+
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    n_layers = AutoConfig.from_pretrained(path).num_hidden_layers
-    top = [f"encoder.layer.{i}." for i in range(n_layers - top_n, n_layers)]
-    kw: dict[str, Any] = {"num_labels": num_labels, "dtype": torch.float32}
+    cfg = AutoConfig.from_pretrained(path)
+    head, prefix, norm, lora_targets = FAMILIES[cfg.model_type]
+    n_layers = cfg.num_hidden_layers
+    trained = [*head, *([norm] if norm else []), *(f"{prefix}{i}." for i in range(n_layers - top_n, n_layers))]
+    kw: dict[str, Any] = {"num_labels": num_labels, "dtype": torch.float32, "pad_token_id": pad_token_id}
     if variant == "top-int8":
         from transformers import BitsAndBytesConfig
 
         # transformers matches these as regexes from the start of a module's full name
-        skip = [rf".*{h}" for h in HEAD] + [rf".*encoder\.layer\.{i}" for i in range(n_layers - top_n, n_layers)]
+        skip = [rf".*{re.escape(h)}" for h in head] + [rf".*{re.escape(prefix)}{i}"
+                                                        for i in range(n_layers - top_n, n_layers)]
         kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         kw["device_map"] = "cpu"
     model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
     if variant == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                                 modules_to_save=list(HEAD), task_type="SEQ_CLS"))
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=lora_targets,
+                                                 modules_to_save=list(head), task_type="SEQ_CLS"))
         return model
     for name, p in model.named_parameters():
         if not p.is_floating_point():  # 8-bit frozen weights
@@ -47,9 +57,9 @@ def _load(path: str, variant: str, top_n: int, num_labels: int):  # noqa: ANN202
         if variant == "full":
             p.requires_grad_(True)
         elif variant == "head":
-            p.requires_grad_(any(h in name for h in HEAD))
+            p.requires_grad_(any(h in name for h in head))
         else:
-            p.requires_grad_(any(h in name for h in HEAD) or any(t in name for t in top))
+            p.requires_grad_(any(t in name for t in trained))
     return model
 
 
@@ -69,7 +79,9 @@ def train_variant(spec: dict) -> dict:
     order = list(range(len(texts)))
     random.Random(0).shuffle(order)
     tok = AutoTokenizer.from_pretrained(spec["path"])
-    model = _load(spec["path"], spec["variant"], spec["top_n"], len(names))
+    if tok.pad_token is None:  # decoders: pad with end-of-sequence, as edgeft tune does
+        tok.pad_token = tok.eos_token
+    model = _load(spec["path"], spec["variant"], spec["top_n"], len(names), tok.pad_token_id)
     weights_mib = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
     loaded_rss = peak_rss_mib()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -90,6 +102,8 @@ def train_variant(spec: dict) -> dict:
     peak = peak_rss_mib()  # before evaluation, so only training counts
     model.eval()
     dev_x, dev_y = read_tsv_classification(spec["eval"])
+    if spec.get("eval_limit"):
+        dev_x, dev_y = dev_x[:spec["eval_limit"]], dev_y[:spec["eval_limit"]]
     preds = []
     with torch.inference_mode():
         for i in range(0, len(dev_x), 64):
