@@ -210,6 +210,11 @@ def _untie(model: Any) -> None:
     model.config.get_text_config().tie_word_embeddings = False
 
 
+def _inside(name: str, modules: list[str]) -> bool:
+    """Whether a module or parameter name is one of ``modules`` or lies within one."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def _freeze(model: Any, modules: list[str]) -> list[str]:
     """Only parameters inside ``modules`` train (kept in fp32); return their names."""
     import torch
@@ -219,7 +224,7 @@ def _freeze(model: Any, modules: list[str]) -> list[str]:
             module.to(torch.float32)
     trained = []
     for name, p in model.named_parameters():
-        train = any(name == m or name.startswith(m + ".") for m in modules)
+        train = _inside(name, modules)
         p.requires_grad_(train)
         if train:
             trained.append(name)
@@ -233,11 +238,14 @@ def max_positions(cfg: Any) -> int | None:
 
 def load_for_tuning(path: Path | str, task: str, labels: list[str] | None, trainable_layers: int,
                     precision: str = "int8", device: str = "auto", untie_head: bool = False,
-                    train_embeddings: bool = False, seed: int = 0) -> Loaded:
-    """Load ``path`` for ``task`` with only the top ``trainable_layers`` blocks (+ norm, head) trainable."""
+                    train_embeddings: bool = False, seed: int = 0, tokenizer: Any = None) -> Loaded:
+    """Load ``path`` for ``task`` with only the top ``trainable_layers`` blocks (+ norm, head) trainable.
+
+    ``tokenizer``: the one ``load_tokenizer(path)`` already gave, if the caller has it.
+    """
     import torch
 
-    tokenizer = load_tokenizer(path)
+    tokenizer = tokenizer or load_tokenizer(path)
     cfg = hf_config(path, task, labels, tokenizer)
     layout = meta_layout(path, task, cfg)
     if trainable_layers > layout.n_blocks:
@@ -262,8 +270,7 @@ def frozen_linear_kinds(loaded: Loaded) -> dict[str, str]:
     """{module name: class name} of every Linear-like layer outside the trainable modules."""
     out = {}
     for name, module in loaded.model.named_modules():
-        inside = any(name == m or name.startswith(m + ".") for m in loaded.trainable_modules)
-        if not inside and "Linear" in type(module).__name__:
+        if not _inside(name, loaded.trainable_modules) and "Linear" in type(module).__name__:
             out[name] = type(module).__name__
     return out
 

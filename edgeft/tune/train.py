@@ -531,7 +531,7 @@ def tune(config: TuneConfig, callback: Callable[[int], None] | None = None) -> P
     max_length = resolve_max_length(cfg, task, max_positions(hf_config(resolved, "causal-lm", None, tokenizer)))
     prep = prepare_data(cfg, task, tokenizer, max_length)
     loaded = load_for_tuning(resolved, task, prep.labels, cfg.trainable_layers, cfg.base_precision.value,
-                             cfg.device.value, cfg.untie_head, cfg.train_embeddings, cfg.seed)
+                             cfg.device.value, cfg.untie_head, cfg.train_embeddings, cfg.seed, tokenizer)
     plan = make_plan(cfg, len(prep.train))
     partial = _open_partial(cfg)
     try:
