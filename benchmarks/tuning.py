@@ -1,7 +1,7 @@
 """Case 5's training loop: five ways to tune one classifier, with one loop, so only the method differs.
 
 Variants (MiniLM-L6 and SmolLM2-135M as SST-2 classifiers in the suite): ``full`` (every
-parameter), ``head`` (the classification head only), ``top-fp32`` (top N blocks, final
+parameter), ``head`` (the head and final norm only), ``top-fp32`` (top N blocks, final
 norm and head; frozen part in fp32), ``top-int8`` (edgeft's default: the frozen part loaded
 in 8-bit by bitsandbytes LLM.int8, the top N blocks, norm and head skipped and trained in
 full precision), ``lora`` (peft LoRA on the attention's query/value, head trained). Same
@@ -13,61 +13,39 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
 
 from edgeft.bench import peak_rss_mib, summarize
 
 VARIANTS = ("full", "head", "top-fp32", "top-int8", "lora")
-# model_type -> (head modules, block prefix, final norm, LoRA targets)
-FAMILIES = {
-    "bert": (("pooler", "classifier"), "encoder.layer.", None, ["query", "value"]),
-    "llama": (("score",), "model.layers.", "model.norm", ["q_proj", "v_proj"]),
-}
 
 
-def _load(path: str, variant: str, top_n: int, num_labels: int, pad_token_id: int | None):  # noqa: ANN202
-    import re
+def _load(path: str, variant: str, top_n: int, labels: list[str]):  # noqa: ANN202
+    """(model, tokenizer) through edgeft tune's own loader: the same layout finding, freezing and
+    8-bit loading as ``edgeft tune``; full, head-only and LoRA are settings of it."""
+    from transformers import AutoConfig
 
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from edgeft.tune.model import load_for_tuning
 
-    cfg = AutoConfig.from_pretrained(path)
-    head, prefix, norm, lora_targets = FAMILIES[cfg.model_type]
-    n_layers = cfg.num_hidden_layers
-    trained = [*head, *([norm] if norm else []), *(f"{prefix}{i}." for i in range(n_layers - top_n, n_layers))]
-    kw: dict[str, Any] = {"num_labels": num_labels, "dtype": torch.float32, "pad_token_id": pad_token_id}
-    if variant == "top-int8":
-        from transformers import BitsAndBytesConfig
-
-        # transformers matches these as regexes from the start of a module's full name
-        skip = [rf".*{re.escape(h)}" for h in head] + [rf".*{re.escape(prefix)}{i}"
-                                                        for i in range(n_layers - top_n, n_layers)]
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-        kw["device_map"] = "cpu"
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
-    if variant == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=lora_targets,
-                                                 modules_to_save=list(head), task_type="SEQ_CLS"))
-        return model
-    for name, p in model.named_parameters():
-        if not p.is_floating_point():  # 8-bit frozen weights
-            continue
-        if variant == "full":
+    n_blocks = AutoConfig.from_pretrained(path).num_hidden_layers
+    layers, precision = {"full": (n_blocks, "fp32"), "head": (0, "fp32"), "top-fp32": (top_n, "fp32"),
+                         "top-int8": (top_n, "int8"), "lora": (0, "fp32")}[variant]
+    loaded = load_for_tuning(path, "classification", labels, layers, precision, "cpu")
+    if variant == "full":  # every parameter, position embeddings and embedding norm included
+        for p in loaded.model.parameters():
             p.requires_grad_(True)
-        elif variant == "head":
-            p.requires_grad_(any(h in name for h in head))
-        else:
-            p.requires_grad_(any(t in name for t in trained))
-    return model
+    if variant != "lora":
+        return loaded.model, loaded.tokenizer
+    from peft import LoraConfig, get_peft_model
+
+    # peft's default targets for the architecture (query/value, q_proj/v_proj); the head trains
+    return get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=16, modules_to_save=list(loaded.layout.heads),
+                                                   task_type="SEQ_CLS")), loaded.tokenizer
 
 
 def train_variant(spec: dict) -> dict:
     """Train one variant for ``spec['steps']`` steps; time per step, peak memory, dev accuracy."""
     import numpy as np
     import torch
-    from transformers import AutoTokenizer
 
     from benchmarks.data import read_tsv_classification
 
@@ -78,10 +56,7 @@ def train_variant(spec: dict) -> dict:
     y = [names.index(v) for v in labels]
     order = list(range(len(texts)))
     random.Random(0).shuffle(order)
-    tok = AutoTokenizer.from_pretrained(spec["path"])
-    if tok.pad_token is None:  # decoders: pad with end-of-sequence, as edgeft tune does
-        tok.pad_token = tok.eos_token
-    model = _load(spec["path"], spec["variant"], spec["top_n"], len(names), tok.pad_token_id)
+    model, tok = _load(spec["path"], spec["variant"], spec["top_n"], names)
     weights_mib = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
     loaded_rss = peak_rss_mib()
     params = [p for p in model.parameters() if p.requires_grad]
