@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from edgeft.artifact import Manifest, Task, open_artifact
 from edgeft.errors import EdgeftError
-from edgeft.runtime.session import default_threads, input_dtypes, open_session
+from edgeft.runtime.session import input_dtypes, open_session
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ class TextClassifier:
             raise EdgeftError(f"batch_tokens must be at least 1, got {batch_tokens}")
         self.batch_tokens = batch_tokens
         self.session = open_session(self.folder / manifest.graph.file, threads)
-        self.threads = threads or default_threads()
+        self.threads = self.session.get_session_options().intra_op_num_threads
         self._pool: ThreadPoolExecutor | None = None
         self.dtypes = input_dtypes(self.session)
         self.uses_token_type_ids = "token_type_ids" in self.dtypes
