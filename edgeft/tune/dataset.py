@@ -39,6 +39,11 @@ class Prepared:
     truncated: int = 0
     total: int = 0
 
+    @functools.cached_property
+    def train_lengths(self) -> tuple[int, ...]:
+        """Token count of every training example (the length grouping reads it every step)."""
+        return tuple(len(x) for x, _ in self.train)
+
 
 def label_names(labels: list[str]) -> list[str]:
     """Sorted label names (numerically when they are all integers)."""
@@ -181,11 +186,12 @@ def epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: i
 
 
 def micro_batch(examples: list[Example], batch_size: int, seed: int, index: int,
-                by_length: bool = False) -> list[Example]:
-    """The ``index``-th micro-batch of the endless, seeded stream of epochs."""
+                by_length: bool = False, lengths: tuple[int, ...] | None = None) -> list[Example]:
+    """The ``index``-th micro-batch of the endless, seeded stream of epochs (``lengths``: the
+    examples' token counts, when the caller keeps them)."""
     per_epoch = micro_batches_per_epoch(len(examples), batch_size)
     epoch, i = divmod(index, per_epoch)
-    lengths = tuple(len(x) for x, _ in examples)
+    lengths = lengths or tuple(len(x) for x, _ in examples)
     return [examples[j] for j in epoch_batches(lengths, batch_size, seed, epoch, by_length)[i]]
 
 

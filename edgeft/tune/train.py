@@ -128,16 +128,19 @@ def _forward(model: Any, batch: dict[str, Any]) -> Any:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
-def loss_sum(model: Any, batch: dict[str, Any], task: str, weights: Any = None) -> Any:
-    """The summed loss of a micro-batch; a group's mean is sum(losses) / sum(loss_weight)."""
+def _summed_loss(logits: Any, labels: Any, task: str, weights: Any = None) -> Any:
+    """Summed cross-entropy: per example (classification) or per next token, ignoring ``IGNORE``."""
     import torch.nn.functional as F
 
-    logits = _forward(model, batch)
-    labels = batch["labels"]
     if task == "classification":
         return F.cross_entropy(logits, labels, weight=weights, reduction="sum")
     logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
     return F.cross_entropy(logits, labels, ignore_index=DS.IGNORE, reduction="sum")
+
+
+def loss_sum(model: Any, batch: dict[str, Any], task: str, weights: Any = None) -> Any:
+    """The summed loss of a micro-batch; a group's mean is sum(losses) / sum(loss_weight)."""
+    return _summed_loss(_forward(model, batch), batch["labels"], task, weights)
 
 
 def loss_weight(batch: dict[str, Any], task: str, weights: Any = None) -> float:
@@ -208,7 +211,6 @@ def evaluate(loaded: Any, examples: list[DS.Example], task: str, labels: list[st
              batch_size: int) -> dict[str, Any]:
     """Eval loss/perplexity (causal LM) or accuracy, macro P/R/F1 and confusion matrix (classification)."""
     import torch
-    import torch.nn.functional as F
 
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
     examples = sorted(examples, key=lambda e: len(e[0]))  # less padding; the figures do not depend on order
@@ -219,16 +221,11 @@ def evaluate(loaded: Any, examples: list[DS.Example], task: str, labels: list[st
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(loaded.device) for k, v in DS.collate(examples[i:i + batch_size], pad, task).items()}
             logits = _forward(model, batch)
+            total += float(_summed_loss(logits, batch["labels"], task))
+            count += int(loss_weight(batch, task))
             if task == "classification":
-                total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-                count += len(batch["labels"])
                 preds += logits.argmax(-1).tolist()
                 truth += batch["labels"].tolist()
-            else:
-                lab = batch["labels"][:, 1:].reshape(-1)
-                total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab,
-                                               ignore_index=DS.IGNORE, reduction="sum"))
-                count += int((lab != DS.IGNORE).sum())
     for m, t in zip(model.modules(), was, strict=True):
         m.training = t
     if task == "classification":
@@ -328,7 +325,7 @@ def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, 
     for group in optimizer.param_groups:
         group["lr"] = lr
     batches = [DS.collate(DS.micro_batch(prep.train, cfg.batch_size, cfg.seed, step * cfg.grad_accum + k,
-                                         by_length=cfg.group_by_length), pad, task)
+                                         by_length=cfg.group_by_length, lengths=prep.train_lengths), pad, task)
                for k in range(cfg.grad_accum)]
     batches = [{k: v.to(loaded.device) for k, v in b.items()} for b in batches]
     denom = sum(loss_weight(b, task, weights) for b in batches) or 1.0
