@@ -19,7 +19,8 @@ import json
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from benchmarks.data import shared_data
+
 DECODER_SCHEMES = ("none", "int8", "int4", "mixed", "auto")
 CLASSIFIER_SCHEMES = ("none", "int8", "auto")
 
@@ -78,12 +79,12 @@ def main() -> None:
     rows: list[dict] = []
     if "smollm2" in cases:
         rows += run_case("smollm2-135m", "smollm2-135m-instruct", pick(DECODER_SCHEMES), args.out,
-                         eval_data=SHARED / "instruct" / "alpaca_small_2k.json", threads=args.threads)
+                         eval_data=shared_data() / "instruct" / "alpaca_small_2k.json", threads=args.threads)
     if "sonnets" in cases and args.sonnets_run:
         rows += run_case("smollm2-sonnets", args.sonnets_run, pick(DECODER_SCHEMES), args.out, threads=args.threads)
     if "sst2" in cases and args.sst2_run:
         rows += run_case("minilm-sst2", args.sst2_run, pick(CLASSIFIER_SCHEMES), args.out,
-                         eval_data=SHARED / "sst2" / "dev.tsv", threads=args.threads)
+                         eval_data=shared_data() / "sst2" / "dev.tsv", threads=args.threads)
     (args.out / "export_quality.json").write_text(json.dumps(rows, indent=2))
     (args.out / "export_quality.md").write_text(markdown(rows))
     print(markdown(rows))

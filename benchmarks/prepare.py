@@ -14,7 +14,6 @@ installed yet, an optional extra missing. Work is cached by name; delete
 from __future__ import annotations
 
 import json
-
 import os
 import shutil
 import subprocess
