@@ -14,7 +14,7 @@ TORCH  ?= torch==2.13.0
 DEMO_LM_STEPS   ?= 12
 DEMO_CLS_EPOCHS ?= 2
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-no-shared test-slow demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ setup: $(VENV)/.installed ## create .venv with everything (tune, export, runtime
 
 test: setup ## the default suite: tiny random models, real int8 / export / runtime paths, CPU, minutes
 	$(BIN)/python -m pytest -q
+
+# What a fresh clone on a user's machine sees: no ../shared (the variable points nowhere).
+test-no-shared: setup ## the default suite again with EDGEFT_SHARED_DATA pointing to a folder that does not exist
+	EDGEFT_SHARED_DATA=/nonexistent/edgeft-shared-data $(BIN)/python -m pytest -q
 
 test-slow: setup ## real-model tests on pulled SmolLM2-135M and MiniLM-L6
 	$(BIN)/python -m pytest -q -m slow

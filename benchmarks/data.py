@@ -12,16 +12,14 @@ import csv
 import os
 from pathlib import Path
 
-SHARED = Path(os.environ.get("EDGEFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data() -> Path:
-    """The shared data folder: $EDGEFT_SHARED_DATA, else ../shared/data beside the checkout."""
-    for cand in (SHARED, REPO.parent / "shared" / "data", Path("/work/shared/data")):
-        if cand.is_dir():
-            return cand
-    return SHARED
+    """The shared data folder: $EDGEFT_SHARED_DATA when set (and then only it), else ../shared/data
+    beside the checkout. It may not exist: a case that needs a file from it says so (``Unavailable``)."""
+    env = os.environ.get("EDGEFT_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
 
 
 def read_tsv_classification(path: str | Path, text_col: int = 0, label_col: int = 1,

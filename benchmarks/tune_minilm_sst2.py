@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = REPO.parent / "shared" / "data" / "sst2"
+SST2 = Path(os.environ.get("EDGEFT_SHARED_DATA") or REPO.parent / "shared" / "data") / "sst2"
 VARIANTS = {
     "int8-top2": {"trainable_layers": 2, "base_precision": "int8"},
     "full": {"trainable_layers": 6, "base_precision": "fp32", "train_embeddings": True},

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SONNETS = REPO.parent / "shared" / "data" / "poetry" / "shakespeare_sonnets.txt"
+SONNETS = REPO / "demo" / "sonnets.txt"  # the same file as the shared poetry/shakespeare_sonnets.txt
 PROMPTS = ["Shall I compare thee", "When in the chronicle of wasted time", "My love is as a fever"]
 
 

@@ -1,9 +1,13 @@
 """Shared fixtures: tiny random llama, gpt2 and bert models, built from configs.
 
 Each model is a real Hugging Face folder (config, safetensors, tokenizer.json) with a
-small tokenizer trained on Shakespeare's sonnets, so every stage (tune, export,
-runtime) runs on it end to end in seconds. No test touches the user's cache: an
+small tokenizer trained on Shakespeare's sonnets and SST-2 rows, so every stage (tune,
+export, runtime) runs on it end to end in seconds. No test touches the user's cache: an
 autouse fixture points ``EDGEFT_HOME`` at a temporary folder.
+
+The default suite reads only data shipped in the repository (``demo/``, ``tests/data/``):
+a fresh clone passes it with no ``../shared`` beside it. Only slow tests ask for the
+``shared_data`` fixture (the full datasets), which skips when the folder is absent.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("EDGEFT_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEST_DATA = REPO / "tests" / "data"
+SHARED_DATA = Path(os.environ.get("EDGEFT_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -28,15 +33,22 @@ def _edgeft_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def test_data() -> Path:
+    """``tests/data``: slices of SST-2 dev, TREC test and Alpaca rows (sources in its README)."""
+    return TEST_DATA
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data``: real datasets (SST-2, TREC, sonnets, tiny-shakespeare, instructions)."""
-    assert SHARED_DATA.is_dir(), f"real datasets expected at {SHARED_DATA} (set EDGEFT_SHARED_DATA)"
+    """``$EDGEFT_SHARED_DATA``, else ``../shared/data``: the full datasets, for slow tests only."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the full datasets at {SHARED_DATA} (absent; set EDGEFT_SHARED_DATA)")
     return SHARED_DATA
 
 
 def _corpus() -> list[str]:
-    lines = (SHARED_DATA / "poetry" / "shakespeare_sonnets.txt").read_text().splitlines()
-    sst = (SHARED_DATA / "sst2" / "dev.tsv").read_text().splitlines()[1:400]
+    lines = (REPO / "demo" / "sonnets.txt").read_text().splitlines()
+    sst = (TEST_DATA / "sst2_dev_400.tsv").read_text().splitlines()[1:400]
     return [ln for ln in lines if ln.strip()] + [s.split("\t")[0] for s in sst]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,14 +23,14 @@ def test_csv_with_text_label_columns_works_as_is(tmp_path):
     assert labels == ["pos", "neg"]
 
 
-def test_sst2_tsv_columns_are_detected(shared_data):
-    texts, labels = D.load_classification(shared_data / "sst2" / "dev.tsv")
-    assert len(texts) == len(labels) == 872
+def test_sst2_tsv_columns_are_detected(test_data):
+    texts, labels = D.load_classification(test_data / "sst2_dev_400.tsv")
+    assert len(texts) == len(labels) == 400
     assert set(labels) == {"0", "1"}
 
 
-def test_trec_needs_no_flag_for_coarse_label_but_takes_one_for_fine(shared_data):
-    path = shared_data / "trec" / "test.tsv"
+def test_trec_needs_no_flag_for_coarse_label_but_takes_one_for_fine(test_data):
+    path = test_data / "trec_test_300.tsv"
     _, coarse = D.load_classification(path)
     _, fine = D.load_classification(path, label_col="fine_label")
     assert "DESC" in coarse and any(":" in f for f in fine)
@@ -82,17 +83,17 @@ def test_plain_text_splits_on_blank_lines(tmp_path):
     assert D.load_texts(q) == ["a", "b", "c"]
 
 
-def test_sonnets_are_whole_paragraphs(shared_data):
-    sonnets = D.load_texts(shared_data / "poetry" / "shakespeare_sonnets.txt")
+def test_sonnets_are_whole_paragraphs():
+    sonnets = D.load_texts(Path(__file__).resolve().parents[1] / "demo" / "sonnets.txt")
     assert len(sonnets) > 100
     assert all(len(s.splitlines()) >= 2 for s in sonnets[5:50])
 
 
-def test_alpaca_rows_become_messages(shared_data):
-    path = shared_data / "instruct" / "alpaca_small_2k.json"
+def test_alpaca_rows_become_messages(test_data):
+    path = test_data / "alpaca_200.json"
     assert D.is_chat_file(path)
     convs = D.load_chat(path)
-    assert len(convs) == 2000
+    assert len(convs) == 200
     first = convs[0]
     assert [m["role"] for m in first] == ["user", "assistant"]
     assert "Facebook post" in first[0]["content"] and "meanest" in first[0]["content"]

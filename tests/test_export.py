@@ -261,7 +261,7 @@ def test_run_folder_merges_trained_weights_and_untied_head(work, llama_run, tiny
 
 
 @pytest.fixture(scope="module")
-def bert_run(tmp_path_factory, tiny_bert_dir, shared_data) -> Path:
+def bert_run(tmp_path_factory, tiny_bert_dir, test_data) -> Path:
     """A classification run folder by hand: classifier head and the top block 'trained'."""
     import torch
     from safetensors.torch import save_file
@@ -276,7 +276,7 @@ def bert_run(tmp_path_factory, tiny_bert_dir, shared_data) -> Path:
     names = [n for n in model.state_dict() if n.startswith(("classifier", "bert.pooler", "bert.encoder.layer.3."))]
     save_file({n: model.state_dict()[n].contiguous() for n in names}, str(run / "trained.safetensors"))
     AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(run)
-    rows = [ln.split("\t") for ln in (shared_data / "sst2" / "dev.tsv").read_text().splitlines()[1:301]]
+    rows = [ln.split("\t") for ln in (test_data / "sst2_dev_400.tsv").read_text().splitlines()[1:301]]
     with open(run / "eval.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["text", "label"])

@@ -7,8 +7,8 @@ from edgeft.export.config import ExportConfig, TaskName
 from edgeft.export.gate import eval_set
 
 
-def test_gate_uses_the_runs_held_out_split(tmp_path, shared_data):
-    rows = (shared_data / "sst2" / "dev.tsv").read_text().splitlines()[:201]
+def test_gate_uses_the_runs_held_out_split(tmp_path, test_data):
+    rows = (test_data / "sst2_dev_400.tsv").read_text().splitlines()[:201]
     train_file = tmp_path / "train.tsv"
     train_file.write_text("\n".join(rows) + "\n")
     run_config = {"data": str(train_file), "eval_fraction": 0.2, "seed": 3}
@@ -22,8 +22,8 @@ def test_gate_uses_the_runs_held_out_split(tmp_path, shared_data):
     assert len(got.texts) == 40 and not set(got.texts) & {t for t, _ in train}
 
 
-def test_explicit_eval_data_is_used_whole(tmp_path, shared_data):
-    path = shared_data / "sst2" / "dev.tsv"
+def test_explicit_eval_data_is_used_whole(tmp_path, test_data):
+    path = test_data / "sst2_dev_400.tsv"
     cfg = ExportConfig(source="unused", out=tmp_path / "art", eval_data=path, gate_texts=10_000)
     got = eval_set(cfg, TaskName.classification, {"data": str(path)}, tokenizer=None, labels=["0", "1"])
     assert len(got.texts) == len(data.load_classification(path)[0])
