@@ -1,22 +1,22 @@
 """Errors a user can cause and fix.
 
-An ``EdgeftError`` is printed by the CLI as one line on stderr with exit code 2;
-anything else is a bug and keeps its traceback. This module knows nothing of the
-stages; it only depends on typer's click exception, so the CLI prints it.
+An ``EdgeftError`` is a plain exception carrying its message and exit code; the CLI
+(``edgeft.cli.app``) prints it as one line on stderr and exits with that code, and the
+server turns it into a 4xx body. Anything else is a bug and keeps its traceback. This
+module knows nothing of the stages, the CLI or the server, and imports nothing.
 """
 
 from __future__ import annotations
 
-import typer
 
-# Recent typer releases vendor click; their handler catches only their own ClickException.
-_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
-
-class EdgeftError(_ClickException):
+class EdgeftError(Exception):
     """A bad input or state the user can fix: one line, exit code 2, no traceback."""
 
     exit_code = 2
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,4 +1,8 @@
-"""The runtime and the generate, chat, classify and serve commands never import torch or transformers."""
+"""The runtime and the generate, chat, classify and serve commands never import torch or transformers.
+
+The runtime itself (every module of ``edgeft.runtime`` and what they import) does not import
+the CLI's libraries either: no typer, no click (uvicorn brings click once a server starts).
+"""
 
 from __future__ import annotations
 
@@ -39,3 +43,24 @@ def test_running_a_command_stays_torch_free(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout
+
+
+CLI_FREE = """
+import importlib, importlib.util, pkgutil, sys
+import edgeft.runtime
+for m in pkgutil.iter_modules(edgeft.runtime.__path__):
+    name = "edgeft.runtime." + m.name
+    if name == "edgeft.runtime.server" and importlib.util.find_spec("starlette") is None:
+        continue
+    importlib.import_module(name)
+import edgeft.errors, edgeft.artifact
+print("RUNTIME", sorted(m for m in sys.modules if m.startswith("edgeft.runtime.")))
+print("CLI", sorted(m for m in sys.modules if m.split(".")[0] in ("typer", "click", "torch", "transformers")))
+"""
+
+
+def test_runtime_imports_no_cli_library():
+    out = subprocess.run([sys.executable, "-c", CLI_FREE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "edgeft.runtime.generate" in out.stdout and "edgeft.runtime.session" in out.stdout, out.stdout
+    assert "CLI []" in out.stdout, out.stdout

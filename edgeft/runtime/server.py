@@ -265,7 +265,7 @@ def api(handler: Callable) -> Callable:
         except Overloaded as exc:
             return _error_response(ApiError(429, str(exc), type="rate_limit_error", code="queue_full"))
         except EdgeftError as exc:  # the engine refused the input (context, template...)
-            return _error_response(bad(exc.message))
+            return _error_response(bad(str(exc)))
 
     wrapped.__name__ = handler.__name__
     return wrapped
@@ -392,7 +392,7 @@ async def _stream_events(state: ServerState, model: Model, req: wire.GenerationR
                     break
                 if isinstance(item, BaseException):
                     log.error("generation failed: %s", item, exc_info=item)
-                    message = item.message if isinstance(item, EdgeftError) else "generation failed"
+                    message = str(item) if isinstance(item, EdgeftError) else "generation failed"
                     yield "".join(events) + _sse(wire.ApiError(500, message, type="server_error").body())
                     return
                 if item.token_id is not None:
