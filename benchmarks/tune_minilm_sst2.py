@@ -28,11 +28,11 @@ VARIANTS = {
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
-    from edgeft.tune import TuneConfig, tune
+    from edgeft.tune import Task, TuneConfig, tune
 
     lr = args.lr if name != "full" else args.full_lr
     cfg = TuneConfig(model="minilm-l6", data=SST2 / "train.tsv", eval_data=SST2 / "dev.tsv",
-                     out=args.out / name, task="classification", max_length=64, batch_size=args.batch_size,
+                     out=args.out / name, task=Task.classification, max_length=64, batch_size=args.batch_size,
                      max_steps=args.steps, lr=lr, warmup=0.1, eval_batch_size=64, threads=args.threads,
                      overwrite=True, progress=True, **VARIANTS[name])
     t0 = time.perf_counter()

@@ -48,9 +48,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=SONNETS)
     args = ap.parse_args()
 
-    from edgeft.tune import TuneConfig, tune
+    from edgeft.tune import Task, TuneConfig, tune
 
-    cfg = TuneConfig(model="smollm2-135m-instruct", data=args.data, out=args.out, task="causal-lm",
+    cfg = TuneConfig(model="smollm2-135m-instruct", data=args.data, out=args.out, task=Task.causal_lm,
                      trainable_layers=4, base_precision="int8", max_length=args.max_length,
                      batch_size=args.batch_size, max_steps=args.steps, lr=args.lr, warmup=0.1,
                      eval_batch_size=8, threads=args.threads, overwrite=True, progress=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import time
 
+from edgeft.artifact import Task
 from edgeft.bench import peak_rss_mib, summarize
 
 VARIANTS = ("full", "head", "top-fp32", "top-int8", "lora")
@@ -29,7 +30,7 @@ def _load(path: str, variant: str, top_n: int, labels: list[str]):  # noqa: ANN2
     n_blocks = AutoConfig.from_pretrained(path).num_hidden_layers
     layers, precision = {"full": (n_blocks, "fp32"), "head": (0, "fp32"), "top-fp32": (top_n, "fp32"),
                          "top-int8": (top_n, "int8"), "lora": (0, "fp32")}[variant]
-    loaded = load_for_tuning(path, "classification", labels, layers, precision, "cpu")
+    loaded = load_for_tuning(path, Task.classification, labels, layers, precision, "cpu")
     if variant == "full":  # every parameter, position embeddings and embedding norm included
         for p in loaded.model.parameters():
             p.requires_grad_(True)

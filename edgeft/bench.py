@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
 
 
@@ -364,7 +365,7 @@ def bench_artifact(config: BenchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"artifact": str(config.artifact), "task": m.task.value, "threads": threads,
                            "quantization": m.quantization.get("scheme"), "load_s": load_s,
                            "repeats": config.repeats}
-    if m.task.value == "causal-lm":
+    if m.task is Task.causal_lm:
         lengths = [n for n in config.prompt_lengths if n + config.new_tokens <= m.decoder.context_length]
         fig = bench_generation(edgeft_runner(model), prompt_ids(model.encode, DEFAULT_TEXT, 32),
                                {n: prompt_ids(model.encode, DEFAULT_TEXT, n) for n in lengths},

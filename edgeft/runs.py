@@ -10,7 +10,7 @@ model from its base:
   ``loss.png``; the tokenizer files; ``labels.json`` for classification.
 
 The frozen blocks are never saved again: export merges ``trained.safetensors`` into the
-base's original full-precision weights. Standard library only.
+base's original full-precision weights. Standard library only (and edgeft's ``Task``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json
 
@@ -33,7 +34,7 @@ RUN_FORMAT = "edgeft-run"
 class RunInfo:
     """How to rebuild a tuned model from its base."""
 
-    task: str  # "causal-lm" or "classification"
+    task: Task
     base_model: str  # as the user named it: a pulled name, a folder, a hub id
     base_path: str  # the resolved local folder (or hub id)
     base_sha256: str  # sha256 over the base's weight files, sorted by name
@@ -47,8 +48,11 @@ class RunInfo:
     format: str = RUN_FORMAT
     format_version: int = 1
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", Task(self.task))
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"task": self.task.value}
 
 
 def is_run_folder(path: Path) -> bool:

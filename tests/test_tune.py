@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+from edgeft.artifact import Task
 from edgeft.runs import TRAINED, read_run
 from edgeft.tune import TuneConfig, tune
 
@@ -58,7 +59,7 @@ def test_frozen_linears_are_bitsandbytes_int8_and_top_blocks_fp32(tiny_llama_dir
 
     from edgeft.tune.model import frozen_linear_kinds, load_for_tuning
 
-    loaded = load_for_tuning(tiny_llama_dir, "causal-lm", None, trainable_layers=2)
+    loaded = load_for_tuning(tiny_llama_dir, Task.causal_lm, None, trainable_layers=2)
     frozen = frozen_linear_kinds(loaded)
     assert frozen.pop("lm_head") == "Linear"  # tied to the fp32 embeddings, frozen with them
     assert loaded.model.lm_head.weight is loaded.model.get_input_embeddings().weight
@@ -79,14 +80,14 @@ def test_frozen_linears_are_bitsandbytes_int8_and_top_blocks_fp32(tiny_llama_dir
 def test_layouts_of_gpt2_and_bert(tiny_gpt2_dir, tiny_bert_dir):
     from edgeft.tune.model import load_for_tuning
 
-    gpt2 = load_for_tuning(tiny_gpt2_dir, "causal-lm", None, trainable_layers=1, untie_head=True)
+    gpt2 = load_for_tuning(tiny_gpt2_dir, Task.causal_lm, None, trainable_layers=1, untie_head=True)
     assert gpt2.trainable_modules == ["transformer.h.3", "transformer.ln_f", "lm_head"]
     assert gpt2.untied_head and "lm_head.weight" in gpt2.trained_names
     assert gpt2.model.lm_head.weight.data_ptr() != gpt2.model.transformer.wte.weight.data_ptr()
     assert set(type(m).__name__ for n, m in gpt2.model.named_modules()
                if n.startswith("transformer.h.0.") and n.endswith(("c_attn", "c_fc"))) == {"Linear8bitLt"}
 
-    bert = load_for_tuning(tiny_bert_dir, "classification", ["a", "b", "c"], trainable_layers=2)
+    bert = load_for_tuning(tiny_bert_dir, Task.classification, ["a", "b", "c"], trainable_layers=2)
     assert bert.trainable_modules == ["bert.encoder.layer.2", "bert.encoder.layer.3", "classifier", "bert.pooler"]
     assert bert.model.classifier.out_features == 3
 
@@ -96,7 +97,7 @@ def test_more_trainable_layers_than_blocks_is_refused(tiny_llama_dir):
     from edgeft.tune.model import load_for_tuning
 
     with pytest.raises(EdgeftError, match="the model has 4 blocks"):
-        load_for_tuning(tiny_llama_dir, "causal-lm", None, trainable_layers=5)
+        load_for_tuning(tiny_llama_dir, Task.causal_lm, None, trainable_layers=5)
 
 
 def test_training_moves_only_the_trained_weights(tiny_llama_dir, tmp_path):
@@ -107,9 +108,9 @@ def test_training_moves_only_the_trained_weights(tiny_llama_dir, tmp_path):
     from edgeft.tune.model import load_for_tuning
 
     cfg = _cfg(tiny_llama_dir, _text_data(tmp_path / "t.txt"), tmp_path / "run", max_steps=4)
-    loaded = load_for_tuning(tiny_llama_dir, "causal-lm", None, 2)
+    loaded = load_for_tuning(tiny_llama_dir, Task.causal_lm, None, 2)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    prep = T.prepare_data(cfg, "causal-lm", loaded.tokenizer, 32)
+    prep = T.prepare_data(cfg, Task.causal_lm, loaded.tokenizer, 32)
     cfg.partial.mkdir()
     T.run_loop(cfg, loaded, prep, cfg.partial, T.make_plan(cfg, len(prep.train)))
     after = loaded.model.state_dict()

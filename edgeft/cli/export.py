@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from edgeft.cli.app import app
-from edgeft.export.config import Int8Mode, Quantize, TaskName
+from edgeft.artifact import Task
+from edgeft.export.config import Int8Mode, Quantize
 
 
 @app.command()
@@ -16,7 +17,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to write (refused if it exists, see --overwrite)."),
     quantize: Quantize = typer.Option(Quantize.int8, "--quantize", "-q",
                                       help="Weights: none (fp32), int8, int4, mixed (MLP input projections of the middle blocks 4-bit, the rest 8-bit) or auto (smallest that passes the gate)."),
-    task: TaskName = typer.Option(None, "--task", show_default=False,
+    task: Task = typer.Option(None, "--task", show_default=False,
                                   help="For a bare base model whose architecture does not say: causal-lm or classification."),
     eval_data: Path = typer.Option(None, "--eval-data", show_default=False,
                                    help="Held-out data for the gate (default: the run's eval data, else built-in texts)."),

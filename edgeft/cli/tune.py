@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from edgeft.cli.app import app
-from edgeft.tune.config import ClassWeights, Device, Optim, Precision, Schedule, Task
+from edgeft.artifact import Task
+from edgeft.tune.config import ClassWeights, Device, Optim, Precision, Schedule
 
 _DATA = "Data"
 _TRAIN = "Training"
@@ -21,7 +22,8 @@ def tune(
     data: Path = typer.Option(..., "--data", "-d", rich_help_panel=_DATA,
                               help="Training data: .csv/.tsv/.jsonl/.json with columns, or plain .txt."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (refused if it exists, unless --overwrite)."),
-    task: Task = typer.Option(Task.auto, help="causal-lm or classification; auto: classification when the data has a label column."),
+    task: Task = typer.Option(None, show_default=False,
+                              help="causal-lm or classification [default: classification when the data has a label column, else causal-lm]."),
     eval_data: Path = typer.Option(None, "--eval-data", rich_help_panel=_DATA,
                                    help="Evaluation data; without it a seeded held-out split of --data."),
     eval_fraction: float = typer.Option(0.1, rich_help_panel=_DATA, help="Held-out fraction when there is no --eval-data."),
@@ -99,7 +101,7 @@ def _summary(folder: Path) -> str:
 
     m = json.loads((folder / "metrics.json").read_text())
     before, after = m.get("before") or {}, m.get("after") or {}
-    if m["task"] == "classification":
+    if Task(m["task"]) is Task.classification:
         figures = f"accuracy {before.get('accuracy', 0):.4f} -> {after.get('accuracy', 0):.4f}"
     else:
         figures = f"perplexity {before.get('perplexity', 0):.2f} -> {after.get('perplexity', 0):.2f}"

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeft.export.config import ExportConfig, Int8Mode, Quantize, TaskName
+from edgeft.export.config import ExportConfig, Int8Mode, Quantize
 
-__all__ = ["ExportConfig", "Quantize", "Int8Mode", "TaskName", "export"]
+__all__ = ["ExportConfig", "Quantize", "Int8Mode", "export"]
 
 
 def export(config: ExportConfig, log=...) -> Path:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
 
 
@@ -24,13 +25,6 @@ class Quantize(str, enum.Enum):
     int4 = "int4"  # weight-only 4-bit (MatMulNBits), embeddings 4-bit too
     mixed = "mixed"  # MLP input projections (gate/up) of the middle blocks 4-bit; the rest 8-bit
     auto = "auto"  # the smallest of int4, mixed, int8 that passes the gate
-
-
-class TaskName(str, enum.Enum):
-    """What a bare base model should be exported as (a run folder already knows)."""
-
-    causal_lm = "causal-lm"
-    classification = "classification"
 
 
 class Int8Mode(str, enum.Enum):
@@ -57,7 +51,7 @@ class ExportConfig:
     """Artifact folder to write (atomically)."""
     quantize: Quantize = Quantize.int8
     """Weight storage: none, int8, int4, mixed or auto."""
-    task: TaskName | None = None
+    task: Task | None = None
     """Needed only for a bare base model whose architecture does not say (causal-lm / classification)."""
     overwrite: bool = False
     """Replace an existing artifact at `out`."""
@@ -103,7 +97,7 @@ class ExportConfig:
         object.__setattr__(self, "quantize", _enum(Quantize, self.quantize, "--quantize"))
         object.__setattr__(self, "int8_mode", _enum(Int8Mode, self.int8_mode, "--int8-mode"))
         if self.task is not None:
-            object.__setattr__(self, "task", _enum(TaskName, self.task, "--task"))
+            object.__setattr__(self, "task", _enum(Task, self.task, "--task"))
         if self.eval_data is not None:
             object.__setattr__(self, "eval_data", Path(self.eval_data))
             if not self.eval_data.is_file():

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from edgeft.errors import EdgeftError
-from edgeft.export.config import ExportConfig, TaskName
+from edgeft.artifact import Task
+from edgeft.export.config import ExportConfig
 
 # Used only when neither --eval-data nor a run's data is available (a bare base model).
 BUILTIN_TEXTS = (
@@ -90,21 +91,21 @@ class GateResult:
 
 # ---------------------------------------------------------------- eval data
 
-def eval_set(config: ExportConfig, task: TaskName, run_config: dict[str, Any], tokenizer: Any,
+def eval_set(config: ExportConfig, task: Task, run_config: dict[str, Any], tokenizer: Any,
              labels: list[str] | None) -> EvalSet:
     """The gate's data: --eval-data, else the run's eval data, else its held-out split, else built-in."""
     from edgeft import data
 
     path, from_training = _eval_path(config, run_config)
     split = _held_out(run_config, path) if from_training else (lambda items: items)
-    limit = config.gate_texts or (1000 if task is TaskName.classification else 32)
+    limit = config.gate_texts or (1000 if task is Task.classification else 32)
     if path is None:
-        if task is TaskName.classification:
+        if task is Task.classification:
             raise EdgeftError("the classification gate needs labelled data: pass --eval-data (text and label columns)")
         texts = list(BUILTIN_TEXTS)
         return EvalSet(texts=texts[:limit], prompts=texts[:config.gate_prompts])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if task is TaskName.classification:
+    if task is Task.classification:
         texts, got = data.load_classification(path, run_config.get("text_col"), run_config.get("label_col"))
         texts, got = (list(x) for x in zip(*split(list(zip(texts, got, strict=True))), strict=True))
         unknown = sorted(set(got) - set(labels or []))
@@ -322,8 +323,8 @@ def _round(metrics: dict[str, float]) -> dict[str, float]:
     return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
 
 
-def thresholds(config: ExportConfig, task: TaskName) -> dict[str, float]:
-    if task is TaskName.classification:
+def thresholds(config: ExportConfig, task: Task) -> dict[str, float]:
+    if task is Task.classification:
         return {"max_accuracy_drop_points": config.max_accuracy_drop, "min_label_agreement": config.min_label_agreement}
     return {"max_perplexity_increase_pct": config.max_perplexity_increase,
             "min_token_agreement": config.min_token_agreement,

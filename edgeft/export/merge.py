@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.export.config import ExportConfig, TaskName
+from edgeft.artifact import Task
+from edgeft.export.config import ExportConfig
 from edgeft.runs import TRAINED, RunInfo, is_run_folder, read_run
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -30,7 +31,7 @@ class Source:
     """A merged fp32 model ready to export, and its provenance."""
 
     model: Any  # a transformers PreTrainedModel in eval mode, fp32
-    task: TaskName
+    task: Task
     architecture: str  # model_type
     tokenizer_dir: Path | str  # folder (or hub id) holding the tokenizer files
     labels: list[str] | None = None
@@ -62,24 +63,24 @@ def load_source(config: ExportConfig) -> Source:
     return _load_base(config)
 
 
-def _task_of(hf_config: Any, asked: TaskName | None) -> TaskName:
+def _task_of(hf_config: Any, asked: Task | None) -> Task:
     archs = list(getattr(hf_config, "architectures", None) or [])
     if asked is not None:
         return asked
     if any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
-        return TaskName.causal_lm
+        return Task.causal_lm
     if any(a.endswith(CLASSIFIER_SUFFIX) for a in archs):
-        return TaskName.classification
+        return Task.classification
     raise EdgeftError(
         f"cannot tell the task of a {getattr(hf_config, 'model_type', '?')} model "
         f"({', '.join(archs) or 'no architectures'}): pass --task causal-lm or --task classification"
     )
 
 
-def _auto_class(task: TaskName) -> Any:
+def _auto_class(task: Task) -> Any:
     import transformers
 
-    return transformers.AutoModelForCausalLM if task is TaskName.causal_lm else transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForCausalLM if task is Task.causal_lm else transformers.AutoModelForSequenceClassification
 
 
 def _label_kwargs(labels: list[str] | None) -> dict[str, Any]:
@@ -89,7 +90,7 @@ def _label_kwargs(labels: list[str] | None) -> dict[str, Any]:
             "label2id": {name: i for i, name in enumerate(labels)}}
 
 
-def _load_model(where: Path | str, task: TaskName, labels: list[str] | None, untie: bool = False) -> Any:
+def _load_model(where: Path | str, task: Task, labels: list[str] | None, untie: bool = False) -> Any:
     import torch
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
@@ -106,7 +107,7 @@ def _load_model(where: Path | str, task: TaskName, labels: list[str] | None, unt
         model = _auto_class(task).from_pretrained(where, config=hf_config, dtype=torch.float32)
     except ValueError as exc:  # transformers: "Unrecognized configuration class ..."
         raise EdgeftError(f"cannot load {where} as a {task.value} model: {str(exc).splitlines()[0]}") from None
-    if untie and task is TaskName.causal_lm:
+    if untie and task is Task.causal_lm:
         head, emb = model.get_output_embeddings(), model.get_input_embeddings()
         if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
             head.weight = torch.nn.Parameter(emb.weight.detach().clone())
@@ -131,8 +132,8 @@ def _load_base(config: ExportConfig) -> Source:
                   base_sha256=model_identity(where))
 
 
-def _config_labels(hf_config: Any, task: TaskName) -> list[str] | None:
-    if task is not TaskName.classification:
+def _config_labels(hf_config: Any, task: Task) -> list[str] | None:
+    if task is not Task.classification:
         return None
     id2label = getattr(hf_config, "id2label", None) or {}
     archs = list(getattr(hf_config, "architectures", None) or [])
@@ -146,7 +147,7 @@ def _load_run(run_dir: Path, config: ExportConfig) -> Source:
     from safetensors.torch import load_file
 
     info = read_run(run_dir)
-    task = TaskName(info.task)
+    task = info.task
     base = _run_base(run_dir, info)
     labels = list(config.labels) if config.labels else info.labels
     model = _load_model(base, task, labels, untie=info.untied_head)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeft.artifact import Manifest, write_manifest
+from edgeft.artifact import Manifest, Task, write_manifest
 from edgeft.errors import EdgeftError
 from edgeft.export import assemble, gate, quantize
-from edgeft.export.config import AUTO_ORDER, ExportConfig, Int8Mode, Quantize, TaskName
+from edgeft.export.config import AUTO_ORDER, ExportConfig, Int8Mode, Quantize
 from edgeft.fsutil import atomic_dir, check_destination
 
 Log = Callable[[str], None]
@@ -67,7 +67,7 @@ def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
 
 
 def _check_scheme(config: ExportConfig) -> None:
-    if config.task is TaskName.classification and config.quantize in (Quantize.int4, Quantize.mixed):
+    if config.task is Task.classification and config.quantize in (Quantize.int4, Quantize.mixed):
         raise EdgeftError("classifiers export as none, int8 or auto (int4 and mixed are for decoders)")
 
 
@@ -82,7 +82,7 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
     _torch_threads(config, source.model)
     hf_dir = save_hf_folder(source, work / "hf")
     tokenizer = load_tokenizer(source)
-    if source.task is TaskName.causal_lm:
+    if source.task is Task.causal_lm:
         candidates, ref_ctx = _decoder_candidates(config, source, hf_dir, tokenizer, work, log)
     else:
         candidates, ref_ctx = _classifier_candidates(config, source, hf_dir, tokenizer, work, log)
@@ -93,7 +93,7 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
 
 def _check_architecture(source) -> None:
     """One line naming the supported architectures, before any slow step."""
-    if source.task is TaskName.causal_lm:
+    if source.task is Task.causal_lm:
         from edgeft.export.decoder import check_supported
     else:
         from edgeft.export.classifier import check_supported
@@ -197,7 +197,7 @@ def _run_gate(config: ExportConfig, source, candidates: list[Candidate], ctx: di
     evals = gate.eval_set(config, source.task, source.run_config, ctx["tokenizer"], source.labels)
     ctx["evals"] = evals
     log(f"gate: measuring PyTorch on {len(evals.texts)} held-out texts ({evals.origin})")
-    if source.task is TaskName.causal_lm:
+    if source.task is Task.causal_lm:
         return _gate_decoders(config, source, candidates, ctx, evals, log)
     ref = gate.classifier_reference(source.model, candidates[0].ensure_built().folder / "tokenizer.json", evals,
                                     source.labels,
@@ -258,7 +258,7 @@ def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Ca
                               + " (loosen the thresholds or pass --allow-degraded)")
         chosen = candidates[-1]  # the largest: closest to PyTorch
         log("gate failed; writing anyway (--allow-degraded), marked degraded in the manifest")
-    task = TaskName.causal_lm if chosen.manifest.decoder else TaskName.classification
+    task = Task.causal_lm if chosen.manifest.decoder else Task.classification
     evals, ref = ctx["evals"], ctx["reference"]
     record = {
         "passed": not degraded,

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
 from edgeft.runtime import wire
 from edgeft.runtime.batching import ClassifyBatcher, GenerationPool, Overloaded
@@ -50,7 +51,6 @@ from edgeft.runtime.wire import ApiError, bad
 log = logging.getLogger("edgeft.serve")
 access_log = logging.getLogger("edgeft.access")
 
-CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify")
 
 
@@ -132,7 +132,7 @@ class Model:
     """One served artifact: its engines behind a pool (generation) or a batcher (classification)."""
 
     name: str
-    task: str
+    task: Task
     manifest: Any
     front: Any  # an engine used for tokenizing and chat templates on the request's thread
     pool: GenerationPool | None = None
@@ -140,7 +140,7 @@ class Model:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def info(self) -> dict[str, Any]:
-        d = {"id": self.name, "object": "model", "created": self.created, "owned_by": "edgeft", "task": self.task}
+        d = {"id": self.name, "object": "model", "created": self.created, "owned_by": "edgeft", "task": self.task.value}
         if self.manifest.decoder is not None:
             d["context_length"] = self.manifest.decoder.context_length
         if self.manifest.classifier is not None:
@@ -170,8 +170,8 @@ def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
     for name, path in zip(config.model_names(), config.artifacts):
         t0 = time.perf_counter()
         first = load(path, threads=threads)
-        task = getattr(first.manifest.task, "value", first.manifest.task)
-        if task == CAUSAL_LM:
+        task = first.manifest.task
+        if task is Task.causal_lm:
             engines = [first] + [Generator.open(path, threads=threads) for _ in range(config.workers - 1)]
             m = Model(name, task, first.manifest, first, pool=GenerationPool(name, engines, config.queue_size, metrics))
         else:
@@ -179,8 +179,8 @@ def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
             m = Model(name, task, first.manifest, first, batcher=batcher)
         models[name] = m
         metrics.loaded.set(1, model=name)
-        log.info("loaded %s (%s) from %s in %.1fs", name, task, path, time.perf_counter() - t0,
-                 extra={"fields": {"model": name, "task": task, "path": str(path)}})
+        log.info("loaded %s (%s) from %s in %.1fs", name, task.value, path, time.perf_counter() - t0,
+                 extra={"fields": {"model": name, "task": task.value, "path": str(path)}})
     return models
 
 
@@ -203,10 +203,10 @@ class ServerState:
         if not self.ready:
             raise ApiError(503, "the models are still loading", type="server_error", code="loading")
 
-    def model(self, name: str | None, task: str) -> Model:
+    def model(self, name: str | None, task: Task) -> Model:
         served = ", ".join(self.models) or "none"
         if name is None:
-            fits = [m for m in self.models.values() if m.task == task]
+            fits = [m for m in self.models.values() if m.task is task]
             if len(fits) == 1:
                 return fits[0]
             raise bad(f"'model' is required (served here: {served})", "model")
@@ -214,9 +214,9 @@ class ServerState:
         if m is None:
             raise ApiError(404, f"the model '{name}' is not served here (served: {served})",
                            param="model", code="model_not_found")
-        if m.task != task:
-            route = "/v1/classify" if m.task == CLASSIFICATION else "/v1/completions or /v1/chat/completions"
-            raise bad(f"'{name}' is a {m.task} model: use {route}", "model", "wrong_model_task")
+        if m.task is not task:
+            route = "/v1/classify" if m.task is Task.classification else "/v1/completions or /v1/chat/completions"
+            raise bad(f"'{name}' is a {m.task.value} model: use {route}", "model", "wrong_model_task")
         return m
 
 
@@ -342,7 +342,7 @@ async def _generate(request: Request, chat: bool) -> Response:
     cfg = state.config
     body = await read_json(request, cfg.max_body_bytes)
     req = (wire.parse_chat if chat else wire.parse_completion)(body, cfg.max_tokens)
-    model = state.model(req.model, CAUSAL_LM)
+    model = state.model(req.model, Task.causal_lm)
     ids = await asyncio.to_thread(_prompt_ids, model, req)
     if not ids:
         raise bad("the prompt is empty: nothing to continue from", "prompt")
@@ -432,7 +432,7 @@ async def classify(request: Request) -> Response:
     state.check_serving()
     body = await read_json(request, state.config.max_body_bytes)
     req = wire.parse_classify(body, state.config.max_inputs)
-    model = state.model(req.model, CLASSIFICATION)
+    model = state.model(req.model, Task.classification)
     results = await model.batcher.classify(req.texts)
     return JSONResponse(wire.classify_body(model.name, results))
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from edgeft.tune.config import ClassWeights, Device, Optim, Precision, Schedule, Task, TuneConfig
+from edgeft.artifact import Task
+from edgeft.tune.config import ClassWeights, Device, Optim, Precision, Schedule, TuneConfig
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -13,13 +13,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
-
-
-class Task(str, Enum):
-    auto = "auto"  # classification when the data has a label column, else causal-lm
-    causal_lm = "causal-lm"
-    classification = "classification"
 
 
 class Precision(str, Enum):
@@ -65,7 +60,8 @@ class TuneConfig:
     """Training data: .csv/.tsv/.jsonl/.json (columns) or .txt (plain text)."""
     out: Path
     """Run folder to write."""
-    task: Task = Task.auto
+    task: Task | None = None
+    """causal-lm or classification; None: decided from the data when the run starts."""
     eval_data: Path | None = None
     """Evaluation data; without it a held-out split of ``data`` (``eval_fraction``, seeded)."""
     eval_fraction: float = 0.1
@@ -116,7 +112,10 @@ class TuneConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value).expanduser().resolve())
-        for name, enum in (("task", Task), ("base_precision", Precision), ("optimizer", Optim),
+        if self.task is not None:
+            task = None if self.task == "auto" else _enum(Task, self.task, "task")  # "auto": the old spelling of None
+            object.__setattr__(self, "task", task)
+        for name, enum in (("base_precision", Precision), ("optimizer", Optim),
                            ("schedule", Schedule), ("class_weights", ClassWeights), ("device", Device)):
             object.__setattr__(self, name, _enum(enum, getattr(self, name), name))
         self._validate()

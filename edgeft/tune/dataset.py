@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft import data as D
+from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
 
 IGNORE = -100
@@ -31,7 +32,7 @@ Example = tuple[list[int], Any]
 class Prepared:
     """Tokenized train and eval examples for one task."""
 
-    task: str
+    task: Task
     train: list[Example]
     eval: list[Example]
     labels: list[str] | None
@@ -81,7 +82,7 @@ def prepare_classification(tokenizer: Any, train_path: Path, eval_path: Path | N
     index = {n: i for i, n in enumerate(names)}
     tr_ids, cut1 = _encode(tokenizer, [t for t, _ in rows], max_length)
     ev_ids, cut2 = _encode(tokenizer, [t for t, _ in held], max_length)
-    return Prepared("classification", list(zip(tr_ids, [index[lab] for _, lab in rows], strict=True)),
+    return Prepared(Task.classification, list(zip(tr_ids, [index[lab] for _, lab in rows], strict=True)),
                     list(zip(ev_ids, [index[lab] for _, lab in held], strict=True)), names, "classification",
                     truncated=cut1 + cut2, total=len(tr_ids) + len(ev_ids))
 
@@ -130,11 +131,11 @@ def prepare_causal(tokenizer: Any, train_path: Path, eval_path: Path | None, fra
         ev, cut2 = _chat_examples(tokenizer, held, max_length)
         if not train:
             raise EdgeftError(f"{train_path}: no row keeps an answer within --max-length {max_length}")
-        return Prepared("causal-lm", train, ev, None, "chat", truncated=cut1 + cut2, total=len(items) + len(held))
+        return Prepared(Task.causal_lm, train, ev, None, "chat", truncated=cut1 + cut2, total=len(items) + len(held))
     train, ev = _blocks(tokenizer, items, max_length), _blocks(tokenizer, held, max_length)
     if not train or not ev:
         raise EdgeftError(f"{train_path}: too little text for training and evaluation blocks")
-    return Prepared("causal-lm", train, ev, None, "text")
+    return Prepared(Task.causal_lm, train, ev, None, "text")
 
 
 def warn_truncation(prep: Prepared, max_length: int) -> None:
@@ -195,7 +196,7 @@ def micro_batch(examples: list[Example], batch_size: int, seed: int, index: int,
     return [examples[j] for j in epoch_batches(lengths, batch_size, seed, epoch, by_length)[i]]
 
 
-def collate(batch: list[Example], pad_id: int, task: str) -> dict[str, Any]:
+def collate(batch: list[Example], pad_id: int, task: Task) -> dict[str, Any]:
     """Right-padded tensors: input_ids, attention_mask and labels."""
     import torch
 
@@ -205,7 +206,7 @@ def collate(batch: list[Example], pad_id: int, task: str) -> dict[str, Any]:
     for r, (x, _) in enumerate(batch):
         ids[r, :len(x)] = torch.tensor(x)
         mask[r, :len(x)] = 1
-    if task == "classification":
+    if task is Task.classification:
         labels = torch.tensor([y for _, y in batch], dtype=torch.long)
     else:
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edgeft.artifact import Task
+
 
 def confusion_matrix(y_true: list[int], y_pred: list[int], n: int) -> list[list[int]]:
     """``m[i][j]``: examples of true class ``i`` predicted as ``j``."""
@@ -53,8 +55,8 @@ def lm_metrics(loss_sum: float, tokens: int) -> dict[str, Any]:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
 
-def score(metrics: dict[str, Any], task: str) -> float:
+def score(metrics: dict[str, Any], task: Task) -> float:
     """Higher is better: accuracy for classification (loss breaks ties), minus loss for causal LM."""
-    if task == "classification":
+    if task is Task.classification:
         return metrics["accuracy"] - 1e-6 * metrics.get("eval_loss", 0.0)
     return -metrics["eval_loss"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
 
 
@@ -61,10 +62,10 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
 
 
-def model_class(task: str) -> Any:
+def model_class(task: Task) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    return AutoModelForSequenceClassification if task is Task.classification else AutoModelForCausalLM
 
 
 @contextlib.contextmanager
@@ -111,14 +112,14 @@ def load_tokenizer(path: Path | str) -> Any:
     return tok
 
 
-def hf_config(path: Path | str, task: str, labels: list[str] | None, tokenizer: Any) -> Any:
+def hf_config(path: Path | str, task: Task, labels: list[str] | None, tokenizer: Any) -> Any:
     from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise EdgeftError(f"unknown model {path}: {str(e).splitlines()[0]}") from None
-    if task == "classification":
+    if task is Task.classification:
         cfg.num_labels = len(labels or [])
         cfg.id2label = dict(enumerate(labels or []))
         cfg.label2id = {name: i for i, name in enumerate(labels or [])}
@@ -150,7 +151,7 @@ def find_layout(model: Any) -> Layout:
                   embeddings=names[id(inp)], tied_head=tied)
 
 
-def meta_layout(path: Path | str, task: str, cfg: Any) -> Layout:
+def meta_layout(path: Path | str, task: Task, cfg: Any) -> Layout:
     """The layout from a weightless (meta-device) copy of the model: no memory, no load."""
     import torch
 
@@ -158,7 +159,7 @@ def meta_layout(path: Path | str, task: str, cfg: Any) -> Layout:
         with torch.device("meta"), quiet_transformers():
             model = model_class(task).from_config(cfg)
     except ValueError as e:
-        raise EdgeftError(f"a {cfg.model_type} model cannot do {task}: {str(e).splitlines()[0]}") from None
+        raise EdgeftError(f"a {cfg.model_type} model cannot do {task.value}: {str(e).splitlines()[0]}") from None
     return find_layout(model)
 
 
@@ -181,7 +182,7 @@ def autocast_dtype(device: Any, precision: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def _load_weights(path: Path | str, task: str, cfg: Any, precision: str, skip: list[str], device: Any) -> Any:
+def _load_weights(path: Path | str, task: Task, cfg: Any, precision: str, skip: list[str], device: Any) -> Any:
     import torch
 
     kwargs: dict[str, Any] = {"config": cfg}
@@ -236,7 +237,7 @@ def max_positions(cfg: Any) -> int | None:
     return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
-def load_for_tuning(path: Path | str, task: str, labels: list[str] | None, trainable_layers: int,
+def load_for_tuning(path: Path | str, task: Task, labels: list[str] | None, trainable_layers: int,
                     precision: str = "int8", device: str = "auto", untie_head: bool = False,
                     train_embeddings: bool = False, seed: int = 0, tokenizer: Any = None) -> Loaded:
     """Load ``path`` for ``task`` with only the top ``trainable_layers`` blocks (+ norm, head) trainable.
@@ -259,7 +260,7 @@ def load_for_tuning(path: Path | str, task: str, labels: list[str] | None, train
     if untie:
         _untie(model)
     trained = _freeze(model, modules)
-    if task == "causal-lm":
+    if task is Task.causal_lm:
         model.config.use_cache = False
     return Loaded(model=model, tokenizer=tokenizer, layout=layout, trainable_modules=modules,
                   trained_names=trained, untied_head=untie, device=dev,

@@ -40,10 +40,11 @@ from edgeft.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, sha
 from edgeft.runs import TRAINED, RunInfo, write_run_info
 from edgeft.tune import dataset as DS
 from edgeft.tune import metrics as M
-from edgeft.tune.config import Task, TuneConfig
+from edgeft.artifact import Task
+from edgeft.tune.config import ClassWeights, Optim, Schedule, TuneConfig
 
 CHECKPOINT = "checkpoint.json"
-DEFAULT_MAX_LENGTH = {"classification": 128, "causal-lm": 256}
+DEFAULT_MAX_LENGTH = {Task.classification: 128, Task.causal_lm: 256}
 
 
 @dataclass
@@ -66,14 +67,14 @@ class State:
 
 # ---- setup ----------------------------------------------------------------------------------
 
-def resolve_task(cfg: TuneConfig) -> str:
-    if cfg.task is not Task.auto:
-        return cfg.task.value
+def resolve_task(cfg: TuneConfig) -> Task:
+    if cfg.task is not None:
+        return cfg.task
     from edgeft import data as D
 
     D.check_file(cfg.data)
     labelled = cfg.label_col is not None or D.has_label_column(cfg.data)
-    return "classification" if labelled and not D.is_chat_file(cfg.data) else "causal-lm"
+    return Task.classification if labelled and not D.is_chat_file(cfg.data) else Task.causal_lm
 
 
 def preflight(cfg: TuneConfig) -> None:
@@ -92,7 +93,7 @@ def preflight(cfg: TuneConfig) -> None:
         raise EdgeftError(f"an interrupted run is in {partial}: continue it with --resume or restart with --overwrite")
 
 
-def resolve_max_length(cfg: TuneConfig, task: str, positions: int | None) -> int:
+def resolve_max_length(cfg: TuneConfig, task: Task, positions: int | None) -> int:
     length = cfg.max_length or DEFAULT_MAX_LENGTH[task]
     if positions and length > positions:
         if cfg.max_length:
@@ -101,8 +102,8 @@ def resolve_max_length(cfg: TuneConfig, task: str, positions: int | None) -> int
     return length
 
 
-def prepare_data(cfg: TuneConfig, task: str, tokenizer: Any, max_length: int) -> DS.Prepared:
-    if task == "classification":
+def prepare_data(cfg: TuneConfig, task: Task, tokenizer: Any, max_length: int) -> DS.Prepared:
+    if task is Task.classification:
         prep = DS.prepare_classification(tokenizer, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
                                          max_length, cfg.text_col, cfg.label_col)
     else:
@@ -128,24 +129,24 @@ def _forward(model: Any, batch: dict[str, Any]) -> Any:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
-def _summed_loss(logits: Any, labels: Any, task: str, weights: Any = None) -> Any:
+def _summed_loss(logits: Any, labels: Any, task: Task, weights: Any = None) -> Any:
     """Summed cross-entropy: per example (classification) or per next token, ignoring ``IGNORE``."""
     import torch.nn.functional as F
 
-    if task == "classification":
+    if task is Task.classification:
         return F.cross_entropy(logits, labels, weight=weights, reduction="sum")
     logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
     return F.cross_entropy(logits, labels, ignore_index=DS.IGNORE, reduction="sum")
 
 
-def loss_sum(model: Any, batch: dict[str, Any], task: str, weights: Any = None) -> Any:
+def loss_sum(model: Any, batch: dict[str, Any], task: Task, weights: Any = None) -> Any:
     """The summed loss of a micro-batch; a group's mean is sum(losses) / sum(loss_weight)."""
     return _summed_loss(_forward(model, batch), batch["labels"], task, weights)
 
 
-def loss_weight(batch: dict[str, Any], task: str, weights: Any = None) -> float:
+def loss_weight(batch: dict[str, Any], task: Task, weights: Any = None) -> float:
     labels = batch["labels"]
-    if task == "classification":
+    if task is Task.classification:
         return float(weights[labels].sum()) if weights is not None else float(len(labels))
     return float((labels[:, 1:] != DS.IGNORE).sum())
 
@@ -155,10 +156,10 @@ def lr_at(cfg: TuneConfig, step: int, total: int) -> float:
     warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
     if step < warm:
         return cfg.lr * (step + 1) / warm
-    if cfg.schedule.value == "constant":
+    if cfg.schedule is Schedule.constant:
         return cfg.lr
     progress = (step - warm) / max(1, total - warm)
-    if cfg.schedule.value == "cosine":
+    if cfg.schedule is Schedule.cosine:
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr * (1.0 - progress)
 
@@ -170,7 +171,7 @@ def make_optimizer(cfg: TuneConfig, model: Any) -> Any:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
-    if cfg.optimizer.value == "adamw8bit":
+    if cfg.optimizer is Optim.adamw8bit:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr)
@@ -198,7 +199,7 @@ def set_modes(model: Any, trainable: list[str], training: bool) -> None:
 def class_weights(cfg: TuneConfig, prep: DS.Prepared, device: Any) -> Any:
     import torch
 
-    if prep.task != "classification" or cfg.class_weights.value == "none":
+    if prep.task is not Task.classification or cfg.class_weights is ClassWeights.none:
         return None
     counts = Counter(y for _, y in prep.train)
     n, c = len(prep.train), len(prep.labels or [])
@@ -207,7 +208,7 @@ def class_weights(cfg: TuneConfig, prep: DS.Prepared, device: Any) -> Any:
 
 # ---- evaluation -----------------------------------------------------------------------------
 
-def evaluate(loaded: Any, examples: list[DS.Example], task: str, labels: list[str] | None,
+def evaluate(loaded: Any, examples: list[DS.Example], task: Task, labels: list[str] | None,
              batch_size: int) -> dict[str, Any]:
     """Eval loss/perplexity (causal LM) or accuracy, macro P/R/F1 and confusion matrix (classification)."""
     import torch
@@ -223,12 +224,12 @@ def evaluate(loaded: Any, examples: list[DS.Example], task: str, labels: list[st
             logits = _forward(model, batch)
             total += float(_summed_loss(logits, batch["labels"], task))
             count += int(loss_weight(batch, task))
-            if task == "classification":
+            if task is Task.classification:
                 preds += logits.argmax(-1).tolist()
                 truth += batch["labels"].tolist()
     for m, t in zip(model.modules(), was, strict=True):
         m.training = t
-    if task == "classification":
+    if task is Task.classification:
         return M.classification_metrics(truth, preds, labels or [], loss=total / max(count, 1))
     return M.lm_metrics(total, count)
 
@@ -345,7 +346,7 @@ def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, 
             "lr": lr, "grad_norm": float(norm), "tokens": tokens, "examples": examples}
 
 
-def _after_eval(cfg: TuneConfig, state: State, metrics: dict[str, Any], task: str, loaded: Any,
+def _after_eval(cfg: TuneConfig, state: State, metrics: dict[str, Any], task: Task, loaded: Any,
                 best: dict[str, Any] | None) -> dict[str, Any] | None:
     state.last_metrics = metrics
     state.log.append({"step": state.step, "eval": _brief(metrics)})
@@ -382,7 +383,7 @@ def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, pla
         if cfg.progress:
             print(_eval_line(0, state.before) + " (before tuning)", file=sys.stderr)
     weights = class_weights(cfg, prep, loaded.device)
-    unit = "tok/s" if prep.task == "causal-lm" else "ex/s"
+    unit = "tok/s" if prep.task is Task.causal_lm else "ex/s"
     with _bar(cfg, plan, state) as bar:
         while state.step < plan.total_steps and not state.stopped_early:
             set_modes(loaded.model, loaded.trainable_modules, training=True)
@@ -455,9 +456,9 @@ def peak_memory_mb(device: Any) -> float:
 def build_metrics(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, plan: Plan) -> dict[str, Any]:
     n_trained = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in loaded.model.parameters())
-    rate_key, count = ("tokens_per_s", state.tokens) if prep.task == "causal-lm" else ("examples_per_s", state.examples)
+    rate_key, count = ("tokens_per_s", state.tokens) if prep.task is Task.causal_lm else ("examples_per_s", state.examples)
     return {
-        "task": prep.task, "base_model": cfg.model, "base_precision": cfg.base_precision.value,
+        "task": prep.task.value, "base_model": cfg.model, "base_precision": cfg.base_precision.value,
         "trainable_layers": cfg.trainable_layers, "before": state.before, "after": state.best_metrics,
         "last": state.last_metrics, "best_step": state.best_step, "steps": state.step,
         "planned_steps": plan.total_steps, "stopped_early": state.stopped_early,
@@ -481,7 +482,7 @@ def write_run(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, pla
                    architecture=loaded.model.config.model_type, trainable_layers=cfg.trainable_layers,
                    trained_parameters=list(loaded.trained_names), labels=prep.labels, untied_head=loaded.untied_head,
                    data_sha256=data_hash, max_length=max_length)
-    resolved_cfg = cfg.to_dict() | {"task": prep.task, "max_length": max_length, "data_kind": prep.kind,
+    resolved_cfg = cfg.to_dict() | {"task": prep.task.value, "max_length": max_length, "data_kind": prep.kind,
                                     "total_steps": plan.total_steps, "trainable_modules": loaded.trainable_modules,
                                     "resume": False, "overwrite": False}
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
@@ -525,7 +526,7 @@ def tune(config: TuneConfig, callback: Callable[[int], None] | None = None) -> P
     resolved = resolve_model(cfg.model)
     task = resolve_task(cfg)
     tokenizer = load_tokenizer(resolved)
-    max_length = resolve_max_length(cfg, task, max_positions(hf_config(resolved, "causal-lm", None, tokenizer)))
+    max_length = resolve_max_length(cfg, task, max_positions(hf_config(resolved, Task.causal_lm, None, tokenizer)))
     prep = prepare_data(cfg, task, tokenizer, max_length)
     loaded = load_for_tuning(resolved, task, prep.labels, cfg.trainable_layers, cfg.base_precision.value,
                              cfg.device.value, cfg.untie_head, cfg.train_embeddings, cfg.seed, tokenizer)
