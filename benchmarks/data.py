@@ -12,6 +12,8 @@ import csv
 import os
 from pathlib import Path
 
+from edgeft.artifact import Task
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,40 +47,27 @@ def sonnets_split(text: str, held_out: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def load_tuned_torch(path: str | Path, task: str):  # noqa: ANN201
-    """A model folder or a run folder -> (torch model in eval mode, tokenizer, run info or None)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def load_tuned_torch(path: str | Path, task: Task):
+    """A model folder or a run folder -> (torch model in eval mode, tokenizer, run info or None).
 
-    from edgeft.runs import TRAINED, is_run_folder, read_run
+    A run folder is rebuilt by ``edgeft.runs.load_run``, the loader export uses (hash and
+    shape checks included); a model folder is loaded as it is, in fp32.
+    """
+    import torch
+
+    from edgeft.runs import is_run_folder, load_run, load_tokenizer, model_class
 
     path = Path(path)
-    info = read_run(path) if is_run_folder(path) else None
-    base = info.base_path if info else str(path)
-    if task == "classification":
-        n = len(info.labels) if info and info.labels else None
-        kw = {"num_labels": n} if n else {}
-        model = AutoModelForSequenceClassification.from_pretrained(base, dtype=torch.float32, **kw)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if info:
-        from safetensors.torch import load_file
-
-        trained = load_file(str(path / TRAINED))
-        if info.untied_head and "lm_head.weight" in trained:
-            model.config.tie_word_embeddings = False
-            model.lm_head.weight = torch.nn.Parameter(trained["lm_head.weight"].clone())
-        missing = set(trained) - set(model.state_dict())
-        if missing:
-            raise RuntimeError(f"{path}: trained parameters not in the base model: {sorted(missing)[:3]}")
-        model.load_state_dict(trained, strict=False)
-    tok = AutoTokenizer.from_pretrained(str(path) if info and (path / "tokenizer.json").is_file() else base)
-    return model.eval(), tok, info
+    if is_run_folder(path):
+        loaded = load_run(path, fill_pad=False)
+        return loaded.model, loaded.tokenizer, loaded.info
+    model = model_class(task).from_pretrained(str(path), dtype=torch.float32)
+    return model.eval(), load_tokenizer(path, fill_pad=False), None
 
 
-def load_torch_classifier(path: str | Path):  # noqa: ANN201
+def load_torch_classifier(path: str | Path):
     """(model, tokenizer, label names) for a classifier run folder or HF folder."""
-    model, tok, info = load_tuned_torch(path, "classification")
+    model, tok, info = load_tuned_torch(path, Task.classification)
     if info and info.labels:
         labels = list(info.labels)
     else:

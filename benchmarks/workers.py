@@ -211,9 +211,10 @@ def ppl_torch(spec: dict) -> dict:
     import torch
 
     from benchmarks.data import load_tuned_torch
+    from edgeft.artifact import Task
 
     torch.set_num_threads(spec["threads"])
-    model, tok, _ = load_tuned_torch(spec["path"], "causal-lm")
+    model, tok, _ = load_tuned_torch(spec["path"], Task.causal_lm)
 
     def score(ids: list[int]):  # noqa: ANN202
         with torch.inference_mode():

@@ -5,9 +5,11 @@ merged into the base's *original* full-precision weights (never the 8-bit copies
 while training), untying the head first when the run trained it untied. A pulled name,
 a Hugging Face folder or a hub id is loaded as it is. The result, ``Source``, also
 carries what the manifest records about origin (base name and hash, run folder, data
-hashes) and the tokenizer folder.
+hashes) and the tokenizer, loaded once.
 
-This module knows transformers and the run folder contract; it knows nothing of ONNX.
+A run folder is rebuilt by ``edgeft.runs.load_run`` (the one loader, with its hash and
+shape checks). This module knows transformers and the run folder contract; it knows
+nothing of ONNX.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 from edgeft.errors import EdgeftError
 from edgeft.artifact import Task
 from edgeft.export.config import ExportConfig
-from edgeft.runs import TRAINED, RunInfo, is_run_folder, read_run
+from edgeft.runs import (RunInfo, is_run_folder, label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers,
+                         read_run)
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
@@ -33,6 +36,7 @@ class Source:
     model: Any  # a transformers PreTrainedModel in eval mode, fp32
     task: Task
     architecture: str  # model_type
+    tokenizer: Any  # the Hugging Face tokenizer, loaded once (the artifact ships its files)
     tokenizer_dir: Path | str  # folder (or hub id) holding the tokenizer files
     labels: list[str] | None = None
     max_length: int | None = None
@@ -77,40 +81,17 @@ def _task_of(hf_config: Any, asked: Task | None) -> Task:
     )
 
 
-def _auto_class(task: Task) -> Any:
-    import transformers
-
-    return transformers.AutoModelForCausalLM if task is Task.causal_lm else transformers.AutoModelForSequenceClassification
-
-
-def _label_kwargs(labels: list[str] | None) -> dict[str, Any]:
-    if not labels:
-        return {}
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-            "label2id": {name: i for i, name in enumerate(labels)}}
-
-
-def _load_model(where: Path | str, task: Task, labels: list[str] | None, untie: bool = False) -> Any:
+def _load_model(where: Path | str, hf_config: Any, task: Task, labels: list[str] | None) -> Any:
+    """A base model as it is (no run): fp32, in eval mode."""
     import torch
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()  # the head a run trained is "missing" from the base until merged
-
-    hf_config = AutoConfig.from_pretrained(where)
-    for k, v in _label_kwargs(labels).items():
+    for k, v in label_kwargs(labels).items():
         setattr(hf_config, k, v)
-    if untie:
-        hf_config.tie_word_embeddings = False
     try:
-        model = _auto_class(task).from_pretrained(where, config=hf_config, dtype=torch.float32)
+        with quiet_transformers():
+            model = model_class(task).from_pretrained(where, config=hf_config, dtype=torch.float32)
     except ValueError as exc:  # transformers: "Unrecognized configuration class ..."
         raise EdgeftError(f"cannot load {where} as a {task.value} model: {str(exc).splitlines()[0]}") from None
-    if untie and task is Task.causal_lm:
-        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-        if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
-            head.weight = torch.nn.Parameter(emb.weight.detach().clone())
     return model.eval()
 
 
@@ -126,8 +107,9 @@ def _load_base(config: ExportConfig) -> Source:
         raise EdgeftError(f"cannot load {config.source}: {str(exc).splitlines()[0]}") from None
     task = _task_of(hf_config, config.task)
     labels = list(config.labels) if config.labels else _config_labels(hf_config, task)
-    model = _load_model(where, task, labels)
-    return Source(model=model, task=task, architecture=hf_config.model_type, tokenizer_dir=where,
+    model = _load_model(where, hf_config, task, labels)
+    return Source(model=model, task=task, architecture=hf_config.model_type,
+                  tokenizer=load_tokenizer(where, fill_pad=False), tokenizer_dir=where,
                   labels=labels, max_length=config.max_length, base_name=str(config.source),
                   base_sha256=model_identity(where))
 
@@ -143,48 +125,14 @@ def _config_labels(hf_config: Any, task: Task) -> list[str] | None:
 
 
 def _load_run(run_dir: Path, config: ExportConfig) -> Source:
-    import torch
-    from safetensors.torch import load_file
-
-    info = read_run(run_dir)
-    task = info.task
-    base = _run_base(run_dir, info)
-    labels = list(config.labels) if config.labels else info.labels
-    model = _load_model(base, task, labels, untie=info.untied_head)
-    trained = load_file(str(run_dir / TRAINED))
-    state = model.state_dict()
-    unknown = sorted(set(trained) - set(state))
-    if unknown:
-        raise EdgeftError(f"{run_dir / TRAINED} holds parameters the base model lacks: {', '.join(unknown[:3])}")
-    for name, tensor in trained.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise EdgeftError(f"{run_dir / TRAINED}: {name} has shape {tuple(tensor.shape)}, "
-                              f"the base expects {tuple(state[name].shape)}")
-    with torch.no_grad():
-        model.load_state_dict({k: v.to(torch.float32) for k, v in trained.items()}, strict=False)
-    run_config = _read_json(run_dir / "config.json")
-    tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else base
-    return Source(model=model.eval(), task=task, architecture=info.architecture, tokenizer_dir=tok_dir,
-                  labels=labels, max_length=config.max_length or info.max_length, run=info, run_dir=run_dir,
+    # The run's own tokenizer files as they are (no pad filled in): they are what the artifact ships.
+    loaded = load_run(run_dir, labels=list(config.labels) if config.labels else None, fill_pad=False)
+    info = loaded.info
+    return Source(model=loaded.model, task=info.task, architecture=info.architecture, tokenizer=loaded.tokenizer,
+                  tokenizer_dir=loaded.tokenizer_dir, labels=list(config.labels) if config.labels else info.labels,
+                  max_length=config.max_length or info.max_length, run=info, run_dir=run_dir,
                   base_name=info.base_model, base_sha256=info.base_sha256, data_sha256=dict(info.data_sha256),
-                  run_config=run_config)
-
-
-def _run_base(run_dir: Path, info: RunInfo) -> Path | str:
-    """The run's base weights, checked against the hash the run recorded."""
-    from edgeft.models import model_identity, resolve_model
-
-    base: Path | str = Path(info.base_path)
-    if not Path(info.base_path).is_dir():
-        try:
-            base = resolve_model(info.base_model)
-        except EdgeftError:
-            raise EdgeftError(f"{run_dir}: its base model {info.base_model} ({info.base_path}) "
-                              "is not on this machine") from None
-    if info.base_sha256 and isinstance(base, Path) and model_identity(base) != info.base_sha256:
-        raise EdgeftError(f"{run_dir}: the base model at {base} is not the one this run was trained on "
-                          "(weights hash differs)")
-    return base
+                  run_config=_read_json(run_dir / "config.json"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -198,15 +146,5 @@ def save_hf_folder(source: Source, folder: Path) -> Path:
     """Write the merged model as a plain Hugging Face folder (what the genai builder reads)."""
     folder.mkdir(parents=True, exist_ok=True)
     source.model.save_pretrained(folder, safe_serialization=True)
-    tokenizer = load_tokenizer(source)
-    tokenizer.save_pretrained(folder)
+    source.tokenizer.save_pretrained(folder)
     return folder
-
-
-def load_tokenizer(source: Source) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source.tokenizer_dir)
-    except (OSError, ValueError) as exc:
-        raise EdgeftError(f"cannot load the tokenizer from {source.tokenizer_dir}: {str(exc).splitlines()[0]}") from None

@@ -72,7 +72,7 @@ def _check_scheme(config: ExportConfig) -> None:
 
 
 def _export(config: ExportConfig, work: Path, log: Log) -> Path:
-    from edgeft.export.merge import load_source, load_tokenizer, save_hf_folder
+    from edgeft.export.merge import load_source, save_hf_folder
 
     t0 = time.perf_counter()
     log(f"loading {config.source}")
@@ -81,7 +81,7 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
     _check_architecture(source)
     _torch_threads(config, source.model)
     hf_dir = save_hf_folder(source, work / "hf")
-    tokenizer = load_tokenizer(source)
+    tokenizer = source.tokenizer
     if source.task is Task.causal_lm:
         candidates, ref_ctx = _decoder_candidates(config, source, hf_dir, tokenizer, work, log)
     else:

@@ -18,7 +18,6 @@ This module knows transformers, bitsandbytes and torch; it knows nothing of data
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
+from edgeft.runs import label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers
+from edgeft.runs import untie as _untie
 
 
 @dataclass(frozen=True)
@@ -62,33 +63,6 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
 
 
-def model_class(task: Task) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if task is Task.classification else AutoModelForCausalLM
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load reports (new head weights, unused pooler) for the duration."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    bnb_logger = logging.getLogger("bitsandbytes")
-    bnb_level = bnb_logger.level
-    bnb_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-        bnb_logger.setLevel(bnb_level)
-
-
 def _drop_cast_notice(record: logging.LogRecord) -> bool:
     return "inputs will be cast" not in record.getMessage()
 
@@ -100,18 +74,6 @@ def silence_int8_cast_notice() -> None:
         logger.addFilter(_drop_cast_notice)
 
 
-def load_tokenizer(path: Path | str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise EdgeftError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
-
-
 def hf_config(path: Path | str, task: Task, labels: list[str] | None, tokenizer: Any) -> Any:
     from transformers import AutoConfig
 
@@ -120,9 +82,8 @@ def hf_config(path: Path | str, task: Task, labels: list[str] | None, tokenizer:
     except (OSError, ValueError) as e:
         raise EdgeftError(f"unknown model {path}: {str(e).splitlines()[0]}") from None
     if task is Task.classification:
-        cfg.num_labels = len(labels or [])
-        cfg.id2label = dict(enumerate(labels or []))
-        cfg.label2id = {name: i for i, name in enumerate(labels or [])}
+        for k, v in label_kwargs(labels).items():
+            setattr(cfg, k, v)
     if getattr(cfg, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         cfg.pad_token_id = tokenizer.pad_token_id
     return cfg
@@ -202,15 +163,6 @@ def _load_weights(path: Path | str, task: Task, cfg: Any, precision: str, skip: 
     return model if precision == "int8" else model.to(device)
 
 
-def _untie(model: Any) -> None:
-    import torch.nn as nn
-
-    head = model.get_output_embeddings()
-    head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    model.config.get_text_config().tie_word_embeddings = False
-
-
 def _inside(name: str, modules: list[str]) -> bool:
     """Whether a module or parameter name is one of ``modules`` or lies within one."""
     return any(name == m or name.startswith(m + ".") for m in modules)
@@ -277,27 +229,6 @@ def frozen_linear_kinds(loaded: Loaded) -> dict[str, str]:
 
 
 def load_tuned(run_dir: Path, dtype: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of a finished run: the base's original weights with the trained ones merged in.
-
-    For checks and benchmarks (generation, comparing runs); export has its own merge.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from edgeft.models import resolve_model
-    from edgeft.runs import TRAINED, read_run
-
-    info = read_run(run_dir)
-    base = info.base_path if Path(info.base_path).exists() else resolve_model(info.base_model)
-    tokenizer = load_tokenizer(run_dir)
-    cfg = hf_config(base, info.task, info.labels, tokenizer)
-    with quiet_transformers():
-        model = model_class(info.task).from_pretrained(str(base), config=cfg, dtype=dtype or torch.float32)
-    if info.untied_head:
-        _untie(model)
-    trained = load_file(str(Path(run_dir) / TRAINED))
-    missing = set(trained) - set(model.state_dict())
-    if missing:
-        raise EdgeftError(f"{run_dir}: trained parameters not in the base model: {sorted(missing)[:3]}")
-    model.load_state_dict(trained, strict=False)
-    return model.eval(), tokenizer
+    """(model, tokenizer) of a finished run, rebuilt by ``edgeft.runs.load_run`` (checks and benchmarks)."""
+    loaded = load_run(run_dir, dtype=dtype)
+    return loaded.model, loaded.tokenizer

@@ -1,0 +1,68 @@
+"""The one run loader (``edgeft.runs.load_run``): merges what a run trained, refuses what does not fit.
+
+Tune's checks, export and the benchmarks' PyTorch reference all rebuild a run through it,
+so its checks (base weights hash, trained names and shapes) hold for every caller.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from edgeft.errors import EdgeftError
+from edgeft.runs import RunInfo, load_run, write_run_info
+
+
+def _run(tmp_path, base, trained, untied=False, sha=None):
+    from safetensors.torch import save_file
+
+    from edgeft.models import model_identity
+
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(run / "trained.safetensors"))
+    write_run_info(run, RunInfo(task="causal-lm", base_model=str(base), base_path=str(base),
+                                base_sha256=sha or model_identity(base), architecture="llama", trainable_layers=1,
+                                trained_parameters=sorted(trained), untied_head=untied))
+    return run
+
+
+def _base_state(base):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+
+
+def test_load_run_merges_trained_weights_and_unties_the_head(tiny_llama_dir, tmp_path):
+    import torch
+
+    state = _base_state(tiny_llama_dir)
+    trained = {"model.norm.weight": state["model.norm.weight"] + 1.0,
+               "lm_head.weight": state["lm_head.weight"] * 0.5}
+    loaded = load_run(_run(tmp_path, tiny_llama_dir, trained, untied=True))
+    got = loaded.model.state_dict()
+    assert torch.equal(got["model.norm.weight"], trained["model.norm.weight"])
+    assert torch.equal(got["lm_head.weight"], trained["lm_head.weight"])
+    # untied: the embeddings kept the base's weights, and the config says so
+    assert torch.equal(got["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
+    assert loaded.model.config.tie_word_embeddings is False
+    assert loaded.tokenizer_dir == tiny_llama_dir and loaded.tokenizer.pad_token is not None
+
+
+def test_load_run_refuses_a_wrong_shape_an_unknown_name_and_another_base(tiny_llama_dir, tmp_path):
+    import torch
+
+    with pytest.raises(EdgeftError, match="has shape"):
+        load_run(_run(tmp_path / "a", tiny_llama_dir, {"model.norm.weight": torch.zeros(3)}))
+    with pytest.raises(EdgeftError, match="lacks"):
+        load_run(_run(tmp_path / "b", tiny_llama_dir, {"model.nothing.weight": torch.zeros(3)}))
+    with pytest.raises(EdgeftError, match="not the one this run was trained on"):
+        load_run(_run(tmp_path / "c", tiny_llama_dir, {}, sha="0" * 64))
+    moved = tmp_path / "gone"
+    shutil.copytree(tiny_llama_dir, moved)
+    run = _run(tmp_path / "d", moved, {})
+    shutil.rmtree(moved)
+    with pytest.raises(EdgeftError, match="is not on this machine"):
+        load_run(run)
