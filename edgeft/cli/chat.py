@@ -38,11 +38,12 @@ def chat(
     """Chat with a causal-LM artifact in the terminal (multi-turn; /reset, /exit)."""
     import dataclasses
 
+    from edgeft.artifact import Check
     from edgeft.errors import EdgeftError
     from edgeft.runtime import Generator
     from edgeft.runtime.generate import PromptCache
 
-    gen = Generator.open(artifact, threads=threads)
+    gen = Generator.open(artifact, threads=threads, check=Check.quick)
     if gen.chat_template is None:
         raise EdgeftError(f"{artifact} has no chat template: use `edgeft generate` for plain prompts")
     params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)

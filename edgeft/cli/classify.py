@@ -97,13 +97,14 @@ def classify(
     threads: int = typer.Option(None, "--threads", help="onnxruntime threads [default: all usable cores]."),
 ) -> None:
     """Label texts with a classification artifact: each gets its label and every label's probability."""
+    from edgeft.artifact import Check
     from edgeft.runtime import TextClassifier
 
     if bool(texts) == bool(input):
         raise EdgeftError("give texts on the command line or --input FILE (one of the two)")
     items = read_texts(input, text_column) if input else list(texts)
     fmt = format or (OutputFormat.csv if output and output.suffix.lower() == ".csv" else OutputFormat.jsonl)
-    clf = TextClassifier.open(artifact, threads=threads)
+    clf = TextClassifier.open(artifact, threads=threads, check=Check.quick)
     results = clf.classify(items, batch_size=batch_size)
     if output:
         from edgeft.fsutil import atomic_write_bytes

@@ -41,6 +41,8 @@ def export(
     allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Write the artifact even if the gate fails (marked degraded)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact at --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    sign: Path = typer.Option(None, "--sign", show_default=False,
+                              help="Ed25519 private key (PEM, from edgeft keygen) to sign the artifact with."),
 ) -> None:
     """Export a tuned run or a base model to a quantized ONNX artifact, gated against PyTorch."""
     from edgeft.export import ExportConfig
@@ -54,7 +56,7 @@ def export(
         min_token_agreement=min_token_agreement, max_repetition_increase=max_repetition_increase,
         gate_texts=gate_texts, context_length=context_length, max_length=max_length,
         labels=tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else None, threads=threads,
-        progress=progress,
+        progress=progress, sign_key=sign,
     )
     path = run_export(config)
     typer.echo(str(path))

@@ -66,11 +66,12 @@ def generate(
     stats: bool = typer.Option(False, "--stats", help="Print token counts and tokens/s to stderr at the end."),
 ) -> None:
     """Continue a prompt with a causal-LM artifact, streaming the text as it is generated."""
+    from edgeft.artifact import Check
     from edgeft.runtime import Generator
 
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
-    gen = Generator.open(artifact, threads=threads)
+    gen = Generator.open(artifact, threads=threads, check=Check.quick)
     params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

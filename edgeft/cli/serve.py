@@ -51,8 +51,14 @@ def serve(
     log_format: LogFormat = typer.Option(LogFormat.text, envvar="EDGEFT_LOG_FORMAT",
                                          help="json: one JSON object per line."),
     log_level: str = typer.Option("info", envvar="EDGEFT_LOG_LEVEL", help="debug, info, warning or error."),
+    trusted_key: list[Path] = typer.Option(
+        [], "--trusted-key", envvar="EDGEFT_TRUSTED_KEY", show_default=False,
+        help="Public key (PEM, from edgeft keygen): serve only artifacts signed by it. Repeat for several "
+             "(key rotation); env: files separated by ':'."),
 ) -> None:
-    """Serve artifacts over an OpenAI-compatible HTTP API (completions, chat, classify, /health, /metrics)."""
+    """Serve artifacts over an OpenAI-compatible HTTP API (completions, chat, classify, /health, /metrics).
+
+    Every artifact is checked byte by byte when it loads (digest, checksums; with --trusted-key, its signature)."""
     from edgeft.runtime import server
 
     config = server.ServeConfig(
@@ -60,6 +66,6 @@ def serve(
         threads=threads, workers=workers, queue_size=queue_size, max_tokens=max_tokens,
         max_body_bytes=max_body_bytes, max_inputs=max_inputs, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
         max_connections=max_connections, drain_timeout=drain_timeout,
-        log_format=server.LogFormat(log_format.value), log_level=log_level,
+        log_format=server.LogFormat(log_format.value), log_level=log_level, trusted_keys=tuple(trusted_key),
     )
     server.serve(config)

@@ -91,9 +91,15 @@ class ExportConfig:
     """Threads for PyTorch and the gate's runtime sessions (default: all usable cores)."""
     progress: bool = True
     """Progress bars on stderr for the gate's long loops."""
+    sign_key: Path | None = None
+    """Ed25519 private key (PEM, from `edgeft keygen`) to sign the artifact's manifest digest with."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
+        if self.sign_key is not None:
+            object.__setattr__(self, "sign_key", Path(self.sign_key))
+            if not self.sign_key.is_file():
+                raise EdgeftError(f"--sign {self.sign_key} is not a file")
         object.__setattr__(self, "quantize", _enum(Quantize, self.quantize, "--quantize"))
         object.__setattr__(self, "int8_mode", _enum(Int8Mode, self.int8_mode, "--int8-mode"))
         if self.task is not None:

@@ -55,6 +55,10 @@ def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
     log = log or (lambda _msg: None)
     check_destination(config.out, config.overwrite)
     _check_scheme(config)
+    if config.sign_key:  # a bad key fails now, not after the gate
+        from edgeft.signing import load_private_key
+
+        load_private_key(config.sign_key)
     try:
         with tempfile.TemporaryDirectory(prefix=f".{config.out.name}.work-", dir=config.out.parent) as work:
             return _export(config, Path(work), log)
@@ -281,6 +285,11 @@ def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Ca
             if item.name != "manifest.json":
                 shutil.move(str(item), tmp / item.name)
         write_manifest(tmp, manifest)
+        if config.sign_key:
+            from edgeft.artifact import sign
+            from edgeft.signing import load_private_key
+
+            log(f"signed by key {sign(tmp, load_private_key(config.sign_key))}")
     log(f"wrote {config.out} ({chosen.name}, {assemble.folder_size(config.out) / 1e6:.1f} MB)")
     return config.out
 

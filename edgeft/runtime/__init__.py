@@ -6,9 +6,10 @@ torch-free modules. ``load`` opens any artifact by its manifest's task.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from edgeft.artifact import Task, open_artifact
+from edgeft.artifact import Check, Task, open_artifact
 from edgeft.runtime.classify import TextClassifier
 from edgeft.runtime.generate import Chunk, Completion, Generator
 from edgeft.runtime.sampling import SamplingParams
@@ -16,9 +17,13 @@ from edgeft.runtime.sampling import SamplingParams
 __all__ = ["Generator", "TextClassifier", "SamplingParams", "Completion", "Chunk", "load"]
 
 
-def load(path: str | Path, threads: int | None = None) -> Generator | TextClassifier:
-    """Open an artifact folder or packed file as a ``Generator`` or a ``TextClassifier``."""
-    folder, manifest = open_artifact(path)
+def load(path: str | Path, threads: int | None = None, check: Check = Check.full,
+         trusted_keys: Sequence = ()) -> Generator | TextClassifier:
+    """Open an artifact folder or packed file as a ``Generator`` or a ``TextClassifier``.
+
+    Every byte is hashed unless ``check`` is ``Check.quick``; ``trusted_keys``
+    (``edgeft.signing.load_trusted_keys``) demand a signature by one of them."""
+    folder, manifest = open_artifact(path, check, trusted_keys)
     if manifest.task is Task.causal_lm:
         return Generator(folder, manifest, threads)
     return TextClassifier(folder, manifest, threads)

@@ -18,13 +18,14 @@ the model's origin.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from edgeft.artifact import Manifest, Task, open_artifact
+from edgeft.artifact import Check, Manifest, Task, open_artifact
 from edgeft.errors import EdgeftError
 from edgeft.runtime.session import input_dtypes, open_session
 
@@ -51,6 +52,7 @@ class TextClassifier:
         self.threads = self.session.get_session_options().intra_op_num_threads
         self._pool: ThreadPoolExecutor | None = None
         self.dtypes = input_dtypes(self.session)
+        self._check_label_count(self._graph_scores())
         self.uses_token_type_ids = "token_type_ids" in self.dtypes
         if manifest.classifier.uses_token_type_ids and not self.uses_token_type_ids:
             raise EdgeftError("the manifest says the graph takes token_type_ids but it does not")
@@ -60,10 +62,24 @@ class TextClassifier:
         self.pad_id = manifest.tokenizer.pad_token_id or 0
 
     @classmethod
-    def open(cls, path: str | Path, threads: int | None = None, batch_tokens: int = 128) -> "TextClassifier":
-        """Open an artifact folder or packed ``.edgeft`` file (verified against its checksums)."""
-        folder, manifest = open_artifact(path)
+    def open(cls, path: str | Path, threads: int | None = None, batch_tokens: int = 128,
+             check: Check = Check.full, trusted_keys: Sequence = ()) -> "TextClassifier":
+        """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``)."""
+        folder, manifest = open_artifact(path, check, trusted_keys)
         return cls(folder, manifest, threads, batch_tokens)
+
+    def _graph_scores(self) -> int | None:
+        """How many scores the graph's ``logits`` output gives per text, where its shape says."""
+        out = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if out is None:
+            raise EdgeftError(f"{self.folder}: the classifier graph has no 'logits' output")
+        shape = out.shape or []
+        return shape[-1] if len(shape) == 2 and isinstance(shape[-1], int) else None
+
+    def _check_label_count(self, scores: int | None) -> None:
+        if scores is not None and scores != len(self.labels):
+            raise EdgeftError(f"{self.folder}: the manifest lists {len(self.labels)} labels but the graph returns "
+                              f"{scores} scores per text")
 
     def _batch(self, encodings: list) -> dict[str, np.ndarray]:
         """Pad one batch to its longest member."""
@@ -106,6 +122,7 @@ class TextClassifier:
         else:
             results = [run(rows) for rows in chunks]
         for rows, logits in results:
+            self._check_label_count(logits.shape[-1])  # a graph whose shape did not say
             out[rows] = softmax(logits.astype(np.float32))
         return out
 

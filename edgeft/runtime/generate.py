@@ -25,7 +25,7 @@ torch or transformers.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from edgeft.artifact import Decoder, Manifest, Task, open_artifact
+from edgeft.artifact import Check, Decoder, Manifest, Task, open_artifact
 from edgeft.errors import EdgeftError
 from edgeft.runtime import chat
 from edgeft.runtime.detok import IncrementalDetokenizer
@@ -318,9 +318,10 @@ class Generator:
         self.chat_template = chat.load_template(self.folder, tok.chat_template, tok.config_file)
 
     @classmethod
-    def open(cls, path: str | Path, threads: int | None = None) -> "Generator":
-        """Open an artifact folder or packed ``.edgeft`` file (verified against its checksums)."""
-        folder, manifest = open_artifact(path)
+    def open(cls, path: str | Path, threads: int | None = None, check: Check = Check.full,
+             trusted_keys: Sequence = ()) -> "Generator":
+        """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``)."""
+        folder, manifest = open_artifact(path, check, trusted_keys)
         return cls(folder, manifest, threads)
 
     def _token_ids(self, token: str | None) -> frozenset[int]:

@@ -93,10 +93,13 @@ class ServeConfig:
     """Seconds SIGTERM waits for in-flight requests before cancelling them."""
     log_format: LogFormat = LogFormat.text
     log_level: str = "info"
+    trusted_keys: tuple[Path, ...] = ()
+    """Public keys (PEM); when given, every artifact must be signed by one of them (several: key rotation)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", tuple(Path(a) for a in self.artifacts))
         object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "trusted_keys", tuple(Path(k) for k in self.trusted_keys))
         if not self.artifacts:
             raise EdgeftError("serve needs at least one artifact")
         if self.names and len(self.names) != len(self.artifacts):
@@ -161,18 +164,20 @@ def _threads_per_engine(config: ServeConfig) -> int | None:
 
 
 def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
-    """Open every artifact (blocking: run it off the event loop)."""
+    """Open every artifact, hashing every byte (blocking: run it off the event loop)."""
     from edgeft.runtime import Generator, load
+    from edgeft.signing import load_trusted_keys
 
     models: dict[str, Model] = {}
     threads = _threads_per_engine(config)
     wait_s = config.batch_wait_ms / 1000
+    keys = load_trusted_keys(config.trusted_keys) if config.trusted_keys else []
     for name, path in zip(config.model_names(), config.artifacts):
         t0 = time.perf_counter()
-        first = load(path, threads=threads)
+        first = load(path, threads=threads, trusted_keys=keys)
         task = first.manifest.task
-        if task is Task.causal_lm:
-            engines = [first] + [Generator.open(path, threads=threads) for _ in range(config.workers - 1)]
+        if task is Task.causal_lm:  # the other workers' engines open the folder just checked
+            engines = [first] + [Generator(first.folder, first.manifest, threads) for _ in range(config.workers - 1)]
             m = Model(name, task, first.manifest, first, pool=GenerationPool(name, engines, config.queue_size, metrics))
         else:
             batcher = ClassifyBatcher(name, first, config.batch_size, wait_s, config.queue_size, metrics)
@@ -637,10 +642,17 @@ def _make_server(config: ServeConfig, app: Starlette) -> Any:
 
 def serve(config: ServeConfig) -> None:
     """Run the server until SIGTERM/SIGINT; raise ``EdgeftError`` if the models cannot be loaded."""
-    configure_logging(config.log_format, config.log_level)
     for path in config.artifacts:
         if not path.exists():
             raise EdgeftError(f"{path} does not exist")
+    if config.trusted_keys:  # a wrong key or an unsigned artifact fails before listening
+        from edgeft.artifact import check_header
+        from edgeft.signing import load_trusted_keys
+
+        keys = load_trusted_keys(config.trusted_keys)
+        for path in config.artifacts:
+            check_header(path, keys)
+    configure_logging(config.log_format, config.log_level)
     app = build_app(config)
     state: ServerState = app.state.edgeft
     server = _make_server(config, app)

@@ -1,0 +1,425 @@
+"""An artifact that was changed is refused: checksums, the manifest's digest, packed members, signatures.
+
+The artifact here is a real one made by hand in milliseconds: a three-label ONNX
+classifier (mean of token embeddings) with a word-level tokenizer, so ``classify`` and the
+runtime really load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgeft import artifact
+from edgeft.cli import app
+from edgeft.errors import EdgeftError
+
+LABELS = ["alpha", "beta", "gamma"]
+WORDS = ["[PAD]", "[UNK]", "good", "bad", "fine", "odd", "sun", "rain"]
+
+
+def _graph(n_out: int):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    emb = numpy_helper.from_array(rng.normal(size=(len(WORDS), 256)).astype(np.float32), "emb")
+    head = numpy_helper.from_array(rng.normal(size=(256, n_out)).astype(np.float32), "head")
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["pooled"], axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "head"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "tiny-classifier",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_out])], [emb, head])
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def make_classifier(folder: Path, labels=LABELS, n_out: int = 3) -> Path:
+    """A tiny, real classifier artifact folder (graph, tokenizer, manifest with digest)."""
+    import onnx
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True)
+    onnx.save(_graph(n_out), folder / "model.onnx")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    artifact.write_manifest(folder, artifact.Manifest(
+        task=artifact.Task.classification, architecture="bert",
+        graph=artifact.Graph(file="model.onnx", opset=17, inputs=["input_ids", "attention_mask"],
+                             outputs=["logits"], builder="torch.onnx"),
+        tokenizer=artifact.Tokenizer(config_file=None, pad_token_id=0), quantization={"scheme": "none"},
+        classifier=artifact.Classifier(labels=list(labels), max_length=16)))
+    return folder
+
+
+@pytest.fixture
+def art(tmp_path) -> Path:
+    return make_classifier(tmp_path / "art")
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def one_line_refusal(res, *needles):
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit), res.output
+    message = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(message) == 1, res.stderr
+    for n in needles:
+        assert n in res.output, res.output
+
+
+def flip_byte_keep_mtime(path: Path, offset: int | None = None) -> None:
+    """Rewrite one byte in place, then put the mtime back (what a careful attacker does)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x01
+    with open(path, "r+b") as fh:  # same inode, same size
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+
+
+def largest(folder: Path) -> Path:
+    return max((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+# ---------------------------------------------------------------- folders: bytes and stamps
+
+def test_verify_hashes_every_byte_even_after_a_verified_stamp(art):
+    assert run("verify", art).exit_code == 0
+    assert run("classify", art, "good sun").exit_code == 0  # quick check: leaves a stamp
+    flip_byte_keep_mtime(largest(art))
+    one_line_refusal(run("verify", art), "does not match its checksum")
+    one_line_refusal(run("classify", art, "good sun"), "does not match its checksum")  # ctime moved
+    with pytest.raises(EdgeftError, match="checksum"):
+        artifact.open_artifact(art, artifact.Check.full)
+
+
+def test_quick_stamp_records_size_mtime_ctime_inode(art):
+    artifact.open_artifact(art, artifact.Check.quick)
+    stamp = json.loads(artifact._stamp_path(art).read_text())
+    st = (art / "model.onnx").stat()
+    assert stamp["files"]["model.onnx"] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    assert set(stamp["files"]) == {"manifest.json", "model.onnx", "tokenizer.json"}
+    # replaced by an identical copy (new inode): hashed again, and still fine
+    copy = art / "tok.tmp"
+    copy.write_bytes((art / "tokenizer.json").read_bytes())
+    os.replace(copy, art / "tokenizer.json")
+    assert not artifact._stamp_ok(art, (art / "manifest.json").read_bytes())
+    artifact.open_artifact(art, artifact.Check.quick)
+    assert artifact._stamp_ok(art, (art / "manifest.json").read_bytes())
+
+
+def test_serve_loads_with_a_full_check(art, monkeypatch):
+    from edgeft.runtime import server
+    from edgeft.runtime.metrics import Registry
+
+    artifact.open_artifact(art, artifact.Check.quick)  # a stamp that a quick check would trust
+    calls = []
+    monkeypatch.setattr(artifact, "_stamp_ok", lambda *a: calls.append(a) or True)
+    flip_byte_keep_mtime(largest(art))
+    with pytest.raises(EdgeftError, match="checksum"):
+        server.load_models(server.ServeConfig(artifacts=(art,)), Registry())
+    assert calls == []  # never asked
+
+
+# ---------------------------------------------------------------- the manifest is bound to its files
+
+def _edit_manifest(folder: Path, edit) -> None:
+    path = folder / "manifest.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d, indent=2))
+
+
+def test_reversed_labels_in_the_manifest_are_refused(art):
+    before = run("classify", art, "good sun")
+    assert before.exit_code == 0
+    _edit_manifest(art, lambda d: d["classifier"]["labels"].reverse())
+    for check in artifact.Check:
+        with pytest.raises(EdgeftError, match="does not match its digest"):
+            artifact.open_artifact(art, check)
+    one_line_refusal(run("classify", art, "good sun"), "does not match its digest")
+    one_line_refusal(run("verify", art), "does not match its digest")
+
+
+def test_a_file_hash_edited_in_the_manifest_is_refused(art):
+    _edit_manifest(art, lambda d: d["files"]["tokenizer.json"].update(sha256="0" * 64))
+    with pytest.raises(EdgeftError, match="digest"):
+        artifact.verify(art)
+
+
+def test_label_count_that_does_not_match_the_graph_is_one_line(tmp_path):
+    from edgeft.runtime import TextClassifier
+
+    two = make_classifier(tmp_path / "two", labels=["yes", "no"], n_out=3)  # digest is valid
+    with pytest.raises(EdgeftError, match="2 labels but the graph returns 3 scores"):
+        TextClassifier.open(two)
+    one_line_refusal(run("classify", two, "good"), "2 labels but the graph returns 3")
+    three = make_classifier(tmp_path / "three")
+    probs = TextClassifier.open(three).predict_proba(["good sun", "bad rain"])
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_an_artifact_without_a_digest_loads_with_one_warning(art, caplog):
+    _edit_manifest(art, lambda d: d.pop("digest"))
+    artifact._warned.clear()
+    with caplog.at_level("WARNING", logger="edgeft.artifact"):
+        m = artifact.verify(art)
+        artifact.open_artifact(art, artifact.Check.quick)
+    assert m.digest is None and m.classifier.labels == LABELS
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edgeft.artifact"]
+    assert len(warnings) == 1 and "no manifest digest" in warnings[0] and "\n" not in warnings[0]
+
+
+# ---------------------------------------------------------------- packed files
+
+def _rezip(src: Path, dest: Path, change=None, extra=()) -> Path:
+    """Copy a packed file member by member, with ``change(name, data) -> data`` and extra ZipInfo members."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info, change(info.filename, data) if change else data)
+        for info, data in extra:
+            zout.writestr(info, data)
+    return dest
+
+
+def _flip(name, data, target="model.onnx"):
+    if name != target:
+        return data
+    b = bytearray(data)
+    b[len(b) // 2] ^= 1
+    return bytes(b)
+
+
+@pytest.fixture
+def packed(art, tmp_path) -> Path:
+    return artifact.pack(art, tmp_path / "art.edgeft")
+
+
+def _unpacked_dirs() -> list[Path]:
+    root = artifact.cache_root() / "unpacked"
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+def test_a_stale_unpacked_copy_is_not_reused_for_changed_members(packed, tmp_path):
+    for check in artifact.Check:
+        folder, _ = artifact.open_artifact(packed, check)  # unpacked once: the manifest's cache slot exists
+    flipped = _rezip(packed, tmp_path / "flipped.edgeft", _flip)
+    for check in artifact.Check:
+        with pytest.raises(EdgeftError, match="model.onnx"):
+            artifact.open_artifact(flipped, check)
+    one_line_refusal(run("classify", flipped, "good"), "model.onnx")
+    # the cached copy itself changed behind the stamp's back: a quick load unpacks again
+    flip_byte_keep_mtime(folder / "model.onnx")
+    again, _ = artifact.open_artifact(packed, artifact.Check.quick)
+    assert artifact.verify(again).files
+
+
+def test_link_and_unknown_members_are_refused_before_anything_is_written(packed, tmp_path):
+    link = zipfile.ZipInfo("evil")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with_link = _rezip(packed, tmp_path / "link.edgeft", extra=[(link, "/etc/passwd")])
+    unknown = _rezip(packed, tmp_path / "unknown.edgeft", extra=[(zipfile.ZipInfo("extra.bin"), b"x")])
+    assert _unpacked_dirs() == []
+    with pytest.raises(EdgeftError, match="'evil' is a link"):
+        artifact.open_artifact(with_link)
+    with pytest.raises(EdgeftError, match="'extra.bin' is not in the manifest"):
+        artifact.open_artifact(unknown)
+    # a link in place of a listed file
+    as_link = _rezip(packed, tmp_path / "aslink.edgeft",
+                     change=lambda n, d: d)  # same members, then the listed one replaced below
+    with zipfile.ZipFile(as_link) as z:
+        infos = {i.filename: (i, z.read(i)) for i in z.infolist()}
+    with zipfile.ZipFile(as_link, "w") as z:
+        for name, (info, data) in infos.items():
+            if name == "tokenizer.json":
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            z.writestr(info, data)
+    with pytest.raises(EdgeftError, match="'tokenizer.json' is a link"):
+        artifact.open_artifact(as_link)
+    assert _unpacked_dirs() == []  # nothing was written for any of them
+    assert not list((artifact.cache_root()).glob("unpacked/.*"))
+
+
+def test_an_oversized_member_is_refused_before_it_is_read(packed, tmp_path, monkeypatch):
+    big = _rezip(packed, tmp_path / "big.edgeft",
+                 lambda n, d: d + b"\0" * (4 << 20) if n == "model.onnx" else d)
+    reads = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open",
+                        lambda self, name, *a, **k: reads.append(getattr(name, "filename", name)) or
+                        real_open(self, name, *a, **k))
+    with pytest.raises(EdgeftError, match=r"'model.onnx' is 42\d{5} bytes, the manifest says \d+"):
+        artifact.open_artifact(big)
+    assert reads == ["manifest.json"] and _unpacked_dirs() == []
+
+
+def test_members_are_streamed_within_their_manifest_size(packed):
+    """A header that understates a member's length cannot make unpacking write more than the manifest says."""
+    class Sink:
+        n = 0
+
+        def write(self, b):
+            self.n += len(b)
+
+    with zipfile.ZipFile(packed) as zf:
+        info = zf.getinfo("model.onnx")
+        manifest = artifact.read_manifest(artifact.open_artifact(packed)[0])
+        meta = dict(manifest.files["model.onnx"], size=100)  # the manifest allows less than the member holds
+        sink = Sink()
+        with pytest.raises(EdgeftError, match="longer than the manifest's 100 bytes"):
+            artifact._stream_member(zf, packed, info, meta, sink)
+        assert sink.n <= 100
+
+
+def test_a_corrupted_packed_file_on_a_fresh_cache_is_one_line(packed, tmp_path):
+    raw = bytearray(packed.read_bytes())
+    with zipfile.ZipFile(packed) as zf:
+        info = zf.getinfo("model.onnx")
+    raw[info.header_offset + 30 + len(info.filename) + info.file_size // 2] ^= 0x10  # inside the member's data
+    bad = tmp_path / "bad.edgeft"
+    bad.write_bytes(bytes(raw))
+    assert _unpacked_dirs() == []
+    with pytest.raises(EdgeftError, match="model.onnx|corrupted"):
+        artifact.open_artifact(bad)
+    one_line_refusal(run("verify", bad))
+    one_line_refusal(run("classify", bad, "good"))
+    cut = tmp_path / "cut.edgeft"
+    cut.write_bytes(bytes(raw[: len(raw) // 2]))
+    one_line_refusal(run("verify", cut), "not a packed edgeft artifact")
+    assert _unpacked_dirs() == []
+
+
+def test_verify_on_a_packed_file_writes_nothing(packed):
+    res = run("verify", packed)
+    assert res.exit_code == 0 and "ok" in res.output
+    assert _unpacked_dirs() == []
+
+
+# ---------------------------------------------------------------- signatures
+
+@pytest.fixture
+def keys(tmp_path):
+    pytest.importorskip("cryptography")
+    out = {}
+    for name in ("old", "new", "other"):
+        res = run("keygen", tmp_path / f"{name}.pem")
+        assert res.exit_code == 0, res.output
+        out[name] = (tmp_path / f"{name}.pem", tmp_path / f"{name}.pem.pub")
+    return out
+
+
+def test_keygen_writes_standard_pem_with_a_private_mode(keys):
+    from cryptography.hazmat.primitives import serialization
+
+    private, public = keys["old"]
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert private.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    assert public.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    serialization.load_pem_private_key(private.read_bytes(), password=None)
+    serialization.load_pem_public_key(public.read_bytes())
+    one_line_refusal(run("keygen", private), "already exists")
+
+
+def test_signed_folder_and_packed_file_against_trusted_keys(art, keys, tmp_path):
+    old_priv, old_pub = keys["old"]
+    one_line_refusal(run("verify", art, "--trusted-key", old_pub), "is not signed")
+    assert run("sign", art, "--key", old_priv).exit_code == 0
+    ok = run("verify", art, "--trusted-key", old_pub)
+    assert ok.exit_code == 0 and "signed by trusted key" in ok.output
+    one_line_refusal(run("verify", art, "--trusted-key", keys["other"][1]), "not a trusted key")
+    assert run("verify", art).exit_code == 0  # no trusted key asked for: the digest still holds
+
+    packed = artifact.pack(art, tmp_path / "signed.edgeft")
+    assert run("verify", packed, "--trusted-key", old_pub).exit_code == 0
+    unsigned = artifact.pack(make_classifier(tmp_path / "plain"), tmp_path / "plain.edgeft")
+    one_line_refusal(run("verify", unsigned, "--trusted-key", old_pub), "is not signed")
+    assert run("sign", unsigned, "--key", old_priv).exit_code == 0  # a packed file is signed in place
+    assert run("verify", unsigned, "--trusted-key", old_pub).exit_code == 0
+
+
+def test_rotation_several_trusted_keys_from_the_environment(tmp_path, keys):
+    a = make_classifier(tmp_path / "a")
+    b = make_classifier(tmp_path / "b")
+    run("sign", a, "--key", keys["old"][0])
+    run("sign", b, "--key", keys["new"][0])
+    env = {"EDGEFT_TRUSTED_KEY": f"{keys['old'][1]}{os.pathsep}{keys['new'][1]}"}
+    assert run("verify", a, env=env).exit_code == 0
+    assert run("verify", b, env=env).exit_code == 0
+    one_line_refusal(run("verify", b, env={"EDGEFT_TRUSTED_KEY": str(keys["old"][1])}), "not a trusted key")
+    one_line_refusal(run("verify", a, "--trusted-key", keys["new"][1], env=env), "not a trusted key")
+
+
+def test_a_recomputed_digest_does_not_pass_a_signature(art, keys):
+    """An attacker can fix the digest after an edit, but cannot sign it."""
+    from edgeft.signing import load_trusted_keys
+
+    run("sign", art, "--key", keys["old"][0])
+    trusted = load_trusted_keys([keys["old"][1]])
+    _edit_manifest(art, lambda d: (d["classifier"]["labels"].reverse(), d.update(digest=artifact.manifest_digest(d))))
+    assert artifact.verify(art).classifier.labels == LABELS[::-1]  # a digest alone is fooled
+    with pytest.raises(EdgeftError, match="signature by key .* does not match"):
+        artifact.verify(art, trusted)
+
+
+def test_serve_refuses_unsigned_and_wrongly_signed_artifacts(tmp_path, keys, monkeypatch):
+    from edgeft.runtime import server
+    from edgeft.runtime.metrics import Registry
+
+    good, plain, other = (make_classifier(tmp_path / n) for n in ("good", "plain", "other"))
+    run("sign", good, "--key", keys["new"][0])
+    run("sign", other, "--key", keys["other"][0])
+    cfg = lambda a, **k: server.ServeConfig(artifacts=(a,), **k)  # noqa: E731
+    trusted = (keys["old"][1], keys["new"][1])
+    assert "good" in server.load_models(cfg(good, trusted_keys=trusted), Registry())
+    with pytest.raises(EdgeftError, match="is not signed"):
+        server.load_models(cfg(plain, trusted_keys=trusted), Registry())
+    with pytest.raises(EdgeftError, match="not a trusted key"):
+        server.load_models(cfg(other, trusted_keys=trusted), Registry())
+    monkeypatch.setenv("EDGEFT_TRUSTED_KEY", str(keys["new"][1]))
+    res = run("serve", plain, "--port", 0)
+    assert res.exit_code != 0 and "is not signed" in res.output
+
+
+def test_bad_key_files_are_one_line(art, tmp_path, keys):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key")
+    one_line_refusal(run("sign", art, "--key", junk), "not a PEM private key")
+    one_line_refusal(run("sign", art, "--key", tmp_path / "missing.pem"), "does not exist")
+    one_line_refusal(run("verify", art, "--trusted-key", junk), "not a PEM public key")
+    one_line_refusal(run("sign", art, "--key", keys["old"][1]), "not a PEM private key")
+
+
+def test_export_sign_writes_a_signed_artifact(tiny_bert_dir, tmp_path, keys):
+    from test_runtime_support import GATE, LABELS as BERT_LABELS, REPO, _seeded_classifier
+
+    from edgeft.signing import load_trusted_keys
+
+    src = _seeded_classifier(tiny_bert_dir, tmp_path / "bert")
+    out = tmp_path / "signed-art"
+    args = ["export", src, "-o", out, "-q", "none", "--task", "classification", "--labels", ",".join(BERT_LABELS),
+            "--eval-data", REPO / "demo" / "sst2_2k.csv", "--gate-texts", GATE["gate_texts"], "--threads", 1,
+            "--allow-degraded", "--no-progress"]
+    one_line_refusal(run(*args, "--sign", keys["old"][1]), "not a PEM private key")  # before any work
+    assert not out.exists()
+    res = run(*args, "--sign", keys["old"][0])
+    assert res.exit_code == 0, res.output
+    m = artifact.verify(out, load_trusted_keys([keys["old"][1]]))
+    assert m.signature["key_id"] == load_trusted_keys([keys["old"][1]])[0].id
+    with pytest.raises(EdgeftError, match="not a trusted key"):
+        artifact.verify(out, load_trusted_keys([keys["new"][1]]))
