@@ -155,7 +155,7 @@ def case_generation(ctx: Context) -> None:
             profile_note(ctx, system, path, decode_prompt)
         try:
             ctx.cache.setdefault("weights", {})[system] = weight_bytes(path)
-        except Exception as exc:  # noqa: BLE001 - a missing size only drops the bandwidth share
+        except Exception as exc:  # a missing size only drops the bandwidth share
             ctx.res.notes.append(f"weight bytes of {system} unknown: {exc}")
 
 
@@ -420,7 +420,7 @@ def dir_mib(path: Path) -> float:
 def case_footprint(ctx: Context) -> None:
     from benchmarks.footprint import extra_installed_mib, fresh_venv_mib
 
-    for key, folder in sorted(ctx.cache.items()):
+    for _key, folder in sorted(ctx.cache.items()):
         if isinstance(folder, Path) and (folder / "manifest.json").is_file():
             ctx.add("footprint", folder.name, "artifact_mib", dir_mib(folder), "MiB", higher=False)
             secs = prepare.logged_seconds("export", folder.name)

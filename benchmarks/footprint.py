@@ -51,7 +51,7 @@ def _marker_true(marker: str) -> bool:
         from packaging.markers import Marker
 
         return Marker(marker).evaluate()
-    except Exception:  # noqa: BLE001 - no packaging: count the requirement
+    except Exception:  # no packaging: count the requirement
         return True
 
 

@@ -136,7 +136,7 @@ CHARTS = {  # chart name -> (case, metric, title, unit label)
 }
 
 
-def _bar_chart(ax, ms: list[Measurement], title: str) -> None:  # noqa: ANN001
+def _bar_chart(ax, ms: list[Measurement], title: str) -> None:
     groups = sorted({_params_key(m.params) for m in ms})
     systems = list(dict.fromkeys(m.system for m in ms))
     width = 0.8 / max(len(groups), 1)

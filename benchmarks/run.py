@@ -65,7 +65,7 @@ def context(res: SuiteResult, quick: bool, threads: int) -> Context:
 
 
 def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
-              tune_steps: int | None = None, after_case=None,  # noqa: ANN001
+              tune_steps: int | None = None, after_case=None,
               into: SuiteResult | None = None) -> SuiteResult:
     """Run ``cases`` in order (adding to ``into`` when given); ``after_case(res)`` runs after each."""
     import benchmarks.prepare as prep
@@ -90,7 +90,7 @@ def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
             CASES[name](ctx)
         except Unavailable as exc:
             res.skip(name, "(whole case)", str(exc))
-        except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others' figures
+        except Exception as exc:  # one broken case must not lose the others' figures
             traceback.print_exc()
             res.skip(name, "(whole case)", f"crashed: {type(exc).__name__}: {exc}")
         print(f"[bench] {name} done in {time.perf_counter() - t:.0f}s", flush=True)

@@ -70,7 +70,7 @@ def measure(paths: dict, lengths: tuple[int, int], runs: int) -> dict[str, dict[
     wall = {(name, n): [] for name in paths for n in lengths}
     cpu = {(name, n): [] for name in paths for n in lengths}
     tokens = {}
-    for name, (fn, _) in paths.items():
+    for fn, _ in paths.values():
         for n in lengths:
             fn(n)  # warm-up
     for _ in range(runs):

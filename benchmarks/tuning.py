@@ -20,7 +20,7 @@ from edgeft.bench import peak_rss_mib, summarize
 VARIANTS = ("full", "head", "top-fp32", "top-int8", "lora")
 
 
-def _load(path: str, variant: str, top_n: int, labels: list[str]):  # noqa: ANN202
+def _load(path: str, variant: str, top_n: int, labels: list[str]):
     """(model, tokenizer) through edgeft tune's own loader: the same layout finding, freezing and
     8-bit loading as ``edgeft tune``; full, head-only and LoRA are settings of it."""
     from transformers import AutoConfig

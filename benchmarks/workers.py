@@ -64,7 +64,7 @@ def gen_transformers(spec: dict) -> dict:
         def __init__(self, on_token: OnToken) -> None:
             self.on_token, self.prompt_seen = on_token, False
 
-        def put(self, value) -> None:  # noqa: ANN001 - the first call carries the prompt
+        def put(self, value) -> None:  # the first call carries the prompt
             if self.prompt_seen:
                 self.on_token()
             self.prompt_seen = True
@@ -137,7 +137,7 @@ def cls_edgeft(spec: dict) -> dict:
 
     clf = TextClassifier.open(spec["path"], threads=spec["threads"])
 
-    def predict(texts: list[str]):  # noqa: ANN202
+    def predict(texts: list[str]):
         return clf.predict_proba(texts, batch_size=len(texts))
 
     return _classification(spec, predict, clf.labels)
@@ -151,7 +151,7 @@ def cls_torch(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     model, tok, labels = load_torch_classifier(spec["path"])
 
-    def predict(texts: list[str]):  # noqa: ANN202
+    def predict(texts: list[str]):
         enc = tok(texts, padding=True, truncation=True, max_length=spec.get("max_length", 128), return_tensors="pt")
         with torch.inference_mode():
             return torch.softmax(model(**enc).logits, -1).numpy()
@@ -159,7 +159,7 @@ def cls_torch(spec: dict) -> dict:
     return _classification(spec, predict, labels)
 
 
-def _classification(spec: dict, predict, labels: list[str]) -> dict:  # noqa: ANN001
+def _classification(spec: dict, predict, labels: list[str]) -> dict:
     import numpy as np
 
     texts, gold = _sst2(spec)
@@ -179,7 +179,7 @@ def _windows(ids: list[int], window: int) -> list[list[int]]:
     return [ids[i:i + window] for i in range(0, len(ids) - 1, window) if len(ids[i:i + window]) > 1]
 
 
-def _nll(logits, ids: list[int]) -> float:  # noqa: ANN001 - numpy [T, V]
+def _nll(logits, ids: list[int]) -> float:  # numpy [T, V]
     """Summed negative log-likelihood of ids[1:] given logits[:-1]."""
     import numpy as np
 
@@ -189,7 +189,7 @@ def _nll(logits, ids: list[int]) -> float:  # noqa: ANN001 - numpy [T, V]
     return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum())
 
 
-def _perplexity(spec: dict, encode, score) -> dict:  # noqa: ANN001
+def _perplexity(spec: dict, encode, score) -> dict:
     import math
 
     ids = encode(open(spec["data"]).read())
@@ -216,7 +216,7 @@ def ppl_torch(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     model, tok, _ = load_tuned_torch(spec["path"], Task.causal_lm)
 
-    def score(ids: list[int]):  # noqa: ANN202
+    def score(ids: list[int]):
         with torch.inference_mode():
             return model(torch.tensor([ids])).logits[0].numpy()
 

@@ -161,7 +161,7 @@ def onnx_weight_bytes(model_file: Path) -> int:
     return total
 
 
-def _all_nodes(graph):  # noqa: ANN001, ANN202 - onnx types
+def _all_nodes(graph):  # onnx types
     for node in graph.node:
         yield node
         for attr in node.attribute:
@@ -169,7 +169,7 @@ def _all_nodes(graph):  # noqa: ANN001, ANN202 - onnx types
                 yield from _all_nodes(attr.g)
 
 
-def _tensor_bytes(t) -> int:  # noqa: ANN001
+def _tensor_bytes(t) -> int:
     import onnx
 
     n = int(np.prod(t.dims)) if len(t.dims) else 1
@@ -241,7 +241,7 @@ def bench_generation(
     for i in range(warmup + repeats):
         stamps: list[float] = []
         t0 = time.perf_counter()
-        run(decode_prompt, new_tokens, lambda: stamps.append(time.perf_counter()))
+        run(decode_prompt, new_tokens, lambda s=stamps: s.append(time.perf_counter()))
         if i >= warmup and len(stamps) >= 2:
             decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
             ttft.append(stamps[0] - t0)
@@ -254,7 +254,7 @@ def bench_generation(
         for i in range(warmup + repeats):
             stamps = []
             t0 = time.perf_counter()
-            run(ids, 1, lambda: stamps.append(time.perf_counter()))
+            run(ids, 1, lambda s=stamps: s.append(time.perf_counter()))
             if i >= warmup and stamps:
                 secs.append(stamps[0] - t0)
         prefill[length] = summarize(secs).inverse(length)
@@ -262,7 +262,7 @@ def bench_generation(
                              int(statistics.median(counts)), len(decode_prompt))
 
 
-def edgeft_runner(gen) -> Runner:  # noqa: ANN001 - runtime.Generator
+def edgeft_runner(gen) -> Runner:  # runtime.Generator
     """``run(ids, n, on_token)`` over edgeft's runtime, greedy, not stopping at end-of-sequence.
 
     Benchmarks need the same token count from every system, so end-of-sequence ids are
@@ -279,7 +279,7 @@ def edgeft_runner(gen) -> Runner:  # noqa: ANN001 - runtime.Generator
     return run
 
 
-def _ignore_eos(gen) -> None:  # noqa: ANN001
+def _ignore_eos(gen) -> None:
     if not hasattr(gen, "eos_ids"):
         raise EdgeftError("this runtime's Generator has no eos_ids: cannot force equal token counts")
     gen.eos_ids = frozenset()
