@@ -496,15 +496,33 @@ def _unpack_into(zf: zipfile.ZipFile, packed: Path, members: list, raw: bytes, d
         (tmp / MANIFEST).write_bytes(raw)
 
 
+def _cached_copy_holds(zf: zipfile.ZipFile, packed: Path, members: list, manifest: Manifest, raw: bytes,
+                       folder: Path) -> bool:
+    """The full check of a copy unpacked before: every packed member hashed (a mismatch is an error),
+    then every byte of the copy; True when the copy can be used as it is (nothing rewritten)."""
+    if not folder.is_dir():
+        return False
+    for info, meta in members:
+        _stream_member(zf, packed, info, meta)
+    try:
+        if (folder / MANIFEST).read_bytes() != raw:
+            return False
+        _check_files(folder, manifest)
+    except (OSError, EdgeftError):
+        return False  # a damaged copy: unpacked again
+    return True
+
+
 def unpack(packed: Path, dest: Path | None = None, check: Check = Check.full,
            trusted_keys: Sequence = ()) -> Path:
     """Unpack a ``.edgeft`` file (into the cache, keyed by its manifest's hash) after checking it.
 
     The manifest (digest, signature) and the list of members (names, kinds, sizes) are
     checked before anything is written; each member is then streamed to disk, bounded by its
-    manifest size and hashed as it is written. A copy already in the cache is reused only
-    with ``Check.quick`` and when stamps show neither the packed file nor the copy changed
-    since the check that made it; otherwise the file is unpacked and checked again.
+    manifest size and hashed as it is written. A copy already in the cache is reused by
+    ``Check.quick`` only while stamps show neither the packed file nor the copy changed since
+    the check that made it, and by ``Check.full`` only after every member and every byte of
+    the copy were hashed again; otherwise the file is unpacked again.
     """
     packed = Path(packed)
 
@@ -517,11 +535,12 @@ def unpack(packed: Path, dest: Path | None = None, check: Check = Check.full,
                 cache_root() / "unpacked" / hashlib.sha256(raw).hexdigest()[:24])
             if check is Check.quick and _packed_stamp_ok(packed, raw, target):
                 return target
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                _unpack_into(zf, packed, members, raw, target)
-            except OSError as exc:
-                raise EdgeftError(f"cannot unpack {packed} into {target}: {exc.strerror or exc}") from None
+            if not (check is Check.full and _cached_copy_holds(zf, packed, members, manifest, raw, target)):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    _unpack_into(zf, packed, members, raw, target)
+                except OSError as exc:
+                    raise EdgeftError(f"cannot unpack {packed} into {target}: {exc.strerror or exc}") from None
         _write_stamp(target, raw)
         _write_packed_stamp(packed, raw, target)
         return target

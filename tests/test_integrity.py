@@ -230,6 +230,15 @@ def test_a_stale_unpacked_copy_is_not_reused_for_changed_members(packed, tmp_pat
     assert artifact.verify(again).files
 
 
+def test_a_full_check_reuses_a_sound_copy_and_replaces_a_damaged_one(packed):
+    folder, _ = artifact.open_artifact(packed)
+    inode = (folder / "model.onnx").stat().st_ino
+    assert artifact.open_artifact(packed)[0] == folder and (folder / "model.onnx").stat().st_ino == inode
+    flip_byte_keep_mtime(folder / "model.onnx")
+    again, _ = artifact.open_artifact(packed)
+    assert again == folder and (folder / "model.onnx").stat().st_ino != inode and artifact.verify(folder).files
+
+
 def test_link_and_unknown_members_are_refused_before_anything_is_written(packed, tmp_path):
     link = zipfile.ZipInfo("evil")
     link.external_attr = (stat.S_IFLNK | 0o777) << 16
