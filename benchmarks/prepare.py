@@ -208,5 +208,5 @@ def ensure_gguf(variant: str) -> Path:
 def data_file(*parts: str) -> Path:
     p = shared_data().joinpath(*parts)
     if not p.is_file():
-        raise Unavailable(f"data file {p} is missing")
+        raise Unavailable(f"data file {p} is missing (the shared datasets: ../shared/data, or set EDGEFT_SHARED_DATA)")
     return p
