@@ -315,7 +315,9 @@ def test_classifier_fp32_matches_pytorch_and_int8_picks_a_measured_flavour(work,
     int8 = _export(bert_run, work / "bert-int8", "int8")
     g = _manifest(int8)["gate"]
     assert set(g["candidates"]) == {"int8-dynamic", "int8-weight-only"}
-    assert g["passed"] and g["chosen"] in g["candidates"]
+    assert g["passed"] and g["chosen"] in g["candidates"] and g["chosen_because"].startswith("rule: ")
+    if all(c["passed"] for c in g["candidates"].values()):
+        assert g["chosen"] == "int8-dynamic"  # its matmuls run on int8 activations
     assert _manifest(int8)["quantization"]["method"] == g["chosen"].removeprefix("int8-")
     assert g["metrics"]["label_agreement"] >= 0.97 and g["metrics"]["texts"] == 12
     ops = {n.op_type for n in _ops(int8)}
@@ -439,16 +441,39 @@ def test_tune_then_export_then_runtime(work, tiny_llama_dir):
     assert done.completion_tokens >= 1 and done.finish_reason in ("stop", "length")
 
 
-def test_classifier_pick_prefers_speed_within_the_gate():
+def _graph_folder(folder, ops, pad_bytes):
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder.mkdir()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    nodes = [helper.make_node(op, ["x"], [f"y{i}"], domain="com.microsoft" if op == "MatMulNBits" else "")
+             for i, op in enumerate(ops)]
+    outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1]) for i in range(len(ops))]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], outs)), str(folder / "model.onnx"))
+    (folder / "model.onnx.data").write_bytes(b"\0" * pad_bytes)
+    return folder
+
+
+def test_classifier_pick_is_a_rule_on_the_graphs_not_a_timing(tmp_path):
     from types import SimpleNamespace as NS
 
     from edgeft.export.pipeline import pick_classifier
 
-    def cand(name, acc, ms):
-        return NS(name=name, result=NS(metrics={"accuracy": acc, "ms_per_text": ms}))
+    def cand(name, ops, size, acc, ms):
+        return NS(name=name, folder=_graph_folder(tmp_path / name, ops, size), why="",
+                  result=NS(metrics={"accuracy": acc, "ms_per_text": ms}))
 
-    dynamic, weight_only = cand("dynamic", 0.820, 2.1), cand("weight-only", 0.825, 7.0)
-    assert pick_classifier([weight_only, dynamic]).name == "dynamic"  # 3.3x faster, both passed
-    close = cand("weight-only", 0.825, 2.2)  # within 10% of the fastest: the more accurate wins
-    assert pick_classifier([dynamic, close]).name == "weight-only"
+    dynamic = cand("int8-dynamic", ["MatMulInteger"] * 3 + ["QAttention"], 2000, 0.820, 9.0)
+    weight_only = cand("int8-weight-only", ["MatMulNBits"] * 4, 1000, 0.825, 2.0)
+    # int8 compute wins even where this machine happened to time it slower, and the reason is kept
+    chosen = pick_classifier([weight_only, dynamic])
+    assert chosen is dynamic and "4 int8 matmuls" in chosen.why and "int8-weight-only: 0 int8 matmuls" in chosen.why
+    # equal int8 compute: the smaller; equal size too: the more accurate
+    small = cand("small", ["MatMulInteger"] * 4, 100, 0.80, 1.0)
+    assert pick_classifier([dynamic, small]) is small
+    same = cand("same", ["MatMulInteger"] * 4, 100, 0.90, 50.0)
+    assert pick_classifier([small, same]) is same and pick_classifier([same, small]) is same
+    assert pick_classifier([weight_only]).why.endswith("(the only candidate that passed)")
     assert pick_classifier([]) is None
+

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.export.decoder import _interface, _op_counts, _quiet_warnings, optimize_graph
+from edgeft.export.graphs import interface, op_counts, optimize_graph, quiet_warnings
 
 # model_type -> onnxruntime.transformers optimizer model type
 FUSABLE = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "xlm-roberta": "bert", "electra": "bert"}
@@ -40,12 +40,14 @@ def check_supported(hf_config: Any) -> None:
 
 
 def export_classifier(model: Any, work: Path, max_length: int) -> ClassifierGraph:
-    """Export ``model`` (a ``...ForSequenceClassification``) to ``work/classifier/model.onnx``."""
+    """Export ``model`` (a ``...ForSequenceClassification``) to ``work/classifier/model.onnx``.
+
+    The caller has checked the architecture (``check_supported``) before any slow step.
+    """
     import inspect
 
     import torch
 
-    check_supported(model.config)
     if FUSABLE.get(model.config.model_type) and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # the pattern onnxruntime's Attention fusion knows; same numbers
     raw, out = work / "classifier" / "raw.onnx", work / "classifier" / "model.onnx"
@@ -66,10 +68,10 @@ def export_classifier(model: Any, work: Path, max_length: int) -> ClassifierGrap
         def forward(self, *tensors):
             return self.m(**dict(zip(names, tensors))).logits
 
-    with torch.no_grad(), _quiet_warnings():
+    with torch.no_grad(), quiet_warnings():
         torch.onnx.export(Logits().eval(), args, str(raw), input_names=names, output_names=["logits"],
                           dynamic_axes=axes, opset_version=17, dynamo=False)
     fused = optimize_graph(raw, out, model.config, FUSABLE)
-    inputs, outputs, opset = _interface(out)
+    inputs, outputs, opset = interface(out)
     return ClassifierGraph(path=out, inputs=inputs, outputs=outputs, uses_token_type_ids=with_types,
-                           fused=fused, opset=opset, fusions=_op_counts(out))
+                           fused=fused, opset=opset, fusions=op_counts(out))

@@ -28,7 +28,7 @@ class Quantize(str, enum.Enum):
 
 
 class Int8Mode(str, enum.Enum):
-    """Classifier int8 flavour: gate both and keep the faster that passes, or force one."""
+    """Classifier int8 flavour: gate both and keep the one that passes with the most int8-activation matmuls, or force one."""
 
     best = "best"
     dynamic = "dynamic"  # int8 weights and activations (DynamicQuantizeMatMul / MatMulInteger)

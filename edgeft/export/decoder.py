@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.export.quantize import load, save
+from edgeft.export.graphs import interface, op_counts, optimize_graph, quiet_warnings
 
 # Hugging Face architecture -> model_type, for those onnxruntime-genai's builder turns into a fused graph.
 BUILDER_ARCHITECTURES = {
@@ -74,9 +74,12 @@ def check_supported(hf_config: Any) -> str:
                       f"({', '.join(archs) or 'no architectures'}); supported decoders: {supported()}")
 
 
-def export_decoder(model: Any, hf_dir: Path, work: Path) -> DecoderGraph:
-    """Export the fp32 decoder saved at ``hf_dir`` (and loaded as ``model``) into ``work``."""
-    if check_supported(model.config) == "builder":
+def export_decoder(model: Any, hf_dir: Path, work: Path, route: str) -> DecoderGraph:
+    """Export the fp32 decoder saved at ``hf_dir`` (and loaded as ``model``) into ``work``.
+
+    ``route`` is what ``check_supported`` said of the model's config: "builder" or "torch".
+    """
+    if route == "builder":
         return _builder_export(hf_dir, work)
     return _torch_export(model, work)
 
@@ -98,24 +101,15 @@ def _builder_export(hf_dir: Path, work: Path) -> DecoderGraph:
     genai = json.loads((out / "genai_config.json").read_text())
     dec = genai["model"]["decoder"]
     path = out / dec.get("filename", "model.onnx")
-    inputs, outputs, opset = _interface(path)
+    inputs, outputs, opset = interface(path)
     return DecoderGraph(
         path=path, builder="onnxruntime-genai", fused=True,
         inputs=inputs, outputs=outputs, num_layers=dec["num_hidden_layers"],
         num_kv_heads=dec["num_key_value_heads"], head_dim=dec["head_size"],
         vocab_size=genai["model"]["vocab_size"], context_length=genai["model"]["context_length"],
         uses_position_ids="position_ids" in inputs, kv_dtype=_kv_dtype(path),
-        opset=opset, genai_config=out / "genai_config.json", fusions=_op_counts(path),
+        opset=opset, genai_config=out / "genai_config.json", fusions=op_counts(path),
     )
-
-
-def _interface(path: Path) -> tuple[list[str], list[str], int]:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
-    init = {t.name for t in m.graph.initializer}
-    return [i.name for i in m.graph.input if i.name not in init], [o.name for o in m.graph.output], opset
 
 
 def _kv_dtype(path: Path) -> str:
@@ -126,20 +120,6 @@ def _kv_dtype(path: Path) -> str:
         if i.name.startswith("past_key_values"):
             return {1: "float32", 10: "float16", 16: "bfloat16"}.get(i.type.tensor_type.elem_type, "float32")
     return "float32"
-
-
-def _op_counts(path: Path) -> dict[str, int]:
-    import onnx
-
-    fused = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "SkipSimplifiedLayerNormalization",
-             "SkipLayerNormalization", "SimplifiedLayerNormalization", "FastGelu", "BiasGelu", "Gelu",
-             "RotaryEmbedding", "EmbedLayerNormalization", "LayerNormalization")
-    m = onnx.load(str(path), load_external_data=False)
-    counts: dict[str, int] = {}
-    for n in m.graph.node:
-        if n.op_type in fused:
-            counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts
 
 
 # ---------------------------------------------------------------- torch.onnx
@@ -195,39 +175,12 @@ def _torch_export(model: Any, work: Path) -> DecoderGraph:
             "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     axes.update({n: {0: "batch", 2: "past_sequence"} for n in _past_names(layers)})
     axes.update({n: {0: "batch", 2: "total_sequence"} for n in _present_names(layers)})
-    with torch.no_grad(), _quiet_warnings():
+    with torch.no_grad(), quiet_warnings():
         torch.onnx.export(_wrapper(model, layers), (ids, mask, pos, *past), str(raw), input_names=names_in,
                           output_names=names_out, dynamic_axes=axes, opset_version=17, dynamo=False)
     fused = optimize_graph(raw, out, cfg, OPTIMIZER_TYPES)
-    inputs, outputs, opset = _interface(out)
+    inputs, outputs, opset = interface(out)
     return DecoderGraph(path=out, builder="torch.onnx", fused=fused, inputs=inputs, outputs=outputs,
                         num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=cfg.vocab_size,
                         context_length=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024),
-                        uses_position_ids=True, opset=opset, fusions=_op_counts(out))
-
-
-@contextlib.contextmanager
-def _quiet_warnings():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def optimize_graph(raw: Path, out: Path, cfg: Any, kinds: dict[str, str]) -> bool:
-    """Apply onnxruntime's transformer fusions where ``kinds`` maps the model type to an
-    optimizer type; else copy. Returns whether anything fused. Shared with classifiers."""
-    kind = kinds.get(cfg.model_type)
-    if kind is None:
-        save(load(raw), out)
-        return False
-    from onnxruntime.transformers import optimizer
-
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):
-        opt = optimizer.optimize_model(str(raw), model_type=kind, num_heads=cfg.num_attention_heads,
-                                       hidden_size=cfg.hidden_size, opt_level=0)
-    stats = opt.get_fused_operator_statistics()
-    save(opt.model, out)
-    return any(stats.values())
+                        uses_position_ids=True, opset=opset, fusions=op_counts(out))

@@ -43,6 +43,7 @@ class Candidate:
     folder: Path | None = None
     manifest: Manifest | None = None
     result: gate.GateResult | None = None
+    why: str = ""  # why it was chosen, once it is (recorded in the manifest's gate section)
 
     def ensure_built(self) -> "Candidate":
         if self.folder is None:
@@ -82,12 +83,12 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
     log(f"loading {config.source}")
     source = load_source(config)
     _check_scheme(dataclasses.replace(config, task=source.task))
-    _check_architecture(source)
+    route = _check_architecture(source)
     _torch_threads(config, source.model)
     hf_dir = save_hf_folder(source, work / "hf")
     tokenizer = source.tokenizer
     if source.task is Task.causal_lm:
-        candidates, ref_ctx = _decoder_candidates(config, source, hf_dir, tokenizer, work, log)
+        candidates, ref_ctx = _decoder_candidates(config, source, hf_dir, tokenizer, work, log, route)
     else:
         candidates, ref_ctx = _classifier_candidates(config, source, hf_dir, tokenizer, work, log)
     chosen = _run_gate(config, source, candidates, ref_ctx, log)
@@ -95,13 +96,19 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
     return _publish(config, chosen, candidates, ref_ctx, seconds, log)
 
 
-def _check_architecture(source) -> None:
-    """One line naming the supported architectures, before any slow step."""
+def _check_architecture(source) -> str | None:
+    """One line naming the supported architectures, before any slow step (the only check).
+
+    For a decoder, returns how it exports ("builder" or "torch").
+    """
     if source.task is Task.causal_lm:
         from edgeft.export.decoder import check_supported
-    else:
-        from edgeft.export.classifier import check_supported
+
+        return check_supported(source.model.config)
+    from edgeft.export.classifier import check_supported
+
     check_supported(source.model.config)
+    return None
 
 
 def _torch_threads(config: ExportConfig, model: Any) -> None:
@@ -118,12 +125,11 @@ def _decoder_schemes(config: ExportConfig) -> list[Quantize]:
     return list(AUTO_ORDER) if config.quantize is Quantize.auto else [config.quantize]
 
 
-def _decoder_candidates(config, source, hf_dir, tokenizer, work, log):
-    from edgeft.export.decoder import check_supported, export_decoder
+def _decoder_candidates(config, source, hf_dir, tokenizer, work, log, route):
+    from edgeft.export.decoder import export_decoder
 
-    check_supported(source.model.config)
     log("exporting the decoder graph (fp32)")
-    graph = export_decoder(source.model, hf_dir, work)
+    graph = export_decoder(source.model, hf_dir, work, route)
     if config.context_length and config.context_length > graph.context_length:
         raise EdgeftError(f"--context-length {config.context_length} is longer than the model's "
                           f"{graph.context_length} positions")
@@ -213,15 +219,29 @@ def _run_gate(config: ExportConfig, source, candidates: list[Candidate], ctx: di
     return pick_classifier([c for c in candidates if c.result.passed])
 
 
-def pick_classifier(passing: list) -> "Candidate | None":
-    """Of the classifier candidates that passed the gate (all within its accuracy budget), the
-    fastest; the more accurate one when it is within 10% of that speed. (Keeping the more
-    accurate by a few texts once cost 3.3x the time per text: weight-only over dynamic int8.)"""
+def pick_classifier(passing: list[Candidate], quality: str = "accuracy") -> Candidate | None:
+    """Of the encoder candidates that passed the gate (all within its budget), choose by a rule
+    that does not depend on how busy the export machine is; the reason goes in ``why``.
+
+    The rule, in order: the most matrix products computed on int8 activations (integer GEMM,
+    as dynamic int8 does; weight-only int8 dequantizes its weights and multiplies in fp32,
+    which is slower on CPUs), then the fewest bytes, then the higher ``quality`` metric,
+    then the name. The ms/text the gate measured is recorded, not used.
+    """
     if not passing:
         return None
-    fastest = min(c.result.metrics["ms_per_text"] for c in passing)
-    near = [c for c in passing if c.result.metrics["ms_per_text"] <= 1.1 * fastest]
-    return max(near, key=lambda c: c.result.metrics["accuracy"])
+    from edgeft.export.graphs import INT8_COMPUTE_OPS, op_counts
+
+    facts = {c.name: (sum(op_counts(c.folder / "model.onnx", INT8_COMPUTE_OPS).values()),
+                      assemble.folder_size(c.folder), c.result.metrics[quality]) for c in passing}
+    chosen = min(passing, key=lambda c: (-facts[c.name][0], facts[c.name][1], -facts[c.name][2], c.name))
+    int8_ops, size, q = facts[chosen.name]
+    others = "; ".join(f"{n}: {f[0]} int8 matmuls, {f[1]} bytes, {quality} {f[2]:.4f}"
+                       for n, f in sorted(facts.items()) if n != chosen.name)
+    chosen.why = (f"rule: most int8-activation matmuls, then fewest bytes, then highest {quality}; "
+                  f"{chosen.name}: {int8_ops} int8 matmuls, {size} bytes, {quality} {q:.4f}"
+                  + (f" (passed too: {others})" if others else " (the only candidate that passed)"))
+    return chosen
 
 
 def _gate_decoders(config, source, candidates, ctx, evals, log) -> Candidate | None:
@@ -234,8 +254,10 @@ def _gate_decoders(config, source, candidates, ctx, evals, log) -> Candidate | N
     for c in candidates:
         c.result = gate.lm_gate(c.ensure_built().folder, ref, config)
         _say(c, log)
-        if c.result.passed:
-            return c  # candidates are ordered smallest first
+        if c.result.passed:  # candidates are ordered smallest first
+            c.why = ("the smallest scheme that passed the gate" if len(candidates) > 1
+                     else "the scheme asked for, and it passed the gate")
+            return c
     return None
 
 
@@ -261,6 +283,7 @@ def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Ca
             raise EdgeftError("the gate refused the export, nothing written: " + "; ".join(failures)
                               + " (loosen the thresholds or pass --allow-degraded)")
         chosen = candidates[-1]  # the largest: closest to PyTorch
+        chosen.why = "no candidate passed the gate; --allow-degraded writes the largest, closest to PyTorch"
         log("gate failed; writing anyway (--allow-degraded), marked degraded in the manifest")
     task = Task.causal_lm if chosen.manifest.decoder else Task.classification
     evals, ref = ctx["evals"], ctx["reference"]
@@ -268,6 +291,7 @@ def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Ca
         "passed": not degraded,
         "degraded": degraded,
         "chosen": chosen.name,
+        "chosen_because": chosen.why,
         "metrics": chosen.result.metrics,
         "reference": ref.metrics,
         "failures": chosen.result.failures,
