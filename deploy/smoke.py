@@ -4,7 +4,7 @@
 
 Standard library only, so it runs in the fresh runtime-only venv of ``deploy/rehearse.sh``.
 Waits for ``/health``; calls ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``
-(streamed), ``/v1/classify``; checks that a missing key gets 401; then starts four more
+(streamed), ``/v1/classify``, ``/metrics``; checks that a missing key gets 401 (on /metrics too); then starts four more
 completions, sends SIGTERM to PID while they run and checks that they all finish (drain).
 Exits non-zero with one line on the first failure.
 """
@@ -94,7 +94,9 @@ def main() -> None:
     status, raw = call(a.url, "/v1/completions", {"model": a.chat, "prompt": 5}, key=a.key)
     check(status == 400 and "error" in json.loads(raw), "a wrong type -> 400 with an error body")
 
-    status, raw = call(a.url, "/metrics")
+    status, _ = call(a.url, "/metrics")
+    check(status == 401, "/metrics without the key -> 401")
+    status, raw = call(a.url, "/metrics", key=a.key)
     check(status == 200 and b"edgeft_requests_total" in raw, "/metrics exposes edgeft_requests_total")
 
     # Drain: completions admitted when SIGTERM arrives must still finish.
@@ -109,7 +111,7 @@ def main() -> None:
         th.start()
     busy = f'edgeft_inference_in_flight{{model="{a.chat}"}} 1'.encode()
     deadline = time.time() + 10
-    while time.time() < deadline and busy not in call(a.url, "/metrics")[1] and len(results) < 4:
+    while time.time() < deadline and busy not in call(a.url, "/metrics", key=a.key)[1] and len(results) < 4:
         time.sleep(0.005)
     in_flight = len(threads) - len(results)
     os.kill(a.pid, signal.SIGTERM)

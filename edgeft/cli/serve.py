@@ -30,7 +30,11 @@ def serve(
                              help="Address to bind. 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8000, envvar="EDGEFT_PORT", help="Port to listen on."),
     api_key: str = typer.Option(None, envvar="EDGEFT_API_KEY", show_default=False,
-                                help="Require 'Authorization: Bearer KEY' on every /v1 route."),
+                                help="Require 'Authorization: Bearer KEY' on every /v1 route, and on /metrics "
+                                     "unless --metrics-key is given (/health stays open for probes)."),
+    metrics_key: str = typer.Option(None, envvar="EDGEFT_METRICS_KEY", show_default=False,
+                                    help="Require 'Authorization: Bearer KEY' on /metrics (this key or the API key): "
+                                         "give it to the Prometheus scraper instead of the API key."),
     threads: int = typer.Option(None, envvar="EDGEFT_THREADS", show_default=False,
                                 help="onnxruntime threads per model (default: all cores). Match the CPU limit."),
     workers: int = typer.Option(1, envvar="EDGEFT_WORKERS",
@@ -63,7 +67,7 @@ def serve(
 
     config = server.ServeConfig(
         artifacts=tuple(artifacts), names=tuple(name), host=host, port=port, api_key=api_key or None,
-        threads=threads, workers=workers, queue_size=queue_size, max_tokens=max_tokens,
+        metrics_key=metrics_key or None, threads=threads, workers=workers, queue_size=queue_size, max_tokens=max_tokens,
         max_body_bytes=max_body_bytes, max_inputs=max_inputs, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
         max_connections=max_connections, drain_timeout=drain_timeout,
         log_format=server.LogFormat(log_format.value), log_level=log_level, trusted_keys=tuple(trusted_key),

@@ -145,6 +145,9 @@ class Registry:
         self.cancelled = Counter("edgeft_stream_cancelled_total",
                                  "Streamed generations stopped early: the client left or the server stopped.",
                                  ("model",))
+        self.disconnects = Counter("edgeft_client_disconnects_total",
+                                   "Requests whose client hung up before its body was read (status 499).",
+                                   ("route",))
         self.classified = Counter("edgeft_classified_texts_total", "Texts classified.", ("model",))
         self.batch_size = Histogram("edgeft_classify_batch_size",
                                     "Texts per classifier run (micro-batches of concurrent requests).",

@@ -43,6 +43,8 @@ class SamplingParams:
             raise EdgeftError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise EdgeftError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            raise EdgeftError(f"seed must be an integer in 0..2**64-1, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise EdgeftError("stop strings must be non-empty strings")
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import hmac
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,7 +39,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -72,7 +74,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    """When set, every /v1 route wants ``Authorization: Bearer <key>``."""
+    """When set, every /v1 route wants ``Authorization: Bearer <key>`` (and /metrics too, unless ``metrics_key``)."""
+    metrics_key: str | None = None
+    """When set, /metrics wants ``Authorization: Bearer <key>`` (this key or the API key); /health stays open."""
     threads: int | None = None
     """onnxruntime intra-op threads per model (default: onnxruntime's choice, all cores)."""
     workers: int = 1
@@ -117,8 +121,10 @@ class ServeConfig:
             raise EdgeftError(f"threads must be at least 1, got {self.threads}")
         if self.queue_size < 0 or self.batch_wait_ms < 0 or self.drain_timeout < 0:
             raise EdgeftError("queue-size, batch-wait-ms and drain-timeout cannot be negative")
-        if self.api_key is not None and not self.api_key.strip():
-            raise EdgeftError("the API key is empty")
+        for name in ("api_key", "metrics_key"):
+            key = getattr(self, name)
+            if key is not None and not key.strip():
+                raise EdgeftError(f"the {name.replace('_', ' ')} is empty")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
             raise EdgeftError(f"unknown log level {self.log_level!r}")
 
@@ -251,6 +257,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         raise bad(f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
+    wire.check_unicode(body)
     return body
 
 
@@ -265,6 +272,8 @@ def api(handler: Callable) -> Callable:
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
+        except ClientDisconnect:
+            return _client_left(request)
         except ApiError as exc:
             return _error_response(exc)
         except Overloaded as exc:
@@ -274,6 +283,17 @@ def api(handler: Callable) -> Callable:
 
     wrapped.__name__ = handler.__name__
     return wrapped
+
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": no one reads this response
+
+
+def _client_left(request: Request) -> Response:
+    """A client that hung up before its body arrived: a client event, not a server error."""
+    state: ServerState = request.app.state.edgeft
+    state.metrics.disconnects.inc(route=_route_label(request.url.path))
+    log.info("client left before sending its whole request on %s", request.url.path)
+    return Response(status_code=CLIENT_CLOSED)
 
 
 def _sse(obj: Any) -> str:
@@ -481,6 +501,10 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
                                     code=code))
 
 
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    return _client_left(request)
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("internal error on %s: %s", request.url.path, exc, exc_info=exc)
     return JSONResponse(ApiError(500, "internal server error", type="server_error").body(), status_code=500)
@@ -494,16 +518,37 @@ def _route_label(path: str) -> str:
     return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
+def bearer_token(header: bytes) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header; the scheme is case-insensitive (RFC 9110)."""
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
 class EdgeMiddleware:
-    """Request ids, bearer-key checks on /v1, request metrics and one access-log line per request."""
+    """Request ids, bearer-key checks on /v1 (and /metrics), request metrics and one access-log line per request."""
 
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
-        key = state.config.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
+        cfg = state.config
+        self.keys = [cfg.api_key.encode()] if cfg.api_key else []
+        self.metrics_keys = [k.encode() for k in (cfg.metrics_key, cfg.api_key) if k]
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        return hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
+    def _unauthorized(self, path: str, headers: dict[bytes, bytes]) -> str | None:
+        """Why this request may not pass (a message for the 401), or None."""
+        if path.startswith("/v1"):
+            keys, what = self.keys, "API key"
+        elif path == "/metrics":
+            keys, what = self.metrics_keys, "metrics key" if self.state.config.metrics_key else "API key"
+        else:
+            return None
+        if not keys:
+            return None
+        token = bearer_token(headers.get(b"authorization", b""))
+        # compare with every key (no early exit) so the time taken says nothing about which one was close
+        ok = [hmac.compare_digest(token or b"", k) for k in keys]
+        return None if token is not None and any(ok) else f"missing or incorrect {what}: send 'Authorization: Bearer <key>'"
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -521,9 +566,9 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            if self.expected is not None and path.startswith("/v1") and not self._authorized(headers):
-                err = ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")
+            refused = self._unauthorized(path, headers)
+            if refused is not None:
+                err = ApiError(401, refused, code="invalid_api_key")
                 response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send_with_id)
             else:
@@ -574,7 +619,8 @@ def build_app(config: ServeConfig, loader: Callable[[ServeConfig, Registry], dic
         Route("/v1/classify", classify, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+                    exception_handlers={HTTPException: _http_error, ClientDisconnect: _disconnected,
+                                        Exception: _server_error})
     app.state.edgeft = state
     app.add_middleware(EdgeMiddleware, state=state)
     return app
@@ -640,8 +686,34 @@ def _make_server(config: ServeConfig, app: Starlette) -> Any:
     return DrainingServer(uv)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or one clear error (port in use, address not here...)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise EdgeftError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        hint = ": choose another --port or stop what holds it" if exc.errno == errno.EADDRINUSE else ""
+        raise EdgeftError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _auth_note(config: ServeConfig) -> str:
+    if config.api_key:
+        return ", API key required on /v1" + (", metrics key on /metrics" if config.metrics_key else " and /metrics")
+    return ", metrics key required on /metrics" if config.metrics_key else ""
+
+
 def serve(config: ServeConfig) -> None:
-    """Run the server until SIGTERM/SIGINT; raise ``EdgeftError`` if the models cannot be loaded."""
+    """Run the server until SIGTERM/SIGINT; raise ``EdgeftError`` if the port or the models cannot be had."""
     for path in config.artifacts:
         if not path.exists():
             raise EdgeftError(f"{path} does not exist")
@@ -653,12 +725,15 @@ def serve(config: ServeConfig) -> None:
         for path in config.artifacts:
             check_header(path, keys)
     configure_logging(config.log_format, config.log_level)
+    sock = bind(config.host, config.port)
     app = build_app(config)
     state: ServerState = app.state.edgeft
     server = _make_server(config, app)
     state.on_fatal = lambda: setattr(server, "should_exit", True)
+    port = sock.getsockname()[1]
     log.info("listening on http://%s:%d (models load in the background; /health says when ready)%s",
-             config.host, config.port, ", API key required on /v1" if config.api_key else "")
-    server.run()
+             config.host, port, _auth_note(config))
+    with sock:
+        server.run(sockets=[sock])
     if state.failed:
         raise EdgeftError(f"could not load the models: {state.failed}")

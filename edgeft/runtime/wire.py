@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_STOP = 16
+MAX_SEED = 2**63 - 1  # a seed is a non-negative int64, as in most OpenAI-compatible servers
 
 
 class ApiError(Exception):
@@ -55,6 +56,30 @@ class ClassifyRequest:
     model: str | None
     texts: list[str]
     single: bool  # the input was one string, not a list
+
+
+def check_unicode(body: Any) -> None:
+    """Refuse a body holding a string UTF-8 cannot encode (a lone surrogate such as ``"\\ud800"``).
+
+    JSON allows ``\\ud800`` escapes, Python decodes them into unencodable strings, and the
+    tokenizers (and the response writer) would fail on them later: one 400 here instead.
+    Walks the body without recursion, so any nesting the JSON parser accepted is fine.
+    """
+    todo = [("", body)]
+    while todo:
+        where, v = todo.pop()
+        if isinstance(v, dict):
+            todo.extend((f"{where}.{k}" if where else str(k), x) for k, x in v.items())
+            todo.extend((where, k) for k in v)
+        elif isinstance(v, list):
+            todo.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                name = where.split(".")[0].split("[")[0] or None
+                raise bad(f"'{where or 'body'}' holds a lone UTF-16 surrogate: not valid Unicode text",
+                          name, "invalid_unicode") from None
 
 
 # ---------------------------------------------------------------- field readers
@@ -155,7 +180,7 @@ def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_token
         top_p=_opt_number(body, "top_p", 0.0, 1.0, lo_open=True),
         top_k=_opt_int(body, "top_k", 0, None),
         repetition_penalty=_opt_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True),
-        seed=_opt_int(body, "seed"),
+        seed=_opt_int(body, "seed", 0, MAX_SEED),
         stop=_stop(body),
         stream=_opt_bool(body, "stream"),
         include_usage=include_usage,
