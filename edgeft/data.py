@@ -34,6 +34,35 @@ SUFFIXES = (*TABLE_SUFFIXES, ".txt")
 
 Message = dict[str, str]
 
+# No token of a real tokenizer spans more characters than this (WordPiece's longest word is
+# 100 characters; longer ones become one [UNK]), so the first ``n * CHARS_PER_TOKEN`` characters
+# of a text hold at least its first ``n`` tokens.
+CHARS_PER_TOKEN = 100
+
+
+def clip_for_tokens(text: str, max_tokens: int) -> str:
+    """The start of ``text`` that still holds its first ``max_tokens`` tokens, cut by characters.
+
+    A text is cut before it is tokenized, so a 50 MB row costs what its first tokens cost
+    (tokenizing it whole took minutes and gigabytes, only to be truncated afterwards).
+    """
+    limit = max_tokens * CHARS_PER_TOKEN
+    return text if len(text) <= limit else text[:limit]
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` itself if UTF-8 can encode it; else one clear error.
+
+    A command-line argument that is not UTF-8 reaches Python as lone surrogates
+    (``surrogateescape``), which tokenizers refuse with a traceback.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EdgeftError(f"{what} is not valid UTF-8 text (a stray byte or lone surrogate at character "
+                          f"{exc.start})") from None
+    return text
+
 
 def check_file(path: Path) -> Path:
     """The path itself if it is a non-empty file of a known kind; else one clear error."""
@@ -62,11 +91,14 @@ def _read_rows(path: Path, mtime_ns: int, size: int) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         raise EdgeftError(f"{path} is plain text, not a table with columns")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if suffix in (".csv", ".tsv"):
         csv.field_size_limit(sys.maxsize)
         dialect = "excel-tab" if suffix == ".tsv" else "excel"
-        rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+        try:
+            rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+        except csv.Error as exc:
+            raise EdgeftError(f"{path}: not a readable {suffix[1:].upper()} file ({exc})") from None
     elif suffix == ".jsonl":
         rows = [_json(line, path, i + 1) for i, line in enumerate(text.splitlines()) if line.strip()]
     else:
@@ -80,6 +112,19 @@ def _read_rows(path: Path, mtime_ns: int, size: int) -> list[dict[str, Any]]:
     if not all(isinstance(r, dict) for r in rows):
         raise EdgeftError(f"{path}: every row must be an object with named fields")
     return rows
+
+
+def read_text(path: Path) -> str:
+    """A file's text as UTF-8 (a BOM is dropped); a binary or otherwise encoded file is one clear error."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EdgeftError(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+                          "save it as UTF-8") from None
+    if "\x00" in text:
+        raise EdgeftError(f"{path} holds NUL bytes: a binary file, not text data")
+    return text
 
 
 def _json(text: str, path: Path, line: int | None) -> Any:
@@ -155,7 +200,7 @@ def load_texts(path: Path, text_col: str | None = None) -> list[str]:
     """Plain texts: paragraphs of a .txt file, or the text column of a table."""
     path = check_file(path)
     if path.suffix.lower() == ".txt":
-        return split_paragraphs(path.read_text(encoding="utf-8"))
+        return split_paragraphs(read_text(path))
     text, _ = detect_columns(path, text_col, None, need_label=False)
     return [_cell(r, text, path, i) for i, r in enumerate(read_rows(path))]
 

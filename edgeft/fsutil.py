@@ -28,6 +28,27 @@ def check_destination(dest: Path, overwrite: bool) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
 
 
+def check_writable(folder: Path, what: str = "the output") -> None:
+    """Make ``folder`` if needed and prove a file can be written there; else one clear error.
+
+    Called before any slow work (loading a model, training), so a read-only or full disk is
+    refused in a second, not after minutes. The probe is a small file, written, synced, removed.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".edgeft-probe-", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            os.unlink(probe)
+    except OSError as exc:
+        raise EdgeftError(f"cannot write {what} in {folder}: {exc.strerror or exc}") from None
+
+
 def replace_dir(src: Path, dest: Path) -> None:
     """Move a finished folder ``src`` to ``dest``, replacing what is there atomically enough.
 

@@ -57,6 +57,9 @@ def chat(
         except (EOFError, KeyboardInterrupt):
             typer.echo("")
             return
+        except UnicodeDecodeError:
+            typer.echo("[that line is not UTF-8 text: not sent]", err=True)
+            continue
         text = line.strip()
         if text in ("/exit", "/quit"):
             return

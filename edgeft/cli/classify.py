@@ -42,13 +42,25 @@ def _text_key(keys: list[str], wanted: str | None, source: Path) -> str:
 
 
 def read_texts(path: Path, text_column: str | None = None) -> list[str]:
-    """Texts from a CSV/TSV (header row), JSONL (objects or strings) or TXT file."""
+    """Texts from a CSV/TSV (header row), JSONL (objects or strings) or TXT file; none is an error."""
+    texts = _read_texts(path, text_column)
+    if not texts:
+        raise EdgeftError(f"{path} holds no texts to classify")
+    return texts
+
+
+def _read_texts(path: Path, text_column: str | None) -> list[str]:
+    from edgeft.data import read_text
+
     if not path.is_file():
         raise EdgeftError(f"{path} does not exist")
     suffix = path.suffix.lower()
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path)
     if suffix in (".csv", ".tsv"):
-        rows = list(csv.DictReader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ","))
+        try:
+            rows = list(csv.DictReader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ","))
+        except csv.Error as exc:
+            raise EdgeftError(f"{path}: not a readable {suffix[1:].upper()} file ({exc})") from None
         if not rows:
             return []
         key = _text_key(list(rows[0].keys()), text_column, path)
@@ -104,6 +116,10 @@ def classify(
         raise EdgeftError("give texts on the command line or --input FILE (one of the two)")
     items = read_texts(input, text_column) if input else list(texts)
     fmt = format or (OutputFormat.csv if output and output.suffix.lower() == ".csv" else OutputFormat.jsonl)
+    if output:
+        from edgeft.fsutil import check_writable
+
+        check_writable(output.parent, "the results")  # before loading the model
     clf = TextClassifier.open(artifact, threads=threads, check=Check.quick)
     results = clf.classify(items, batch_size=batch_size)
     if output:
@@ -111,7 +127,10 @@ def classify(
 
         buf = io.StringIO()
         write_results(buf, items, results, clf.labels, fmt)
-        atomic_write_bytes(output, buf.getvalue().encode("utf-8"))
+        try:
+            atomic_write_bytes(output, buf.getvalue().encode("utf-8"))
+        except OSError as exc:
+            raise EdgeftError(f"cannot write {output}: {exc.strerror or exc}") from None
         typer.echo(f"{len(items)} texts classified -> {output}", err=True)
     else:
         write_results(sys.stdout, items, results, clf.labels, fmt)

@@ -55,6 +55,17 @@ def stream_to_terminal(gen: "Generator", prompt: str | list[int], params: "Sampl
     return "".join(pieces), tokens, time.perf_counter() - start, reason
 
 
+def _read_stdin() -> str:
+    from edgeft.errors import EdgeftError
+
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdgeftError(f"the prompt on stdin is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start})") from None
+
+
 @app.command()
 def generate(
     artifact: str = typer.Argument(..., help=ARTIFACT_HELP),
@@ -70,7 +81,7 @@ def generate(
     from edgeft.runtime import Generator
 
     if prompt is None or prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
     gen = Generator.open(artifact, threads=threads, check=Check.quick)
     params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     if chat:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeft import data
 from edgeft.errors import EdgeftError
 from edgeft.artifact import Task
 from edgeft.export.config import ExportConfig
@@ -268,7 +269,7 @@ def classifier_reference(model: Any, tokenizer_json: Path, evals: EvalSet, label
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_padding()
     tok.enable_truncation(max_length)
-    encs = tok.encode_batch(evals.texts)
+    encs = tok.encode_batch([data.clip_for_tokens(t, max_length) for t in evals.texts])
     import inspect
 
     types = "token_type_ids" in inspect.signature(model.forward).parameters

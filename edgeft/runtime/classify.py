@@ -2,7 +2,8 @@
 
 Texts are tokenized in one call, ordered by length so each batch pads only to its own
 longest text (little wasted compute on padding), run through the graph, and put back in
-the caller's order. Returns every label's probability.
+the caller's order. Returns every label's probability. A text is cut by characters before
+tokenizing (``edgeft.data.clip_for_tokens``), so a huge one costs what its first tokens cost.
 
 A caller's batch is further cut so that no graph call holds more than ``batch_tokens``
 padded tokens: on CPU the activations of a big batch fall out of the cache. Measured on
@@ -26,6 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edgeft.artifact import Check, Manifest, Task, open_artifact
+from edgeft.data import check_text, clip_for_tokens
 from edgeft.errors import EdgeftError
 from edgeft.runtime.session import input_dtypes, open_session
 
@@ -107,7 +109,8 @@ class TextClassifier:
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         if not texts:
             return out
-        encodings = self.tokenizer.encode_batch(list(texts))
+        texts = [clip_for_tokens(check_text(t, f"input {i}"), self.max_length) for i, t in enumerate(texts)]
+        encodings = self.tokenizer.encode_batch(texts)
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
         chunks = self._chunks(order, [len(e.ids) for e in encodings], batch_size)
 

@@ -34,6 +34,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgeft.artifact import Check, Decoder, Manifest, Task, open_artifact
+from edgeft.data import check_text
 from edgeft.errors import EdgeftError
 from edgeft.runtime import chat
 from edgeft.runtime.detok import IncrementalDetokenizer
@@ -336,7 +337,7 @@ class Generator:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with the special tokens the model expects (BOS where it needs one)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        ids = self.tokenizer.encode(check_text(text, "the prompt"), add_special_tokens=True).ids
         if self.manifest.tokenizer.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
         return ids

@@ -55,6 +55,7 @@ def label_names(labels: list[str]) -> list[str]:
 
 
 def _encode(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    texts = [D.clip_for_tokens(t, max_length) for t in texts]
     ids = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
     cut = sum(len(x) > max_length for x in ids)
     if cut:

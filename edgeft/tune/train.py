@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from edgeft.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable, sha256_file
 from edgeft.runs import TRAINED, RunInfo, write_run_info
 from edgeft.tune import dataset as DS
 from edgeft.tune import metrics as M
@@ -44,6 +45,8 @@ from edgeft.artifact import Task
 from edgeft.tune.config import ClassWeights, Optim, Schedule, TuneConfig
 
 CHECKPOINT = "checkpoint.json"
+# A disk that filled up or turned read-only mid-run: one line, not a traceback.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 DEFAULT_MAX_LENGTH = {Task.classification: 128, Task.causal_lm: 256}
 
 
@@ -81,6 +84,7 @@ def preflight(cfg: TuneConfig) -> None:
     """Refuse a finished OUT (without --overwrite) and check what --resume would continue."""
     if cfg.out.exists() and not cfg.overwrite:
         raise EdgeftError(f"{cfg.out} already exists (use --overwrite to replace it)")
+    check_writable(cfg.out.parent, "the run folder")  # a read-only or full disk, before loading the model
     partial = cfg.partial
     if cfg.resume:
         if not (partial / CHECKPOINT).is_file():
@@ -537,4 +541,14 @@ def tune(config: TuneConfig, callback: Callable[[int], None] | None = None) -> P
     except KeyboardInterrupt:
         print(f"interrupted: continue from the last checkpoint with --resume ({partial})", file=sys.stderr)
         raise
-    return write_run(cfg, loaded, prep, state, plan, best, resolved, max_length)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        raise EdgeftError(f"cannot write checkpoints in {partial}: {exc.strerror}") from None
+    try:
+        return write_run(cfg, loaded, prep, state, plan, best, resolved, max_length)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        raise EdgeftError(f"cannot write the run folder {cfg.out}: {exc.strerror} "
+                          f"(the last checkpoint is kept in {partial}: free space, then --resume)") from None

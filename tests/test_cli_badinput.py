@@ -1,0 +1,209 @@
+"""Bad input to the CLI: each case once a traceback (or a silent exit 0) is now one line and exit 2.
+
+Commands run through typer's CliRunner on the tiny runtime artifacts; the non-UTF-8
+argument runs the real CLI in a subprocess (only a real argv carries raw bytes). A
+read-only folder is a chmod-ed one, or, for root (whom permissions do not stop), a
+read-only mount; a full disk is a tiny tmpfs filled up (skipped where mounting is not allowed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_runtime_support import build
+from typer.testing import CliRunner
+
+from edgeft.cli import app
+
+CLI = [sys.executable, "-c", "from edgeft.cli import main; main()"]
+
+
+@pytest.fixture(scope="module")
+def llama_art(tiny_llama_dir, tmp_path_factory):
+    return build("llama", str(tiny_llama_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def bert_art(tiny_bert_dir, tmp_path_factory):
+    return build("bert", str(tiny_bert_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def one_line_error(res, *words: str) -> str:
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (res.output, repr(res.exception))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def _cannot_write(folder: Path) -> bool:
+    try:
+        (folder / ".probe").write_bytes(b"x")
+    except OSError:
+        return True
+    (folder / ".probe").unlink()
+    return False
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    try:
+        if _cannot_write(d):
+            yield d
+            return
+        for cand in (Path("/sys"), Path("/proc/sys")):  # root ignores modes; a read-only mount stops it
+            if cand.is_dir() and _cannot_write(cand):
+                yield cand
+                return
+        pytest.skip("no read-only folder here (root, and no read-only mount)")
+    finally:
+        d.chmod(0o755)
+
+
+@pytest.fixture
+def full_dir(tmp_path):
+    d = tmp_path / "full"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here to fill up")
+    try:
+        with contextlib.suppress(OSError), open(d / "filler", "wb") as fh:
+            while True:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+# ---------------------------------------------------------------- tune
+
+def test_tune_on_a_non_utf8_or_binary_csv_is_one_line(tiny_bert_dir, tmp_path):
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("text,label\ncaf\u00e9 cr\u00e8me,pos\nbad,neg\n".encode("latin-1"))
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"text,label\n" + bytes(range(256)) * 4)
+    nul = tmp_path / "nul.csv"
+    nul.write_bytes(b"text,label\nfine\x00,pos\nbad,neg\n")
+    for path, words in ((latin, ("not UTF-8", "0xe9")), (binary, ("not UTF-8",)), (nul, ("NUL",))):
+        res = run("tune", "-m", tiny_bert_dir, "-d", path, "-o", tmp_path / "run")
+        one_line_error(res, str(path), *words)
+        assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_tune_into_a_read_only_folder_fails_before_loading_the_model(readonly_dir, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\ngood,pos\nbad,neg\n" * 5)
+    # the model does not exist: an error about the folder shows the check ran before the model was looked at
+    res = run("tune", "-m", tmp_path / "no-such-model", "-d", data, "-o", readonly_dir / "run")
+    one_line_error(res, "cannot write the run folder", str(readonly_dir))
+
+
+def test_tune_onto_a_full_disk_fails_before_loading_the_model(full_dir, tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\ngood,pos\nbad,neg\n" * 5)
+    res = run("tune", "-m", tmp_path / "no-such-model", "-d", data, "-o", full_dir / "run")
+    one_line_error(res, "cannot write the run folder", "No space left")
+
+
+def test_check_writable_makes_missing_folders(tmp_path):
+    from edgeft.fsutil import check_writable
+
+    check_writable(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+
+
+# ---------------------------------------------------------------- classify
+
+def test_classify_input_not_utf8_is_one_line(bert_art, tmp_path):
+    for name in ("texts.csv", "texts.txt", "texts.jsonl"):
+        f = tmp_path / name
+        f.write_bytes(b"text\n\xff\xfe broken\n" if name.endswith("csv") else b"\xc3\x28 broken\n")
+        one_line_error(run("classify", bert_art, "--input", f), "not UTF-8", str(f))
+
+
+@pytest.mark.parametrize("name,content", [("empty.csv", ""), ("header.csv", "text\n"), ("header.tsv", "text\tid\n"),
+                                          ("blank.txt", "\n  \n"), ("empty.jsonl", "\n")])
+def test_classify_input_with_no_texts_is_one_line(bert_art, tmp_path, name, content):
+    f = tmp_path / name
+    f.write_text(content)
+    one_line_error(run("classify", bert_art, "--input", f), "no texts", str(f))
+
+
+def test_classify_output_into_a_read_only_folder_is_one_line(bert_art, readonly_dir):
+    out = readonly_dir / "labels.jsonl"
+    res = run("classify", bert_art, "a fine film", "-o", out)
+    one_line_error(res, "cannot write the results", str(readonly_dir))
+    assert not out.exists()
+
+
+def test_classify_a_huge_text_is_cut_before_tokenizing(bert_art, monkeypatch):
+    from edgeft.data import CHARS_PER_TOKEN
+    from edgeft.runtime import TextClassifier
+
+    clf = TextClassifier.open(bert_art, threads=1)
+    huge = "a gorgeous witty film " * 200_000  # 4.4 MB: tokenized whole it would be ~1M tokens
+    bound = clf.max_length * CHARS_PER_TOKEN
+    full = clf.tokenizer.encode(huge[: 4 * bound]).ids  # what truncation keeps, from a text well past the bound
+    seen: list[int] = []
+    real = clf.tokenizer
+
+    class Spy:  # the real tokenizer, recording what it is asked to tokenize
+        def encode_batch(self, texts):
+            seen.extend(len(t) for t in texts)
+            return real.encode_batch(texts)
+
+    monkeypatch.setattr(clf, "tokenizer", Spy())
+    got = clf.predict_proba([huge, "fine"])
+    assert max(seen) <= bound < len(huge)
+    monkeypatch.setattr(clf, "tokenizer", real)
+    assert real.encode(huge[:bound]).ids == full  # the cut changes nothing the model sees
+    assert got[0] == pytest.approx(clf.predict_proba([huge[: 4 * bound]])[0], abs=1e-6)
+
+
+def test_tune_cuts_huge_rows_before_tokenizing(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    from edgeft.data import CHARS_PER_TOKEN
+    from edgeft.tune import dataset as DS
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    huge = "tender and funny " * 50_000
+    (ids,), cut = DS._encode(tok, [huge], 32)
+    (want,), _ = DS._encode(tok, [huge[: 8 * 32 * CHARS_PER_TOKEN]], 32)
+    assert cut == 1 and len(ids) == 32 and ids == want
+
+
+# ---------------------------------------------------------------- generate
+
+def test_generate_with_a_negative_seed_is_one_line(llama_art):
+    one_line_error(run("generate", llama_art, "Shall I", "--seed", -1, "-t", 1, "-n", 2), "seed")
+
+
+def test_a_non_utf8_prompt_argument_is_one_line(llama_art, bert_art):
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    for cmd in (["generate", str(llama_art), b"caf\xe9 \xff", "-n", "2"], ["classify", str(bert_art), b"\xff\xfe"]):
+        r = subprocess.run([*CLI, *cmd], capture_output=True, timeout=120, env=env)
+        err = r.stderr.decode("utf-8", "replace")
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert r.returncode == 2 and "Traceback" not in err, err
+        assert len(lines) == 1 and "not valid UTF-8" in lines[0], err
+
+
+def test_a_non_utf8_prompt_on_stdin_is_one_line(llama_art):
+    res = run("generate", llama_art, "-n", 2, input=b"caf\xe9\n")
+    one_line_error(res, "stdin", "not UTF-8")
