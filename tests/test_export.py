@@ -320,6 +320,9 @@ def test_classifier_fp32_matches_pytorch_and_int8_picks_a_measured_flavour(work,
         assert g["chosen"] == "int8-dynamic"  # its matmuls run on int8 activations
     assert _manifest(int8)["quantization"]["method"] == g["chosen"].removeprefix("int8-")
     assert g["metrics"]["label_agreement"] >= 0.97 and g["metrics"]["texts"] == 12
+    lo, hi = g["metrics"]["accuracy_drop_ci95"]  # the drop's uncertainty and the rule are in the manifest
+    assert lo <= g["metrics"]["accuracy_drop_points"] <= hi and 0 <= g["metrics"]["mcnemar_p"] <= 1
+    assert g["thresholds"]["accuracy_drop_ceiling_points"] == 3 * g["thresholds"]["max_accuracy_drop_points"]
     ops = {n.op_type for n in _ops(int8)}
     assert ops & ({"QAttention", "MatMulInteger", "DynamicQuantizeMatMul"} if g["chosen"] == "int8-dynamic"
                   else {"MatMulNBits"})

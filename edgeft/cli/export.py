@@ -26,7 +26,7 @@ def export(
                                           help="Decoders: quantized matmuls compute on int8 activations (faster) or fp32 (closer to PyTorch)."),
     int8_mode: Int8Mode = typer.Option(Int8Mode.best, "--int8-mode",
                                        help="Classifiers: dynamic, weight-only, or best (gate both; of those that pass, the most matmuls on int8 activations, then the smaller; the reason goes in the manifest)."),
-    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Gate (classifiers): allowed accuracy drop, in points."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Gate (classifiers): accuracy drop budget, in points; a drop over it fails when significant (McNemar p < 0.05), over 3x it always."),
     min_label_agreement: float = typer.Option(0.97, "--min-label-agreement", help="Gate (classifiers): least share of labels equal to PyTorch's."),
     max_perplexity_increase: float = typer.Option(5.0, "--max-perplexity-increase", help="Gate (LMs): allowed perplexity rise, in percent."),
     min_token_agreement: float = typer.Option(0.80, "--min-token-agreement", help="Gate (LMs): least share of greedy tokens equal to PyTorch's."),

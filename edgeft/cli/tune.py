@@ -8,7 +8,7 @@ import typer
 
 from edgeft.cli.app import app
 from edgeft.artifact import Task
-from edgeft.tune.config import ClassWeights, Device, Optim, Precision, Schedule
+from edgeft.tune.config import ClassWeights, Device, Optim, Precision, Schedule, SelectMetric
 
 _DATA = "Data"
 _TRAIN = "Training"
@@ -55,6 +55,9 @@ def tune(
     eval_every: int = typer.Option(0, rich_help_panel=_TRAIN, help="Evaluate every N steps and keep the best (0: each epoch)."),
     checkpoint_every: int = typer.Option(0, rich_help_panel=_TRAIN, help="Checkpoint every N steps (0: at each evaluation)."),
     patience: int = typer.Option(0, rich_help_panel=_TRAIN, help="Stop after N evaluations without improvement (0: off)."),
+    select_metric: SelectMetric = typer.Option(SelectMetric.auto, rich_help_panel=_TRAIN,
+                                               help="What picks the best evaluation. auto: macro_f1 when the labels are imbalanced "
+                                                    "(the most common over 1.5x the rarest), else accuracy; loss for causal-lm."),
     group_by_length: bool = typer.Option(True, "--group-by-length/--no-group-by-length", rich_help_panel=_TRAIN,
                                          help="Batch examples of similar length together (less padding, seeded order)."),
     eval_batch_size: int = typer.Option(32, rich_help_panel=_TRAIN, help="Examples per evaluation batch."),
@@ -88,7 +91,8 @@ def tune(
         train_embeddings=train_embeddings, untie_head=untie_head, max_length=max_length, batch_size=batch_size,
         grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup=warmup,
         schedule=schedule, optimizer=optimizer, max_grad_norm=max_grad_norm, class_weights=class_weights,
-        group_by_length=group_by_length, eval_every=eval_every, checkpoint_every=checkpoint_every, patience=patience, eval_batch_size=eval_batch_size,
+        group_by_length=group_by_length, eval_every=eval_every, checkpoint_every=checkpoint_every, patience=patience,
+        select_metric=select_metric, eval_batch_size=eval_batch_size,
         max_eval_examples=max_eval_examples, gradient_checkpointing=gradient_checkpointing, seed=seed, device=device,
         threads=threads, resume=resume, overwrite=overwrite, progress=progress,
     )
@@ -102,7 +106,11 @@ def _summary(folder: Path) -> str:
     m = json.loads((folder / "metrics.json").read_text())
     before, after = m.get("before") or {}, m.get("after") or {}
     if Task(m["task"]) is Task.classification:
-        figures = f"accuracy {before.get('accuracy', 0):.4f} -> {after.get('accuracy', 0):.4f}"
+        figures = (f"accuracy {before.get('accuracy', 0):.4f} -> {after.get('accuracy', 0):.4f}, "
+                   f"macro F1 {before.get('macro_f1', 0):.4f} -> {after.get('macro_f1', 0):.4f}")
     else:
         figures = f"perplexity {before.get('perplexity', 0):.2f} -> {after.get('perplexity', 0):.2f}"
-    return f"{folder}: {figures} (best step {m['best_step']} of {m['steps']}, {m['train_seconds']:.0f}s)"
+    line = (f"{folder}: {figures} (best step {m['best_step']} of {m['steps']} by {m.get('select_metric', 'accuracy')}, "
+            f"{m['train_seconds']:.0f}s)")
+    warnings = m.get("warnings") or []
+    return line + "".join(f"; WARNING: {w}" for w in warnings)

@@ -66,7 +66,8 @@ class ExportConfig:
     int8_activations: bool = True
     """Decoders: MatMulNBits computes with int8 activations (faster on CPUs) rather than fp32 (closer)."""
     max_accuracy_drop: float = 1.0
-    """Gate, classification: largest allowed accuracy drop, in points."""
+    """Gate, classification: accuracy drop budget, in points. A drop over it fails when it is significant
+    (McNemar's exact p < 0.05; the manifest also keeps a paired-bootstrap 95% interval); over 3x the budget, always."""
     min_label_agreement: float = 0.97
     """Gate, classification: smallest allowed share of predictions equal to PyTorch's."""
     max_perplexity_increase: float = 5.0

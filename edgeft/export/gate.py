@@ -5,7 +5,10 @@ artifact's argmax against PyTorch's greedy continuation of held-out prompts, tea
 forced, so one early difference does not hide the rest), and degenerate repetition (the
 share of repeated 4-grams in the artifact's own greedy continuations, against
 PyTorch's: int4 SmolLM2-135M was seen looping on one phrase). Classifiers: accuracy of
-both on labelled held-out texts (drop in points) and label agreement.
+both on labelled held-out texts (drop in points, with a paired-bootstrap 95% interval and
+McNemar's exact p, since on a few hundred texts a point or two can be noise) and label
+agreement; a drop fails when it is over the budget and significant, or over a hard
+ceiling of 3x the budget whatever the interval.
 
 The PyTorch side is measured once (``Reference``) and every candidate artifact (int4,
 mixed, int8...) is compared with it. The artifact side goes only through
@@ -50,6 +53,10 @@ BUILTIN_TEXTS = (
     "Please summarize the main arguments of the article in three short sentences.",
 )
 PROMPT_TOKENS = 24
+# Classifiers: a drop over the budget fails when significant; over this many budgets, always.
+DROP_CEILING_FACTOR = 3.0
+BOOTSTRAP_RESAMPLES = 2000
+SIGNIFICANCE = 0.05
 MAX_TEXT_TOKENS = 128
 NGRAM = 4
 
@@ -306,18 +313,68 @@ def classifier_gate(artifact: Path, ref: Reference, evals: EvalSet, config: Expo
         "accuracy": acc,
         "reference_accuracy": ref.metrics["accuracy"],
         "accuracy_drop_points": 100.0 * (ref.metrics["accuracy"] - acc),
+        **accuracy_drop_interval(ref.probs, probs, evals.labels, clf.labels),
         "label_agreement": float(np.mean(probs.argmax(1) == ref.probs.argmax(1))),
         "max_probability_diff": float(np.abs(probs - ref.probs).max()),
         "texts": len(evals.texts),
         "ms_per_text": 1000.0 * seconds / max(1, len(evals.texts)),
     }
-    failures = []
-    if metrics["accuracy_drop_points"] > config.max_accuracy_drop:
-        failures.append(f"accuracy {acc:.4f} is {metrics['accuracy_drop_points']:.2f} points below PyTorch's "
-                        f"{ref.metrics['accuracy']:.4f} (allowed {config.max_accuracy_drop:g})")
+    failures = _drop_failures(metrics, config)
     if metrics["label_agreement"] < config.min_label_agreement:
         failures.append(f"label agreement {metrics['label_agreement']:.4f} is below {config.min_label_agreement:g}")
     return GateResult(not failures, _round(metrics), failures, seconds)
+
+
+def accuracy_drop_interval(ref_probs: np.ndarray, probs: np.ndarray, gold: list[str] | None,
+                           labels: list[str], resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """How sure the accuracy drop is: a paired bootstrap 95% interval (in points) and McNemar's exact p.
+
+    Both models judge the same texts, so the texts are resampled in pairs: the interval is
+    that of the drop itself, not of two independent accuracies (seeded: the same inputs give
+    the same interval). The drop is significant when McNemar's exact test on the texts only
+    one of them got right says p < 0.05: with a handful of such texts the exact test holds
+    where a percentile interval is too eager (4 texts worse, none better: p = 0.125).
+    """
+    if not gold:
+        return {"accuracy_drop_ci95": None, "accuracy_drop_significant": False, "mcnemar_p": None}
+    index = {name: i for i, name in enumerate(labels)}
+    truth = np.array([index[g] for g in gold])
+    ref_ok, art_ok = ref_probs.argmax(1) == truth, probs.argmax(1) == truth
+    diff = ref_ok.astype(np.float64) - art_ok.astype(np.float64)
+    rng = np.random.default_rng(0)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 256):  # bounded memory for 1,000 texts x 2,000 resamples
+        rows = rng.integers(0, len(diff), size=(min(256, resamples - start), len(diff)))
+        means[start:start + len(rows)] = diff[rows].mean(axis=1)
+    lo, hi = (100.0 * float(q) for q in np.percentile(means, [2.5, 97.5]))
+    worse, better = int((ref_ok & ~art_ok).sum()), int((~ref_ok & art_ok).sum())
+    p = mcnemar_exact(worse, better)
+    return {"accuracy_drop_ci95": [round(lo, 4), round(hi, 4)], "accuracy_drop_significant": bool(p < SIGNIFICANCE),
+            "mcnemar_p": round(p, 6), "texts_worse": worse, "texts_better": better}
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: ``b`` texts only the reference got right, ``c`` only the candidate."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def _drop_failures(m: dict[str, Any], c: ExportConfig) -> list[str]:
+    """Fail on a drop over the budget that the interval says is real, or on any drop over the hard ceiling."""
+    drop, budget = m["accuracy_drop_points"], c.max_accuracy_drop
+    ceiling = DROP_CEILING_FACTOR * budget
+    ci = m["accuracy_drop_ci95"]
+    what = (f"accuracy {m['accuracy']:.4f} is {drop:.2f} points below PyTorch's {m['reference_accuracy']:.4f}"
+            + (f" (95% interval {ci[0]:.2f} to {ci[1]:.2f}; {m['texts_worse']} texts worse, "
+               f"{m['texts_better']} better, McNemar p {m['mcnemar_p']:.3g})" if ci else ""))
+    if drop > ceiling:
+        return [f"{what}: over the hard ceiling of {ceiling:g} points ({DROP_CEILING_FACTOR:g}x the budget)"]
+    if drop > budget and m["accuracy_drop_significant"]:
+        return [f"{what}: significantly over the budget of {budget:g} points"]
+    return []
 
 
 def _round(metrics: dict[str, float]) -> dict[str, float]:
@@ -326,7 +383,11 @@ def _round(metrics: dict[str, float]) -> dict[str, float]:
 
 def thresholds(config: ExportConfig, task: Task) -> dict[str, float]:
     if task is Task.classification:
-        return {"max_accuracy_drop_points": config.max_accuracy_drop, "min_label_agreement": config.min_label_agreement}
+        return {"max_accuracy_drop_points": config.max_accuracy_drop,
+                "accuracy_drop_ceiling_points": DROP_CEILING_FACTOR * config.max_accuracy_drop,
+                "accuracy_drop_rule": "fail when the drop is over the budget and significant (McNemar exact "
+                                      f"p < {SIGNIFICANCE:g}), or over the ceiling whatever the test says",
+                "min_label_agreement": config.min_label_agreement}
     return {"max_perplexity_increase_pct": config.max_perplexity_increase,
             "min_token_agreement": config.min_token_agreement,
             "max_repetition_increase": config.max_repetition_increase}

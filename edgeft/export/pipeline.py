@@ -267,7 +267,9 @@ def _say(c: Candidate, log: Log) -> None:
         figures = (f"perplexity {m['perplexity']:.3f} ({m['perplexity_increase_pct']:+.2f}%), "
                    f"token agreement {m['token_agreement']:.3f}, repetition {m['repetition']:.2f}")
     else:
-        figures = (f"accuracy {m['accuracy']:.4f} (drop {m['accuracy_drop_points']:.2f} pt), "
+        ci = m.get("accuracy_drop_ci95")
+        interval = f", 95% interval {ci[0]:.2f} to {ci[1]:.2f}" if ci else ""
+        figures = (f"accuracy {m['accuracy']:.4f} (drop {m['accuracy_drop_points']:.2f} pt{interval}), "
                    f"agreement {m['label_agreement']:.4f}, {m['ms_per_text']:.2f} ms/text")
     log(f"gate {c.name}: {'passed' if c.result.passed else 'FAILED'}: {figures}")
 

@@ -40,6 +40,13 @@ class ClassWeights(str, Enum):
     balanced = "balanced"  # n / (classes * count): rare labels weigh more
 
 
+class SelectMetric(str, Enum):
+    auto = "auto"  # classification: macro_f1 when the labels are imbalanced, else accuracy; causal-lm: loss
+    accuracy = "accuracy"
+    macro_f1 = "macro_f1"
+    loss = "loss"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -95,6 +102,8 @@ class TuneConfig:
     """Checkpoint every N optimizer steps; 0: at every evaluation."""
     patience: int = 0
     """Stop after this many evaluations without improvement; 0: never stop early."""
+    select_metric: SelectMetric = SelectMetric.auto
+    """What the best evaluation is judged by; auto: macro F1 for imbalanced labels, else accuracy (loss for causal-lm)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding); the order is still seeded."""
     eval_batch_size: int = 32
@@ -116,7 +125,8 @@ class TuneConfig:
             task = None if self.task == "auto" else _enum(Task, self.task, "task")  # "auto": the old spelling of None
             object.__setattr__(self, "task", task)
         for name, enum in (("base_precision", Precision), ("optimizer", Optim),
-                           ("schedule", Schedule), ("class_weights", ClassWeights), ("device", Device)):
+                           ("schedule", Schedule), ("class_weights", ClassWeights), ("device", Device),
+                           ("select_metric", SelectMetric)):
             object.__setattr__(self, name, _enum(enum, getattr(self, name), name))
         self._validate()
 
@@ -139,6 +149,8 @@ class TuneConfig:
             raise EdgeftError("lr must be positive; weight-decay, warmup and max-grad-norm not negative")
         if min(self.eval_every, self.checkpoint_every, self.patience) < 0:
             raise EdgeftError("eval-every, checkpoint-every and patience must not be negative")
+        if self.task is Task.causal_lm and self.select_metric in (SelectMetric.accuracy, SelectMetric.macro_f1):
+            raise EdgeftError(f"select-metric {self.select_metric.value} is for classification; causal-lm uses loss")
         if self.resume and self.overwrite:
             raise EdgeftError("--resume and --overwrite contradict each other: choose one")
 

@@ -6,6 +6,7 @@ Pure Python on lists of ints and floats; it knows nothing of models, torch or fi
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from edgeft.artifact import Task
@@ -55,8 +56,45 @@ def lm_metrics(loss_sum: float, tokens: int) -> dict[str, Any]:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
 
-def score(metrics: dict[str, Any], task: Task) -> float:
-    """Higher is better: accuracy for classification (loss breaks ties), minus loss for causal LM."""
-    if task is Task.classification:
-        return metrics["accuracy"] - 1e-6 * metrics.get("eval_loss", 0.0)
+# Labels are imbalanced when the most common is this many times the rarest (spam/ham 87/13: 6.7).
+IMBALANCE_RATIO = 1.5
+# "Predicts one label for nearly all texts": this share of the eval predictions or more.
+ONE_LABEL_SHARE = 0.95
+
+
+def select_metric(chosen: str, task: Task, train_labels: list[int]) -> str:
+    """The metric the best evaluation is judged by: ``chosen``, or for ``auto`` macro F1 when the
+    training labels are imbalanced (accuracy rewards predicting the majority), else accuracy."""
+    if Task(task) is not Task.classification:
+        return "loss"
+    if chosen != "auto":
+        return chosen
+    counts = Counter(train_labels).values()
+    return "macro_f1" if counts and max(counts) > IMBALANCE_RATIO * min(counts) else "accuracy"
+
+
+def score(metrics: dict[str, Any], task: Task, metric: str = "accuracy") -> float:
+    """Higher is better: ``metric`` for classification (loss breaks ties), minus loss for causal LM."""
+    if Task(task) is Task.classification and metric != "loss":
+        return metrics[metric] - 1e-6 * metrics.get("eval_loss", 0.0)
     return -metrics["eval_loss"]
+
+
+def learning_warnings(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[str]:
+    """Why a tuned classifier may have learnt nothing: one label for nearly every eval text, or a
+    macro F1 no better than the base's. Empty when neither (and for causal LMs)."""
+    if not after or "confusion_matrix" not in after:
+        return []
+    out = []
+    labels, m = after["confusion_matrix"]["labels"], after["confusion_matrix"]["matrix"]
+    predicted = [sum(row[j] for row in m) for j in range(len(labels))]
+    actual = [sum(row) for row in m]
+    total = sum(predicted)
+    top = max(range(len(labels)), key=lambda j: predicted[j]) if total else 0
+    if total and sum(1 for a in actual if a) > 1 and predicted[top] >= ONE_LABEL_SHARE * total:
+        out.append(f"the tuned model predicts {labels[top]!r} for {100 * predicted[top] / total:.0f}% of the eval "
+                   f"texts (macro F1 {after['macro_f1']:.4f}): it may have learnt nothing; train longer, try "
+                   "--class-weights balanced, or check the labels")
+    if before and "macro_f1" in before and after["macro_f1"] <= before["macro_f1"]:
+        out.append(f"macro F1 did not improve ({before['macro_f1']:.4f} -> {after['macro_f1']:.4f})")
+    return out

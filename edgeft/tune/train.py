@@ -63,6 +63,7 @@ class State:
     bad_evals: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
+    select_metric: str = "accuracy"  # what best_score measures (resolved from --select-metric)
     tokens: int = 0
     examples: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
@@ -354,7 +355,7 @@ def _after_eval(cfg: TuneConfig, state: State, metrics: dict[str, Any], task: Ta
                 best: dict[str, Any] | None) -> dict[str, Any] | None:
     state.last_metrics = metrics
     state.log.append({"step": state.step, "eval": _brief(metrics)})
-    s = M.score(metrics, task)
+    s = M.score(metrics, task, state.select_metric)
     if s > state.best_score:
         state.best_score, state.best_step, state.best_metrics, state.bad_evals = s, state.step, metrics, 0
         return trainable_tensors(loaded.model, loaded.trained_names)
@@ -381,7 +382,7 @@ def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, pla
     if cfg.resume:
         state, best = load_checkpoint(partial, loaded, optimizer)
     else:
-        state = State()
+        state = State(select_metric=M.select_metric(cfg.select_metric.value, prep.task, [y for _, y in prep.train]))
         state.before = evaluate(loaded, prep.eval, prep.task, prep.labels, cfg.eval_batch_size)
         state.log.append({"step": 0, "eval": _brief(state.before)})
         if cfg.progress:
@@ -465,6 +466,7 @@ def build_metrics(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State,
         "task": prep.task.value, "base_model": cfg.model, "base_precision": cfg.base_precision.value,
         "trainable_layers": cfg.trainable_layers, "before": state.before, "after": state.best_metrics,
         "last": state.last_metrics, "best_step": state.best_step, "steps": state.step,
+        "select_metric": state.select_metric, "warnings": M.learning_warnings(state.before, state.best_metrics),
         "planned_steps": plan.total_steps, "stopped_early": state.stopped_early,
         "train_examples": len(prep.train), "eval_examples": len(prep.eval),
         "train_seconds": round(state.train_seconds, 2), rate_key: round(count / max(state.train_seconds, 1e-9), 2),
