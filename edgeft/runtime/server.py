@@ -2,7 +2,9 @@
 
 Routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (``stream: true``
 answers server-sent events), ``/v1/classify``, ``/health`` (503 until every model is
-loaded, and again while draining) and ``/metrics`` (Prometheus text).
+loaded, and again while draining) and ``/metrics`` (Prometheus text; behind the API key,
+or ``metrics_key``, when one is set). A client that hangs up before its body arrives is a
+quiet 499 (counted in ``edgeft_client_disconnects_total``), not a logged 500.
 
 How it holds load: the event loop only parses, validates and streams; generation runs on
 worker threads (``GenerationPool``: one engine per worker, a bounded waiting line that
