@@ -207,3 +207,30 @@ def test_a_non_utf8_prompt_argument_is_one_line(llama_art, bert_art):
 def test_a_non_utf8_prompt_on_stdin_is_one_line(llama_art):
     res = run("generate", llama_art, "-n", 2, input=b"caf\xe9\n")
     one_line_error(res, "stdin", "not UTF-8")
+
+
+def test_tune_cuts_huge_chat_rows_before_tokenizing(tiny_llama_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from edgeft.data import CHARS_PER_TOKEN
+    from edgeft.tune import dataset as DS
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    long_q = [{"role": "user", "content": "summer " * 40_000}, {"role": "assistant", "content": "No."}]
+    long_a = [{"role": "user", "content": "Sing."}, {"role": "assistant", "content": "thee " * 40_000}]
+    want = {}
+    for name, msgs in (("q", long_q), ("a", long_a)):  # the full tokenization, truncated afterwards
+        prompt, answer = DS.D.render_chat(tok, msgs)
+        p, a = tok(prompt, add_special_tokens=False)["input_ids"], tok(answer, add_special_tokens=False)["input_ids"]
+        want[name] = (p + a)[:32], ([DS.IGNORE] * len(p) + a)[:32]
+    seen: list[int] = []
+    real = tok.__class__.__call__
+
+    def spy(self, text, *args, **kw):
+        seen.append(len(text))
+        return real(self, text, *args, **kw)
+
+    monkeypatch.setattr(tok.__class__, "__call__", spy)
+    examples, cut = DS._chat_examples(tok, [long_q, long_a], 32)
+    assert max(seen) <= 32 * CHARS_PER_TOKEN and cut == 2
+    assert examples == [want["a"]]  # the long question leaves no answer within 32 tokens: dropped, as before

@@ -105,6 +105,8 @@ def _chat_examples(tokenizer: Any, convs: list[list[D.Message]], max_length: int
     out, cut = [], 0
     for msgs in convs:
         prompt, answer = D.render_chat(tokenizer, msgs)
+        # only the first max_length tokens of prompt + answer are kept: cut each before tokenizing
+        prompt, answer = D.clip_for_tokens(prompt, max_length), D.clip_for_tokens(answer, max_length)
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"]
         ids, labels = p + a, [IGNORE] * len(p) + a
