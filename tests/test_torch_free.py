@@ -1,4 +1,4 @@
-"""The runtime and the generate, chat, classify and serve commands never import torch or transformers.
+"""The runtime and the generate, chat, classify, embed and serve commands never import torch or transformers.
 
 The runtime itself (every module of ``edgeft.runtime`` and what they import) does not import
 the CLI's libraries either: no typer, no click (uvicorn brings click once a server starts).
@@ -12,17 +12,17 @@ import sys
 CODE = """
 import sys
 import edgeft.runtime
-from edgeft.runtime import Generator, TextClassifier, SamplingParams, Completion, Chunk, load
-import edgeft.runtime.generate, edgeft.runtime.classify, edgeft.runtime.chat, edgeft.runtime.detok
+from edgeft.runtime import Generator, TextClassifier, TextEmbedder, SamplingParams, Completion, Chunk, load
+import edgeft.runtime.generate, edgeft.runtime.classify, edgeft.runtime.embed, edgeft.runtime.chat, edgeft.runtime.detok
 import edgeft.runtime.sampling, edgeft.runtime.session
-import edgeft.cli.generate, edgeft.cli.chat, edgeft.cli.classify
+import edgeft.cli.generate, edgeft.cli.chat, edgeft.cli.classify, edgeft.cli.embed
 import importlib.util
 for name in ("edgeft.runtime.server", "edgeft.cli.serve"):
     if importlib.util.find_spec(name) is not None:
         __import__(name)
 from typer.testing import CliRunner
 from edgeft.cli import app
-for cmd in ("generate", "chat", "classify", "serve"):
+for cmd in ("generate", "chat", "classify", "embed", "serve"):
     assert CliRunner().invoke(app, [cmd, "--help"]).exit_code == 0, cmd
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
 print("HEAVY", heavy)

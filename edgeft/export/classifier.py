@@ -39,9 +39,10 @@ def check_supported(hf_config: Any) -> None:
                           f"{', '.join(SUPPORTED)}")
 
 
-def export_classifier(model: Any, work: Path, max_length: int) -> ClassifierGraph:
+def export_classifier(model: Any, work: Path, max_length: int, output: str = "logits") -> ClassifierGraph:
     """Export ``model`` (a ``...ForSequenceClassification``) to ``work/classifier/model.onnx``.
 
+    ``output="last_hidden_state"`` exports a bare encoder (``AutoModel``) for embeddings instead.
     The caller has checked the architecture (``check_supported``) before any slow step.
     """
     import inspect
@@ -58,18 +59,18 @@ def export_classifier(model: Any, work: Path, max_length: int) -> ClassifierGrap
     seq = min(8, max_length)
     args = tuple(torch.ones(2, seq, dtype=torch.long) for _ in names)
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
-    axes["logits"] = {0: "batch_size"}
+    axes[output] = {0: "batch_size"} if output == "logits" else {0: "batch_size", 1: "sequence_length"}
 
-    class Logits(torch.nn.Module):
+    class Output(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.m = model
 
         def forward(self, *tensors):
-            return self.m(**dict(zip(names, tensors))).logits
+            return getattr(self.m(**dict(zip(names, tensors))), output)
 
     with torch.no_grad(), quiet_warnings():
-        torch.onnx.export(Logits().eval(), args, str(raw), input_names=names, output_names=["logits"],
+        torch.onnx.export(Output().eval(), args, str(raw), input_names=names, output_names=[output],
                           dynamic_axes=axes, opset_version=17, dynamo=False)
     fused = optimize_graph(raw, out, model.config, FUSABLE)
     inputs, outputs, opset = interface(out)

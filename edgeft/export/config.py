@@ -70,6 +70,8 @@ class ExportConfig:
     (McNemar's exact p < 0.05; the manifest also keeps a paired-bootstrap 95% interval); over 3x the budget, always."""
     min_label_agreement: float = 0.97
     """Gate, classification: smallest allowed share of predictions equal to PyTorch's."""
+    min_cosine: float = 0.99
+    """Gate, embedding: smallest allowed mean cosine similarity between the artifact's and PyTorch's vectors."""
     max_perplexity_increase: float = 5.0
     """Gate, causal LM: largest allowed perplexity increase over PyTorch, in percent."""
     min_token_agreement: float = 0.80
@@ -88,6 +90,8 @@ class ExportConfig:
     """Classifier: longest input in tokens (default: the run's, else 128)."""
     labels: tuple[str, ...] | None = None
     """Classifier label names (default: the run's, else the model config's)."""
+    truncation_dims: tuple[int, ...] = ()
+    """Embedding: the sizes the model was trained to be truncated to (Matryoshka); /v1/embeddings `dimensions` takes only these."""
     threads: int | None = None
     """Threads for PyTorch and the gate's runtime sessions (default: all usable cores)."""
     progress: bool = True
@@ -111,13 +115,16 @@ class ExportConfig:
                 raise EdgeftError(f"--eval-data {self.eval_data} is not a file")
         if self.labels is not None:
             object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "truncation_dims", tuple(int(d) for d in self.truncation_dims))
+        if any(d < 1 for d in self.truncation_dims):
+            raise EdgeftError("--truncation-dims must be positive sizes")
         if not str(self.source).strip():
             raise EdgeftError("give a source: a run folder, a pulled model name, a Hugging Face folder or a hub id")
         if self.block_size not in BLOCK_SIZES:
             raise EdgeftError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {self.block_size}")
         _positive(self, "gate_prompts", "gate_new_tokens")
         _non_negative(self, "max_accuracy_drop", "max_perplexity_increase", "max_repetition_increase")
-        for name in ("min_label_agreement", "min_token_agreement"):
+        for name in ("min_label_agreement", "min_token_agreement", "min_cosine"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise EdgeftError(f"{name.replace('_', '-')} must be between 0 and 1")
         for name in ("context_length", "max_length", "threads", "gate_texts"):

@@ -9,6 +9,8 @@ both on labelled held-out texts (drop in points, with a paired-bootstrap 95% int
 McNemar's exact p, since on a few hundred texts a point or two can be noise) and label
 agreement; a drop fails when it is over the budget and significant, or over a hard
 ceiling of 3x the budget whatever the interval.
+Embeddings: the mean cosine similarity of the artifact's vectors to PyTorch's on
+held-out texts (a bare base model: the built-in texts).
 
 The PyTorch side is measured once (``Reference``) and every candidate artifact (int4,
 mixed, int8...) is compared with it. The artifact side goes only through
@@ -106,13 +108,16 @@ def eval_set(config: ExportConfig, task: Task, run_config: dict[str, Any], token
 
     path, from_training = _eval_path(config, run_config)
     split = _held_out(run_config, path) if from_training else (lambda items: items)
-    limit = config.gate_texts or (1000 if task is Task.classification else 32)
+    limit = config.gate_texts or (32 if task is Task.causal_lm else 1000)
     if path is None:
         if task is Task.classification:
             raise EdgeftError("the classification gate needs labelled data: pass --eval-data (text and label columns)")
         texts = list(BUILTIN_TEXTS)
         return EvalSet(texts=texts[:limit], prompts=texts[:config.gate_prompts])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if task is Task.embedding:  # any file of texts: a classifier's labels are not needed
+        texts = split(data.load_texts(path, run_config.get("text_col")))
+        return EvalSet([texts[i] for i in _spread(len(texts), limit)], origin=str(path), sha256=digest)
     if task is Task.classification:
         texts, got = data.load_classification(path, run_config.get("text_col"), run_config.get("label_col"))
         texts, got = (list(x) for x in zip(*split(list(zip(texts, got, strict=True))), strict=True))
@@ -377,11 +382,48 @@ def _drop_failures(m: dict[str, Any], c: ExportConfig) -> list[str]:
     return []
 
 
+# ---------------------------------------------------------------- embeddings
+
+def embedding_reference(model: Any, tokenizer_json: Path, evals: EvalSet, spec: Any) -> Reference:
+    """PyTorch's pooled vectors on the eval texts (``spec``: the manifest's ``Embedding``)."""
+    from edgeft.export.embedding import torch_vectors
+
+    vectors = torch_vectors(model, tokenizer_json, evals.texts, spec.pooling, spec.normalize, spec.max_length)
+    return Reference(metrics={"texts": len(evals.texts)}, probs=vectors)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two [n, dim] arrays (float64 maths)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def embedding_gate(artifact: Path, ref: Reference, evals: EvalSet, config: ExportConfig) -> GateResult:
+    """Compare an embedding artifact, through ``edgeft.runtime.TextEmbedder``, with PyTorch's vectors."""
+    from edgeft.runtime import TextEmbedder
+
+    emb = TextEmbedder.open(artifact, threads=config.threads)
+    emb.embed(evals.texts[:8])  # warm up before timing
+    start = time.perf_counter()
+    vectors = emb.embed(evals.texts)
+    seconds = time.perf_counter() - start
+    cos = cosines(vectors, ref.probs)
+    metrics = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "texts": len(evals.texts),
+               "ms_per_text": 1000.0 * seconds / max(1, len(evals.texts))}
+    failures = []
+    if metrics["mean_cosine"] < config.min_cosine:
+        failures.append(f"mean cosine similarity to PyTorch's vectors {metrics['mean_cosine']:.4f} is below "
+                        f"{config.min_cosine:g}")
+    return GateResult(not failures, _round(metrics), failures, seconds)
+
+
 def _round(metrics: dict[str, float]) -> dict[str, float]:
     return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 def thresholds(config: ExportConfig, task: Task) -> dict[str, float]:
+    if task is Task.embedding:
+        return {"min_mean_cosine": config.min_cosine}
     if task is Task.classification:
         return {"max_accuracy_drop_points": config.max_accuracy_drop,
                 "accuracy_drop_ceiling_points": DROP_CEILING_FACTOR * config.max_accuracy_drop,

@@ -23,7 +23,7 @@ from edgeft.errors import EdgeftError
 from edgeft.artifact import Task
 from edgeft.export.config import ExportConfig
 from edgeft.runs import (RunInfo, is_run_folder, label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers,
-                         read_run)
+                         read_run, run_base)
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
@@ -46,6 +46,7 @@ class Source:
     base_sha256: str = ""
     data_sha256: dict[str, str] = field(default_factory=dict)
     run_config: dict[str, Any] = field(default_factory=dict)
+    base_dir: Path | str | None = None  # the base model's folder (sentence-transformers' pooling files)
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -67,7 +68,7 @@ def load_source(config: ExportConfig) -> Source:
     return _load_base(config)
 
 
-def _task_of(hf_config: Any, asked: Task | None) -> Task:
+def _task_of(hf_config: Any, asked: Task | None, where: Path | str | None = None) -> Task:
     archs = list(getattr(hf_config, "architectures", None) or [])
     if asked is not None:
         return asked
@@ -75,9 +76,11 @@ def _task_of(hf_config: Any, asked: Task | None) -> Task:
         return Task.causal_lm
     if any(a.endswith(CLASSIFIER_SUFFIX) for a in archs):
         return Task.classification
+    if isinstance(where, Path) and (where / "modules.json").is_file():
+        return Task.embedding  # a sentence-transformers folder
     raise EdgeftError(
         f"cannot tell the task of a {getattr(hf_config, 'model_type', '?')} model "
-        f"({', '.join(archs) or 'no architectures'}): pass --task causal-lm or --task classification"
+        f"({', '.join(archs) or 'no architectures'}): pass --task causal-lm, classification or embedding"
     )
 
 
@@ -105,13 +108,13 @@ def _load_base(config: ExportConfig) -> Source:
         hf_config = AutoConfig.from_pretrained(where)
     except (OSError, ValueError) as exc:
         raise EdgeftError(f"cannot load {config.source}: {str(exc).splitlines()[0]}") from None
-    task = _task_of(hf_config, config.task)
+    task = _task_of(hf_config, config.task, where)
     labels = list(config.labels) if config.labels else _config_labels(hf_config, task)
     model = _load_model(where, hf_config, task, labels)
     return Source(model=model, task=task, architecture=hf_config.model_type,
                   tokenizer=load_tokenizer(where, fill_pad=False), tokenizer_dir=where,
                   labels=labels, max_length=config.max_length, base_name=str(config.source),
-                  base_sha256=model_identity(where))
+                  base_sha256=model_identity(where), base_dir=where)
 
 
 def _config_labels(hf_config: Any, task: Task) -> list[str] | None:
@@ -128,11 +131,18 @@ def _load_run(run_dir: Path, config: ExportConfig) -> Source:
     # The run's own tokenizer files as they are (no pad filled in): they are what the artifact ships.
     loaded = load_run(run_dir, labels=list(config.labels) if config.labels else None, fill_pad=False)
     info = loaded.info
-    return Source(model=loaded.model, task=info.task, architecture=info.architecture, tokenizer=loaded.tokenizer,
-                  tokenizer_dir=loaded.tokenizer_dir, labels=list(config.labels) if config.labels else info.labels,
+    task, model, labels = info.task, loaded.model, list(config.labels) if config.labels else info.labels
+    if config.task is Task.embedding and task is Task.classification:
+        # the tuned encoder without its head: BertForSequenceClassification.bert is a BertModel
+        task, labels, model = Task.embedding, None, getattr(model, model.base_model_prefix).eval()
+    elif config.task is not None and config.task is not task:
+        raise EdgeftError(f"{run_dir} is a {task.value} run: it exports as {task.value}"
+                          + (" (or embedding)" if task is Task.classification else ""))
+    return Source(model=model, task=task, architecture=info.architecture, tokenizer=loaded.tokenizer,
+                  tokenizer_dir=loaded.tokenizer_dir, labels=labels,
                   max_length=config.max_length or info.max_length, run=info, run_dir=run_dir,
                   base_name=info.base_model, base_sha256=info.base_sha256, data_sha256=dict(info.data_sha256),
-                  run_config=_read_json(run_dir / "config.json"))
+                  run_config=_read_json(run_dir / "config.json"), base_dir=run_base(run_dir, info))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

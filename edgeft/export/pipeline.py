@@ -72,8 +72,9 @@ def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
 
 
 def _check_scheme(config: ExportConfig) -> None:
-    if config.task is Task.classification and config.quantize in (Quantize.int4, Quantize.mixed):
-        raise EdgeftError("classifiers export as none, int8 or auto (int4 and mixed are for decoders)")
+    if config.task in (Task.classification, Task.embedding) and config.quantize in (Quantize.int4, Quantize.mixed):
+        kind = "classifiers" if config.task is Task.classification else "embedding models"
+        raise EdgeftError(f"{kind} export as none, int8 or auto (int4 and mixed are for decoders)")
 
 
 def _export(config: ExportConfig, work: Path, log: Log) -> Path:
@@ -89,6 +90,8 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
     tokenizer = source.tokenizer
     if source.task is Task.causal_lm:
         candidates, ref_ctx = _decoder_candidates(config, source, hf_dir, tokenizer, work, log, route)
+    elif source.task is Task.embedding:
+        candidates, ref_ctx = _embedding_candidates(config, source, hf_dir, tokenizer, work, log)
     else:
         candidates, ref_ctx = _classifier_candidates(config, source, hf_dir, tokenizer, work, log)
     chosen = _run_gate(config, source, candidates, ref_ctx, log)
@@ -176,6 +179,40 @@ def _classifier_candidates(config, source, hf_dir, tokenizer, work, log):
     log("exporting the classifier graph (fp32)")
     graph = export_classifier(source.model, work, max_length)
 
+    def manifest(tok, quant) -> Manifest:
+        return assemble.classifier_manifest(graph, tok, quant, source.architecture, source.labels, max_length,
+                                            source.provenance())
+
+    out = _encoder_candidates(config, source, hf_dir, tokenizer, graph, manifest, source.labels, work, log)
+    return out, {"graph": graph, "tokenizer": tokenizer, "max_length": max_length}
+
+
+def _embedding_candidates(config, source, hf_dir, tokenizer, work, log):
+    from edgeft.artifact import Embedding
+    from edgeft.export.classifier import export_classifier
+    from edgeft.export.embedding import default_max_length, read_pooling
+
+    pooling, normalize = read_pooling(source.base_dir)
+    max_length = source.max_length or default_max_length(source.base_dir, source.model.config)
+    dim = int(source.model.config.hidden_size)
+    if any(d > dim for d in config.truncation_dims):
+        raise EdgeftError(f"--truncation-dims must be at most the model's {dim} dimensions")
+    log(f"exporting the encoder graph (fp32; {pooling.value} pooling{', normalized' if normalize else ''})")
+    graph = export_classifier(source.model, work, max_length, output="last_hidden_state")
+    spec = Embedding(dim=dim, max_length=max_length, pooling=pooling, normalize=normalize,
+                     uses_token_type_ids=graph.uses_token_type_ids,
+                     truncation_dims=sorted(set(config.truncation_dims)))
+
+    def manifest(tok, quant) -> Manifest:
+        return assemble.embedding_manifest(graph, tok, quant, source.architecture, spec, source.provenance())
+
+    out = _encoder_candidates(config, source, hf_dir, tokenizer, graph, manifest, None, work, log)
+    return out, {"graph": graph, "tokenizer": tokenizer, "max_length": max_length, "embedding": spec}
+
+
+def _encoder_candidates(config, source, hf_dir, tokenizer, graph, manifest, labels, work, log) -> list[Candidate]:
+    """One candidate per int8 flavour (or fp32) of an encoder graph; ``manifest(tok, quant)`` fills the manifest."""
+
     def build(name: str) -> tuple[Path, Manifest]:
         folder = work / f"candidate-{name}"
         folder.mkdir()
@@ -191,14 +228,11 @@ def _classifier_candidates(config, source, hf_dir, tokenizer, work, log):
                                                             config.block_size).to_dict()
         for leftover in folder.glob("dynamic-tmp.onnx*"):
             leftover.unlink()
-        assemble.copy_support_files(hf_dir, folder, None, tokenizer, source.labels, config.to_dict())
+        assemble.copy_support_files(hf_dir, folder, None, tokenizer, labels, config.to_dict())
         tok = assemble.tokenizer_section(tokenizer, source.model.config, None, folder)
-        manifest = assemble.classifier_manifest(graph, tok, quant, source.architecture, source.labels, max_length,
-                                                source.provenance())
-        return folder, write_manifest(folder, manifest)
+        return folder, write_manifest(folder, manifest(tok, quant))
 
-    out = [Candidate(n, lambda n=n: build(n)) for n in _classifier_schemes(config)]
-    return out, {"graph": graph, "tokenizer": tokenizer, "max_length": max_length}
+    return [Candidate(n, lambda n=n: build(n)) for n in _classifier_schemes(config)]
 
 
 # ---------------------------------------------------------------- gate
@@ -209,6 +243,14 @@ def _run_gate(config: ExportConfig, source, candidates: list[Candidate], ctx: di
     log(f"gate: measuring PyTorch on {len(evals.texts)} held-out texts ({evals.origin})")
     if source.task is Task.causal_lm:
         return _gate_decoders(config, source, candidates, ctx, evals, log)
+    if source.task is Task.embedding:
+        ref = gate.embedding_reference(source.model, candidates[0].ensure_built().folder / "tokenizer.json", evals,
+                                       ctx["embedding"])
+        ctx["reference"] = ref
+        for c in candidates:
+            c.result = gate.embedding_gate(c.ensure_built().folder, ref, evals, config)
+            _say(c, log)
+        return pick_classifier([c for c in candidates if c.result.passed], "mean_cosine")
     ref = gate.classifier_reference(source.model, candidates[0].ensure_built().folder / "tokenizer.json", evals,
                                     source.labels,
                                     ctx["max_length"])
@@ -263,7 +305,10 @@ def _gate_decoders(config, source, candidates, ctx, evals, log) -> Candidate | N
 
 def _say(c: Candidate, log: Log) -> None:
     m = c.result.metrics
-    if "perplexity" in m:
+    if "mean_cosine" in m:
+        figures = (f"mean cosine {m['mean_cosine']:.4f} (min {m['min_cosine']:.4f}), "
+                   f"{m['ms_per_text']:.2f} ms/text")
+    elif "perplexity" in m:
         figures = (f"perplexity {m['perplexity']:.3f} ({m['perplexity_increase_pct']:+.2f}%), "
                    f"token agreement {m['token_agreement']:.3f}, repetition {m['repetition']:.2f}")
     else:
@@ -287,7 +332,7 @@ def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Ca
         chosen = candidates[-1]  # the largest: closest to PyTorch
         chosen.why = "no candidate passed the gate; --allow-degraded writes the largest, closest to PyTorch"
         log("gate failed; writing anyway (--allow-degraded), marked degraded in the manifest")
-    task = Task.causal_lm if chosen.manifest.decoder else Task.classification
+    task = chosen.manifest.task
     evals, ref = ctx["evals"], ctx["reference"]
     record = {
         "passed": not degraded,

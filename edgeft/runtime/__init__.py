@@ -1,4 +1,4 @@
-"""edgeft's torch-free runtime: generation and classification from an artifact.
+"""edgeft's torch-free runtime: generation, classification and embeddings from an artifact.
 
 Imports only onnxruntime, tokenizers, numpy, jinja2 (chat templates) and edgeft's
 torch-free modules. ``load`` opens any artifact by its manifest's task.
@@ -11,19 +11,22 @@ from pathlib import Path
 
 from edgeft.artifact import Check, Task, open_artifact
 from edgeft.runtime.classify import TextClassifier
+from edgeft.runtime.embed import TextEmbedder
 from edgeft.runtime.generate import Chunk, Completion, Generator
 from edgeft.runtime.sampling import SamplingParams
 
-__all__ = ["Generator", "TextClassifier", "SamplingParams", "Completion", "Chunk", "load"]
+__all__ = ["Generator", "TextClassifier", "TextEmbedder", "SamplingParams", "Completion", "Chunk", "load"]
 
 
 def load(path: str | Path, threads: int | None = None, check: Check = Check.full,
-         trusted_keys: Sequence = ()) -> Generator | TextClassifier:
-    """Open an artifact folder or packed file as a ``Generator`` or a ``TextClassifier``.
+         trusted_keys: Sequence = ()) -> Generator | TextClassifier | TextEmbedder:
+    """Open an artifact folder or packed file as a ``Generator``, ``TextClassifier`` or ``TextEmbedder``.
 
     Every byte is hashed unless ``check`` is ``Check.quick``; ``trusted_keys``
     (``edgeft.signing.load_trusted_keys``) demand a signature by one of them."""
     folder, manifest = open_artifact(path, check, trusted_keys)
     if manifest.task is Task.causal_lm:
         return Generator(folder, manifest, threads)
+    if manifest.task is Task.embedding:
+        return TextEmbedder(folder, manifest, threads)
     return TextClassifier(folder, manifest, threads)

@@ -124,8 +124,9 @@ class ClassifyBatcher:
     """Gathers concurrent ``classify`` requests for up to ``wait_s`` (or ``max_batch`` texts) into one run."""
 
     def __init__(self, name: str, classifier: Any, max_batch: int, wait_s: float, queue_size: int,
-                 metrics: Registry) -> None:
+                 metrics: Registry, method: str = "classify") -> None:
         self.name, self.classifier, self.metrics = name, classifier, metrics
+        self.method = method  # the engine's batch call: "classify", or "embed_rows" for an embedder
         self.max_batch, self.wait_s, self.queue_size = max_batch, wait_s, queue_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edgeft-cls-{name}")
         self._queue: asyncio.Queue | None = None
@@ -194,7 +195,7 @@ class ClassifyBatcher:
                 i += len(ts)
 
     def _run(self, texts: list[str]) -> list[dict]:
-        results = self.classifier.classify(texts, batch_size=self.max_batch)
+        results = getattr(self.classifier, self.method)(texts, batch_size=self.max_batch)
         if len(results) != len(texts):
             raise RuntimeError(f"classifier returned {len(results)} results for {len(texts)} texts")
         self.metrics.batch_size.observe(len(texts), model=self.name)

@@ -37,6 +37,35 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def pad_batch(encodings: list, pad_id: int, dtypes: dict[str, type], with_types: bool) -> dict[str, np.ndarray]:
+    """Feeds for one batch of encodings (``.ids``, ``.type_ids``) padded to its longest member."""
+    width = max(len(e.ids) for e in encodings)
+    ids = np.full((len(encodings), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encodings), width), dtype=np.int64)
+    types = np.zeros((len(encodings), width), dtype=np.int64)
+    for row, e in enumerate(encodings):
+        n = len(e.ids)
+        ids[row, :n], mask[row, :n], types[row, :n] = e.ids, 1, e.type_ids
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if with_types:
+        feeds["token_type_ids"] = types
+    return {k: v.astype(dtypes.get(k, np.int64), copy=False) for k, v in feeds.items() if k in dtypes}
+
+
+def length_chunks(order: list[int], lengths: list[int], batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """Cut length-sorted rows into graph calls of at most ``batch_size`` rows and
+    ``batch_tokens`` padded tokens (a single long text still gets a call of its own)."""
+    chunks: list[list[int]] = []
+    for i in order:
+        last = chunks[-1] if chunks else None
+        # sorted ascending, so the newcomer is the widest: it sets the padded width
+        if last and len(last) < batch_size and (len(last) + 1) * lengths[i] <= batch_tokens:
+            last.append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
 class TextClassifier:
     """A classification artifact: texts in, label probabilities out."""
 
@@ -84,19 +113,7 @@ class TextClassifier:
                               f"{scores} scores per text")
 
     def _batch(self, encodings: list) -> dict[str, np.ndarray]:
-        """Pad one batch to its longest member."""
-        width = max(len(e.ids) for e in encodings)
-        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), width), dtype=np.int64)
-        types = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, e in enumerate(encodings):
-            n = len(e.ids)
-            ids[row, :n], mask[row, :n], types[row, :n] = e.ids, 1, e.type_ids
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if self.uses_token_type_ids:
-            feeds["token_type_ids"] = types
-        return {k: v.astype(self.dtypes.get(k, np.int64), copy=False) for k, v in feeds.items()
-                if k in self.dtypes}
+        return pad_batch(encodings, self.pad_id, self.dtypes, self.uses_token_type_ids)
 
     def predict_proba(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Probabilities [len(texts), labels] (float32), in the order of ``texts``."""
@@ -130,17 +147,7 @@ class TextClassifier:
         return out
 
     def _chunks(self, order: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
-        """Cut length-sorted rows into graph calls of at most ``batch_size`` rows and
-        ``batch_tokens`` padded tokens (a single long text still gets a call of its own)."""
-        chunks: list[list[int]] = []
-        for i in order:
-            last = chunks[-1] if chunks else None
-            # sorted ascending, so the newcomer is the widest: it sets the padded width
-            if last and len(last) < batch_size and (len(last) + 1) * lengths[i] <= self.batch_tokens:
-                last.append(i)
-            else:
-                chunks.append([i])
-        return chunks
+        return length_chunks(order, lengths, batch_size, self.batch_tokens)
 
     def classify(self, texts: list[str], batch_size: int = 32) -> list[dict]:
         """For each text: ``{"label": best, "scores": {label: probability}}``."""

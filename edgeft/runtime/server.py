@@ -1,7 +1,7 @@
 """``edgeft serve``: an OpenAI-compatible HTTP server over one or more artifacts.
 
 Routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (``stream: true``
-answers server-sent events), ``/v1/classify``, ``/health`` (503 until every model is
+answers server-sent events), ``/v1/classify``, ``/v1/embeddings``, ``/health`` (503 until every model is
 loaded, and again while draining) and ``/metrics`` (Prometheus text; behind the API key,
 or ``metrics_key``, when one is set). A client that hangs up before its body arrives is a
 quiet 499 (counted in ``edgeft_client_disconnects_total``), not a logged 500.
@@ -9,7 +9,7 @@ quiet 499 (counted in ``edgeft_client_disconnects_total``), not a logged 500.
 How it holds load: the event loop only parses, validates and streams; generation runs on
 worker threads (``GenerationPool``: one engine per worker, a bounded waiting line that
 answers 429 past its size) and concurrent classification requests are batched together
-(``ClassifyBatcher``). SIGTERM stops accepting connections, lets the requests in flight
+(``ClassifyBatcher``; embeddings the same way). SIGTERM stops accepting connections, lets the requests in flight
 finish (up to ``drain_timeout`` seconds), then exits with status 0.
 
 This module knows HTTP (Starlette, uvicorn), the settings and the engines' agreed API
@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -55,7 +56,10 @@ from edgeft.runtime.wire import ApiError, bad
 log = logging.getLogger("edgeft.serve")
 access_log = logging.getLogger("edgeft.access")
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify")
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/classify",
+          "/v1/embeddings")
+TASK_ROUTES = {Task.causal_lm: "/v1/completions or /v1/chat/completions", Task.classification: "/v1/classify",
+               Task.embedding: "/v1/embeddings"}
 
 
 class LogFormat(str, enum.Enum):
@@ -89,7 +93,7 @@ class ServeConfig:
     """The largest ``max_tokens`` a request may ask for."""
     max_body_bytes: int = 1 << 20
     max_inputs: int = 256
-    """Texts per /v1/classify request."""
+    """Texts per /v1/classify or /v1/embeddings request."""
     batch_size: int = 32
     """Most texts in one classifier run (micro-batch)."""
     batch_wait_ms: float = 5.0
@@ -156,6 +160,8 @@ class Model:
             d["context_length"] = self.manifest.decoder.context_length
         if self.manifest.classifier is not None:
             d["labels"] = list(self.manifest.classifier.labels)
+        if self.manifest.embedding is not None:
+            d["dimensions"] = self.manifest.embedding.dim
         return d
 
     async def close(self) -> None:
@@ -188,7 +194,8 @@ def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
             engines = [first] + [Generator(first.folder, first.manifest, threads) for _ in range(config.workers - 1)]
             m = Model(name, task, first.manifest, first, pool=GenerationPool(name, engines, config.queue_size, metrics))
         else:
-            batcher = ClassifyBatcher(name, first, config.batch_size, wait_s, config.queue_size, metrics)
+            method = "embed_rows" if task is Task.embedding else "classify"
+            batcher = ClassifyBatcher(name, first, config.batch_size, wait_s, config.queue_size, metrics, method)
             m = Model(name, task, first.manifest, first, batcher=batcher)
         models[name] = m
         metrics.loaded.set(1, model=name)
@@ -228,8 +235,7 @@ class ServerState:
             raise ApiError(404, f"the model '{name}' is not served here (served: {served})",
                            param="model", code="model_not_found")
         if m.task is not task:
-            route = "/v1/classify" if m.task is Task.classification else "/v1/completions or /v1/chat/completions"
-            raise bad(f"'{name}' is a {m.task.value} model: use {route}", "model", "wrong_model_task")
+            raise bad(f"'{name}' is a {m.task.value} model: use {TASK_ROUTES[m.task]}", "model", "wrong_model_task")
         return m
 
 
@@ -465,6 +471,28 @@ async def classify(request: Request) -> Response:
 
 
 @api
+async def embeddings(request: Request) -> Response:
+    state: ServerState = request.app.state.edgeft
+    state.check_serving()
+    body = await read_json(request, state.config.max_body_bytes)
+    req = wire.parse_embeddings(body, state.config.max_inputs)
+    model = state.model(req.model, Task.embedding)
+    if req.dimensions is not None and req.dimensions != model.front.dim:
+        allowed = model.manifest.embedding.truncation_dims
+        if req.dimensions not in allowed:
+            raise bad(f"'dimensions' {req.dimensions} is not supported: '{model.name}' returns {model.front.dim} "
+                      "dimensions" + (f" and was trained to be truncated to {', '.join(map(str, allowed))}"
+                                      if allowed else " and was not trained to be truncated"), "dimensions")
+    model.front.check_ids(req.inputs)  # here, so one bad request never fails the batch it would join
+    rows = await model.batcher.classify(req.inputs)
+    vectors = [r["embedding"] for r in rows]
+    if req.dimensions is not None and req.dimensions != model.front.dim:
+        vectors = list(model.front.truncate(np.stack(vectors), req.dimensions))
+    tokens = sum(r["tokens"] for r in rows)
+    return JSONResponse(wire.embeddings_body(model.name, vectors, req.encoding_format, tokens))
+
+
+@api
 async def list_models(request: Request) -> Response:
     state: ServerState = request.app.state.edgeft
     state.check_serving()
@@ -619,6 +647,7 @@ def build_app(config: ServeConfig, loader: Callable[[ServeConfig, Registry], dic
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/classify", classify, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, ClientDisconnect: _disconnected,

@@ -8,6 +8,7 @@ frameworks, threads or models (it does not tokenize or generate).
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from dataclasses import dataclass
@@ -80,6 +81,14 @@ def check_unicode(body: Any) -> None:
                 name = where.split(".")[0].split("[")[0] or None
                 raise bad(f"'{where or 'body'}' holds a lone UTF-16 surrogate: not valid Unicode text",
                           name, "invalid_unicode") from None
+
+
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    model: str | None
+    inputs: list  # strings or token-id lists
+    encoding_format: str  # "float" | "base64"
+    dimensions: int | None
 
 
 # ---------------------------------------------------------------- field readers
@@ -243,6 +252,36 @@ def parse_classify(body: dict, max_inputs: int) -> ClassifyRequest:
     return ClassifyRequest(model=_model(body), texts=texts, single=single)
 
 
+def _token_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_is_int(t) and t >= 0 for t in v)
+
+
+def parse_embeddings(body: dict, max_inputs: int) -> EmbeddingsRequest:
+    """``POST /v1/embeddings``: ``input`` is a string, a list of strings, token ids, or a list of token-id lists."""
+    value = body.get("input")
+    if isinstance(value, str):
+        inputs = [value]
+    elif _token_list(value):
+        inputs = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, str) or _token_list(v) for v in value):
+        inputs = value
+    else:
+        raise bad("'input' must be a string, a non-empty list of strings, a list of token ids "
+                  "or a list of token-id lists", "input")
+    if any(isinstance(v, str) and not v for v in inputs):
+        raise bad("'input' must not contain empty strings", "input")
+    if len(inputs) > max_inputs:
+        raise bad(f"at most {max_inputs} inputs per request, got {len(inputs)}", "input")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise bad(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", "encoding_format")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("'user' must be a string", "user")
+    return EmbeddingsRequest(model=_model(body), inputs=inputs, encoding_format=fmt,
+                             dimensions=_opt_int(body, "dimensions", 1, None))
+
+
 # ---------------------------------------------------------------- responses
 
 def new_id(prefix: str) -> str:
@@ -285,3 +324,15 @@ def classify_body(model: str, results: list[dict]) -> dict[str, Any]:
              "score": float(r["scores"][r["label"]]), "scores": {k: float(v) for k, v in r["scores"].items()}}
             for i, r in enumerate(results)]
     return {"object": "list", "model": model, "data": data}
+
+
+def embeddings_body(model: str, vectors: list, fmt: str, prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI's embeddings list; ``base64`` is the little-endian float32 bytes (as the openai client decodes)."""
+    def enc(v: Any) -> Any:
+        if fmt == "base64":
+            return base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+        return [float(x) for x in v]
+
+    data = [{"object": "embedding", "index": i, "embedding": enc(v)} for i, v in enumerate(vectors)]
+    return {"object": "list", "model": model, "data": data,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
