@@ -32,6 +32,12 @@ MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.mo
            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
 
 
+def close(a, b) -> bool:
+    """Equal up to int8 rounding: dynamic int8 quantizes activations per graph call, so a
+    vector moves by ~1e-4 with the other texts of its batch."""
+    return np.allclose(a, b, atol=2e-3)
+
+
 def _st_folder(src: Path, dest: Path, pooling: dict | None = MEAN_POOLING) -> Path:
     shutil.copytree(src, dest)
     (dest / "modules.json").write_text(json.dumps(MODULES))
@@ -153,9 +159,9 @@ def test_embedder_matches_pytorch_in_any_batch(artifact, st_dir):
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert cos.min() > 0.98, cos
     one_by_one = np.stack([emb.embed([t])[0] for t in TEXTS])
-    assert np.allclose(one_by_one, vectors, atol=1e-5)  # padding in a batch changes nothing
+    assert close(one_by_one, vectors)  # padding in a batch changes nothing beyond int8 rounding
     ids = emb.tokenizer.encode(TEXTS[0]).ids
-    assert np.allclose(emb.embed([ids])[0], vectors[0], atol=1e-6)
+    assert np.allclose(emb.embed([ids])[0], emb.embed([TEXTS[0]])[0], atol=1e-6)
     with pytest.raises(EdgeftError, match="at most 48"):
         emb.embed([list(range(5, 60))])
     cut = emb.truncate(vectors, 32)
@@ -187,7 +193,7 @@ def test_embed_command_writes_jsonl_and_npy(artifact, tmp_path):
     r = CliRunner().invoke(app, ["embed", str(artifact), "--input", str(src), "-o", str(tmp_path / "v.npy")])
     assert r.exit_code == 0, r.output
     arr = np.load(tmp_path / "v.npy")
-    assert arr.shape == (len(TEXTS), 64) and np.allclose(arr[:2], ref, atol=1e-6)
+    assert arr.shape == (len(TEXTS), 64) and close(arr[:2], ref)
     r = CliRunner().invoke(app, ["embed", str(artifact)])
     assert r.exit_code == 2 and "one of the two" in r.output
 
@@ -214,16 +220,16 @@ def test_v1_embeddings_with_the_openai_client(served, artifact):
     client = OpenAI(base_url=served + "/v1", api_key="none", max_retries=0, timeout=60)
     got = client.embeddings.create(model="emb", input=TEXTS)  # the client asks for base64 by default
     assert [d.index for d in got.data] == list(range(len(TEXTS)))
-    assert np.allclose([d.embedding for d in got.data], ref, atol=1e-6)
+    assert close([d.embedding for d in got.data], ref)
     counts = [len(emb.tokenizer.encode(t).ids) for t in TEXTS]
     assert got.usage.prompt_tokens == got.usage.total_tokens == sum(counts)
     one = client.embeddings.create(model="emb", input=TEXTS[1], encoding_format="float")
-    assert len(one.data) == 1 and np.allclose(one.data[0].embedding, ref[1], atol=1e-6)
+    assert len(one.data) == 1 and close(one.data[0].embedding, ref[1])
     ids = emb.tokenizer.encode(TEXTS[0]).ids
     by_ids = client.embeddings.create(model="emb", input=[ids, ids], encoding_format="float")
-    assert np.allclose([d.embedding for d in by_ids.data], [ref[0], ref[0]], atol=1e-6)
+    assert close([d.embedding for d in by_ids.data], [ref[0], ref[0]])
     cut = client.embeddings.create(model="emb", input=TEXTS[:2], dimensions=32, encoding_format="float")
-    assert np.allclose([d.embedding for d in cut.data], emb.truncate(ref[:2], 32), atol=1e-6)
+    assert close([d.embedding for d in cut.data], emb.truncate(ref[:2], 32))
 
 
 def test_v1_embeddings_base64_and_bad_requests(served, artifact):
@@ -233,7 +239,7 @@ def test_v1_embeddings_base64_and_bad_requests(served, artifact):
     r = httpx.post(served + "/v1/embeddings", json={"input": TEXTS[0], "encoding_format": "base64"})
     assert r.status_code == 200
     vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
-    assert np.allclose(vec, ref[0], atol=1e-6)
+    assert close(vec, ref[0])
     for body, param in [({"input": TEXTS[0], "dimensions": 16}, "dimensions"),
                         ({"input": []}, "input"), ({"input": [1, "a"]}, "input"), ({"input": ""}, "input"),
                         ({"input": [[10**6]]}, None), ({"input": "x", "encoding_format": "int8"}, "encoding_format")]:
