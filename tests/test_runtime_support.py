@@ -19,13 +19,15 @@ GATE = {"allow_degraded": True, "gate_texts": 8, "gate_prompts": 2, "gate_new_to
 
 @functools.lru_cache(maxsize=None)
 def build(kind: str, src: str, root: str) -> Path:
-    """The artifact folder for ``kind`` (llama, gpt2, bert) exported from HF folder ``src`` under ``root``."""
+    """The artifact folder for ``kind`` (llama, gpt2, bert, embedding) exported from HF folder ``src`` under ``root``."""
     from edgeft.export import ExportConfig, export
 
     root_p = Path(root)
     root_p.mkdir(parents=True, exist_ok=True)
     out = root_p / f"{kind}-art"
-    if kind == "bert":
+    if kind == "embedding":  # the bare BERT encoder: CLS pooling (no sentence-transformers files)
+        cfg = ExportConfig(source=src, out=out, quantize="none", task="embedding", overwrite=True, gate_texts=8)
+    elif kind == "bert":
         src = str(_seeded_classifier(Path(src), root_p / "bert-classifier"))
         cfg = ExportConfig(source=src, out=out, quantize="none", task="classification", labels=tuple(LABELS),
                            eval_data=REPO / "demo" / "sst2_2k.csv", overwrite=True, **GATE)

@@ -1,7 +1,7 @@
 """Bad input to ``edgeft serve``: every case the server once answered with a 500, a traceback or a wrong code.
 
-The app runs in-process under Starlette's ASGI test client over two tiny artifacts (a llama
-and a BERT classifier) with a small ``max_tokens`` cap; the aborted-upload and busy-port
+The app runs in-process under Starlette's ASGI test client over three tiny artifacts (a llama,
+a BERT classifier and the BERT encoder for embeddings) with a small ``max_tokens`` cap; the aborted-upload and busy-port
 cases need real sockets, so they run uvicorn on loopback and the CLI in a subprocess.
 The fuzz test posts a few hundred generated malformed bodies to every route the app
 declares, mutating every field the wire parsers read (found by recording the keys they
@@ -32,13 +32,15 @@ CLI = [sys.executable, "-c", "from edgeft.cli import main; main()"]
 @pytest.fixture(scope="module")
 def arts(tiny_llama_dir, tiny_bert_dir, tmp_path_factory):
     root = str(tmp_path_factory.getbasetemp() / "runtime-artifacts")
-    return {"chat": build("llama", str(tiny_llama_dir), root), "sentiment": build("bert", str(tiny_bert_dir), root)}
+    return {"chat": build("llama", str(tiny_llama_dir), root), "sentiment": build("bert", str(tiny_bert_dir), root),
+            "emb": build("embedding", str(tiny_bert_dir), root)}
 
 
 def config(arts, **kw):
     from edgeft.runtime.server import ServeConfig
 
-    return ServeConfig(artifacts=(arts["chat"], arts["sentiment"]), names=("chat", "sentiment"), threads=1,
+    return ServeConfig(artifacts=(arts["chat"], arts["sentiment"], arts["emb"]), names=("chat", "sentiment", "emb"),
+                       threads=1,
                        max_tokens=4, **kw)
 
 
