@@ -62,7 +62,7 @@ from typing import Any
 
 from edgeft import __version__
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, file_stamp, sha256_file
+from edgeft.fsutil import atomic_dir, atomic_write_json, file_stamp, sha256_file
 
 FORMAT = "edgeft-artifact"
 FORMAT_VERSION = 1
@@ -736,8 +736,3 @@ def verify_cached(folder: Path, trusted_keys: Sequence = ()) -> Manifest:
     _check_files(folder, manifest)
     _write_stamp(folder, raw)
     return manifest
-
-
-def write_bytes(folder: Path, name: str, data: bytes) -> None:
-    """Write one file into an artifact folder being built (atomic)."""
-    atomic_write_bytes(Path(folder) / name, data)

@@ -125,7 +125,3 @@ def embedding_manifest(graph: Any, tok: Tokenizer, quant: dict[str, Any], archit
 
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}

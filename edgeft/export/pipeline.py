@@ -19,13 +19,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeft.artifact import Manifest, Task, write_manifest
 from edgeft.errors import EdgeftError
 from edgeft.export import assemble, gate, quantize
 from edgeft.export.config import AUTO_ORDER, ExportConfig, Int8Mode, Quantize
 from edgeft.fsutil import atomic_dir, check_destination
+
+if TYPE_CHECKING:
+    from edgeft.artifact import Embedding
+    from edgeft.export.classifier import ClassifierGraph
+    from edgeft.export.decoder import DecoderGraph
+    from edgeft.export.merge import Source
 
 Log = Callable[[str], None]
 
@@ -45,10 +51,34 @@ class Candidate:
     result: gate.GateResult | None = None
     why: str = ""  # why it was chosen, once it is (recorded in the manifest's gate section)
 
-    def ensure_built(self) -> "Candidate":
+    def ensure_built(self) -> Candidate:
         if self.folder is None:
             self.folder, self.manifest = self.build()
         return self
+
+
+@dataclass
+class Plan:
+    """What one export is working with once its graph exists: the source, the fp32 graph, the
+    tokenizer, and the candidates built from them, smallest first. Made by ``_decoder_plan``,
+    ``_classifier_plan`` or ``_embedding_plan``; the gate changes only the candidates' results."""
+
+    config: ExportConfig
+    source: Source
+    graph: DecoderGraph | ClassifierGraph
+    tokenizer: Any  # the Hugging Face tokenizer (its files ship in every candidate)
+    candidates: list[Candidate]
+    max_length: int | None = None  # encoders: tokens per text
+    embedding: Embedding | None = None  # embedding models: what the manifest says of the vectors
+
+
+@dataclass(frozen=True)
+class Gated:
+    """What the gate measured: the candidate it chose (None: none passed), the eval texts, the reference."""
+
+    chosen: Candidate | None
+    evals: gate.EvalSet
+    reference: gate.Reference
 
 
 def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
@@ -87,19 +117,18 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
     route = _check_architecture(source)
     _torch_threads(config, source.model)
     hf_dir = save_hf_folder(source, work / "hf")
-    tokenizer = source.tokenizer
     if source.task is Task.causal_lm:
-        candidates, ref_ctx = _decoder_candidates(config, source, hf_dir, tokenizer, work, log, route)
+        plan = _decoder_plan(config, source, hf_dir, work, log, route)
     elif source.task is Task.embedding:
-        candidates, ref_ctx = _embedding_candidates(config, source, hf_dir, tokenizer, work, log)
+        plan = _embedding_plan(config, source, hf_dir, work, log)
     else:
-        candidates, ref_ctx = _classifier_candidates(config, source, hf_dir, tokenizer, work, log)
-    chosen = _run_gate(config, source, candidates, ref_ctx, log)
+        plan = _classifier_plan(config, source, hf_dir, work, log)
+    gated = _run_gate(plan, log)
     seconds = time.perf_counter() - t0
-    return _publish(config, chosen, candidates, ref_ctx, seconds, log)
+    return _publish(plan, gated, seconds, log)
 
 
-def _check_architecture(source) -> str | None:
+def _check_architecture(source: Source) -> str | None:
     """One line naming the supported architectures, before any slow step (the only check).
 
     For a decoder, returns how it exports ("builder" or "torch").
@@ -128,9 +157,10 @@ def _decoder_schemes(config: ExportConfig) -> list[Quantize]:
     return list(AUTO_ORDER) if config.quantize is Quantize.auto else [config.quantize]
 
 
-def _decoder_candidates(config, source, hf_dir, tokenizer, work, log, route):
+def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path, log: Log, route: str) -> Plan:
     from edgeft.export.decoder import export_decoder
 
+    tokenizer = source.tokenizer
     log("exporting the decoder graph (fp32)")
     graph = export_decoder(source.model, hf_dir, work, route)
     if config.context_length and config.context_length > graph.context_length:
@@ -156,8 +186,8 @@ def _decoder_candidates(config, source, hf_dir, tokenizer, work, log, route):
                                              source.provenance())
         return folder, write_manifest(folder, manifest)
 
-    out = [Candidate(s.value, lambda s=s: build(s)) for s in _decoder_schemes(config)]
-    return out, {"graph": graph, "tokenizer": tokenizer}
+    candidates = [Candidate(s.value, lambda s=s: build(s)) for s in _decoder_schemes(config)]
+    return Plan(config, source, graph, tokenizer, candidates)
 
 
 # ---------------------------------------------------------------- classifiers
@@ -170,7 +200,7 @@ def _classifier_schemes(config: ExportConfig) -> list[str]:
     return [f"int8-{config.int8_mode.value}"]
 
 
-def _classifier_candidates(config, source, hf_dir, tokenizer, work, log):
+def _classifier_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path, log: Log) -> Plan:
     from edgeft.export.classifier import export_classifier
 
     if not source.labels:
@@ -183,11 +213,11 @@ def _classifier_candidates(config, source, hf_dir, tokenizer, work, log):
         return assemble.classifier_manifest(graph, tok, quant, source.architecture, source.labels, max_length,
                                             source.provenance())
 
-    out = _encoder_candidates(config, source, hf_dir, tokenizer, graph, manifest, source.labels, work, log)
-    return out, {"graph": graph, "tokenizer": tokenizer, "max_length": max_length}
+    candidates = _encoder_candidates(config, source, hf_dir, graph, manifest, source.labels, work, log)
+    return Plan(config, source, graph, source.tokenizer, candidates, max_length=max_length)
 
 
-def _embedding_candidates(config, source, hf_dir, tokenizer, work, log):
+def _embedding_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path, log: Log) -> Plan:
     from edgeft.artifact import Embedding
     from edgeft.export.classifier import export_classifier
     from edgeft.export.embedding import default_max_length, read_pooling
@@ -206,12 +236,15 @@ def _embedding_candidates(config, source, hf_dir, tokenizer, work, log):
     def manifest(tok, quant) -> Manifest:
         return assemble.embedding_manifest(graph, tok, quant, source.architecture, spec, source.provenance())
 
-    out = _encoder_candidates(config, source, hf_dir, tokenizer, graph, manifest, None, work, log)
-    return out, {"graph": graph, "tokenizer": tokenizer, "max_length": max_length, "embedding": spec}
+    candidates = _encoder_candidates(config, source, hf_dir, graph, manifest, None, work, log)
+    return Plan(config, source, graph, source.tokenizer, candidates, max_length=max_length, embedding=spec)
 
 
-def _encoder_candidates(config, source, hf_dir, tokenizer, graph, manifest, labels, work, log) -> list[Candidate]:
+def _encoder_candidates(config: ExportConfig, source: Source, hf_dir: Path, graph: ClassifierGraph,
+                        manifest: Callable[[Any, dict[str, Any]], Manifest], labels: list[str] | None, work: Path,
+                        log: Log) -> list[Candidate]:
     """One candidate per int8 flavour (or fp32) of an encoder graph; ``manifest(tok, quant)`` fills the manifest."""
+    tokenizer = source.tokenizer
 
     def build(name: str) -> tuple[Path, Manifest]:
         folder = work / f"candidate-{name}"
@@ -237,28 +270,24 @@ def _encoder_candidates(config, source, hf_dir, tokenizer, graph, manifest, labe
 
 # ---------------------------------------------------------------- gate
 
-def _run_gate(config: ExportConfig, source, candidates: list[Candidate], ctx: dict, log: Log) -> Candidate | None:
-    evals = gate.eval_set(config, source.task, source.run_config, ctx["tokenizer"], source.labels)
-    ctx["evals"] = evals
+def _run_gate(plan: Plan, log: Log) -> Gated:
+    config, source, candidates = plan.config, plan.source, plan.candidates
+    evals = gate.eval_set(config, source.task, source.run_config, plan.tokenizer, source.labels)
     log(f"gate: measuring PyTorch on {len(evals.texts)} held-out texts ({evals.origin})")
     if source.task is Task.causal_lm:
-        return _gate_decoders(config, source, candidates, ctx, evals, log)
+        return _gate_decoders(plan, evals, log)
+    tokenizer_json = candidates[0].ensure_built().folder / "tokenizer.json"
     if source.task is Task.embedding:
-        ref = gate.embedding_reference(source.model, candidates[0].ensure_built().folder / "tokenizer.json", evals,
-                                       ctx["embedding"])
-        ctx["reference"] = ref
+        ref = gate.embedding_reference(source.model, tokenizer_json, evals, plan.embedding)
         for c in candidates:
             c.result = gate.embedding_gate(c.ensure_built().folder, ref, evals, config)
             _say(c, log)
-        return pick_classifier([c for c in candidates if c.result.passed], "mean_cosine")
-    ref = gate.classifier_reference(source.model, candidates[0].ensure_built().folder / "tokenizer.json", evals,
-                                    source.labels,
-                                    ctx["max_length"])
-    ctx["reference"] = ref
+        return Gated(pick_classifier([c for c in candidates if c.result.passed], "mean_cosine"), evals, ref)
+    ref = gate.classifier_reference(source.model, tokenizer_json, evals, source.labels, plan.max_length)
     for c in candidates:
         c.result = gate.classifier_gate(c.ensure_built().folder, ref, evals, config)
         _say(c, log)
-    return pick_classifier([c for c in candidates if c.result.passed])
+    return Gated(pick_classifier([c for c in candidates if c.result.passed]), evals, ref)
 
 
 def pick_classifier(passing: list[Candidate], quality: str = "accuracy") -> Candidate | None:
@@ -286,21 +315,21 @@ def pick_classifier(passing: list[Candidate], quality: str = "accuracy") -> Cand
     return chosen
 
 
-def _gate_decoders(config, source, candidates, ctx, evals, log) -> Candidate | None:
+def _gate_decoders(plan: Plan, evals: gate.EvalSet, log: Log) -> Gated:
     from edgeft.runtime import Generator
 
+    config, candidates = plan.config, plan.candidates
     first = Generator.open(candidates[0].ensure_built().folder, threads=config.threads)
     eos = set(first.eos_ids)
-    ref = gate.lm_reference(source.model, first.encode, evals, config, eos)
-    ctx["reference"] = ref
+    ref = gate.lm_reference(plan.source.model, first.encode, evals, config, eos)
     for c in candidates:
         c.result = gate.lm_gate(c.ensure_built().folder, ref, config)
         _say(c, log)
         if c.result.passed:  # candidates are ordered smallest first
             c.why = ("the smallest scheme that passed the gate" if len(candidates) > 1
                      else "the scheme asked for, and it passed the gate")
-            return c
-    return None
+            return Gated(c, evals, ref)
+    return Gated(None, evals, ref)
 
 
 def _say(c: Candidate, log: Log) -> None:
@@ -321,8 +350,8 @@ def _say(c: Candidate, log: Log) -> None:
 
 # ---------------------------------------------------------------- publish
 
-def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Candidate], ctx: dict,
-             seconds: float, log: Log) -> Path:
+def _publish(plan: Plan, gated: Gated, seconds: float, log: Log) -> Path:
+    config, candidates, chosen = plan.config, plan.candidates, gated.chosen
     degraded = chosen is None
     if degraded:
         failures = [f"{c.name}: {f}" for c in candidates for f in c.result.failures]
@@ -333,7 +362,7 @@ def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Ca
         chosen.why = "no candidate passed the gate; --allow-degraded writes the largest, closest to PyTorch"
         log("gate failed; writing anyway (--allow-degraded), marked degraded in the manifest")
     task = chosen.manifest.task
-    evals, ref = ctx["evals"], ctx["reference"]
+    evals, ref = gated.evals, gated.reference
     record = {
         "passed": not degraded,
         "degraded": degraded,
@@ -363,11 +392,3 @@ def _publish(config: ExportConfig, chosen: Candidate | None, candidates: list[Ca
             log(f"signed by key {sign(tmp, load_private_key(config.sign_key))}")
     log(f"wrote {config.out} ({chosen.name}, {assemble.folder_size(config.out) / 1e6:.1f} MB)")
     return config.out
-
-
-def summary(manifest: Manifest) -> dict[str, Any]:
-    """One-line-per-field view of an artifact's gate, for the CLI."""
-    g = manifest.gate or {}
-    return {"task": manifest.task.value, "architecture": manifest.architecture,
-            "quantization": manifest.quantization.get("scheme"), "gate": "passed" if g.get("passed") else "degraded",
-            "metrics": g.get("metrics", {})}
