@@ -8,7 +8,7 @@ import typer
 
 from edgeft.cli.app import app
 from edgeft.artifact import Task
-from edgeft.tune.config import ClassWeights, Device, Optim, Precision, Schedule, SelectMetric
+from edgeft.tune.config import ClassWeights, Device, FrozenCache, Optim, Precision, Schedule, SelectMetric
 
 _DATA = "Data"
 _TRAIN = "Training"
@@ -63,6 +63,13 @@ def tune(
     eval_batch_size: int = typer.Option(32, rich_help_panel=_TRAIN, help="Examples per evaluation batch."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", rich_help_panel=_TRAIN,
                                                 help="Recompute activations of trained blocks in backward (less memory)."),
+    frozen_cache: FrozenCache = typer.Option(
+        FrozenCache.auto, rich_help_panel=_TRAIN,
+        help="Run the frozen blocks once per example: their output is cached on disk in OUT.partial and fed to the "
+             "top blocks from the second pass on (and to every evaluation after the first). auto: on when training "
+             "makes more than one pass and the disk has room; always off when something below the top blocks trains."),
+    keep_cache: bool = typer.Option(False, "--keep-cache", rich_help_panel=_TRAIN,
+                                    help="Keep the frozen cache after the run (OUT.frozen-cache; a later run of OUT reuses it when nothing it depends on changed)."),
     seed: int = typer.Option(0, rich_help_panel=_TRAIN, help="Seed for the split, the data order, the new head and dropout."),
     device: Device = typer.Option(Device.auto, help="auto: CUDA when visible (bf16 autocast), else CPU."),
     threads: int = typer.Option(None, help="CPU threads for torch (default: torch's choice)."),
@@ -93,7 +100,8 @@ def tune(
         schedule=schedule, optimizer=optimizer, max_grad_norm=max_grad_norm, class_weights=class_weights,
         group_by_length=group_by_length, eval_every=eval_every, checkpoint_every=checkpoint_every, patience=patience,
         select_metric=select_metric, eval_batch_size=eval_batch_size,
-        max_eval_examples=max_eval_examples, gradient_checkpointing=gradient_checkpointing, seed=seed, device=device,
+        max_eval_examples=max_eval_examples, gradient_checkpointing=gradient_checkpointing,
+        frozen_cache=frozen_cache, keep_cache=keep_cache, seed=seed, device=device,
         threads=threads, resume=resume, overwrite=overwrite, progress=progress,
     )
     folder = run_tune(config)

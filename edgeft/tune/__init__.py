@@ -2,7 +2,8 @@
 
 ``tune(TuneConfig(...)) -> Path`` is the whole stage. Submodules: ``config`` (the frozen
 ``TuneConfig`` and its Enums), ``model`` (loading, freezing, int8), ``dataset`` (tokenized
-examples, seeded order), ``train`` (the loop, checkpoints, run folder), ``metrics``.
+examples, seeded order), ``frozen`` (the frozen-block hidden-state cache), ``train`` (the
+loop, checkpoints, run folder), ``metrics``.
 Importing this package imports no torch; ``tune`` does.
 """
 
@@ -11,12 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from edgeft.artifact import Task
-from edgeft.tune.config import ClassWeights, Device, Optim, Precision, Schedule, TuneConfig
+from edgeft.tune.config import ClassWeights, Device, FrozenCache, Optim, Precision, Schedule, TuneConfig
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["ClassWeights", "Device", "Optim", "Precision", "Schedule", "Task", "TuneConfig", "tune"]
+__all__ = ["ClassWeights", "Device", "FrozenCache", "Optim", "Precision", "Schedule", "Task", "TuneConfig", "tune"]
 
 
 def tune(config: TuneConfig, callback: Any = None) -> Path:

@@ -47,6 +47,12 @@ class SelectMetric(str, Enum):
     loss = "loss"
 
 
+class FrozenCache(str, Enum):
+    auto = "auto"  # on when training makes more than one pass over the data and the disk has room
+    on = "on"
+    off = "off"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -54,7 +60,7 @@ class Device(str, Enum):
 
 
 # Settings that may differ between an interrupted run and its --resume.
-RESUME_FREE = ("resume", "overwrite", "progress", "threads")
+RESUME_FREE = ("resume", "overwrite", "progress", "threads", "frozen_cache", "keep_cache")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,12 @@ class TuneConfig:
     eval_batch_size: int = 32
     max_eval_examples: int | None = None
     gradient_checkpointing: bool = False
+    frozen_cache: FrozenCache = FrozenCache.auto
+    """Run the frozen blocks once per example: their output is cached on disk (OUT.partial/frozen-cache)
+    at the first pass and fed to the top blocks afterwards. auto: on when training makes more than one
+    pass over the data and the disk has room; off whenever something below the top blocks trains."""
+    keep_cache: bool = False
+    """Keep the frozen cache when the run finishes (as OUT.frozen-cache, reused by a later run of OUT)."""
     seed: int = 0
     device: Device = Device.auto
     threads: int | None = None
@@ -126,7 +138,7 @@ class TuneConfig:
             object.__setattr__(self, "task", task)
         for name, enum in (("base_precision", Precision), ("optimizer", Optim),
                            ("schedule", Schedule), ("class_weights", ClassWeights), ("device", Device),
-                           ("select_metric", SelectMetric)):
+                           ("select_metric", SelectMetric), ("frozen_cache", FrozenCache)):
             object.__setattr__(self, name, _enum(enum, getattr(self, name), name))
         self._validate()
 
@@ -158,6 +170,11 @@ class TuneConfig:
     def partial(self) -> Path:
         """Where an unfinished run lives (checkpoints included) until it is complete."""
         return self.out.with_name(self.out.name + ".partial")
+
+    @property
+    def kept_cache(self) -> Path:
+        """Where ``--keep-cache`` leaves the frozen cache of a finished run."""
+        return self.out.with_name(self.out.name + ".frozen-cache")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

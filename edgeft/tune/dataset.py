@@ -189,14 +189,20 @@ def epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: i
     return tuple(batches)
 
 
+def micro_batch_index(lengths: tuple[int, ...], batch_size: int, seed: int, index: int,
+                      by_length: bool = False) -> tuple[int, ...]:
+    """Example indices of the ``index``-th micro-batch of the endless, seeded stream of epochs
+    (``lengths``: every example's token count)."""
+    per_epoch = micro_batches_per_epoch(len(lengths), batch_size)
+    epoch, i = divmod(index, per_epoch)
+    return epoch_batches(lengths, batch_size, seed, epoch, by_length)[i]
+
+
 def micro_batch(examples: list[Example], batch_size: int, seed: int, index: int,
                 by_length: bool = False, lengths: tuple[int, ...] | None = None) -> list[Example]:
-    """The ``index``-th micro-batch of the endless, seeded stream of epochs (``lengths``: the
-    examples' token counts, when the caller keeps them)."""
-    per_epoch = micro_batches_per_epoch(len(examples), batch_size)
-    epoch, i = divmod(index, per_epoch)
+    """The ``index``-th micro-batch itself (see ``micro_batch_index``)."""
     lengths = lengths or tuple(len(x) for x, _ in examples)
-    return [examples[j] for j in epoch_batches(lengths, batch_size, seed, epoch, by_length)[i]]
+    return [examples[j] for j in micro_batch_index(lengths, batch_size, seed, index, by_length)]
 
 
 def collate(batch: list[Example], pad_id: int, task: Task) -> dict[str, Any]:

@@ -6,6 +6,8 @@ anything is written. The loop is edgeft's own (transformers' Trainer refuses an 
 model without adapters): AdamW or bitsandbytes' 8-bit AdamW, warmup then cosine/linear
 decay, gradient accumulation, clipping, bf16 autocast on CUDA, optional gradient
 checkpointing, evaluation every N steps keeping the best, early stopping, class weights.
+With the frozen cache (``edgeft.tune.frozen``) every forward pass after an example's first
+starts at the first trained block.
 
 Work happens in ``OUT.partial/`` (config, checkpoints, live log). A checkpoint is a
 complete ``ckpt-STEP/`` folder made under a temporary name, then named in
@@ -40,6 +42,7 @@ from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable, sha256_file
 from edgeft.runs import TRAINED, RunInfo, write_run_info
 from edgeft.tune import dataset as DS
+from edgeft.tune import frozen
 from edgeft.tune import metrics as M
 from edgeft.artifact import Task
 from edgeft.tune.config import ClassWeights, Optim, Schedule, TuneConfig
@@ -213,20 +216,36 @@ def class_weights(cfg: TuneConfig, prep: DS.Prepared, device: Any) -> Any:
 
 # ---- evaluation -----------------------------------------------------------------------------
 
+def _cached(cache: Any, index: Any, batch: dict[str, Any], device: Any) -> Any:
+    """The frozen cache around one forward pass (a no-op without a cache)."""
+    if cache is None:
+        return contextlib.nullcontext()
+    return cache.around(index, batch["input_ids"].shape[1], device)
+
+
 def evaluate(loaded: Any, examples: list[DS.Example], task: Task, labels: list[str] | None,
-             batch_size: int) -> dict[str, Any]:
-    """Eval loss/perplexity (causal LM) or accuracy, macro P/R/F1 and confusion matrix (classification)."""
+             batch_size: int, cache: Any = None, first: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Eval loss/perplexity (causal LM) or accuracy, macro P/R/F1 and confusion matrix (classification).
+
+    ``cache``: the frozen cache, where these examples are numbered from ``first``.
+    """
     import torch
+    from tqdm import tqdm
 
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
-    examples = sorted(examples, key=lambda e: len(e[0]))  # less padding; the figures do not depend on order
+    order = sorted(range(len(examples)), key=lambda j: len(examples[j][0]))  # less padding; same figures
     was = [m.training for m in model.modules()]
     model.eval()
     total, count, preds, truth = 0.0, 0, [], []
-    with torch.no_grad(), _autocast(loaded):
-        for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(loaded.device) for k, v in DS.collate(examples[i:i + batch_size], pad, task).items()}
-            logits = _forward(model, batch)
+    bar = tqdm(total=len(order), disable=not progress, unit="ex", desc="eval", leave=False,
+               dynamic_ncols=True, file=sys.stderr)
+    with torch.no_grad(), _autocast(loaded), bar:
+        for i in range(0, len(order), batch_size):
+            index = order[i:i + batch_size]
+            batch = {k: v.to(loaded.device) for k, v in DS.collate([examples[j] for j in index], pad, task).items()}
+            with _cached(cache, [first + j for j in index], batch, loaded.device):
+                logits = _forward(model, batch)
+            bar.update(len(index))
             total += float(_summed_loss(logits, batch["labels"], task))
             count += int(loss_weight(batch, task))
             if task is Task.classification:
@@ -322,7 +341,7 @@ def is_checkpoint_step(cfg: TuneConfig, plan: Plan, step: int) -> bool:
 
 
 def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, step: int,
-               plan: Plan, weights: Any) -> dict[str, Any]:
+               plan: Plan, weights: Any, cache: Any = None) -> dict[str, Any]:
     """One optimizer step over ``grad_accum`` micro-batches; returns its log entry."""
     import torch
 
@@ -330,14 +349,14 @@ def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, 
     lr = lr_at(cfg, step, plan.total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    batches = [DS.collate(DS.micro_batch(prep.train, cfg.batch_size, cfg.seed, step * cfg.grad_accum + k,
-                                         by_length=cfg.group_by_length, lengths=prep.train_lengths), pad, task)
-               for k in range(cfg.grad_accum)]
+    indices = [DS.micro_batch_index(prep.train_lengths, cfg.batch_size, cfg.seed, step * cfg.grad_accum + k,
+                                    by_length=cfg.group_by_length) for k in range(cfg.grad_accum)]
+    batches = [DS.collate([prep.train[j] for j in index], pad, task) for index in indices]
     batches = [{k: v.to(loaded.device) for k, v in b.items()} for b in batches]
     denom = sum(loss_weight(b, task, weights) for b in batches) or 1.0
     total = 0.0
-    for b in batches:
-        with _autocast(loaded):
+    for index, b in zip(indices, batches, strict=True):
+        with _autocast(loaded), _cached(cache, index, b, loaded.device):
             loss = loss_sum(model, b, task, weights)
         (loss / denom).backward()
         total += float(loss.detach())
@@ -373,8 +392,12 @@ def _bar(cfg: TuneConfig, plan: Plan, state: State) -> Any:
 
 
 def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, plan: Plan,
-             callback: Callable[[int], None] | None = None) -> tuple[State, dict[str, Any] | None]:
+             callback: Callable[[int], None] | None = None, cache: Any = None) -> tuple[State, dict[str, Any] | None]:
     """Train from the start or the last checkpoint to the end; return the state and the best parameters."""
+    def run_eval() -> dict[str, Any]:
+        return evaluate(loaded, prep.eval, prep.task, prep.labels, cfg.eval_batch_size, cache=cache,
+                        first=len(prep.train), progress=cfg.progress)
+
     optimizer = make_optimizer(cfg, loaded.model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(loaded.model)
@@ -383,7 +406,7 @@ def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, pla
         state, best = load_checkpoint(partial, loaded, optimizer)
     else:
         state = State(select_metric=M.select_metric(cfg.select_metric.value, prep.task, [y for _, y in prep.train]))
-        state.before = evaluate(loaded, prep.eval, prep.task, prep.labels, cfg.eval_batch_size)
+        state.before = run_eval()
         state.log.append({"step": 0, "eval": _brief(state.before)})
         if cfg.progress:
             print(_eval_line(0, state.before) + " (before tuning)", file=sys.stderr)
@@ -393,8 +416,9 @@ def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, pla
         while state.step < plan.total_steps and not state.stopped_early:
             set_modes(loaded.model, loaded.trainable_modules, training=True)
             t0 = time.perf_counter()
-            entry = train_step(cfg, loaded, prep, optimizer, state.step, plan, weights)
-            state.train_seconds += time.perf_counter() - t0
+            entry = train_step(cfg, loaded, prep, optimizer, state.step, plan, weights, cache)
+            entry["seconds"] = round(time.perf_counter() - t0, 4)
+            state.train_seconds += entry["seconds"]
             state.step += 1
             state.tokens += entry.pop("tokens")
             state.examples += entry.pop("examples")
@@ -403,13 +427,15 @@ def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, pla
             bar.set_postfix(loss=f"{entry['loss']:.4f}", **{unit.replace("/", "_"): f"{rate:.0f}"})
             bar.update(1)
             if is_eval_step(cfg, plan, state.step):
-                metrics = evaluate(loaded, prep.eval, prep.task, prep.labels, cfg.eval_batch_size)
+                metrics = run_eval()
                 best = _after_eval(cfg, state, metrics, prep.task, loaded, best)
                 if cfg.progress:
                     bar.write(_eval_line(state.step, metrics), file=sys.stderr)
             if is_checkpoint_step(cfg, plan, state.step) or state.stopped_early:
                 save_checkpoint(partial, loaded, optimizer, state, best)
                 _write_log(partial, state.log)
+                if cache is not None:
+                    cache.save()
             if callback is not None:
                 callback(state.step)
     return state, best
@@ -476,7 +502,7 @@ def build_metrics(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State,
 
 
 def write_run(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, plan: Plan,
-              best: dict[str, Any] | None, resolved: Path | str, max_length: int) -> Path:
+              best: dict[str, Any] | None, resolved: Path | str, max_length: int, cached: bool = False) -> Path:
     """Write the finished run folder atomically: trained params, run.json, config, tokenizer, metrics, log, plot."""
     from safetensors.torch import save_file
 
@@ -499,11 +525,22 @@ def write_run(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, pla
         if prep.labels:
             atomic_write_json(tmp / "labels.json", {"labels": prep.labels,
                                                     "label2id": {n: i for i, n in enumerate(prep.labels)}})
-        atomic_write_json(tmp / "metrics.json", build_metrics(cfg, loaded, prep, state, plan))
+        atomic_write_json(tmp / "metrics.json", build_metrics(cfg, loaded, prep, state, plan) | {"frozen_cache": cached})
         _write_log(tmp, state.log)
         plot_loss(state.log, tmp / "loss.png")
     shutil.rmtree(cfg.partial, ignore_errors=True)
     return cfg.out
+
+
+def open_cache(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, plan: Plan, partial: Path,
+               resolved: Path | str, max_length: int) -> frozen.StateCache | None:
+    """The frozen cache for this run, or None (``--frozen-cache``, and whether it can apply)."""
+    from edgeft.models import model_identity
+
+    passes = plan.total_steps * cfg.grad_accum / plan.micro_per_epoch
+    config_file = Path(resolved) / "config.json" if isinstance(resolved, Path) else None
+    config_sha = sha256_file(config_file) if config_file is not None and config_file.is_file() else str(resolved)
+    return frozen.for_run(cfg, loaded, prep, passes, partial, model_identity(resolved), config_sha, max_length)
 
 
 def _open_partial(cfg: TuneConfig) -> Path:
@@ -538,8 +575,9 @@ def tune(config: TuneConfig, callback: Callable[[int], None] | None = None) -> P
                              cfg.device.value, cfg.untie_head, cfg.train_embeddings, cfg.seed, tokenizer)
     plan = make_plan(cfg, len(prep.train))
     partial = _open_partial(cfg)
+    cache = open_cache(cfg, loaded, prep, plan, partial, resolved, max_length)
     try:
-        state, best = run_loop(cfg, loaded, prep, partial, plan, callback)
+        state, best = run_loop(cfg, loaded, prep, partial, plan, callback, cache)
     except KeyboardInterrupt:
         print(f"interrupted: continue from the last checkpoint with --resume ({partial})", file=sys.stderr)
         raise
@@ -547,8 +585,13 @@ def tune(config: TuneConfig, callback: Callable[[int], None] | None = None) -> P
         if exc.errno not in DISK_ERRORS:
             raise
         raise EdgeftError(f"cannot write checkpoints in {partial}: {exc.strerror}") from None
+    finally:
+        if cache is not None:
+            cache.close()
+    if cfg.keep_cache:
+        frozen.keep(cache, cfg.kept_cache)
     try:
-        return write_run(cfg, loaded, prep, state, plan, best, resolved, max_length)
+        return write_run(cfg, loaded, prep, state, plan, best, resolved, max_length, cache is not None)
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
             raise
