@@ -11,11 +11,12 @@ from pathlib import Path
 
 from edgeft.artifact import Check, Task, open_artifact
 from edgeft.runtime.classify import TextClassifier
+from edgeft.runtime.constrain import Constraint, compile_for
 from edgeft.runtime.embed import TextEmbedder
 from edgeft.runtime.generate import Chunk, Completion, Generator
 from edgeft.runtime.sampling import SamplingParams
 
-__all__ = ["Generator", "TextClassifier", "TextEmbedder", "SamplingParams", "Completion", "Chunk", "load"]
+__all__ = ["Generator", "TextClassifier", "TextEmbedder", "Constraint", "compile_for", "SamplingParams", "Completion", "Chunk", "load"]
 
 
 def load(path: str | Path, threads: int | None = None, check: Check = Check.full,
