@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import hmac
 import json
@@ -36,7 +35,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +50,7 @@ from edgeft.runtime import wire
 from edgeft.runtime.batching import ClassifyBatcher, GenerationPool, Overloaded
 from edgeft.runtime.metrics import Registry
 from edgeft.runtime.wire import ApiError, bad
+from edgeft.serve_config import LogFormat, ServeConfig
 
 log = logging.getLogger("edgeft.serve")
 access_log = logging.getLogger("edgeft.access")
@@ -60,84 +59,6 @@ ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/comp
           "/v1/embeddings")
 TASK_ROUTES = {Task.causal_lm: "/v1/completions or /v1/chat/completions", Task.classification: "/v1/classify",
                Task.embedding: "/v1/embeddings"}
-
-
-class LogFormat(str, enum.Enum):
-    """How the server writes its log lines to stderr."""
-
-    text = "text"
-    json = "json"
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything ``edgeft serve`` can be told (each also from an ``EDGEFT_*`` environment variable)."""
-
-    artifacts: tuple[Path, ...]
-    """Artifact folders or packed ``.edgeft`` files to serve."""
-    names: tuple[str, ...] = ()
-    """Model names, one per artifact, in order (default: the folder or file name)."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    """When set, every /v1 route wants ``Authorization: Bearer <key>`` (and /metrics too, unless ``metrics_key``)."""
-    metrics_key: str | None = None
-    """When set, /metrics wants ``Authorization: Bearer <key>`` (this key or the API key); /health stays open."""
-    threads: int | None = None
-    """onnxruntime intra-op threads per model (default: onnxruntime's choice, all cores)."""
-    workers: int = 1
-    """Generations run at once per model; each worker holds its own engine (memory grows with it)."""
-    queue_size: int = 16
-    """Requests that may wait per model beyond those running; more are answered 429."""
-    max_tokens: int = 1024
-    """The largest ``max_tokens`` a request may ask for."""
-    max_body_bytes: int = 1 << 20
-    max_inputs: int = 256
-    """Texts per /v1/classify or /v1/embeddings request."""
-    batch_size: int = 32
-    """Most texts in one classifier run (micro-batch)."""
-    batch_wait_ms: float = 5.0
-    """How long the first classify request waits for others to join its batch."""
-    max_connections: int = 512
-    drain_timeout: float = 30.0
-    """Seconds SIGTERM waits for in-flight requests before cancelling them."""
-    log_format: LogFormat = LogFormat.text
-    log_level: str = "info"
-    trusted_keys: tuple[Path, ...] = ()
-    """Public keys (PEM); when given, every artifact must be signed by one of them (several: key rotation)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "artifacts", tuple(Path(a) for a in self.artifacts))
-        object.__setattr__(self, "names", tuple(self.names))
-        object.__setattr__(self, "trusted_keys", tuple(Path(k) for k in self.trusted_keys))
-        if not self.artifacts:
-            raise EdgeftError("serve needs at least one artifact")
-        if self.names and len(self.names) != len(self.artifacts):
-            raise EdgeftError(f"{len(self.names)} --name for {len(self.artifacts)} artifacts: give one per artifact")
-        names = self.model_names()
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise EdgeftError(f"two artifacts would both be served as {dup[0]!r}: name them with --name")
-        if not 0 <= self.port <= 65535:
-            raise EdgeftError(f"port must be in 0..65535, got {self.port}")
-        for name in ("workers", "max_tokens", "max_body_bytes", "max_inputs", "batch_size", "max_connections"):
-            if getattr(self, name) < 1:
-                raise EdgeftError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise EdgeftError(f"threads must be at least 1, got {self.threads}")
-        if self.queue_size < 0 or self.batch_wait_ms < 0 or self.drain_timeout < 0:
-            raise EdgeftError("queue-size, batch-wait-ms and drain-timeout cannot be negative")
-        for name in ("api_key", "metrics_key"):
-            key = getattr(self, name)
-            if key is not None and not key.strip():
-                raise EdgeftError(f"the {name.replace('_', ' ')} is empty")
-        if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
-            raise EdgeftError(f"unknown log level {self.log_level!r}")
-
-    def model_names(self) -> list[str]:
-        if self.names:
-            return list(self.names)
-        return [a.stem if a.suffix == ".edgeft" else a.name for a in self.artifacts]
 
 
 # ---------------------------------------------------------------- models

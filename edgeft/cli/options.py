@@ -1,0 +1,154 @@
+"""Typer options built from a stage's config dataclass, so each flag is declared once.
+
+``@from_config(ServeConfig)`` under ``@app.command()`` gives the command one option per
+field: the field's type (``X | None`` optional, tuples repeatable, Enums as choices), its
+default, its attribute docstring as the help text, and what ``edgeft.flags.flag`` adds
+(short names, an ``EDGEFT_*`` variable, a help panel, a ``--x/--off`` pair, hidden old
+spellings). The command's own parameters (arguments and CLI-only flags) come first; the
+function is called with them and ``config=`` the config built from the rest, so a bad
+value fails in the config's own validation. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from edgeft.errors import EdgeftError
+from edgeft.flags import Flag, field_docs, flag_of
+
+_ALIAS = "__alias"
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool, bool]:
+    """(base type, optional, repeated) of a field annotation."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0] if len(args) == 1 else str
+        origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return (args[0] if args else str), optional, True
+    return tp, optional, False
+
+
+def _help(text: str) -> str:
+    return " ".join(text.replace("``", "").split())
+
+
+def _option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str]) -> tuple[inspect.Parameter, Any]:
+    meta: Flag = flag_of(f)
+    base, optional, repeated = _unwrap(hints[f.name])
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    else:
+        default = ...
+    if repeated:
+        default = list(default) if default is not ... else ...
+        annotation = list[base]
+    else:
+        annotation = base
+    if isinstance(default, enum.Enum):
+        default = default.value if not issubclass(base, enum.Enum) else default
+    show = meta.show_default
+    if default is None or default == [] or (base is str and optional and default is None):
+        show = False if show is True else show
+    common = dict(help=_help(docs.get(f.name, "")) or None, envvar=meta.env, rich_help_panel=meta.panel,
+                  show_default=show, metavar=meta.metavar)
+    if meta.argument:
+        info = typer.Argument(default, **common)
+    else:
+        names = list(meta.names) or [_option_name(f.name)]
+        if not any(n.startswith("--") for n in names):
+            names.insert(0, _option_name(f.name))
+        if base is bool:
+            long = next(n for n in names if n.startswith("--"))
+            names = [f"{long}/{meta.negative or '--no-' + long[2:]}", *[n for n in names if n != long]]
+        info = typer.Option(default, *names, **common)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation), base
+
+
+def _alias_params(f: dataclasses.Field, annotation: Any) -> list[inspect.Parameter]:
+    meta = flag_of(f)
+    out = []
+    for i, alias in enumerate(meta.aliases):
+        ann = annotation if typing.get_origin(annotation) is list else annotation | None
+        default = [] if typing.get_origin(annotation) is list else None
+        names = [f"{alias}/--no-{alias.lstrip('-')}"] if annotation is bool else [alias]
+        out.append(inspect.Parameter(f"{f.name}{_ALIAS}{i}", inspect.Parameter.KEYWORD_ONLY,
+                                     default=typer.Option(default, *names, hidden=True), annotation=ann))
+    return out
+
+
+def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[dict[str, Any]], dict] | None = None):
+    """Decorate a command ``fn(..., config)`` so its options are ``config_cls``'s fields (minus ``skip``).
+
+    ``extra(values)`` may return more keyword arguments for the config (values the command
+    computes from its own parameters).
+    """
+    hints = typing.get_type_hints(config_cls)
+    docs = field_docs(config_cls)
+    fields = [f for f in dataclasses.fields(config_cls) if f.name not in skip and flag_of(f).cli]
+
+    def wrap(fn: Callable) -> Callable:
+        own = inspect.signature(fn)
+        own_hints = typing.get_type_hints(fn)
+        kept = [p.replace(annotation=own_hints.get(p.name, p.annotation))
+                for p in own.parameters.values() if p.name != "config"]
+        params, annotations = [], {p.name: p.annotation for p in kept}
+        for f in fields:
+            p, _base = _param(f, hints, docs)
+            params.append(p)
+            annotations[p.name] = p.annotation
+            for a in _alias_params(f, p.annotation):
+                params.append(a)
+                annotations[a.name] = a.annotation
+        by_name = {f.name: f for f in fields}
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            values: dict[str, Any] = {}
+            for name, f in by_name.items():
+                value = kwargs.pop(name)
+                for i, alias in enumerate(flag_of(f).aliases):
+                    old = kwargs.pop(f"{name}{_ALIAS}{i}")
+                    if old not in (None, []):
+                        if value not in (None, [], f.default):
+                            raise EdgeftError(f"{alias} is the old spelling of {_option_name(name)}: give one")
+                        value = old
+                if flag_of(f).blank_is_none and isinstance(value, str) and not value.strip():
+                    value = None
+                if isinstance(value, list):
+                    value = tuple(value)
+                values[name] = value
+            if extra is not None:
+                values.update(extra(dict(kwargs)))
+            config = config_cls(**values)
+            return fn(**kwargs, config=config)
+
+        command.__signature__ = inspect.Signature([*kept, *params])  # type: ignore[attr-defined]
+        command.__annotations__ = annotations
+        del command.__wrapped__  # typer must read the signature above, not fn's
+        return command
+
+    return wrap
+
+
+__all__ = ["from_config"]

@@ -1,0 +1,104 @@
+"""``ServeConfig``: everything ``edgeft serve`` can be told, validated on construction.
+
+Each field is a flag of ``edgeft serve`` and an ``EDGEFT_*`` environment variable (the
+names in ``flag(env=...)``); its docstring is the flag's help. This module imports only
+the standard library and edgeft's errors, so ``edgeft --help`` works on an install
+without the runtime extra; the server itself (``edgeft.runtime.server``) imports it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeft.errors import EdgeftError
+from edgeft.flags import flag
+
+
+class LogFormat(str, enum.Enum):
+    """How the server writes its log lines to stderr."""
+
+    text = "text"
+    json = "json"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``edgeft serve`` can be told (each also from an ``EDGEFT_*`` environment variable)."""
+
+    artifacts: tuple[Path, ...] = field(metadata=flag(argument=True, env="EDGEFT_ARTIFACTS", show_default=False))
+    """Artifact folders or packed .edgeft files (env: EDGEFT_ARTIFACTS, separated by ':', ';' on Windows)."""
+    names: tuple[str, ...] = field(default=(), metadata=flag("--name", env="EDGEFT_NAMES"))
+    """Model name for each artifact, in order (default: the folder or file name). Repeat per artifact
+    (env: space-separated)."""
+    host: str = field(default="127.0.0.1", metadata=flag(env="EDGEFT_HOST"))
+    """Address to bind. 0.0.0.0 exposes the server to the network."""
+    port: int = field(default=8000, metadata=flag(env="EDGEFT_PORT"))
+    """Port to listen on."""
+    api_key: str | None = field(default=None, metadata=flag(env="EDGEFT_API_KEY", blank_is_none=True))
+    """Require 'Authorization: Bearer KEY' on every /v1 route, and on /metrics unless --metrics-key is given
+    (/health stays open for probes)."""
+    metrics_key: str | None = field(default=None, metadata=flag(env="EDGEFT_METRICS_KEY", blank_is_none=True))
+    """Require 'Authorization: Bearer KEY' on /metrics (this key or the API key): give it to the Prometheus
+    scraper instead of the API key."""
+    threads: int | None = field(default=None, metadata=flag(env="EDGEFT_THREADS"))
+    """onnxruntime threads per model (default: all cores). Match the CPU limit."""
+    workers: int = field(default=1, metadata=flag(env="EDGEFT_WORKERS"))
+    """Generations run at once per model (each holds its own engine, so memory grows with it)."""
+    queue_size: int = field(default=16, metadata=flag(env="EDGEFT_QUEUE_SIZE"))
+    """Requests that may wait per model beyond those running; more get 429."""
+    max_tokens: int = field(default=1024, metadata=flag(env="EDGEFT_MAX_TOKENS"))
+    """Largest max_tokens a request may ask."""
+    max_body_bytes: int = field(default=1 << 20, metadata=flag(env="EDGEFT_MAX_BODY_BYTES"))
+    """Largest request body; larger gets 413."""
+    max_inputs: int = field(default=256, metadata=flag(env="EDGEFT_MAX_INPUTS"))
+    """Texts per /v1/classify or /v1/embeddings request."""
+    batch_size: int = field(default=32, metadata=flag(env="EDGEFT_BATCH_SIZE"))
+    """Most texts per classifier run."""
+    batch_wait_ms: float = field(default=5.0, metadata=flag(env="EDGEFT_BATCH_WAIT_MS"))
+    """How long a classify request waits for others to batch with."""
+    max_connections: int = field(default=512, metadata=flag(env="EDGEFT_MAX_CONNECTIONS"))
+    """Open connections at most; more get 503."""
+    drain_timeout: float = field(default=30.0, metadata=flag(env="EDGEFT_DRAIN_TIMEOUT"))
+    """Seconds SIGTERM waits for in-flight requests."""
+    log_format: LogFormat = field(default=LogFormat.text, metadata=flag(env="EDGEFT_LOG_FORMAT"))
+    """json: one JSON object per line."""
+    log_level: str = field(default="info", metadata=flag(env="EDGEFT_LOG_LEVEL"))
+    """debug, info, warning or error."""
+    trusted_keys: tuple[Path, ...] = field(default=(), metadata=flag("--trusted-key", env="EDGEFT_TRUSTED_KEY"))
+    """Public key (PEM, from edgeft keygen): serve only artifacts signed by it. Repeat for several
+    (key rotation); env: files separated by ':'."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "artifacts", tuple(Path(a) for a in self.artifacts))
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "trusted_keys", tuple(Path(k) for k in self.trusted_keys))
+        if not self.artifacts:
+            raise EdgeftError("serve needs at least one artifact")
+        if self.names and len(self.names) != len(self.artifacts):
+            raise EdgeftError(f"{len(self.names)} --name for {len(self.artifacts)} artifacts: give one per artifact")
+        names = self.model_names()
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise EdgeftError(f"two artifacts would both be served as {dup[0]!r}: name them with --name")
+        if not 0 <= self.port <= 65535:
+            raise EdgeftError(f"port must be in 0..65535, got {self.port}")
+        for name in ("workers", "max_tokens", "max_body_bytes", "max_inputs", "batch_size", "max_connections"):
+            if getattr(self, name) < 1:
+                raise EdgeftError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise EdgeftError(f"threads must be at least 1, got {self.threads}")
+        if self.queue_size < 0 or self.batch_wait_ms < 0 or self.drain_timeout < 0:
+            raise EdgeftError("queue-size, batch-wait-ms and drain-timeout cannot be negative")
+        for name in ("api_key", "metrics_key"):
+            key = getattr(self, name)
+            if key is not None and not key.strip():
+                raise EdgeftError(f"the {name.replace('_', ' ')} is empty")
+        if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
+            raise EdgeftError(f"unknown log level {self.log_level!r}")
+
+    def model_names(self) -> list[str]:
+        if self.names:
+            return list(self.names)
+        return [a.stem if a.suffix == ".edgeft" else a.name for a in self.artifacts]
