@@ -69,6 +69,8 @@ class ServeConfig:
     trusted_keys: tuple[Path, ...] = field(default=(), metadata=flag("--trusted-key", env="EDGEFT_TRUSTED_KEY"))
     """Public key (PEM, from edgeft keygen): serve only artifacts signed by it. Repeat for several
     (key rotation); env: files separated by ':'."""
+    ui: bool = field(default=True, metadata=flag(env="EDGEFT_UI"))
+    """Serve a page at / to try the models in a browser (it calls the /v1 routes like any client)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", tuple(Path(a) for a in self.artifacts))

@@ -2,9 +2,10 @@
 
 Routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (``stream: true``
 answers server-sent events), ``/v1/classify``, ``/v1/embeddings``, ``/health`` (503 until every model is
-loaded, and again while draining) and ``/metrics`` (Prometheus text; behind the API key,
-or ``metrics_key``, when one is set). A client that hangs up before its body arrives is a
-quiet 499 (counted in ``edgeft_client_disconnects_total``), not a logged 500.
+loaded, and again while draining), ``/metrics`` (Prometheus text; behind the API key,
+or ``metrics_key``, when one is set) and, unless ``--no-ui``, a page for the browser at ``/``
+(``edgeft.runtime.ui``). A client that hangs up before its body arrives is a quiet 499
+(counted in ``edgeft_client_disconnects_total``), not a logged 500.
 
 How it holds load: the event loop only parses, validates and streams; generation runs on
 worker threads (``GenerationPool``: one engine per worker, a bounded waiting line that
@@ -73,6 +74,7 @@ class Model:
     front: Any  # an engine used for tokenizing and chat templates on the request's thread
     pool: GenerationPool | None = None
     batcher: ClassifyBatcher | None = None
+    signature_checked: bool = False  # serve --trusted-key verified the manifest's signature at load
     created: int = field(default_factory=lambda: int(time.time()))
 
     def info(self) -> dict[str, Any]:
@@ -83,6 +85,7 @@ class Model:
             d["labels"] = list(self.manifest.classifier.labels)
         if self.manifest.embedding is not None:
             d["dimensions"] = self.manifest.embedding.dim
+        d["manifest"] = manifest_card(self.manifest, self.signature_checked)
         return d
 
     async def close(self) -> None:
@@ -90,6 +93,22 @@ class Model:
             await asyncio.to_thread(self.pool.close)
         if self.batcher is not None:
             await self.batcher.close()
+
+
+def manifest_card(manifest: Any, signature_checked: bool = False) -> dict[str, Any]:
+    """What a user needs to trust a model: base, quantization, size, the gate's verdict and figures, signer."""
+    gate = {k: v for k, v in (manifest.gate or {}).items() if k in ("passed", "degraded", "metrics", "failures")}
+    signature = manifest.signature or {}
+    return {
+        "architecture": manifest.architecture,
+        "base_model": (manifest.source or {}).get("base_model"),
+        "quantization": (manifest.quantization or {}).get("scheme"),
+        "size_bytes": sum(int(f.get("size", 0)) for f in (manifest.files or {}).values()),
+        "gate": gate,
+        "digest": manifest.digest,
+        "signed_by": signature.get("key_id"),
+        "signature_checked": bool(signature) and signature_checked,
+    }
 
 
 def _threads_per_engine(config: ServeConfig) -> int | None:
@@ -118,6 +137,7 @@ def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
             method = "embed_rows" if task is Task.embedding else "classify"
             batcher = ClassifyBatcher(name, first, config.batch_size, wait_s, config.queue_size, metrics, method)
             m = Model(name, task, first.manifest, first, batcher=batcher)
+        m.signature_checked = bool(keys)
         models[name] = m
         metrics.loaded.set(1, model=name)
         log.info("loaded %s (%s) from %s in %.1fs", name, task.value, path, time.perf_counter() - t0,
@@ -570,6 +590,10 @@ def build_app(config: ServeConfig, loader: Callable[[ServeConfig, Registry], dic
         Route("/v1/classify", classify, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
+    if config.ui:
+        from edgeft.runtime import ui
+
+        routes += ui.routes()
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, ClientDisconnect: _disconnected,
                                         Exception: _server_error})
