@@ -249,7 +249,7 @@ function showCard(model) {
     ["Gate", gateSummary(card.gate, model.task)],
     ["Signed by", !card.signed_by ? "not signed" : "key " + card.signed_by +
       (card.signature_checked ? " (verified by this server)" : " (not checked: serve has no --trusted-key)")],
-    ["Digest", card.digest ? card.digest.slice(0, 23) + "…" : null],
+    ["Digest", card.digest ? card.digest.replace(/^sha256:/, "sha256 ").slice(0, 23) + "…" : null],
   ];
   const dl = $("model-facts");
   dl.replaceChildren();
@@ -257,7 +257,7 @@ function showCard(model) {
     if (value === null || value === undefined || value === "") continue;
     const row = el("div", { class: "fact" }, el("dt", { text: name }), el("dd", { text: String(value) }));
     if (name === "Gate") row.dataset.verdict = card.gate && card.gate.passed ? "passed" : "failed";
-    if (name === "Gate" || name === "Base model") row.classList.add("wide");
+    if (["Gate", "Base model", "Signed by"].includes(name)) row.classList.add("wide");
     dl.append(row);
   }
   const verdict = card.gate && card.gate.passed !== undefined ? (card.gate.passed ? "gate passed" : "gate failed") : null;
