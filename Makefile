@@ -47,7 +47,8 @@ runtime-check: setup ## edgeft's wheel with only the runtime extra in a fresh ve
 	for cmd in "" generate chat classify embed serve verify keygen sign; do "$$tmp/venv/bin/edgeft" $$cmd --help >/dev/null; done; \
 	"$$tmp/venv/bin/python" -c 'import cryptography.hazmat.primitives.asymmetric.ed25519'; \
 	"$$tmp/venv/bin/python" -c 'import edgeft.runtime, edgeft.cli.generate, edgeft.cli.chat, edgeft.cli.classify, edgeft.cli.embed'; \
-	echo "runtime-check: ok (no torch, no transformers; edgeft --help, generate/chat/classify/embed/serve/verify/keygen/sign --help work; signatures can be checked)"
+	"$$tmp/venv/bin/python" -c 'from edgeft.runtime import ui; [ui.read(n) for n in ui.TYPES]; ui.routes()'; \
+	echo "runtime-check: ok (no torch, no transformers; edgeft --help, generate/chat/classify/embed/serve/verify/keygen/sign --help work; signatures can be checked; the browser page ships)"
 
 .PHONY: deploy-check
 deploy-check: setup ## rehearse deploy/: wheel -> fresh runtime-only venv (no torch) -> serve real artifacts -> SIGTERM; lint Dockerfile, compose, kubernetes, systemd
