@@ -248,7 +248,7 @@ def trec_run(ctx: Context) -> Path:
             "--model", prepare.ENCODER, "--task", "classification",
             "--data", str(prepare.data_file("trec", "train.tsv")),
             "--eval-data", str(prepare.data_file("trec", "test.tsv")),
-            "--text-col", "text", "--label-col", "coarse_label",
+            "--text-column", "text", "--label-column", "coarse_label",
             "--trainable-layers", "2", *TUNE_FLAGS, "--max-steps", str(ctx.classifier_steps), "--seed", "0"])
     return ctx.cache["trec-run"]
 

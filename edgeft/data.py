@@ -145,7 +145,7 @@ def _pick(columns: list[str], given: str | None, candidates: tuple[str, ...], wh
     for cand in candidates:
         if cand in lower:
             return lower[cand]
-    flag = "--text-col" if what == "text" else "--label-col"
+    flag = "--text-column" if what == "text" else "--label-column"
     raise EdgeftError(f"{path}: cannot tell the {what} column among {', '.join(columns)}; name it with {flag}")
 
 

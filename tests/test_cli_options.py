@@ -35,3 +35,23 @@ def test_a_blank_env_key_means_no_key_and_bad_values_fail_in_the_config(tmp_path
     assert res.exit_code == 2 and "does not exist" in res.output, res.output
     res = CliRunner().invoke(app, ["serve", str(tmp_path), "--port", "70000"])
     assert res.exit_code == 2 and "port must be in 0..65535" in res.output, res.output
+
+
+def test_tune_flags_come_from_tuneconfig_with_short_names_panels_and_old_spellings(tmp_path, monkeypatch):
+    import edgeft.tune as T
+
+    text = _help("tune")
+    assert "-m, --model" in text and "-n, --trainable-layers" in text and "-b, --batch-size" in text
+    assert "--text-column" in text and "--text-col " not in text  # the old spelling works but is hidden
+    assert "--group-by-length / --no-group-by-length" in text and "--untie-head / " not in text
+    seen = []
+    monkeypatch.setattr(T, "tune", lambda config: seen.append(config) or (_ for _ in ()).throw(SystemExit(0)))
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\na,0\n")
+    base = ["tune", "-m", "x", "-d", str(data), "-o", str(tmp_path / "o")]
+    assert CliRunner().invoke(app, [*base, "--text-col", "sentence", "-n", "3", "--untie-head"]).exit_code == 0
+    cfg = seen[-1]
+    assert cfg.text_col == "sentence" and cfg.trainable_layers == 3 and cfg.untie_head and cfg.group_by_length
+    assert cfg.batch_size == 16 and cfg.task is None  # defaults from the dataclass
+    both = CliRunner().invoke(app, [*base, "--text-col", "a", "--text-column", "b"])
+    assert both.exit_code == 2 and "old spelling" in both.output

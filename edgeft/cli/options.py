@@ -78,9 +78,11 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str]) ->
         names = list(meta.names) or [_option_name(f.name)]
         if not any(n.startswith("--") for n in names):
             names.insert(0, _option_name(f.name))
-        if base is bool:
+        if base is bool and (default is True or meta.negative):  # on by default: an off switch too
             long = next(n for n in names if n.startswith("--"))
             names = [f"{long}/{meta.negative or '--no-' + long[2:]}", *[n for n in names if n != long]]
+        elif base is bool:  # off by default: a plain switch
+            common["show_default"] = False
         info = typer.Option(default, *names, **common)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation), base
 
@@ -89,9 +91,9 @@ def _alias_params(f: dataclasses.Field, annotation: Any) -> list[inspect.Paramet
     meta = flag_of(f)
     out = []
     for i, alias in enumerate(meta.aliases):
-        ann = annotation if typing.get_origin(annotation) is list else annotation | None
-        default = [] if typing.get_origin(annotation) is list else None
-        names = [f"{alias}/--no-{alias.lstrip('-')}"] if annotation is bool else [alias]
+        ann = annotation if typing.get_origin(annotation) is list or annotation is bool else annotation | None
+        default = [] if typing.get_origin(annotation) is list else (False if annotation is bool else None)
+        names = [alias]
         out.append(inspect.Parameter(f"{f.name}{_ALIAS}{i}", inspect.Parameter.KEYWORD_ONLY,
                                      default=typer.Option(default, *names, hidden=True), annotation=ann))
     return out
@@ -129,7 +131,7 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
                 value = kwargs.pop(name)
                 for i, alias in enumerate(flag_of(f).aliases):
                     old = kwargs.pop(f"{name}{_ALIAS}{i}")
-                    if old not in (None, []):
+                    if old not in (None, [], False):
                         if value not in (None, [], f.default):
                             raise EdgeftError(f"{alias} is the old spelling of {_option_name(name)}: give one")
                         value = old

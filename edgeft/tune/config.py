@@ -8,13 +8,14 @@ nothing of torch; the choices are str-valued Enums so the CLI lists them in ``--
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
+from edgeft.flags import flag
 
 
 class Precision(str, Enum):
@@ -59,6 +60,9 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+# --help panels of edgeft tune.
+DATA, MODEL, TRAIN = "Data", "Model", "Training"
+
 # Settings that may differ between an interrupted run and its --resume.
 RESUME_FREE = ("resume", "overwrite", "progress", "threads", "frozen_cache", "keep_cache")
 
@@ -67,66 +71,92 @@ RESUME_FREE = ("resume", "overwrite", "progress", "threads", "frozen_cache", "ke
 class TuneConfig:
     """One tuning run. Paths are resolved when the config is made."""
 
-    model: str
-    """Base model: a pulled name, a local Hugging Face folder or a hub id."""
-    data: Path
-    """Training data: .csv/.tsv/.jsonl/.json (columns) or .txt (plain text)."""
-    out: Path
-    """Run folder to write."""
+    model: str = field(metadata=flag("--model", "-m", panel=MODEL))
+    """Base model: a pulled name (smollm2-135m-instruct, minilm-l6), a Hugging Face folder or a hub id."""
+    data: Path = field(metadata=flag("--data", "-d", panel=DATA))
+    """Training data: .csv/.tsv/.jsonl/.json with columns, or plain .txt."""
+    out: Path = field(metadata=flag("--out", "-o"))
+    """Run folder to write (refused if it exists, unless --overwrite)."""
     task: Task | None = None
-    """causal-lm or classification; None: decided from the data when the run starts."""
-    eval_data: Path | None = None
-    """Evaluation data; without it a held-out split of ``data`` (``eval_fraction``, seeded)."""
-    eval_fraction: float = 0.1
-    text_col: str | None = None
-    label_col: str | None = None
-    trainable_layers: int = 2
-    """Top transformer blocks trained (with the final norm and the head); the rest is frozen."""
-    base_precision: Precision = Precision.int8
-    train_embeddings: bool = False
-    """Also train the token embeddings (for full fine-tuning comparisons); off by default."""
-    untie_head: bool = False
-    """With tied embeddings, train a separate copy of the LM head (saved as lm_head.weight)."""
-    max_length: int | None = None
-    """Tokens per example / block; default 128 for classification, 256 for causal-lm."""
-    batch_size: int = 16
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    """Optimizer steps; overrides ``epochs`` when given."""
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: float = 0.06
-    """Warmup: a fraction of the steps when < 1, else a number of steps."""
-    schedule: Schedule = Schedule.cosine
-    optimizer: Optim = Optim.adamw
-    max_grad_norm: float = 1.0
-    class_weights: ClassWeights = ClassWeights.none
-    eval_every: int = 0
-    """Evaluate (and keep the best) every N optimizer steps; 0: at the end of each epoch."""
-    checkpoint_every: int = 0
-    """Checkpoint every N optimizer steps; 0: at every evaluation."""
-    patience: int = 0
-    """Stop after this many evaluations without improvement; 0: never stop early."""
-    select_metric: SelectMetric = SelectMetric.auto
-    """What the best evaluation is judged by; auto: macro F1 for imbalanced labels, else accuracy (loss for causal-lm)."""
-    group_by_length: bool = True
-    """Batch examples of similar length together (less padding); the order is still seeded."""
-    eval_batch_size: int = 32
-    max_eval_examples: int | None = None
-    gradient_checkpointing: bool = False
-    frozen_cache: FrozenCache = FrozenCache.auto
-    """Run the frozen blocks once per example: their output is cached on disk (OUT.partial/frozen-cache)
-    at the first pass and fed to the top blocks afterwards. auto: on when training makes more than one
-    pass over the data and the disk has room; off whenever something below the top blocks trains."""
-    keep_cache: bool = False
-    """Keep the frozen cache when the run finishes (as OUT.frozen-cache, reused by a later run of OUT)."""
-    seed: int = 0
+    """causal-lm or classification [default: classification when the data has a label column, else causal-lm]."""
+    eval_data: Path | None = field(default=None, metadata=flag(panel=DATA))
+    """Evaluation data; without it a seeded held-out split of --data."""
+    eval_fraction: float = field(default=0.1, metadata=flag(panel=DATA))
+    """Held-out fraction when there is no --eval-data."""
+    text_col: str | None = field(default=None, metadata=flag("--text-column", panel=DATA, aliases=("--text-col",)))
+    """Text column (default: detected by name)."""
+    label_col: str | None = field(default=None, metadata=flag("--label-column", panel=DATA, aliases=("--label-col",)))
+    """Label column (default: detected by name)."""
+    max_length: int | None = field(default=None, metadata=flag(panel=DATA))
+    """Tokens per example or text block (default 128 classification, 256 causal-lm); longer text is truncated
+    with one warning."""
+    max_eval_examples: int | None = field(default=None, metadata=flag(panel=DATA))
+    """Evaluate on at most this many examples/blocks."""
+    trainable_layers: int = field(default=2, metadata=flag("--trainable-layers", "-n", panel=MODEL))
+    """Top transformer blocks to train, with the final norm and the head."""
+    base_precision: Precision = field(default=Precision.int8, metadata=flag(panel=MODEL))
+    """Precision of the frozen part: int8 is bitsandbytes LLM.int8."""
+    untie_head: bool = field(default=False, metadata=flag(panel=MODEL))
+    """Train a tied LM head as its own copy, saved as lm_head.weight (default: a tied head stays frozen with the
+    embeddings)."""
+    train_embeddings: bool = field(default=False, metadata=flag(panel=MODEL))
+    """Also train the embeddings (full fine-tuning with -n = all blocks and fp32)."""
+    epochs: float = field(default=1.0, metadata=flag(panel=TRAIN))
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int | None = field(default=None, metadata=flag(panel=TRAIN))
+    """Optimizer steps; overrides --epochs."""
+    batch_size: int = field(default=16, metadata=flag("--batch-size", "-b", panel=TRAIN))
+    """Examples per micro-batch."""
+    grad_accum: int = field(default=1, metadata=flag(panel=TRAIN))
+    """Micro-batches per optimizer step."""
+    lr: float = field(default=1e-4, metadata=flag(panel=TRAIN))
+    """Peak learning rate."""
+    weight_decay: float = field(default=0.01, metadata=flag(panel=TRAIN))
+    """AdamW weight decay (not on biases and norms)."""
+    warmup: float = field(default=0.06, metadata=flag(panel=TRAIN))
+    """Warmup: fraction of steps if < 1, else steps."""
+    schedule: Schedule = field(default=Schedule.cosine, metadata=flag(panel=TRAIN))
+    """Decay after warmup."""
+    optimizer: Optim = field(default=Optim.adamw, metadata=flag(panel=TRAIN))
+    """adamw or bitsandbytes' 8-bit adamw8bit."""
+    max_grad_norm: float = field(default=1.0, metadata=flag(panel=TRAIN))
+    """Gradient clipping norm (0: off)."""
+    class_weights: ClassWeights = field(default=ClassWeights.none, metadata=flag(panel=TRAIN))
+    """balanced: weigh rare labels up in the loss."""
+    eval_every: int = field(default=0, metadata=flag(panel=TRAIN))
+    """Evaluate every N steps and keep the best (0: each epoch)."""
+    checkpoint_every: int = field(default=0, metadata=flag(panel=TRAIN))
+    """Checkpoint every N steps (0: at each evaluation)."""
+    patience: int = field(default=0, metadata=flag(panel=TRAIN))
+    """Stop after N evaluations without improvement (0: off)."""
+    select_metric: SelectMetric = field(default=SelectMetric.auto, metadata=flag(panel=TRAIN))
+    """What picks the best evaluation. auto: macro_f1 when the labels are imbalanced (the most common over 1.5x
+    the rarest), else accuracy; loss for causal-lm."""
+    group_by_length: bool = field(default=True, metadata=flag(panel=TRAIN))
+    """Batch examples of similar length together (less padding, seeded order)."""
+    eval_batch_size: int = field(default=32, metadata=flag(panel=TRAIN))
+    """Examples per evaluation batch."""
+    gradient_checkpointing: bool = field(default=False, metadata=flag(panel=TRAIN))
+    """Recompute activations of trained blocks in backward (less memory)."""
+    frozen_cache: FrozenCache = field(default=FrozenCache.auto, metadata=flag(panel=TRAIN))
+    """Run the frozen blocks once per example: their output is cached on disk in OUT.partial and fed to the
+    top blocks from the second pass on (and to every evaluation after the first). auto: on when training makes
+    more than one pass and the disk has room; always off when something below the top blocks trains."""
+    keep_cache: bool = field(default=False, metadata=flag(panel=TRAIN))
+    """Keep the frozen cache after the run (OUT.frozen-cache; a later run of OUT reuses it when nothing it
+    depends on changed)."""
+    seed: int = field(default=0, metadata=flag(panel=TRAIN))
+    """Seed for the split, the data order, the new head and dropout."""
     device: Device = Device.auto
+    """auto: CUDA when visible (bf16 autocast), else CPU."""
     threads: int | None = None
+    """CPU threads for torch (default: torch's choice)."""
     resume: bool = False
+    """Continue an interrupted run from OUT.partial's last checkpoint."""
     overwrite: bool = False
+    """Replace an existing OUT (and discard OUT.partial)."""
     progress: bool = True
+    """Show the progress bar."""
 
     def __post_init__(self) -> None:
         for name in ("data", "out", "eval_data"):
