@@ -39,11 +39,13 @@ class Flag:
     show_default: bool | str = True
     blank_is_none: bool = False
     cli: bool = True
+    comma: bool = False
 
 
 def flag(*names: str, env: str | None = None, panel: str | None = None, aliases: tuple[str, ...] = (),
          negative: str | None = None, argument: bool = False, metavar: str | None = None,
-         show_default: bool | str = True, blank_is_none: bool = False, cli: bool = True) -> dict[str, Any]:
+         show_default: bool | str = True, blank_is_none: bool = False, cli: bool = True,
+         comma: bool = False) -> dict[str, Any]:
     """Field metadata for the command line.
 
     ``names``: the option's spellings (default ``--field-name``), short ones included
@@ -52,10 +54,10 @@ def flag(*names: str, env: str | None = None, panel: str | None = None, aliases:
     ``negative``: the off switch of a boolean (``--fp32-activations``; default ``--no-x``);
     ``argument``: positional instead of an option; ``show_default``: False, or the text to
     show; ``blank_is_none``: an empty value (``EDGEFT_API_KEY=``) means unset; ``cli=False``:
-    not on the command line at all.
+    not on the command line at all; ``comma``: a tuple given as one comma-separated value.
     """
     return {KEY: Flag(names, env, panel, tuple(aliases), negative, argument, metavar, show_default,
-                      blank_is_none, cli)}
+                      blank_is_none, cli, comma)}
 
 
 def flag_of(f: dataclasses.Field) -> Flag:

@@ -55,3 +55,20 @@ def test_tune_flags_come_from_tuneconfig_with_short_names_panels_and_old_spellin
     assert cfg.batch_size == 16 and cfg.task is None  # defaults from the dataclass
     both = CliRunner().invoke(app, [*base, "--text-col", "a", "--text-column", "b"])
     assert both.exit_code == 2 and "old spelling" in both.output
+
+
+def test_export_flags_keep_their_spellings_and_parse_comma_lists(tmp_path, monkeypatch):
+    import edgeft.export as E
+
+    text = _help("export")
+    assert "--int8-activations / --fp32-activations" in text and "-q, --quantize" in text and "--sign" in text
+    assert "--gate-prompts" not in text  # not a command-line setting
+    seen = []
+    monkeypatch.setattr(E, "export", lambda config: seen.append(config) or tmp_path)
+    res = CliRunner().invoke(app, ["export", "src", "-o", str(tmp_path / "a"), "--labels", "neg, pos",
+                                   "--truncation-dims", "64,128", "--fp32-activations"])
+    assert res.exit_code == 0, res.output
+    cfg = seen[-1]
+    assert cfg.labels == ("neg", "pos") and cfg.truncation_dims == (64, 128) and cfg.int8_activations is False
+    res = CliRunner().invoke(app, ["export", "src", "-o", str(tmp_path / "a"), "--truncation-dims", "6x"])
+    assert res.exit_code == 2 and "--truncation-dims takes int values separated by commas" in res.output

@@ -60,7 +60,9 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str]) ->
         default = f.default_factory()  # type: ignore[misc]
     else:
         default = ...
-    if repeated:
+    if repeated and meta.comma:  # one value, "a,b,c"
+        default, annotation = None, str
+    elif repeated:
         default = list(default) if default is not ... else ...
         annotation = list[base]
     else:
@@ -97,6 +99,19 @@ def _alias_params(f: dataclasses.Field, annotation: Any) -> list[inspect.Paramet
         out.append(inspect.Parameter(f"{f.name}{_ALIAS}{i}", inspect.Parameter.KEYWORD_ONLY,
                                      default=typer.Option(default, *names, hidden=True), annotation=ann))
     return out
+
+
+def _split(text: str | None, f: dataclasses.Field, annotation: Any) -> Any:
+    """A comma-separated value as the field's tuple; nothing given: the field's default."""
+    items = [x.strip() for x in (text or "").split(",") if x.strip()]
+    if not items:
+        return f.default
+    base = _unwrap(annotation)[0]
+    try:
+        return tuple(base(x) for x in items)
+    except ValueError:
+        raise EdgeftError(f"{_option_name(f.name)} takes {base.__name__} values separated by commas, "
+                          f"not {text!r}") from None
 
 
 def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[dict[str, Any]], dict] | None = None):
@@ -137,6 +152,8 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
                         value = old
                 if flag_of(f).blank_is_none and isinstance(value, str) and not value.strip():
                     value = None
+                if flag_of(f).comma:
+                    value = _split(value, f, hints[name])
                 if isinstance(value, list):
                     value = tuple(value)
                 values[name] = value

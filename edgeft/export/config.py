@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
+from edgeft.flags import flag
 
 
 class Quantize(str, enum.Enum):
@@ -45,59 +46,63 @@ AUTO_ORDER = (Quantize.int4, Quantize.mixed, Quantize.int8)
 class ExportConfig:
     """One export: from a run folder or a base model to a gated artifact folder."""
 
-    source: str
+    source: str = field(metadata=flag(argument=True))
     """Run folder from `edgeft tune`, a pulled model name, a Hugging Face folder or a hub id."""
-    out: Path
-    """Artifact folder to write (atomically)."""
-    quantize: Quantize = Quantize.int8
-    """Weight storage: none, int8, int4, mixed or auto."""
+    out: Path = field(metadata=flag("--out", "-o"))
+    """Artifact folder to write (refused if it exists, see --overwrite)."""
+    quantize: Quantize = field(default=Quantize.int8, metadata=flag("--quantize", "-q"))
+    """Weights: none (fp32), int8, int4, mixed (MLP input projections of the middle blocks 4-bit, the rest
+    8-bit) or auto (smallest that passes the gate)."""
     task: Task | None = None
-    """Needed only for a bare base model whose architecture does not say (causal-lm / classification)."""
-    overwrite: bool = False
-    """Replace an existing artifact at `out`."""
-    allow_degraded: bool = False
-    """Write the artifact even when the gate fails (the manifest says so)."""
+    """causal-lm or classification for a bare base model whose architecture does not say; embedding for an
+    encoder (a base, or a classifier run without its head)."""
     eval_data: Path | None = None
-    """Held-out data for the gate; default: the run's eval data, else a small built-in text set."""
+    """Held-out data for the gate (default: the run's eval data, else built-in texts)."""
     block_size: int = 32
-    """Block size of weight-only quantization (MatMulNBits): 16, 32, 64, 128 or 256."""
+    """Block size of weight-only quantization: 16, 32, 64, 128 or 256."""
+    int8_activations: bool = field(default=True, metadata=flag(negative="--fp32-activations"))
+    """Decoders: quantized matmuls compute on int8 activations (faster) or fp32 (closer to PyTorch)."""
     int8_mode: Int8Mode = Int8Mode.best
-    """Classifier int8 flavour."""
-    int8_activations: bool = True
-    """Decoders: MatMulNBits computes with int8 activations (faster on CPUs) rather than fp32 (closer)."""
+    """Classifiers: dynamic, weight-only, or best (gate both; of those that pass, the most matmuls on int8
+    activations, then the smaller; the reason goes in the manifest)."""
     max_accuracy_drop: float = 1.0
-    """Gate, classification: accuracy drop budget, in points. A drop over it fails when it is significant
-    (McNemar's exact p < 0.05; the manifest also keeps a paired-bootstrap 95% interval); over 3x the budget, always."""
+    """Gate (classifiers): accuracy drop budget, in points; a drop over it fails when significant (McNemar
+    p < 0.05), over 3x it always."""
     min_label_agreement: float = 0.97
-    """Gate, classification: smallest allowed share of predictions equal to PyTorch's."""
+    """Gate (classifiers): least share of labels equal to PyTorch's."""
     min_cosine: float = 0.99
-    """Gate, embedding: smallest allowed mean cosine similarity between the artifact's and PyTorch's vectors."""
+    """Gate (embeddings): least mean cosine similarity to PyTorch's vectors."""
     max_perplexity_increase: float = 5.0
-    """Gate, causal LM: largest allowed perplexity increase over PyTorch, in percent."""
+    """Gate (LMs): allowed perplexity rise, in percent."""
     min_token_agreement: float = 0.80
-    """Gate, causal LM: smallest allowed share of greedy next tokens equal to PyTorch's."""
+    """Gate (LMs): least share of greedy tokens equal to PyTorch's."""
     max_repetition_increase: float = 0.20
-    """Gate, causal LM: largest allowed rise in repeated 4-grams of greedy continuations."""
+    """Gate (LMs): allowed rise in repeated 4-grams of greedy continuations (catches looping)."""
     gate_texts: int | None = None
-    """How many held-out texts the gate scores (default: 32 for a causal LM, 1000 for a classifier)."""
-    gate_prompts: int = 8
+    """Held-out texts the gate scores (default: 32 for LMs, 1000 for classifiers)."""
+    gate_prompts: int = field(default=8, metadata=flag(cli=False))
     """How many prompts the gate continues greedily (token agreement, repetition)."""
-    gate_new_tokens: int = 48
+    gate_new_tokens: int = field(default=48, metadata=flag(cli=False))
     """Tokens generated per gate prompt."""
     context_length: int | None = None
-    """Decoder context length recorded in the manifest (default: the model's)."""
+    """Decoder context recorded in the manifest (default: the model's)."""
     max_length: int | None = None
     """Classifier: longest input in tokens (default: the run's, else 128)."""
-    labels: tuple[str, ...] | None = None
-    """Classifier label names (default: the run's, else the model config's)."""
-    truncation_dims: tuple[int, ...] = ()
-    """Embedding: the sizes the model was trained to be truncated to (Matryoshka); /v1/embeddings `dimensions` takes only these."""
+    labels: tuple[str, ...] | None = field(default=None, metadata=flag(comma=True))
+    """Classifier label names, comma-separated (default: the run's)."""
+    truncation_dims: tuple[int, ...] = field(default=(), metadata=flag(comma=True))
+    """Embeddings: comma-separated sizes the model was trained to be truncated to (Matryoshka); the server's
+    `dimensions` takes only these."""
     threads: int | None = None
-    """Threads for PyTorch and the gate's runtime sessions (default: all usable cores)."""
+    """Threads for PyTorch and the gate's onnxruntime sessions."""
+    allow_degraded: bool = False
+    """Write the artifact even if the gate fails (marked degraded)."""
+    overwrite: bool = False
+    """Replace an existing artifact at --out."""
     progress: bool = True
-    """Progress bars on stderr for the gate's long loops."""
-    sign_key: Path | None = None
-    """Ed25519 private key (PEM, from `edgeft keygen`) to sign the artifact's manifest digest with."""
+    """Progress bars on stderr."""
+    sign_key: Path | None = field(default=None, metadata=flag("--sign"))
+    """Ed25519 private key (PEM, from edgeft keygen) to sign the artifact with."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
