@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 
 from edgeft.cli.app import app
-from edgeft.cli.generate import (ARTIFACT_HELP, MAX_NEW, REPETITION, SEED, STOP, TEMPERATURE, THREADS, TOP_K,
+from edgeft.cli.generate import (ARTIFACT_HELP, MAX_NEW, MAX_NEW_N, REPETITION, SEED, STOP, TEMPERATURE, THREADS, TOP_K,
                                  TOP_P, sampling_params, stream_to_terminal)
 
 HELP = "Commands: /reset (forget the conversation), /exit (leave). Ctrl-D also leaves."
@@ -34,6 +34,7 @@ def chat(
     system: str = typer.Option(None, "--system", help="A system message that starts the conversation."),
     max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
     repetition_penalty: float = REPETITION, seed: int = SEED, stop: list[str] = STOP, threads: int = THREADS,
+    max_new_tokens_n: int = MAX_NEW_N,
 ) -> None:
     """Chat with a causal-LM artifact in the terminal (multi-turn; /reset, /exit)."""
     import dataclasses
@@ -46,6 +47,7 @@ def chat(
     gen = Generator.open(artifact, threads=threads, check=Check.quick)
     if gen.chat_template is None:
         raise EdgeftError(f"{artifact} has no chat template: use `edgeft generate` for plain prompts")
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else max_new_tokens_n
     params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     head = [{"role": "system", "content": system}] if system else []
     turns: list[dict] = []

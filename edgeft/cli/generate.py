@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from edgeft.runtime import Generator, SamplingParams
 
 ARTIFACT_HELP = "Artifact folder or packed .edgeft file (from `edgeft export`)."
-MAX_NEW = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens to generate [default: the artifact's, else 128].")
+MAX_NEW = typer.Option(None, "--max-new-tokens", help="Most tokens to generate [default: the artifact's, else 128].")
+# -n was --max-new-tokens here; across commands it means tune's --trainable-layers. Still accepted, hidden.
+MAX_NEW_N = typer.Option(None, "-n", hidden=True)
 TEMPERATURE = typer.Option(None, "--temperature", "-t", help="0 is greedy; higher is more random [default: the artifact's, else 0].")
 TOP_K = typer.Option(None, "--top-k", help="Sample only among the k most likely tokens (0: off).")
 TOP_P = typer.Option(None, "--top-p", help="Sample only among the most likely tokens holding this much probability (1: off).")
@@ -74,6 +76,7 @@ def generate(
     system: str = typer.Option(None, "--system", help="With --chat: a system message first."),
     max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
     repetition_penalty: float = REPETITION, seed: int = SEED, stop: list[str] = STOP, threads: int = THREADS,
+    max_new_tokens_n: int = MAX_NEW_N,
     stats: bool = typer.Option(False, "--stats", help="Print token counts and tokens/s to stderr at the end."),
 ) -> None:
     """Continue a prompt with a causal-LM artifact, streaming the text as it is generated."""
@@ -83,6 +86,7 @@ def generate(
     if prompt is None or prompt == "-":
         prompt = _read_stdin()
     gen = Generator.open(artifact, threads=threads, check=Check.quick)
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else max_new_tokens_n
     params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
