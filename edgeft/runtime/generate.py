@@ -25,7 +25,7 @@ torch or transformers.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,8 @@ from edgeft.data import check_text
 from edgeft.errors import EdgeftError
 from edgeft.runtime import chat
 from edgeft.runtime.detok import IncrementalDetokenizer
-from edgeft.runtime.sampling import Sampler, SamplingParams
+from edgeft.runtime.processors import LogitProcessor
+from edgeft.runtime.sampling import Sampler, SamplingParams, TokenLogprob
 from edgeft.runtime.session import input_dtypes, open_session, output_dtypes
 
 
@@ -56,12 +57,14 @@ class Chunk:
 
     ``token_id`` is the generated token, or None on a closing chunk that generated nothing
     new (an end-of-sequence token is not part of the output). ``finish_reason`` is None
-    until the last chunk, then "stop" (EOS or a stop string) or "length".
+    until the last chunk, then "stop" (EOS or a stop string) or "length" (or "cancelled"
+    from the batching engine when the caller gave up).
     """
 
     text: str
     token_id: int | None
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None  # when SamplingParams.logprobs is set
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
 
 # --------------------------------------------------------------------------- the engine
@@ -380,18 +384,19 @@ class Generator:
         return self.engine.start(len(ids)).prefill(ids, all_logits=True)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
-               cache: "PromptCache | None" = None) -> Iterator[Chunk]:
+               cache: "PromptCache | None" = None, processors: Iterable[LogitProcessor] = ()) -> Iterator[Chunk]:
         """Generate token by token; each chunk carries the text that token completed.
 
         With a ``PromptCache`` (one per conversation, never shared between concurrent
         streams) the tokens this prompt shares with the previous one are not computed again.
+        ``processors`` join the sampling chain (``edgeft.runtime.processors``), for this stream only.
         """
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
         if not ids:
             raise EdgeftError("the prompt is empty: nothing to continue from")
         self.check_context(len(ids), params.max_new_tokens)
-        return self._stream(ids, params, cache)
+        return self._stream(ids, params, cache, processors)
 
     def _prefill(self, ids: list[int], capacity: int, cache: "PromptCache | None") -> tuple["DecodeState", np.ndarray]:
         """A state holding ``ids`` (reusing the cache's common prefix) and the next logits."""
@@ -409,39 +414,84 @@ class Generator:
             cache.state, cache.tokens = state, list(ids)
         return state, logits
 
-    def _stream(self, ids: list[int], params: SamplingParams, cache: "PromptCache | None" = None) -> Iterator[Chunk]:
-        sampler = Sampler(params, self.decoder.vocab_size, seen=ids)
-        detok = IncrementalDetokenizer(self.tokenizer, context=ids)
-        stops = StopMatcher(params.stop)
+    def _stream(self, ids: list[int], params: SamplingParams, cache: "PromptCache | None" = None,
+                processors: Iterable[LogitProcessor] = ()) -> Iterator[Chunk]:
+        seq = SequenceOutput(self, ids, params, processors)
         state, logits = self._prefill(ids, len(ids) + params.max_new_tokens, cache)
-        for produced in range(1, params.max_new_tokens + 1):
-            token = sampler(logits)
-            if token in self.eos_ids:
-                text, _ = stops.finish(detok.flush())
-                yield Chunk(text, None, "stop")
+        while True:
+            chunk = seq.advance(logits)
+            yield chunk
+            if chunk.finish_reason is not None:
                 return
-            sampler.observe(token)
-            text, hit = stops.feed(detok.add(token))
-            if hit:
-                yield Chunk(text, token, "stop")
-                return
-            if produced == params.max_new_tokens:
-                rest, hit = stops.finish(detok.flush())
-                yield Chunk(text + rest, token, "stop" if hit else "length")
-                return
-            yield Chunk(text, token, None)
-            logits = state.step(token)
+            logits = state.step(chunk.token_id)
             if cache is not None:
-                cache.tokens.append(token)
+                cache.tokens.append(chunk.token_id)
 
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                 processors: Iterable[LogitProcessor] = ()) -> Completion:
         """Generate to the end and return the whole completion."""
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
-        texts, out, reason = [], [], "length"
-        for chunk in self.stream(ids, params):
-            texts.append(chunk.text)
-            if chunk.token_id is not None:
-                out.append(chunk.token_id)
-            reason = chunk.finish_reason or reason
-        return Completion("".join(texts), out, len(ids), len(out), reason)
+        return collect(self.stream(ids, params, processors=processors), len(ids), params)
+
+    def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                       parallel: int = 8, on_done=None) -> list[Completion]:
+        """Every prompt to the end, decoded together (continuous batching, ``parallel`` at a time).
+
+        One ``SamplingParams`` for all prompts or one per prompt; ``Completion``s come back in
+        the prompts' order, each equal to what ``generate`` gives that prompt alone (within
+        float tolerance: a batched matrix product may round differently).
+        """
+        from edgeft.runtime.engine import generate_batch
+
+        ids = [self._prompt_ids(p) for p in prompts]
+        if any(not i for i in ids):
+            raise EdgeftError("a prompt is empty: nothing to continue from")
+        return generate_batch(self, ids, params or SamplingParams(), parallel, on_done)
+
+
+def collect(chunks: Iterable[Chunk], prompt_tokens: int, params: SamplingParams) -> Completion:
+    """The ``Completion`` a stream of chunks adds up to."""
+    texts, out, lps, reason = [], [], [], "length"
+    for chunk in chunks:
+        texts.append(chunk.text)
+        if chunk.token_id is not None:
+            out.append(chunk.token_id)
+            if chunk.logprob is not None:
+                lps.append(chunk.logprob)
+        reason = chunk.finish_reason or reason
+    return Completion("".join(texts), out, prompt_tokens, len(out), reason,
+                      lps if params.logprobs is not None else None)
+
+
+class SequenceOutput:
+    """One sequence's side of decoding: sampler, stop strings, detokenizer, token budget.
+
+    ``advance(logits)`` picks the next token and returns its ``Chunk``; a chunk with a
+    ``finish_reason`` is the last. Shared by the one-sequence loop and the batching engine,
+    so both end, cut and detokenize a sequence the same way.
+    """
+
+    def __init__(self, gen: "Generator", ids: list[int], params: SamplingParams,
+                 processors: Iterable[LogitProcessor] = ()) -> None:
+        self.params = params
+        self.sampler = Sampler(params, gen.decoder.vocab_size, seen=ids, processors=processors)
+        self.detok = IncrementalDetokenizer(gen.tokenizer, context=ids)
+        self.stops = StopMatcher(params.stop)
+        self.eos_ids = frozenset() if params.ignore_eos else gen.eos_ids
+        self.produced = 0
+
+    def advance(self, logits: np.ndarray) -> Chunk:
+        token, lp = self.sampler.pick(logits)
+        if token in self.eos_ids:
+            text, _ = self.stops.finish(self.detok.flush())
+            return Chunk(text, None, "stop")
+        self.produced += 1
+        self.sampler.accept(token)
+        text, hit = self.stops.feed(self.detok.add(token))
+        if hit:
+            return Chunk(text, token, "stop", lp)
+        if self.produced >= self.params.max_new_tokens:
+            rest, hit = self.stops.finish(self.detok.flush())
+            return Chunk(text + rest, token, "stop" if hit else "length", lp)
+        return Chunk(text, token, None, lp)

@@ -1,20 +1,31 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+"""Choosing the next token from logits: the logit-processor chain, then greedy or a seeded draw.
 
-The processors run in the order transformers' ``generate`` uses (repetition penalty, then
-temperature, top-k, top-p) so that seeded sampling here means what it means there. This
-module knows numpy arrays of logits and token ids only; nothing of graphs or text.
+The chain (``edgeft.runtime.processors``) runs repetition penalty, presence/frequency
+penalties, ``logit_bias`` and any extra processors (masks); then temperature, top-k,
+top-p and min-p pick the candidates, in the order transformers' ``generate`` uses, so
+that seeded sampling here means what it means there. This module knows numpy arrays of
+logits and token ids only; nothing of graphs or text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgeft.errors import EdgeftError
+from edgeft.runtime.processors import (LogitBias, LogitProcessor, OccurrencePenalty, RepetitionPenalty,
+                                       apply_repetition_penalty, log_softmax)
+
+__all__ = ["SamplingParams", "Sampler", "TokenLogprob", "LogitProcessor", "apply_repetition_penalty",
+           "candidates", "draw", "sample"]
+
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,15 +35,29 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely one's (0: off)."""
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token generated at least once (OpenAI's, -2..2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per earlier occurrence in the generated tokens (OpenAI's, -2..2)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits (a mapping is accepted too)."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence tokens (until max_new_tokens or a stop string)."""
+    logprobs: int | None = None
+    """Report each chosen token's logprob and this many top alternatives (None: off; 0..20)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # a lone string is one stop, not its characters
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
         if self.max_new_tokens < 1:
             raise EdgeftError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -41,10 +66,19 @@ class SamplingParams:
             raise EdgeftError(f"top_k must be 0 (off) or positive, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise EdgeftError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise EdgeftError(f"min_p must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise EdgeftError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
             raise EdgeftError(f"seed must be an integer in 0..2**64-1, got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise EdgeftError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not (t >= 0 and math.isfinite(b)) for t, b in self.logit_bias):
+            raise EdgeftError("logit_bias takes non-negative token ids and finite biases")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise EdgeftError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise EdgeftError("stop strings must be non-empty strings")
 
@@ -64,43 +98,84 @@ class SamplingParams:
         return self.temperature == 0
 
 
-class Sampler:
-    """Picks tokens for one generation; holds its random state and the ids seen so far."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability and the most likely alternatives (id, logprob), best first."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, seen: list[int] | None = None) -> None:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Sampler:
+    """Picks tokens for one sequence: its processor chain, its random state, its logprobs.
+
+    ``seen`` is the context (the prompt) for the repetition penalty; ``processors`` are
+    extra chain stages (``LogitProcessor``: e.g. a grammar mask) run after the built-in ones.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, seen: Iterable[int] | None = None,
+                 processors: Iterable[LogitProcessor] = ()) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
-        self._penalize = params.repetition_penalty != 1.0
-        self._seen_mask = np.zeros(vocab_size, dtype=bool)
-        self._seen: list[int] = []
-        for t in seen or ():
-            self.observe(t)
+        self.vocab_size = vocab_size
+        self.chain: list[LogitProcessor] = []
+        if params.repetition_penalty != 1.0:
+            self.chain.append(RepetitionPenalty(params.repetition_penalty, vocab_size, seen or ()))
+        if params.presence_penalty or params.frequency_penalty:
+            self.chain.append(OccurrencePenalty(params.presence_penalty, params.frequency_penalty))
+        bias = {t: b for t, b in params.logit_bias if t < vocab_size}
+        if bias:
+            self.chain.append(LogitBias(bias))
+        self.chain.extend(processors)
 
-    def observe(self, token: int) -> None:
-        """Record a token of the context (for the repetition penalty)."""
-        if self._penalize and 0 <= token < self._seen_mask.size and not self._seen_mask[token]:
-            self._seen_mask[token] = True
-            self._seen.append(token)
+    def accept(self, token: int) -> None:
+        """Tell every stage of the chain which token was chosen."""
+        for proc in self.chain:
+            proc.accept(token)
+
+    observe = accept  # the name the single-sequence loop used
+
+    def process(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` [vocab] (float32, may be modified in place) through the chain."""
+        for proc in self.chain:
+            logits = proc(logits)
+        return logits
+
+    def select(self, logits: np.ndarray) -> int:
+        """Greedy, or a seeded draw after temperature, top-k, top-p and min-p, from processed logits."""
+        p = self.params
+        if p.greedy:
+            return int(np.argmax(logits))
+        return sample(logits, p.temperature, p.top_k, p.top_p, self.rng, p.min_p)
 
     def __call__(self, logits: np.ndarray) -> int:
         """The next token for ``logits`` [vocab] (float32; may be modified in place)."""
-        p = self.params
-        if self._penalize and self._seen:
-            logits = apply_repetition_penalty(logits, np.asarray(self._seen), p.repetition_penalty)
-        if p.greedy:
-            return int(np.argmax(logits))
-        return sample(logits, p.temperature, p.top_k, p.top_p, self.rng)
+        return self.select(self.process(logits))
+
+    def pick(self, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
+        """The next token and, when ``params.logprobs`` is set, its logprob and the top alternatives."""
+        x = self.process(logits)
+        token = self.select(x)
+        if self.params.logprobs is None:
+            return token, None
+        return token, token_logprob(x, token, self.params.logprobs)
 
 
-def apply_repetition_penalty(logits: np.ndarray, ids: np.ndarray, penalty: float) -> np.ndarray:
-    """CTRL's penalty as transformers applies it: divide positive logits, multiply negative ones."""
-    picked = logits[ids]
-    logits[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
-    return logits
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-softmax over ``logits`` and the ``top`` best (id, logprob), best first."""
+    lp = log_softmax(logits)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        ids = np.argpartition(-lp, top - 1)[:top] if top < lp.size else np.arange(lp.size)
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        best = tuple((int(i), float(lp[i])) for i in ids)
+    return TokenLogprob(int(token), float(lp[token]), best)
 
 
-def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray | None, np.ndarray]:
-    """Token ids allowed by top-k then top-p, and their probabilities (summing to 1), best first.
+def candidates(logits: np.ndarray, top_k: int, top_p: float, min_p: float = 0.0
+               ) -> tuple[np.ndarray | None, np.ndarray]:
+    """Token ids allowed by top-k, then top-p, then min-p, and their probabilities (summing to 1), best first.
 
     ids is None when every token stays a candidate (probabilities then cover the vocabulary).
     Selection never sorts the whole vocabulary: it widens a logit threshold below the best
@@ -111,8 +186,13 @@ def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray
     e = np.exp(logits - m)
     z = float(e.sum())
     k = top_k if 0 < top_k < v else v
-    if k == v and top_p >= 1.0:  # plain temperature sampling: no selection
+    if k == v and top_p >= 1.0 and min_p <= 0.0:  # plain temperature sampling: no selection
         return None, e / z
+    if k == v and top_p >= 1.0:  # min-p alone: p / p_max >= min_p is a threshold on the logit
+        ids = np.flatnonzero(logits >= m + np.float32(math.log(min_p)))
+        ids = ids[np.argsort(logits[ids], kind="stable")[::-1]]
+        probs = e[ids].astype(np.float64)
+        return ids, probs / probs.sum()
     d = 4.0
     while True:
         ids = np.flatnonzero(logits >= m - d)
@@ -125,6 +205,9 @@ def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray
     probs /= probs.sum() if k < v else z  # top-p acts on the distribution top-k left
     if top_p < 1.0:
         keep = min(int(np.searchsorted(np.cumsum(probs), top_p)) + 1, ids.size)  # smallest set reaching top_p
+        ids, probs = ids[:keep], probs[:keep]
+    if min_p > 0.0:  # probs are best first: keep those at least min_p of the first
+        keep = max(1, int(np.count_nonzero(probs >= min_p * probs[0])))
         ids, probs = ids[:keep], probs[:keep]
     return ids, probs / probs.sum()
 
@@ -149,9 +232,9 @@ def draw(probs: np.ndarray, u: float, block: int = 512) -> int:
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
-           rng: np.random.Generator) -> int:
-    """One draw from the temperature-scaled distribution restricted by top-k and top-p."""
+           rng: np.random.Generator, min_p: float = 0.0) -> int:
+    """One draw from the temperature-scaled distribution restricted by top-k, top-p and min-p."""
     scaled = logits / np.float32(temperature) if temperature != 1.0 else logits
-    ids, probs = candidates(scaled, top_k, top_p)
+    ids, probs = candidates(scaled, top_k, top_p, min_p)
     i = draw(probs, rng.random())
     return int(ids[i]) if ids is not None else i
