@@ -98,6 +98,14 @@ class Pooling(str, enum.Enum):
     cls = "cls"  # the first token's vector
 
 
+class Batching(str, enum.Enum):
+    """How several sequences share one decode step of a decoder graph (``edgeft.runtime.engine``)."""
+
+    slots = "slots"  # one cache buffer of [slots, heads, slot_len, dim]; each row at its own length (GQA)
+    padded = "padded"  # presents are past + new: rows left-padded to the longest, padding masked out
+    none = "none"  # this graph cannot batch: one sequence per decode step
+
+
 @dataclass(frozen=True)
 class Decoder:
     """How to drive a decoder graph with a KV cache."""
@@ -113,6 +121,7 @@ class Decoder:
     past_value: str = "past_key_values.{i}.value"
     present_key: str = "present.{i}.key"
     present_value: str = "present.{i}.value"
+    batching: str | None = None  # a Batching value; None (older artifacts): inferred from the graph
 
 
 @dataclass(frozen=True)

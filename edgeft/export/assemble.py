@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgeft.artifact import Classifier, Decoder, Embedding, Generation, Graph, Manifest, Task, Tokenizer
+from edgeft.artifact import Batching, Classifier, Decoder, Embedding, Generation, Graph, Manifest, Task, Tokenizer
 from edgeft.fsutil import atomic_write_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -97,8 +97,19 @@ def decoder_manifest(graph: Any, tok: Tokenizer, gen: Generation, quant: dict[st
         tokenizer=tok, quantization=quant, generation=gen, source=source,
         decoder=Decoder(num_layers=n, num_kv_heads=graph.num_kv_heads, head_dim=graph.head_dim,
                         vocab_size=graph.vocab_size, context_length=context_length or graph.context_length,
-                        uses_position_ids=graph.uses_position_ids, kv_dtype=graph.kv_dtype),
+                        uses_position_ids=graph.uses_position_ids, kv_dtype=graph.kv_dtype,
+                        batching=_batching(graph).value),
     )
+
+
+def _batching(graph: Any) -> Batching:
+    """How the runtime may batch this graph: GQA's shared buffer has per-row lengths; torch.onnx
+    graphs with a mask and position ids take left-padded rows; anything else decodes alone."""
+    if graph.builder == "onnxruntime-genai" and graph.fused:
+        return Batching.slots
+    if "attention_mask" in graph.inputs and graph.uses_position_ids:
+        return Batching.padded
+    return Batching.none
 
 
 def classifier_manifest(graph: Any, tok: Tokenizer, quant: dict[str, Any], architecture: str, labels: list[str],
