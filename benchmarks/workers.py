@@ -256,11 +256,10 @@ def profile_edgeft(spec: dict) -> dict:
     real = g.open_session
     g.open_session = lambda path, threads=None, **kw: real(path, threads, profile_prefix=prefix, **kw)
     gen = Generator.open(spec["path"], threads=spec["threads"])
-    gen.eos_ids = frozenset()
     ids = spec["decode_prompt"]
-    gen.generate(ids, SamplingParams(max_new_tokens=4))  # warm-up
+    gen.generate(ids, SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
     t0 = time.perf_counter()
-    gen.generate(ids, SamplingParams(max_new_tokens=spec["new_tokens"]))
+    gen.generate(ids, SamplingParams(max_new_tokens=spec["new_tokens"], ignore_eos=True))
     wall = time.perf_counter() - t0
     path = gen.engine.session.end_profiling()
     files = [path] if path and os.path.isfile(path) else glob.glob(prefix + "*.json")

@@ -93,6 +93,20 @@ EOF
 echo "exit status after SIGTERM: $RC"
 
 step "5/6 schemas and lint: kubernetes, compose, Dockerfile"
+# Every EDGEFT_* setting the deploy files name must be one `edgeft serve` reads (a stale one,
+# like the old EDGEFT_WORKERS, would stop the server or be silently ignored in production).
+"$RT/python" - deploy/systemd/edgeft.env deploy/edgeft.env.example deploy/kubernetes/deployment.yaml \
+    deploy/compose.yaml deploy/Dockerfile <<'EOF' || fail "a deploy file names a setting edgeft serve does not read"
+import re, sys
+import typer.main
+from edgeft.cli import app
+serve = typer.main.get_command(app).commands["serve"]
+known = {p.envvar for p in serve.params if p.envvar and not getattr(p, "hidden", False)} | {"EDGEFT_HOME", "EDGEFT_SPIN", "EDGEFT_ARTIFACT_DIR"}
+for path in sys.argv[1:]:
+    stale = sorted(set(re.findall(r"\b(EDGEFT_[A-Z_]+)", open(path).read())) - known)
+    assert not stale, f"{path}: {', '.join(stale)} not read by edgeft serve"
+print(f"deploy settings: every EDGEFT_* variable named is an edgeft serve setting ({len(known)} known)")
+EOF
 TOOLS="$WORK/tools"
 if ! "$TOOLS/bin/python" -c "import kubernetes_validate, check_jsonschema" 2>/dev/null || [ ! -x "$TOOLS/bin/hadolint" ]; then
     rm -rf "$TOOLS"

@@ -265,24 +265,16 @@ def bench_generation(
 def edgeft_runner(gen) -> Runner:  # runtime.Generator
     """``run(ids, n, on_token)`` over edgeft's runtime, greedy, not stopping at end-of-sequence.
 
-    Benchmarks need the same token count from every system, so end-of-sequence ids are
-    hidden from the generator for its lifetime (in memory, nothing on disk).
+    Benchmarks need the same token count from every system: ``ignore_eos`` keeps decoding
+    past end-of-sequence tokens.
     """
     from edgeft.runtime import SamplingParams
 
-    _ignore_eos(gen)
-
     def run(ids: list[int], n: int, on_token: OnToken) -> None:
-        for _ in gen.stream(list(ids), SamplingParams(max_new_tokens=n, temperature=0.0)):
+        for _ in gen.stream(list(ids), SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)):
             on_token()
 
     return run
-
-
-def _ignore_eos(gen) -> None:
-    if not hasattr(gen, "eos_ids"):
-        raise EdgeftError("this runtime's Generator has no eos_ids: cannot force equal token counts")
-    gen.eos_ids = frozenset()
 
 
 @dataclass(frozen=True)

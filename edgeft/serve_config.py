@@ -44,10 +44,16 @@ class ServeConfig:
     scraper instead of the API key."""
     threads: int | None = field(default=None, metadata=flag(env="EDGEFT_THREADS"))
     """onnxruntime threads per model (default: all cores). Match the CPU limit."""
-    workers: int = field(default=1, metadata=flag(env="EDGEFT_WORKERS"))
-    """Generations run at once per model (each holds its own engine, so memory grows with it)."""
+    parallel: int = field(default=4, metadata=flag(env="EDGEFT_PARALLEL"))
+    """Sequences decoded together per model: the KV slots of its one batching engine (llama.cpp's -np).
+    Replaces --workers (EDGEFT_WORKERS is no longer read)."""
+    ctx_size: int = field(default=0, metadata=flag("--ctx-size", "-c", env="EDGEFT_CTX_SIZE"))
+    """KV cache tokens per model, shared by the slots (llama.cpp's -c); a request longer than one slot is a 400.
+    0: 4096, or parallel x the model's context if that is less."""
     queue_size: int = field(default=16, metadata=flag(env="EDGEFT_QUEUE_SIZE"))
-    """Requests that may wait per model beyond those running; more get 429."""
+    """Sequences that may wait per model for a free slot; more get 429."""
+    prefix_cache: int = field(default=4, metadata=flag(env="EDGEFT_PREFIX_CACHE"))
+    """Recent prompt prefixes (system prompt, few-shot header) whose KV cache later requests reuse (0: off)."""
     max_tokens: int = field(default=1024, metadata=flag(env="EDGEFT_MAX_TOKENS"))
     """Largest max_tokens a request may ask."""
     max_body_bytes: int = field(default=1 << 20, metadata=flag(env="EDGEFT_MAX_BODY_BYTES"))
@@ -86,13 +92,13 @@ class ServeConfig:
             raise EdgeftError(f"two artifacts would both be served as {dup[0]!r}: name them with --name")
         if not 0 <= self.port <= 65535:
             raise EdgeftError(f"port must be in 0..65535, got {self.port}")
-        for name in ("workers", "max_tokens", "max_body_bytes", "max_inputs", "batch_size", "max_connections"):
+        for name in ("parallel", "max_tokens", "max_body_bytes", "max_inputs", "batch_size", "max_connections"):
             if getattr(self, name) < 1:
                 raise EdgeftError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise EdgeftError(f"threads must be at least 1, got {self.threads}")
-        if self.queue_size < 0 or self.batch_wait_ms < 0 or self.drain_timeout < 0:
-            raise EdgeftError("queue-size, batch-wait-ms and drain-timeout cannot be negative")
+        if min(self.queue_size, self.ctx_size, self.prefix_cache, self.batch_wait_ms, self.drain_timeout) < 0:
+            raise EdgeftError("queue-size, ctx-size, prefix-cache, batch-wait-ms and drain-timeout cannot be negative")
         for name in ("api_key", "metrics_key"):
             key = getattr(self, name)
             if key is not None and not key.strip():

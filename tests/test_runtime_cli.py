@@ -99,3 +99,27 @@ def test_classify_errors(bert_art, tmp_path):
     assert run("classify", bert_art).exit_code == 2  # neither texts nor --input
     (tmp_path / "x.parquet").write_text("")
     assert run("classify", bert_art, "--input", tmp_path / "x.parquet").exit_code == 2
+
+
+def test_generate_a_file_of_prompts_as_one_batch(llama_art, tmp_path):
+    rows = [PROMPT, {"id": "b", "prompt": "thou art more lovely"},
+            {"messages": [{"role": "user", "content": "hi"}]}, "o"]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    res = run("generate", llama_art, "--input", src, "-o", out, "-n", 10, "-t", 0.7, "--seed", 2, "--parallel", 3)
+    assert res.exit_code == 0, res.output
+    assert "4 prompts" in res.stderr and "generating" in res.stderr
+    got = [json.loads(ln) for ln in out.read_text().splitlines()]
+    gen = Generator.open(llama_art)
+    params = SamplingParams(max_new_tokens=10, temperature=0.7, seed=2)
+    texts = [PROMPT, "thou art more lovely", gen.render_chat(rows[2]["messages"]), "o"]
+    assert [g["index"] for g in got] == [0, 1, 2, 3] and got[1]["id"] == "b"
+    for g, t in zip(got, texts):
+        want = gen.generate(t, params)
+        assert g["text"] == want.text and g["completion_tokens"] == want.completion_tokens
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"nothing": 1}\n')
+    res = run("generate", llama_art, "--input", bad)
+    assert res.exit_code == 2 and "bad.jsonl:1" in res.output and "Traceback" not in res.output
+    assert run("generate", llama_art, "x", "--input", src).exit_code == 2

@@ -10,6 +10,7 @@ tokens) to provoke 413 and 429; a third is SIGTERMed with requests in flight.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -189,6 +190,72 @@ def test_completion_stream_is_server_sent_events(http, engine):
     assert len({b["id"] for b in bodies}) == 1
 
 
+def test_n_choices_and_prompt_lists_are_decoded_as_a_batch(client, engine):
+    from edgeft.runtime import SamplingParams
+
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, seed=11)
+    got = client.completions.create(model="chat", prompt=PROMPTS[:2], max_tokens=10, temperature=1.0, seed=11, n=3)
+    assert [c.index for c in got.choices] == list(range(6))
+    wants = [engine.generate(PROMPTS[i // 3], dataclasses.replace(p, seed=11 + i % 3)) for i in range(6)]
+    for c, want in zip(got.choices, wants):  # prompt i // n, choice j = i % n seeded with seed + j
+        assert c.text == want.text and c.finish_reason == want.finish_reason
+    assert len({c.text for c in got.choices[:3]}) > 1
+    assert got.usage.prompt_tokens == sum(len(engine.encode(t)) for t in PROMPTS[:2])
+    assert got.usage.completion_tokens == sum(w.completion_tokens for w in wants)
+    chat = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}], n=2,
+                                          max_tokens=6, temperature=1.0, seed=3)
+    assert [c.index for c in chat.choices] == [0, 1]
+    alone = [engine.generate(engine.render_chat([{"role": "user", "content": "Hi"}]),
+                             SamplingParams(max_new_tokens=6, temperature=1.0, seed=3 + i)) for i in range(2)]
+    assert [c.message.content for c in chat.choices] == [a.text for a in alone]
+    assert chat.usage.completion_tokens == sum(a.completion_tokens for a in alone)
+
+
+def test_logprobs_echo_penalties_and_bias(http, engine):
+    import numpy as np
+
+    from edgeft.runtime.processors import log_softmax
+
+    from edgeft.runtime import SamplingParams
+
+    ids = engine.encode(PROMPTS[2])
+    body = http.post("/v1/completions", json={"model": "chat", "prompt": PROMPTS[2], "max_tokens": 5,
+                                              "logprobs": 2, "ignore_eos": True}).json()
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+    out = engine.generate(ids, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    rows = engine.score(ids + out.token_ids)[len(ids) - 1:]
+    for row, tok, got in zip(rows, out.token_ids, lp["token_logprobs"]):
+        assert abs(got - float(log_softmax(row)[tok])) < 1e-4
+    assert "".join(lp["tokens"]) == body["choices"][0]["text"]
+    chat = http.post("/v1/chat/completions", json={
+        "model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": True,
+        "top_logprobs": 3}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert content and all(len(c["top_logprobs"]) == 3 and c["top_logprobs"][0]["logprob"] >= c["logprob"] - 1e-6
+                           for c in content)
+    with http.stream("POST", "/v1/chat/completions", json={
+            "model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": True,
+            "stream": True}) as resp:
+        events = [json.loads(ln[6:]) for ln in resp.iter_lines() if ln.startswith("data: {")]
+    streamed = [c for e in events for ch in e["choices"] if ch["logprobs"] for c in ch["logprobs"]["content"]]
+    assert [c["token"] for c in streamed] == [c["token"] for c in content]
+    assert np.allclose([c["logprob"] for c in streamed], [c["logprob"] for c in content], atol=1e-5)
+    echo = http.post("/v1/completions", json={"model": "chat", "prompt": PROMPTS[2], "max_tokens": 3,
+                                              "echo": True}).json()["choices"][0]["text"]
+    assert echo.startswith(engine.decode(ids)) and len(echo) > len(engine.decode(ids))
+    banned = out.token_ids[0]
+    biased = http.post("/v1/completions", json={"model": "chat", "prompt": PROMPTS[2], "max_tokens": 5,
+                                                "logit_bias": {str(banned): -100}, "logprobs": 0,
+                                                "ignore_eos": True}).json()
+    want = engine.generate(ids, SamplingParams(max_new_tokens=5, ignore_eos=True, logit_bias={banned: -100}))
+    assert biased["choices"][0]["text"] == want.text and banned != want.token_ids[0]
+    pen = http.post("/v1/completions", json={"model": "chat", "prompt": PROMPTS[2], "max_tokens": 24,
+                                             "frequency_penalty": 2.0, "presence_penalty": 2.0, "min_p": 0.05,
+                                             "ignore_eos": True})
+    assert pen.status_code == 200 and pen.json()["usage"]["completion_tokens"] == 24
+
+
 def test_classify_single_and_batch(http, classifier):
     texts = ["a gorgeous, witty film", "dull and far too long", "fine"]
     want = classifier.classify(texts)
@@ -215,7 +282,16 @@ def test_classify_single_and_batch(http, classifier):
     ("/v1/completions", {"model": "chat", "prompt": "x", "temperature": True}, "temperature"),
     ("/v1/completions", {"model": "chat", "prompt": "x", "top_p": 0}, "top_p"),
     ("/v1/completions", {"model": "chat", "prompt": "x", "stop": [1]}, "stop"),
-    ("/v1/completions", {"model": "chat", "prompt": "x", "n": 3}, "n"),
+    ("/v1/completions", {"model": "chat", "prompt": "x", "n": 17}, "n"),
+    ("/v1/completions", {"model": "chat", "prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"model": "chat", "prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+    ("/v1/completions", {"model": "chat", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"model": "chat", "prompt": "x", "suffix": "y"}, "suffix"),
+    ("/v1/completions", {"model": "chat", "prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     "top_logprobs"),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"},
+     "tool_choice"),
     ("/v1/completions", {"model": "chat", "prompt": [999999]}, "prompt"),
     ("/v1/completions", {"model": 7, "prompt": "x"}, "model"),
     ("/v1/completions", {"model": "chat", "prompt": ""}, "prompt"),
@@ -302,7 +378,7 @@ def test_mixed_load_never_errors_500(server, http):
         ("/v1/completions", {"model": "chat", "prompt": "Shall I", "max_tokens": 12, "stream": True}),
         ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}),
         ("/v1/classify", {"model": "sentiment", "input": ["good", "bad", "so-so"]}),
-        ("/v1/completions", {"model": "chat", "prompt": ["not", "one"]}),
+        ("/v1/completions", {"model": "chat", "prompt": ["not", 1]}),
         ("/v1/classify", {"model": "sentiment", "input": {"text": "x"}}),
     ]
 
@@ -396,11 +472,11 @@ def test_limits_413_429_and_max_tokens_cap(artifacts):
         assert httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
-def test_two_workers_serve_concurrent_requests_without_mixing(artifacts, engine):
+def test_batched_slots_serve_concurrent_requests_without_mixing(artifacts, engine):
     from edgeft.runtime.server import ServeConfig
 
     want = {p: expected(engine, p, 24).text for p in PROMPTS[:6]}
-    cfg = ServeConfig(artifacts=(artifacts["chat"],), port=free_port(), threads=2, workers=2)
+    cfg = ServeConfig(artifacts=(artifacts["chat"],), port=free_port(), threads=2, parallel=4)
     with InProcessServer(cfg) as s:
         wait_healthy(s.url)
 
@@ -527,7 +603,7 @@ def test_config_validation():
     assert ServeConfig(artifacts=("a/chat", "b/x.edgeft")).model_names() == ["chat", "x"]
     assert ServeConfig(artifacts=("a/chat",)).host == "127.0.0.1"
     for kw in ({"artifacts": ()}, {"artifacts": ("a/m", "b/m")}, {"artifacts": ("a",), "names": ("x", "y")},
-               {"artifacts": ("a",), "port": 70000}, {"artifacts": ("a",), "workers": 0},
+               {"artifacts": ("a",), "port": 70000}, {"artifacts": ("a",), "parallel": 0},
                {"artifacts": ("a",), "api_key": " "}, {"artifacts": ("a",), "queue_size": -1}):
         with pytest.raises(EdgeftError):
             ServeConfig(**kw)

@@ -1,4 +1,5 @@
-"""``edgeft generate``: continue a prompt with a causal-LM artifact, streaming to the terminal.
+"""``edgeft generate``: continue a prompt with a causal-LM artifact, streaming to the terminal,
+or a whole file of prompts (``--input prompts.jsonl``) decoded together by the batching engine.
 
 Also holds the sampling flags that ``edgeft chat`` shares. Imports the runtime inside the
 command only (never torch).
@@ -6,13 +7,17 @@ command only (never torch).
 
 from __future__ import annotations
 
+import io
+import json
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
 from edgeft.cli.app import app
+from edgeft.errors import EdgeftError
 
 if TYPE_CHECKING:
     from edgeft.runtime import Generator, SamplingParams
@@ -78,11 +83,21 @@ def generate(
     repetition_penalty: float = REPETITION, seed: int = SEED, stop: list[str] = STOP, threads: int = THREADS,
     max_new_tokens_n: int = MAX_NEW_N,
     stats: bool = typer.Option(False, "--stats", help="Print token counts and tokens/s to stderr at the end."),
+    input: Path = typer.Option(None, "--input", "-i", help="A JSONL file of prompts (strings, or objects with "
+                               "'prompt' or 'messages'), generated together; one JSON result per line out."),
+    output: Path = typer.Option(None, "--output", "-o", help="With --input: write the results here, not to stdout."),
+    parallel: int = typer.Option(8, "--parallel", help="With --input: prompts decoded together in one batch."),
 ) -> None:
     """Continue a prompt with a causal-LM artifact, streaming the text as it is generated."""
     from edgeft.artifact import Check
     from edgeft.runtime import Generator
 
+    if input is not None:
+        if prompt is not None:
+            raise EdgeftError("give a prompt or --input FILE, not both")
+        gen = Generator.open(artifact, threads=threads)
+        params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
+        return generate_file(gen, input, output, params, parallel, chat, system)
     if prompt is None or prompt == "-":
         prompt = _read_stdin()
     gen = Generator.open(artifact, threads=threads, check=Check.quick)
@@ -96,3 +111,62 @@ def generate(
     if stats:
         typer.echo(f"[{len(ids)} prompt tokens, {tokens} generated in {seconds:.2f}s "
                    f"({tokens / max(seconds, 1e-9):.1f} tok/s), finish: {reason}]", err=True)
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """Rows of a JSONL prompt file: each a string or an object with 'prompt' or 'messages' (other keys kept)."""
+    if not path.is_file():
+        raise EdgeftError(f"{path} does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise EdgeftError(f"{path}:{n} is not a JSON line") from None
+        obj = {"prompt": obj} if isinstance(obj, str) else obj
+        ok = isinstance(obj, dict) and (isinstance(obj.get("prompt"), str) or isinstance(obj.get("messages"), list))
+        if not ok:
+            raise EdgeftError(f"{path}:{n}: expected a string or an object with 'prompt' (a string) or 'messages'")
+        rows.append(obj)
+    if not rows:
+        raise EdgeftError(f"{path} holds no prompts")
+    return rows
+
+
+def generate_file(gen: "Generator", path: Path, output: Path | None, params: "SamplingParams", parallel: int,
+                  chat: bool, system: str | None) -> None:
+    """Every prompt of ``path`` through ``Generator.generate_batch``, with a progress bar on stderr."""
+    if parallel < 1:
+        raise EdgeftError(f"--parallel must be at least 1, got {parallel}")
+    rows = read_prompts(path)
+    prompts = []
+    for row in rows:
+        if "messages" in row:
+            prompts.append(gen.render_chat(row["messages"]))
+        elif chat:
+            sys_msg = [{"role": "system", "content": system}] if system else []
+            prompts.append(gen.render_chat(sys_msg + [{"role": "user", "content": row["prompt"]}]))
+        else:
+            prompts.append(row["prompt"])
+    ids = [gen.encode(p) for p in prompts]
+    start = time.perf_counter()
+    with typer.progressbar(length=len(ids), label="generating", file=sys.stderr) as bar:
+        outs = gen.generate_batch(ids, params, parallel=parallel, on_done=lambda i: bar.update(1))
+    seconds = time.perf_counter() - start
+    buf = io.StringIO()
+    for i, (row, out) in enumerate(zip(rows, outs)):
+        result = {"index": i, **({"id": row["id"]} if "id" in row else {}), "text": out.text,
+                  "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                  "completion_tokens": out.completion_tokens}
+        buf.write(json.dumps(result, ensure_ascii=False) + "\n")
+    if output is not None:
+        from edgeft.fsutil import atomic_write_bytes
+
+        atomic_write_bytes(output, buf.getvalue().encode("utf-8"))
+    else:
+        sys.stdout.write(buf.getvalue())
+    tokens = sum(o.completion_tokens for o in outs)
+    typer.echo(f"{len(outs)} prompts, {tokens} tokens generated in {seconds:.1f}s "
+               f"({tokens / max(seconds, 1e-9):.1f} tok/s){f' -> {output}' if output else ''}", err=True)

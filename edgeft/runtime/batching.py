@@ -1,22 +1,18 @@
-"""Worker pools between the event loop and the engines, with bounded queues.
+"""Micro-batching between the event loop and the classifier, with a bounded queue.
 
-``GenerationPool`` runs generations on a few worker threads (onnxruntime releases the
-GIL), each owning its own ``Generator`` so no engine state is ever shared between two
-requests; a bounded waiting line in front of the workers refuses work past its size
-(``Overloaded``, answered 429). ``ClassifyBatcher`` gathers concurrent classification
-requests into one classifier run (micro-batching) and hands each request its own rows.
+``ClassifyBatcher`` gathers concurrent classification requests into one classifier run
+and hands each request its own rows; past its queue size it refuses work (``Overloaded``,
+answered 429, as the generation engine in ``edgeft.runtime.engine`` does when its slots
+and waiting line are full).
 
-This module knows threads, asyncio and the engines' agreed methods (``stream``,
-``classify``); it knows nothing of HTTP or of the OpenAI wire format.
+This module knows threads, asyncio and the classifier's ``classify``; it knows nothing of
+HTTP or of the OpenAI wire format.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
-import threading
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,100 +20,7 @@ from edgeft.runtime.metrics import Registry
 
 
 class Overloaded(Exception):
-    """The waiting line is full: try again later (HTTP 429)."""
-
-
-class GenerationPool:
-    """``len(generators)`` worker threads, each with its own engine, and a waiting line of ``queue_size``."""
-
-    def __init__(self, name: str, generators: list[Any], queue_size: int, metrics: Registry) -> None:
-        self.name, self.metrics = name, metrics
-        self.capacity = len(generators) + queue_size
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for g in generators:
-            self._free.put(g)
-        self._executor = ThreadPoolExecutor(max_workers=len(generators), thread_name_prefix=f"edgeft-gen-{name}")
-        self._lock = threading.Lock()
-        self._admitted = 0
-
-    @property
-    def admitted(self) -> int:
-        return self._admitted
-
-    def _admit(self) -> None:
-        with self._lock:
-            if self._admitted >= self.capacity:
-                self.metrics.rejected.inc(model=self.name)
-                raise Overloaded(f"model '{self.name}' is busy: {self._admitted} requests running or waiting")
-            self._admitted += 1
-        self.metrics.queue_depth.inc(model=self.name)
-
-    def _release(self) -> None:
-        with self._lock:
-            self._admitted -= 1
-
-    def _work(self, fn: Callable[[Any], Any]) -> Any:
-        self.metrics.queue_depth.dec(model=self.name)
-        self.metrics.in_flight.inc(model=self.name)
-        engine = self._free.get()
-        try:
-            return fn(engine)
-        finally:
-            self._free.put(engine)
-            self.metrics.in_flight.dec(model=self.name)
-            self._release()
-
-    async def run(self, fn: Callable[[Any], Any]) -> Any:
-        """Admit (or raise ``Overloaded``), then run ``fn(engine)`` on a worker thread."""
-        self._admit()
-        try:
-            fut = self._executor.submit(self._work, fn)
-        except BaseException:
-            self.metrics.queue_depth.dec(model=self.name)
-            self._release()
-            raise
-        return await asyncio.wrap_future(fut)
-
-    def submit_stream(self, fn: Callable[[Any], Iterator[Any]], cancel: threading.Event,
-                      loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-        """Admit, then run the iterator ``fn(engine)`` on a worker, feeding its items into an asyncio queue.
-
-        The queue ends with ``StopAsyncIteration()`` (or the exception the worker raised).
-        Setting ``cancel`` stops the worker between two items (client gone, shutdown).
-        """
-        self._admit()
-        out: asyncio.Queue = asyncio.Queue()
-
-        def pump(engine: Any) -> None:
-            end: BaseException = StopAsyncIteration()
-            try:
-                if not cancel.is_set():
-                    it = fn(engine)
-                    try:
-                        for item in it:
-                            loop.call_soon_threadsafe(out.put_nowait, item)
-                            if cancel.is_set():
-                                self.metrics.cancelled.inc(model=self.name)
-                                break
-                    finally:
-                        close = getattr(it, "close", None)
-                        if close is not None:
-                            close()
-            except BaseException as exc:  # handed to the request, which answers it
-                end = exc
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
-                loop.call_soon_threadsafe(out.put_nowait, end)
-
-        try:
-            self._executor.submit(self._work, pump)
-        except BaseException:
-            self.metrics.queue_depth.dec(model=self.name)
-            self._release()
-            raise
-        return out
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=False)
+    """Every slot is busy and the waiting line is full: try again later (HTTP 429)."""
 
 
 class ClassifyBatcher:

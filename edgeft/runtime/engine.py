@@ -44,6 +44,7 @@ import numpy as np
 
 from edgeft.artifact import Batching
 from edgeft.errors import EdgeftError
+from edgeft.runtime.batching import Overloaded
 from edgeft.runtime.generate import Chunk, ContextLengthError, DecodeState, KVDecoder, SequenceOutput
 from edgeft.runtime.processors import LogitProcessor
 from edgeft.runtime.sampling import SamplingParams
@@ -51,12 +52,6 @@ from edgeft.runtime.sampling import SamplingParams
 DEFAULT_PREFILL_BUDGET = 256
 
 
-class Overloaded(Exception):
-    """Every slot is busy and the waiting line is full: try again later (HTTP 429)."""
-
-
-class Cancelled(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------- KV slots per graph family
@@ -399,6 +394,7 @@ class Engine:
         self._free = list(range(parallel))
         self._cond = threading.Condition()
         self._closed = False
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()
         self._thread = threading.Thread(target=self._loop, name="edgeft-engine", daemon=True)
         self._thread.start()
 
@@ -438,6 +434,7 @@ class Engine:
                 raise Overloaded(f"all {self.parallel} slots are busy and {len(self._waiting)} requests wait")
             self._waiting.append(seq)
             self._cond.notify()
+        self.observe("waiting", len(self._waiting))
         return seq
 
     def cancel(self, seq: Sequence) -> None:
@@ -470,8 +467,23 @@ class Engine:
             except Exception as exc:  # a broken graph call: every sequence in flight gets the error
                 self._fail_all(exc)
             self.stats.busy_s += time.perf_counter() - t0
+            self._report()
         for seq in [*self._active.values(), *self._waiting]:
             self._finish(seq, Chunk("", None, "cancelled"))
+
+    def _report(self) -> None:
+        now = time.perf_counter()
+        self._rate.append((now, self.stats.generated))
+        while len(self._rate) > 2 and now - self._rate[0][0] > 5.0:
+            self._rate.popleft()
+        t0, n0 = self._rate[0]
+        self.observe("slots", len(self._active))
+        self.observe("waiting", len(self._waiting))
+        if now - t0 > 0.2:
+            self.observe("tokens_per_second", (self.stats.generated - n0) / (now - t0))
+        if not self._active and not self._waiting:
+            self._rate.clear()
+            self.observe("tokens_per_second", 0.0)
 
     def _admit(self) -> None:
         while self._waiting and self._free:

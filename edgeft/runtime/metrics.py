@@ -138,8 +138,17 @@ class Registry:
         self.generated_tokens = Counter("edgeft_generated_tokens_total", "Tokens generated.", ("model",))
         self.first_token = Histogram("edgeft_time_to_first_token_seconds",
                                      "Time from admission to the first generated token.", ("model",))
-        self.queue_depth = Gauge("edgeft_queue_depth", "Requests admitted and waiting for a worker.", ("model",))
-        self.in_flight = Gauge("edgeft_inference_in_flight", "Requests running on a worker now.", ("model",))
+        self.queue_depth = Gauge("edgeft_queue_depth", "Sequences admitted and waiting for a KV slot.", ("model",))
+        self.in_flight = Gauge("edgeft_inference_in_flight", "Sequences holding a KV slot now (slots in use).",
+                               ("model",))
+        self.slots = Gauge("edgeft_kv_slots", "KV slots per model (--parallel).", ("model",))
+        self.decode_batch = Histogram("edgeft_decode_batch_size", "Sequences advanced per batched decode step.",
+                                      ("model",), buckets=BATCH_BUCKETS)
+        self.queue_wait = Histogram("edgeft_queue_wait_seconds", "Time a sequence waited for a free KV slot.",
+                                    ("model",))
+        self.tokens_per_second = Gauge("edgeft_generated_tokens_per_second",
+                                       "Tokens generated per second over the last few seconds, all sequences.",
+                                       ("model",))
         self.rejected = Counter("edgeft_rejected_total", "Requests refused because the queue was full.",
                                 ("model",))
         self.cancelled = Counter("edgeft_stream_cancelled_total",

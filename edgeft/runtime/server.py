@@ -7,10 +7,10 @@ or ``metrics_key``, when one is set) and, unless ``--no-ui``, a page for the bro
 (``edgeft.runtime.ui``). A client that hangs up before its body arrives is a quiet 499
 (counted in ``edgeft_client_disconnects_total``), not a logged 500.
 
-How it holds load: the event loop only parses, validates and streams; generation runs on
-worker threads (``GenerationPool``: one engine per worker, a bounded waiting line that
-answers 429 past its size) and concurrent classification requests are batched together
-(``ClassifyBatcher``; embeddings the same way). SIGTERM stops accepting connections, lets the requests in flight
+How it holds load: the event loop only parses, validates and streams; each generation model
+has one continuous-batching ``Engine`` (``--parallel`` KV slots decoded together in one
+step, a bounded waiting line that answers 429 past its size) and concurrent classification
+requests are batched together (``ClassifyBatcher``; embeddings the same way). SIGTERM stops accepting connections, lets the requests in flight
 finish (up to ``drain_timeout`` seconds), then exits with status 0.
 
 This module knows HTTP (Starlette, uvicorn), the settings and the engines' agreed API
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hmac
 import json
@@ -48,7 +49,7 @@ from starlette.routing import Route
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
 from edgeft.runtime import wire
-from edgeft.runtime.batching import ClassifyBatcher, GenerationPool, Overloaded
+from edgeft.runtime.batching import ClassifyBatcher, Overloaded
 from edgeft.runtime.metrics import Registry
 from edgeft.runtime.wire import ApiError, bad
 from edgeft.serve_config import LogFormat, ServeConfig
@@ -66,13 +67,13 @@ TASK_ROUTES = {Task.causal_lm: "/v1/completions or /v1/chat/completions", Task.c
 
 @dataclass
 class Model:
-    """One served artifact: its engines behind a pool (generation) or a batcher (classification)."""
+    """One served artifact: its batching engine (generation) or a batcher (classification)."""
 
     name: str
     task: Task
     manifest: Any
-    front: Any  # an engine used for tokenizing and chat templates on the request's thread
-    pool: GenerationPool | None = None
+    front: Any  # the Generator or classifier: tokenizing and chat templates on the request's thread
+    engine: Any = None  # edgeft.runtime.engine.Engine for causal-lm models
     batcher: ClassifyBatcher | None = None
     signature_checked: bool = False  # serve --trusted-key verified the manifest's signature at load
     created: int = field(default_factory=lambda: int(time.time()))
@@ -89,8 +90,8 @@ class Model:
         return d
 
     async def close(self) -> None:
-        if self.pool is not None:
-            await asyncio.to_thread(self.pool.close)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
         if self.batcher is not None:
             await self.batcher.close()
 
@@ -111,28 +112,40 @@ def manifest_card(manifest: Any, signature_checked: bool = False) -> dict[str, A
     }
 
 
-def _threads_per_engine(config: ServeConfig) -> int | None:
-    if config.workers == 1:
-        return config.threads
-    return max(1, (config.threads or os.cpu_count() or 1) // config.workers)
+def _engine_observer(metrics: Registry, name: str) -> Callable[[str, float], None]:
+    """Engine events -> metrics: batch size per step, queue wait, slots in use, waiting, tokens/s."""
+    def observe(event: str, value: float) -> None:
+        if event == "batch":
+            metrics.decode_batch.observe(value, model=name)
+        elif event == "queue_wait":
+            metrics.queue_wait.observe(value, model=name)
+        elif event == "slots":
+            metrics.in_flight.set(value, model=name)
+        elif event == "waiting":
+            metrics.queue_depth.set(value, model=name)
+        elif event == "tokens_per_second":
+            metrics.tokens_per_second.set(value, model=name)
+    return observe
 
 
 def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
     """Open every artifact, hashing every byte (blocking: run it off the event loop)."""
-    from edgeft.runtime import Generator, load
+    from edgeft.runtime import load
+    from edgeft.runtime.engine import Engine
     from edgeft.signing import load_trusted_keys
 
     models: dict[str, Model] = {}
-    threads = _threads_per_engine(config)
     wait_s = config.batch_wait_ms / 1000
     keys = load_trusted_keys(config.trusted_keys) if config.trusted_keys else []
     for name, path in zip(config.model_names(), config.artifacts):
         t0 = time.perf_counter()
-        first = load(path, threads=threads, trusted_keys=keys)
+        first = load(path, threads=config.threads, trusted_keys=keys)
         task = first.manifest.task
-        if task is Task.causal_lm:  # the other workers' engines open the folder just checked
-            engines = [first] + [Generator(first.folder, first.manifest, threads) for _ in range(config.workers - 1)]
-            m = Model(name, task, first.manifest, first, pool=GenerationPool(name, engines, config.queue_size, metrics))
+        if task is Task.causal_lm:
+            engine = Engine(first, parallel=config.parallel, ctx_size=config.ctx_size, queue_size=config.queue_size,
+                            prefix_cache=config.prefix_cache, observe=_engine_observer(metrics, name))
+            metrics.slots.set(config.parallel, model=name)
+            m = Model(name, task, first.manifest, first, engine=engine)
         else:
             method = "embed_rows" if task is Task.embedding else "classify"
             batcher = ClassifyBatcher(name, first, config.batch_size, wait_s, config.queue_size, metrics, method)
@@ -279,35 +292,98 @@ def _params(model: Model, req: wire.GenerationRequest, n_prompt: int, cap: int) 
     room = ctx - n_prompt
     if req.max_tokens is None:
         defaults = model.manifest.generation
-        max_new = min(defaults.max_new_tokens if defaults else 128, cap, room)
+        max_new = max(1, min(defaults.max_new_tokens if defaults else 128, cap, room,
+                             model.engine.slot_len - n_prompt))
     elif req.max_tokens > room:
         raise bad(f"This model's maximum context length is {ctx} tokens. However, you requested "
                   f"{n_prompt + req.max_tokens} tokens ({n_prompt} in the prompt, {req.max_tokens} for the "
                   "completion). Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
     else:
         max_new = req.max_tokens
+    if n_prompt + max_new > model.engine.slot_len:
+        raise bad(f"{n_prompt} prompt tokens and {max_new} new tokens exceed a slot of {model.engine.slot_len} "
+                  f"tokens on this server ({model.engine.parallel} slots share --ctx-size). Please reduce the "
+                  "prompt or max_tokens.", param if req.max_tokens is None else "max_tokens", "context_length_exceeded")
     try:
         return SamplingParams.over(model.manifest.generation, max_new_tokens=max_new, temperature=req.temperature,
-                                   top_k=req.top_k, top_p=req.top_p, repetition_penalty=req.repetition_penalty,
-                                   seed=req.seed, stop=req.stop)
-    except (ValueError, TypeError) as exc:
-        raise bad(str(exc)) from None
+                                   top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+                                   repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                                   frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias or None,
+                                   seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos or None,
+                                   logprobs=req.logprobs)
+    except (ValueError, TypeError, EdgeftError) as exc:
+        raise bad(getattr(exc, "message", None) or str(exc)) from None
 
 
-def _collect(engine: Any, ids: list[int], params: Any, cancel: threading.Event,
-             on_first: Callable[[], None]) -> tuple[str, int, str]:
-    """Run one generation to the end on a worker thread: (text, tokens, finish_reason)."""
-    parts, n, finish = [], 0, None
-    for chunk in engine.stream(ids, params):
-        if chunk.token_id is not None:
-            if n == 0:
-                on_first()
-            n += 1
-        parts.append(chunk.text)
-        finish = chunk.finish_reason or finish
-        if cancel.is_set():
-            break
-    return "".join(parts), n, finish or "length"
+class Choice:
+    """One sequence of a request in the engine: its chunks arrive on the engine thread, are read on the loop."""
+
+    def __init__(self, index: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> None:
+        self.index, self.loop, self.events = index, loop, events
+        self.seq: Any = None
+
+    def on_chunk(self, chunk: Any) -> None:  # engine thread
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, chunk))
+
+
+class Generation:
+    """Every choice of one request (prompts x n), submitted together; ``set()`` cancels them all."""
+
+    def __init__(self, model: Model, jobs: list[tuple[list[int], Any]], on_first: Callable[[], None]) -> None:
+        self.model, self.on_first = model, on_first
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.choices = [Choice(i, self.loop, self.events) for i in range(len(jobs))]
+        self.first_seen = False
+        try:
+            for choice, (ids, params) in zip(self.choices, jobs):
+                choice.seq = model.engine.submit(ids, params, choice.on_chunk)
+        except BaseException:
+            self.set()
+            raise
+
+    def set(self) -> None:
+        """Cancel every choice still running (client gone, shutdown)."""
+        for c in self.choices:
+            if c.seq is not None and not c.seq.done:
+                self.model.engine.cancel(c.seq)
+
+    async def events_until_done(self) -> AsyncIterator[list[tuple[int, Any]]]:
+        """Batches of (choice index, Chunk) as they arrive, until every choice has finished."""
+        left = len(self.choices)
+        while left:
+            items = [await self.events.get()]
+            while not self.events.empty():
+                items.append(self.events.get_nowait())
+            for _, chunk in items:
+                if isinstance(chunk, BaseException) or chunk.finish_reason is not None:
+                    left -= 1
+                if not self.first_seen and not isinstance(chunk, BaseException) and chunk.token_id is not None:
+                    self.first_seen = True
+                    self.on_first()
+            yield items
+
+
+def _token_text(model: Model, token: int) -> str:
+    return model.front.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _logprob_entries(model: Model, lps: list[Any]) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    return [(_token_text(model, lp.token), lp.logprob, [(_token_text(model, t), v) for t, v in lp.top]) for lp in lps]
+
+
+def _jobs(model: Model, req: wire.GenerationRequest, prompt_ids: list[list[int]], cap: int) -> list[tuple[list[int], Any]]:
+    """(ids, params) per choice: prompt by prompt, n choices each; choice j seeded with seed + j."""
+    jobs = []
+    for ids in prompt_ids:
+        if not ids:
+            raise bad("the prompt is empty: nothing to continue from", "prompt")
+        params = _params(model, req, len(ids), cap)
+        for j in range(req.n):
+            seed = None if req.seed is None else req.seed + j
+            jobs.append((ids, dataclasses.replace(params, seed=seed) if j else params))
+    return jobs
 
 
 async def _generate(request: Request, chat: bool) -> Response:
@@ -317,74 +393,116 @@ async def _generate(request: Request, chat: bool) -> Response:
     body = await read_json(request, cfg.max_body_bytes)
     req = (wire.parse_chat if chat else wire.parse_completion)(body, cfg.max_tokens)
     model = state.model(req.model, Task.causal_lm)
-    ids = await asyncio.to_thread(_prompt_ids, model, req)
-    if not ids:
-        raise bad("the prompt is empty: nothing to continue from", "prompt")
-    params = _params(model, req, len(ids), cfg.max_tokens)
+    if req.echo and req.logprobs is not None:
+        raise bad("'echo' with 'logprobs' (the prompt's logprobs) is not supported by this server", "echo")
+    prompt_ids = await asyncio.to_thread(_all_prompt_ids, model, req)
+    jobs = _jobs(model, req, prompt_ids, cfg.max_tokens)
     rid = wire.new_id("chatcmpl" if chat else "cmpl")
     t_admit = time.perf_counter()
     on_first = lambda: state.metrics.first_token.observe(time.perf_counter() - t_admit, model=model.name)  # noqa: E731
-    cancel = threading.Event()
+    try:
+        gen = Generation(model, jobs, on_first)
+    except Overloaded:
+        state.metrics.rejected.inc(model=model.name)
+        raise
+    state.cancels.add(gen)  # shutdown stops it even if the response never starts
+    n_prompt = sum(len(ids) for ids in prompt_ids)
+    state.metrics.prompt_tokens.inc(n_prompt, model=model.name)
+    echoes = [await asyncio.to_thread(model.front.decode, ids) if req.echo else "" for ids in prompt_ids]
     if req.stream:
-        loop = asyncio.get_running_loop()
-        chunks = model.pool.submit_stream(lambda engine: engine.stream(ids, params), cancel, loop)
-        state.cancels.add(cancel)  # shutdown stops it even if the response never starts
-        state.metrics.prompt_tokens.inc(len(ids), model=model.name)
-        events = _stream_events(state, model, req, rid, chat, len(ids), chunks, cancel, on_first)
+        events = _stream_events(state, model, req, rid, chat, n_prompt, gen, echoes)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    state.cancels.add(cancel)
+    texts: list[list[str]] = [[] for _ in jobs]
+    lps: list[list[Any]] = [[] for _ in jobs]
+    finish: list[str] = ["length"] * len(jobs)
+    n = 0
     try:
-        text, n, finish = await model.pool.run(lambda engine: _collect(engine, ids, params, cancel, on_first))
+        async for items in gen.events_until_done():
+            for i, chunk in items:
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                texts[i].append(chunk.text)
+                if chunk.token_id is not None:
+                    n += 1
+                    if chunk.logprob is not None:
+                        lps[i].append(chunk.logprob)
+                finish[i] = chunk.finish_reason or finish[i]
     finally:
-        state.cancels.discard(cancel)
-    state.metrics.prompt_tokens.inc(len(ids), model=model.name)
-    state.metrics.generated_tokens.inc(n, model=model.name)
+        gen.set()
+        state.cancels.discard(gen)
+        state.metrics.generated_tokens.inc(n, model=model.name)
+    choices = []
+    for i in range(len(jobs)):
+        text = "".join(texts[i])
+        lp = None
+        if req.logprobs is not None:
+            entries = _logprob_entries(model, lps[i])
+            lp = wire.chat_logprobs(entries) if chat else wire.completion_logprobs(entries)
+        if chat:
+            choices.append(wire.chat_choice(i, text, finish[i], lp))
+        else:
+            choices.append(wire.completion_choice(i, echoes[i // req.n] + text, finish[i], lp))
     build = wire.chat_body if chat else wire.completion_body
-    return JSONResponse(build(rid, model.name, text, finish, wire.usage(len(ids), n)))
+    return JSONResponse(build(rid, model.name, "", "", wire.usage(n_prompt, n), choices))
+
+
+def _all_prompt_ids(model: Model, req: wire.GenerationRequest) -> list[list[int]]:
+    if req.messages is not None:
+        return [_prompt_ids(model, req)]
+    return [_prompt_ids(model, dataclasses.replace(req, prompt=p)) for p in (req.prompts or (req.prompt,))]
 
 
 async def _stream_events(state: ServerState, model: Model, req: wire.GenerationRequest, rid: str, chat: bool,
-                         n_prompt: int, chunks: asyncio.Queue, cancel: threading.Event,
-                         on_first: Callable[[], None]) -> AsyncIterator[str]:
-    """Server-sent events for one streamed generation; always ends with ``data: [DONE]``."""
-    n, finish = 0, None
-    piece = (lambda t, f: wire.chat_chunk(rid, model.name, {"content": t} if t else {}, f)) if chat else \
-        (lambda t, f: wire.completion_chunk(rid, model.name, t, f))
-    try:
+                         n_prompt: int, gen: Generation, echoes: list[str]) -> AsyncIterator[str]:
+    """Server-sent events for one streamed request (every choice, by index); always ends with ``data: [DONE]``."""
+    n = 0
+    total = len(gen.choices)
+
+    def piece(i: int, text: str, finish: str | None, lps: list | None = None) -> str:
+        lp = None
+        if lps:
+            entries = _logprob_entries(model, lps)
+            lp = wire.chat_logprobs(entries) if chat else wire.completion_logprobs(entries)
         if chat:
-            yield _sse(wire.chat_chunk(rid, model.name, {"role": "assistant", "content": ""}, None))
-        done = False
-        while not done:
+            return _sse(wire.chat_chunk(rid, model.name, {"content": text} if text else {}, finish, i, lp))
+        return _sse(wire.completion_chunk(rid, model.name, text, finish, i, lp))
+
+    try:
+        first = []
+        for i in range(total):
+            if chat:
+                first.append(_sse(wire.chat_chunk(rid, model.name, {"role": "assistant", "content": ""}, None, i)))
+            elif echoes[i // req.n]:
+                first.append(piece(i, echoes[i // req.n], None))
+        if first:
+            yield "".join(first)
+        async for items in gen.events_until_done():
             # Every chunk already waiting goes out in one write: fewer syscalls when the client lags.
-            items, events = [await chunks.get()], []
-            while not chunks.empty():
-                items.append(chunks.get_nowait())
-            for item in items:
-                if isinstance(item, StopAsyncIteration):
-                    done = True
-                    break
-                if isinstance(item, BaseException):
-                    log.error("generation failed: %s", item, exc_info=item)
-                    message = str(item) if isinstance(item, EdgeftError) else "generation failed"
-                    yield "".join(events) + _sse(wire.ApiError(500, message, type="server_error").body())
+            out = []
+            for i, chunk in items:
+                if isinstance(chunk, BaseException):
+                    log.error("generation failed: %s", chunk, exc_info=chunk)
+                    message = str(chunk) if isinstance(chunk, EdgeftError) else "generation failed"
+                    yield "".join(out) + _sse(wire.ApiError(500, message, type="server_error").body())
                     return
-                if item.token_id is not None:
-                    if n == 0:
-                        on_first()
+                if chunk.token_id is not None:
                     n += 1
-                finish = item.finish_reason or finish
-                if item.text:
-                    events.append(_sse(piece(item.text, None)))
-            if events:
-                yield "".join(events)
-        yield _sse(piece("", finish or "length"))
+                lps = [chunk.logprob] if chunk.logprob is not None else None
+                if chunk.text or lps:
+                    out.append(piece(i, chunk.text, None, lps))
+                if chunk.finish_reason is not None:
+                    out.append(piece(i, "", chunk.finish_reason if chunk.finish_reason != "cancelled" else "length"))
+            if out:
+                yield "".join(out)
         if req.include_usage:
             yield _sse(wire.usage_chunk(rid, model.name, chat, wire.usage(n_prompt, n)))
         yield "data: [DONE]\n\n"
     finally:
-        cancel.set()  # the client left (or we are done): the worker stops at its next token
-        state.cancels.discard(cancel)
+        if any(c.seq is not None and not c.seq.done for c in gen.choices):
+            state.metrics.cancelled.inc(model=model.name)
+        gen.set()  # the client left (or we are done): the engine drops what is still running
+        state.cancels.discard(gen)
         state.metrics.generated_tokens.inc(n, model=model.name)
 
 

@@ -16,6 +16,9 @@ from typing import Any
 
 MAX_STOP = 16
 MAX_SEED = 2**63 - 1  # a seed is a non-negative int64, as in most OpenAI-compatible servers
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 64  # prompts per /v1/completions request
+MAX_TOP_LOGPROBS = 20
 
 
 class ApiError(Exception):
@@ -39,17 +42,26 @@ class GenerationRequest:
     """A parsed /v1/completions or /v1/chat/completions request (model and prompt still unresolved)."""
 
     model: str | None
-    prompt: str | list[int] | None = None  # completions
+    prompt: str | list[int] | None = None  # completions: the first (often only) prompt
     messages: list[dict[str, str]] | None = None  # chat
     max_tokens: int | None = None  # None: the artifact's default, clamped to the context
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    n: int = 1  # choices per prompt, decoded as a batch; choice i is seeded with seed + i
+    logprobs: int | None = None  # top alternatives per token (0: the chosen token's only); None: off
+    echo: bool = False  # completions: the prompt's text before the completion
+    ignore_eos: bool = False
+    prompts: tuple = ()  # completions: every prompt (one choice each, times n)
 
 
 @dataclass(frozen=True)
@@ -155,22 +167,47 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 def _unsupported(body: dict) -> None:
     """Reject features edgeft does not implement rather than silently ignoring them."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad("only 'n': 1 is supported", "n")
-    for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "response_format"):
+    for name in ("suffix", "tools", "functions", "response_format"):
         if body.get(name) not in (None, False, 0):
             raise bad(f"'{name}' is not supported by this server", name)
+    for name in ("tool_choice", "function_call", "parallel_tool_calls", "audio", "prediction",
+                 "web_search_options", "reasoning_effort"):
+        if body.get(name) is not None:
+            raise bad(f"'{name}' is not supported by this server", name)
+    if body.get("modalities") not in (None, ["text"]):
+        raise bad("'modalities' other than [\"text\"] are not supported", "modalities")
     best_of = body.get("best_of")
     if best_of not in (None, 1):
         raise bad("only 'best_of': 1 is supported", "best_of")
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = body.get(name)
-        if v is not None and (not _is_number(v) or v != 0):
-            raise bad(f"'{name}' is not supported (use 'repetition_penalty')", name)
 
 
-def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_tokens") -> dict[str, Any]:
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    v = body.get("logit_bias")
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    out = {}
+    for k, b in v.items():
+        if not (isinstance(k, str) and k.isdigit()) or not _is_number(b) or not -100 <= b <= 100:
+            raise bad("'logit_bias' maps token ids (as strings) to numbers in [-100, 100]", "logit_bias")
+        out[int(k)] = float(b)
+    return out
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """Chat: ``logprobs`` true plus ``top_logprobs`` 0..20. Completions: ``logprobs`` 0..20."""
+    if chat:
+        on = _opt_bool(body, "logprobs")
+        top = _opt_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top is not None and not on:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (top or 0) if on else None
+    return _opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+
+
+def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_tokens",
+              chat: bool = False) -> dict[str, Any]:
     _unsupported(body)
     max_tokens = _opt_int(body, max_tokens_name, 1, None)
     if max_tokens is not None and max_tokens > max_tokens_cap:
@@ -188,28 +225,45 @@ def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_token
         temperature=_opt_number(body, "temperature", 0.0, 2.0),
         top_p=_opt_number(body, "top_p", 0.0, 1.0, lo_open=True),
         top_k=_opt_int(body, "top_k", 0, None),
+        min_p=_opt_number(body, "min_p", 0.0, 1.0),
         repetition_penalty=_opt_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True),
+        presence_penalty=_opt_number(body, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_opt_number(body, "frequency_penalty", -2.0, 2.0),
+        logit_bias=_logit_bias(body),
         seed=_opt_int(body, "seed", 0, MAX_SEED),
         stop=_stop(body),
         stream=_opt_bool(body, "stream"),
         include_usage=include_usage,
+        n=_opt_int(body, "n", 1, MAX_N) or 1,
+        logprobs=_logprobs(body, chat),
+        ignore_eos=_opt_bool(body, "ignore_eos"),
     )
 
 
 # ---------------------------------------------------------------- requests
 
+def _one_prompt(p: Any) -> str | list[int] | None:
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p):
+        return p
+    return None
+
+
 def parse_completion(body: dict, max_tokens_cap: int) -> GenerationRequest:
-    """``POST /v1/completions``: prompt is a string, a list of token ids, or a one-string list."""
+    """``POST /v1/completions``: prompt is a string, a list of token ids, or a list of either (one choice each)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
-        pass
-    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
-        raise bad("one prompt per request: send several requests for several prompts", "prompt")
-    elif not isinstance(prompt, str):
-        raise bad("'prompt' must be a string or a list of token ids", "prompt")
-    return GenerationRequest(prompt=prompt, **_sampling(body, max_tokens_cap))
+    one = _one_prompt(prompt)
+    if one is not None:
+        prompts = [one]
+    elif isinstance(prompt, list) and prompt and all(_one_prompt(p) is not None for p in prompt):
+        prompts = [_one_prompt(p) for p in prompt]
+    else:
+        raise bad("'prompt' must be a string, a list of token ids, or a list of those", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
+    return GenerationRequest(prompt=prompts[0], prompts=tuple(prompts), echo=_opt_bool(body, "echo"),
+                             **_sampling(body, max_tokens_cap))
 
 
 def _message(i: int, m: Any) -> dict[str, str]:
@@ -237,7 +291,9 @@ def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
         raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
     msgs = [_message(i, m) for i, m in enumerate(messages)]
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return GenerationRequest(messages=msgs, **_sampling(body, max_tokens_cap, name))
+    if body.get("echo") not in (None, False):
+        raise bad("'echo' is a /v1/completions field", "echo")
+    return GenerationRequest(messages=msgs, **_sampling(body, max_tokens_cap, name, chat=True))
 
 
 def parse_classify(body: dict, max_inputs: int) -> ClassifyRequest:
@@ -293,25 +349,62 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, model: str, text: str, finish: str, u: dict) -> dict[str, Any]:
+def completion_body(rid: str, model: str, text: str, finish: str, u: dict,
+                    choices: list[dict] | None = None) -> dict[str, Any]:
+    """A completions response: ``choices`` as made by ``completion_choice`` (else one from ``text``)."""
+    choices = choices or [completion_choice(0, text, finish)]
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": u}
+            "choices": choices, "usage": u}
 
 
-def chat_body(rid: str, model: str, text: str, finish: str, u: dict) -> dict[str, Any]:
+def chat_body(rid: str, model: str, text: str, finish: str, u: dict,
+              choices: list[dict] | None = None) -> dict[str, Any]:
+    """A chat response: ``choices`` as made by ``chat_choice`` (else one from ``text``)."""
+    choices = choices or [chat_choice(0, text, finish)]
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish, "logprobs": None}], "usage": u}
+            "choices": choices, "usage": u}
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict[str, Any]:
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+
+def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+            "logprobs": logprobs}
+
+
+def _lp(v: float) -> float:
+    return max(float(v), -9999.0)  # JSON has no -Infinity; OpenAI reports masked tokens as -9999
+
+
+def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
+    """``{"content": [...]}`` for (token text, logprob, [(alternative text, logprob)...]) per token."""
+    def item(t: str, lp: float) -> dict[str, Any]:
+        return {"token": t, "logprob": _lp(lp), "bytes": list(t.encode("utf-8"))}
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in top]} for t, lp, top in entries]}
+
+
+def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs (dicts), text_offset."""
+    offsets, pos = [], offset
+    for t, _, _ in entries:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [_lp(lp) for _, lp, _ in entries],
+            "top_logprobs": [{a: _lp(b) for a, b in top} for _, _, top in entries], "text_offset": offsets}
+
+
+def completion_chunk(rid: str, model: str, text: str, finish: str | None, index: int = 0,
+                     logprobs: dict | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [completion_choice(index, text, finish, logprobs)]}
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict[str, Any]:
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, index: int = 0,
+               logprobs: dict | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
 
 def usage_chunk(rid: str, model: str, chat: bool, u: dict) -> dict[str, Any]:
