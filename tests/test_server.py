@@ -536,7 +536,8 @@ def test_health_is_503_until_loaded(artifacts):
 # ---------------------------------------------------------------- SIGTERM, JSON logs, no torch
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(artifacts):
-    proc, url = start_cli_server([artifacts["chat"]], {"EDGEFT_LOG_FORMAT": "json"}, ["--name", "poet"])
+    proc, url = start_cli_server([artifacts["chat"]], {"EDGEFT_LOG_FORMAT": "json"},
+                                 ["--name", "poet", "--parallel", "1"])  # one decoding, three waiting
     results: list[httpx.Response] = []
 
     def request(i: int) -> None:
