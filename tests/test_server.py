@@ -489,6 +489,12 @@ def test_batched_slots_serve_concurrent_requests_without_mixing(artifacts, engin
         metrics = httpx.get(s.url + "/metrics").text
     assert got == list(want.values())
     assert 'edgeft_inference_in_flight{model="chat"} 0' in metrics
+    assert 'edgeft_kv_slots{model="chat"} 4' in metrics
+    assert metric(metrics, 'edgeft_queue_wait_seconds_count{model="chat"}') == len(want)  # one per sequence
+    steps = metric(metrics, 'edgeft_decode_batch_size_count{model="chat"}')
+    rows = metric(metrics, 'edgeft_decode_batch_size_sum{model="chat"}')
+    assert 0 < steps <= rows == len(want) * 23  # every token after the first is one row of a decode step
+    assert 'edgeft_generated_tokens_per_second{model="chat"}' in metrics
 
 
 def test_a_client_that_leaves_stops_its_generation(artifacts):
