@@ -17,7 +17,8 @@ PROMPT = "shall i compare thee to a summer's day"
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir, tmp_path_factory):
-    return Generator.open(build("llama", str(tiny_llama_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts")))
+    return Generator.open(build("llama", str(tiny_llama_dir),
+                                str(tmp_path_factory.getbasetemp() / "runtime-artifacts")))
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens():

@@ -434,7 +434,8 @@ class Generator:
         ids = self._prompt_ids(prompt)
         return collect(self.stream(ids, params, processors=processors), len(ids), params)
 
-    def generate_batch(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+    def generate_batch(self, prompts: list[str | list[int]],
+                       params: SamplingParams | list[SamplingParams] | None = None,
                        parallel: int = 8, on_done=None) -> list[Completion]:
         """Every prompt to the end, decoded together (continuous batching, ``parallel`` at a time).
 

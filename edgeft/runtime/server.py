@@ -27,7 +27,6 @@ import errno
 import hmac
 import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -373,7 +372,8 @@ def _logprob_entries(model: Model, lps: list[Any]) -> list[tuple[str, float, lis
     return [(_token_text(model, lp.token), lp.logprob, [(_token_text(model, t), v) for t, v in lp.top]) for lp in lps]
 
 
-def _jobs(model: Model, req: wire.GenerationRequest, prompt_ids: list[list[int]], cap: int) -> list[tuple[list[int], Any]]:
+def _jobs(model: Model, req: wire.GenerationRequest, prompt_ids: list[list[int]],
+          cap: int) -> list[tuple[list[int], Any]]:
     """(ids, params) per choice: prompt by prompt, n choices each; choice j seeded with seed + j."""
     jobs = []
     for ids in prompt_ids:
