@@ -83,6 +83,7 @@ class SharedSlots:
         self.logits = np.empty((slots, 1, eng.vocab), dtype=eng.logits_dtype)
         self.io = eng.session.io_binding()
         self.idle_lengths: dict[int, int] = {}  # slot -> tokens it holds, for slots in a call's span
+        self._bound_span = 0
 
     def _bind_cache(self, io, first: int, rows: int) -> None:
         for (pk, pv, ok, ov), k, v in zip(self.eng.layers, self.cache[0::2], self.cache[1::2]):
@@ -129,13 +130,15 @@ class SharedSlots:
         total = int(lengths.max()) + 1
         mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(eng.mask_dtype)
         io = self.io
-        self._bind_cache(io, 0, span)
-        io.bind_input("input_ids", "cpu", 0, self.ids.dtype, [span, 1], self.ids.ctypes.data)
+        if span != self._bound_span:  # the cache views stay bound while the span is unchanged
+            self._bind_cache(io, 0, span)
+            io.bind_input("input_ids", "cpu", 0, self.ids.dtype, [span, 1], self.ids.ctypes.data)
+            io.bind_output("logits", "cpu", 0, self.logits.dtype, [span, 1, eng.vocab], self.logits.ctypes.data)
+            self._bound_span = span
         if "attention_mask" in eng.inputs:
             self._bind_array(io, "attention_mask", mask)
         if eng.uses_positions:
             self._bind_array(io, "position_ids", lengths.astype(eng.pos_dtype).reshape(span, 1))
-        io.bind_output("logits", "cpu", 0, self.logits.dtype, [span, 1, eng.vocab], self.logits.ctypes.data)
         eng.session.run_with_iobinding(io)
         return self.logits[[s for s, _, _ in rows], 0].astype(np.float32)
 
