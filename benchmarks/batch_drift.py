@@ -4,10 +4,11 @@
 
 For each artifact, ``--prompts`` prompts of different lengths (cut from the sonnets) are decoded
 greedily together by the batching engine (``edgeft.runtime.engine``), every row of logits
-tapped; then each prompt plus the tokens it got is scored alone in one pass
-(``Generator.score``). Reported: the largest and the median absolute logit difference, the
-largest difference in log-softmax, and the share of steps where the batched greedy token is
-the one the lone pass ranks first. int8 ``MatMulNBits`` kernels may take another path when a
+tapped; then each prompt is decoded alone (``Generator.generate``, one row per step) and
+scored alone in one pass (``Generator.score``, many rows per call). Reported for batch vs
+alone-steps, batch vs one pass, and alone-steps vs one pass: the largest and the median
+absolute logit difference, the largest difference in log-softmax, and the share of rows
+where both pick the same greedy token (compared until the first disagreement). int8 ``MatMulNBits`` kernels may take another path when a
 call has more than one row, so int8 artifacts move more than fp32 ones; this measures by how
 much. Writes ``benchmarks/results/batch-drift-DATE.json`` (and prints a table).
 """
@@ -45,7 +46,6 @@ class Tap:
 def measure(path: Path, n_prompts: int, new_tokens: int) -> dict:
     from edgeft.runtime import Generator, SamplingParams
     from edgeft.runtime.engine import Engine
-    from edgeft.runtime.processors import log_softmax
 
     gen = Generator.open(path)
     lines = [ln.strip() for ln in prepare.data_file("poetry", "shakespeare_sonnets.txt").read_text().splitlines()
@@ -72,19 +72,38 @@ def measure(path: Path, n_prompts: int, new_tokens: int) -> dict:
         batch_rows = engine.stats.batched_rows / max(engine.stats.steps, 1)
     finally:
         engine.close()
+    out = {"artifact": str(path), "quantization": gen.manifest.quantization.get("scheme"),
+           "batching": gen.decoder.batching, "prompts": n_prompts, "prompt_lengths": [len(p) for p in prompts],
+           "new_tokens": new_tokens, "mean_rows_per_decode_step": batch_rows}
+    # against the same sequence decoded alone, one token per step (what Generator.stream does)
+    alone_taps = []
+    for ids in prompts:
+        tap = Tap()
+        gen.generate(ids, params, processors=[tap])
+        alone_taps.append(tap.rows)
+    out["vs_alone_steps"] = _compare(taps, alone_taps, tokens)
+    # against one pass over prompt + tokens (Generator.score: the prefill path, many rows per call)
+    out["vs_one_pass"] = _compare(taps, [gen.score(ids + t)[len(ids) - 1:] for ids, t in zip(prompts, tokens)], tokens)
+    out["alone_steps_vs_one_pass"] = _compare(
+        [type("T", (), {"rows": r})() for r in alone_taps],
+        [gen.score(ids + t)[len(ids) - 1:] for ids, t in zip(prompts, tokens)], tokens)
+    return out
+
+
+def _compare(taps, refs, tokens) -> dict:
+    """Row by row while both saw the same tokens: logit and logprob differences, greedy agreement."""
+    from edgeft.runtime.processors import log_softmax
+
     diffs, lp_diffs, agree, steps = [], [], 0, 0
-    for ids, toks, tap in zip(prompts, tokens, taps):
-        alone = gen.score(ids + toks)[len(ids) - 1:]
-        for row, ref, tok in zip(tap.rows, alone, toks):
+    for tap, ref_rows, toks in zip(taps, refs, tokens):
+        for row, ref, tok in zip(tap.rows, ref_rows, toks):
             diffs.append(float(np.abs(row - ref).max()))
-            lp_diffs.append(float(np.abs(log_softmax(row) - log_softmax(ref)).max()))
-            agree += int(np.argmax(ref) == tok)
+            lp_diffs.append(float(np.abs(log_softmax(row) - log_softmax(np.asarray(ref))).max()))
             steps += 1
-    return {"artifact": str(path), "quantization": gen.manifest.quantization.get("scheme"),
-            "batching": gen.decoder.batching, "prompts": n_prompts,
-            "prompt_lengths": [len(p) for p in prompts], "new_tokens": new_tokens, "steps": steps,
-            "mean_rows_per_decode_step": batch_rows,
-            "max_abs_logit_diff": max(diffs), "median_abs_logit_diff": float(np.median(diffs)),
+            if int(np.argmax(ref)) != tok:
+                break  # the reference would have gone another way: later rows are not comparable
+            agree += 1
+    return {"rows": steps, "max_abs_logit_diff": max(diffs), "median_abs_logit_diff": float(np.median(diffs)),
             "max_abs_logprob_diff": max(lp_diffs), "greedy_agreement": agree / steps}
 
 
@@ -102,10 +121,12 @@ def main() -> None:
     out = a.out or REPO / "benchmarks" / "results" / f"batch-drift-{date}.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
     for r in rows:
-        print(f"{r['quantization']:>6} {r['batching']:>7}: max |dlogit| {r['max_abs_logit_diff']:.2e}, "
-              f"median {r['median_abs_logit_diff']:.2e}, max |dlogprob| {r['max_abs_logprob_diff']:.2e}, "
-              f"greedy agreement {100 * r['greedy_agreement']:.1f}% over {r['steps']} steps "
-              f"({r['mean_rows_per_decode_step']:.1f} rows per step)")
+        for what in ("vs_alone_steps", "vs_one_pass", "alone_steps_vs_one_pass"):
+            d = r[what]
+            print(f"{r['quantization']:>6} {r['batching']:>7} {what:<24}: max |dlogit| {d['max_abs_logit_diff']:.2e}, "
+                  f"median {d['median_abs_logit_diff']:.2e}, max |dlogprob| {d['max_abs_logprob_diff']:.2e}, "
+                  f"greedy agreement {100 * d['greedy_agreement']:.1f}% over {d['rows']} rows "
+                  f"({r['mean_rows_per_decode_step']:.1f} rows per batched step)")
     print(f"written {out}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -109,9 +110,9 @@ def main() -> None:
     threads = [threading.Thread(target=slow) for _ in range(4)]
     for th in threads:
         th.start()
-    busy = f'edgeft_inference_in_flight{{model="{a.chat}"}} 1'.encode()
-    deadline = time.time() + 10
-    while time.time() < deadline and busy not in call(a.url, "/metrics", key=a.key)[1] and len(results) < 4:
+    busy = re.compile(rb'edgeft_inference_in_flight\{model="' + re.escape(a.chat.encode()) + rb'"\} [1-9]')
+    deadline = time.time() + 10  # until a sequence holds a slot (up to --parallel decode at once)
+    while time.time() < deadline and not busy.search(call(a.url, "/metrics", key=a.key)[1]) and len(results) < 4:
         time.sleep(0.005)
     in_flight = len(threads) - len(results)
     os.kill(a.pid, signal.SIGTERM)
