@@ -96,7 +96,7 @@ def test_logprobs_are_log_softmax_of_the_processed_logits(llama, temperature):
     seen: dict[int, int] = {}
     for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
         row = rows[i].copy()
-        for t, c in seen.items():
+        for t in seen:
             row[t] -= 0.5
         ref = log_softmax(row)
         assert lp.token == tok and abs(lp.logprob - ref[tok]) < 1e-4
