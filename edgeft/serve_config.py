@@ -49,7 +49,7 @@ class ServeConfig:
     Replaces --workers (EDGEFT_WORKERS is no longer read)."""
     ctx_size: int = field(default=0, metadata=flag("--ctx-size", "-c", env="EDGEFT_CTX_SIZE"))
     """KV cache tokens per model, shared by the slots (llama.cpp's -c); a request longer than one slot is a 400.
-    0: 4096, or parallel x the model's context if that is less."""
+    0: parallel x the model's context (each slot a whole context; memory is used only as slots fill)."""
     queue_size: int = field(default=16, metadata=flag(env="EDGEFT_QUEUE_SIZE"))
     """Sequences that may wait per model for a free slot; more get 429."""
     prefix_cache: int = field(default=4, metadata=flag(env="EDGEFT_PREFIX_CACHE"))

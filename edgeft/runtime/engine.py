@@ -383,7 +383,7 @@ class Engine:
             raise EdgeftError("queue-size cannot be negative and the prefill budget must be at least 1")
         self.gen = gen
         ctx = gen.decoder.context_length
-        total = ctx_size or min(4096, parallel * ctx)
+        total = ctx_size or parallel * ctx  # zeroed pages: memory is committed only as slots fill
         self.slot_len = min(total // parallel, ctx)
         if self.slot_len < 2:
             raise EdgeftError(f"ctx-size {total} leaves {total // parallel} tokens per slot for {parallel} slots")
