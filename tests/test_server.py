@@ -548,17 +548,18 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(artifacts):
 
     def request(i: int) -> None:
         results.append(httpx.post(url + "/v1/completions", timeout=120, json={
-            "model": "poet", "prompt": PROMPTS[i], "max_tokens": 200, "stream": i == 0}))
+            "model": "poet", "prompt": PROMPTS[i], "max_tokens": 200, "n": 4, "stream": i == 0}))
 
     threads = [threading.Thread(target=request, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    deadline = time.time() + 20  # wait until all four are admitted (one running, three queued) or done
+    # wait until all sixteen sequences (4 requests x n=4) are admitted (one decoding, the rest waiting) or done
+    deadline = time.time() + 20
     while time.time() < deadline and len(results) < len(threads):
         text = httpx.get(url + "/metrics").text
         admitted = metric(text, 'edgeft_inference_in_flight{model="poet"}') + \
             metric(text, 'edgeft_queue_depth{model="poet"}')
-        if admitted + len(results) >= len(threads) and admitted >= 1:
+        if admitted + 4 * len(results) >= 4 * len(threads) and admitted >= 1:
             break
         time.sleep(0.005)
     unfinished = len(threads) - len(results)
