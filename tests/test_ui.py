@@ -1,11 +1,12 @@
 """The browser page at ``GET /`` of ``edgeft serve``, driven in Debian's Chromium with Selenium.
 
-The real CLI server runs on loopback with a bearer key over two tiny artifacts: a "parrot"
-llama whose weights are set by hand so that, whatever the prompt, it says the same five
-pieces in a loop (one of them ``<img src=x onerror=alert(1)>``), and the 4-block BERT
-sentiment classifier. The page is driven like a user would: type the key into the dialog,
-chat (streamed text, stats, history sent), stop a long generation (the server's in-flight
-count drops to zero), classify two texts. Screenshots of each view (wide and phone, light and
+The real CLI server runs on loopback with a bearer key and a trusted signing key over three
+tiny signed artifacts: a "parrot" llama whose weights are set by hand so that, whatever the
+prompt, it says the same five pieces in a loop (one of them ``<img src=x onerror=alert(1)>``),
+the 4-block BERT sentiment classifier, and the same BERT as a mean-pooled embedding model. The
+page is driven like a user would: type the key into the dialog, chat (streamed text, stats,
+history sent), stop a long generation (the server's in-flight count drops to zero), classify
+two texts, compare two texts' embeddings. Screenshots of each view (wide and phone, light and
 dark) go to ``$EDGEFT_UI_SCREENSHOTS`` or the test's temporary folder.
 
 The browser tests are skipped, with the reason, where chromium, chromedriver or selenium are
@@ -90,6 +91,8 @@ def parrot_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, parrot_dir, tiny_bert_dir) -> dict[str, Path]:
+    from test_embed import _st_folder
+
     from edgeft.export import ExportConfig, export
 
     out = tmp_path_factory.mktemp("ui-artifacts")
@@ -98,7 +101,10 @@ def artifacts(tmp_path_factory, parrot_dir, tiny_bert_dir) -> dict[str, Path]:
     sentiment = export(ExportConfig(source=str(tiny_bert_dir), out=out / "sentiment", task="classification",
                                     labels=("negative", "positive"), allow_degraded=True, gate_texts=8,
                                     eval_data=REPO / "demo" / "sst2_2k.csv"))
-    return {"parrot": Path(parrot), "sentiment": Path(sentiment)}
+    st_dir = _st_folder(tiny_bert_dir, tmp_path_factory.mktemp("ui-st") / "tiny-st")
+    vectors = export(ExportConfig(source=str(st_dir), out=out / "vectors", gate_texts=16,
+                                  eval_data=REPO / "demo" / "sst2_2k.csv", progress=False), log=None)
+    return {"parrot": Path(parrot), "sentiment": Path(sentiment), "vectors": Path(vectors)}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,7 @@ def signing_key(tmp_path_factory, artifacts) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def server(artifacts, signing_key):
-    proc, url = start_cli_server([artifacts["parrot"], artifacts["sentiment"]],
+    proc, url = start_cli_server([artifacts["parrot"], artifacts["sentiment"], artifacts["vectors"]],
                                  {"EDGEFT_API_KEY": KEY, "EDGEFT_MAX_TOKENS": "8000",
                                   "EDGEFT_TRUSTED_KEY": str(signing_key[0])})
     yield url
@@ -168,7 +174,7 @@ def test_models_list_what_the_manifest_says(http, artifacts, signing_key):
         assert card["gate"]["metrics"] == manifest.gate["metrics"]
         assert card["digest"] == manifest.digest and card["digest"].startswith("sha256:")
         assert card["signed_by"] == signing_key[1] and card["signature_checked"] is True
-    assert models["sentiment"]["labels"] == ["negative", "positive"]
+    assert models["sentiment"]["labels"] == ["negative", "positive"] and models["vectors"]["dimensions"] == 64
 
 
 def test_no_ui_turns_the_page_off(artifacts, signing_key):
@@ -303,7 +309,6 @@ def expected_reply(artifact: Path, messages: list[dict], max_tokens: int) -> tup
 def test_chat_streams_keeps_history_and_shows_model_output_as_text(page, http, artifacts, signing_key, shots):
     d = page
     assert by_id(d, "model").get_attribute("value") == "parrot"
-    assert not by_id(d, "tab-embed").is_displayed()  # no embedding model is served
     facts = by_id(d, "model-facts").text
     assert "causal-lm" in facts and "int8" in facts and "vs PyTorch" in facts
     assert f"key {signing_key[1]} (verified by this server)" in facts
@@ -406,3 +411,29 @@ def test_classify_two_texts_shows_labels_and_probabilities(page, artifacts, shot
 
     by_id(d, "tab-classify").send_keys(Keys.ARROW_LEFT)
     assert by_id(d, "view-chat").is_displayed() and by_id(d, "model").get_attribute("value") == "parrot"
+
+
+@browser
+def test_embed_tab_shows_the_cosine_similarity_of_two_texts(page, artifacts, shots):
+    import numpy as np
+
+    from edgeft.runtime import TextEmbedder
+
+    d = page
+    texts = ["a gorgeous, witty, seductive movie.", "the plot is a lump of coal."]
+    a, b = TextEmbedder.open(artifacts["vectors"], threads=1).embed(texts)
+    want = float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+    by_id(d, "tab-embed").click()
+    assert by_id(d, "model").get_attribute("value") == "vectors" and by_id(d, "view-embed").is_displayed()
+    assert "mean cosine to PyTorch" in by_id(d, "model-facts").text and "64" in by_id(d, "model-facts").text
+    set_field(d, "embed-a", texts[0])
+    set_field(d, "embed-b", texts[1])
+    by_id(d, "embed-run").click()
+    shown = wait_for(lambda: css(d, "#similarity") and css(d, "#similarity")[0].text, what="the similarity")
+    assert abs(float(shown) - want) < 2e-3  # int8 activations move a vector slightly with its batch-mates
+    shot(d, shots / "embed-light.png")
+    dark(d, True)
+    phone(d, True)
+    shot(d, shots / "embed-phone-dark.png")
+    phone(d, False)
+    dark(d, False)

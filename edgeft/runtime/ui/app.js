@@ -231,6 +231,7 @@ function gateSummary(gate, task) {
       : " (" + Math.abs(drop).toFixed(2) + " points " + (drop > 0 ? "below" : "above") + " PyTorch)";
     parts.push("accuracy " + (100 * m.accuracy).toFixed(1) + "%" + vs);
   }
+  if (typeof m.mean_cosine === "number") parts.push("mean cosine to PyTorch's vectors " + m.mean_cosine.toFixed(4));
   if (typeof m.label_agreement === "number") parts.push("label agreement " + (100 * m.label_agreement).toFixed(1) + "%");
   const verdict = gate.passed ? "passed" : gate.degraded ? "FAILED (served anyway: --allow-degraded)" : "failed";
   return (parts.length ? parts.join(", ") + ": " : "") + verdict;
@@ -246,10 +247,11 @@ function showCard(model) {
     ["Size", formatBytes(card.size_bytes)],
     ["Context", model.context_length ? model.context_length + " tokens" : null],
     ["Labels", Array.isArray(model.labels) ? model.labels.join(", ") : null],
+    ["Dimensions", model.dimensions || null],
     ["Gate", gateSummary(card.gate, model.task)],
     ["Signed by", !card.signed_by ? "not signed" : "key " + card.signed_by +
       (card.signature_checked ? " (verified by this server)" : " (not checked: serve has no --trusted-key)")],
-    ["Digest", card.digest ? card.digest.replace(/^sha256:/, "sha256 ").slice(0, 23) + "…" : null],
+    ["Digest", card.digest ? card.digest.slice(0, 23) + "…" : null],
   ];
   const dl = $("model-facts");
   dl.replaceChildren();
@@ -257,7 +259,7 @@ function showCard(model) {
     if (value === null || value === undefined || value === "") continue;
     const row = el("div", { class: "fact" }, el("dt", { text: name }), el("dd", { text: String(value) }));
     if (name === "Gate") row.dataset.verdict = card.gate && card.gate.passed ? "passed" : "failed";
-    if (["Gate", "Base model", "Signed by"].includes(name)) row.classList.add("wide");
+    if (["Gate", "Base model", "Signed by", "Digest"].includes(name)) row.classList.add("wide");
     dl.append(row);
   }
   const verdict = card.gate && card.gate.passed !== undefined ? (card.gate.passed ? "gate passed" : "gate failed") : null;
