@@ -92,6 +92,7 @@ def generate(
     from edgeft.artifact import Check
     from edgeft.runtime import Generator
 
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else max_new_tokens_n
     if input is not None:
         if prompt is not None:
             raise EdgeftError("give a prompt or --input FILE, not both")
@@ -101,7 +102,6 @@ def generate(
     if prompt is None or prompt == "-":
         prompt = _read_stdin()
     gen = Generator.open(artifact, threads=threads, check=Check.quick)
-    max_new_tokens = max_new_tokens if max_new_tokens is not None else max_new_tokens_n
     params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
