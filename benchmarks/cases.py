@@ -184,7 +184,7 @@ def case_bandwidth(ctx: Context) -> None:
     r = ctx.spawn("bandwidth", repeats=max(ctx.repeats, 5), mib=512 if ctx.quick else 1024)
     bw = _stat(r["gbps"])
     ctx.add("bandwidth", "machine", "read_gbps", bw, "GB/s",
-            note=f"numpy sums over a {512 if ctx.quick else 1024} MiB array, {ctx.threads} threads")
+            note=f"numpy max-reductions over a {512 if ctx.quick else 1024} MiB array, {ctx.threads} threads")
     for system, nbytes in ctx.cache.get("weights", {}).items():
         dec = ctx.res.find("decode_tps", system)
         if dec is None:

@@ -68,7 +68,7 @@ def is_pulled(name: str) -> bool:
 
 
 def list_models() -> list[dict[str, str]]:
-    """Every pullable model with its state, plus anything else found in the cache."""
+    """Every pullable model with its state (pulled or not) and where it is or would be cached."""
     rows = []
     for p in PULLABLE.values():
         path = models_dir() / p.name

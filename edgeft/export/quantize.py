@@ -8,13 +8,12 @@ a zero point (asymmetric), except the head, whose matrix the embedding may share
 
 ``mixed`` puts 4 bits only where they cost least: the MLP's input projections (gate/up,
 ``fc1``, ``c_fc``) of the middle blocks. Attention, the MLP's output projection, the first
-and last blocks, head and embeddings stay at 8. Measured on SmolLM2-135M (sonnets, 1.5k
-tokens, teacher-forced against the fp32 graph): every middle-block matrix at 4 bits gave
-perplexity +16% and top-1 agreement 0.69; all MLP matrices +5% / 0.78; gate/up only
--0.3% / 0.84 (symmetric gate/up: +6% / 0.83).
+and last blocks, head and embeddings stay at 8 (the measurements behind that choice are in
+``benchmarks/results/design-measurements.md``).
 
 Classifiers get int8: dynamic (int8 weights and activations, ``quantize_dynamic``) or
-weight-only (``MatMulNBits`` 8-bit); ``edgeft.export`` gates both and keeps the faster.
+weight-only (``MatMulNBits`` 8-bit); ``edgeft.export`` gates both and keeps, by a rule on
+the graphs, the one whose matmuls run on int8 activations.
 
 This module knows ONNX graphs and onnxruntime's quantizers; it knows nothing of torch,
 tokenizers or where a model came from. Tensor groups are found by name (``layers.3``,

@@ -6,12 +6,11 @@ the caller's order. Returns every label's probability. A text is cut by characte
 tokenizing (``edgeft.data.clip_for_tokens``), so a huge one costs what its first tokens cost.
 
 A caller's batch is further cut so that no graph call holds more than ``batch_tokens``
-padded tokens: on CPU the activations of a big batch fall out of the cache. Measured on
-2 cores with MiniLM-L6 (int8) over SST-2 dev, batches of 32 ran at 190 texts/s as one
-call and at 355 with the default budget of 128 tokens (192: 335; 256: 328). The calls of
+padded tokens: on CPU the activations of a big batch fall out of the cache. The calls of
 one batch then run side by side on as many Python threads as the session has cores
 (onnxruntime releases the GIL): small calls use cores better side by side than split
-inside onnxruntime (357 -> 415 texts/s). A single call keeps every core to itself.
+inside onnxruntime. A single call keeps every core to itself. (The measurements behind
+both choices: ``benchmarks/results/design-measurements.md``.)
 
 This module knows the classifier graph convention of ``edgeft.artifact`` and nothing of
 the model's origin.
