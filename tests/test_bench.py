@@ -175,7 +175,7 @@ def test_q4_goal_counts_only_artifacts_whose_gate_passed(result):
 
 
 def test_fmt_significant_digits():
-    assert fmt(1234.5) == "1,234" or fmt(1234.5) == "1,235"
+    assert fmt(1234.4) == "1,234" and fmt(1234.6) == "1,235" and fmt(-98765.0) == "-98,765"
     assert fmt(123.4) == "123" and fmt(12.34) == "12.3" and fmt(1.234) == "1.23" and fmt(0.5) == "0.50" and fmt(0.01234) == "0.0123"
     assert fmt(float("nan")) == "n/a"
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_runtime_support import build
+from runtime_artifacts import build
 from typer.testing import CliRunner
 
 from edgeft.cli import app

@@ -415,7 +415,7 @@ def test_bad_key_files_are_one_line(art, tmp_path, keys):
 
 
 def test_export_sign_writes_a_signed_artifact(tiny_bert_dir, tmp_path, keys):
-    from test_runtime_support import GATE, LABELS as BERT_LABELS, REPO, _seeded_classifier
+    from runtime_artifacts import GATE, LABELS as BERT_LABELS, REPO, _seeded_classifier
 
     from edgeft.signing import load_trusted_keys
 

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_runtime_support import LABELS, bert_classifier, build
+from runtime_artifacts import LABELS, bert_classifier, build
 
 from edgeft import artifact
 from edgeft.errors import EdgeftError

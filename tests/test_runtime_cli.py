@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-from test_runtime_support import LABELS, build
+from runtime_artifacts import LABELS, build
 from typer.testing import CliRunner
 
 from edgeft.cli import app

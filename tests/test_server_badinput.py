@@ -23,7 +23,7 @@ import httpx
 import pytest
 from starlette.routing import Route
 from starlette.testclient import TestClient
-from test_runtime_support import build
+from runtime_artifacts import build
 
 KEY, METRICS_KEY = "api-key-1", "metrics-key-1"
 CLI = [sys.executable, "-c", "from edgeft.cli import main; main()"]

@@ -30,7 +30,7 @@ TURNS = [
 
 @pytest.fixture(scope="module")
 def gen(tiny_llama_dir, tmp_path_factory):
-    from test_runtime_support import build
+    from runtime_artifacts import build
 
     from edgeft.runtime import Generator
 
