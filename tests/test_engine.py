@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_runtime_support import build
+from runtime_artifacts import build
 
 from edgeft.errors import EdgeftError
 from edgeft.runtime import Generator, SamplingParams

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_runtime_support import build
+from runtime_artifacts import build
 
 from edgeft.errors import EdgeftError
 from edgeft.runtime import Generator, SamplingParams
