@@ -12,7 +12,8 @@ retrying 0.2 s after a 429; every status code is counted, and an admitted reques
 not end with ``[DONE]`` and all its tokens is a failure.
 
 edgeft runs its defaults with ``--parallel NP`` (threads: all cores); llama-server runs
-``-np NP -c NP*SLOT`` and its own default thread settings, as its users do, on the Q8_0
+``-np NP -c NP*SLOT`` and its own default thread count, as its users do (idle threads
+sleep: ``--poll 0``, ``OMP_WAIT_POLICY=PASSIVE``, as for every system in benchmarks/), on the Q8_0
 re-encoding of the shipped Q4_1 GGUF (``llama-quantize``) and on the Q4_1 itself. Writes
 ``benchmarks/results/serving-DATE.json`` and ``.md`` with the CPU's flags and the load
 average around every phase (the machine may be shared: the file says so).
@@ -122,8 +123,10 @@ def edgeft_server(artifact: Path, np_: int) -> Server:
 def llama_server(bin_dir: Path, gguf: Path, np_: int, tag: str) -> Server:
     port = _free_port()
     cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--port", str(port), "-np", str(np_),
-           "-c", str(np_ * SLOT), "--host", "127.0.0.1", "--no-webui"]
-    return Server(f"llama-server {tag}", cmd, port)
+           "-c", str(np_ * SLOT), "--host", "127.0.0.1", "--no-webui", "--poll", "0"]
+    # Idle threads sleep, as for every system in benchmarks/ (README, Method): on a loaded machine
+    # llama-server's default polling threads decoded at about 1 token/s here.
+    return Server(f"llama-server {tag}", cmd, port, env={"OMP_WAIT_POLICY": "PASSIVE"})
 
 
 # ---------------------------------------------------------------- clients
@@ -263,7 +266,7 @@ def write_md(res: dict, path: Path) -> None:
              "absolute figures are lower and noisier than on an idle machine; the systems took turns at each "
              "client count so drift hits all alike.", "",
              f"Model: SmolLM2-135M-Instruct. edgeft: `{res['artifact']}` (int8), `--parallel {res['np']}`, "
-             f"threads = all cores. llama-server: `-np {res['np']} -c {res['np'] * SLOT}`, default threads, "
+             f"threads = all cores. llama-server: `-np {res['np']} -c {res['np'] * SLOT} --poll 0`, default threads, "
              "Q8_0 (re-encoded from the shipped Q4_1 by llama-quantize) and the shipped Q4_1.", "",
              f"Each client streams `/v1/completions` requests back to back ({res['per_client']} each, "
              f"{res['new_tokens']} new tokens, greedy, ignore_eos). Aggregate tok/s = completion tokens of "
@@ -304,6 +307,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 request per client, a 15 s overload.")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     if a.quick:
         a.per_client, a.overload_seconds = 1, 15.0
     levels = [int(x) for x in a.clients.split(",")]
