@@ -283,6 +283,7 @@ def test_classify_single_and_batch(http, classifier):
     ("/v1/completions", {"model": "chat", "prompt": "x", "top_p": 0}, "top_p"),
     ("/v1/completions", {"model": "chat", "prompt": "x", "stop": [1]}, "stop"),
     ("/v1/completions", {"model": "chat", "prompt": "x", "n": 17}, "n"),
+    ("/v1/completions", {"model": "chat", "prompt": ["a", "b"], "n": 16}, "n"),  # more than slots + line
     ("/v1/completions", {"model": "chat", "prompt": "x", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"model": "chat", "prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
     ("/v1/completions", {"model": "chat", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),

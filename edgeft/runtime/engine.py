@@ -415,6 +415,10 @@ class Engine:
 
     # ---- the caller's side
 
+    def room(self) -> int:
+        """Sequences that could be admitted now (free slots plus free places in the waiting line)."""
+        return self.parallel + self.queue_size - len(self._active) - len(self._waiting)
+
     def check(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise ``ContextLengthError`` when a request cannot fit one slot."""
         if prompt_tokens + max_new_tokens > self.slot_len:

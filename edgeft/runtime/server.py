@@ -395,6 +395,14 @@ async def _generate(request: Request, chat: bool) -> Response:
     model = state.model(req.model, Task.causal_lm)
     if req.echo and req.logprobs is not None:
         raise bad("'echo' with 'logprobs' (the prompt's logprobs) is not supported by this server", "echo")
+    wanted = len(req.prompts or (None,)) * req.n
+    most = model.engine.parallel + model.engine.queue_size
+    if wanted > most:
+        raise bad(f"{wanted} sequences (prompts x n) asked for; this server holds at most {most} per model "
+                  "(--parallel + --queue-size)", "n")
+    if model.engine.room() < wanted:  # refused before any tokenizing
+        state.metrics.rejected.inc(model=model.name)
+        raise Overloaded(f"all {model.engine.parallel} slots of '{model.name}' are busy and the waiting line is full")
     prompt_ids = await asyncio.to_thread(_all_prompt_ids, model, req)
     jobs = _jobs(model, req, prompt_ids, cfg.max_tokens)
     rid = wire.new_id("chatcmpl" if chat else "cmpl")
