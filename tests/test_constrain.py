@@ -107,3 +107,56 @@ def test_bad_constraints_name_the_problem(vocab):
         Constraint.choice([])
     tj = Path(space.path)
     assert token_space(tj, space.vocab_size, space.eos_ids) is space  # built once per process
+
+
+# ---------------------------------------------------------------- through the generator, the CLI and the server
+
+@pytest.fixture(scope="module")
+def gen(tiny_llama_dir, tmp_path_factory):
+    from runtime_artifacts import build
+
+    from edgeft.runtime import Generator
+
+    return Generator.open(build("llama", str(tiny_llama_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts")),
+                          threads=1)
+
+
+def test_fifty_seeded_sampled_runs_stop_only_on_valid_json(gen):
+    from edgeft.runtime import SamplingParams, compile_for
+
+    grammar = compile_for(gen, Constraint.json_schema(NESTED))
+    reasons = []
+    for seed in range(50):
+        params = SamplingParams(max_new_tokens=160, temperature=1.0, seed=seed)
+        c = gen.generate("Describe a pet as JSON:", params, processors=[grammar.mask()])
+        reasons.append(c.finish_reason)
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.text), NESTED)
+        else:
+            assert c.finish_reason == "length" and c.completion_tokens == 160
+    assert reasons.count("stop") >= 40, reasons
+    short = gen.generate("Describe a pet as JSON:", SamplingParams(max_new_tokens=3, temperature=1.0, seed=0),
+                         processors=[grammar.mask()])
+    assert short.finish_reason == "length" and short.completion_tokens == 3 and short.text.startswith("{")
+
+
+def test_generate_command_takes_a_schema_a_regex_or_a_choice(gen, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeft.cli import app
+
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(NESTED))
+    art = str(gen.folder)
+    r = CliRunner().invoke(app, ["generate", art, "A pet:", "--json-schema", str(schema), "-n", "200", "-t", "1",
+                                 "--seed", "3", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    jsonschema.validate(json.loads(r.stdout.strip()), NESTED)
+    r = CliRunner().invoke(app, ["generate", art, "Pick:", "--choice", "red,green,blue", "-t", "1", "--seed", "1"])
+    assert r.exit_code == 0 and r.stdout.strip() in ("red", "green", "blue"), r.output
+    r = CliRunner().invoke(app, ["generate", art, "Code:", "--regex", "[A-Z]{2}[0-9]{2}", "-t", "1"])
+    assert r.exit_code == 0 and re.fullmatch(r"[A-Z]{2}[0-9]{2}", r.stdout.strip()), r.output
+    for args, needle in [(["--regex", "(["], "regex"), (["--choice", "a", "--regex", "b"], "at most one"),
+                         (["--json-schema", str(tmp_path / "none.json")], "not a file")]:
+        r = CliRunner().invoke(app, ["generate", art, "x", *args])
+        assert r.exit_code == 2 and needle in r.output, r.output

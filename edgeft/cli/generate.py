@@ -35,6 +35,23 @@ STOP = typer.Option(None, "--stop", help="End generation where this text appears
 THREADS = typer.Option(None, "--threads", help="onnxruntime threads [default: all usable cores, or $EDGEFT_THREADS].")
 
 
+def constraint_from_flags(json_schema: Path | None, regex: str | None, choice: str | None):
+    """At most one of --json-schema FILE, --regex, --choice A,B,C as a ``Constraint`` (None: free text)."""
+    from edgeft.runtime.constrain import Constraint
+
+    if sum(x is not None for x in (json_schema, regex, choice)) > 1:
+        raise EdgeftError("give at most one of --json-schema, --regex and --choice")
+    if json_schema is not None:
+        if not json_schema.is_file():
+            raise EdgeftError(f"--json-schema {json_schema} is not a file")
+        return Constraint.json_schema(json_schema.read_text(encoding="utf-8"))
+    if regex is not None:
+        return Constraint.regex(regex)
+    if choice is not None:
+        return Constraint.choice([c.strip() for c in choice.split(",") if c.strip()])
+    return None
+
+
 def sampling_params(gen: "Generator", max_new_tokens: int | None, temperature: float | None, top_k: int | None,
                     top_p: float | None, repetition_penalty: float | None, seed: int | None,
                     stop: list[str] | None) -> "SamplingParams":
@@ -47,11 +64,11 @@ def sampling_params(gen: "Generator", max_new_tokens: int | None, temperature: f
 
 
 def stream_to_terminal(gen: "Generator", prompt: str | list[int], params: "SamplingParams",
-                       cache=None) -> tuple[str, int, float, str]:
+                       cache=None, processors=()) -> tuple[str, int, float, str]:
     """Print chunks as they come; return (text, tokens, seconds, finish_reason)."""
     pieces, tokens, reason = [], 0, "length"
     start = time.perf_counter()
-    for chunk in gen.stream(prompt, params, cache=cache):
+    for chunk in gen.stream(prompt, params, cache=cache, processors=processors):
         if chunk.text:
             typer.echo(chunk.text, nl=False)
             sys.stdout.flush()
@@ -83,19 +100,28 @@ def generate(
     repetition_penalty: float = REPETITION, seed: int = SEED, stop: list[str] = STOP, threads: int = THREADS,
     max_new_tokens_n: int = MAX_NEW_N,
     stats: bool = typer.Option(False, "--stats", help="Print token counts and tokens/s to stderr at the end."),
+    json_schema: Path = typer.Option(None, "--json-schema", show_default=False,
+                                     help="Constrain the output to JSON valid under the JSON schema in this file."),
+    regex: str = typer.Option(None, "--regex", show_default=False, help="Constrain the output to match this regular expression."),
+    choice: str = typer.Option(None, "--choice", show_default=False, help="Constrain the output to one of these comma-separated strings."),
     input: Path = typer.Option(None, "--input", "-i", help="A JSONL file of prompts (strings, or objects with "
                                "'prompt' or 'messages'), generated together; one JSON result per line out."),
     output: Path = typer.Option(None, "--output", "-o", help="With --input: write the results here, not to stdout."),
     parallel: int = typer.Option(8, "--parallel", help="With --input: prompts decoded together in one batch."),
 ) -> None:
-    """Continue a prompt with a causal-LM artifact, streaming the text as it is generated."""
-    from edgeft.artifact import Check
-    from edgeft.runtime import Generator
+    """Continue a prompt with a causal-LM artifact, streaming the text as it is generated.
 
+    --json-schema, --regex or --choice constrain the output (a mask on every step's tokens)."""
+    from edgeft.artifact import Check
+    from edgeft.runtime import Generator, compile_for
+
+    constraint = constraint_from_flags(json_schema, regex, choice)
     max_new_tokens = max_new_tokens if max_new_tokens is not None else max_new_tokens_n
     if input is not None:
         if prompt is not None:
             raise EdgeftError("give a prompt or --input FILE, not both")
+        if constraint is not None:
+            raise EdgeftError("--json-schema, --regex and --choice constrain one prompt: not with --input")
         gen = Generator.open(artifact, threads=threads)
         params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
         return generate_file(gen, input, output, params, parallel, chat, system)
@@ -107,7 +133,8 @@ def generate(
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         prompt = gen.render_chat(messages)
     ids = gen.encode(prompt)
-    _, tokens, seconds, reason = stream_to_terminal(gen, ids, params)
+    processors = [compile_for(gen, constraint).mask()] if constraint is not None else []
+    _, tokens, seconds, reason = stream_to_terminal(gen, ids, params, processors=processors)
     if stats:
         typer.echo(f"[{len(ids)} prompt tokens, {tokens} generated in {seconds:.2f}s "
                    f"({tokens / max(seconds, 1e-9):.1f} tok/s), finish: {reason}]", err=True)

@@ -267,6 +267,11 @@ def _prompt_ids(model: Model, req: wire.GenerationRequest) -> list[int]:
     """Tokenize (after the chat template for chat); blocking, so called off the event loop."""
     if req.messages is not None:
         try:
+            if req.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in req.messages):
+                from edgeft.runtime.tools import Tool, ToolChoice, render_tools
+
+                return model.front.encode(render_tools(model.front, req.messages, [Tool(**t) for t in req.tools],
+                                                       ToolChoice(*req.tool_choice)))
             return model.front.encode(model.front.render_chat(req.messages))
         except EdgeftError:
             raise
@@ -329,7 +334,8 @@ class Choice:
 class Generation:
     """Every choice of one request (prompts x n), submitted together; ``set()`` cancels them all."""
 
-    def __init__(self, model: Model, jobs: list[tuple[list[int], Any]], on_first: Callable[[], None]) -> None:
+    def __init__(self, model: Model, jobs: list[tuple[list[int], Any]], on_first: Callable[[], None],
+                 grammar: Any = None) -> None:
         self.model, self.on_first = model, on_first
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
@@ -337,7 +343,8 @@ class Generation:
         self.first_seen = False
         try:
             for choice, (ids, params) in zip(self.choices, jobs):
-                choice.seq = model.engine.submit(ids, params, choice.on_chunk)
+                masks = [grammar.mask()] if grammar is not None else []  # one per sequence: it holds its state
+                choice.seq = model.engine.submit(ids, params, choice.on_chunk, processors=masks)
         except BaseException:
             self.set()
             raise
@@ -405,11 +412,12 @@ async def _generate(request: Request, chat: bool) -> Response:
         raise Overloaded(f"all {model.engine.parallel} slots of '{model.name}' are busy and the waiting line is full")
     prompt_ids = await asyncio.to_thread(_all_prompt_ids, model, req)
     jobs = _jobs(model, req, prompt_ids, cfg.max_tokens)
+    grammar = await asyncio.to_thread(_grammar, model, req)
     rid = wire.new_id("chatcmpl" if chat else "cmpl")
     t_admit = time.perf_counter()
     on_first = lambda: state.metrics.first_token.observe(time.perf_counter() - t_admit, model=model.name)  # noqa: E731
     try:
-        gen = Generation(model, jobs, on_first)
+        gen = Generation(model, jobs, on_first, grammar)
     except Overloaded:
         state.metrics.rejected.inc(model=model.name)
         raise
@@ -448,11 +456,45 @@ async def _generate(request: Request, chat: bool) -> Response:
             entries = _logprob_entries(model, lps[i])
             lp = wire.chat_logprobs(entries) if chat else wire.completion_logprobs(entries)
         if chat:
-            choices.append(wire.chat_choice(i, text, finish[i], lp))
+            content, calls = _tool_calls(req, text)
+            choices.append(wire.chat_choice(i, content, "tool_calls" if calls else finish[i], lp, calls))
         else:
             choices.append(wire.completion_choice(i, echoes[i // req.n] + text, finish[i], lp))
     build = wire.chat_body if chat else wire.completion_body
     return JSONResponse(build(rid, model.name, "", "", wire.usage(n_prompt, n), choices))
+
+
+def _grammar(model: Model, req: wire.GenerationRequest) -> Any:
+    """The request's constraint compiled for the model (a required tool call, else response_format), or None.
+
+    Blocking (compiling takes milliseconds, the model's first one a second or two): call it off the loop.
+    A schema the engine cannot compile is a 400 naming the problem."""
+    from edgeft.runtime import compile_for
+    from edgeft.runtime.constrain import Constraint, ConstraintError
+    from edgeft.runtime.tools import Tool, ToolChoice, call_constraint
+
+    choice = ToolChoice(*req.tool_choice)
+    try:
+        if req.tools and choice.forced:
+            param = "tools"
+            constraint = call_constraint([Tool(**t) for t in req.tools], choice, req.parallel_tool_calls)
+        elif req.response_format is not None:
+            param, (kind, schema) = "response_format", req.response_format
+            constraint = Constraint.json_object() if kind == "json_object" else Constraint.json_schema(schema)
+        else:
+            return None
+        return compile_for(model.front, constraint)
+    except ConstraintError as exc:
+        raise bad(str(exc), param, "invalid_schema") from None
+
+
+def _tool_calls(req: wire.GenerationRequest, text: str) -> tuple[str | None, list[dict]]:
+    """(content, tool calls) of a chat answer: calls only when the request offered tools."""
+    if not req.tools or req.tool_choice[0] == "none":
+        return text, []
+    from edgeft.runtime.tools import Tool, parse_calls
+
+    return parse_calls(text, [Tool(**t) for t in req.tools])
 
 
 def _all_prompt_ids(model: Model, req: wire.GenerationRequest) -> list[list[int]]:
@@ -466,6 +508,7 @@ async def _stream_events(state: ServerState, model: Model, req: wire.GenerationR
     """Server-sent events for one streamed request (every choice, by index); always ends with ``data: [DONE]``."""
     n = 0
     total = len(gen.choices)
+    held = [[] for _ in range(total)] if chat and req.tools and req.tool_choice[0] != "none" else None
 
     def piece(i: int, text: str, finish: str | None, lps: list | None = None) -> str:
         lp = None
@@ -497,10 +540,20 @@ async def _stream_events(state: ServerState, model: Model, req: wire.GenerationR
                 if chunk.token_id is not None:
                     n += 1
                 lps = [chunk.logprob] if chunk.logprob is not None else None
-                if chunk.text or lps:
+                if held is not None:  # tool calls: the text is held until it can be parsed
+                    held[i].append(chunk.text)
+                elif chunk.text or lps:
                     out.append(piece(i, chunk.text, None, lps))
                 if chunk.finish_reason is not None:
-                    out.append(piece(i, "", chunk.finish_reason if chunk.finish_reason != "cancelled" else "length"))
+                    finish = chunk.finish_reason if chunk.finish_reason != "cancelled" else "length"
+                    if held is not None:
+                        content, calls = _tool_calls(req, "".join(held[i]))
+                        if calls:
+                            out.append(_sse(wire.chat_chunk(rid, model.name, wire.tool_call_delta(calls), None, i)))
+                            finish = "tool_calls"
+                        elif content:
+                            out.append(piece(i, content, None))
+                    out.append(piece(i, "", finish))
             if out:
                 yield "".join(out)
         if req.include_usage:

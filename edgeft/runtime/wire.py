@@ -43,7 +43,7 @@ class GenerationRequest:
 
     model: str | None
     prompt: str | list[int] | None = None  # completions: the first (often only) prompt
-    messages: list[dict[str, str]] | None = None  # chat
+    messages: list[dict[str, Any]] | None = None  # chat
     max_tokens: int | None = None  # None: the artifact's default, clamped to the context
     temperature: float | None = None
     top_p: float | None = None
@@ -62,6 +62,10 @@ class GenerationRequest:
     echo: bool = False  # completions: the prompt's text before the completion
     ignore_eos: bool = False
     prompts: tuple = ()  # completions: every prompt (one choice each, times n)
+    response_format: tuple[str, dict | None] | None = None  # ("json_object", None) or ("json_schema", schema)
+    tools: tuple[dict, ...] = ()  # chat: {"name", "description", "parameters"} per function
+    tool_choice: tuple[str, str | None] = ("none", None)  # mode ("auto", "none", "required", "function"), name
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True)
@@ -167,10 +171,10 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 def _unsupported(body: dict) -> None:
     """Reject features edgeft does not implement rather than silently ignoring them."""
-    for name in ("suffix", "tools", "functions", "response_format"):
+    for name in ("suffix", "functions"):
         if body.get(name) not in (None, False, 0):
             raise bad(f"'{name}' is not supported by this server", name)
-    for name in ("tool_choice", "function_call", "parallel_tool_calls", "audio", "prediction",
+    for name in ("function_call", "audio", "prediction",
                  "web_search_options", "reasoning_effort"):
         if body.get(name) is not None:
             raise bad(f"'{name}' is not supported by this server", name)
@@ -262,16 +266,14 @@ def parse_completion(body: dict, max_tokens_cap: int) -> GenerationRequest:
         raise bad("'prompt' must be a string, a list of token ids, or a list of those", "prompt")
     if len(prompts) > MAX_PROMPTS:
         raise bad(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
+    for name in ("response_format", "tools", "tool_choice"):
+        if body.get(name) is not None:
+            raise bad(f"'{name}' is a /v1/chat/completions field", name)
     return GenerationRequest(prompt=prompts[0], prompts=tuple(prompts), echo=_opt_bool(body, "echo"),
                              **_sampling(body, max_tokens_cap))
 
 
-def _message(i: int, m: Any) -> dict[str, str]:
-    if not isinstance(m, dict):
-        raise bad(f"messages[{i}] must be an object", "messages")
-    role, content = m.get("role"), m.get("content")
-    if not isinstance(role, str) or not role:
-        raise bad(f"messages[{i}].role must be a non-empty string", "messages")
+def _text_content(i: int, content: Any) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
@@ -281,7 +283,99 @@ def _message(i: int, m: Any) -> dict[str, str]:
         content = "".join(parts)
     if not isinstance(content, str):
         raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
-    return {"role": role, "content": content}
+    return content
+
+
+def _tool_calls(i: int, calls: Any) -> list[dict]:
+    if not isinstance(calls, list) or not calls:
+        raise bad(f"messages[{i}].tool_calls must be a non-empty list", "messages")
+    out = []
+    for c in calls:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
+            raise bad(f"messages[{i}].tool_calls: each needs function.name and function.arguments (a JSON string)",
+                      "messages")
+        out.append({"id": str(c.get("id") or ""), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn.get("arguments") or "{}"}})
+    return out
+
+
+def _message(i: int, m: Any) -> dict[str, Any]:
+    """One chat message; an assistant turn may carry ``tool_calls`` (content null), a tool turn its ``tool_call_id``."""
+    if not isinstance(m, dict):
+        raise bad(f"messages[{i}] must be an object", "messages")
+    role, content = m.get("role"), m.get("content")
+    if not isinstance(role, str) or not role:
+        raise bad(f"messages[{i}].role must be a non-empty string", "messages")
+    if role == "assistant" and m.get("tool_calls") is not None:
+        out: dict[str, Any] = {"role": role, "content": "" if content is None else _text_content(i, content),
+                               "tool_calls": _tool_calls(i, m["tool_calls"])}
+        return out
+    out = {"role": role, "content": _text_content(i, content)}
+    if role == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise bad(f"messages[{i}]: a tool message needs its 'tool_call_id'", "messages")
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
+
+
+def _tools(body: dict) -> tuple[tuple[dict, ...], tuple[str, str | None], bool]:
+    """``tools``, ``tool_choice`` (mode, function name) and ``parallel_tool_calls``."""
+    tools = body.get("tools")
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise bad("'tools' must be a list of function tools", "tools")
+    out, names = [], set()
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+            raise bad("each tool must be {'type': 'function', 'function': {'name': a-z, 0-9, _ or -, ...}}", "tools")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise bad(f"tool '{name}': 'parameters' must be a JSON schema object", "tools")
+        if name in names:
+            raise bad(f"two tools are named '{name}'", "tools")
+        names.add(name)
+        out.append({"name": name, "description": str(fn.get("description") or ""), "parameters": params})
+    choice = body.get("tool_choice")
+    if choice is None:
+        mode, fname = ("auto" if out else "none"), None
+    elif choice in ("auto", "none", "required"):
+        mode, fname = choice, None
+    elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
+        mode, fname = "function", choice["function"]["name"]
+    else:
+        raise bad("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name'}}",
+                  "tool_choice")
+    if choice is not None and not out:
+        raise bad("'tool_choice' is only allowed when 'tools' are given", "tool_choice")
+    if fname is not None and fname not in names:
+        raise bad(f"'tool_choice' names '{fname}', which is not among the tools", "tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    return tuple(out), (mode, fname), parallel
+
+
+def _response_format(body: dict) -> tuple[str, dict | None] | None:
+    """OpenAI's ``response_format``: text (no constraint), json_object, or json_schema with its schema."""
+    v = body.get("response_format")
+    if v is None:
+        return None
+    kind = v.get("type") if isinstance(v, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ("json_object", None)
+    if kind == "json_schema":
+        spec = v.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad("'response_format.json_schema.schema' must be a JSON schema object", "response_format")
+        return ("json_schema", schema)
+    raise bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
 def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
@@ -293,7 +387,9 @@ def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if body.get("echo") not in (None, False):
         raise bad("'echo' is a /v1/completions field", "echo")
-    return GenerationRequest(messages=msgs, **_sampling(body, max_tokens_cap, name, chat=True))
+    tools, choice, parallel = _tools(body)
+    return GenerationRequest(messages=msgs, tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
+                             response_format=_response_format(body), **_sampling(body, max_tokens_cap, name, chat=True))
 
 
 def parse_classify(body: dict, max_inputs: int) -> ClassifyRequest:
@@ -369,9 +465,17 @@ def completion_choice(index: int, text: str, finish: str | None, logprobs: dict 
     return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
 
-def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-            "logprobs": logprobs}
+def chat_choice(index: int, text: str | None, finish: str, logprobs: dict | None = None,
+                tool_calls: list[dict] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
+
+
+def tool_call_delta(calls: list[dict]) -> dict[str, Any]:
+    """A streamed delta carrying whole tool calls, each with its index (as the openai client assembles them)."""
+    return {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
 
 
 def _lp(v: float) -> float:
