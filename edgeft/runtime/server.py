@@ -412,7 +412,8 @@ async def _generate(request: Request, chat: bool) -> Response:
         raise Overloaded(f"all {model.engine.parallel} slots of '{model.name}' are busy and the waiting line is full")
     prompt_ids = await asyncio.to_thread(_all_prompt_ids, model, req)
     jobs = _jobs(model, req, prompt_ids, cfg.max_tokens)
-    grammar = await asyncio.to_thread(_grammar, model, req)
+    constrained = req.response_format is not None or (req.tools and req.tool_choice[0] in ("required", "function"))
+    grammar = await asyncio.to_thread(_grammar, model, req) if constrained else None
     rid = wire.new_id("chatcmpl" if chat else "cmpl")
     t_admit = time.perf_counter()
     on_first = lambda: state.metrics.first_token.observe(time.perf_counter() - t_admit, model=model.name)  # noqa: E731
