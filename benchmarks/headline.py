@@ -13,6 +13,7 @@ EDGEFT = {q: f"edgeft {q}" for q in ("fp32", "int8", "int4", "mixed")}
 HF = "transformers fp32"
 GENAI = "ort-genai int8"
 LLAMA = {q: f"llama.cpp {q}" for q in ("F16", "Q8_0", "Q4_1")}
+LLAMA_PY = "llama-cpp-python Q8_0 (pip build)"  # the handicapped build, an extra row only
 TORCH_CLS = "pytorch fp32"
 CLS = {q: f"edgeft {q}" for q in ("fp32", "int8")}
 
@@ -80,7 +81,64 @@ def goals(res: SuiteResult) -> list[Goal]:
              "<=", detail="as above, a model ten times larger (few steps: memory, not accuracy)"),
         Goal("8-bit-frozen tuning accuracy below full fine-tuning (points)",
              _neg(_diff(res, "accuracy", "edgeft top-N over int8", "full fine-tuning")), 1.0, "<="),
+        *peer_goals(res),
     ]
+
+
+PEERS = "peers"  # the case of native peers (benchmarks.peer_case)
+PPL_BUDGET = 5.0  # percent over the fp32 reference: the export gate's default budget
+
+
+def quality_of(res: SuiteResult, system: str) -> float | None:
+    """Perplexity increase (%) over fp32 of a peers-case row; a lever row ("edgeft int8, X") has its base's."""
+    m = res.find("ppl_vs_fp32", system) or res.find("ppl_vs_fp32", system.split(",")[0])
+    return m.median if m else None
+
+
+def qualifying(res: SuiteResult, edgeft: bool) -> list[tuple[str, float]]:
+    """(system, decode tok/s) of the peers case's generation rows within the perplexity budget."""
+    out = []
+    for m in res.measurements:
+        if m.case == PEERS and m.metric == "decode_tps" and m.system.startswith("edgeft") == edgeft:
+            q = quality_of(res, m.system)
+            if q is not None and q <= PPL_BUDGET:
+                out.append((m.system, m.median))
+    return sorted(out, key=lambda x: -x[1])
+
+
+def peer_goals(res: SuiteResult) -> list[Goal]:
+    """The native-peers issue's goals, from the peers case (none when it did not run)."""
+    if not any(m.case == PEERS for m in res.measurements):
+        return []
+    mine, theirs = qualifying(res, True), qualifying(res, False)
+    best = mine[0] if mine else None
+    peer = theirs[0] if theirs else None
+    out = [Goal(f"peers: fastest passing edgeft decode vs fastest qualifying peer ({best[0] if best else '?'} / "
+                f"{peer[0] if peer else '?'})",
+                best[1] / peer[1] if best and peer else None, 1.3,
+                detail=f"{best[0] if best else '?'} / {peer[0] if peer else '?'}; qualifying: perplexity within "
+                       f"+{PPL_BUDGET:g}% of fp32 on the same ids")]
+    share = res.find("bandwidth_share", EDGEFT["int8"])
+    out.append(Goal("peers: edgeft int8 decode share of the bandwidth limit", share.median if share else None, 0.65))
+    bshare = res.find("bandwidth_share", best[0]) if best else None
+    out.append(Goal(f"peers: fastest passing edgeft's share of its own limit ({best[0] if best else '?'})",
+                    bshare.median if bshare else None, 0.7,
+                    detail=best[0] if best else ""))
+    pre = lambda edge: [m for m in res.measurements if m.case == PEERS and m.metric == "prefill_tps"  # noqa: E731
+                        and m.system.startswith("edgeft") == edge and (quality_of(res, m.system) or 99) <= PPL_BUDGET]
+    mp, tp = max(pre(True), key=lambda m: m.median, default=None), max(pre(False), key=lambda m: m.median, default=None)
+    out.append(Goal(f"peers: prefill at 512, fastest passing edgeft vs fastest qualifying peer "
+                    f"({mp.system if mp else '?'} / {tp.system if tp else '?'})",
+                    mp.median / tp.median if mp and tp else None, 1.0,
+                    detail=f"{mp.system if mp else '?'} / {tp.system if tp else '?'}"))
+    cls = [m for m in res.measurements if m.case == PEERS and m.metric == "throughput"]
+    e = next((m for m in cls if m.system.startswith("edgeft int8")), None)
+    others = [m for m in cls if not m.system.startswith("edgeft")]
+    o = max(others, key=lambda m: m.median, default=None)
+    out.append(Goal(f"peers: classification int8 at batch 32 vs fastest peer ({o.system if o else '?'})",
+                    e.median / o.median if e and o else None,
+                    1.2, detail=o.system if o else ""))
+    return out
 
 
 def gate_passed(res: SuiteResult, system: str) -> bool:

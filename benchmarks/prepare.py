@@ -6,7 +6,8 @@ installed yet, an optional extra missing. Work is cached by name; delete
 ``benchmarks/work/`` to start over. Made here:
 
 - base models (``edgeft pull``), the onnxruntime-genai builder graph (when no edgeft
-  artifact carries one), GGUF variants through llama-cpp-python's ``llama_model_quantize``;
+  artifact carries one), a natively built llama.cpp (``benchmarks.llamacpp``) and GGUF
+  variants through its ``llama-quantize``; the peers' own venv (``benchmarks.peers``);
 - tuned runs (``edgeft tune``) and exported artifacts (``edgeft export``), through the CLI
   in a subprocess so their cost and failures stay out of the suite's process.
 """
@@ -179,28 +180,26 @@ def shipped_gguf() -> Path:
     return dest
 
 
-GGUF_FTYPES = {"F16": 1, "Q8_0": 7}  # llama_ftype values (LLAMA_FTYPE_MOSTLY_*)
+def llama_bin() -> Path:
+    """The bin folder of a natively built llama.cpp (``benchmarks.llamacpp``), built on first use."""
+    from benchmarks.llamacpp import BuildFailed, ensure_binaries
+
+    try:
+        return ensure_binaries(shipped_gguf(), allow_build=not CACHED_ONLY)
+    except BuildFailed as exc:
+        raise Unavailable(f"llama.cpp: {exc}") from None
 
 
 def ensure_gguf(variant: str) -> Path:
-    """The shipped Q4_1 file, or F16 / Q8_0 re-encoded from it by ``llama_model_quantize``."""
-    _need("llama_cpp", "llama.cpp (install the optional extra: pip install 'edgeft[bench]')")
+    """The shipped Q4_1 file, or F16 / Q8_0 re-encoded from it by ``llama-quantize``."""
     src = shipped_gguf()
     if variant == "Q4_1":
         return src
     dest = src.with_name(f"SmolLM2-135M-Instruct.{variant}.gguf")
     if not dest.is_file():
-        code = (
-            "import llama_cpp, sys\n"
-            "p = llama_cpp.llama_model_quantize_default_params()\n"
-            f"p.ftype = {GGUF_FTYPES[variant]}\n"
-            "p.allow_requantize = True\n"
-            "p.nthread = 2\n"
-            "rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p)\n"
-            "sys.exit(rc)\n"
-        )
-        run_logged([sys.executable, "-c", code, str(src), str(dest) + ".partial"],
-                   WORK / "logs" / f"quantize-{variant}.log", f"llama_model_quantize {variant}")
+        _may_make(f"GGUF {variant}", dest)
+        run_logged([str(llama_bin() / "llama-quantize"), "--allow-requantize", str(src), str(dest) + ".partial",
+                    variant, "2"], WORK / "logs" / f"quantize-{variant}.log", f"llama-quantize {variant}")
         os.replace(str(dest) + ".partial", dest)
     return dest
 

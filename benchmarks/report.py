@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchmarks.headline import goals, headline_ratios
 from benchmarks.schema import Measurement, SuiteResult
-from edgeft.bench import Stat
+from edgeft.bench import Stat, isa_summary
 
 CASE_TITLES = {
     "generation": "Generation: SmolLM2-135M-Instruct",
@@ -22,6 +22,7 @@ CASE_TITLES = {
     "tuning": "Tuning: same model, data and steps",
     "footprint": "Footprint",
     "profile": "Where edgeft's decode time goes (profile)",
+    "peers": "Native peers: alternating rounds, each system at its own thread defaults",
 }
 
 
@@ -95,6 +96,8 @@ def env_lines(res: SuiteResult) -> list[str]:
     e = res.env
     vers = ", ".join(f"{k} {v}" for k, v in sorted(e.versions.items()))
     lines = [f"- Machine: {e.cpu}, {e.cores} cores, {e.memory_gib:.0f} GiB; host `{e.host}`; {e.date}",
+             f"- Instruction sets: {isa_summary(e.isa)}: {' '.join(e.isa)}" if e.isa else
+             "- Instruction sets: not recorded (results from before the suite recorded them)",
              f"- Threads per system: {e.threads}; Python {e.python}",
              f"- Versions: {vers}",
              f"- Every figure: median [first-third quartile] of several runs after a warm-up"

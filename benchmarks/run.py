@@ -26,35 +26,29 @@ from benchmarks.cases import CASES, Context
 from benchmarks.prepare import REPO, Unavailable
 from benchmarks.report import write_charts, write_markdown
 from benchmarks.schema import Environment, SuiteResult
+from edgeft.bench import cpu_isa, cpu_name
 
 RESULTS = REPO / "benchmarks" / "results"
 VERSIONS = ("edgeft", "onnxruntime", "onnxruntime-genai", "torch", "transformers", "llama-cpp-python",
-            "bitsandbytes", "peft", "numpy", "tokenizers")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+            "bitsandbytes", "peft", "numpy", "tokenizers")  # the peers' venv adds its own
 
 
 def environment(threads: int, quick: bool, shared: str) -> Environment:
+    from benchmarks import peers
+
     versions = {}
     for name in VERSIONS:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
+    versions.update({f"peers: {k}": v for k, v in peers.versions().items()})
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return Environment(
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), host=socket.gethostname(),
         cpu=cpu_name(), cores=os.cpu_count() or 1, threads=threads, memory_gib=mem,
         python=platform.python_version(), versions=versions, quick=quick, shared_machine=shared,
-        load_average=list(os.getloadavg()))
+        load_average=list(os.getloadavg()), isa=cpu_isa())
 
 
 def context(res: SuiteResult, quick: bool, threads: int) -> Context:

@@ -150,6 +150,7 @@ class Environment:
     quick: bool = False
     shared_machine: str = ""  # a note when other work ran on the machine meanwhile
     load_average: list[float] = field(default_factory=list)
+    isa: list[str] = field(default_factory=list)  # the CPU's instruction-set flags (avx2, avx512f, amx_tile...)
 
 
 @dataclass

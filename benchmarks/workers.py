@@ -207,6 +207,16 @@ def ppl_edgeft(spec: dict) -> dict:
     return _perplexity(spec, gen.encode, gen.score)
 
 
+def ppl_edgeft_chunks(spec: dict) -> dict:
+    """Perplexity of an artifact over given ids, counted as ``llama-perplexity`` counts it."""
+    from benchmarks.peer_workers import chunk_nll, held_ids, perplexity_result
+    from edgeft.runtime import Generator
+
+    gen = Generator.open(spec["path"], threads=spec["threads"])
+    n_ctx = spec.get("n_ctx", 256)
+    return perplexity_result(*chunk_nll(held_ids(spec), n_ctx, gen.score), n_ctx)
+
+
 def ppl_torch(spec: dict) -> dict:
     import torch
 
@@ -289,7 +299,14 @@ def bandwidth(spec: dict) -> dict:
     return {"gbps": memory_bandwidth(spec["threads"], spec.get("mib", 1024), spec["repeats"]).to_dict()}
 
 
+def llama_bench(spec: dict) -> dict:
+    from benchmarks.peer_workers import llama_bench as run
+
+    return run(spec)
+
+
 WORKERS = {
+    "llama-bench": llama_bench,
     "gen-edgeft": gen_edgeft,
     "gen-transformers": gen_transformers,
     "gen-genai": gen_genai,
@@ -298,6 +315,7 @@ WORKERS = {
     "cls-torch": cls_torch,
     "bandwidth": bandwidth,
     "ppl-edgeft": ppl_edgeft,
+    "ppl-edgeft-chunks": ppl_edgeft_chunks,
     "ppl-torch": ppl_torch,
     "first-token": first_token,
     "tune-variant": tune_variant,
@@ -310,7 +328,7 @@ def main(argv: list[str]) -> int:
     threads = str(spec.get("threads", os.cpu_count()))
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     result = WORKERS[spec["worker"]](spec)
-    result["peak_rss_mib"] = peak_rss_mib()
+    result["peak_rss_mib"] = max(peak_rss_mib(), result.get("child_peak_mib", 0.0))
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

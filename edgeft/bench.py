@@ -11,6 +11,8 @@ that compares edgeft with the alternatives) reuses:
   token; classification throughput and latency percentiles per batch size.
 - ``onnx_weight_bytes``: bytes of weights a decoder reads per generated token.
 - ``peak_rss_mib``: the process's peak resident memory.
+- ``cpu_name`` / ``cpu_isa``: which CPU and instruction sets (AVX2, AVX-512, VNNI, AMX...)
+  the figures were measured on, so results from different machines can be told apart.
 
 It knows nothing of torch or of the other systems the suite compares against; it imports
 only numpy and the standard library at import time, and ``edgeft.runtime`` inside
@@ -108,6 +110,50 @@ def peak_rss_mib() -> float:
     """This process's peak resident set size so far, in MiB (Linux reports KiB, macOS bytes)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "amx", "bmi", "vnni", "vaes", "vpclmulqdq", "sha_ni")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's flags as Linux's /proc/cpuinfo lists them (empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
+
+
+def cpu_isa(flags: Sequence[str] | None = None) -> list[str]:
+    """The instruction-set flags among ``flags`` (default: this CPU's): SSE, AVX*, FMA, F16C, AMX..."""
+    flags = cpu_flags() if flags is None else flags
+    return sorted(f for f in flags if f.startswith(ISA_PREFIXES))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def isa_summary(isa: Sequence[str]) -> str:
+    """A short label of the widest vector extensions in ``isa``: 'AVX-512 (VNNI, BF16)', 'AVX2', ..."""
+    have = set(isa)
+    if "avx512f" in have:
+        extra = [n for f, n in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_tile", "AMX")) if f in have]
+        return "AVX-512" + (f" ({', '.join(extra)})" if extra else "")
+    if "avx2" in have:
+        return "AVX2" + (" (AVX-VNNI)" if "avx_vnni" in have else "")
+    return "AVX" if "avx" in have else ("SSE" if any(f.startswith("sse") for f in have) else "unknown")
 
 
 def memory_bandwidth(threads: int = 2, mib: int = 1024, repeats: int = 5) -> Stat:
@@ -329,6 +375,7 @@ class BenchConfig:
     new_tokens: int = 64  # tokens generated per decode run
     prompt_lengths: tuple[int, ...] = (32, 512)  # prefill is timed at each
     batch_sizes: tuple[int, ...] = (1, 8, 32)  # classifiers
+    bandwidth: bool = True  # also measure read bandwidth and report decode's share of its limit
 
     def __post_init__(self) -> None:
         if not Path(self.artifact).exists():
@@ -354,9 +401,10 @@ def bench_artifact(config: BenchConfig) -> dict[str, Any]:
     model = runtime.load(config.artifact, threads=threads)
     load_s = time.perf_counter() - t0
     m = model.manifest
+    isa = cpu_isa()
     out: dict[str, Any] = {"artifact": str(config.artifact), "task": m.task.value, "threads": threads,
                            "quantization": m.quantization.get("scheme"), "load_s": load_s,
-                           "repeats": config.repeats}
+                           "repeats": config.repeats, "cpu": cpu_name(), "isa": isa, "isa_summary": isa_summary(isa)}
     if m.task is Task.causal_lm:
         lengths = [n for n in config.prompt_lengths if n + config.new_tokens <= m.decoder.context_length]
         fig = bench_generation(edgeft_runner(model), prompt_ids(model.encode, DEFAULT_TEXT, 32),
@@ -368,6 +416,8 @@ def bench_artifact(config: BenchConfig) -> dict[str, Any]:
             out["weight_mib_per_token"] = artifact_weight_bytes(folder, m.graph.file) / 2**20
         except OSError:
             pass
+        if config.bandwidth and "weight_mib_per_token" in out:
+            out.update(bandwidth_share(fig.decode_tps.median, out["weight_mib_per_token"] * 2**20, threads))
     else:
         texts = [s.strip() for s in DEFAULT_TEXT.replace(":", ",").split(",") if s.strip()]
         texts = (texts * (max(config.batch_sizes) // len(texts) + 2))
@@ -380,10 +430,24 @@ def bench_artifact(config: BenchConfig) -> dict[str, Any]:
     return out
 
 
+def bandwidth_share(decode_tps: float, weight_bytes: float, threads: int, mib: int = 1024,
+                    repeats: int = 5) -> dict[str, float]:
+    """Read bandwidth measured as the suite measures it, the decode limit it sets, and the share reached.
+
+    The limit is bandwidth / bytes of weights read per token: no decoder that reads every
+    weight once per token can go faster on this machine.
+    """
+    bw = memory_bandwidth(threads, mib, repeats).median
+    limit = bw * 1e9 / weight_bytes
+    return {"read_gbps": bw, "limit_tps": limit, "bandwidth_share": decode_tps / limit}
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable lines ``edgeft bench`` prints."""
     lines = [f"{r['artifact']}: {r['task']}, {r.get('quantization')}, {r['threads']} threads, "
              f"loaded in {r['load_s']:.2f}s, median of {r['repeats']} runs [IQR]"]
+    if r.get("cpu"):
+        lines.append(f"  cpu      {r['cpu']} ({r.get('isa_summary', '?')})")
     g = r.get("generation")
     if g:
         d, t = Stat.from_dict(g["decode_tps"]), Stat.from_dict(g["ttft_s"]).scaled(1000)
@@ -394,6 +458,9 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  prefill  {p.median:8.1f} tok/s  [{p.q1:.1f}-{p.q3:.1f}]  ({n}-token prompt)")
         if "weight_mib_per_token" in r:
             lines.append(f"  weights read per token: {r['weight_mib_per_token']:.1f} MiB")
+        if "bandwidth_share" in r:
+            lines.append(f"  read bandwidth {r['read_gbps']:.1f} GB/s -> limit {r['limit_tps']:.0f} tok/s; "
+                         f"decode reaches {r['bandwidth_share']:.2f} of it")
     for c in r.get("classification", []):
         lines.append(f"  batch {c['batch']:>3}: {c['throughput']:8.1f} texts/s   p50 {c['p50_ms']:.1f} ms"
                      f"   p95 {c['p95_ms']:.1f} ms")

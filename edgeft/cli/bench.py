@@ -20,6 +20,8 @@ def bench(
                                             help="Prompt lengths at which prefill is timed; repeat the flag."),
     batch_size: list[int] = typer.Option([1, 8, 32], "--batch-size",
                                          help="Batch sizes for a classifier; repeat the flag."),
+    bandwidth: bool = typer.Option(True, help="Also measure the machine's read bandwidth (about 5 s) and report "
+                                              "decode tokens/s as a share of the limit it sets."),
     json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Measure one artifact alone: decode/prefill tokens/s and time to first token, or classification
@@ -29,6 +31,7 @@ def bench(
     from edgeft.bench import BenchConfig, bench_artifact, format_report
 
     config = BenchConfig(artifact=artifact, threads=threads, repeats=repeats, warmup=warmup,
-                         new_tokens=new_tokens, prompt_lengths=tuple(prompt_length), batch_sizes=tuple(batch_size))
+                         new_tokens=new_tokens, prompt_lengths=tuple(prompt_length), batch_sizes=tuple(batch_size),
+                         bandwidth=bandwidth)
     result = bench_artifact(config)
     typer.echo(json.dumps(result, indent=2) if json_out else format_report(result))

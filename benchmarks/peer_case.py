@@ -1,0 +1,285 @@
+"""The ``peers`` case: edgeft against native peers, alternating rounds, quality on the same ids.
+
+Generation (SmolLM2-135M): edgeft int8/int4/mixed (and levers: spinning threads, another
+MatMulNBits accuracy level) against llama.cpp built natively (``llama-bench`` at its own
+default threads), OpenVINO GenAI int8/int4 and CTranslate2 int8. The systems run one after
+another, the order rotated every round; a system's figure is the range of its per-round
+medians, so a burst of load from other work on a shared machine shows up as a spread
+rather than as a bias against whichever system ran during it. The load average is
+sampled before every worker.
+
+Quality: perplexity over the same held-out token ids for every system, counted the way
+``llama-perplexity`` counts (``benchmarks.peer_workers.chunk_nll``), against edgeft's fp32
+artifact (the de-quantized weights of the shipped Q4_1 GGUF, so llama.cpp Q4_1 is lossless
+against it); a configuration qualifies when it is within the export gate's budget.
+
+Classification (MiniLM-L6 tuned on SST-2): edgeft int8 against OpenVINO int8 and PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import peers, prepare
+from benchmarks.cases import CLS_MAX_LENGTH, Context, WorkerFailed, _lm_prompts, lm_artifact, sonnet_files, sst2_run
+from benchmarks.prepare import WORK, Unavailable
+from edgeft.bench import Stat, summarize
+
+CASE = "peers"
+PPL_BUDGET = 5.0  # percent: the export gate's default max_perplexity_increase
+N_CTX = 256
+ROUNDS = 3
+
+
+def _spawn(ctx: Context, worker: str, python: Path | None = None, module: str = "benchmarks.peer_workers",
+           env: dict[str, str] | None = None, timeout: float = 1800, **spec) -> dict:
+    """Like ``Context.spawn`` but any interpreter and module, and the system's own thread defaults
+    (no OMP_WAIT_POLICY / OMP_NUM_THREADS forced on it)."""
+    import time
+
+    spec = {"worker": worker, "threads": ctx.threads, **spec}
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "EDGEFT_SPIN")}
+    full_env = {**base, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(prepare.REPO), **(env or {})}
+    log = WORK / "logs" / f"peer-{worker}-{int(time.time() * 1000)}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    ctx.cache.setdefault("loadavg", []).append(os.getloadavg()[0])
+    with open(log, "w") as fh:
+        res = subprocess.run([str(python or sys.executable), "-m", module, json.dumps(spec)], stdout=subprocess.PIPE,
+                             stderr=fh, text=True, cwd=prepare.REPO, env=full_env, timeout=timeout)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if res.returncode != 0 or not lines:
+        tail = (log.read_text().strip().splitlines() or ["(no output)"])[-1]
+        raise WorkerFailed(f"{worker} exited {res.returncode}: {tail[:300]} (log: {log})")
+    log.unlink(missing_ok=True)
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def with_accuracy_level(artifact: Path, level: int) -> Path:
+    """A copy of an artifact whose MatMulNBits nodes compute at ``level`` (weights linked, not copied)."""
+    import onnx
+
+    out = WORK / "artifacts" / f"{artifact.name}-acc{level}"
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    graph = manifest["graph"]["file"]
+    if (out / graph).is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in artifact.iterdir():
+        if p.name != graph and p.is_file():
+            os.link(p, tmp / p.name) if p.stat().st_dev == tmp.stat().st_dev else shutil.copy2(p, tmp / p.name)
+    model = onnx.load(str(artifact / graph), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+    onnx.save(model, str(tmp / graph))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _held_ids() -> Path:
+    from tokenizers import Tokenizer
+
+    path = WORK / "data" / "sonnets-heldout.ids.json"
+    if not path.is_file():
+        _, held = sonnet_files()
+        tok = Tokenizer.from_file(str(prepare.ensure_model(prepare.LM) / "tokenizer.json"))
+        path.write_text(json.dumps(tok.encode(held.read_text(), add_special_tokens=False).ids))
+    return path
+
+
+def generation_systems(ctx: Context) -> list[dict]:
+    """Every generation system of the case that can be had here (the rest recorded as skipped)."""
+    out: list[dict] = []
+
+    def add(name: str, make, **kw) -> None:  # noqa: ANN001
+        try:
+            out.append({"system": name, **make(), **kw})
+        except (Unavailable, OSError, ImportError) as exc:
+            ctx.res.skip(CASE, name, str(exc))
+
+    for q in ("fp32", "int8", "int4", "mixed"):
+        add(f"edgeft {q}", lambda q=q: {"worker": "gen-edgeft", "module": "benchmarks.workers",
+                                        "path": lm_artifact(ctx, q), "ppl": "ppl-edgeft-chunks"}, quant=q)
+    add("edgeft int8, EDGEFT_SPIN=1", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
+                                               "path": lm_artifact(ctx, "int8"), "env": {"EDGEFT_SPIN": "1"}},
+        quant="int8", lever="spinning threads")
+    add("edgeft int4, EDGEFT_SPIN=1", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
+                                               "path": lm_artifact(ctx, "int4"), "env": {"EDGEFT_SPIN": "1"}},
+        quant="int4", lever="spinning threads")
+    add("edgeft int8, accuracy_level 0", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
+                                                  "path": with_accuracy_level(lm_artifact(ctx, "int8"), 0),
+                                                  "ppl": "ppl-edgeft-chunks"},
+        quant="int8", lever="MatMulNBits accuracy_level 0 (fp32 activations) instead of 4 (int8)")
+    for v in ("F16", "Q8_0", "Q4_1"):
+        add(f"llama.cpp {v}", lambda v=v: {"worker": "llama-bench", "path": prepare.ensure_gguf(v),
+                                           "bin": str(prepare.llama_bin()), "ppl": "llama-perplexity"})
+    add("llama.cpp Q8_0, -t 2", lambda: {"worker": "llama-bench", "path": prepare.ensure_gguf("Q8_0"),
+                                         "bin": str(prepare.llama_bin()), "llama_threads": ctx.threads},
+        lever="threads named")
+    src = prepare.ensure_model(prepare.LM)
+    for w in ("int8", "int4"):
+        add(f"OpenVINO GenAI {w}", lambda w=w: {"worker": "gen-openvino", "python": peers.need("openvino"),
+                                                "path": peers.openvino_lm(src, w), "ppl": "ppl-openvino"})
+    add("CTranslate2 int8", lambda: {"worker": "gen-ctranslate2", "python": peers.need("ctranslate2"),
+                                     "path": peers.ctranslate2_lm(src), "ppl": "ppl-ctranslate2"})
+    return out
+
+
+def case_peers(ctx: Context) -> None:
+    decode_prompt, prefill = _lm_prompts(ctx)
+    prefill = {k: v for k, v in prefill.items() if int(k) == 512} or prefill
+    systems = generation_systems(ctx)
+    rounds = int(os.environ.get("BENCH_ROUNDS", 2 if ctx.quick else ROUNDS))
+    repeats = 2 if ctx.quick else 3
+    per: dict[str, dict[str, list]] = {s["system"]: {"decode": [], "prefill": [], "peak": [], "threads": []}
+                                       for s in systems}
+    failed: set[str] = set()
+    bandwidth: list[float] = []
+    for r in range(rounds):
+        try:  # the limit, measured in every round like the systems (numpy max-reductions, edgeft.bench)
+            bw = _spawn(ctx, "bandwidth", module="benchmarks.workers", repeats=3, mib=1024)
+            bandwidth.append(Stat.from_dict(bw["gbps"]).median)
+        except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+            ctx.res.skip(CASE, "bandwidth", str(exc))
+        order = systems[r % len(systems):] + systems[:r % len(systems)] if systems else []
+        for s in order:
+            name = s["system"]
+            if name in failed:
+                continue
+            print(f"[peers] round {r + 1}/{rounds}: {name}", flush=True)
+            try:
+                out = _spawn(ctx, s["worker"], s.get("python"), s.get("module", "benchmarks.peer_workers"),
+                             s.get("env"), path=str(s["path"]), bin=s.get("bin"), llama_threads=s.get("llama_threads"),
+                             new_tokens=ctx.new_tokens, repeats=repeats, decode_prompt=decode_prompt,
+                             prefill_prompts=prefill)
+            except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+                ctx.res.skip(CASE, name, str(exc))
+                failed.add(name)
+                continue
+            per[name]["decode"].append(Stat.from_dict(out["decode_tps"]).median)
+            per[name]["prefill"].append(Stat.from_dict(out["prefill_tps"]["512"]).median)
+            per[name]["peak"].append(out["peak_rss_mib"])
+            per[name]["threads"].append(out.get("n_threads"))
+    if bandwidth:
+        ctx.add(CASE, "machine", "read_gbps", summarize(bandwidth), "GB/s",
+                note=f"read_gbps: numpy max-reductions over 1 GiB, {ctx.threads} threads, once per round")
+    ids_file = _held_ids()
+    ref = None
+    for s in systems:
+        name, fig = s["system"], per[s["system"]]
+        if not fig["decode"]:
+            continue
+        note = f"{name}: {s['lever']}" if s.get("lever") else ""
+        if s["worker"] == "llama-bench":
+            note = (f"{name}: llama-bench tg{ctx.new_tokens} / pp512 at {fig['threads'][0]} threads "
+                    f"({'named' if s.get('llama_threads') else 'its default'}), its own timing")
+        ctx.add(CASE, name, "decode_tps", summarize(fig["decode"]), "tok/s", note=note, new_tokens=ctx.new_tokens,
+                rounds=len(fig["decode"]))
+        ctx.add(CASE, name, "prefill_tps", summarize(fig["prefill"]), "tok/s", prompt_tokens=512)
+        ctx.add(CASE, name, "peak_mib", max(fig["peak"]), "MiB", higher=False)
+        nbytes = _weight_bytes(Path(s["path"]))
+        if nbytes and bandwidth:
+            limit = summarize(bandwidth).median * 1e9 / nbytes
+            ctx.add(CASE, name, "weight_mib", nbytes / 2**20, "MiB/token", higher=False)
+            ctx.add(CASE, name, "bandwidth_share", summarize(fig["decode"]).scaled(1 / limit), "share")
+        if s.get("ppl"):
+            try:
+                p = _spawn(ctx, s["ppl"], s.get("python"),
+                           "benchmarks.workers" if s["ppl"] == "ppl-edgeft-chunks" else "benchmarks.peer_workers",
+                           path=str(s["path"]), bin=s.get("bin"), ids_file=str(ids_file), n_ctx=N_CTX,
+                           data=str(sonnet_files()[1]))
+            except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+                ctx.res.skip(CASE, f"{name} perplexity", str(exc))
+                continue
+            ctx.add(CASE, name, "perplexity", p["perplexity"], "ppl", higher=False,
+                    note=f"perplexity: held-out sonnets, chunks of {N_CTX}, second half of each scored "
+                         f"(llama-perplexity's count), {p.get('tokens')} tokens")
+            if name == "edgeft fp32":
+                ref = p["perplexity"]
+    if ref:
+        for m in [m for m in ctx.res.measurements if m.case == CASE and m.metric == "perplexity"]:
+            ctx.add(CASE, m.system, "ppl_vs_fp32", 100 * (m.median / ref - 1), "%", higher=False,
+                    note=f"ppl_vs_fp32: against edgeft fp32 (the reference weights); budget +{PPL_BUDGET:g}%")
+    load = ctx.cache.get("loadavg", [])
+    if load:
+        ctx.res.notes.append(f"peers case: 1-minute load average {min(load):.2f}-{max(load):.2f} over "
+                             f"{len(load)} workers, {rounds} rounds (order rotated each round)")
+    classification_peers(ctx)
+
+
+def _weight_bytes(path: Path) -> int | None:
+    """Bytes read per token: exact for ONNX and GGUF, the weight file's size for OpenVINO / CTranslate2."""
+    from benchmarks.weights import weight_bytes
+
+    try:
+        if (path / "openvino_model.bin").is_file():
+            return (path / "openvino_model.bin").stat().st_size
+        if (path / "model.bin").is_file():
+            return (path / "model.bin").stat().st_size
+        return weight_bytes(path)
+    except Exception:  # noqa: BLE001 - a missing size only drops the share
+        return None
+
+
+def hf_classifier(run: Path) -> Path:
+    """The tuned classifier as a plain Hugging Face folder (what the peers' converters read)."""
+    out = WORK / "hf" / run.name
+    if not (out / "config.json").is_file():
+        from benchmarks.data import load_torch_classifier
+
+        model, tok, _ = load_torch_classifier(run)
+        tmp = out.with_name(out.name + ".partial")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def classification_peers(ctx: Context) -> None:
+    dev = prepare.data_file("sst2", "dev.tsv")
+    try:
+        run = sst2_run(ctx)
+    except Unavailable as exc:
+        ctx.res.skip(CASE, "classification", str(exc))
+        return
+    systems: list[tuple[str, str, str | Path | None, str, Path]] = [
+        ("pytorch fp32 (classifier)", "cls-torch", None, "benchmarks.workers", run)]
+    try:
+        systems.append(("edgeft int8 (classifier)", "cls-edgeft", None, "benchmarks.workers",
+                        prepare.ensure_exported("minilm-sst2-int8", run, "int8")))
+    except Unavailable as exc:
+        ctx.res.skip(CASE, "edgeft int8 (classifier)", str(exc))
+    try:
+        systems.append(("OpenVINO int8 (classifier)", "cls-openvino", peers.need("openvino"), "benchmarks.peer_workers",
+                        peers.openvino_classifier(hf_classifier(run), run.name)))
+    except (Unavailable, OSError) as exc:
+        ctx.res.skip(CASE, "OpenVINO int8 (classifier)", str(exc))
+    ctx.res.skip(CASE, "CTranslate2 (classifier)", "CTranslate2's Encoder returns hidden states only: it has no "
+                 "sequence-classification head to run a tuned classifier with")
+    rounds = int(os.environ.get("BENCH_ROUNDS", 2 if ctx.quick else ROUNDS))
+    figs: dict[str, dict[str, list]] = {s[0]: {"tp": [], "acc": []} for s in systems}
+    for r in range(rounds):
+        for name, worker, py, module, path in systems[r % len(systems):] + systems[:r % len(systems)]:
+            try:
+                out = _spawn(ctx, worker, py, module, env={"OMP_NUM_THREADS": str(ctx.threads)}, path=str(path),
+                             data=str(dev), batch_sizes=[32], batches=ctx.batches, max_length=CLS_MAX_LENGTH)
+            except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+                ctx.res.skip(CASE, name, str(exc))
+                continue
+            figs[name]["tp"].append(out["batches"][0]["throughput"])
+            figs[name]["acc"].append(out["accuracy"])
+    for name, f in figs.items():
+        if f["tp"]:
+            ctx.add(CASE, name, "throughput", summarize(f["tp"]), "texts/s", batch=32)
+            ctx.add(CASE, name, "accuracy", f["acc"][0], "%", dataset="sst2-dev")
