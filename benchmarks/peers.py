@@ -29,9 +29,9 @@ from benchmarks.prepare import WORK, Unavailable, run_logged
 
 VENV = WORK / "peers-venv"
 # torch (the CPU wheel the project pins) is what optimum-intel and the CTranslate2 converter load
-# the Hugging Face model with; typer because the workers reuse edgeft.bench's timing helpers.
+# the Hugging Face model with.
 PACKAGES = ("torch==2.13.0", "openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel[openvino]", "nncf",
-            "ctranslate2", "transformers", "typer")
+            "ctranslate2", "transformers")
 MODULES = {"openvino": "openvino_genai", "ctranslate2": "ctranslate2"}
 
 
