@@ -73,7 +73,7 @@ def with_accuracy_level(artifact: Path, level: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for p in artifact.iterdir():
-        if p.name != graph and p.is_file():
+        if p.name not in (graph, "manifest.json") and p.is_file():
             os.link(p, tmp / p.name) if p.stat().st_dev == tmp.stat().st_dev else shutil.copy2(p, tmp / p.name)
     model = onnx.load(str(artifact / graph), load_external_data=False)
     for node in model.graph.node:
@@ -82,6 +82,11 @@ def with_accuracy_level(artifact: Path, level: int) -> Path:
                 if a.name == "accuracy_level":
                     a.i = level
     onnx.save(model, str(tmp / graph))
+    from edgeft.fsutil import sha256_file
+
+    if graph in manifest.get("files", {}):  # the manifest's checksums must describe the new graph
+        manifest["files"][graph] = {"sha256": sha256_file(tmp / graph), "size": (tmp / graph).stat().st_size}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -108,7 +113,9 @@ def generation_systems(ctx: Context) -> list[dict]:
         except (Unavailable, OSError, ImportError) as exc:
             ctx.res.skip(CASE, name, str(exc))
 
-    for q in ("fp32", "int8", "int4", "mixed"):
+    add("edgeft fp32", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers", "path": lm_artifact(ctx, "fp32"),
+                                "ppl": "ppl-edgeft-chunks"}, quant="fp32", speed=False)  # the quality reference
+    for q in ("int8", "int4", "mixed"):
         add(f"edgeft {q}", lambda q=q: {"worker": "gen-edgeft", "module": "benchmarks.workers",
                                         "path": lm_artifact(ctx, q), "ppl": "ppl-edgeft-chunks"}, quant=q)
     add("edgeft int8, EDGEFT_SPIN=1", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
@@ -117,10 +124,10 @@ def generation_systems(ctx: Context) -> list[dict]:
     add("edgeft int4, EDGEFT_SPIN=1", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
                                                "path": lm_artifact(ctx, "int4"), "env": {"EDGEFT_SPIN": "1"}},
         quant="int4", lever="spinning threads")
-    add("edgeft int8, accuracy_level 0", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
-                                                  "path": with_accuracy_level(lm_artifact(ctx, "int8"), 0),
+    add("edgeft int4, accuracy_level 1", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
+                                                  "path": with_accuracy_level(lm_artifact(ctx, "int4"), 1),
                                                   "ppl": "ppl-edgeft-chunks"},
-        quant="int8", lever="MatMulNBits accuracy_level 0 (fp32 activations) instead of 4 (int8)")
+        quant="int4", lever="MatMulNBits accuracy_level 1 (fp32 activations, --fp32-activations) instead of 4 (int8)")
     for v in ("F16", "Q8_0", "Q4_1"):
         add(f"llama.cpp {v}", lambda v=v: {"worker": "llama-bench", "path": prepare.ensure_gguf(v),
                                            "bin": str(prepare.llama_bin()), "ppl": "llama-perplexity"})
@@ -155,13 +162,13 @@ def case_peers(ctx: Context) -> None:
         order = systems[r % len(systems):] + systems[:r % len(systems)] if systems else []
         for s in order:
             name = s["system"]
-            if name in failed:
+            if name in failed or not s.get("speed", True):
                 continue
             print(f"[peers] round {r + 1}/{rounds}: {name}", flush=True)
             try:
                 out = _spawn(ctx, s["worker"], s.get("python"), s.get("module", "benchmarks.peer_workers"),
                              s.get("env"), path=str(s["path"]), bin=s.get("bin"), llama_threads=s.get("llama_threads"),
-                             new_tokens=ctx.new_tokens, repeats=repeats, decode_prompt=decode_prompt,
+                             new_tokens=s.get("new_tokens", ctx.new_tokens), repeats=repeats, decode_prompt=decode_prompt,
                              prefill_prompts=prefill)
             except (WorkerFailed, subprocess.TimeoutExpired) as exc:
                 ctx.res.skip(CASE, name, str(exc))
@@ -172,27 +179,18 @@ def case_peers(ctx: Context) -> None:
             per[name]["peak"].append(out["peak_rss_mib"])
             per[name]["threads"].append(out.get("n_threads"))
     if bandwidth:
-        ctx.add(CASE, "machine", "read_gbps", summarize(bandwidth), "GB/s",
+        ctx.add(CASE, "machine", "read_gbps", _range(bandwidth), "GB/s",
                 note=f"read_gbps: numpy max-reductions over 1 GiB, {ctx.threads} threads, once per round")
     ids_file = _held_ids()
     ref = None
     for s in systems:
         name, fig = s["system"], per[s["system"]]
-        if not fig["decode"]:
+        if not fig["decode"] and not s.get("speed", True) and s.get("ppl"):
+            fig = None  # quality only
+        elif not fig["decode"]:
             continue
-        note = f"{name}: {s['lever']}" if s.get("lever") else ""
-        if s["worker"] == "llama-bench":
-            note = (f"{name}: llama-bench tg{ctx.new_tokens} / pp512 at {fig['threads'][0]} threads "
-                    f"({'named' if s.get('llama_threads') else 'its default'}), its own timing")
-        ctx.add(CASE, name, "decode_tps", summarize(fig["decode"]), "tok/s", note=note, new_tokens=ctx.new_tokens,
-                rounds=len(fig["decode"]))
-        ctx.add(CASE, name, "prefill_tps", summarize(fig["prefill"]), "tok/s", prompt_tokens=512)
-        ctx.add(CASE, name, "peak_mib", max(fig["peak"]), "MiB", higher=False)
-        nbytes = _weight_bytes(Path(s["path"]))
-        if nbytes and bandwidth:
-            limit = summarize(bandwidth).median * 1e9 / nbytes
-            ctx.add(CASE, name, "weight_mib", nbytes / 2**20, "MiB/token", higher=False)
-            ctx.add(CASE, name, "bandwidth_share", summarize(fig["decode"]).scaled(1 / limit), "share")
+        if fig is not None:
+            _speed_rows(ctx, s, fig, bandwidth)
         if s.get("ppl"):
             try:
                 p = _spawn(ctx, s["ppl"], s.get("python"),
@@ -211,11 +209,36 @@ def case_peers(ctx: Context) -> None:
         for m in [m for m in ctx.res.measurements if m.case == CASE and m.metric == "perplexity"]:
             ctx.add(CASE, m.system, "ppl_vs_fp32", 100 * (m.median / ref - 1), "%", higher=False,
                     note=f"ppl_vs_fp32: against edgeft fp32 (the reference weights); budget +{PPL_BUDGET:g}%")
+    classification_peers(ctx)
     load = ctx.cache.get("loadavg", [])
     if load:
-        ctx.res.notes.append(f"peers case: 1-minute load average {min(load):.2f}-{max(load):.2f} over "
-                             f"{len(load)} workers, {rounds} rounds (order rotated each round)")
-    classification_peers(ctx)
+        ctx.res.notes.append(f"peers case: the machine was shared; 1-minute load average {min(load):.2f}-"
+                             f"{max(load):.2f} (median {summarize(load).median:.2f}) sampled before each of "
+                             f"{len(load)} workers on {os.cpu_count()} cores; {rounds} rounds, order rotated each round; "
+                             "each figure is the median of the round medians [their min-max]")
+
+
+def _range(values: list[float]) -> Stat:
+    """The median of the round medians, with their whole range where the quartiles would go."""
+    st = summarize(values)
+    return Stat(st.median, st.min, st.max, st.min, st.max, st.n)
+
+
+def _speed_rows(ctx: Context, s: dict, fig: dict, bandwidth: list[float]) -> None:
+    name = s["system"]
+    note = f"{name}: {s['lever']}" if s.get("lever") else ""
+    if s["worker"] == "llama-bench":
+        note = (f"{name}: llama-bench tg{ctx.new_tokens} / pp512 at {fig['threads'][0]} threads "
+                f"({'named' if s.get('llama_threads') else 'its default'}), its own timing")
+    ctx.add(CASE, name, "decode_tps", _range(fig["decode"]), "tok/s", note=note,
+            new_tokens=s.get("new_tokens", ctx.new_tokens))
+    ctx.add(CASE, name, "prefill_tps", _range(fig["prefill"]), "tok/s", prompt_tokens=512)
+    ctx.add(CASE, name, "peak_mib", max(fig["peak"]), "MiB", higher=False)
+    nbytes = _weight_bytes(Path(s["path"]))
+    if nbytes and bandwidth:
+        limit = summarize(bandwidth).median * 1e9 / nbytes
+        ctx.add(CASE, name, "weight_mib", nbytes / 2**20, "MiB/token", higher=False)
+        ctx.add(CASE, name, "bandwidth_share", _range(fig["decode"]).scaled(1 / limit), "share")
 
 
 def _weight_bytes(path: Path) -> int | None:
@@ -281,5 +304,5 @@ def classification_peers(ctx: Context) -> None:
             figs[name]["acc"].append(out["accuracy"])
     for name, f in figs.items():
         if f["tp"]:
-            ctx.add(CASE, name, "throughput", summarize(f["tp"]), "texts/s", batch=32)
+            ctx.add(CASE, name, "throughput", _range(f["tp"]), "texts/s", batch=32)
             ctx.add(CASE, name, "accuracy", f["acc"][0], "%", dataset="sst2-dev")
