@@ -82,11 +82,11 @@ def with_accuracy_level(artifact: Path, level: int) -> Path:
                 if a.name == "accuracy_level":
                     a.i = level
     onnx.save(model, str(tmp / graph))
-    from edgeft.fsutil import sha256_file
+    from edgeft.artifact import file_hashes, sealed
 
-    if graph in manifest.get("files", {}):  # the manifest's checksums must describe the new graph
-        manifest["files"][graph] = {"sha256": sha256_file(tmp / graph), "size": (tmp / graph).stat().st_size}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    # the manifest's file hashes and digest must describe the new graph (checked at every load)
+    manifest["files"] = file_hashes(tmp)
+    (tmp / "manifest.json").write_text(json.dumps(sealed(manifest), indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
