@@ -107,7 +107,7 @@ def generation_systems(ctx: Context) -> list[dict]:
     """Every generation system of the case that can be had here (the rest recorded as skipped)."""
     out: list[dict] = []
 
-    def add(name: str, make, **kw) -> None:  # noqa: ANN001
+    def add(name: str, make, **kw) -> None:
         try:
             out.append({"system": name, **make(), **kw})
         except (Unavailable, OSError, ImportError) as exc:
@@ -251,7 +251,7 @@ def _weight_bytes(path: Path) -> int | None:
         if (path / "model.bin").is_file():
             return (path / "model.bin").stat().st_size
         return weight_bytes(path)
-    except Exception:  # noqa: BLE001 - a missing size only drops the share
+    except Exception:  # a missing size only drops the share
         return None
 
 

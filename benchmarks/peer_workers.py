@@ -150,14 +150,14 @@ def llama_perplexity(spec: dict) -> dict:
 # ---------------------------------------------------------------- OpenVINO GenAI
 
 
-def _ov_streamer(og, on_token: OnToken):  # noqa: ANN001, ANN202
+def _ov_streamer(og, on_token: OnToken):
     class Stamp(og.StreamerBase):
-        def write(self, token):  # noqa: ANN001, ANN202 - an id or a list of ids
+        def write(self, token):  # an id or a list of ids
             for _ in (token if isinstance(token, list) else [token]):
                 on_token()
             return og.StreamingStatus.RUNNING
 
-        def put(self, token):  # noqa: ANN001, ANN202 - older releases call put(id) -> stop?
+        def put(self, token):  # older releases call put(id) -> stop?
             on_token()
             return False
 
@@ -194,7 +194,7 @@ def ppl_openvino(spec: dict) -> dict:
 
     model = OVModelForCausalLM.from_pretrained(spec["path"], compile=True)
 
-    def score(chunk: list[int]):  # noqa: ANN202
+    def score(chunk: list[int]):
         x = np.asarray([chunk], dtype=np.int64)
         # no past_key_values: optimum resets the stateful IR's KV state, so each chunk starts fresh
         out = model(input_ids=x, attention_mask=np.ones_like(x))
@@ -213,7 +213,7 @@ def cls_openvino(spec: dict) -> dict:
     compiled = ov.Core().compile_model(os.path.join(spec["path"], "openvino_model.xml"), "CPU")
     names = {i.get_any_name() for i in compiled.inputs}
 
-    def predict(texts: list[str]):  # noqa: ANN202
+    def predict(texts: list[str]):
         enc = tok(texts, padding=True, truncation=True, max_length=spec.get("max_length", 64), return_tensors="np")
         logits = compiled({k: v for k, v in enc.items() if k in names})[0]
         e = np.exp(logits - logits.max(-1, keepdims=True))
@@ -229,7 +229,7 @@ def _labels(folder: str) -> list[str]:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
-def _classification(spec: dict, predict, labels: list[str]) -> dict:  # noqa: ANN001
+def _classification(spec: dict, predict, labels: list[str]) -> dict:
     import numpy as np
 
     from benchmarks.data import read_tsv_classification
@@ -246,7 +246,7 @@ def _classification(spec: dict, predict, labels: list[str]) -> dict:  # noqa: AN
 # ---------------------------------------------------------------- CTranslate2
 
 
-def _ct2(spec: dict):  # noqa: ANN202
+def _ct2(spec: dict):
     import ctranslate2
     from tokenizers import Tokenizer
 
@@ -274,7 +274,7 @@ def gen_ctranslate2(spec: dict) -> dict:
 def ppl_ctranslate2(spec: dict) -> dict:
     gen, tok, _ = _ct2(spec)
 
-    def score(chunk: list[int]):  # noqa: ANN202 - log-probs of chunk[1:]
+    def score(chunk: list[int]):  # log-probs of chunk[1:]
         return gen.score_batch([[tok.id_to_token(i) for i in chunk]])[0].log_probs
 
     total, count = chunk_nll(held_ids(spec), spec.get("n_ctx", 256), score)
