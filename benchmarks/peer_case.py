@@ -130,16 +130,19 @@ def generation_systems(ctx: Context) -> list[dict]:
         quant="int4", lever="MatMulNBits accuracy_level 1 (fp32 activations, --fp32-activations) instead of 4 (int8)")
     for v in ("F16", "Q8_0", "Q4_1"):
         add(f"llama.cpp {v}", lambda v=v: {"worker": "llama-bench", "path": prepare.ensure_gguf(v),
-                                           "bin": str(prepare.llama_bin()), "ppl": "llama-perplexity"})
-    add("llama.cpp Q8_0, -t 2", lambda: {"worker": "llama-bench", "path": prepare.ensure_gguf("Q8_0"),
-                                         "bin": str(prepare.llama_bin()), "llama_threads": ctx.threads},
-        lever="threads named")
+                                           "bin": str(prepare.llama_bin()), "ppl": "llama-perplexity",
+                                           "llama_threads": ctx.threads})
+    add("llama.cpp Q4_1, its default threads", lambda: {"worker": "llama-bench", "path": prepare.ensure_gguf("Q4_1"),
+                                                        "bin": str(prepare.llama_bin())},
+        lever="llama-bench without -t: its own thread count (physical cores) and polling", timeout=600)
     src = prepare.ensure_model(prepare.LM)
     for w in ("int8", "int4"):
         add(f"OpenVINO GenAI {w}", lambda w=w: {"worker": "gen-openvino", "python": peers.need("openvino"),
-                                                "path": peers.openvino_lm(src, w), "ppl": "ppl-openvino"})
+                                                "path": peers.openvino_lm(src, w), "ppl": "ppl-openvino",
+                                                "peer_threads": ctx.threads})
     add("CTranslate2 int8", lambda: {"worker": "gen-ctranslate2", "python": peers.need("ctranslate2"),
-                                     "path": peers.ctranslate2_lm(src), "ppl": "ppl-ctranslate2"})
+                                     "path": peers.ctranslate2_lm(src), "ppl": "ppl-ctranslate2",
+                                     "peer_threads": ctx.threads})
     return out
 
 
@@ -167,7 +170,8 @@ def case_peers(ctx: Context) -> None:
             print(f"[peers] round {r + 1}/{rounds}: {name}", flush=True)
             try:
                 out = _spawn(ctx, s["worker"], s.get("python"), s.get("module", "benchmarks.peer_workers"),
-                             s.get("env"), path=str(s["path"]), bin=s.get("bin"), llama_threads=s.get("llama_threads"),
+                             s.get("env"), s.get("timeout", 1800), path=str(s["path"]), bin=s.get("bin"),
+                             llama_threads=s.get("llama_threads"), peer_threads=s.get("peer_threads"),
                              new_tokens=s.get("new_tokens", ctx.new_tokens), repeats=repeats, decode_prompt=decode_prompt,
                              prefill_prompts=prefill)
             except (WorkerFailed, subprocess.TimeoutExpired) as exc:
@@ -196,6 +200,7 @@ def case_peers(ctx: Context) -> None:
                 p = _spawn(ctx, s["ppl"], s.get("python"),
                            "benchmarks.workers" if s["ppl"] == "ppl-edgeft-chunks" else "benchmarks.peer_workers",
                            path=str(s["path"]), bin=s.get("bin"), ids_file=str(ids_file), n_ctx=N_CTX,
+                           peer_threads=s.get("peer_threads") or ctx.threads, llama_threads=ctx.threads,
                            data=str(sonnet_files()[1]))
             except (WorkerFailed, subprocess.TimeoutExpired) as exc:
                 ctx.res.skip(CASE, f"{name} perplexity", str(exc))
@@ -229,7 +234,7 @@ def _speed_rows(ctx: Context, s: dict, fig: dict, bandwidth: list[float]) -> Non
     note = f"{name}: {s['lever']}" if s.get("lever") else ""
     if s["worker"] == "llama-bench":
         note = (f"{name}: llama-bench tg{ctx.new_tokens} / pp512 at {fig['threads'][0]} threads "
-                f"({'named' if s.get('llama_threads') else 'its default'}), its own timing")
+                f"({'named' if s.get('llama_threads') else 'its default'}), its own timing from an empty context")
     ctx.add(CASE, name, "decode_tps", _range(fig["decode"]), "tok/s", note=note,
             new_tokens=s.get("new_tokens", ctx.new_tokens))
     ctx.add(CASE, name, "prefill_tps", _range(fig["prefill"]), "tok/s", prompt_tokens=512)
@@ -295,7 +300,8 @@ def classification_peers(ctx: Context) -> None:
     for r in range(rounds):
         for name, worker, py, module, path in systems[r % len(systems):] + systems[:r % len(systems)]:
             try:
-                out = _spawn(ctx, worker, py, module, env={"OMP_NUM_THREADS": str(ctx.threads)}, path=str(path),
+                out = _spawn(ctx, worker, py, module, env={"OMP_NUM_THREADS": str(ctx.threads)},
+                             peer_threads=ctx.threads, path=str(path),
                              data=str(dev), batch_sizes=[32], batches=ctx.batches, max_length=CLS_MAX_LENGTH)
             except (WorkerFailed, subprocess.TimeoutExpired) as exc:
                 ctx.res.skip(CASE, name, str(exc))

@@ -100,12 +100,13 @@ def parse_llama_bench(rows: list[dict]) -> dict:
 
 
 def llama_bench(spec: dict) -> dict:
-    """``llama-bench`` at its own defaults (threads too, unless the spec names them)."""
+    """``llama-bench`` at its own defaults (threads too, unless the spec names them; ``llama_args`` added)."""
     _, prefill = _ids(spec)
     cmd = [os.path.join(spec["bin"], "llama-bench"), "-m", spec["path"], "-n", str(spec["new_tokens"]),
            "-p", ",".join(str(n) for n in sorted(prefill)), "-r", str(spec["repeats"]), "-o", "json"]
     if spec.get("llama_threads"):
         cmd += ["-t", str(spec["llama_threads"])]
+    cmd += [str(a) for a in spec.get("llama_args", [])]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"llama-bench exit {res.returncode}: {res.stderr.strip()[-300:]}")
@@ -140,7 +141,7 @@ def parse_llama_perplexity(text: str) -> dict:
 def llama_perplexity(spec: dict) -> dict:
     n_ctx = spec.get("n_ctx", 256)
     cmd = [os.path.join(spec["bin"], "llama-perplexity"), "-m", spec["path"], "-f", spec["data"],
-           "-c", str(n_ctx), "-b", str(n_ctx)]
+           "-c", str(n_ctx), "-b", str(n_ctx)] + (["-t", str(spec["llama_threads"])] if spec.get("llama_threads") else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"llama-perplexity exit {res.returncode}: {res.stderr.strip()[-300:]}")
@@ -167,13 +168,18 @@ def _ov_streamer(og, on_token: OnToken):
     return Stamp()
 
 
+def _ov_threads(spec: dict) -> dict:
+    n = spec.get("peer_threads")
+    return {"INFERENCE_NUM_THREADS": int(n)} if n else {}
+
+
 def gen_openvino(spec: dict) -> dict:
     import numpy as np
     import openvino as ov
     import openvino_genai as og
 
     t0 = time.perf_counter()
-    pipe = og.LLMPipeline(spec["path"], "CPU")  # its own defaults: every core, latency hint
+    pipe = og.LLMPipeline(spec["path"], "CPU", **_ov_threads(spec))  # else its defaults: every core, latency hint
     load_s = time.perf_counter() - t0
 
     def run(ids: list[int], n: int, on_token: OnToken) -> None:
@@ -190,15 +196,17 @@ def gen_openvino(spec: dict) -> dict:
 
 def ppl_openvino(spec: dict) -> dict:
     import numpy as np
+    import torch
     from optimum.intel import OVModelForCausalLM
 
-    model = OVModelForCausalLM.from_pretrained(spec["path"], compile=True)
+    model = OVModelForCausalLM.from_pretrained(spec["path"], compile=True, ov_config=_ov_threads(spec) or None)
 
     def score(chunk: list[int]):
-        x = np.asarray([chunk], dtype=np.int64)
+        x = torch.tensor([chunk], dtype=torch.int64)
         # no past_key_values: optimum resets the stateful IR's KV state, so each chunk starts fresh
-        out = model(input_ids=x, attention_mask=np.ones_like(x))
-        return np.asarray(out.logits[0])
+        with torch.inference_mode():
+            out = model(input_ids=x, attention_mask=torch.ones_like(x))
+        return np.asarray(out.logits[0], dtype=np.float32)
 
     total, count = chunk_nll(held_ids(spec), spec.get("n_ctx", 256), score)
     return perplexity_result(total, count, spec.get("n_ctx", 256))
@@ -210,7 +218,7 @@ def cls_openvino(spec: dict) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(spec["path"])
-    compiled = ov.Core().compile_model(os.path.join(spec["path"], "openvino_model.xml"), "CPU")
+    compiled = ov.Core().compile_model(os.path.join(spec["path"], "openvino_model.xml"), "CPU", _ov_threads(spec))
     names = {i.get_any_name() for i in compiled.inputs}
 
     def predict(texts: list[str]):
@@ -251,7 +259,8 @@ def _ct2(spec: dict):
     from tokenizers import Tokenizer
 
     t0 = time.perf_counter()
-    gen = ctranslate2.Generator(spec["path"], device="cpu", compute_type="int8")  # its default threads
+    threads = {"intra_threads": int(spec["peer_threads"])} if spec.get("peer_threads") else {}  # else its default
+    gen = ctranslate2.Generator(spec["path"], device="cpu", compute_type="int8", **threads)
     tok = Tokenizer.from_file(os.path.join(spec["path"], "tokenizer.json"))
     return gen, tok, time.perf_counter() - t0
 

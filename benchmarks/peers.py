@@ -8,7 +8,8 @@ their dependencies. Each model is converted from the same local Hugging Face fol
 edgeft exports from (``edgeft pull``'s fp32 weights) with the peer's own documented tool:
 
 - OpenVINO: ``optimum-cli export openvino --weight-format int8|int4`` (optimum-intel with
-  NNCF weight compression, at its defaults), run by ``openvino_genai.LLMPipeline``;
+  NNCF weight compression, at its defaults but for int4's group size, which must divide
+  576), run by ``openvino_genai.LLMPipeline``;
   the classifier with ``--task text-classification --weight-format int8``.
 - CTranslate2: ``ct2-transformers-converter --quantization int8``, run by
   ``ctranslate2.Generator`` on the CPU.
@@ -101,12 +102,17 @@ def _convert(name: str, cmd: list[str], check: str) -> Path:
 
 
 def openvino_lm(hf_folder: Path, weights: str) -> Path:
-    """SmolLM2 as an OpenVINO IR with int8 or int4 weights (optimum-cli's defaults)."""
+    """SmolLM2 as an OpenVINO IR with int8 or int4 weights (optimum-cli's defaults).
+
+    int4 needs one non-default flag: the default group of 128 does not divide SmolLM2's 576
+    channels (NNCF refuses), so int4 uses groups of 64, the next size its error message allows.
+    """
     py = need("openvino")
     cli = py.with_name("optimum-cli")
+    extra = ["--group-size", "64"] if weights == "int4" else []
     return _convert(f"openvino-lm-{weights}", [str(cli), "export", "openvino", "--model", str(hf_folder),
-                                               "--task", "text-generation-with-past", "--weight-format", weights],
-                    "openvino_model.xml")
+                                               "--task", "text-generation-with-past", "--weight-format", weights,
+                                               *extra], "openvino_model.xml")
 
 
 def openvino_classifier(hf_folder: Path, tag: str) -> Path:
