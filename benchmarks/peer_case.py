@@ -32,6 +32,7 @@ from edgeft.bench import Stat, summarize
 CASE = "peers"
 PPL_BUDGET = 5.0  # percent: the export gate's default max_perplexity_increase
 N_CTX = 256
+CHUNKS = 10  # chunks of N_CTX scored (the held-out sonnets hold about 10)
 ROUNDS = 3
 
 
@@ -151,7 +152,7 @@ def case_peers(ctx: Context) -> None:
     prefill = {k: v for k, v in prefill.items() if int(k) == 512} or prefill
     systems = generation_systems(ctx)
     rounds = int(os.environ.get("BENCH_ROUNDS", 2 if ctx.quick else ROUNDS))
-    repeats = 2 if ctx.quick else 3
+    repeats = int(os.environ.get("BENCH_REPEATS", 2 if ctx.quick else 3))  # per round, after a warm-up
     per: dict[str, dict[str, list]] = {s["system"]: {"decode": [], "prefill": [], "peak": [], "threads": []}
                                        for s in systems}
     failed: set[str] = set()
@@ -186,6 +187,7 @@ def case_peers(ctx: Context) -> None:
         ctx.add(CASE, "machine", "read_gbps", _range(bandwidth), "GB/s",
                 note=f"read_gbps: numpy max-reductions over 1 GiB, {ctx.threads} threads, once per round")
     ids_file = _held_ids()
+    chunks = int(os.environ.get("BENCH_PPL_CHUNKS", CHUNKS))
     ref = None
     for s in systems:
         name, fig = s["system"], per[s["system"]]
@@ -199,7 +201,7 @@ def case_peers(ctx: Context) -> None:
             try:
                 p = _spawn(ctx, s["ppl"], s.get("python"),
                            "benchmarks.workers" if s["ppl"] == "ppl-edgeft-chunks" else "benchmarks.peer_workers",
-                           path=str(s["path"]), bin=s.get("bin"), ids_file=str(ids_file), n_ctx=N_CTX,
+                           path=str(s["path"]), bin=s.get("bin"), ids_file=str(ids_file), n_ctx=N_CTX, chunks=chunks,
                            peer_threads=s.get("peer_threads") or ctx.threads, llama_threads=ctx.threads,
                            data=str(sonnet_files()[1]))
             except (WorkerFailed, subprocess.TimeoutExpired) as exc:
@@ -276,6 +278,8 @@ def hf_classifier(run: Path) -> Path:
 
 def classification_peers(ctx: Context) -> None:
     dev = prepare.data_file("sst2", "dev.tsv")
+    if os.environ.get("BENCH_CLASSIFIER_STEPS"):  # a shorter tuning run (speed does not depend on it)
+        ctx.classifier_steps = int(os.environ["BENCH_CLASSIFIER_STEPS"])
     try:
         run = sst2_run(ctx)
     except Unavailable as exc:
@@ -285,7 +289,7 @@ def classification_peers(ctx: Context) -> None:
         ("pytorch fp32 (classifier)", "cls-torch", None, "benchmarks.workers", run)]
     try:
         systems.append(("edgeft int8 (classifier)", "cls-edgeft", None, "benchmarks.workers",
-                        prepare.ensure_exported("minilm-sst2-int8", run, "int8")))
+                        prepare.ensure_exported(f"minilm-sst2-{ctx.classifier_steps}-int8", run, "int8")))
     except Unavailable as exc:
         ctx.res.skip(CASE, "edgeft int8 (classifier)", str(exc))
     try:

@@ -33,7 +33,7 @@ from edgeft.bench import OnToken, bench_generation, peak_rss_mib, summarize
 
 
 def chunk_nll(ids: Sequence[int], n_ctx: int, score: Callable[[list[int]], Any],
-              bos: int | None = None) -> tuple[float, int]:
+              bos: int | None = None, chunks: int | None = None) -> tuple[float, int]:
     """Summed NLL and token count the way ``llama-perplexity -c n_ctx`` counts them.
 
     The ids are cut into ``len(ids) // n_ctx`` whole chunks; each chunk is scored from scratch
@@ -47,7 +47,7 @@ def chunk_nll(ids: Sequence[int], n_ctx: int, score: Callable[[list[int]], Any],
 
     first = n_ctx // 2
     total, count = 0.0, 0
-    for c in range(len(ids) // n_ctx):
+    for c in range(min(len(ids) // n_ctx, chunks or len(ids))):
         chunk = list(ids[c * n_ctx:(c + 1) * n_ctx])
         if bos is not None:
             chunk[0] = bos
@@ -141,7 +141,7 @@ def parse_llama_perplexity(text: str) -> dict:
 def llama_perplexity(spec: dict) -> dict:
     n_ctx = spec.get("n_ctx", 256)
     cmd = [os.path.join(spec["bin"], "llama-perplexity"), "-m", spec["path"], "-f", spec["data"],
-           "-c", str(n_ctx), "-b", str(n_ctx)] + (["-t", str(spec["llama_threads"])] if spec.get("llama_threads") else [])
+           "-c", str(n_ctx), "-b", str(n_ctx)] + (["--chunks", str(spec["chunks"])] if spec.get("chunks") else []) + (["-t", str(spec["llama_threads"])] if spec.get("llama_threads") else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"llama-perplexity exit {res.returncode}: {res.stderr.strip()[-300:]}")
@@ -208,7 +208,7 @@ def ppl_openvino(spec: dict) -> dict:
             out = model(input_ids=x, attention_mask=torch.ones_like(x))
         return np.asarray(out.logits[0], dtype=np.float32)
 
-    total, count = chunk_nll(held_ids(spec), spec.get("n_ctx", 256), score)
+    total, count = chunk_nll(held_ids(spec), spec.get("n_ctx", 256), score, chunks=spec.get("chunks"))
     return perplexity_result(total, count, spec.get("n_ctx", 256))
 
 
@@ -286,7 +286,7 @@ def ppl_ctranslate2(spec: dict) -> dict:
     def score(chunk: list[int]):  # log-probs of chunk[1:]
         return gen.score_batch([[tok.id_to_token(i) for i in chunk]])[0].log_probs
 
-    total, count = chunk_nll(held_ids(spec), spec.get("n_ctx", 256), score)
+    total, count = chunk_nll(held_ids(spec), spec.get("n_ctx", 256), score, chunks=spec.get("chunks"))
     return perplexity_result(total, count, spec.get("n_ctx", 256))
 
 

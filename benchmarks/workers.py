@@ -214,7 +214,7 @@ def ppl_edgeft_chunks(spec: dict) -> dict:
 
     gen = Generator.open(spec["path"], threads=spec["threads"])
     n_ctx = spec.get("n_ctx", 256)
-    return perplexity_result(*chunk_nll(held_ids(spec), n_ctx, gen.score), n_ctx)
+    return perplexity_result(*chunk_nll(held_ids(spec), n_ctx, gen.score, chunks=spec.get("chunks")), n_ctx)
 
 
 def ppl_torch(spec: dict) -> dict:

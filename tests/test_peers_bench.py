@@ -134,6 +134,7 @@ def test_chunk_nll_scores_the_second_half_of_whole_chunks_from_logits_or_logprob
             expect -= x[ch[j + 1]] - math.log(np.exp(x).sum())
     assert total == pytest.approx(expect)
     assert chunk_nll(ids, n_ctx, logprobs) == pytest.approx((total, count))
+    assert chunk_nll(ids, n_ctx, logits, chunks=2)[1] == 2 * (n_ctx - 1 - n_ctx // 2)
     # a BOS replaces each chunk's first id (scored positions start at n_ctx/2, so a bigram model can't tell)
     seen = []
     chunk_nll(ids, n_ctx, lambda ch: seen.append(ch[0]) or logits(ch), bos=7)
