@@ -114,8 +114,10 @@ def generation_systems(ctx: Context) -> list[dict]:
         except (Unavailable, OSError, ImportError) as exc:
             ctx.res.skip(CASE, name, str(exc))
 
-    add("edgeft fp32", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers", "path": lm_artifact(ctx, "fp32"),
-                                "ppl": "ppl-edgeft-chunks"}, quant="fp32", speed=False)  # the quality reference
+    # the quality reference; its artifact is looked up only when its perplexity is measured
+    out.append({"system": "edgeft fp32", "worker": "gen-edgeft", "module": "benchmarks.workers", "path": None,
+                "make_path": lambda: lm_artifact(ctx, "fp32"), "ppl": "ppl-edgeft-chunks", "quant": "fp32",
+                "speed": False})
     for q in ("int8", "int4", "mixed"):
         add(f"edgeft {q}", lambda q=q: {"worker": "gen-edgeft", "module": "benchmarks.workers",
                                         "path": lm_artifact(ctx, q), "ppl": "ppl-edgeft-chunks"}, quant=q)
@@ -144,7 +146,8 @@ def generation_systems(ctx: Context) -> list[dict]:
     add("CTranslate2 int8", lambda: {"worker": "gen-ctranslate2", "python": peers.need("ctranslate2"),
                                      "path": peers.ctranslate2_lm(src), "ppl": "ppl-ctranslate2",
                                      "peer_threads": ctx.threads})
-    return out
+    only = [x.strip() for x in os.environ.get("BENCH_PEERS", "").split(";") if x.strip()]
+    return [s for s in out if not only or s["system"] in only or s["system"] == "edgeft fp32"]
 
 
 def case_peers(ctx: Context) -> None:
@@ -188,10 +191,10 @@ def case_peers(ctx: Context) -> None:
                 note=f"read_gbps: numpy max-reductions over 1 GiB, {ctx.threads} threads, once per round")
     ids_file = _held_ids()
     chunks = int(os.environ.get("BENCH_PPL_CHUNKS", CHUNKS))
-    ref = None
+    refs: dict[str, float] = {}
     for s in systems:
         name, fig = s["system"], per[s["system"]]
-        if not fig["decode"] and not s.get("speed", True) and s.get("ppl"):
+        if not s.get("speed", True) and s.get("ppl"):
             fig = None  # quality only
         elif not fig["decode"]:
             continue
@@ -199,23 +202,28 @@ def case_peers(ctx: Context) -> None:
             _speed_rows(ctx, s, fig, bandwidth)
         if s.get("ppl"):
             try:
+                if s["path"] is None:
+                    s["path"] = s["make_path"]()
                 p = _spawn(ctx, s["ppl"], s.get("python"),
                            "benchmarks.workers" if s["ppl"] == "ppl-edgeft-chunks" else "benchmarks.peer_workers",
                            path=str(s["path"]), bin=s.get("bin"), ids_file=str(ids_file), n_ctx=N_CTX, chunks=chunks,
                            peer_threads=s.get("peer_threads") or ctx.threads, llama_threads=ctx.threads,
                            data=str(sonnet_files()[1]))
-            except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+            except (WorkerFailed, subprocess.TimeoutExpired, Unavailable) as exc:
                 ctx.res.skip(CASE, f"{name} perplexity", str(exc))
                 continue
             ctx.add(CASE, name, "perplexity", p["perplexity"], "ppl", higher=False,
                     note=f"perplexity: held-out sonnets, chunks of {N_CTX}, second half of each scored "
                          f"(llama-perplexity's count), {p.get('tokens')} tokens")
-            if name == "edgeft fp32":
-                ref = p["perplexity"]
-    if ref:
+            refs[name] = p["perplexity"]
+    # the reference: edgeft fp32 (the pulled fp32 weights), else llama.cpp Q4_1, whose de-quantized
+    # weights those are (so it computes the same function, in llama.cpp's numerics)
+    ref_name = next((n for n in ("edgeft fp32", "llama.cpp Q4_1") if n in refs), None)
+    if ref_name:
+        ref = refs[ref_name]
         for m in [m for m in ctx.res.measurements if m.case == CASE and m.metric == "perplexity"]:
             ctx.add(CASE, m.system, "ppl_vs_fp32", 100 * (m.median / ref - 1), "%", higher=False,
-                    note=f"ppl_vs_fp32: against edgeft fp32 (the reference weights); budget +{PPL_BUDGET:g}%")
+                    note=f"ppl_vs_fp32: against {ref_name} (the reference weights); budget +{PPL_BUDGET:g}%")
     classification_peers(ctx)
     load = ctx.cache.get("loadavg", [])
     if load:
