@@ -118,19 +118,19 @@ def generation_systems(ctx: Context) -> list[dict]:
     out.append({"system": "edgeft fp32", "worker": "gen-edgeft", "module": "benchmarks.workers", "path": None,
                 "make_path": lambda: lm_artifact(ctx, "fp32"), "ppl": "ppl-edgeft-chunks", "quant": "fp32",
                 "speed": False})
+    def lazy(name: str, make, **kw) -> None:  # an artifact looked up when first measured (it may be in the making)
+        out.append({"system": name, "worker": "gen-edgeft", "module": "benchmarks.workers", "path": None,
+                    "make_path": make, **kw})
+
     for q in ("int8", "int4", "mixed"):
-        add(f"edgeft {q}", lambda q=q: {"worker": "gen-edgeft", "module": "benchmarks.workers",
-                                        "path": lm_artifact(ctx, q), "ppl": "ppl-edgeft-chunks"}, quant=q)
-    add("edgeft int8, EDGEFT_SPIN=1", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
-                                               "path": lm_artifact(ctx, "int8"), "env": {"EDGEFT_SPIN": "1"}},
-        quant="int8", lever="spinning threads")
-    add("edgeft int4, EDGEFT_SPIN=1", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
-                                               "path": lm_artifact(ctx, "int4"), "env": {"EDGEFT_SPIN": "1"}},
-        quant="int4", lever="spinning threads")
-    add("edgeft int4, accuracy_level 1", lambda: {"worker": "gen-edgeft", "module": "benchmarks.workers",
-                                                  "path": with_accuracy_level(lm_artifact(ctx, "int4"), 1),
-                                                  "ppl": "ppl-edgeft-chunks"},
-        quant="int4", lever="MatMulNBits accuracy_level 1 (fp32 activations, --fp32-activations) instead of 4 (int8)")
+        lazy(f"edgeft {q}", lambda q=q: lm_artifact(ctx, q), ppl="ppl-edgeft-chunks", quant=q)
+    lazy("edgeft int8, EDGEFT_SPIN=1", lambda: lm_artifact(ctx, "int8"), env={"EDGEFT_SPIN": "1"}, quant="int8",
+         lever="spinning threads")
+    lazy("edgeft int4, EDGEFT_SPIN=1", lambda: lm_artifact(ctx, "int4"), env={"EDGEFT_SPIN": "1"}, quant="int4",
+         lever="spinning threads")
+    lazy("edgeft int4, accuracy_level 1", lambda: with_accuracy_level(lm_artifact(ctx, "int4"), 1),
+         ppl="ppl-edgeft-chunks", quant="int4",
+         lever="MatMulNBits accuracy_level 1 (fp32 activations, --fp32-activations) instead of 4 (int8)")
     for v in ("F16", "Q8_0", "Q4_1"):
         add(f"llama.cpp {v}", lambda v=v: {"worker": "llama-bench", "path": prepare.ensure_gguf(v),
                                            "bin": str(prepare.llama_bin()), "ppl": "llama-perplexity",
@@ -166,19 +166,22 @@ def case_peers(ctx: Context) -> None:
             bandwidth.append(Stat.from_dict(bw["gbps"]).median)
         except (WorkerFailed, subprocess.TimeoutExpired) as exc:
             ctx.res.skip(CASE, "bandwidth", str(exc))
-        order = systems[r % len(systems):] + systems[:r % len(systems)] if systems else []
+        k = (r + len(systems) // 2) % len(systems) if systems else 0  # round 1 starts with the peers
+        order = systems[k:] + systems[:k]
         for s in order:
             name = s["system"]
             if name in failed or not s.get("speed", True):
                 continue
             print(f"[peers] round {r + 1}/{rounds}: {name}", flush=True)
             try:
+                if s["path"] is None:
+                    s["path"] = s["make_path"]()
                 out = _spawn(ctx, s["worker"], s.get("python"), s.get("module", "benchmarks.peer_workers"),
                              s.get("env"), s.get("timeout", 1800), path=str(s["path"]), bin=s.get("bin"),
                              llama_threads=s.get("llama_threads"), peer_threads=s.get("peer_threads"),
                              new_tokens=s.get("new_tokens", ctx.new_tokens), repeats=repeats, decode_prompt=decode_prompt,
                              prefill_prompts=prefill)
-            except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+            except (WorkerFailed, subprocess.TimeoutExpired, Unavailable, OSError) as exc:
                 ctx.res.skip(CASE, name, str(exc))
                 failed.add(name)
                 continue
