@@ -179,7 +179,10 @@ def gen_openvino(spec: dict) -> dict:
     import openvino_genai as og
 
     t0 = time.perf_counter()
-    pipe = og.LLMPipeline(spec["path"], "CPU", **_ov_threads(spec))  # else its defaults: every core, latency hint
+    # prefix caching off: the suite repeats one prompt, and a cached prefix would make prefill free
+    sched = og.SchedulerConfig()
+    sched.enable_prefix_caching = False
+    pipe = og.LLMPipeline(spec["path"], "CPU", scheduler_config=sched, **_ov_threads(spec))  # else its own defaults
     load_s = time.perf_counter() - t0
 
     def run(ids: list[int], n: int, on_token: OnToken) -> None:
