@@ -123,10 +123,13 @@ def edgeft_server(artifact: Path, np_: int) -> Server:
 def llama_server(bin_dir: Path, gguf: Path, np_: int, tag: str) -> Server:
     port = _free_port()
     cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--port", str(port), "-np", str(np_),
-           "-c", str(np_ * SLOT), "--host", "127.0.0.1", "--no-webui", "--poll", "0"]
+           "-c", str(np_ * SLOT), "--host", "127.0.0.1", "--no-webui"]
+    if os.environ.get("BENCH_LLAMA_POLL") == "default":
+        # llama.cpp exactly as its users run it: its own default (spinning) thread polling.
+        return Server(f"llama-server {tag}", cmd, port)
     # Idle threads sleep, as for every system in benchmarks/ (README, Method): on a loaded machine
     # llama-server's default polling threads decoded at about 1 token/s here.
-    return Server(f"llama-server {tag}", cmd, port, env={"OMP_WAIT_POLICY": "PASSIVE"})
+    return Server(f"llama-server {tag}", cmd + ["--poll", "0"], port, env={"OMP_WAIT_POLICY": "PASSIVE"})
 
 
 # ---------------------------------------------------------------- clients
