@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_write_bytes, atomic_write_private
+from edgeft.fsutil import atomic_write_bytes
 
 ALGORITHM = "ed25519"
 _CONTEXT = b"edgeft-artifact-signature-v1\n"  # what is signed: this prefix + the digest string
@@ -75,7 +75,7 @@ def keygen(private_path: Path, overwrite: bool = False) -> tuple[Path, Path, str
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    atomic_write_private(private_path, pem)
+    atomic_write_bytes(private_path, pem, mode=0o600)
     atomic_write_bytes(public_path, pub)
     return private_path, public_path, key_id(_raw_public(key.public_key()))
 
