@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+from runtime_artifacts import build
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
@@ -131,3 +132,14 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=256, pad_token_id=tok.pad_token_id)
     return _save(BertModel(cfg).eval(), tok, tmp_path_factory.mktemp("tiny-bert"))
+
+
+# The tiny runtime artifacts, built once per test module from the tiny models above.
+@pytest.fixture(scope="module")
+def llama_art(tiny_llama_dir, tmp_path_factory):
+    return build("llama", str(tiny_llama_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def bert_art(tiny_bert_dir, tmp_path_factory):
+    return build("bert", str(tiny_bert_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))

@@ -55,3 +55,12 @@ def _seeded_classifier(src: Path, dest: Path) -> Path:
     bert_classifier(src).save_pretrained(dest)
     AutoTokenizer.from_pretrained(src).save_pretrained(dest)
     return dest
+
+
+def run(*args, input=None):
+    """Run the edgeft CLI in-process (typer's CliRunner); every argument passed through str()."""
+    from typer.testing import CliRunner
+
+    from edgeft.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)

@@ -15,26 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from runtime_artifacts import build
-from typer.testing import CliRunner
+from runtime_artifacts import run
 
-from edgeft.cli import app
 
 CLI = [sys.executable, "-c", "from edgeft.cli import main; main()"]
-
-
-@pytest.fixture(scope="module")
-def llama_art(tiny_llama_dir, tmp_path_factory):
-    return build("llama", str(tiny_llama_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
-
-
-@pytest.fixture(scope="module")
-def bert_art(tiny_bert_dir, tmp_path_factory):
-    return build("bert", str(tiny_bert_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
 def one_line_error(res, *words: str) -> str:

@@ -33,11 +33,6 @@ def llama(tiny_llama_dir, tmp_path_factory):
     return Generator.open(build("llama", str(tiny_llama_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts")))
 
 
-@pytest.fixture(scope="module")
-def bert_art(tiny_bert_dir, tmp_path_factory):
-    return build("bert", str(tiny_bert_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
-
-
 def _hf(src):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -6,28 +6,11 @@ import csv
 import io
 import json
 
-import pytest
-from runtime_artifacts import LABELS, build
-from typer.testing import CliRunner
+from runtime_artifacts import LABELS, run
 
-from edgeft.cli import app
 from edgeft.runtime import Generator, SamplingParams, TextClassifier
 
 PROMPT = "shall i compare thee to a summer's day"
-
-
-@pytest.fixture(scope="module")
-def llama_art(tiny_llama_dir, tmp_path_factory):
-    return build("llama", str(tiny_llama_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
-
-
-@pytest.fixture(scope="module")
-def bert_art(tiny_bert_dir, tmp_path_factory):
-    return build("bert", str(tiny_bert_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
 def test_generate_streams_the_same_text_as_the_api(llama_art):
