@@ -9,6 +9,7 @@ and the case goes on with the others.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -16,12 +17,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks import prepare
 from benchmarks.headline import CLS, EDGEFT, GENAI, HF, LLAMA, LLAMA_PY, TORCH_CLS
 from benchmarks.prepare import WORK, Unavailable
-from benchmarks.schema import Measurement, SuiteResult
+from benchmarks.schema import Gate, Measurement, SuiteResult
 from benchmarks.weights import weight_bytes
 from edgeft.bench import DEFAULT_TEXT, Stat, prompt_ids
 
@@ -96,15 +97,17 @@ def lm_artifact(ctx: Context, quant: str, source: str = prepare.LM, tag: str = "
     return ctx.cache[key]
 
 
-def _gate_note(folder: Path) -> str:
+def record_gate(ctx: Context, case: str, system: str, folder: Path) -> str:
+    """Record an artifact's export gate (its manifest's figures, ``SuiteResult.gates``); a note for readers."""
     try:
-        m = json.loads((folder / "manifest.json").read_text())
+        gate = json.loads((folder / "manifest.json").read_text()).get("gate") or {}
     except (OSError, ValueError):
         return ""
-    gate = m.get("gate") or {}
-    if not gate:
+    if "passed" not in gate:
         return ""
-    return "gate passed" if gate.get("passed") else "gate FAILED (exported with --allow-degraded)"
+    g = Gate.from_manifest(case, system, gate)
+    ctx.res.gates.append(g)
+    return "gate passed" if g.passed else "gate FAILED (exported with --allow-degraded)"
 
 
 def generation_systems(ctx: Context) -> list[tuple[str, str, Path, str]]:
@@ -114,7 +117,7 @@ def generation_systems(ctx: Context) -> list[tuple[str, str, Path, str]]:
     for q in ("fp32", "int8", "int4", "mixed"):
         try:
             art = lm_artifact(ctx, q)
-            out.append((EDGEFT[q], "gen-edgeft", art, _gate_note(art)))
+            out.append((EDGEFT[q], "gen-edgeft", art, record_gate(ctx, case, EDGEFT[q], art)))
         except Unavailable as exc:
             ctx.res.skip(case, EDGEFT[q], str(exc))
     out.append((HF, "gen-transformers", prepare.ensure_model(prepare.LM), "model.generate, greedy"))
@@ -470,7 +473,19 @@ def case_peers(ctx: Context) -> None:
     run(ctx)
 
 
-CASES = {
+def module_case(module: str) -> Callable[[Context], None]:
+    """The case a module of its own defines as ``case(ctx)``, imported when it runs."""
+    def run(ctx: Context) -> None:
+        importlib.import_module(f"benchmarks.{module}").case(ctx)
+
+    run.__name__ = f"case_{module}"
+    return run
+
+
+# Every case, by the name ``--cases`` takes. A case is a function of the Context: it records figures with
+# ``ctx.add`` and skips with ``ctx.res.skip`` (a system) or ``raise Unavailable(reason)`` (the whole case),
+# and makes what it needs itself (through benchmarks.prepare, cached), so any case runs alone.
+CASES: dict[str, Callable[[Context], None]] = {
     "generation": case_generation,
     "bandwidth": case_bandwidth,
     "classification": case_classification,
@@ -478,4 +493,9 @@ CASES = {
     "tuning": case_tuning,
     "footprint": case_footprint,
     "peers": case_peers,
+    # the cases of one question each, run by name (`--cases NAME`), not by a plain `make bench`
+    "tune_minilm_sst2": module_case("tune_minilm_sst2"),
+    "tune_smollm2_sonnets": module_case("tune_smollm2_sonnets"),
 }
+# what `python -m benchmarks.run` runs without --cases
+DEFAULT_CASES = ("generation", "bandwidth", "classification", "quality", "tuning", "footprint", "peers")

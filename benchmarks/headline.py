@@ -82,6 +82,7 @@ def goals(res: SuiteResult) -> list[Goal]:
         Goal("8-bit-frozen tuning accuracy below full fine-tuning (points)",
              _neg(_diff(res, "accuracy", "edgeft top-N over int8", "full fine-tuning")), 1.0, "<="),
         *peer_goals(res),
+        *tuning_run_goals(res),
     ]
 
 
@@ -141,10 +142,28 @@ def peer_goals(res: SuiteResult) -> list[Goal]:
     return out
 
 
+def tuning_run_goals(res: SuiteResult) -> list[Goal]:
+    """The tuning cases' goals (``tune_minilm_sst2``, ``tune_smollm2_sonnets``), each only when its case ran."""
+    from benchmarks import tune_minilm_sst2 as minilm
+    from benchmarks import tune_smollm2_sonnets as sonnets
+
+    out = []
+    if any(m.case == minilm.CASE for m in res.measurements):
+        acc = next((m for m in res.measurements if m.case == minilm.CASE and m.matches("accuracy", minilm.TOP2)), None)
+        out.append(Goal(f"{minilm.CASE}: MiniLM-L6 top-2 over int8, SST-2 dev accuracy",
+                        acc.median if acc else None, 88.0, detail=acc.params.get("dataset", "") if acc else ""))
+    if any(m.case == sonnets.CASE for m in res.measurements):
+        drop = next((m for m in res.measurements if m.case == sonnets.CASE
+                     and m.matches("perplexity_drop", sonnets.SYSTEM)), None)
+        out.append(Goal(f"{sonnets.CASE}: SmolLM2 top-4 over int8, held-out perplexity drop",
+                        drop.median if drop else None, 0.25, detail="1 - after / before"))
+    return out
+
+
 def gate_passed(res: SuiteResult, system: str) -> bool:
-    """Whether an edgeft artifact passed its export gate (the generation case notes it)."""
-    m = res.find("decode_tps", system)
-    return m is not None and "gate passed" in m.note
+    """Whether an edgeft artifact passed its export gate (``res.gates``: the manifest's verdict)."""
+    g = res.gate(system)
+    return g is not None and g.passed
 
 
 def _neg(x: float | None) -> float | None:

@@ -87,11 +87,15 @@ def _need(module: str, what: str) -> None:
 # ---------------------------------------------------------------- edgeft's own stages
 
 
-def ensure_tuned(name: str, args: list[str]) -> Path:
-    """A run folder made by ``edgeft tune`` with ``args`` (cached under work/runs/NAME)."""
+def ensure_tuned(name: str, args: list[str], fresh: bool = False) -> Path:
+    """A run folder made by ``edgeft tune`` with ``args`` (cached under work/runs/NAME).
+
+    ``fresh``: tune again even when cached (a case that measures the tuning itself), except in a
+    --cached-only run, which reads the cached run's figures.
+    """
     _need("edgeft.tune", "tuning")
     out = WORK / "runs" / name
-    if not (out / "run.json").is_file():
+    if not (out / "run.json").is_file() or (fresh and not CACHED_ONLY):
         _may_make(f"tuned run {name}", out)
         cmd = edgeft_cmd() + ["tune", *args, "--out", str(out), "--overwrite"]
         secs = run_logged(cmd, WORK / "logs" / f"tune-{name}.log", f"edgeft tune ({name})")
@@ -127,6 +131,14 @@ def _stale(artifact: Path, source: str | Path) -> bool:
     except (OSError, ValueError, KeyError, AttributeError):
         return True
     return made_from != str(Path(source).resolve())
+
+
+def run_metrics(run: Path) -> dict:
+    """The ``metrics.json`` that ``edgeft tune`` wrote into a run folder (before/after, time, memory)."""
+    try:
+        return json.loads((Path(run) / "metrics.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise Unavailable(f"{run}: no readable metrics.json ({exc})") from None
 
 
 def logged_seconds(kind: str, name: str) -> float | None:

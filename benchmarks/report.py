@@ -23,7 +23,9 @@ CASE_TITLES = {
     "footprint": "Footprint",
     "profile": "Where edgeft's decode time goes (profile)",
     "peers": "Native peers: alternating rounds, each system at its own thread defaults",
-}
+    "tune_minilm_sst2": "Tuning MiniLM-L6 on SST-2: top 2 over int8 beside full fine-tuning",
+    "tune_smollm2_sonnets": "Tuning SmolLM2-135M on the sonnets: top 4 over int8",
+}  # a case without a title here is shown under its name
 
 
 def fmt(x: float) -> str:
@@ -92,6 +94,16 @@ def goals_table(res: SuiteResult) -> str:
     return md_table(["goal", "measured", "target", "verdict"], rows)
 
 
+def gates_table(res: SuiteResult) -> str:
+    def figures(metrics: dict) -> str:
+        return ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+    rows = [[g.system, g.case, "passed" if g.passed else "**failed**", g.chosen,
+             figures(g.metrics) or ("(verdict read from a note: a result from before gates were fields)"
+                                    if g.origin == "note" else ""), "; ".join(g.failures)] for g in res.gates]
+    return md_table(["system", "case", "gate", "kept", "figures", "failures"], rows)
+
+
 def env_lines(res: SuiteResult) -> list[str]:
     e = res.env
     vers = ", ".join(f"{k} {v}" for k, v in sorted(e.versions.items()))
@@ -113,11 +125,15 @@ def write_markdown(res: SuiteResult, path: Path, charts: list[Path] | None = Non
     """The full report: headline, goals, environment, one table per case, skips, notes."""
     parts = ["# edgeft benchmarks", "", "## Headline", "", headline_table(res), "",
              "## Goals", "", goals_table(res), "", "## Environment", "", *env_lines(res), ""]
-    for case, title in CASE_TITLES.items():
+    cases = list(dict.fromkeys([*CASE_TITLES, *(m.case for m in res.measurements)]))
+    for case in cases:
+        title = CASE_TITLES.get(case, case)
         if any(m.case == case for m in res.measurements):
             parts += [f"## {title}", "", case_table(res, case), ""]
             notes = sorted({m.note for m in res.measurements if m.case == case and m.note})
             parts += [f"- {n}" for n in notes] + ([""] if notes else [])
+    if res.gates:
+        parts += ["## Export gates (from the artifacts' manifests)", "", gates_table(res), ""]
     if res.skipped:
         parts += ["## Skipped", ""] + [f"- {s.case} / {s.system}: {s.reason}" for s in res.skipped] + [""]
     if res.notes:

@@ -3,10 +3,12 @@
     python -m benchmarks.run                      # every case, ~30-45 min on 2 cores
     BENCH_QUICK=1 python -m benchmarks.run        # fewer repeats/tokens/steps: a few minutes
     python -m benchmarks.run --cases generation,bandwidth
+    python -m benchmarks.run --cases tune_minilm_sst2        # any case alone (see benchmarks/README.md)
     python -m benchmarks.run --report benchmarks/results/2026-11-28-host.json   # rewrite md + png
 
-Results go to ``benchmarks/results/<date>-<host>.{json,md}`` and ``...-<chart>.png``;
-cached work (tuned runs, artifacts, GGUF files, venvs) to ``benchmarks/work/``.
+Results go to ``benchmarks/results/<date>-<host>.{json,md}`` and ``...-<chart>.png`` (a run of
+other cases than the default set adds their names: ``<date>-<host>-tune_minilm_sst2.json``);
+cached work (tuned runs, artifacts, GGUF files, venvs) to ``benchmarks/work/`` (``$BENCH_WORK``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.cases import CASES, Context
+from benchmarks.cases import CASES, DEFAULT_CASES, Context
 from benchmarks.prepare import REPO, Unavailable
 from benchmarks.report import write_charts, write_markdown
 from benchmarks.schema import Environment, SuiteResult
@@ -78,6 +80,7 @@ def run_suite(cases: list[str], quick: bool, threads: int, shared: str = "",
         # an appended re-run of a case replaces its old figures and skips (not those this run made:
         # the quality case records the tune CLI's own figures under "tuning")
         res.skipped = [k for k in res.skipped if k.case != name]
+        res.gates = [g for g in res.gates if g.case != name]
         res.measurements = [m for m in res.measurements if m.case != name or id(m) not in earlier]
         t = time.perf_counter()
         try:
@@ -102,10 +105,20 @@ def write_all(res: SuiteResult, folder: Path, stem: str) -> list[Path]:
     return [json_path, md, *charts]
 
 
+def result_stem(cases: list[str], quick: bool, append: bool) -> str:
+    """``<date>-<host>[-quick]``, plus the case names when they are not the default set (so a case run
+    alone does not replace the day's suite file); an --append run adds to the plain file."""
+    stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}{'-quick' if quick else ''}"
+    if append or set(cases) <= set(DEFAULT_CASES):
+        return stem
+    return f"{stem}-{'+'.join(cases)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                    help=f"comma-separated cases (default: {', '.join(DEFAULT_CASES)}); any of: {', '.join(CASES)}")
     ap.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK") == "1",
                     help="fewer repeats, tokens and steps (also BENCH_QUICK=1)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 2)),
@@ -133,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [c for c in cases if c not in CASES]
         if unknown:
             ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-        stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}{'-quick' if args.quick else ''}"
+        stem = result_stem(cases, args.quick, args.append)
         prior = args.out / f"{stem}.json"
         into = SuiteResult.load(prior) if args.append and prior.is_file() else None
         res = run_suite(cases, args.quick, args.threads, args.shared_note, args.tune_steps,

@@ -2,7 +2,8 @@
 
 A run of the suite is one ``SuiteResult``: the environment it ran in (machine, threads,
 versions), every ``Measurement`` (a median with its spread, or one plain figure), every
-system it had to skip and why, and the ``Ratio``s and ``Goal``s computed from them.
+system it had to skip and why, the export ``Gate`` of every artifact it measured, and the
+``Ratio``s and ``Goal``s computed from them.
 This module does arithmetic and bookkeeping only; it measures nothing and imports
 nothing heavy.
 """
@@ -59,6 +60,40 @@ class Skipped:
     case: str
     system: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Gate:
+    """An artifact's export gate as its manifest records it: the verdict and the figures it was judged on.
+
+    ``metrics`` are the gate's own figures (perplexity increase %, token agreement, accuracy drop...);
+    ``origin`` is "manifest", or "note" for a result written before gates were fields (its verdict was
+    then only in a measurement's note, and is read from there once, when the file is loaded).
+    """
+
+    case: str
+    system: str
+    passed: bool
+    chosen: str = ""  # the candidate kept (int4, mixed, int8-dynamic...)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    origin: str = "manifest"
+
+    @classmethod
+    def from_manifest(cls, case: str, system: str, gate: dict[str, Any]) -> "Gate":
+        """From a manifest's ``gate`` section (``edgeft.export.pipeline`` writes it)."""
+        return cls(case, system, bool(gate["passed"]), str(gate.get("chosen", "")), dict(gate.get("metrics") or {}),
+                   list(gate.get("failures") or []), dict(gate.get("thresholds") or {}))
+
+
+def _gates_from_notes(measurements: list["Measurement"]) -> list[Gate]:
+    """The verdicts a result from before gates were fields kept in its decode notes."""
+    out = []
+    for m in measurements:
+        if m.metric == "decode_tps" and ("gate passed" in m.note or "gate FAILED" in m.note):
+            out.append(Gate(m.case, m.system, "gate passed" in m.note, origin="note"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -162,10 +197,15 @@ class SuiteResult:
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    gates: list[Gate] = field(default_factory=list)  # the export gates of the artifacts measured
 
     def add(self, m: Measurement) -> Measurement:
         self.measurements.append(m)
         return m
+
+    def gate(self, system: str) -> Gate | None:
+        """The export gate of the artifact a system ran (the latest recorded), or None."""
+        return next((g for g in reversed(self.gates) if g.system == system), None)
 
     def skip(self, case: str, system: str, reason: str) -> None:
         self.skipped.append(Skipped(case, system, reason))
@@ -191,13 +231,14 @@ class SuiteResult:
     def to_dict(self) -> dict[str, Any]:
         return {"env": asdict(self.env), "measurements": [m.to_dict() for m in self.measurements],
                 "skipped": [asdict(s) for s in self.skipped], "notes": list(self.notes),
-                "seconds": self.seconds}
+                "seconds": self.seconds, "gates": [asdict(g) for g in self.gates]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SuiteResult":
-        return cls(Environment(**d["env"]), [Measurement.from_dict(m) for m in d["measurements"]],
-                   [Skipped(**s) for s in d["skipped"]], list(d.get("notes", [])),
-                   float(d.get("seconds", 0.0)))
+        ms = [Measurement.from_dict(m) for m in d["measurements"]]
+        gates = [Gate(**g) for g in d["gates"]] if "gates" in d else _gates_from_notes(ms)
+        return cls(Environment(**d["env"]), ms, [Skipped(**s) for s in d["skipped"]], list(d.get("notes", [])),
+                   float(d.get("seconds", 0.0)), gates)
 
     def save(self, path: Path) -> Path:
         from edgeft.fsutil import atomic_write_json

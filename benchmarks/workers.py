@@ -295,6 +295,25 @@ def tune_variant(spec: dict) -> dict:
     return train_variant(spec)
 
 
+def sample_tuned(spec: dict) -> dict:
+    """A few sampled continuations of a tuned causal LM's run folder (PyTorch, seeded), for reading."""
+    import torch
+
+    from benchmarks.data import load_tuned_torch
+    from edgeft.artifact import Task
+
+    torch.set_num_threads(spec["threads"])
+    model, tok, _ = load_tuned_torch(spec["path"], Task.causal_lm)
+    lines = []
+    for prompt in spec["prompts"]:
+        ids = tok(prompt, return_tensors="pt")
+        torch.manual_seed(0)
+        gen = model.generate(**ids, max_new_tokens=spec["new_tokens"], do_sample=True, temperature=0.7, top_p=0.9,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        lines.append(tok.decode(gen[0], skip_special_tokens=True))
+    return {"lines": lines}
+
+
 def bandwidth(spec: dict) -> dict:
     return {"gbps": memory_bandwidth(spec["threads"], spec.get("mib", 1024), spec["repeats"]).to_dict()}
 
@@ -319,6 +338,7 @@ WORKERS = {
     "ppl-torch": ppl_torch,
     "first-token": first_token,
     "tune-variant": tune_variant,
+    "sample-tuned": sample_tuned,
     "profile-edgeft": profile_edgeft,
 }
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.headline import CLS, EDGEFT, HF, LLAMA, TORCH_CLS, goals, headline_ratios  # noqa: E402
 from benchmarks.report import case_table, fmt, write_charts, write_markdown  # noqa: E402
-from benchmarks.schema import Environment, Goal, Measurement, SuiteResult, compute_ratio  # noqa: E402
+from benchmarks.schema import Environment, Gate, Goal, Measurement, SuiteResult, compute_ratio  # noqa: E402
 from edgeft.bench import (  # noqa: E402
     Stat,
     bench_batches,
@@ -164,11 +164,35 @@ def test_q4_goal_counts_only_artifacts_whose_gate_passed(result):
 
     res = SuiteResult.from_dict(result.to_dict())
     res.add(Measurement("generation", LLAMA["Q4_1"], "decode_tps", 40.0, "tok/s"))
-    res.add(Measurement("generation", EDGEFT["int4"], "decode_tps", 100.0, "tok/s",
-                        note="edgeft int4: gate FAILED (exported with --allow-degraded)"))
+    res.add(Measurement("generation", EDGEFT["int4"], "decode_tps", 100.0, "tok/s"))
+    res.gates.append(Gate.from_manifest("generation", EDGEFT["int4"], {
+        "passed": False, "chosen": "int4", "metrics": {"perplexity_increase_pct": 49.5},
+        "failures": ["perplexity +49.5% > 5%"]}))
     assert q4_goal(res).verdict == "not measured"  # the faster int4 failed its gate: it does not count
+    # a note that says "gate passed" is not the gate: the verdict is read from the gate's fields only
     res.add(Measurement("generation", EDGEFT["mixed"], "decode_tps", 60.0, "tok/s", note="edgeft mixed: gate passed"))
+    assert q4_goal(res).verdict == "not measured"
+    res.gates.append(Gate.from_manifest("generation", EDGEFT["mixed"], {"passed": True, "chosen": "mixed"}))
     assert q4_goal(res).value == pytest.approx(1.5) and q4_goal(res).met
+    again = SuiteResult.from_dict(json.loads(json.dumps(res.to_dict())))  # the gates survive the JSON file
+    assert [(g.system, g.passed, g.origin) for g in again.gates] == [(EDGEFT["int4"], False, "manifest"),
+                                                                      (EDGEFT["mixed"], True, "manifest")]
+    assert again.gate(EDGEFT["int4"]).metrics == {"perplexity_increase_pct": 49.5}
+    assert q4_goal(again).value == pytest.approx(1.5)
+
+
+def test_a_result_from_before_gates_were_fields_keeps_its_verdicts_from_the_notes(result):
+    old = result.to_dict()
+    del old["gates"]
+    old["measurements"] += [
+        Measurement("generation", EDGEFT["mixed"], "decode_tps", 60.0, "tok/s", note="edgeft mixed: gate passed").to_dict(),
+        Measurement("generation", EDGEFT["int4"], "decode_tps", 90.0, "tok/s",
+                    note="edgeft int4: gate FAILED (exported with --allow-degraded)").to_dict()]
+    res = SuiteResult.from_dict(old)
+    assert [(g.system, g.passed, g.origin) for g in res.gates] == [(EDGEFT["mixed"], True, "note"),
+                                                                    (EDGEFT["int4"], False, "note")]
+    for name in ("2026-11-28-vm.json", "2026-12-01-vm.json"):  # the results the README quotes still load
+        SuiteResult.load(REPO / "benchmarks" / "results" / name)
 
 
 # ---------------------------------------------------------------- writers
