@@ -149,23 +149,23 @@ def _pick(columns: list[str], given: str | None, candidates: tuple[str, ...], wh
     raise EdgeftError(f"{path}: cannot tell the {what} column among {', '.join(columns)}; name it with {flag}")
 
 
-def detect_columns(path: Path, text_col: str | None = None, label_col: str | None = None,
+def detect_columns(path: Path, text_column: str | None = None, label_column: str | None = None,
                    need_label: bool = True) -> tuple[str, str | None]:
     """The (text, label) column names of a table file, from flags or by name."""
     rows = read_rows(path)
     columns = list(rows[0].keys())
-    label = _pick(columns, label_col, LABEL_COLUMNS, "label", Path(path)) if need_label else None
-    text = _pick(columns, text_col, TEXT_COLUMNS, "text", Path(path), exclude=label)
+    label = _pick(columns, label_column, LABEL_COLUMNS, "label", Path(path)) if need_label else None
+    text = _pick(columns, text_column, TEXT_COLUMNS, "text", Path(path), exclude=label)
     return text, label
 
 
-def has_label_column(path: Path, label_col: str | None = None) -> bool:
+def has_label_column(path: Path, label_column: str | None = None) -> bool:
     """Whether a table file has a label column (named, or detected by name)."""
     if Path(path).suffix.lower() == ".txt":
         return False
     columns = list(read_rows(path)[0].keys())
-    if label_col is not None:
-        return label_col in columns
+    if label_column is not None:
+        return label_column in columns
     return any(c.lower() in LABEL_COLUMNS for c in columns)
 
 
@@ -176,11 +176,11 @@ def _cell(row: dict[str, Any], col: str, path: Path, i: int) -> str:
     return str(value).strip()
 
 
-def load_classification(path: Path, text_col: str | None = None,
-                        label_col: str | None = None) -> tuple[list[str], list[str]]:
+def load_classification(path: Path, text_column: str | None = None,
+                        label_column: str | None = None) -> tuple[list[str], list[str]]:
     """Texts and their labels (as strings) from a table file."""
     path = Path(path)
-    text, label = detect_columns(path, text_col, label_col, need_label=True)
+    text, label = detect_columns(path, text_column, label_column, need_label=True)
     rows = read_rows(path)
     texts = [_cell(r, text, path, i) for i, r in enumerate(rows)]
     labels = [_cell(r, label, path, i) for i, r in enumerate(rows)]
@@ -196,12 +196,12 @@ def split_paragraphs(text: str) -> list[str]:
     return paras
 
 
-def load_texts(path: Path, text_col: str | None = None) -> list[str]:
+def load_texts(path: Path, text_column: str | None = None) -> list[str]:
     """Plain texts: paragraphs of a .txt file, or the text column of a table."""
     path = check_file(path)
     if path.suffix.lower() == ".txt":
         return split_paragraphs(read_text(path))
-    text, _ = detect_columns(path, text_col, None, need_label=False)
+    text, _ = detect_columns(path, text_column, None, need_label=False)
     return [_cell(r, text, path, i) for i, r in enumerate(read_rows(path))]
 
 

@@ -33,6 +33,7 @@ from edgeft.fsutil import atomic_write_json
 
 RUN_INFO = "run.json"
 TRAINED = "trained.safetensors"
+CONFIG = "config.json"
 RUN_FORMAT = "edgeft-run"
 
 
@@ -79,6 +80,24 @@ def read_run(path: Path) -> RunInfo:
 
 def write_run_info(path: Path, info: RunInfo) -> None:
     atomic_write_json(Path(path) / RUN_INFO, info.to_dict())
+
+
+# config.json keys renamed since a run folder may have been written (old -> new).
+RENAMED_CONFIG_KEYS = {"text_col": "text_column", "label_col": "label_column"}
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """The ``config.json`` of a run folder (or of ``OUT.partial``), renamed keys under their new names.
+
+    ``{}`` when there is none or it is not JSON: the run's settings are then unknown.
+    """
+    try:
+        saved = json.loads((Path(path) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {RENAMED_CONFIG_KEYS.get(k, k): v for k, v in saved.items()}
 
 
 # ---------------------------------------------------------------- rebuilding the tuned model

@@ -51,7 +51,7 @@ def test_tune_flags_come_from_tuneconfig_with_short_names_panels_and_old_spellin
     base = ["tune", "-m", "x", "-d", str(data), "-o", str(tmp_path / "o")]
     assert CliRunner().invoke(app, [*base, "--text-col", "sentence", "-n", "3", "--untie-head"]).exit_code == 0
     cfg = seen[-1]
-    assert cfg.text_col == "sentence" and cfg.trainable_layers == 3 and cfg.untie_head and cfg.group_by_length
+    assert cfg.text_column == "sentence" and cfg.trainable_layers == 3 and cfg.untie_head and cfg.group_by_length
     assert cfg.batch_size == 16 and cfg.task is None  # defaults from the dataclass
     both = CliRunner().invoke(app, [*base, "--text-col", "a", "--text-column", "b"])
     assert both.exit_code == 2 and "old spelling" in both.output

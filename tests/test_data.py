@@ -32,7 +32,7 @@ def test_sst2_tsv_columns_are_detected(test_data):
 def test_trec_needs_no_flag_for_coarse_label_but_takes_one_for_fine(test_data):
     path = test_data / "trec_test_300.tsv"
     _, coarse = D.load_classification(path)
-    _, fine = D.load_classification(path, label_col="fine_label")
+    _, fine = D.load_classification(path, label_column="fine_label")
     assert "DESC" in coarse and any(":" in f for f in fine)
 
 
@@ -46,11 +46,11 @@ def test_jsonl_and_json_tables(tmp_path):
 
 def test_explicit_columns_and_missing_column(tmp_path):
     p = _write(tmp_path / "d.csv", "body,tag\nhello,a\nbye,b\n")
-    assert D.load_classification(p, text_col="body", label_col="tag") == (["hello", "bye"], ["a", "b"])
+    assert D.load_classification(p, text_column="body", label_column="tag") == (["hello", "bye"], ["a", "b"])
     with pytest.raises(EdgeftError, match="cannot tell the label column"):
         D.load_classification(p)
     with pytest.raises(EdgeftError, match="no column 'nope'"):
-        D.load_classification(p, text_col="body", label_col="nope")
+        D.load_classification(p, text_column="body", label_column="nope")
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -66,3 +66,20 @@ def test_load_run_refuses_a_wrong_shape_an_unknown_name_and_another_base(tiny_ll
     shutil.rmtree(moved)
     with pytest.raises(EdgeftError, match="is not on this machine"):
         load_run(run)
+
+
+def test_an_old_run_config_loads_under_the_new_names(tmp_path):
+    """config.json written before text_col/label_col became text_column/label_column still reads (and resumes)."""
+    import json
+
+    from edgeft.runs import read_run_config
+    from edgeft.tune.config import TuneConfig
+
+    cfg = TuneConfig(model="m", data=tmp_path / "d.csv", out=tmp_path / "o", text_column="body", label_column="tag")
+    old = {({"text_column": "text_col", "label_column": "label_col"}).get(k, k): v for k, v in cfg.to_dict().items()}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    saved = read_run_config(tmp_path / "run")
+    assert saved["text_column"] == "body" and saved["label_column"] == "tag" and "text_col" not in saved
+    assert cfg.same_run(saved) == []
+    assert read_run_config(tmp_path / "nothing") == {}

@@ -116,10 +116,10 @@ def eval_set(config: ExportConfig, task: Task, run_config: dict[str, Any], token
         return EvalSet(texts=texts[:limit], prompts=texts[:config.gate_prompts])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if task is Task.embedding:  # any file of texts: a classifier's labels are not needed
-        texts = split(data.load_texts(path, run_config.get("text_col")))
+        texts = split(data.load_texts(path, run_config.get("text_column")))
         return EvalSet([texts[i] for i in _spread(len(texts), limit)], origin=str(path), sha256=digest)
     if task is Task.classification:
-        texts, got = data.load_classification(path, run_config.get("text_col"), run_config.get("label_col"))
+        texts, got = data.load_classification(path, run_config.get("text_column"), run_config.get("label_column"))
         texts, got = (list(x) for x in zip(*split(list(zip(texts, got, strict=True))), strict=True))
         unknown = sorted(set(got) - set(labels or []))
         if unknown:
@@ -132,7 +132,7 @@ def eval_set(config: ExportConfig, task: Task, run_config: dict[str, Any], token
         texts = [pairs[i][0] + pairs[i][1] for i in idx]
         prompts = [pairs[i][0] for i in idx[:config.gate_prompts]]
         return EvalSet(texts, prompts=prompts, whole_prompts=True, origin=str(path), sha256=digest)
-    texts = split(data.load_texts(path, run_config.get("text_col")))
+    texts = split(data.load_texts(path, run_config.get("text_column")))
     idx = _spread(len(texts), limit)
     texts = [texts[i] for i in idx]
     return EvalSet(texts, prompts=texts[:config.gate_prompts], origin=str(path), sha256=digest)

@@ -14,7 +14,6 @@ nothing of ONNX.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from edgeft.errors import EdgeftError
 from edgeft.artifact import Task
 from edgeft.export.config import ExportConfig
 from edgeft.runs import (RunInfo, is_run_folder, label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers,
-                         read_run, run_base)
+                         read_run, read_run_config, run_base)
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
@@ -142,14 +141,7 @@ def _load_run(run_dir: Path, config: ExportConfig) -> Source:
                   tokenizer_dir=loaded.tokenizer_dir, labels=labels,
                   max_length=config.max_length or info.max_length, run=info, run_dir=run_dir,
                   base_name=info.base_model, base_sha256=info.base_sha256, data_sha256=dict(info.data_sha256),
-                  run_config=_read_json(run_dir / "config.json"), base_dir=run_base(run_dir, info))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        return {}
+                  run_config=read_run_config(run_dir), base_dir=run_base(run_dir, info))
 
 
 def save_hf_folder(source: Source, folder: Path) -> Path:

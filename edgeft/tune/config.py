@@ -83,9 +83,9 @@ class TuneConfig:
     """Evaluation data; without it a seeded held-out split of --data."""
     eval_fraction: float = field(default=0.1, metadata=flag(panel=DATA))
     """Held-out fraction when there is no --eval-data."""
-    text_col: str | None = field(default=None, metadata=flag("--text-column", panel=DATA, aliases=("--text-col",)))
+    text_column: str | None = field(default=None, metadata=flag(panel=DATA, aliases=("--text-col",)))
     """Text column (default: detected by name)."""
-    label_col: str | None = field(default=None, metadata=flag("--label-column", panel=DATA, aliases=("--label-col",)))
+    label_column: str | None = field(default=None, metadata=flag(panel=DATA, aliases=("--label-col",)))
     """Label column (default: detected by name)."""
     max_length: int | None = field(default=None, metadata=flag(panel=DATA))
     """Tokens per example or text block (default 128 classification, 256 causal-lm); longer text is truncated

@@ -66,13 +66,13 @@ def _encode(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[lis
 
 
 def prepare_classification(tokenizer: Any, train_path: Path, eval_path: Path | None, fraction: float,
-                           seed: int, max_length: int, text_col: str | None, label_col: str | None) -> Prepared:
-    texts, labels = D.load_classification(train_path, text_col, label_col)
+                           seed: int, max_length: int, text_column: str | None, label_column: str | None) -> Prepared:
+    texts, labels = D.load_classification(train_path, text_column, label_column)
     rows = list(zip(texts, labels, strict=True))
     if eval_path is None:
         rows, held = D.held_out_split(rows, fraction, seed, str(train_path))
     else:
-        e_texts, e_labels = D.load_classification(eval_path, text_col, label_col)
+        e_texts, e_labels = D.load_classification(eval_path, text_column, label_column)
         held = list(zip(e_texts, e_labels, strict=True))
     names = label_names([lab for _, lab in rows])
     if len(names) < 2:
@@ -119,14 +119,14 @@ def _chat_examples(tokenizer: Any, convs: list[list[D.Message]], max_length: int
 
 
 def prepare_causal(tokenizer: Any, train_path: Path, eval_path: Path | None, fraction: float,
-                   seed: int, max_length: int, text_col: str | None) -> Prepared:
+                   seed: int, max_length: int, text_column: str | None) -> Prepared:
     chat = D.is_chat_file(train_path)
     if chat:
         items = D.load_chat(train_path)
         held = D.load_chat(eval_path) if eval_path else None
     else:
-        items = D.load_texts(train_path, text_col)
-        held = D.load_texts(eval_path, text_col) if eval_path else None
+        items = D.load_texts(train_path, text_column)
+        held = D.load_texts(eval_path, text_column) if eval_path else None
     if held is None:
         items, held = D.held_out_split(items, fraction, seed, str(train_path))
     if chat:

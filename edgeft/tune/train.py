@@ -40,7 +40,7 @@ from typing import Any
 
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable, sha256_file
-from edgeft.runs import TRAINED, RunInfo, write_run_info
+from edgeft.runs import TRAINED, RunInfo, read_run_config, write_run_info
 from edgeft.tune import dataset as DS
 from edgeft.tune import frozen
 from edgeft.tune import metrics as M
@@ -80,7 +80,7 @@ def resolve_task(cfg: TuneConfig) -> Task:
     from edgeft import data as D
 
     D.check_file(cfg.data)
-    labelled = cfg.label_col is not None or D.has_label_column(cfg.data)
+    labelled = cfg.label_column is not None or D.has_label_column(cfg.data)
     return Task.classification if labelled and not D.is_chat_file(cfg.data) else Task.causal_lm
 
 
@@ -93,8 +93,7 @@ def preflight(cfg: TuneConfig) -> None:
     if cfg.resume:
         if not (partial / CHECKPOINT).is_file():
             raise EdgeftError(f"nothing to resume: {partial} holds no checkpoint")
-        saved = json.loads((partial / "config.json").read_text())
-        changed = cfg.same_run(saved)
+        changed = cfg.same_run(read_run_config(partial))
         if changed:
             raise EdgeftError(f"--resume needs the interrupted run's settings; these differ: {', '.join(changed)}")
     elif partial.exists() and not cfg.overwrite:
@@ -113,10 +112,10 @@ def resolve_max_length(cfg: TuneConfig, task: Task, positions: int | None) -> in
 def prepare_data(cfg: TuneConfig, task: Task, tokenizer: Any, max_length: int) -> DS.Prepared:
     if task is Task.classification:
         prep = DS.prepare_classification(tokenizer, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
-                                         max_length, cfg.text_col, cfg.label_col)
+                                         max_length, cfg.text_column, cfg.label_column)
     else:
         prep = DS.prepare_causal(tokenizer, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
-                                 max_length, cfg.text_col)
+                                 max_length, cfg.text_column)
     if cfg.max_eval_examples and len(prep.eval) > cfg.max_eval_examples:
         prep.eval = prep.eval[: cfg.max_eval_examples]
     DS.warn_truncation(prep, max_length)
