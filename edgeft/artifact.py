@@ -63,6 +63,7 @@ from typing import Any
 from edgeft import __version__
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir, atomic_write_json, file_stamp, sha256_file
+from edgeft.generate_config import SamplingParams
 
 FORMAT = "edgeft-artifact"
 FORMAT_VERSION = 1
@@ -164,13 +165,13 @@ class Tokenizer:
 
 @dataclass(frozen=True)
 class Generation:
-    """Default sampling settings for a decoder artifact (each overridable per request)."""
+    """Default sampling settings for a decoder artifact (each overridable per request; unset: the runtime's)."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    max_new_tokens: int = SamplingParams.max_new_tokens
+    temperature: float = SamplingParams.temperature
+    top_k: int = SamplingParams.top_k
+    top_p: float = SamplingParams.top_p
+    repetition_penalty: float = SamplingParams.repetition_penalty
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgeft.artifact import Task
+from edgeft.bench_config import BenchConfig
 from edgeft.errors import EdgeftError
 
 
@@ -362,34 +363,6 @@ DEFAULT_TEXT = (
     "contracted to thine own bright eyes, feed'st thy light's flame with self-substantial fuel, "
     "making a famine where abundance lies, thyself thy foe, to thy sweet self too cruel. "
 )
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What ``edgeft bench ARTIFACT`` measures, and how hard."""
-
-    artifact: Path
-    threads: int | None = None  # onnxruntime threads (default: every core)
-    repeats: int = 5  # measured runs per figure, after ``warmup``
-    warmup: int = 1
-    new_tokens: int = 64  # tokens generated per decode run
-    prompt_lengths: tuple[int, ...] = (32, 512)  # prefill is timed at each
-    batch_sizes: tuple[int, ...] = (1, 8, 32)  # classifiers
-    bandwidth: bool = True  # also measure read bandwidth and report decode's share of its limit
-
-    def __post_init__(self) -> None:
-        if not Path(self.artifact).exists():
-            raise EdgeftError(f"{self.artifact} does not exist (give an artifact folder or a packed .edgeft file)")
-        if self.threads is not None and self.threads < 1:
-            raise EdgeftError("--threads must be at least 1")
-        if self.repeats < 1 or self.warmup < 0:
-            raise EdgeftError("--repeats must be at least 1 and --warmup at least 0")
-        if self.new_tokens < 2:
-            raise EdgeftError("--new-tokens must be at least 2 (decode speed is timed after the first token)")
-        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
-            raise EdgeftError("prompt lengths must be positive")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise EdgeftError("batch sizes must be positive")
 
 
 def bench_artifact(config: BenchConfig) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import dataclasses
 
 from typer.testing import CliRunner
 
+import edgeft.cli.options as O
 from edgeft.cli import app
 from edgeft.flags import field_docs
 from edgeft.serve_config import ServeConfig
@@ -72,3 +73,126 @@ def test_export_flags_keep_their_spellings_and_parse_comma_lists(tmp_path, monke
     assert cfg.labels == ("neg", "pos") and cfg.truncation_dims == (64, 128) and cfg.int8_activations is False
     res = CliRunner().invoke(app, ["export", "src", "-o", str(tmp_path / "a"), "--truncation-dims", "6x"])
     assert res.exit_code == 2 and "--truncation-dims takes int values separated by commas" in res.output
+
+
+# ---- every command built from a config: defaults, help texts and old spellings ----------------
+
+def _commands():
+    """(command name, click command, its from_config sources) for every command with config-built flags."""
+    import typer
+
+    group = typer.main.get_command(app)
+    out = []
+    for info in app.registered_commands:
+        sources = getattr(info.callback, "edgeft_configs", [])
+        if sources:
+            name = info.name or info.callback.__name__.replace("_", "-")
+            out.append((name, group.commands[name], sources))
+    return out
+
+
+def _record(cmd, name: str) -> str:
+    import click
+
+    param = next(p for p in cmd.params if p.name == name)
+    with click.Context(cmd, info_name=cmd.name, terminal_width=400) as ctx:
+        record = param.get_help_record(ctx)
+    return " ".join(" ".join(record).split()) if record else ""
+
+
+def test_every_config_built_command_is_found():
+    names = {name for name, _, _ in _commands()}
+    assert {"generate", "chat", "classify", "embed", "bench", "verify", "pack", "sign", "keygen", "pull",
+            "serve", "tune", "export"} <= names
+
+
+def test_every_flag_shows_its_fields_default_and_docstring():
+    from edgeft.cli.options import field_default, shown
+
+    for name, cmd, sources in _commands():
+        for src in sources:
+            docs = field_docs(src.config_cls)
+            for f in src.fields():
+                text, default, where = _record(cmd, f.name), field_default(f), f"{name} {f.name}"
+                assert " ".join(docs[f.name].replace("``", "").split()) in text, where
+                if default is ...:
+                    assert "required" in text, where
+                elif src.over is not None:  # an override: the artifact's setting, else the field's default
+                    if default not in (None, ()):
+                        assert f"[default: {src.over}, else {shown(default)}]" in text, where
+                elif default not in (None, (), False) and O.flag_of(f).show_default is True:
+                    assert f"default: {_as_click_shows(f, default)}]" in text, where
+
+
+def _as_click_shows(f, default) -> str:
+    import enum
+
+    if default is True:  # a --x/--no-x pair shows its on switch
+        names = [n for n in O.flag_of(f).names if n.startswith("--")] or [O._option_name(f.name)]
+        return names[0][2:]
+    if isinstance(default, enum.Enum):
+        return str(default.value)
+    if isinstance(default, tuple):
+        return ", ".join(map(str, default))
+    return str(default)
+
+
+def test_sampling_flags_and_manifest_defaults_are_samplingparams():
+    from edgeft.artifact import Generation
+    from edgeft.generate_config import SamplingParams
+
+    text = _help("generate")
+    assert "-t, --temperature" in text and "[default: the artifact's, else 128]" in text
+    assert " -n" not in text  # -n is tune's --trainable-layers; here a hidden old spelling
+    assert "Sampling: --max-new-tokens" in text and "Constrained output:" in text  # panels in plain --help
+    base = SamplingParams()
+    for f in dataclasses.fields(Generation):
+        assert getattr(Generation(), f.name) == getattr(base, f.name), f.name
+
+
+def _dummy(tp, tmp_path):
+    """A command-line value for a field type, and the value the config should hold."""
+    import enum
+    from pathlib import Path
+
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        member = list(tp)[-1]
+        return member.value, member
+    if tp is Path:
+        p = tmp_path / "given.csv"
+        p.write_text("text,label\na,0\n")
+        return str(p), p
+    return {int: ("3", 3), float: ("0.5", 0.5)}.get(tp, ("given", "given"))
+
+
+def test_every_old_spelling_still_sets_its_field(tmp_path, monkeypatch):
+    import typing
+
+    seen = []
+    def run(fn, kwargs):  # a stacked from_config passes through; the command's own function is not called
+        return fn(**kwargs) if hasattr(fn, "edgeft_configs") else seen.append(kwargs)
+
+    monkeypatch.setattr(O, "_run", run)
+    checked = 0
+    for name, _, sources in _commands():
+        required = []
+        for src in sources:
+            hints = typing.get_type_hints(src.config_cls)
+            for f in src.fields():
+                if O.field_default(f) is ...:
+                    value = _dummy(O._unwrap(hints[f.name])[0], tmp_path)[0]
+                    flag = O.flag_of(f)
+                    required += [value] if flag.argument else [next(n for n in (*flag.names, O._option_name(f.name))
+                                                                    if n.startswith("--")), value]
+        for src in sources:
+            hints = typing.get_type_hints(src.config_cls)
+            for f in src.fields():
+                for alias in O.flag_of(f).aliases:
+                    given, want = _dummy(O._unwrap(hints[f.name])[0], tmp_path)
+                    res = CliRunner().invoke(app, [name, *required, alias, given])
+                    assert res.exit_code == 0, f"{name} {alias}: {res.output}"
+                    got = seen[-1][src.into]
+                    got = got[f.name] if isinstance(got, dict) else getattr(got, f.name)
+                    assert got == want, f"{name} {alias}"
+                    checked += 1
+    assert checked >= 4  # tune --text-col/--label-col, generate -n, chat -n

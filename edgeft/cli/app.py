@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from edgeft.errors import EdgeftError
 
@@ -26,7 +26,37 @@ class EdgeftGroup(TyperGroup):
             raise typer.Exit(exc.exit_code) from None
 
 
-app = typer.Typer(
+class EdgeftCommand(TyperCommand):
+    """A command whose plain ``--help`` lists options under their help panels (``flag(panel=...)``).
+
+    Options without a panel come first, under "Options"; then each panel in the order its
+    first option appears.
+    """
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args, panels = [], {"Options": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append(record)
+            else:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        for title, records in [("Arguments", args), *panels.items()]:
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+class EdgeftTyper(typer.Typer):
+    """``typer.Typer`` whose commands are ``EdgeftCommand``s (options under their panels in ``--help``)."""
+
+    def command(self, *args: Any, cls: Any = EdgeftCommand, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls, **kwargs)
+
+
+app = EdgeftTyper(
     name="edgeft",
     cls=EdgeftGroup,
     help=(

@@ -3,37 +3,76 @@
 ``verify`` always hashes every byte and checks the manifest's digest; with trusted keys
 (``--trusted-key`` or ``EDGEFT_TRUSTED_KEY``) it also wants a signature by one of them.
 Signing needs the ``cryptography`` package (the ``sign`` extra, also part of ``runtime``).
+Each command's flags are the fields of its small config below (``edgeft.cli.options``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
 
 from edgeft.cli.app import app
+from edgeft.cli.options import from_config
+from edgeft.flags import flag
 
-TRUSTED_KEY_HELP = ("Public key (PEM, from edgeft keygen) whose signature the artifact must carry; repeat for "
-                    "several (key rotation). Env: EDGEFT_TRUSTED_KEY, files separated by ':'.")
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """``edgeft verify``."""
+
+    artifact: Path = field(metadata=flag(argument=True))
+    """Artifact folder or packed .edgeft file."""
+    trusted_keys: tuple[Path, ...] = field(default=(), metadata=flag("--trusted-key", env="EDGEFT_TRUSTED_KEY"))
+    """Public key (PEM, from edgeft keygen) whose signature the artifact must carry; repeat for several (key
+    rotation). Env: EDGEFT_TRUSTED_KEY, files separated by ':'."""
 
 
-def trusted_key_option():
-    return typer.Option([], "--trusted-key", envvar="EDGEFT_TRUSTED_KEY", show_default=False, help=TRUSTED_KEY_HELP)
+@dataclass(frozen=True)
+class PackConfig:
+    """``edgeft pack``."""
+
+    artifact: Path = field(metadata=flag(argument=True))
+    """Artifact folder to pack."""
+    out: Path | None = field(default=None, metadata=flag("--out", "-o"))
+    """File to write (default: ARTIFACT.edgeft beside the folder)."""
+    overwrite: bool = False
+    """Replace an existing file."""
+
+
+@dataclass(frozen=True)
+class SignConfig:
+    """``edgeft sign``."""
+
+    artifact: Path = field(metadata=flag(argument=True))
+    """Artifact folder or packed .edgeft file (signed in place)."""
+    key: Path = field(metadata=flag("--key", "-k"))
+    """Ed25519 private key (PEM, from edgeft keygen)."""
+
+
+@dataclass(frozen=True)
+class KeygenConfig:
+    """``edgeft keygen``."""
+
+    out: Path = field(metadata=flag(argument=True))
+    """Private key file to write (PEM, mode 0600); the public key goes to OUT.pub."""
+    overwrite: bool = False
+    """Replace existing key files."""
 
 
 @app.command()
-def verify(
-    artifact: Path = typer.Argument(..., help="Artifact folder or packed .edgeft file."),
-    trusted_key: list[Path] = trusted_key_option(),
-) -> None:
+@from_config(VerifyConfig)
+def verify(config: VerifyConfig) -> None:
     """Hash every file and check the manifest's digest (and signature); refuse a changed or truncated artifact."""
     from edgeft.artifact import verify as verify_folder, verify_packed
     from edgeft.errors import EdgeftError
     from edgeft.signing import load_trusted_keys
 
+    artifact = config.artifact
     if not artifact.exists():
         raise EdgeftError(f"{artifact} does not exist")
-    keys = load_trusted_keys(trusted_key) if trusted_key else []
+    keys = load_trusted_keys(config.trusted_keys) if config.trusted_keys else []
     manifest = verify_packed(artifact, keys) if artifact.is_file() else verify_folder(artifact, keys)
     gate = manifest.gate or {}
     state = "passed" if gate.get("passed") else ("DEGRADED" if gate.get("degraded") else "not gated")
@@ -51,20 +90,17 @@ def verify(
 
 
 @app.command()
-def pack(
-    artifact: Path = typer.Argument(..., help="Artifact folder to pack."),
-    out: Path = typer.Option(None, "--out", "-o", show_default=False,
-                             help="File to write (default: ARTIFACT.edgeft beside the folder)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
-) -> None:
+@from_config(PackConfig)
+def pack(config: PackConfig) -> None:
     """Pack a verified artifact folder into one .edgeft file that the runtime opens directly."""
     from edgeft.artifact import PACK_SUFFIX, pack as pack_folder
     from edgeft.errors import EdgeftError
 
+    artifact = config.artifact
     if not artifact.is_dir():
         raise EdgeftError(f"{artifact} is not an artifact folder")
-    out = out or artifact.with_name(artifact.name + PACK_SUFFIX)
-    if out.exists() and not overwrite:
+    out = config.out or artifact.with_name(artifact.name + PACK_SUFFIX)
+    if out.exists() and not config.overwrite:
         raise EdgeftError(f"{out} already exists (use --overwrite to replace it)")
     if out.suffix != PACK_SUFFIX:
         raise EdgeftError(f"a packed artifact's name ends in {PACK_SUFFIX}: {out}")
@@ -73,25 +109,21 @@ def pack(
 
 
 @app.command()
-def sign(
-    artifact: Path = typer.Argument(..., help="Artifact folder or packed .edgeft file (signed in place)."),
-    key: Path = typer.Option(..., "--key", "-k", help="Ed25519 private key (PEM, from edgeft keygen)."),
-) -> None:
+@from_config(SignConfig)
+def sign(config: SignConfig) -> None:
     """Verify every byte, then sign the manifest's digest with an Ed25519 key (adds a digest to an older artifact)."""
     from edgeft.artifact import sign as sign_artifact
     from edgeft.signing import load_private_key
 
-    kid = sign_artifact(artifact, load_private_key(key))
-    typer.echo(f"{artifact}: signed by key {kid}")
+    kid = sign_artifact(config.artifact, load_private_key(config.key))
+    typer.echo(f"{config.artifact}: signed by key {kid}")
 
 
 @app.command()
-def keygen(
-    out: Path = typer.Argument(..., help="Private key file to write (PEM, mode 0600); the public key goes to OUT.pub."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing key files."),
-) -> None:
+@from_config(KeygenConfig)
+def keygen(config: KeygenConfig) -> None:
     """Write a new Ed25519 signing key pair (PKCS#8 private key, SubjectPublicKeyInfo public key, both PEM)."""
     from edgeft.signing import keygen as make_keys
 
-    private, public, kid = make_keys(out, overwrite)
+    private, public, kid = make_keys(config.out, config.overwrite)
     typer.echo(f"{private} (private, keep it secret), {public} (public: give it to --trusted-key); key id {kid}")

@@ -3,16 +3,20 @@
 Keeps the conversation as messages, renders it with the artifact's chat template each
 turn, and streams the reply. ``/reset`` forgets the conversation, ``/exit`` leaves. When
 the conversation outgrows the model's context the oldest turns are dropped. The KV cache
-of each turn is kept, so a new turn computes only its own tokens.
+of each turn is kept, so a new turn computes only its own tokens. Flags: ``ChatConfig``'s
+fields and ``edgeft generate``'s sampling flags.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from edgeft.cli.app import app
-from edgeft.cli.generate import (ARTIFACT_HELP, MAX_NEW, MAX_NEW_N, REPETITION, SEED, STOP, TEMPERATURE, THREADS, TOP_K,
-                                 TOP_P, sampling_params, stream_to_terminal)
+from edgeft.cli.generate import sampling_flags, sampling_params, stream_to_terminal
+from edgeft.cli.options import from_config
+from edgeft.generate_config import ChatConfig
 
 HELP = "Commands: /reset (forget the conversation), /exit (leave). Ctrl-D also leaves."
 
@@ -29,13 +33,9 @@ def _fit(gen, system: list[dict], turns: list[dict], max_new: int) -> list[int] 
 
 
 @app.command()
-def chat(
-    artifact: str = typer.Argument(..., help=ARTIFACT_HELP),
-    system: str = typer.Option(None, "--system", help="A system message that starts the conversation."),
-    max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
-    repetition_penalty: float = REPETITION, seed: int = SEED, stop: list[str] = STOP, threads: int = THREADS,
-    max_new_tokens_n: int = MAX_NEW_N,
-) -> None:
+@from_config(ChatConfig)
+@sampling_flags
+def chat(config: ChatConfig, sampling: dict[str, Any]) -> None:
     """Chat with a causal-LM artifact in the terminal (multi-turn; /reset, /exit)."""
     import dataclasses
 
@@ -44,12 +44,11 @@ def chat(
     from edgeft.runtime import Generator
     from edgeft.runtime.generate import PromptCache
 
-    gen = Generator.open(artifact, threads=threads, check=Check.quick)
+    gen = Generator.open(config.artifact, threads=config.threads, check=Check.quick)
     if gen.chat_template is None:
-        raise EdgeftError(f"{artifact} has no chat template: use `edgeft generate` for plain prompts")
-    max_new_tokens = max_new_tokens if max_new_tokens is not None else max_new_tokens_n
-    params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
-    head = [{"role": "system", "content": system}] if system else []
+        raise EdgeftError(f"{config.artifact} has no chat template: use `edgeft generate` for plain prompts")
+    params = sampling_params(gen, sampling)
+    head = [{"role": "system", "content": config.system}] if config.system else []
     turns: list[dict] = []
     cache = PromptCache()
     typer.echo(HELP, err=True)

@@ -2,7 +2,8 @@
 
 Texts come from the command line or ``--input`` (CSV, TSV, JSONL or TXT: one text per
 line); results go to stdout or ``--output`` as JSONL (text, label, scores) or CSV (text,
-label, one probability column per label). Imports the runtime inside the command only.
+label, one probability column per label). Flags: ``ClassifyConfig``'s fields, most of them
+``TextsConfig``'s, which ``edgeft embed`` shares. Imports the runtime inside the command only.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import enum
 import io
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
 
 from edgeft.cli.app import app
+from edgeft.cli.options import from_config
 from edgeft.errors import EdgeftError
+from edgeft.flags import flag
 
 
 class OutputFormat(str, enum.Enum):
@@ -25,6 +29,57 @@ class OutputFormat(str, enum.Enum):
 
     jsonl = "jsonl"
     csv = "csv"
+
+
+@dataclass(frozen=True)
+class TextsConfig:
+    """Texts in, one result per text out: the flags ``edgeft classify`` and ``edgeft embed`` share."""
+
+    artifact: str = field(metadata=flag(argument=True))
+    """Artifact folder or packed .edgeft file."""
+    texts: tuple[str, ...] = field(default=(), metadata=flag(argument=True))
+    """Texts (or use --input)."""
+    input: Path | None = field(default=None, metadata=flag("--input", "-i"))
+    """A file of texts: .csv/.tsv (header), .jsonl or .txt."""
+    text_column: str | None = None
+    """The CSV column or JSONL key holding the text [default: text]."""
+    output: Path | None = field(default=None, metadata=flag("--output", "-o"))
+    """Write results here instead of stdout."""
+    batch_size: int = 32
+    """Texts per onnxruntime call."""
+    threads: int | None = None
+    """onnxruntime threads [default: all usable cores]."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(self.texts))
+        if bool(self.texts) == bool(self.input):
+            raise EdgeftError("give texts on the command line or --input FILE (one of the two)")
+        if self.batch_size < 1:
+            raise EdgeftError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise EdgeftError(f"--threads must be at least 1, got {self.threads}")
+
+    def items(self) -> list[str]:
+        """The texts to work on: from the command line or read from --input."""
+        return read_texts(self.input, self.text_column) if self.input else list(self.texts)
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(TextsConfig):
+    """``edgeft classify``."""
+
+    artifact: str = field(metadata=flag(argument=True))
+    """Classification artifact folder or packed .edgeft file."""
+    texts: tuple[str, ...] = field(default=(), metadata=flag(argument=True))
+    """Texts to classify (or use --input)."""
+    format: OutputFormat | None = field(default=None, metadata=flag("--format", "-f"))
+    """Output format [default: from --output's suffix, else jsonl]."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.format is None:
+            csv_out = self.output is not None and self.output.suffix.lower() == ".csv"
+            object.__setattr__(self, "format", OutputFormat.csv if csv_out else OutputFormat.jsonl)
 
 
 TEXT_KEYS = ("text", "sentence", "input", "content")
@@ -98,30 +153,19 @@ def write_results(out, texts: list[str], results: list[dict], labels: list[str],
 
 
 @app.command()
-def classify(
-    artifact: str = typer.Argument(..., help="Classification artifact folder or packed .edgeft file."),
-    texts: list[str] = typer.Argument(None, help="Texts to classify (or use --input)."),
-    input: Path = typer.Option(None, "--input", "-i", help="A file of texts: .csv/.tsv (header), .jsonl or .txt."),
-    text_column: str = typer.Option(None, "--text-column", help="The CSV column or JSONL key holding the text [default: text]."),
-    output: Path = typer.Option(None, "--output", "-o", help="Write results here instead of stdout."),
-    format: OutputFormat = typer.Option(None, "--format", "-f", help="Output format [default: from --output's suffix, else jsonl]."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Texts per onnxruntime call."),
-    threads: int = typer.Option(None, "--threads", help="onnxruntime threads [default: all usable cores]."),
-) -> None:
+@from_config(ClassifyConfig)
+def classify(config: ClassifyConfig) -> None:
     """Label texts with a classification artifact: each gets its label and every label's probability."""
     from edgeft.artifact import Check
     from edgeft.runtime import TextClassifier
 
-    if bool(texts) == bool(input):
-        raise EdgeftError("give texts on the command line or --input FILE (one of the two)")
-    items = read_texts(input, text_column) if input else list(texts)
-    fmt = format or (OutputFormat.csv if output and output.suffix.lower() == ".csv" else OutputFormat.jsonl)
+    items, output, fmt = config.items(), config.output, config.format
     if output:
         from edgeft.fsutil import check_writable
 
         check_writable(output.parent, "the results")  # before loading the model
-    clf = TextClassifier.open(artifact, threads=threads, check=Check.quick)
-    results = clf.classify(items, batch_size=batch_size)
+    clf = TextClassifier.open(config.artifact, threads=config.threads, check=Check.quick)
+    results = clf.classify(items, batch_size=config.batch_size)
     if output:
         from edgeft.fsutil import atomic_write_bytes
 

@@ -11,13 +11,27 @@ from __future__ import annotations
 import io
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
 
 from edgeft.cli.app import app
-from edgeft.cli.classify import read_texts
-from edgeft.errors import EdgeftError
+from edgeft.cli.classify import TextsConfig
+from edgeft.cli.options import from_config
+from edgeft.flags import flag
+
+
+@dataclass(frozen=True)
+class EmbedConfig(TextsConfig):
+    """``edgeft embed``: ``TextsConfig`` (the flags ``edgeft classify`` shares), with its own help."""
+
+    artifact: str = field(metadata=flag(argument=True))
+    """Embedding artifact folder or packed .edgeft file."""
+    texts: tuple[str, ...] = field(default=(), metadata=flag(argument=True))
+    """Texts to embed (or use --input)."""
+    output: Path | None = field(default=None, metadata=flag("--output", "-o"))
+    """Write here instead of stdout: .npy (float32 array) or JSONL."""
 
 
 def write_jsonl(out, texts: list[str], vectors) -> None:
@@ -26,24 +40,15 @@ def write_jsonl(out, texts: list[str], vectors) -> None:
 
 
 @app.command()
-def embed(
-    artifact: str = typer.Argument(..., help="Embedding artifact folder or packed .edgeft file."),
-    texts: list[str] = typer.Argument(None, help="Texts to embed (or use --input)."),
-    input: Path = typer.Option(None, "--input", "-i", help="A file of texts: .csv/.tsv (header), .jsonl or .txt."),
-    text_column: str = typer.Option(None, "--text-column", help="The CSV column or JSONL key holding the text [default: text]."),
-    output: Path = typer.Option(None, "--output", "-o", help="Write here instead of stdout: .npy (float32 array) or JSONL."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Texts per onnxruntime call."),
-    threads: int = typer.Option(None, "--threads", help="onnxruntime threads [default: all usable cores]."),
-) -> None:
+@from_config(EmbedConfig)
+def embed(config: EmbedConfig) -> None:
     """Embed texts with an embedding artifact: one vector per text (unit length when the model normalizes)."""
     from edgeft.fsutil import atomic_write_bytes
     from edgeft.runtime import TextEmbedder
 
-    if bool(texts) == bool(input):
-        raise EdgeftError("give texts on the command line or --input FILE (one of the two)")
-    items = read_texts(input, text_column) if input else list(texts)
-    emb = TextEmbedder.open(artifact, threads=threads)
-    vectors = emb.embed(items, batch_size=batch_size)
+    items, output = config.items(), config.output
+    emb = TextEmbedder.open(config.artifact, threads=config.threads)
+    vectors = emb.embed(items, batch_size=config.batch_size)
     if output is None:
         write_jsonl(sys.stdout, items, vectors)
         return

@@ -1,8 +1,9 @@
 """``edgeft generate``: continue a prompt with a causal-LM artifact, streaming to the terminal,
 or a whole file of prompts (``--input prompts.jsonl``) decoded together by the batching engine.
 
-Also holds the sampling flags that ``edgeft chat`` shares. Imports the runtime inside the
-command only (never torch).
+Flags: ``GenerateConfig``'s fields and, over the artifact's defaults, ``SamplingParams``'
+(``sampling_flags``, which ``edgeft chat`` shares). Imports the runtime inside the command
+only (never torch).
 """
 
 from __future__ import annotations
@@ -12,55 +13,41 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from edgeft.cli.app import app
+from edgeft.cli.options import from_config
 from edgeft.errors import EdgeftError
+from edgeft.generate_config import GenerateConfig, SamplingParams
 
 if TYPE_CHECKING:
-    from edgeft.runtime import Generator, SamplingParams
-
-ARTIFACT_HELP = "Artifact folder or packed .edgeft file (from `edgeft export`)."
-MAX_NEW = typer.Option(None, "--max-new-tokens", help="Most tokens to generate [default: the artifact's, else 128].")
-# -n was --max-new-tokens here; across commands it means tune's --trainable-layers. Still accepted, hidden.
-MAX_NEW_N = typer.Option(None, "-n", hidden=True)
-TEMPERATURE = typer.Option(None, "--temperature", "-t", help="0 is greedy; higher is more random [default: the artifact's, else 0].")
-TOP_K = typer.Option(None, "--top-k", help="Sample only among the k most likely tokens (0: off).")
-TOP_P = typer.Option(None, "--top-p", help="Sample only among the most likely tokens holding this much probability (1: off).")
-REPETITION = typer.Option(None, "--repetition-penalty", help="Above 1 discourages repeating tokens of the context (1: off).")
-SEED = typer.Option(None, "--seed", help="Random seed: the same seed and flags give the same text.")
-STOP = typer.Option(None, "--stop", help="End generation where this text appears (repeatable); it is not printed.")
-THREADS = typer.Option(None, "--threads", help="onnxruntime threads [default: all usable cores, or $EDGEFT_THREADS].")
+    from edgeft.runtime import Generator
 
 
-def constraint_from_flags(json_schema: Path | None, regex: str | None, choice: str | None):
-    """At most one of --json-schema FILE, --regex, --choice A,B,C as a ``Constraint`` (None: free text)."""
+def constraint_from_config(config: GenerateConfig):
+    """``--json-schema FILE``, ``--regex`` or ``--choice A,B,C`` as a ``Constraint`` (None: free text)."""
     from edgeft.runtime.constrain import Constraint
 
-    if sum(x is not None for x in (json_schema, regex, choice)) > 1:
-        raise EdgeftError("give at most one of --json-schema, --regex and --choice")
-    if json_schema is not None:
-        if not json_schema.is_file():
-            raise EdgeftError(f"--json-schema {json_schema} is not a file")
-        return Constraint.json_schema(json_schema.read_text(encoding="utf-8"))
-    if regex is not None:
-        return Constraint.regex(regex)
-    if choice is not None:
-        return Constraint.choice([c.strip() for c in choice.split(",") if c.strip()])
+    if config.json_schema is not None:
+        if not config.json_schema.is_file():
+            raise EdgeftError(f"--json-schema {config.json_schema} is not a file")
+        return Constraint.json_schema(config.json_schema.read_text(encoding="utf-8"))
+    if config.regex is not None:
+        return Constraint.regex(config.regex)
+    if config.choice is not None:
+        return Constraint.choice([c.strip() for c in config.choice.split(",") if c.strip()])
     return None
 
 
-def sampling_params(gen: "Generator", max_new_tokens: int | None, temperature: float | None, top_k: int | None,
-                    top_p: float | None, repetition_penalty: float | None, seed: int | None,
-                    stop: list[str] | None) -> "SamplingParams":
-    """Flags over the artifact's defaults (``manifest.generation``)."""
-    from edgeft.runtime import SamplingParams
+def sampling_params(gen: "Generator", sampling: dict[str, Any]) -> SamplingParams:
+    """The sampling flags given (``sampling``) over the artifact's defaults (``manifest.generation``)."""
+    return SamplingParams.over(gen.manifest.generation, **sampling)
 
-    return SamplingParams.over(gen.manifest.generation, max_new_tokens=max_new_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                               stop=tuple(stop or ()))
+
+# The sampling flags of generate and chat: SamplingParams' fields, over the artifact's defaults.
+sampling_flags = from_config(SamplingParams, into="sampling", over="the artifact's")
 
 
 def stream_to_terminal(gen: "Generator", prompt: str | list[int], params: "SamplingParams",
@@ -91,51 +78,29 @@ def _read_stdin() -> str:
 
 
 @app.command()
-def generate(
-    artifact: str = typer.Argument(..., help=ARTIFACT_HELP),
-    prompt: str = typer.Argument(None, help="The prompt; omit it or pass '-' to read it from stdin."),
-    chat: bool = typer.Option(False, "--chat", help="Send the prompt as one user message through the chat template."),
-    system: str = typer.Option(None, "--system", help="With --chat: a system message first."),
-    max_new_tokens: int = MAX_NEW, temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
-    repetition_penalty: float = REPETITION, seed: int = SEED, stop: list[str] = STOP, threads: int = THREADS,
-    max_new_tokens_n: int = MAX_NEW_N,
-    stats: bool = typer.Option(False, "--stats", help="Print token counts and tokens/s to stderr at the end."),
-    json_schema: Path = typer.Option(None, "--json-schema", show_default=False,
-                                     help="Constrain the output to JSON valid under the JSON schema in this file."),
-    regex: str = typer.Option(None, "--regex", show_default=False, help="Constrain the output to match this regular expression."),
-    choice: str = typer.Option(None, "--choice", show_default=False, help="Constrain the output to one of these comma-separated strings."),
-    input: Path = typer.Option(None, "--input", "-i", help="A JSONL file of prompts (strings, or objects with "
-                               "'prompt' or 'messages'), generated together; one JSON result per line out."),
-    output: Path = typer.Option(None, "--output", "-o", help="With --input: write the results here, not to stdout."),
-    parallel: int = typer.Option(8, "--parallel", help="With --input: prompts decoded together in one batch."),
-) -> None:
+@from_config(GenerateConfig)
+@sampling_flags
+def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
     """Continue a prompt with a causal-LM artifact, streaming the text as it is generated.
 
     --json-schema, --regex or --choice constrain the output (a mask on every step's tokens)."""
     from edgeft.artifact import Check
     from edgeft.runtime import Generator, compile_for
 
-    constraint = constraint_from_flags(json_schema, regex, choice)
-    max_new_tokens = max_new_tokens if max_new_tokens is not None else max_new_tokens_n
-    if input is not None:
-        if prompt is not None:
-            raise EdgeftError("give a prompt or --input FILE, not both")
-        if constraint is not None:
-            raise EdgeftError("--json-schema, --regex and --choice constrain one prompt: not with --input")
-        gen = Generator.open(artifact, threads=threads)
-        params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
-        return generate_file(gen, input, output, params, parallel, chat, system)
-    if prompt is None or prompt == "-":
-        prompt = _read_stdin()
-    gen = Generator.open(artifact, threads=threads, check=Check.quick)
-    params = sampling_params(gen, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        prompt = gen.render_chat(messages)
+    constraint = constraint_from_config(config)
+    if config.input is not None:
+        gen = Generator.open(config.artifact, threads=config.threads)
+        return generate_file(gen, config, sampling_params(gen, sampling))
+    prompt = _read_stdin() if config.prompt in (None, "-") else config.prompt
+    gen = Generator.open(config.artifact, threads=config.threads, check=Check.quick)
+    params = sampling_params(gen, sampling)
+    if config.chat:
+        system = [{"role": "system", "content": config.system}] if config.system else []
+        prompt = gen.render_chat(system + [{"role": "user", "content": prompt}])
     ids = gen.encode(prompt)
     processors = [compile_for(gen, constraint).mask()] if constraint is not None else []
     _, tokens, seconds, reason = stream_to_terminal(gen, ids, params, processors=processors)
-    if stats:
+    if config.stats:
         typer.echo(f"[{len(ids)} prompt tokens, {tokens} generated in {seconds:.2f}s "
                    f"({tokens / max(seconds, 1e-9):.1f} tok/s), finish: {reason}]", err=True)
 
@@ -162,25 +127,24 @@ def read_prompts(path: Path) -> list[dict]:
     return rows
 
 
-def generate_file(gen: "Generator", path: Path, output: Path | None, params: "SamplingParams", parallel: int,
-                  chat: bool, system: str | None) -> None:
-    """Every prompt of ``path`` through ``Generator.generate_batch``, with a progress bar on stderr."""
-    if parallel < 1:
-        raise EdgeftError(f"--parallel must be at least 1, got {parallel}")
+def generate_file(gen: "Generator", config: GenerateConfig, params: SamplingParams) -> None:
+    """Every prompt of ``config.input`` through ``Generator.generate_batch``, with a progress bar on stderr."""
+    assert config.input is not None
+    path, output = config.input, config.output
     rows = read_prompts(path)
     prompts = []
     for row in rows:
         if "messages" in row:
             prompts.append(gen.render_chat(row["messages"]))
-        elif chat:
-            sys_msg = [{"role": "system", "content": system}] if system else []
+        elif config.chat:
+            sys_msg = [{"role": "system", "content": config.system}] if config.system else []
             prompts.append(gen.render_chat(sys_msg + [{"role": "user", "content": row["prompt"]}]))
         else:
             prompts.append(row["prompt"])
     ids = [gen.encode(p) for p in prompts]
     start = time.perf_counter()
     with typer.progressbar(length=len(ids), label="generating", file=sys.stderr) as bar:
-        outs = gen.generate_batch(ids, params, parallel=parallel, on_done=lambda i: bar.update(1))
+        outs = gen.generate_batch(ids, params, parallel=config.parallel, on_done=lambda i: bar.update(1))
     seconds = time.perf_counter() - start
     buf = io.StringIO()
     for i, (row, out) in enumerate(zip(rows, outs)):

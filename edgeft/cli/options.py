@@ -51,19 +51,45 @@ def _option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str]) -> tuple[inspect.Parameter, Any]:
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (``...`` when it has none: the flag is required)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return ...
+
+
+def shown(value: Any) -> str:
+    """A default as ``--help`` writes it: 0 and 1 for 0.0 and 1.0, an Enum's value, a tuple's items."""
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return ", ".join(shown(v) for v in value)
+    return str(value)
+
+
+def _over_help(text: str, default: Any, over: str) -> str:
+    """An override flag's help: it defaults to ``over`` (the artifact's setting), else the field's default."""
+    if default is None or default == ():
+        return text
+    return f"{text}  [default: {over}, else {shown(default)}]"
+
+
+def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
+           over: str | None = None) -> tuple[inspect.Parameter, Any]:
     meta: Flag = flag_of(f)
     base, optional, repeated = _unwrap(hints[f.name])
-    if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        default = f.default_factory()  # type: ignore[misc]
-    else:
-        default = ...
+    default = field_default(f)
+    text = _help(docs.get(f.name, ""))
+    if over is not None:  # every flag optional: None (or nothing repeated) means "not given"
+        text, default = _over_help(text, default, over), None
     if repeated and meta.comma:  # one value, "a,b,c"
         default, annotation = None, str
     elif repeated:
-        default = list(default) if default is not ... else ...
+        default = list(default) if default not in (..., None) else default
         annotation = list[base]
     else:
         annotation = base
@@ -72,7 +98,7 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str]) ->
     show = meta.show_default
     if default is None or default == [] or (base is str and optional and default is None):
         show = False if show is True else show
-    common = dict(help=_help(docs.get(f.name, "")) or None, envvar=meta.env, rich_help_panel=meta.panel,
+    common = dict(help=text or None, envvar=meta.env, rich_help_panel=meta.panel,
                   show_default=show, metavar=meta.metavar)
     if meta.argument:
         info = typer.Argument(default, **common)
@@ -80,7 +106,7 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str]) ->
         names = list(meta.names) or [_option_name(f.name)]
         if not any(n.startswith("--") for n in names):
             names.insert(0, _option_name(f.name))
-        if base is bool and (default is True or meta.negative):  # on by default: an off switch too
+        if base is bool and (default is True or meta.negative or over is not None):  # an off switch too
             long = next(n for n in names if n.startswith("--"))
             names = [f"{long}/{meta.negative or '--no-' + long[2:]}", *[n for n in names if n != long]]
         elif base is bool:  # off by default: a plain switch
@@ -114,11 +140,16 @@ def _split(text: str | None, f: dataclasses.Field, annotation: Any) -> Any:
                           f"not {text!r}") from None
 
 
-def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[dict[str, Any]], dict] | None = None):
+def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[dict[str, Any]], dict] | None = None,
+                into: str = "config", over: str | None = None):
     """Decorate a command ``fn(..., config)`` so its options are ``config_cls``'s fields (minus ``skip``).
 
     ``extra(values)`` may return more keyword arguments for the config (values the command
-    computes from its own parameters).
+    computes from its own parameters). ``into`` names the parameter the config is passed as.
+    ``over``: the flags override settings found elsewhere (an artifact's sampling defaults,
+    named by ``over`` in the help): each is optional, and ``fn`` gets a dict of the values
+    given instead of a config (``SamplingParams.over(defaults, **given)`` builds it).
+    Decorators stack: ``@from_config(GenerateConfig)`` over ``@from_config(SamplingParams, ...)``.
     """
     hints = typing.get_type_hints(config_cls)
     docs = field_docs(config_cls)
@@ -128,10 +159,10 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
         own = inspect.signature(fn)
         own_hints = typing.get_type_hints(fn)
         kept = [p.replace(annotation=own_hints.get(p.name, p.annotation))
-                for p in own.parameters.values() if p.name != "config"]
+                for p in own.parameters.values() if p.name != into]
         params, annotations = [], {p.name: p.annotation for p in kept}
         for f in fields:
-            p, _base = _param(f, hints, docs)
+            p, _base = _param(f, hints, docs, over)
             params.append(p)
             annotations[p.name] = p.annotation
             for a in _alias_params(f, p.annotation):
@@ -147,7 +178,7 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
                 for i, alias in enumerate(flag_of(f).aliases):
                     old = kwargs.pop(f"{name}{_ALIAS}{i}")
                     if old not in (None, [], False):
-                        if value not in (None, [], f.default):
+                        if value not in (None, [], *(() if over else (f.default,))):
                             raise EdgeftError(f"{alias} is the old spelling of {_option_name(name)}: give one")
                         value = old
                 if flag_of(f).blank_is_none and isinstance(value, str) and not value.strip():
@@ -159,15 +190,36 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
                 values[name] = value
             if extra is not None:
                 values.update(extra(dict(kwargs)))
-            config = config_cls(**values)
-            return fn(**kwargs, config=config)
+            if over is not None:
+                return _run(fn, {**kwargs, into: {k: v for k, v in values.items() if v not in (None, ())}})
+            return _run(fn, {**kwargs, into: config_cls(**values)})
 
         command.__signature__ = inspect.Signature([*kept, *params])  # type: ignore[attr-defined]
         command.__annotations__ = annotations
         del command.__wrapped__  # typer must read the signature above, not fn's
+        # what the flags come from, outermost last (tests check --help against these fields)
+        command.edgeft_configs = [*getattr(fn, "edgeft_configs", []), Source(config_cls, skip, into, over)]
         return command
 
     return wrap
 
 
-__all__ = ["from_config"]
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One ``from_config`` on a command: the config class, the fields left out, how it is passed."""
+
+    config_cls: type
+    skip: tuple[str, ...]
+    into: str
+    over: str | None
+
+    def fields(self) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(self.config_cls) if f.name not in self.skip and flag_of(f).cli]
+
+
+def _run(fn: Callable, kwargs: dict[str, Any]) -> Any:
+    """Call the command's function (one seam, so a test can see what a command line builds)."""
+    return fn(**kwargs)
+
+
+__all__ = ["from_config", "field_default", "shown"]

@@ -4,98 +4,24 @@ The chain (``edgeft.runtime.processors``) runs repetition penalty, presence/freq
 penalties, ``logit_bias`` and any extra processors (masks); then temperature, top-k,
 top-p and min-p pick the candidates, in the order transformers' ``generate`` uses, so
 that seeded sampling here means what it means there. This module knows numpy arrays of
-logits and token ids only; nothing of graphs or text.
+logits and token ids only; nothing of graphs or text. ``SamplingParams`` (the settings)
+is declared in ``edgeft.generate_config``, torch- and numpy-free, with the CLI flags.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from edgeft.errors import EdgeftError
+from edgeft.generate_config import SamplingParams
 from edgeft.runtime.processors import (LogitBias, LogitProcessor, OccurrencePenalty, RepetitionPenalty,
                                        apply_repetition_penalty, log_softmax)
 
 __all__ = ["SamplingParams", "Sampler", "TokenLogprob", "LogitProcessor", "apply_repetition_penalty",
            "candidates", "draw", "sample"]
-
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 means greedy."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    """Drop tokens whose probability is below min_p times the most likely one's (0: off)."""
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    """Subtracted from the logit of every token generated at least once (OpenAI's, -2..2)."""
-    frequency_penalty: float = 0.0
-    """Subtracted once per earlier occurrence in the generated tokens (OpenAI's, -2..2)."""
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    """(token id, bias) pairs added to the logits (a mapping is accepted too)."""
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    """Keep generating past end-of-sequence tokens (until max_new_tokens or a stop string)."""
-    logprobs: int | None = None
-    """Report each chosen token's logprob and this many top alternatives (None: off; 0..20)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):  # a lone string is one stop, not its characters
-            object.__setattr__(self, "stop", (self.stop,))
-        elif not isinstance(self.stop, tuple):
-            object.__setattr__(self, "stop", tuple(self.stop))
-        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
-        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
-        if self.max_new_tokens < 1:
-            raise EdgeftError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise EdgeftError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if self.top_k < 0:
-            raise EdgeftError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise EdgeftError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise EdgeftError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise EdgeftError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
-            raise EdgeftError(f"seed must be an integer in 0..2**64-1, got {self.seed}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise EdgeftError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if any(not (t >= 0 and math.isfinite(b)) for t, b in self.logit_bias):
-            raise EdgeftError("logit_bias takes non-negative token ids and finite biases")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise EdgeftError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise EdgeftError("stop strings must be non-empty strings")
-
-    @classmethod
-    def over(cls, defaults: Any, **given: Any) -> "SamplingParams":
-        """``given`` values (None: not given) over an artifact's ``manifest.generation`` defaults.
-
-        ``defaults`` may be None (an artifact without them): then the class defaults apply.
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in dataclasses.asdict(defaults).items() if k in names} if defaults else {}
-        kw.update({k: v for k, v in given.items() if v is not None})
-        return cls(**kw)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclass(frozen=True)
