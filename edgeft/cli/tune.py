@@ -26,11 +26,15 @@ def tune(config: TuneConfig) -> None:
 
     Causal LM data: plain text is cut into blocks; instruction/chat rows (messages,
     instruction/input/output, prompt/completion) use the chat template, loss on the answer.
+
+    Data-parallel on several processes or machines: start it with torchrun (see the README).
     """
     from edgeft.tune import tune as run_tune
+    from edgeft.tune.distributed import is_main
 
     folder = run_tune(config)
-    typer.echo(_summary(folder))
+    if is_main():  # under torchrun every process returns here; one summary
+        typer.echo(_summary(folder))
 
 
 def _summary(folder: Path) -> str:

@@ -106,7 +106,7 @@ class TuneConfig:
     max_steps: int | None = field(default=None, metadata=flag(panel=TRAIN))
     """Optimizer steps; overrides --epochs."""
     batch_size: int = field(default=16, metadata=flag("--batch-size", "-b", panel=TRAIN))
-    """Examples per micro-batch."""
+    """Examples per micro-batch, in all (under torchrun each process takes its share)."""
     grad_accum: int = field(default=1, metadata=flag(panel=TRAIN))
     """Micro-batches per optimizer step."""
     lr: float = field(default=1e-4, metadata=flag(panel=TRAIN))

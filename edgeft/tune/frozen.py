@@ -22,6 +22,12 @@ sha256 and config, the base precision and autocast dtype, the trained-block coun
 tokenizer, the max length and every example's token ids. A cache whose key differs is
 rebuilt.
 
+With several processes (``edgeft.tune.distributed``) the cache is sharded by rank: example
+``i`` always runs on rank ``i % world``, which caches it in its own
+``frozen-cache-R-of-W/`` (only its examples take room there). A resume with another process
+count owns the examples differently, so the old shards are deleted and rebuilt in the first
+pass.
+
 This module knows torch, numpy and the model layout; it knows nothing of optimizers,
 schedules or the run folder beyond its own sub-folder.
 """
@@ -284,10 +290,34 @@ def above_boundary(layout: Any, trainable_layers: int) -> list[str]:
     return top + list(layout.norms) + list(layout.heads)
 
 
+def shard_name(rank: int = 0, size: int = 1) -> str:
+    """The cache folder of rank ``rank`` of ``size`` processes (``frozen-cache`` for one process)."""
+    return FOLDER if size == 1 else f"{FOLDER}-{rank + 1}-of-{size}"
+
+
+def drop_other_shards(partial: Path, size: int) -> None:
+    """Delete cache folders in ``partial`` left by a run with another process count."""
+    mine = {shard_name(r, size) for r in range(size)}
+    for old in partial.glob(FOLDER + "*"):
+        if old.is_dir() and old.name not in mine:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def kept_path(cfg: Any, rank: int = 0, size: int = 1) -> Path:
+    """Where ``--keep-cache`` leaves this rank's cache: beside OUT."""
+    return cfg.out.with_name(f"{cfg.out.name}.{shard_name(rank, size)}")
+
+
 def for_run(cfg: Any, loaded: Any, prep: Any, passes: float, partial: Path, base_sha256: str,
-            base_config: str, max_length: int, shard: str = "1/1") -> StateCache | None:
-    """This run's cache (opened, reused when its key matches), or None with a one-line note saying why not."""
+            base_config: str, max_length: int, rank: int = 0, size: int = 1) -> StateCache | None:
+    """This run's cache (opened, reused when its key matches), or None with a one-line note saying why not.
+
+    ``rank`` of ``size`` processes: the shard holds the examples ``i`` with ``i % size == rank``;
+    only rank 0 prints notes.
+    """
     from edgeft.tune.config import FrozenCache
+
+    say = note if rank == 0 else (lambda _line: None)
 
     mode = cfg.frozen_cache
     if mode is FrozenCache.off:
@@ -297,37 +327,40 @@ def for_run(cfg: Any, loaded: Any, prep: Any, passes: float, partial: Path, base
     low = below_boundary(loaded.trained_names, above_boundary(layout, n))
     if first == 0 or low:
         why = "every block trains" if first == 0 else f"{low} trains and lies below the top {n} blocks"
-        note(f"frozen cache: off ({why}, so no frozen block's output is fixed)")
+        say(f"frozen cache: off ({why}, so no frozen block's output is fixed)")
         return None
     if mode is FrozenCache.auto and passes <= 1:
         return None
-    folder = partial / FOLDER
+    folder = partial / shard_name(rank, size)
     if not cfg.resume:
-        adopt_kept(cfg.kept_cache, folder)
+        adopt_kept(kept_path(cfg, rank, size), folder)
     examples = [x for x, _ in prep.train] + [x for x, _ in prep.eval]
     parts = key_parts(base_sha256, base_config, cfg.base_precision.value, loaded.autocast_dtype, n,
-                      loaded.tokenizer, max_length, examples, shard)
+                      loaded.tokenizer, max_length, examples, f"{rank + 1}/{size}")
+    lengths = [len(x) if i % size == rank else 0 for i, x in enumerate(examples)]
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.base_precision.value, "float32")
     hidden = loaded.model.config.get_text_config().hidden_size
-    cache = StateCache(folder, parts, [len(x) for x in examples], hidden, dtype,
+    cache = StateCache(folder, parts, lengths, hidden, dtype,
                        Boundary(loaded.model, layout.blocks, first))
     why = room_or_refuse(cache, required=mode is FrozenCache.on)
     if why:
-        note(f"frozen cache: off ({why})")
+        say(f"frozen cache: off ({why})")
         return None
-    note(f"frozen cache: {human(cache.nbytes)} on disk in {folder} ({len(examples)} examples, {cache.tokens} "
-         f"tokens of {dtype} states of width {hidden} entering block {first + 1} of {layout.n_blocks})")
+    share = f"{len(examples)} examples" if size == 1 else f"rank 0's share of {len(examples)} examples, of {size} ranks"
+    say(f"frozen cache: {human(cache.nbytes)} on disk in {folder} ({share}, {cache.tokens} "
+        f"tokens of {dtype} states of width {hidden} entering block {first + 1} of {layout.n_blocks})")
     diff = cache.open()
     if diff:
-        note(f"frozen cache: the saved one is for other settings ({', '.join(diff)}): rebuilt")
+        say(f"frozen cache: the saved one is for other settings ({', '.join(diff)}): rebuilt")
     return cache
 
 
-def keep(cache: StateCache | None, kept: Path) -> None:
+def keep(cache: StateCache | None, kept: Path, quiet: bool = False) -> None:
     """``--keep-cache``: move the finished run's cache beside OUT (replacing an older one)."""
     if cache is None or not cache.folder.is_dir():
         return
     cache.close()
     shutil.rmtree(kept, ignore_errors=True)
     os.replace(cache.folder, kept)
-    note(f"frozen cache: kept in {kept} ({human(cache.nbytes)})")
+    if not quiet:
+        note(f"frozen cache: kept in {kept} ({human(cache.nbytes)})")

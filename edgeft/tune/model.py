@@ -124,13 +124,17 @@ def meta_layout(path: Path | str, task: Task, cfg: Any) -> Layout:
     return find_layout(model)
 
 
-def pick_device(device: str) -> Any:
+def pick_device(device: str, local_rank: int = 0) -> Any:
+    """The torch device for ``--device``; with several processes on one machine, GPU ``local_rank``."""
     import torch
 
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise EdgeftError("--device cuda asked but no CUDA device is visible")
-        return torch.device("cuda")
+        if local_rank >= torch.cuda.device_count():
+            raise EdgeftError(f"process {local_rank} on this machine but only {torch.cuda.device_count()} GPU(s): "
+                              "start at most one process per GPU (torchrun --nproc-per-node)")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -191,10 +195,12 @@ def max_positions(cfg: Any) -> int | None:
 
 def load_for_tuning(path: Path | str, task: Task, labels: list[str] | None, trainable_layers: int,
                     precision: str = "int8", device: str = "auto", untie_head: bool = False,
-                    train_embeddings: bool = False, seed: int = 0, tokenizer: Any = None) -> Loaded:
+                    train_embeddings: bool = False, seed: int = 0, tokenizer: Any = None,
+                    local_rank: int = 0) -> Loaded:
     """Load ``path`` for ``task`` with only the top ``trainable_layers`` blocks (+ norm, head) trainable.
 
     ``tokenizer``: the one ``load_tokenizer(path)`` already gave, if the caller has it.
+    ``local_rank``: this process's GPU among several on one machine.
     """
     import torch
 
@@ -205,7 +211,7 @@ def load_for_tuning(path: Path | str, task: Task, labels: list[str] | None, trai
         raise EdgeftError(f"--trainable-layers {trainable_layers} but the model has {layout.n_blocks} blocks")
     untie = untie_head and layout.tied_head
     modules = layout.trainable(trainable_layers, untie_head=untie, train_embeddings=train_embeddings)
-    dev = pick_device(device)
+    dev = pick_device(device, local_rank)
     silence_int8_cast_notice()
     torch.manual_seed(seed)  # a new head (classifier) starts from the same weights every time
     model = _load_weights(path, task, cfg, precision, skip=sorted(set(modules) | set(layout.heads)), device=dev)

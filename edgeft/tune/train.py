@@ -16,6 +16,13 @@ it, and the data order is a function of (seed, step), so a resumed run ends wher
 uninterrupted one would. The finished run folder is written under a temporary name and
 renamed to OUT; only then is ``OUT.partial`` removed.
 
+Under ``torchrun`` (``edgeft.tune.distributed``) every process loads the base and runs its
+part of each global micro-batch; the summed gradients make each optimizer step the
+single-process one, so ``--batch-size`` is the global micro-batch whatever the process count,
+and a checkpoint (the global step, parameters, optimizer, every rank's RNG) resumes with any
+count. Only rank 0 writes: checkpoints, logs, progress bars, notes and the run folder; the
+others wait for it. Evaluation is split the same way and its figures gathered.
+
 This module knows torch and the run folder contract; model loading, data and metrics
 live in their own modules.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -42,10 +50,11 @@ from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable, sha256_file
 from edgeft.runs import TRAINED, RunInfo, read_run_config, write_run_info
 from edgeft.tune import dataset as DS
-from edgeft.tune import frozen
+from edgeft.tune import distributed, frozen
 from edgeft.tune import metrics as M
 from edgeft.artifact import Task
 from edgeft.tune.config import ClassWeights, Optim, Schedule, TuneConfig
+from edgeft.tune.distributed import World
 
 CHECKPOINT = "checkpoint.json"
 # A disk that filled up or turned read-only mid-run: one line, not a traceback.
@@ -109,7 +118,7 @@ def resolve_max_length(cfg: TuneConfig, task: Task, positions: int | None) -> in
     return length
 
 
-def prepare_data(cfg: TuneConfig, task: Task, tokenizer: Any, max_length: int) -> DS.Prepared:
+def prepare_data(cfg: TuneConfig, task: Task, tokenizer: Any, max_length: int, quiet: bool = False) -> DS.Prepared:
     if task is Task.classification:
         prep = DS.prepare_classification(tokenizer, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
                                          max_length, cfg.text_column, cfg.label_column)
@@ -118,7 +127,8 @@ def prepare_data(cfg: TuneConfig, task: Task, tokenizer: Any, max_length: int) -
                                  max_length, cfg.text_column)
     if cfg.max_eval_examples and len(prep.eval) > cfg.max_eval_examples:
         prep.eval = prep.eval[: cfg.max_eval_examples]
-    DS.warn_truncation(prep, max_length)
+    if not quiet:
+        DS.warn_truncation(prep, max_length)
     return prep
 
 
@@ -223,16 +233,20 @@ def _cached(cache: Any, index: Any, batch: dict[str, Any], device: Any) -> Any:
 
 
 def evaluate(loaded: Any, examples: list[DS.Example], task: Task, labels: list[str] | None,
-             batch_size: int, cache: Any = None, first: int = 0, progress: bool = False) -> dict[str, Any]:
+             batch_size: int, cache: Any = None, first: int = 0, progress: bool = False,
+             world: World = World()) -> dict[str, Any]:
     """Eval loss/perplexity (causal LM) or accuracy, macro P/R/F1 and confusion matrix (classification).
 
-    ``cache``: the frozen cache, where these examples are numbered from ``first``.
+    ``cache``: the frozen cache, where these examples are numbered from ``first``. With several
+    processes each evaluates its share (``batch_size`` split among them) and all get the figures.
     """
     import torch
     from tqdm import tqdm
 
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
     order = sorted(range(len(examples)), key=lambda j: len(examples[j][0]))  # less padding; same figures
+    order = [i - first for i in world.part([first + j for j in order], by_owner=cache is not None)]
+    batch_size = math.ceil(batch_size / world.size)
     was = [m.training for m in model.modules()]
     model.eval()
     total, count, preds, truth = 0.0, 0, [], []
@@ -252,6 +266,10 @@ def evaluate(loaded: Any, examples: list[DS.Example], task: Task, labels: list[s
                 truth += batch["labels"].tolist()
     for m, t in zip(model.modules(), was, strict=True):
         m.training = t
+    if world.size > 1:
+        shares = distributed.gather(world, (total, count, preds, truth))
+        total, count = sum(x[0] for x in shares), sum(x[1] for x in shares)
+        preds, truth = [p for x in shares for p in x[2]], [t for x in shares for t in x[3]]
     if task is Task.classification:
         return M.classification_metrics(truth, preds, labels or [], loss=total / max(count, 1))
     return M.lm_metrics(total, count)
@@ -271,7 +289,23 @@ def trainable_tensors(model: Any, names: list[str]) -> dict[str, Any]:
     return {n: params[n].detach().to("cpu", torch.float32).contiguous().clone() for n in names}
 
 
-def save_checkpoint(partial: Path, loaded: Any, optimizer: Any, state: State, best: dict[str, Any] | None) -> None:
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_checkpoint(partial: Path, loaded: Any, optimizer: Any, state: State, best: dict[str, Any] | None,
+                    ranks: list[dict[str, Any]] | None = None) -> None:
+    """A complete ``ckpt-STEP/`` (``ranks``: every process's RNG state, in a multi-process run)."""
     import torch
     from safetensors.torch import save_file
 
@@ -282,8 +316,7 @@ def save_checkpoint(partial: Path, loaded: Any, optimizer: Any, state: State, be
     save_file(trainable_tensors(loaded.model, loaded.trained_names), str(tmp / "trainable.safetensors"))
     if best is not None:
         save_file(best, str(tmp / "best.safetensors"))
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "ranks": ranks or []}, tmp / "optimizer.pt")
     atomic_write_json(tmp / "state.json", dataclasses.asdict(state))
     shutil.rmtree(partial / name, ignore_errors=True)
     os.replace(tmp, partial / name)
@@ -293,7 +326,9 @@ def save_checkpoint(partial: Path, loaded: Any, optimizer: Any, state: State, be
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(partial: Path, loaded: Any, optimizer: Any) -> tuple[State, dict[str, Any] | None]:
+def load_checkpoint(partial: Path, loaded: Any, optimizer: Any
+                    ) -> tuple[State, dict[str, Any] | None, list[dict[str, Any]]]:
+    """Restore parameters, optimizer and RNG; return the state, the best parameters and the per-rank RNGs."""
     import torch
     from safetensors.torch import load_file
 
@@ -304,12 +339,34 @@ def load_checkpoint(partial: Path, loaded: Any, optimizer: Any) -> tuple[State, 
             params[n].copy_(t.to(params[n].device))
     blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["rng"]["cpu"])
-    if blob["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    set_rng_state(blob["rng"])
     state = State(**json.loads((folder / "state.json").read_text()))
     best_file = folder / "best.safetensors"
-    return state, (load_file(str(best_file)) if best_file.is_file() else None)
+    return state, (load_file(str(best_file)) if best_file.is_file() else None), blob.get("ranks", [])
+
+
+def seed_rank(cfg: TuneConfig, world: World, step: int) -> None:
+    """A fresh RNG stream per rank (dropout in the trained blocks) when none was saved for it."""
+    import torch
+
+    torch.manual_seed(cfg.seed * 1_000_003 + 7919 * world.rank + 104_729 * step)
+
+
+def share_checkpoint(cfg: TuneConfig, world: World, loaded: Any, optimizer: Any, got: tuple | None
+                     ) -> tuple[State, dict[str, Any] | None]:
+    """Rank 0's checkpoint (``got``, read by it alone) on every rank; each rank's RNG where one was saved."""
+    state, best, ranks = distributed.broadcast(world, got if world.main else None)
+    if not world.main:
+        optimizer.load_state_dict(distributed.broadcast(world, None))
+    elif world.size > 1:
+        distributed.broadcast(world, optimizer.state_dict())
+    distributed.broadcast_params(world, [p for p in loaded.model.parameters() if p.requires_grad])
+    if world.size > 1:
+        if len(ranks) == world.size:
+            set_rng_state(ranks[world.rank])
+        else:  # saved by another process count: the data order carries over, dropout draws do not
+            seed_rank(cfg, world, state.step)
+    return state, best
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -340,19 +397,21 @@ def is_checkpoint_step(cfg: TuneConfig, plan: Plan, step: int) -> bool:
 
 
 def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, step: int,
-               plan: Plan, weights: Any, cache: Any = None) -> dict[str, Any]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns its log entry."""
+               plan: Plan, weights: Any, cache: Any = None, world: World = World()) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches (this rank's part of each); returns its log entry."""
     import torch
 
     model, task, pad = loaded.model, prep.task, loaded.tokenizer.pad_token_id
     lr = lr_at(cfg, step, plan.total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    indices = [DS.micro_batch_index(prep.train_lengths, cfg.batch_size, cfg.seed, step * cfg.grad_accum + k,
-                                    by_length=cfg.group_by_length) for k in range(cfg.grad_accum)]
+    everyone = [DS.micro_batch_index(prep.train_lengths, cfg.batch_size, cfg.seed, step * cfg.grad_accum + k,
+                                     by_length=cfg.group_by_length) for k in range(cfg.grad_accum)]
+    indices = [part for part in (world.part(ix, by_owner=cache is not None) for ix in everyone) if part]
     batches = [DS.collate([prep.train[j] for j in index], pad, task) for index in indices]
     batches = [{k: v.to(loaded.device) for k, v in b.items()} for b in batches]
-    denom = sum(loss_weight(b, task, weights) for b in batches) or 1.0
+    mine = sum(loss_weight(b, task, weights) for b in batches)
+    denom = (mine or 1.0) if world.size == 1 else 1.0  # several ranks: divided by the global weight below
     total = 0.0
     for index, b in zip(indices, batches, strict=True):
         with _autocast(loaded), _cached(cache, index, b, loaded.device):
@@ -360,11 +419,16 @@ def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, 
         (loss / denom).backward()
         total += float(loss.detach())
     params = [p for p in model.parameters() if p.requires_grad]
+    if world.size > 1:
+        total, denom = distributed.sum_grads(world, params, [total, mine])
+        denom = denom or 1.0
+        for p in params:
+            p.grad.div_(denom)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
-    examples = sum(len(b["input_ids"]) for b in batches)
+    tokens = sum(prep.train_lengths[j] for ix in everyone for j in ix)
+    examples = sum(len(ix) for ix in everyone)
     return {"step": step + 1, "epoch": round((step + 1) / plan.steps_per_epoch, 4), "loss": total / denom,
             "lr": lr, "grad_norm": float(norm), "tokens": tokens, "examples": examples}
 
@@ -390,20 +454,46 @@ def _bar(cfg: TuneConfig, plan: Plan, state: State) -> Any:
                 desc="tune", dynamic_ncols=True, file=sys.stderr)
 
 
+def _checkpoint(partial: Path, loaded: Any, optimizer: Any, state: State, best: dict[str, Any] | None,
+                ranks: list[dict[str, Any]] | None) -> None:
+    try:
+        save_checkpoint(partial, loaded, optimizer, state, best, ranks)
+        _write_log(partial, state.log)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        raise EdgeftError(f"cannot write checkpoints in {partial}: {exc.strerror}") from None
+
+
+def _resume(cfg: TuneConfig, world: World, loaded: Any, optimizer: Any, partial: Path) -> tuple[State, Any]:
+    """(state, best) of the last checkpoint, read by rank 0 and shared with the others."""
+    got = load_checkpoint(partial, loaded, optimizer) if world.main else None
+    return share_checkpoint(cfg, world, loaded, optimizer, got)
+
+
+def _fresh(cfg: TuneConfig, world: World, loaded: Any) -> None:
+    """Every rank starts from rank 0's trainable parameters, with its own dropout stream."""
+    if world.size > 1:
+        distributed.broadcast_params(world, [p for p in loaded.model.parameters() if p.requires_grad])
+        seed_rank(cfg, world, 0)
+
+
 def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, plan: Plan,
-             callback: Callable[[int], None] | None = None, cache: Any = None) -> tuple[State, dict[str, Any] | None]:
+             callback: Callable[[int], None] | None = None, cache: Any = None,
+             world: World = World()) -> tuple[State, dict[str, Any] | None]:
     """Train from the start or the last checkpoint to the end; return the state and the best parameters."""
     def run_eval() -> dict[str, Any]:
         return evaluate(loaded, prep.eval, prep.task, prep.labels, cfg.eval_batch_size, cache=cache,
-                        first=len(prep.train), progress=cfg.progress)
+                        first=len(prep.train), progress=cfg.progress, world=world)
 
     optimizer = make_optimizer(cfg, loaded.model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(loaded.model)
     best: dict[str, Any] | None = None
     if cfg.resume:
-        state, best = load_checkpoint(partial, loaded, optimizer)
+        state, best = _resume(cfg, world, loaded, optimizer, partial)
     else:
+        _fresh(cfg, world, loaded)
         state = State(select_metric=M.select_metric(cfg.select_metric.value, prep.task, [y for _, y in prep.train]))
         state.before = run_eval()
         state.log.append({"step": 0, "eval": _brief(state.before)})
@@ -415,7 +505,7 @@ def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, pla
         while state.step < plan.total_steps and not state.stopped_early:
             set_modes(loaded.model, loaded.trainable_modules, training=True)
             t0, c0 = time.perf_counter(), time.process_time()
-            entry = train_step(cfg, loaded, prep, optimizer, state.step, plan, weights, cache)
+            entry = train_step(cfg, loaded, prep, optimizer, state.step, plan, weights, cache, world)
             entry["seconds"] = round(time.perf_counter() - t0, 4)
             entry["cpu_seconds"] = round(time.process_time() - c0, 4)  # all threads: steadier on a shared machine
             state.train_seconds += entry["seconds"]
@@ -432,8 +522,8 @@ def run_loop(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, partial: Path, pla
                 if cfg.progress:
                     bar.write(_eval_line(state.step, metrics), file=sys.stderr)
             if is_checkpoint_step(cfg, plan, state.step) or state.stopped_early:
-                save_checkpoint(partial, loaded, optimizer, state, best)
-                _write_log(partial, state.log)
+                ranks = distributed.gather(world, rng_state()) if world.size > 1 else None
+                distributed.on_main(world, functools.partial(_checkpoint, partial, loaded, optimizer, state, best, ranks))
                 if cache is not None:
                     cache.save()
             if callback is not None:
@@ -502,7 +592,8 @@ def build_metrics(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State,
 
 
 def write_run(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, plan: Plan,
-              best: dict[str, Any] | None, resolved: Path | str, max_length: int, cached: bool = False) -> Path:
+              best: dict[str, Any] | None, resolved: Path | str, max_length: int, cached: bool = False,
+              extra: dict[str, Any] | None = None) -> Path:
     """Write the finished run folder atomically: trained params, run.json, config, tokenizer, metrics, log, plot."""
     from safetensors.torch import save_file
 
@@ -525,7 +616,8 @@ def write_run(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, pla
         if prep.labels:
             atomic_write_json(tmp / "labels.json", {"labels": prep.labels,
                                                     "label2id": {n: i for i, n in enumerate(prep.labels)}})
-        atomic_write_json(tmp / "metrics.json", build_metrics(cfg, loaded, prep, state, plan) | {"frozen_cache": cached})
+        atomic_write_json(tmp / "metrics.json", build_metrics(cfg, loaded, prep, state, plan)
+                          | {"frozen_cache": cached} | (extra or {}))
         _write_log(tmp, state.log)
         plot_loss(state.log, tmp / "loss.png")
     shutil.rmtree(cfg.partial, ignore_errors=True)
@@ -533,53 +625,104 @@ def write_run(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, pla
 
 
 def open_cache(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, plan: Plan, partial: Path,
-               resolved: Path | str, max_length: int) -> frozen.StateCache | None:
-    """The frozen cache for this run, or None (``--frozen-cache``, and whether it can apply)."""
+               resolved: Path | str, max_length: int, world: World = World()) -> frozen.StateCache | None:
+    """This rank's frozen cache, or None (``--frozen-cache``, whether it can apply; all ranks agree)."""
     from edgeft.models import model_identity
 
     passes = plan.total_steps * cfg.grad_accum / plan.micro_per_epoch
     config_file = Path(resolved) / "config.json" if isinstance(resolved, Path) else None
     config_sha = sha256_file(config_file) if config_file is not None and config_file.is_file() else str(resolved)
-    return frozen.for_run(cfg, loaded, prep, passes, partial, model_identity(resolved), config_sha, max_length)
+    cache = frozen.for_run(cfg, loaded, prep, passes, partial, model_identity(resolved), config_sha, max_length,
+                           world.rank, world.size)
+    if world.size > 1 and not all(distributed.gather(world, cache is not None)):
+        if world.main:
+            frozen.note("frozen cache: off (not every rank could have its shard)")
+        if cache is not None:
+            cache.close()
+            shutil.rmtree(cache.folder, ignore_errors=True)
+        return None
+    return cache
 
 
-def _open_partial(cfg: TuneConfig) -> Path:
-    partial = cfg.partial
-    if not cfg.resume:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        atomic_write_json(partial / "config.json", cfg.to_dict())
-    return partial
+def _open_partial(cfg: TuneConfig, world: World) -> Path:
+    """Rank 0 checks OUT and makes (or keeps, with --resume) ``OUT.partial``; the others wait for it."""
+    def make() -> None:
+        partial = cfg.partial
+        if not cfg.resume:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            atomic_write_json(partial / "config.json", cfg.to_dict())
+        frozen.drop_other_shards(partial, world.size)
+
+    distributed.on_main(world, make)
+    return cfg.partial
+
+
+def _finish_cache(cfg: TuneConfig, world: World, cache: frozen.StateCache | None) -> None:
+    """Keep this rank's cache beside OUT (``--keep-cache``), or delete it on a rank other than 0
+    (rank 0's goes with ``OUT.partial``; another machine's copy of that folder is left empty)."""
+    if cache is None:
+        return
+    if cfg.keep_cache:
+        frozen.keep(cache, frozen.kept_path(cfg, world.rank, world.size), quiet=not world.main)
+    elif not world.main:
+        shutil.rmtree(cache.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            cache.folder.parent.rmdir()  # only when empty: OUT.partial on a machine that holds nothing else
+
+
+def _write_run(cfg: TuneConfig, world: World, finish: Callable[[], Path]) -> Path:
+    def write() -> Path:
+        try:
+            return finish()
+        except OSError as exc:
+            if exc.errno not in DISK_ERRORS:
+                raise
+            raise EdgeftError(f"cannot write the run folder {cfg.out}: {exc.strerror} "
+                              f"(the last checkpoint is kept in {cfg.partial}: free space, then --resume)") from None
+
+    distributed.on_main(world, write)
+    return cfg.out
 
 
 def tune(config: TuneConfig, callback: Callable[[int], None] | None = None) -> Path:
     """Tune ``config.model`` on ``config.data``; return the finished run folder.
 
-    ``callback(step)`` is called after every optimizer step (and its checkpoint, if any).
+    ``callback(step)`` is called after every optimizer step (and its checkpoint, if any). Under
+    ``torchrun`` each process runs this; only rank 0 writes, and all return once OUT is complete.
     """
+    from edgeft.tune.model import pick_device
+
+    world = World.from_env()
+    with distributed.session(world, pick_device(config.device.value, world.local_rank)):
+        return _tune(config if world.main else dataclasses.replace(config, progress=False), world, callback)
+
+
+def _tune(cfg: TuneConfig, world: World, callback: Callable[[int], None] | None) -> Path:
     import torch
 
     from edgeft.models import resolve_model
     from edgeft.tune.model import hf_config, load_for_tuning, load_tokenizer, max_positions
 
-    cfg = config
-    preflight(cfg)
+    distributed.on_main(world, lambda: preflight(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     resolved = resolve_model(cfg.model)
     task = resolve_task(cfg)
     tokenizer = load_tokenizer(resolved)
     max_length = resolve_max_length(cfg, task, max_positions(hf_config(resolved, Task.causal_lm, None, tokenizer)))
-    prep = prepare_data(cfg, task, tokenizer, max_length)
+    prep = prepare_data(cfg, task, tokenizer, max_length, quiet=not world.main)
     loaded = load_for_tuning(resolved, task, prep.labels, cfg.trainable_layers, cfg.base_precision.value,
-                             cfg.device.value, cfg.untie_head, cfg.train_embeddings, cfg.seed, tokenizer)
+                             cfg.device.value, cfg.untie_head, cfg.train_embeddings, cfg.seed, tokenizer,
+                             local_rank=world.local_rank)
     plan = make_plan(cfg, len(prep.train))
-    partial = _open_partial(cfg)
-    cache = open_cache(cfg, loaded, prep, plan, partial, resolved, max_length)
+    partial = _open_partial(cfg, world)
+    cache = open_cache(cfg, loaded, prep, plan, partial, resolved, max_length, world)
     try:
-        state, best = run_loop(cfg, loaded, prep, partial, plan, callback, cache)
+        state, best = run_loop(cfg, loaded, prep, partial, plan, callback, cache, world)
     except KeyboardInterrupt:
-        print(f"interrupted: continue from the last checkpoint with --resume ({partial})", file=sys.stderr)
+        if world.main:
+            print(f"interrupted: continue from the last checkpoint with --resume ({partial})", file=sys.stderr)
         raise
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
@@ -588,12 +731,9 @@ def tune(config: TuneConfig, callback: Callable[[int], None] | None = None) -> P
     finally:
         if cache is not None:
             cache.close()
-    if cfg.keep_cache:
-        frozen.keep(cache, cfg.kept_cache)
-    try:
-        return write_run(cfg, loaded, prep, state, plan, best, resolved, max_length, cache is not None)
-    except OSError as exc:
-        if exc.errno not in DISK_ERRORS:
-            raise
-        raise EdgeftError(f"cannot write the run folder {cfg.out}: {exc.strerror} "
-                          f"(the last checkpoint is kept in {partial}: free space, then --resume)") from None
+    _finish_cache(cfg, world, cache)
+    peaks = distributed.gather(world, round(peak_memory_mb(loaded.device), 1))
+    extra = {"processes": world.size} | ({"peak_memory_mb": max(peaks), "peak_memory_mb_per_process": peaks}
+                                         if world.size > 1 else {})
+    return _write_run(cfg, world, lambda: write_run(cfg, loaded, prep, state, plan, best, resolved, max_length,
+                                                    cache is not None, extra))

@@ -1,0 +1,34 @@
+"""One process of a ``torchrun`` run in tests/test_distributed.py: ``tune`` from a JSON spec.
+
+The spec holds TuneConfig fields and, optionally, ``interrupt``: the step after which every
+process stops as if killed (leaving OUT.partial with its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from edgeft.tune import TuneConfig, tune
+
+
+class Killed(Exception):
+    pass
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    stop = spec.pop("interrupt", None)
+
+    def callback(step: int) -> None:
+        if step == stop:
+            raise Killed(step)
+
+    try:
+        tune(TuneConfig(**spec), callback=callback)
+    except Killed:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
