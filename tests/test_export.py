@@ -166,14 +166,20 @@ def test_mixed_keeps_sensitive_tensors_at_8_bits(work, tiny_gpt2_dir):
 
 def test_auto_keeps_the_smallest_that_passes(work, tiny_llama_dir):
     # int4 disagrees with PyTorch on some greedy tokens of this random model (agreement ~0.995);
-    # demand more than it gives.
+    # demand more than it gives. The searched mix comes next, then mixed and int8.
     out = _export(tiny_llama_dir, work / "llama-auto", "auto", min_token_agreement=0.999, **LONG_GATE)
-    g = _manifest(out)["gate"]
+    m = _manifest(out)
+    g = m["gate"]
     assert g["passed"]
     tried = list(g["candidates"])
-    assert tried[0] == "int4" and not g["candidates"]["int4"]["passed"]
-    assert g["chosen"] == tried[-1] and g["chosen"] in ("mixed", "int8")
+    assert tried[:2] == ["int4", "searched"] and not g["candidates"]["int4"]["passed"]
+    assert g["chosen"] == tried[-1] and g["candidates"][g["chosen"]]["passed"]
+    assert all(not g["candidates"][t]["passed"] for t in tried[:-1])
     assert g["candidates"]["int4"]["bytes"] < g["candidates"][g["chosen"]]["bytes"]
+    if g["chosen"].startswith("searched"):  # the manifest says which groups went to 4 bits, and why
+        search = m["quantization"]["search"]
+        assert m["quantization"]["scheme"] == "searched" and set(search["widths"].values()) <= {"int4", "int8"}
+        assert search["why"] in g["chosen_because"]
 
 
 def test_failing_gate_writes_nothing_and_says_what_failed(work, tiny_llama_dir):

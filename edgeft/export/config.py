@@ -25,7 +25,8 @@ class Quantize(str, enum.Enum):
     int8 = "int8"  # weight-only 8-bit (decoders, MatMulNBits); classifiers: dynamic or weight-only int8
     int4 = "int4"  # weight-only 4-bit (MatMulNBits), embeddings 4-bit too
     mixed = "mixed"  # MLP input projections (gate/up) of the middle blocks 4-bit; the rest 8-bit
-    auto = "auto"  # the smallest of int4, mixed, int8 that passes the gate
+    searched = "searched"  # 4 bits for the tensor groups the sensitivity pass finds cheapest, within the gate's budget
+    auto = "auto"  # the smallest of int4, searched, mixed, int8 that passes the gate
 
 
 class Int8Mode(str, enum.Enum):
@@ -39,7 +40,7 @@ class Int8Mode(str, enum.Enum):
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 # Smallest first: what ``auto`` tries, in order.
-AUTO_ORDER = (Quantize.int4, Quantize.mixed, Quantize.int8)
+AUTO_ORDER = (Quantize.int4, Quantize.searched, Quantize.mixed, Quantize.int8)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class ExportConfig:
     """Artifact folder to write (refused if it exists, see --overwrite)."""
     quantize: Quantize = field(default=Quantize.int8, metadata=flag("--quantize", "-q"))
     """Weights: none (fp32), int8, int4, mixed (MLP input projections of the middle blocks 4-bit, the rest
-    8-bit) or auto (smallest that passes the gate)."""
+    8-bit), searched (4 bits where a sensitivity pass says perplexity suffers least, within the gate's budget)
+    or auto (smallest that passes the gate)."""
     task: Task | None = None
     """causal-lm or classification for a bare base model whose architecture does not say; embedding for an
     encoder (a base, or a classifier run without its head)."""
@@ -60,6 +62,11 @@ class ExportConfig:
     """Held-out data for the gate (default: the run's eval data, else built-in texts)."""
     block_size: int = 32
     """Block size of weight-only quantization: 16, 32, 64, 128 or 256."""
+    sensitivity_seconds: float = 600.0
+    """searched/auto: export-time budget of the sensitivity pass, in seconds (groups left unmeasured stay
+    8-bit; results are cached per model and held-out ids, so a later export continues or reuses them)."""
+    sensitivity_tokens: int = 512
+    """searched/auto: held-out tokens the sensitivity pass scores per measurement."""
     int8_activations: bool = field(default=True, metadata=flag(negative="--fp32-activations"))
     """Decoders: quantized matmuls compute on int8 activations (faster) or fp32 (closer to PyTorch)."""
     int8_mode: Int8Mode = Int8Mode.best
@@ -127,8 +134,9 @@ class ExportConfig:
             raise EdgeftError("give a source: a run folder, a pulled model name, a Hugging Face folder or a hub id")
         if self.block_size not in BLOCK_SIZES:
             raise EdgeftError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {self.block_size}")
-        _positive(self, "gate_prompts", "gate_new_tokens")
-        _non_negative(self, "max_accuracy_drop", "max_perplexity_increase", "max_repetition_increase")
+        _positive(self, "gate_prompts", "gate_new_tokens", "sensitivity_tokens")
+        _non_negative(self, "max_accuracy_drop", "max_perplexity_increase", "max_repetition_increase",
+                      "sensitivity_seconds")
         for name in ("min_label_agreement", "min_token_agreement", "min_cosine"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise EdgeftError(f"{name.replace('_', '-')} must be between 0 and 1")

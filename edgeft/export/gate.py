@@ -138,6 +138,21 @@ def eval_set(config: ExportConfig, task: Task, run_config: dict[str, Any], token
     return EvalSet(texts, prompts=texts[:config.gate_prompts], origin=str(path), sha256=digest)
 
 
+def calibration_texts(config: ExportConfig, task: Task, run_config: dict[str, Any], tokenizer: Any,
+                      evals: EvalSet) -> tuple[list[str], bool]:
+    """Held-out texts for the sensitivity pass: those of the gate's data that the gate does not score.
+
+    With none left (the built-in texts, or a small file the gate scores whole), the gate's own
+    texts, and True: the gate then judges on the texts the search chose on.
+    """
+    import dataclasses
+
+    full = eval_set(dataclasses.replace(config, gate_texts=10**9), task, run_config, tokenizer, None)
+    scored = set(evals.texts)
+    rest = [t for t in full.texts if t not in scored]
+    return (rest, False) if rest else (list(evals.texts), True)
+
+
 def _eval_path(config: ExportConfig, run_config: dict[str, Any]) -> tuple[Path | None, bool]:
     """The gate's data file, and whether it is the run's training file (then split like tune did)."""
     if config.eval_data is not None:

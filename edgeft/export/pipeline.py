@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,9 @@ class Candidate:
     manifest: Manifest | None = None
     result: gate.GateResult | None = None
     why: str = ""  # why it was chosen, once it is (recorded in the manifest's gate section)
+    note: str = ""  # what the candidate is, said beside ``why`` (searched: the sensitivity pass's choice)
+    retry: Callable[[gate.GateResult], Candidate | None] | None = None  # a narrower try after a failed gate
+    chosen4: list[str] = field(default_factory=list)  # searched: the groups it put at 4 bits
 
     def ensure_built(self) -> Candidate:
         if self.folder is None:
@@ -102,9 +105,10 @@ def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
 
 
 def _check_scheme(config: ExportConfig) -> None:
-    if config.task in (Task.classification, Task.embedding) and config.quantize in (Quantize.int4, Quantize.mixed):
+    narrow = (Quantize.int4, Quantize.mixed, Quantize.searched)
+    if config.task in (Task.classification, Task.embedding) and config.quantize in narrow:
         kind = "classifiers" if config.task is Task.classification else "embedding models"
-        raise EdgeftError(f"{kind} export as none, int8 or auto (int4 and mixed are for decoders)")
+        raise EdgeftError(f"{kind} export as none, int8 or auto (int4, mixed and searched are for decoders)")
 
 
 def _export(config: ExportConfig, work: Path, log: Log) -> Path:
@@ -168,16 +172,20 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
                           f"{graph.context_length} positions")
     gen = assemble.generation_section(getattr(source.model, "generation_config", None))
 
-    def build(scheme: Quantize) -> tuple[Path, Manifest]:
-        folder = work / f"candidate-{scheme.value}"
+    def build(scheme: Quantize, name: str | None = None, widths: dict[str, int] | None = None,
+              search: dict[str, Any] | None = None) -> tuple[Path, Manifest]:
+        folder = work / f"candidate-{name or scheme.value}"
         folder.mkdir()
         if scheme is Quantize.none:
             assemble.copy_graph(graph.path, folder)
             quant = quantize.QuantReport(scheme="none", groups={"all": "fp32"}, method="none").to_dict()
         else:
-            log(f"quantizing: {scheme.value} (block size {config.block_size})")
+            log(f"quantizing: {name or scheme.value} (block size {config.block_size})")
             quant = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
-                                              graph.num_layers, graph.vocab_size, config.int8_activations).to_dict()
+                                              graph.num_layers, graph.vocab_size, config.int8_activations,
+                                              widths).to_dict()
+            if search is not None:
+                quant["search"] = search
         assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict(),
                                     config.context_length)
         tok = assemble.tokenizer_section(tokenizer, source.model.config,
@@ -186,8 +194,130 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
                                              source.provenance())
         return folder, write_manifest(folder, manifest)
 
-    candidates = [Candidate(s.value, lambda s=s: build(s)) for s in _decoder_schemes(config)]
+    search = _Search(config, source, graph, log)
+    candidates = [_searched_candidate(search, build, 1, None) if s is Quantize.searched
+                  else Candidate(s.value, lambda s=s: build(s)) for s in _decoder_schemes(config)]
     return Plan(config, source, graph, tokenizer, candidates)
+
+
+# ---------------------------------------------------------------- searched widths
+
+# The first try aims the predicted perplexity rise at this share of the gate's budget (room for
+# the int8 activations, which the simulation leaves out, and for costs that do not add up exactly);
+# a failed try is narrowed so that the measured rise would land at SEARCH_AIM of the budget.
+SEARCH_TARGET_SHARE = 0.6
+SEARCH_AIM = 0.85
+SEARCH_TRIES = 3
+
+
+@dataclass
+class _Search:
+    """The sensitivity pass of one export, run the first time a searched candidate is built."""
+
+    config: ExportConfig
+    source: Source
+    graph: DecoderGraph
+    log: Log
+    found: list | None = None
+    unmatched: list[str] | None = None
+    sens: Any = None
+    overlap: bool = False
+
+    def run(self) -> _Search:
+        if self.sens is not None:
+            return self
+        from edgeft.export import sensitivity
+
+        config, source = self.config, self.source
+        evals = gate.eval_set(config, source.task, source.run_config, source.tokenizer, None)
+        texts, self.overlap = gate.calibration_texts(config, source.task, source.run_config, source.tokenizer, evals)
+        ids = sensitivity.chunks(_encode_until(source.tokenizer, texts, config.sensitivity_tokens),
+                                 config.sensitivity_tokens)
+        if ids.size < 2:
+            raise EdgeftError(f"the sensitivity pass has no held-out text to score ({evals.origin})")
+        self.found, self.unmatched = sensitivity.groups(self.graph.path, source.model, self.graph.vocab_size,
+                                                        config.block_size)
+        self.log(f"sensitivity: {len(self.found)} tensor groups, {ids.size} held-out tokens "
+                 f"({'the gate texts themselves' if self.overlap else 'held-out texts the gate does not score'}), "
+                 f"budget {config.sensitivity_seconds:g} s")
+        self.sens = sensitivity.measure(source.model, self.found, ids, config.block_size, config.sensitivity_seconds,
+                                        config.progress, self.log)
+        return self
+
+
+def _encode_until(tokenizer: Any, texts: list[str], tokens: int) -> list[list[int]]:
+    out, total = [], 0
+    for t in texts:
+        if total >= tokens:
+            break
+        ids = tokenizer.encode(t)
+        out.append(ids)
+        total += len(ids)
+    return out
+
+
+def _searched_candidate(search: _Search, build: Callable[..., tuple[Path, Manifest]], attempt: int,
+                        target: float | None) -> Candidate:
+    """A candidate whose widths come from the sensitivity pass, aiming its predicted rise at ``target``
+    percent (None: SEARCH_TARGET_SHARE of the budget); a failed gate yields a narrower next try."""
+    from edgeft.export import sensitivity
+
+    config = search.config
+    budget = config.max_perplexity_increase
+    c = Candidate("searched" if attempt == 1 else f"searched-{attempt}", lambda: (None, None))
+
+    def make() -> tuple[Path, Manifest]:
+        s = search.run()
+        aim = SEARCH_TARGET_SHARE * budget if target is None else target
+        choice = sensitivity.choose(s.found, s.sens, aim)
+        c.note, c.chosen4 = choice.why, choice.four_bit
+        widths = {g.node: 4 for g in s.found if g.name in choice.four_bit}
+        return build(Quantize.searched, c.name, widths, _search_record(s, choice, attempt))
+
+    def retry(result: gate.GateResult) -> Candidate | None:
+        s = search.run()
+        if attempt >= SEARCH_TRIES:
+            return None
+        aim = SEARCH_TARGET_SHARE * budget if target is None else target
+        floor = s.sens.increase_pct([])
+        measured = result.metrics.get("perplexity_increase_pct", 0.0)
+        spend = aim - floor
+        if measured > SEARCH_AIM * budget and measured > floor:
+            spend *= min(0.8, (SEARCH_AIM * budget - floor) / (measured - floor))
+        else:  # failed on token agreement or repetition: halve what the 4-bit groups may cost
+            spend *= 0.5
+        narrower = sensitivity.choose(s.found, s.sens, floor + spend).four_bit
+        if spend <= 0 or not narrower or set(narrower) >= set(c.chosen4):
+            return None
+        search.log(f"{c.name} failed the gate: trying a narrower mix (predicted target +{floor + spend:.2f}%)")
+        return _searched_candidate(search, build, attempt + 1, floor + spend)
+
+    c.build, c.retry = make, retry
+    return c
+
+
+def _search_record(s: _Search, choice: Any, attempt: int) -> dict[str, Any]:
+    """The manifest's ``quantization.search``: every group's width and cost, and why this mix."""
+    sens = s.sens
+    return {
+        "method": "per-group fake quantization in PyTorch (onnxruntime's MatMulNBits blocks), others at int8; "
+                  "mean NLL rise on held-out token ids; greedy knapsack on rise per byte saved",
+        "why": choice.why,
+        "attempt": attempt,
+        "target_increase_pct": round(choice.target_pct, 4),
+        "predicted_increase_pct": round(choice.predicted_pct, 4),
+        "int8_predicted_increase_pct": round(sens.increase_pct([]), 4),
+        "widths": {g.name: ("int4" if g.name in choice.four_bit else "int8") for g in s.found},
+        "nll_rise": {g: round(d, 6) for g, d in sens.deltas.items()},
+        "unmeasured": [g.name for g in s.found if g.name not in sens.deltas],
+        "unmatched_nodes": list(s.unmatched or []),
+        "tokens": sens.tokens,
+        "tokens_are_gate_texts": s.overlap,
+        "cache_key": sens.key,
+        "groups_from_cache": sens.from_cache,
+        "seconds": round(sens.seconds, 2),
+        "budget_seconds": s.config.sensitivity_seconds,
+    }
 
 
 # ---------------------------------------------------------------- classifiers
@@ -322,13 +452,19 @@ def _gate_decoders(plan: Plan, evals: gate.EvalSet, log: Log) -> Gated:
     first = Generator.open(candidates[0].ensure_built().folder, threads=config.threads)
     eos = set(first.eos_ids)
     ref = gate.lm_reference(plan.source.model, first.encode, evals, config, eos)
-    for c in candidates:
+    i = 0
+    while i < len(candidates):  # candidates are ordered smallest first; a failed one may add a narrower try
+        c = candidates[i]
         c.result = gate.lm_gate(c.ensure_built().folder, ref, config)
         _say(c, log)
-        if c.result.passed:  # candidates are ordered smallest first
+        if c.result.passed:
             c.why = ("the smallest scheme that passed the gate" if len(candidates) > 1
-                     else "the scheme asked for, and it passed the gate")
+                     else "the scheme asked for, and it passed the gate") + (f"; {c.note}" if c.note else "")
             return Gated(c, evals, ref)
+        nxt = c.retry(c.result) if c.retry else None
+        if nxt is not None:
+            candidates.insert(i + 1, nxt)
+        i += 1
     return Gated(None, evals, ref)
 
 

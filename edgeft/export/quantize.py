@@ -195,13 +195,22 @@ def bits_for(group: str, scheme: Quantize, num_layers: int, mlp_in: bool = False
 
 
 def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, num_layers: int,
-                     vocab_size: int, int8_activations: bool = True) -> QuantReport:
-    """Quantize a decoder graph's weights; write ``dest`` (+ ``.data``); say what went where."""
+                     vocab_size: int, int8_activations: bool = True,
+                     widths: dict[str, int] | None = None) -> QuantReport:
+    """Quantize a decoder graph's weights; write ``dest`` (+ ``.data``); say what went where.
+
+    ``widths`` (MatMul node -> 4 or 8; nodes not named: 8) replaces the scheme's fixed widths
+    (``searched``); the token embedding then follows the head's width when the two are tied
+    (sharing its matrix), and stays at 8 bits when they are not.
+    """
     _quiet()
     model = load(src)
     gemm_to_matmul(model)
     targets = matmul_targets(model, vocab_size)
-    plan = {t.node: bits_for(t.group, scheme, num_layers, t.mlp_in) for t in targets}
+    if widths is None:
+        plan = {t.node: bits_for(t.group, scheme, num_layers, t.mlp_in) for t in targets}
+    else:
+        plan = {t.node: widths.get(t.node, 8) for t in targets}
     head = next((t for t in targets if t.group == "head"), None)
     level = 4 if int8_activations else 1
     # (bits, symmetric, nodes): 4-bit blocks with zero points; a 4-bit head stays symmetric, as
@@ -211,13 +220,18 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
               (8, True, [n for n, b in plan.items() if b == 8])]
     for bits, symmetric, nodes in passes:
         model = _nbits_pass(model, nodes, [n for n in plan if n not in nodes], bits, block_size, level, symmetric)
-    emb_bits = bits_for("embeddings", scheme, num_layers)
+    emb_bits = bits_for("embeddings", scheme, num_layers) if widths is None else _searched_embedding_bits(model, head, plan)
     shared = _quantize_embedding(model, emb_bits, block_size, head, plan.get(head.node, 0) if head else 0)
     _drop_unused_initializers(model)
     save(model, dest)
     return QuantReport(scheme=scheme.value, block_size=block_size,
                        groups=_group_widths(targets, plan, emb_bits, num_layers),
                        tied_embeddings_shared=shared, activations="int8" if int8_activations else "fp32")
+
+
+def _searched_embedding_bits(model, head: MatMulTarget | None, plan: dict[str, int]) -> int:
+    _, _, tied = _embedding_gather(model, head.weight if head else None)
+    return plan[head.node] if tied and head is not None else 8
 
 
 def _nbits_pass(model, include: list[str], exclude: list[str], bits: int, block_size: int, level: int = 4,
