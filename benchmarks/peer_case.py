@@ -1,7 +1,7 @@
 """The ``peers`` case: edgeft against native peers, alternating rounds, quality on the same ids.
 
-Generation (SmolLM2-135M): edgeft int8/int4/mixed (and levers: spinning threads, another
-MatMulNBits accuracy level) against llama.cpp built natively (``llama-bench`` at its own
+Generation (SmolLM2-135M): edgeft int8/int4/mixed/searched (and levers: spinning threads, another
+MatMulNBits accuracy level, another block size) against llama.cpp built natively (``llama-bench`` at its own
 default threads), OpenVINO GenAI int8/int4 and CTranslate2 int8. The systems run one after
 another, the order rotated every round; a system's figure is the range of its per-round
 medians, so a burst of load from other work on a shared machine shows up as a spread
@@ -93,6 +93,13 @@ def with_accuracy_level(artifact: Path, level: int) -> Path:
     return out
 
 
+def block_size_variant(quant: str, block_size: int) -> Path:
+    """The base model exported at another MatMulNBits block size, gated like ``lm_artifact``'s."""
+    extra = ["--task", "causal-lm", "--eval-data", str(prepare.data_file("instruct", "alpaca_small_2k.json")),
+             "--block-size", str(block_size)]
+    return prepare.ensure_exported(f"smollm2-base-{quant}-b{block_size}", prepare.LM, quant, extra)
+
+
 def _held_ids() -> Path:
     from tokenizers import Tokenizer
 
@@ -122,8 +129,13 @@ def generation_systems(ctx: Context) -> list[dict]:
         out.append({"system": name, "worker": "gen-edgeft", "module": "benchmarks.workers", "path": None,
                     "make_path": make, **kw})
 
-    for q in ("int8", "int4", "mixed"):
+    for q in ("int8", "int4", "mixed", "searched"):
         lazy(f"edgeft {q}", lambda q=q: lm_artifact(ctx, q), ppl="ppl-edgeft-chunks", quant=q)
+    lazy("edgeft searched, EDGEFT_SPIN=1", lambda: lm_artifact(ctx, "searched"), env={"EDGEFT_SPIN": "1"},
+         quant="searched", lever="spinning threads")
+    for b in (64, 128):  # the export's MatMulNBits block size (default 32): fewer scales to read, coarser blocks
+        lazy(f"edgeft int4, block size {b}", lambda b=b: block_size_variant("int4", b), ppl="ppl-edgeft-chunks",
+             quant="int4", lever=f"--block-size {b} instead of 32")
     lazy("edgeft int8, EDGEFT_SPIN=1", lambda: lm_artifact(ctx, "int8"), env={"EDGEFT_SPIN": "1"}, quant="int8",
          lever="spinning threads")
     lazy("edgeft int4, EDGEFT_SPIN=1", lambda: lm_artifact(ctx, "int4"), env={"EDGEFT_SPIN": "1"}, quant="int4",
