@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv with everything (tune, export, runtime, tests)
 
-test: setup ## ruff (configured in pyproject.toml), then the default suite: tiny random models, real int8 / export / runtime paths, CPU, minutes
+test: setup ## ruff and mypy (both configured in pyproject.toml), then the default suite: tiny random models, real int8 / export / runtime paths, CPU, minutes
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # What a fresh clone on a user's machine sees: no ../shared (the variable points nowhere).

@@ -97,7 +97,7 @@ def read_run_config(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(saved, dict):
         return {}
-    return {RENAMED_CONFIG_KEYS.get(k, k): v for k, v in saved.items()}
+    return {RENAMED_CONFIG_KEYS.get(str(k), str(k)): v for k, v in saved.items()}
 
 
 # ---------------------------------------------------------------- rebuilding the tuned model

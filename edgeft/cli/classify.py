@@ -75,11 +75,13 @@ class ClassifyConfig(TextsConfig):
     format: OutputFormat | None = field(default=None, metadata=flag("--format", "-f"))
     """Output format [default: from --output's suffix, else jsonl]."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.format is None:
-            csv_out = self.output is not None and self.output.suffix.lower() == ".csv"
-            object.__setattr__(self, "format", OutputFormat.csv if csv_out else OutputFormat.jsonl)
+    @property
+    def output_format(self) -> OutputFormat:
+        """--format, else csv for an --output ending in .csv, else jsonl."""
+        if self.format is not None:
+            return self.format
+        csv_out = self.output is not None and self.output.suffix.lower() == ".csv"
+        return OutputFormat.csv if csv_out else OutputFormat.jsonl
 
 
 TEXT_KEYS = ("text", "sentence", "input", "content")
@@ -159,7 +161,7 @@ def classify(config: ClassifyConfig) -> None:
     from edgeft.artifact import Check
     from edgeft.runtime import TextClassifier
 
-    items, output, fmt = config.items(), config.output, config.format
+    items, output, fmt = config.items(), config.output, config.output_format
     if output:
         from edgeft.fsutil import check_writable
 

@@ -55,11 +55,11 @@ def embed(config: EmbedConfig) -> None:
     if output.suffix.lower() == ".npy":
         import numpy as np
 
-        buf = io.BytesIO()
-        np.save(buf, vectors)
-        atomic_write_bytes(output, buf.getvalue())
+        array = io.BytesIO()
+        np.save(array, vectors)
+        atomic_write_bytes(output, array.getvalue())
     else:
-        buf = io.StringIO()
-        write_jsonl(buf, items, vectors)
-        atomic_write_bytes(output, buf.getvalue().encode("utf-8"))
+        lines = io.StringIO()
+        write_jsonl(lines, items, vectors)
+        atomic_write_bytes(output, lines.getvalue().encode("utf-8"))
     typer.echo(f"{len(items)} texts embedded ({emb.dim} dimensions) -> {output}", err=True)

@@ -141,7 +141,7 @@ def generate_file(gen: "Generator", config: GenerateConfig, params: SamplingPara
             prompts.append(gen.render_chat(sys_msg + [{"role": "user", "content": row["prompt"]}]))
         else:
             prompts.append(row["prompt"])
-    ids = [gen.encode(p) for p in prompts]
+    ids: list[str | list[int]] = [gen.encode(p) for p in prompts]
     start = time.perf_counter()
     with typer.progressbar(length=len(ids), label="generating", file=sys.stderr) as bar:
         outs = gen.generate_batch(ids, params, parallel=config.parallel, on_done=lambda i: bar.update(1))

@@ -55,8 +55,8 @@ def field_default(f: dataclasses.Field) -> Any:
     """A field's default value (``...`` when it has none: the flag is required)."""
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return ...
 
 
@@ -82,7 +82,8 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
            over: str | None = None) -> tuple[inspect.Parameter, Any]:
     meta: Flag = flag_of(f)
     base, optional, repeated = _unwrap(hints[f.name])
-    default = field_default(f)
+    default: Any = field_default(f)
+    annotation: Any
     text = _help(docs.get(f.name, ""))
     if over is not None:  # every flag optional: None (or nothing repeated) means "not given"
         text, default = _over_help(text, default, over), None
@@ -90,7 +91,7 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
         default, annotation = None, str
     elif repeated:
         default = list(default) if default not in (..., None) else default
-        annotation = list[base]
+        annotation = types.GenericAlias(list, (base,))  # list[base]
     else:
         annotation = base
     if isinstance(default, enum.Enum):
@@ -98,8 +99,8 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
     show = meta.show_default
     if default is None or default == [] or (base is str and optional and default is None):
         show = False if show is True else show
-    common = dict(help=text or None, envvar=meta.env, rich_help_panel=meta.panel,
-                  show_default=show, metavar=meta.metavar)
+    common: dict[str, Any] = dict(help=text or None, envvar=meta.env, rich_help_panel=meta.panel,
+                                  show_default=show, metavar=meta.metavar)
     if meta.argument:
         info = typer.Argument(default, **common)
     else:
@@ -120,7 +121,7 @@ def _alias_params(f: dataclasses.Field, annotation: Any) -> list[inspect.Paramet
     out = []
     for i, alias in enumerate(meta.aliases):
         ann = annotation if typing.get_origin(annotation) is list or annotation is bool else annotation | None
-        default = [] if typing.get_origin(annotation) is list else (False if annotation is bool else None)
+        default: Any = [] if typing.get_origin(annotation) is list else (False if annotation is bool else None)
         names = [alias]
         out.append(inspect.Parameter(f"{f.name}{_ALIAS}{i}", inspect.Parameter.KEYWORD_ONLY,
                                      default=typer.Option(default, *names, hidden=True), annotation=ann))
@@ -198,7 +199,8 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
         command.__annotations__ = annotations
         del command.__wrapped__  # typer must read the signature above, not fn's
         # what the flags come from, outermost last (tests check --help against these fields)
-        command.edgeft_configs = [*getattr(fn, "edgeft_configs", []), Source(config_cls, skip, into, over)]
+        sources = [*getattr(fn, "edgeft_configs", []), Source(config_cls, skip, into, over)]
+        command.edgeft_configs = sources  # type: ignore[attr-defined]
         return command
 
     return wrap
