@@ -196,3 +196,17 @@ def test_every_old_spelling_still_sets_its_field(tmp_path, monkeypatch):
                     assert got == want, f"{name} {alias}"
                     checked += 1
     assert checked >= 4  # tune --text-col/--label-col, generate -n, chat -n
+
+
+def test_sampling_flags_pass_only_what_was_given(monkeypatch):
+    """Unset sampling flags stay unset (the artifact's defaults then apply); repeated --stop is a tuple."""
+    seen = []
+    monkeypatch.setattr(O, "_run", lambda fn, kw: fn(**kw) if hasattr(fn, "edgeft_configs") else seen.append(kw))
+    res = CliRunner().invoke(app, ["generate", "art", "hi", "--stop", "a", "--stop", "b", "-t", "0.5",
+                                   "--chat", "--system", "be brief"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1]["sampling"] == {"stop": ("a", "b"), "temperature": 0.5}
+    cfg = seen[-1]["config"]
+    assert cfg.chat and cfg.system == "be brief" and cfg.prompt == "hi" and cfg.parallel == 8
+    res = CliRunner().invoke(app, ["generate", "art", "--regex", "a", "--choice", "b"])
+    assert res.exit_code == 2 and "at most one of --json-schema, --regex and --choice" in res.output
