@@ -1,8 +1,8 @@
-"""How far batched decoding moves an artifact's logits: each sequence in a batch against itself alone.
+"""Case ``batch_drift``: how far batched decoding moves an artifact's logits, each sequence in a batch against itself alone.
 
-    .venv/bin/python -m benchmarks.batch_drift ARTIFACT [ARTIFACT...] [--prompts 8] [--new-tokens 32]
+    python -m benchmarks.run --cases batch_drift     # the suite's SmolLM2 int8 and fp32 artifacts (quick: int8)
 
-For each artifact, ``--prompts`` prompts of different lengths (cut from the sonnets) are decoded
+For each artifact (in a worker process of its own), 8 prompts (a quick run: 4) of different lengths (cut from the sonnets) are decoded
 greedily together by the batching engine (``edgeft.runtime.engine``), every row of logits
 tapped; then each prompt is decoded alone (``Generator.generate``, one row per step) and
 scored alone in one pass (``Generator.score``, many rows per call). Reported for batch vs
@@ -10,25 +10,27 @@ alone-steps, batch vs one pass, and alone-steps vs one pass: the largest and the
 absolute logit difference, the largest difference in log-softmax, and the share of rows
 where both pick the same greedy token (compared until the first disagreement). int8 ``MatMulNBits`` kernels may take another path when a
 call has more than one row, so int8 artifacts move more than fp32 ones; this measures by how
-much. Writes ``benchmarks/results/batch-drift-DATE.json`` (and prints a table).
+much. The earlier run of the script this case replaces is kept as written:
+``results/batch-drift-2026-12-01.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import sys
+import subprocess
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from benchmarks import prepare
-from benchmarks.serving import cpu_flags, cpu_model
 
-REPO = Path(__file__).resolve().parents[1]
+if TYPE_CHECKING:
+    from benchmarks.cases import Context
+
+CASE = "batch_drift"
+COMPARISONS = {"vs_alone_steps": "batch vs alone, step by step", "vs_one_pass": "batch vs one scoring pass",
+               "alone_steps_vs_one_pass": "alone step by step vs one scoring pass"}
 
 
 class Tap:
@@ -43,13 +45,17 @@ class Tap:
         pass
 
 
-def measure(path: Path, n_prompts: int, new_tokens: int) -> dict:
+def measure(spec: dict) -> dict:
+    """The three comparisons on one artifact, in this (worker) process."""
+    return drift(Path(spec["path"]), spec["prompts"], spec["new_tokens"], spec["threads"])
+
+
+def drift(path: Path, n_prompts: int, new_tokens: int, threads: int | None = None) -> dict:
     from edgeft.runtime import Generator, SamplingParams
     from edgeft.runtime.engine import Engine
 
-    gen = Generator.open(path)
-    lines = [ln.strip() for ln in prepare.data_file("poetry", "shakespeare_sonnets.txt").read_text().splitlines()
-             if ln.strip()]
+    gen = Generator.open(path, threads=threads)
+    lines = [ln.strip() for ln in (prepare.REPO / "demo" / "sonnets.txt").read_text().splitlines() if ln.strip()]
     prompts = [gen.encode(" ".join(lines[5 * i: 5 * i + 1 + i % 4])) for i in range(n_prompts)]
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     engine = Engine(gen, parallel=n_prompts, ctx_size=n_prompts * (max(map(len, prompts)) + new_tokens + 1),
@@ -107,28 +113,24 @@ def _compare(taps, refs, tokens) -> dict:
             "max_abs_logprob_diff": max(lp_diffs), "greedy_agreement": agree / steps}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("artifacts", type=Path, nargs="+")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args()
-    rows = [measure(p, a.prompts, a.new_tokens) for p in a.artifacts]
-    date = datetime.date.today().isoformat()
-    res = {"date": date, "command": "python -m benchmarks.batch_drift " + " ".join(sys.argv[1:]),
-           "cpu": cpu_model(), "cpu_flags": cpu_flags(), "load_avg": os.getloadavg(), "rows": rows}
-    out = a.out or REPO / "benchmarks" / "results" / f"batch-drift-{date}.json"
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    for r in rows:
-        for what in ("vs_alone_steps", "vs_one_pass", "alone_steps_vs_one_pass"):
-            d = r[what]
-            print(f"{r['quantization']:>6} {r['batching']:>7} {what:<24}: max |dlogit| {d['max_abs_logit_diff']:.2e}, "
-                  f"median {d['median_abs_logit_diff']:.2e}, max |dlogprob| {d['max_abs_logprob_diff']:.2e}, "
-                  f"greedy agreement {100 * d['greedy_agreement']:.1f}% over {d['rows']} rows "
-                  f"({r['mean_rows_per_decode_step']:.1f} rows per batched step)")
-    print(f"written {out}")
+def case(ctx: Context) -> None:
+    from benchmarks.cases import WorkerFailed, lm_artifact
 
-
-if __name__ == "__main__":
-    main()
+    for q in ("int8",) if ctx.quick else ("int8", "fp32"):
+        system = f"edgeft {q}"
+        try:
+            r = ctx.measure(CASE, path=str(lm_artifact(ctx, q)), prompts=4 if ctx.quick else 8,
+                            new_tokens=16 if ctx.quick else 32)
+        except (prepare.Unavailable, WorkerFailed, subprocess.TimeoutExpired) as exc:
+            ctx.res.skip(CASE, system, str(exc))
+            continue
+        for what, label in COMPARISONS.items():
+            d, name = r[what], f"{system}: {label}"
+            ctx.add(CASE, name, "max_abs_logit_diff", d["max_abs_logit_diff"], "logit", higher=False,
+                    note=f"{system}: {r['prompts']} prompts of {min(r['prompt_lengths'])}-{max(r['prompt_lengths'])} "
+                         f"tokens, {r['new_tokens']} new tokens, {r['mean_rows_per_decode_step']:.1f} rows per batched "
+                         f"step ({r['batching']} batching)")
+            ctx.add(CASE, name, "median_abs_logit_diff", d["median_abs_logit_diff"], "logit", higher=False)
+            ctx.add(CASE, name, "max_abs_logprob_diff", d["max_abs_logprob_diff"], "logprob", higher=False)
+            ctx.add(CASE, name, "greedy_agreement", d["greedy_agreement"], "share")
+            ctx.add(CASE, name, "rows_compared", d["rows"], "rows")

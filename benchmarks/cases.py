@@ -66,6 +66,10 @@ class Context:
         log.unlink(missing_ok=True)
         return json.loads(lines[-1][len("RESULT "):])
 
+    def measure(self, module: str, timeout: float = 1800, **spec: Any) -> dict[str, Any]:
+        """Run ``benchmarks.<module>.measure(spec)`` in a worker process of its own; its result."""
+        return self.spawn("module", timeout=timeout, module=module, **spec)
+
     def add(self, case: str, system: str, metric: str, value: Stat | float, unit: str,
             higher: bool = True, note: str = "", **params: Any) -> None:
         self.res.add(Measurement(case, system, metric, value, unit, params, higher, note))
@@ -87,8 +91,9 @@ def _lm_prompts(ctx: Context) -> tuple[list[int], dict[str, list[int]]]:
 # ---------------------------------------------------------------- 1 + 2: generation, bandwidth
 
 
-def lm_artifact(ctx: Context, quant: str, source: str = prepare.LM, tag: str = "base") -> Path:
-    key = f"lm-{tag}-{quant}"
+def lm_artifact(ctx: Context, quant: str, source: str | None = None, tag: str = "base") -> Path:
+    """SmolLM2 exported at ``quant`` (from ``source``: the pulled model unless a run folder is given), cached."""
+    key, source = f"lm-{tag}-{quant}", source or prepare.LM
     if key not in ctx.cache:
         # the base model is gated on instruction prompts (what it was made for); a run on its own eval data
         extra = (["--task", "causal-lm", "--eval-data", str(prepare.data_file("instruct", "alpaca_small_2k.json"))]
@@ -194,18 +199,46 @@ def profile_note(ctx: Context, system: str, path: Path, decode_prompt: list[int]
 
 
 def case_bandwidth(ctx: Context) -> None:
+    """The read bandwidth, and each system's share of the limit it sets. Run alone (no generation case
+    before it in this run), it measures the edgeft artifacts' weight bytes and decode rates itself."""
     r = ctx.spawn("bandwidth", repeats=max(ctx.repeats, 5), mib=512 if ctx.quick else 1024)
     bw = _stat(r["gbps"])
     ctx.add("bandwidth", "machine", "read_gbps", bw, "GB/s",
             note=f"numpy max-reductions over a {512 if ctx.quick else 1024} MiB array, {ctx.threads} threads")
-    for system, nbytes in ctx.cache.get("weights", {}).items():
-        dec = ctx.res.find("decode_tps", system)
+    weights = ctx.cache.setdefault("weights", {})
+    for q, system in EDGEFT.items():  # a quick run alone: int8 only (each LM export runs its gate)
+        if system in weights or (ctx.quick and q != "int8"):
+            continue
+        try:
+            weights[system] = weight_bytes(lm_artifact(ctx, q))
+        except Unavailable as exc:
+            ctx.res.skip("bandwidth", system, str(exc))
+    for system, nbytes in weights.items():
+        dec = next((m for m in ctx.res.measurements if m.case == "generation" and m.matches("decode_tps", system)), None)
+        if dec is None and system in EDGEFT.values():
+            dec = _decode_alone(ctx, system)
         if dec is None:
             continue
         limit = bw.median * 1e9 / nbytes
         ctx.add("bandwidth", system, "weight_mib", nbytes / 2**20, "MiB/token", higher=False)
         ctx.add("bandwidth", system, "limit_tps", limit, "tok/s")
         ctx.add("bandwidth", system, "bandwidth_share", dec.value.scaled(1 / limit), "share")
+
+
+def _decode_alone(ctx: Context, system: str) -> Measurement | None:
+    """An edgeft artifact's decode rate measured by the bandwidth case itself (the generation worker, no
+    prefill lengths), for a run in which the generation case did not measure it."""
+    q = next(k for k, v in EDGEFT.items() if v == system)
+    try:
+        decode_prompt, _ = _lm_prompts(ctx)
+        r = ctx.spawn("gen-edgeft", path=str(lm_artifact(ctx, q)), new_tokens=ctx.new_tokens, repeats=ctx.repeats,
+                      decode_prompt=decode_prompt, prefill_prompts={})
+    except (Unavailable, WorkerFailed, subprocess.TimeoutExpired) as exc:
+        ctx.res.skip("bandwidth", system, str(exc))
+        return None
+    m = Measurement("bandwidth", system, "decode_tps", _stat(r["decode_tps"]), "tok/s", {"new_tokens": r["new_tokens"]},
+                    note=f"{system}: decode measured by the bandwidth case itself (the generation case did not run)")
+    return ctx.res.add(m)
 
 
 # ---------------------------------------------------------------- 3: classification
@@ -494,8 +527,9 @@ CASES: dict[str, Callable[[Context], None]] = {
     "footprint": case_footprint,
     "peers": case_peers,
     # the cases of one question each, run by name (`--cases NAME`), not by a plain `make bench`
-    "tune_minilm_sst2": module_case("tune_minilm_sst2"),
-    "tune_smollm2_sonnets": module_case("tune_smollm2_sonnets"),
+    **{name: module_case(name) for name in (
+        "tune_minilm_sst2", "tune_smollm2_sonnets", "export_quality", "server_overhead", "frozen_cache",
+        "int8_memory", "embeddings", "constrained", "serving", "batch_drift", "long_row", "gpu_tuning")},
 }
 # what `python -m benchmarks.run` runs without --cases
 DEFAULT_CASES = ("generation", "bandwidth", "classification", "quality", "tuning", "footprint", "peers")

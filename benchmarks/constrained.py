@@ -1,35 +1,40 @@
-"""Constrained decoding: grammar engines compared, the mask's cost against a decode step, and JSON validity.
+"""Case ``constrained``: grammar engines compared, the mask's cost against a decode step, and JSON validity.
 
-    .venv/bin/python -m benchmarks.constrained ARTIFACT            # a SmolLM2 int8 artifact folder
-    .venv/bin/pip install outlines-core                            # optional: the second engine compared
+    python -m benchmarks.run --cases constrained          # on the suite's SmolLM2 int8 artifact
+    .venv/bin/pip install outlines-core                    # optional: the second engine compared
 
-Writes ``benchmarks/results/constrained.json`` and ``constrained.md``:
+Measured in one worker process (``measure``), one after the other, on the machine's shared cores:
 
 1. engines (llguidance, and outlines-core where installed) on the artifact's tokenizer:
    tokenizer setup, compile time per schema, mask time per token while replaying a valid
    output, JSON-schema features each compiles, installed size and licence;
 2. the mask against decoding, on the artifact itself: greedy decode with the schema mask, the
-   decode step (``KVDecoder.step``) and the mask (compute + apply + accept) timed apart, token by token;
+   decode step (``KVDecoder.step``) and the mask (compute + apply + accept) timed apart, token by token
+   (goal: the mask at most 10% of a step, in ``benchmarks.headline``);
 3. 20 prompts asking for {"name", "age"}: valid JSON (and schema-valid) with and without the constraint.
 
-Everything runs in this one process, one after the other, on the machine's shared cores:
-the results record the CPU flags and the load average.
+The earlier run of the script this case replaces is kept as written: ``results/constrained.{json,md}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as md
 import json
-import os
-import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import prepare
+
+if TYPE_CHECKING:
+    from benchmarks.cases import Context
+
+CASE = "constrained"
+MASK_GOAL_PCT = 10.0
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
@@ -64,18 +69,6 @@ FEATURES = {
 }
 NAMES = ["Ada", "Alan", "Grace", "Linus", "Marie", "Isaac", "Rosalind", "Niels", "Emmy", "Carl",
          "Hedy", "Nikola", "Barbara", "Claude", "Katherine", "Dennis", "Frances", "Ken", "Margaret", "Edsger"]
-
-
-def machine() -> dict:
-    flags = []
-    try:
-        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
-        wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c")
-        flags = [f for f in line.split(":", 1)[1].split() if f in wanted]
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": flags,
-            "loadavg_start": os.getloadavg(), "shared": "yes: 8 developers and a compile share these cores"}
 
 
 def _site_size(package: str) -> float:
@@ -218,7 +211,7 @@ def mask_cost(gen, space, prompts: int = 6, tokens: int = 48) -> dict:
     mask, step = statistics.fmean(timing["mask"]), statistics.fmean(timing["step"])
     return {"schema": "order", "tokens": len(timing["step"]), "mask_ms": round(1000 * mask, 3),
             "decode_step_ms": round(1000 * step, 3), "mask_share_of_decode_pct": round(100 * mask / step, 2),
-            "mask_p99_ms": _stats(timing["mask"])["p99_us"] / 1000, "goal_pct": 10.0,
+            "mask_p99_ms": _stats(timing["mask"])["p99_us"] / 1000, "goal_pct": MASK_GOAL_PCT,
             "threads": gen.engine.session.get_session_options().intra_op_num_threads}
 
 
@@ -252,71 +245,60 @@ def validity(gen, space, tokens: int = 96) -> dict:
             **{f"{k}_schema_valid": v[1] for k, v in counts.items()}, "first_outputs": examples}
 
 
-# ---------------------------------------------------------------- report
-
-def write_md(res: dict, path: Path) -> None:
-    lines = ["# Constrained decoding", "", f"Made by `python -m benchmarks.constrained {res['artifact']}` on "
-             f"{res['machine']['cores']} shared cores (flags: {', '.join(res['machine']['flags'])}; load average "
-             f"{res['machine']['loadavg_start'][0]:.1f} at the start, {res['machine']['loadavg_end'][0]:.1f} at the end; "
-             "other developers' jobs ran at the same time, so absolute times are noisy).", "",
-             "## Engines on SmolLM2's tokenizer", "",
-             "| | " + " | ".join(e["package"] + " " + e["version"] for e in res["engines"]) + " |",
-             "|---|" + "---|" * len(res["engines"])]
-    rows = [("licence", lambda e: e["licence"]), ("installed MB", lambda e: e["installed_mb"]),
-            ("tokenizer setup s", lambda e: e["setup_s"])]
-    for s in SCHEMAS:
-        rows.append((f"compile {s} ms", lambda e, s=s: e["compile_ms"][s]))
-        rows.append((f"mask {s} us/token mean (p99)", lambda e, s=s: f"{e['mask'][s]['mean_us']} ({e['mask'][s]['p99_us']})"))
-    rows.append(("schema features compiled", lambda e: f"{sum(e['coverage'].values())}/{len(e['coverage'])}"))
-    for label, f in rows:
-        lines.append(f"| {label} | " + " | ".join(str(f(e)) for e in res["engines"]) + " |")
-    lines += ["", "Features: " + "; ".join(
-        f"{k}: " + "/".join("yes" if e["coverage"][k] else "no" for e in res["engines"]) for k in FEATURES), ""]
-    c = res["mask_cost"]
-    met = "met" if c["mask_share_of_decode_pct"] <= c["goal_pct"] else "MISSED"
-    lines += ["## The mask against a decode step (llguidance, SmolLM2 int8)", "",
-              f"Greedy decoding of the `order` schema, {c['tokens']} tokens: mask (compute, apply, accept) "
-              f"{c['mask_ms']} ms per token (p99 {c['mask_p99_ms']} ms), decode step {c['decode_step_ms']} ms "
-              f"({c['threads']} threads): the mask costs **{c['mask_share_of_decode_pct']}%** of a decode step "
-              f"(goal <= {c['goal_pct']:g}%: {met}).", ""]
-    v = res["validity"]
-    lines += ["## {name: string <= 40, age: integer} on 20 prompts (greedy, SmolLM2-135M int8)", "",
-              f"- with the schema constraint: {v['constrained_valid_json']}/20 valid JSON, "
-              f"{v['constrained_schema_valid']}/20 schema-valid",
-              f"- without it (same prompts, same model): {v['unconstrained_valid_json']}/20 valid JSON, "
-              f"{v['unconstrained_schema_valid']}/20 schema-valid", ""]
-    path.write_text("\n".join(lines))
+# ---------------------------------------------------------------- the case
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("artifact", type=Path)
-    ap.add_argument("--out", type=Path, default=RESULTS / "constrained")
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+def measure(spec: dict) -> dict:
+    """The three measurements on one artifact, in this (worker) process."""
     from tokenizers import Tokenizer
 
     from edgeft.runtime import Generator
     from edgeft.runtime.constrain import token_space
 
-    gen = Generator.open(args.artifact, threads=args.threads)
+    gen = Generator.open(spec["path"], threads=spec["threads"])
     tj = gen.folder / gen.manifest.tokenizer.file
     tok = Tokenizer.from_file(str(tj))
     vocab, eos = gen.decoder.vocab_size, sorted(gen.eos_ids)
-    res = {"artifact": str(args.artifact), "machine": machine(), "engines": []}
-    res["engines"].append(llguidance_engine(tj, vocab, eos, tok))
+    res = {"engines": [llguidance_engine(tj, vocab, eos, tok)]}
     other = outlines_engine(vocab, eos, tok)
     if other:
         res["engines"].append(other)
     space = token_space(tj, vocab, eos)
-    res["mask_cost"] = mask_cost(gen, space)
+    res["mask_cost"] = mask_cost(gen, space, prompts=spec["prompts"], tokens=spec["tokens"])
     res["validity"] = validity(gen, space)
-    res["machine"]["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    write_md(res, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    return res
 
 
-if __name__ == "__main__":
-    main()
+def case(ctx: Context) -> None:
+    from benchmarks.cases import WorkerFailed, lm_artifact
+
+    prepare.need_module("llguidance", "constrained decoding")
+    art = lm_artifact(ctx, "int8")
+    try:
+        r = ctx.measure("constrained", path=str(art), prompts=2 if ctx.quick else 6, tokens=24 if ctx.quick else 48)
+    except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+        raise prepare.Unavailable(str(exc)) from None
+    for e in r["engines"]:
+        system = f"{e['package']} {e['version']}"
+        ctx.add(CASE, system, "setup_s", e["setup_s"], "s", higher=False,
+                note=f"{system}: licence {e['licence']}, {e['installed_mb']} MB installed")
+        ctx.add(CASE, system, "installed_mb", e["installed_mb"], "MB", higher=False)
+        for schema in SCHEMAS:
+            ctx.add(CASE, system, "compile_ms", e["compile_ms"][schema], "ms", higher=False, schema=schema)
+            ctx.add(CASE, system, "mask_us", e["mask"][schema]["mean_us"], "us/token", higher=False, schema=schema)
+            ctx.add(CASE, system, "mask_p99_us", e["mask"][schema]["p99_us"], "us/token", higher=False, schema=schema)
+        ctx.add(CASE, system, "features_compiled", sum(e["coverage"].values()), f"of {len(e['coverage'])}")
+        missing = [k for k, ok in e["coverage"].items() if not ok]
+        if missing:
+            ctx.res.notes.append(f"{CASE}: {system} does not compile: {', '.join(missing)}")
+    c, v = r["mask_cost"], r["validity"]
+    system = "llguidance mask on edgeft int8"
+    ctx.add(CASE, system, "mask_ms", c["mask_ms"], "ms/token", higher=False,
+            note=f"{system}: greedy decoding of the order schema, {c['tokens']} tokens, {c['threads']} threads; "
+                 "mask = compute + apply + accept, timed apart from the decode step")
+    ctx.add(CASE, system, "decode_step_ms", c["decode_step_ms"], "ms/token", higher=False)
+    ctx.add(CASE, system, "mask_share_of_decode", c["mask_share_of_decode_pct"], "%", higher=False)
+    for kind in ("constrained", "unconstrained"):
+        ctx.add(CASE, f"edgeft int8 {kind}", "valid_json", v[f"{kind}_valid_json"], f"of {v['prompts']}",
+                note=f"{CASE}: {{name, age}} asked on {v['prompts']} prompts, greedy, {v['max_new_tokens']} tokens")
+        ctx.add(CASE, f"edgeft int8 {kind}", "schema_valid", v[f"{kind}_schema_valid"], f"of {v['prompts']}")

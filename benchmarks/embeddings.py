@@ -1,30 +1,33 @@
-"""Embeddings: an edgeft int8 artifact against sentence-transformers on PyTorch, side by side.
+"""Case ``embeddings``: an edgeft int8 embedding artifact against sentence-transformers on PyTorch, side by side.
 
-    edgeft pull minilm-l6
-    edgeft export minilm-l6 --task embedding -o ART --eval-data SST2/train.tsv --gate-texts 1000
-    pip install sentence-transformers                      # the reference (not an edgeft dependency)
-    .venv/bin/python -m benchmarks.embeddings ART $EDGEFT_HOME/models/minilm-l6 SST2/train.tsv
+    .venv/bin/pip install sentence-transformers            # the reference (not an edgeft dependency)
+    python -m benchmarks.run --cases embeddings
 
-Writes ``benchmarks/results/embeddings.json`` and ``embeddings.md``: the cosine similarity of
-the artifact's vectors to sentence-transformers' on 1,000 SST-2 sentences (spread evenly over
-the file), and texts per second at batch 1 and batch 32 for both, measured one after the other
-in this process with the same thread count. The machine's cores are shared with other jobs:
-the results record the CPU flags and the load average.
+The artifact is ``edgeft export minilm-l6 --task embedding --quantize int8`` gated on SST-2 train
+sentences (made once, cached in work/). In one worker process, one after the other with the same
+thread count: the cosine similarity of the artifact's vectors to sentence-transformers' on 1,000
+SST-2 sentences (spread evenly over the file; a quick run: 200), and texts per second at batch 1
+(200 texts) and batch 32 for both. Goals (mean cosine >= 0.99, 3x at batch 32) are in
+``benchmarks.headline``. Earlier runs of the script this case replaces are kept as written:
+``results/embeddings*.{json,md}``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.constrained import machine
+from benchmarks import prepare
 
-RESULTS = Path(__file__).resolve().parent / "results"
+if TYPE_CHECKING:
+    from benchmarks.cases import Context
+
+CASE = "embeddings"
+EDGEFT_EMB, ST = "edgeft int8 (embedding)", "sentence-transformers fp32"
 
 
 def sentences(path: Path, n: int) -> list[str]:
@@ -44,69 +47,51 @@ def rate(fn, texts: list[str], batch: int, repeats: int = 2) -> float:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("artifact", type=Path)
-    ap.add_argument("model", type=Path, help="the sentence-transformers folder (the pulled minilm-l6)")
-    ap.add_argument("data", type=Path, help="SST-2 train.tsv or dev.tsv")
-    ap.add_argument("--texts", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=RESULTS / "embeddings")
-    args = ap.parse_args()
+def measure(spec: dict) -> dict:
+    """Cosine and rates of both systems on the spec's texts, in this (worker) process."""
     import sentence_transformers
     import torch
 
     from edgeft.runtime import TextEmbedder
 
-    torch.set_num_threads(args.threads)
-    texts = sentences(args.data, args.texts)
-    emb = TextEmbedder.open(args.artifact, threads=args.threads)
-    st = sentence_transformers.SentenceTransformer(str(args.model), device="cpu")
+    torch.set_num_threads(spec["threads"])
+    texts = sentences(Path(spec["data"]), spec["texts"])
+    emb = TextEmbedder.open(spec["path"], threads=spec["threads"])
+    st = sentence_transformers.SentenceTransformer(spec["model"], device="cpu")
     st.max_seq_length = emb.max_length
-    res = {"artifact": str(args.artifact), "machine": machine(), "texts": len(texts), "threads": args.threads,
-           "quantization": emb.manifest.quantization.get("scheme"), "gate_chosen": emb.manifest.gate.get("chosen"),
-           "sentence_transformers": sentence_transformers.__version__, "torch": torch.__version__}
     ours = emb.embed(texts)
     theirs = st.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=False)
     cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
-    res["cosine"] = {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5),
-                     "p01": round(float(np.percentile(cos, 1)), 5), "goal_mean": 0.99}
     one = texts[:200]
-    res["texts_per_s"] = {
-        "edgeft_batch1": round(rate(lambda b: emb.embed(b, batch_size=1), one, 1), 1),
-        "st_batch1": round(rate(lambda b: st.encode(b, batch_size=1), one, 1), 1),
-        "edgeft_batch32": round(rate(lambda b: emb.embed(b, batch_size=32), texts, 32), 1),
-        "st_batch32": round(rate(lambda b: st.encode(b, batch_size=32), texts, 32), 1),
-    }
-    t = res["texts_per_s"]
-    res["speedup"] = {"batch1": round(t["edgeft_batch1"] / t["st_batch1"], 2),
-                      "batch32": round(t["edgeft_batch32"] / t["st_batch32"], 2), "goal_batch32": 3.0}
-    res["machine"]["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    write_md(res, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text())
+    return {"texts": len(texts), "quantization": emb.manifest.quantization.get("scheme"),
+            "sentence_transformers": sentence_transformers.__version__,
+            "cosine": {"mean": float(cos.mean()), "min": float(cos.min()), "p01": float(np.percentile(cos, 1))},
+            "rates": {EDGEFT_EMB: {1: rate(lambda b: emb.embed(b, batch_size=1), one, 1),
+                                   32: rate(lambda b: emb.embed(b, batch_size=32), texts, 32)},
+                      ST: {1: rate(lambda b: st.encode(b, batch_size=1), one, 1),
+                           32: rate(lambda b: st.encode(b, batch_size=32), texts, 32)}}}
 
 
-def write_md(res: dict, path: Path) -> None:
-    m, c, t, s = res["machine"], res["cosine"], res["texts_per_s"], res["speedup"]
-    met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
-    path.write_text("\n".join([
-        "# Embeddings: edgeft int8 vs sentence-transformers on PyTorch (all-MiniLM-L6-v2)", "",
-        f"Made by `python -m benchmarks.embeddings ARTIFACT MODEL sst2/train.tsv` ({res['texts']} SST-2 train "
-        f"sentences spread over the file; artifact {res['quantization']} ({res['gate_chosen']}); sentence-transformers "
-        f"{res['sentence_transformers']}, torch {res['torch']}; {res['threads']} threads each) on {m['cores']} shared "
-        f"cores (flags: {', '.join(m['flags'])}; load average {m['loadavg_start'][0]:.1f} at the start, "
-        f"{m['loadavg_end'][0]:.1f} at the end: other jobs ran at the same time, so rates are noisy; both systems "
-        "ran one after the other in one process).", "",
-        f"- cosine similarity to sentence-transformers' vectors: mean **{c['mean']}**, 1st percentile {c['p01']}, "
-        f"min {c['min']} (goal mean >= {c['goal_mean']}: {met(c['mean'] >= c['goal_mean'])})",
-        f"- batch 1 (200 texts): edgeft {t['edgeft_batch1']} texts/s, sentence-transformers {t['st_batch1']} "
-        f"texts/s: **{s['batch1']}x**",
-        f"- batch 32 ({res['texts']} texts): edgeft {t['edgeft_batch32']} texts/s, sentence-transformers "
-        f"{t['st_batch32']} texts/s: **{s['batch32']}x** (goal >= {s['goal_batch32']:g}x: "
-        f"{met(s['batch32'] >= s['goal_batch32'])})", ""]))
+def case(ctx: Context) -> None:
+    from benchmarks.cases import WorkerFailed, record_gate
 
-
-if __name__ == "__main__":
-    main()
+    prepare.need_module("sentence_transformers", "the embeddings reference")
+    data = prepare.data_file("sst2", "train.tsv")
+    model = prepare.ensure_model(prepare.ENCODER)
+    art = prepare.ensure_exported("minilm-embedding-int8", prepare.ENCODER, "int8",
+                                  ["--task", "embedding", "--eval-data", str(data), "--gate-texts", "200"])
+    record_gate(ctx, CASE, EDGEFT_EMB, art)
+    try:
+        r = ctx.measure("embeddings", path=str(art), model=str(model), data=str(data),
+                        texts=200 if ctx.quick else 1000)
+    except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+        raise prepare.Unavailable(str(exc)) from None
+    c = r["cosine"]
+    ctx.add(CASE, EDGEFT_EMB, "cosine_mean", c["mean"], "cosine",
+            note=f"{CASE}: {r['texts']} SST-2 train sentences spread over the file; artifact {r['quantization']}; "
+                 f"sentence-transformers {r['sentence_transformers']}; both in one worker, one after the other")
+    ctx.add(CASE, EDGEFT_EMB, "cosine_p01", c["p01"], "cosine")
+    ctx.add(CASE, EDGEFT_EMB, "cosine_min", c["min"], "cosine")
+    for system, rates in r["rates"].items():
+        for batch, texts_per_s in rates.items():
+            ctx.add(CASE, system, "throughput", texts_per_s, "texts/s", batch=int(batch))

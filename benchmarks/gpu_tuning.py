@@ -1,24 +1,24 @@
-"""The CUDA tuning path, run for real: one prepared script for a lent GPU machine (a few minutes).
+"""Case ``gpu_tuning``: the CUDA tuning path, run for real on a GPU machine (a few minutes); skipped without CUDA.
 
-Here (with the models pulled):   .venv/bin/python -m benchmarks.gpu_tuning prepare
+Here (with the models pulled):   .venv/bin/python -m benchmarks.gpu_tuning
     copies both models' config and tokenizer files (no weights) into ``benchmarks/.gpu-carry/``
-    and downloads the bitsandbytes 0.50.2 wheel there (~43 MB; the carry limit is 64 MiB).
-There (CUDA, no network):        python -m benchmarks.gpu_tuning run --carry benchmarks/.gpu-carry
-    installs the carried wheel (--no-deps), builds SmolLM2-135M and MiniLM-L6 from the real
-    configs with random weights (the same memory and speed as the real ones; real weights do
-    not fit the carry), and tunes each with ``edgeft tune`` on the demo data: top-N over the
-    LLM.int8 base (bf16 autocast, 8-bit AdamW), then full fine-tuning (fp32, every block and
-    the embeddings), then top-N over int8 with the frozen cache off and on (3 epochs). It records
-    peak ``torch.cuda.max_memory_allocated``, examples/s (tokens/s), the eval metric and the
-    cache's later-epoch speed-up in ``benchmarks/results/gpu_tuning.json`` (under $OUT when set).
+    (``$BENCH_GPU_CARRY``) and downloads the bitsandbytes 0.50.2 wheel there (~43 MB; a device
+    machine's carry limit is 64 MiB).
+There (CUDA, no network):        python -m benchmarks.run --cases gpu_tuning --out $OUT
+    in a worker (``measure``): installs the carried wheel (--no-deps) unless bitsandbytes is
+    there, builds SmolLM2-135M and MiniLM-L6 from the real configs with random weights (the same
+    memory and speed as the real ones; real weights do not fit the carry), and tunes each with
+    ``edgeft tune`` on the demo data: top-N over the LLM.int8 base (bf16 autocast, 8-bit AdamW),
+    then full fine-tuning (fp32, every block and the embeddings), then top-N over int8 with the
+    frozen cache off and on (3 epochs). Recorded: peak ``torch.cuda.max_memory_allocated``,
+    examples/s (tokens/s), the eval metric, and the cache's later-epoch speed-up.
 
 Random weights: the eval metric says only that the loop runs end to end; memory and speed are
-what this case measures. Not run in a session without a GPU (say so in the results).
+what this case measures. Without a CUDA device the case is skipped with that reason.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,18 +26,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import prepare as prep
+
+if TYPE_CHECKING:
+    from benchmarks.cases import Context
+
+CASE = "gpu_tuning"
+ROOT = prep.REPO
+CARRY = Path(os.environ.get("BENCH_GPU_CARRY", ROOT / "benchmarks" / ".gpu-carry"))
 MODELS = {"smollm2-135m-instruct": ("sonnets", 4), "minilm-l6": ("sst2", 2)}
 FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
          "chat_template.jinja", "generation_config.json")
+METRICS = {"peak_cuda_mb": ("MB", False), "examples_per_s": ("examples/s", True), "tokens_per_s": ("tok/s", True),
+           "metric": ("accuracy or ppl (random weights)", True), "wall_s": ("s", False)}
 
 
-def prepare(carry: Path) -> None:
-    from edgeft.models import resolve_model
-
+def prepare_carry(carry: Path = CARRY) -> None:
+    """Here: the models' configs and tokenizers, and the bitsandbytes wheel, for a machine with no network."""
     for name in MODELS:
-        src, dst = Path(resolve_model(name)), carry / name
+        src, dst = prep.ensure_model(name), carry / name
         dst.mkdir(parents=True, exist_ok=True)
         for f in FILES:
             if (src / f).is_file():
@@ -45,6 +54,11 @@ def prepare(carry: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "download", "bitsandbytes==0.50.2", "--no-deps",
                     "--only-binary", ":all:", "-d", str(carry)], check=True)
     print(f"carry {carry} ({sum(p.stat().st_size for p in carry.rglob('*') if p.is_file()) / 2**20:.1f} MiB)")
+
+
+def have_cuda() -> bool:
+    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
 def _random_model(carry: Path, name: str, folder: Path) -> Path:
@@ -97,25 +111,24 @@ def _tune(model: Path, data: Path, out: Path, **kw) -> dict:
             "frozen_cache": m.get("frozen_cache"), "wall_s": round(time.perf_counter() - t, 1)}
 
 
-def run(carry: Path) -> None:
+def measure(spec: dict) -> dict:
+    """Every model and variant, in this (worker) process on the CUDA device."""
     import glob
 
-    wheels = glob.glob(str(carry / "bitsandbytes-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *wheels], check=True)
+    carry = Path(spec["carry"])
+    if not prep.have_module("bitsandbytes"):
+        wheels = glob.glob(str(carry / "bitsandbytes-*.whl"))
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *wheels], check=True)
     import torch
 
-    assert torch.cuda.is_available(), "no CUDA device"
     import edgeft.tune.train as T
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if not prep.have_module("matplotlib"):
         T.plot_loss = lambda log, path: None  # the loss plot needs matplotlib; this case measures no plot
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "edgeft-gpu"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "weights": "random (real configs)",
-              "made_by": "python -m benchmarks.gpu_tuning run", "results": {}}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": {}}
     for name, (kind, n) in MODELS.items():
         model = _random_model(carry, name, work / name)
         data = _data(kind, work)
@@ -132,22 +145,33 @@ def run(carry: Path) -> None:
             "top-int8-3ep-cache-on": _tune(model, data, work / "d", trainable_layers=n, epochs=3,
                                            frozen_cache="on", **flags),
         }
-        off, on = rows["top-int8-3ep-cache-off"]["epoch_seconds"], rows["top-int8-3ep-cache-on"]["epoch_seconds"]
-        rows["cache_later_epoch_speedup"] = round((sum(off[1:]) / max(sum(on[1:]), 1e-9)), 2)
         report["results"][name] = rows
-        print(name, json.dumps(rows), flush=True)
-    dest = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")) / "gpu_tuning.json"
-    dest.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {dest}")
+    return report
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["prepare", "run"])
-    ap.add_argument("--carry", type=Path, default=ROOT / "benchmarks" / ".gpu-carry")
-    args = ap.parse_args()
-    prepare(args.carry) if args.what == "prepare" else run(args.carry)
+def case(ctx: Context) -> None:
+    from benchmarks.cases import WorkerFailed
+
+    if not have_cuda():
+        raise prep.Unavailable("needs a CUDA device (torch.cuda.is_available() is False here); run it on a GPU "
+                               "machine: python -m benchmarks.gpu_tuning here, then python -m benchmarks.run "
+                               "--cases gpu_tuning there")
+    if not (CARRY / "smollm2-135m-instruct" / "config.json").is_file():
+        prepare_carry()
+    try:
+        r = ctx.measure(CASE, timeout=3600, carry=str(CARRY))
+    except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+        raise prep.Unavailable(str(exc)) from None
+    for name, rows in r["results"].items():
+        for variant, fig in rows.items():
+            system = f"{name} {variant}"
+            for metric, (unit, higher) in METRICS.items():
+                if fig.get(metric) is not None:
+                    ctx.add(CASE, system, metric, fig[metric], unit, higher=higher,
+                            note=f"{CASE}: {r['device']}, torch {r['torch']}; random weights from the real configs")
+        off, on = rows["top-int8-3ep-cache-off"]["epoch_seconds"], rows["top-int8-3ep-cache-on"]["epoch_seconds"]
+        ctx.add(CASE, f"{name} frozen cache", "later_epoch_speedup", sum(off[1:]) / max(sum(on[1:]), 1e-9), "x")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the one step that cannot be a case: it runs here, for the GPU machine
+    prepare_carry()

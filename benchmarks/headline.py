@@ -82,7 +82,7 @@ def goals(res: SuiteResult) -> list[Goal]:
         Goal("8-bit-frozen tuning accuracy below full fine-tuning (points)",
              _neg(_diff(res, "accuracy", "edgeft top-N over int8", "full fine-tuning")), 1.0, "<="),
         *peer_goals(res),
-        *tuning_run_goals(res),
+        *case_goals(res),
     ]
 
 
@@ -142,21 +142,61 @@ def peer_goals(res: SuiteResult) -> list[Goal]:
     return out
 
 
-def tuning_run_goals(res: SuiteResult) -> list[Goal]:
-    """The tuning cases' goals (``tune_minilm_sst2``, ``tune_smollm2_sonnets``), each only when its case ran."""
+def _in(res: SuiteResult, case: str, metric: str, system: str, params: dict | None = None):
+    return next((m for m in res.measurements if m.case == case and m.matches(metric, system, params)), None)
+
+
+def _median(m) -> float | None:
+    return m.median if m is not None else None
+
+
+def case_goals(res: SuiteResult) -> list[Goal]:
+    """The goals of the cases run by name (``tune_minilm_sst2``, ``embeddings``...), each only when its case ran."""
+    from benchmarks import constrained, embeddings, long_row, serving
     from benchmarks import tune_minilm_sst2 as minilm
     from benchmarks import tune_smollm2_sonnets as sonnets
 
+    ran = {m.case for m in res.measurements}
     out = []
-    if any(m.case == minilm.CASE for m in res.measurements):
-        acc = next((m for m in res.measurements if m.case == minilm.CASE and m.matches("accuracy", minilm.TOP2)), None)
-        out.append(Goal(f"{minilm.CASE}: MiniLM-L6 top-2 over int8, SST-2 dev accuracy",
-                        acc.median if acc else None, 88.0, detail=acc.params.get("dataset", "") if acc else ""))
-    if any(m.case == sonnets.CASE for m in res.measurements):
-        drop = next((m for m in res.measurements if m.case == sonnets.CASE
-                     and m.matches("perplexity_drop", sonnets.SYSTEM)), None)
+    if minilm.CASE in ran:
+        acc = _in(res, minilm.CASE, "accuracy", minilm.TOP2)
+        out.append(Goal(f"{minilm.CASE}: MiniLM-L6 top-2 over int8, SST-2 dev accuracy", _median(acc), 88.0,
+                        detail=acc.params.get("dataset", "") if acc else ""))
+    if sonnets.CASE in ran:
         out.append(Goal(f"{sonnets.CASE}: SmolLM2 top-4 over int8, held-out perplexity drop",
-                        drop.median if drop else None, 0.25, detail="1 - after / before"))
+                        _median(_in(res, sonnets.CASE, "perplexity_drop", sonnets.SYSTEM)), 0.25,
+                        detail="1 - after / before"))
+    if embeddings.CASE in ran:
+        out.append(Goal(f"{embeddings.CASE}: mean cosine to sentence-transformers",
+                        _median(_in(res, embeddings.CASE, "cosine_mean", embeddings.EDGEFT_EMB)), 0.99))
+        a, b = (_in(res, embeddings.CASE, "throughput", s, {"batch": 32}) for s in (embeddings.EDGEFT_EMB, embeddings.ST))
+        out.append(Goal(f"{embeddings.CASE}: texts/s at batch 32 vs sentence-transformers",
+                        a.median / b.median if a and b else None, 3.0))
+    if constrained.CASE in ran:
+        out.append(Goal(f"{constrained.CASE}: the schema mask's share of a decode step (%)",
+                        _median(_in(res, constrained.CASE, "mask_share_of_decode", "llguidance mask on edgeft int8")),
+                        constrained.MASK_GOAL_PCT, "<="))
+    if serving.CASE in ran:
+        out += serving_goals(res, serving.CASE, serving.NP)
+    if long_row.CASE in ran:
+        out.append(Goal(f"{long_row.CASE}: the cut keeps the same token ids (1 = yes)",
+                        _median(_in(res, long_row.CASE, "same_ids", "all three")), 1.0))
+    return out
+
+
+def serving_goals(res: SuiteResult, case: str, np_: int) -> list[Goal]:
+    """edgeft at ``np_`` clients against its own single client and against each llama-server at ``np_``."""
+    agg = lambda system, c: _in(res, case, "aggregate_tps", system, {"clients": c})  # noqa: E731
+    one, full = agg("edgeft", 1), agg("edgeft", np_)
+    out = [Goal(f"{case}: edgeft at {np_} clients vs its own single client", full.median / one.median
+                if one and full else None, 3.0, detail="aggregate tok/s")]
+    for peer in [s for s in res.systems(case) if s.startswith("llama-server")]:
+        theirs = agg(peer, np_)
+        out.append(Goal(f"{case}: edgeft at {np_} clients vs {peer} -np {np_}",
+                        full.median / theirs.median if full and theirs else None, 1.3, detail="aggregate tok/s"))
+        a, b = (_in(res, case, "ttft_p50_ms", s, {"clients": np_}) for s in ("edgeft", peer))
+        out.append(Goal(f"{case}: TTFT p50 at {np_} clients vs {peer}'s", a.median / b.median if a and b else None,
+                        1.0, "<="))
     return out
 
 

@@ -1,11 +1,12 @@
-"""Peak memory of the 8-bit frozen base against an fp32 base, on CPU, split by kind of page.
+"""Case ``int8_memory``: peak memory of the 8-bit frozen base against an fp32 base, on CPU, split by kind of page.
 
-    .venv/bin/python -m benchmarks.int8_memory     # ~2 min; writes benchmarks/results/int8_memory.md
+    python -m benchmarks.run --cases int8_memory     # ~2 min
 
 For MiniLM-L6 (top 2) and SmolLM2-135M (top 4), each in its own process: resident memory
 after the imports, after ``load_for_tuning``, and after 3 forward+backward steps (batch 16
 of 40 random tokens), as anonymous pages (heap: what the process owns) and file pages (the
 memory-mapped checkpoint; reclaimable, but counted in RSS and peak RSS), and the peak (VmHWM).
+The earlier run of the script this case replaces is kept as written: ``results/int8_memory.{json,md}``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import prepare
+from edgeft.bench import summarize
+
+if TYPE_CHECKING:
+    from benchmarks.cases import Context
+
+CASE = "int8_memory"
+MODELS = ("minilm-l6", "smollm2-135m-instruct")
+KINDS = {"RssAnon": "anon_mib", "RssFile": "file_mib", "VmHWM": "peak_mib"}  # /proc/self/status -> metric
 CHILD = r'''
 import sys, json
 def st():
@@ -47,27 +55,26 @@ print(json.dumps(out))
 '''
 
 
-def main() -> None:
-    rows = {}
+def case(ctx: Context) -> None:
     load = [os.getloadavg()[0]]
-    for name in ("minilm-l6", "smollm2-135m-instruct"):
+    for name in MODELS:
+        try:
+            path = prepare.ensure_model(name)
+        except prepare.Unavailable as exc:
+            ctx.res.skip(CASE, name, str(exc))
+            continue
         for prec in ("fp32", "int8"):
-            run = subprocess.run([sys.executable, "-c", CHILD, name, prec], capture_output=True, text=True,
-                                 cwd=ROOT, check=True)
-            rows[f"{name} {prec}"] = json.loads(run.stdout.strip().splitlines()[-1])
+            system = f"{name} {prec} base"
+            run = subprocess.run([sys.executable, "-c", CHILD, str(path), prec], capture_output=True, text=True,
+                                 cwd=prepare.REPO, env={**os.environ, "OMP_NUM_THREADS": str(ctx.threads)})
             load.append(os.getloadavg()[0])
-    lines = [f"# 8-bit vs fp32 frozen base: CPU memory ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-             "Made by `python -m benchmarks.int8_memory` (each row its own process; MiB). Shared 2-core machine, "
-             f"1-minute load average {load}.", "",
-             "| model base | stage | anonymous | file-mapped | peak RSS (VmHWM) |", "|---|---|---|---|---|"]
-    for key, stages in rows.items():
-        for stage, s in stages.items():
-            lines.append(f"| {key} | {stage} | {s['RssAnon']} | {s['RssFile']} | {s['VmHWM']} |")
-    text = "\n".join(lines) + "\n"
-    (ROOT / "benchmarks" / "results" / "int8_memory.md").write_text(text)
-    (ROOT / "benchmarks" / "results" / "int8_memory.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(text)
-
-
-if __name__ == "__main__":
-    main()
+            if run.returncode:
+                ctx.res.skip(CASE, system, f"exited {run.returncode}: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+                continue
+            stages = json.loads(run.stdout.strip().splitlines()[-1])
+            for stage, figures in stages.items():
+                for key, metric in KINDS.items():
+                    ctx.add(CASE, system, metric, figures[key], "MiB", higher=False, stage=stage,
+                            note="int8_memory: each row its own process; anonymous pages (heap), file-mapped pages "
+                                 "(the memory-mapped checkpoint) and the peak (VmHWM) after each stage")
+    ctx.add(CASE, "machine", "load_1m", summarize(load), "load", higher=False)

@@ -1,27 +1,33 @@
-"""What one huge row costs the classifier's tokenizing step: whole, or cut by characters first.
+"""Case ``long_row``: what one huge row costs the classifier's tokenizing step, whole or cut by characters first.
 
-    .venv/bin/python -m benchmarks.long_row [--tokenizer PATH] [--whole-mb 5] [--cut-mb 50]
+    python -m benchmarks.run --cases long_row        # a minute; BENCH_QUICK=1: 1 MB whole, 10 MB cut
 
 Each measurement runs in a fresh subprocess (peak RSS is the process's own): tokenizing
 the row whole then truncating to 128 tokens (what edgeft did before), and cutting it with
-``edgeft.data.clip_for_tokens`` first (what it does now), then checks that both keep the
-same 128 token ids. The whole-row case runs on a smaller row (default 5 MB) because its
-cost grows with the row and this machine is shared; the cut case runs on the full 50 MB.
-Writes benchmarks/results/long_row.md. Standard library, tokenizers and edgeft only.
+``edgeft.data.clip_for_tokens`` first (what it does now), with MiniLM-L6's tokenizer; the
+case records whether all three kept the same 128 token ids (``same_ids``: 1 yes, 0 no). The
+whole-row case runs on a smaller row (5 MB) because its cost grows with the row and this
+machine is shared; the cut case runs on the full 50 MB. The earlier run of the script this
+case replaces is kept as written: ``results/long_row.md``. Standard library, tokenizers and
+edgeft only.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-RESULTS = Path(__file__).parent / "results" / "long_row.md"
+from benchmarks import prepare
+
+if TYPE_CHECKING:
+    from benchmarks.cases import Context
+
+CASE = "long_row"
 MAX_LENGTH = 128
+WHOLE_MB, CUT_MB = 5.0, 50.0  # a quick run: a fifth of each
 
 CHILD = r"""
 import json, resource, sys, time
@@ -49,54 +55,20 @@ def run(tokenizer: str, mb: float, cut: bool) -> dict:
     return json.loads(out.stdout)
 
 
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni")
-                                if f in flags)
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokenizer", default=str(Path.home() / ".cache/edgeft/models/minilm-l6/tokenizer.json"))
-    ap.add_argument("--whole-mb", type=float, default=5.0)
-    ap.add_argument("--cut-mb", type=float, default=50.0)
-    a = ap.parse_args()
-    load0 = os.getloadavg()
-    whole = run(a.tokenizer, a.whole_mb, cut=False)
-    cut_small = run(a.tokenizer, a.whole_mb, cut=True)
-    cut = run(a.tokenizer, a.cut_mb, cut=True)
-    load1 = os.getloadavg()
-    same = whole["ids"] == cut_small["ids"] == cut["ids"]
-    rows = [(f"{whole['mb']:g} MB row, tokenized whole, then truncated (before)", whole),
-            (f"{cut_small['mb']:g} MB row, cut by characters first (now)", cut_small),
-            (f"{cut['mb']:g} MB row, cut by characters first (now)", cut)]
-    lines = [
-        "# One huge row through the classifier's tokenizer",
-        "",
-        f"Made by `python -m benchmarks.long_row --whole-mb {a.whole_mb:g} --cut-mb {a.cut_mb:g}` with "
-        f"`{Path(a.tokenizer).parent.name}`'s tokenizer.json, truncation at {MAX_LENGTH} tokens; each row in a "
-        "fresh subprocess (peak RSS includes the row itself and the Python process).",
-        f"CPU: {platform.machine()}, flags {cpu_flags()}; {os.cpu_count()} cores, shared with other work "
-        f"(load average {load0[0]:.1f} before, {load1[0]:.1f} after), so the seconds are indicative.",
-        "",
-        "| case | tokenize seconds | peak RSS MB |",
-        "| --- | ---: | ---: |",
-        *[f"| {name} | {r['seconds']:.3f} | {r['peak_rss_mb']:.0f} |" for name, r in rows],
-        "",
-        f"The {MAX_LENGTH} token ids kept are identical in all three cases: {same}.",
-        "",
-    ]
-    RESULTS.write_text("\n".join(lines))
-    print("\n".join(lines))
-    if not same:
-        sys.exit("long_row: the cut changed the kept token ids")
-
-
-if __name__ == "__main__":
-    main()
+def case(ctx: Context) -> None:
+    tokenizer = str(prepare.ensure_model(prepare.ENCODER) / "tokenizer.json")
+    whole_mb, cut_mb = (WHOLE_MB / 5, CUT_MB / 5) if ctx.quick else (WHOLE_MB, CUT_MB)
+    load = [os.getloadavg()[0]]
+    rows = [(f"{whole_mb:g} MB row, tokenized whole, then truncated (before)", run(tokenizer, whole_mb, cut=False)),
+            (f"{whole_mb:g} MB row, cut by characters first (now)", run(tokenizer, whole_mb, cut=True)),
+            (f"{cut_mb:g} MB row, cut by characters first (now)", run(tokenizer, cut_mb, cut=True))]
+    load.append(os.getloadavg()[0])
+    note = (f"long_row: {prepare.ENCODER}'s tokenizer.json, truncation at {MAX_LENGTH} tokens, each row in a fresh "
+            f"subprocess (peak RSS includes the row itself and the Python process); load average {load[0]:.1f} "
+            f"before, {load[1]:.1f} after")
+    for system, r in rows:
+        ctx.add(CASE, system, "tokenize_s", r["seconds"], "s", higher=False, note=note)
+        ctx.add(CASE, system, "peak_rss_mb", r["peak_rss_mb"], "MB", higher=False)
+    same = all(r["ids"] == rows[0][1]["ids"] for _, r in rows)
+    ctx.add(CASE, "all three", "same_ids", float(same), "yes=1",
+            note=f"long_row: whether the {MAX_LENGTH} token ids kept are identical in all three")

@@ -79,7 +79,7 @@ def have_module(name: str) -> bool:
         return False
 
 
-def _need(module: str, what: str) -> None:
+def need_module(module: str, what: str) -> None:
     if not have_module(module):
         raise Unavailable(f"{what} needs {module}, which is not installed here")
 
@@ -93,7 +93,7 @@ def ensure_tuned(name: str, args: list[str], fresh: bool = False) -> Path:
     ``fresh``: tune again even when cached (a case that measures the tuning itself), except in a
     --cached-only run, which reads the cached run's figures.
     """
-    _need("edgeft.tune", "tuning")
+    need_module("edgeft.tune", "tuning")
     out = WORK / "runs" / name
     if not (out / "run.json").is_file() or (fresh and not CACHED_ONLY):
         _may_make(f"tuned run {name}", out)
@@ -109,7 +109,7 @@ def ensure_exported(name: str, source: str | Path, quantize: str, extra: list[st
     Exported with ``--allow-degraded`` so a speed figure exists even when the gate fails;
     the gate's verdict is read from the manifest and reported beside it.
     """
-    _need("edgeft.export", "exporting")
+    need_module("edgeft.export", "exporting")
     out = WORK / "artifacts" / name
     if not (out / "manifest.json").is_file() or _stale(out, source):
         _may_make(f"artifact {name}", out)
@@ -124,8 +124,8 @@ def ensure_exported(name: str, source: str | Path, quantize: str, extra: list[st
 def _stale(artifact: Path, source: str | Path) -> bool:
     """A cached artifact exported from another run folder than ``source`` (made by hand, or
     before the run was re-tuned) must not stand in for it."""
-    if not Path(source).is_dir():
-        return False  # a pulled model's name: its sha256 is checked by the export itself
+    if not (Path(source) / "run.json").is_file():
+        return False  # a pulled model's name or a model folder: its sha256 is checked by the export itself
     try:
         made_from = json.loads((artifact / "manifest.json").read_text())["source"].get("run_folder")
     except (OSError, ValueError, KeyError, AttributeError):
@@ -155,7 +155,7 @@ def ensure_genai_graph(edgeft_int8: Path | None) -> tuple[Path, str]:
     Prefer edgeft's own int8 artifact when it carries ``genai_config.json`` (then both
     loops run the very same graph); else build one with the model builder.
     """
-    _need("onnxruntime_genai", "the onnxruntime-genai baseline")
+    need_module("onnxruntime_genai", "the onnxruntime-genai baseline")
     if edgeft_int8 is not None and (edgeft_int8 / "genai_config.json").is_file():
         return edgeft_int8, "edgeft's int8 artifact (the same graph file)"
     out = WORK / "genai" / "int8"

@@ -179,8 +179,11 @@ def _bar_chart(ax, ms: list[Measurement], title: str) -> None:
 
 
 def write_charts(res: SuiteResult, folder: Path, stem: str) -> list[Path]:
-    """One PNG per chart that has data; returns the files written."""
-    import matplotlib
+    """One PNG per chart that has data; returns the files written (none where matplotlib is absent)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,23 +1,21 @@
-"""The server's overhead per generated token, against in-process generation on the same artifact.
+"""Case ``server_overhead``: the server's cost per generated token, against in-process generation on the same artifact.
 
-    .venv/bin/python benchmarks/server_overhead.py ARTIFACT [--threads 2] [--runs 5]
+    python -m benchmarks.run --cases server_overhead       # the suite's SmolLM2 int8 artifact
 
-For the same greedy prompt, times ``Generator.generate`` in this process and the same
-request through ``edgeft serve`` (a subprocess on loopback) as one JSON response and as a
-server-sent-event stream, at two lengths (``--short`` and ``--long`` new tokens). The slope
-between the two lengths is the cost per token; its difference between HTTP and in-process
-is the server's per-token overhead, the intercept difference its fixed cost per request.
-Each is measured in wall time and in CPU time (this process for in-process, the server
-process for HTTP): on a shared, loaded machine the CPU time is the steadier of the two.
-Both sides use the same thread count and take turns request by request, never at once. Writes
-``benchmarks/work/server_overhead.json`` and prints a table.
+In a worker process of its own (``measure``), for the same greedy prompt: ``Generator.generate``
+in that process, and the same request through ``edgeft serve`` (a subprocess on loopback) as
+one JSON response and as a server-sent-event stream, at two lengths (16 and 96 new tokens).
+The slope between the two lengths is the cost per token; its difference between HTTP and
+in-process is the server's per-token overhead, the intercept difference its fixed cost per
+request. Each is measured in wall time and in CPU time (the worker for in-process, the server
+process for HTTP): on a shared, loaded machine the CPU time is the steadier of the two. Both
+sides use the same thread count and take turns request by request, never at once (5 runs
+each; a quick run: 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import signal
 import socket
 import statistics
@@ -25,8 +23,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+from benchmarks import prepare
+
+if TYPE_CHECKING:
+    from benchmarks.cases import Context
+
+CASE = "server_overhead"
+SHORT, LONG = 16, 96
 
 PROMPT = "Once upon a time, in a quiet village by the sea, there lived an old lighthouse keeper who"
 
@@ -61,7 +68,7 @@ def over_http(client: httpx.Client, stream: bool):
     return once
 
 
-def measure(paths: dict, lengths: tuple[int, int], runs: int) -> dict[str, dict[str, list[tuple[float, int]]]]:
+def measure_paths(paths: dict, lengths: tuple[int, int], runs: int) -> dict[str, dict[str, list[tuple[float, int]]]]:
     """Median wall and CPU seconds (with tokens) per path and length.
 
     ``paths`` maps a name to (generate function, CPU clock of the process doing the work).
@@ -98,7 +105,7 @@ def start_server(artifact: Path, threads: int) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the server did not become healthy")
+    raise RuntimeError("the server did not become healthy")
 
 
 def fit(short: tuple[float, int], long: tuple[float, int]) -> tuple[float, float]:
@@ -108,54 +115,51 @@ def fit(short: tuple[float, int], long: tuple[float, int]) -> tuple[float, float
     return per_token, t1 - per_token * n1
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("artifact", type=Path)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--short", type=int, default=16)
-    ap.add_argument("--long", type=int, default=96)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "work" / "server_overhead.json")
-    a = ap.parse_args()
-
+def measure(spec: dict) -> dict:
+    """Both sides' seconds per path, clock and length, and the fitted per-token and fixed costs."""
     import psutil
 
-    proc, url = start_server(a.artifact, a.threads)
+    artifact, threads = Path(spec["path"]), spec["threads"]
+    proc, url = start_server(artifact, threads)
     server = psutil.Process(proc.pid)
     server_cpu = lambda: sum(server.cpu_times()[:2])  # noqa: E731 (all the server's threads)
     try:
         with httpx.Client(base_url=url, timeout=300) as client:
-            paths = {"in-process": (in_process(a.artifact, a.threads), time.process_time),
+            paths = {"in-process": (in_process(artifact, threads), time.process_time),
                      "HTTP JSON": (over_http(client, stream=False), server_cpu),
                      "HTTP SSE stream": (over_http(client, stream=True), server_cpu)}
-            rows = measure(paths, (a.short, a.long), a.runs)
+            rows = measure_paths(paths, (SHORT, LONG), spec["runs"])
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-
     tokens = {k: [n for _, n in v["wall"]] for k, v in rows.items()}
     if len({tuple(t) for t in tokens.values()}) != 1:
-        raise SystemExit(f"the paths generated different token counts: {tokens}")
-    result = {"artifact": str(a.artifact), "threads": a.threads, "runs": a.runs, "prompt": PROMPT,
-              "tokens": tokens["in-process"], "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
-              "paths": {}}
+        raise RuntimeError(f"the paths generated different token counts: {tokens}")
+    out: dict = {"tokens": tokens["in-process"], "paths": {}}
     for kind in ("wall", "cpu"):
         base_tok, base_fixed = fit(*rows["in-process"][kind])
-        print(f"\n{kind} time: {'path':<16} {'ms/token':>9} {'fixed ms':>9} {'overhead ms/token':>18}"
-              f" {'overhead %':>10} {'fixed overhead ms':>18}")
         for name, pts in rows.items():
             per_tok, fixed = fit(*pts[kind])
-            d = {"seconds": [t for t, _ in pts[kind]], "ms_per_token": per_tok * 1e3, "fixed_ms": fixed * 1e3,
-                 "overhead_ms_per_token": (per_tok - base_tok) * 1e3,
-                 "overhead_pct": 100 * (per_tok - base_tok) / base_tok,
-                 "fixed_overhead_ms": (fixed - base_fixed) * 1e3}
-            result["paths"].setdefault(name, {})[kind] = d
-            print(f"{'':<11}{name:<16} {d['ms_per_token']:9.3f} {d['fixed_ms']:9.2f} "
-                  f"{d['overhead_ms_per_token']:18.3f} {d['overhead_pct']:10.1f} {d['fixed_overhead_ms']:18.2f}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"tokens generated per request: {tokens['in-process']}; written {a.out}")
+            out["paths"].setdefault(name, {})[kind] = {
+                "ms_per_token": per_tok * 1e3, "fixed_ms": fixed * 1e3,
+                "overhead_ms_per_token": (per_tok - base_tok) * 1e3,
+                "overhead_pct": 100 * (per_tok - base_tok) / base_tok, "fixed_overhead_ms": (fixed - base_fixed) * 1e3}
+    return out
 
 
-if __name__ == "__main__":
-    main()
+def case(ctx: Context) -> None:
+    from benchmarks.cases import WorkerFailed, lm_artifact
+
+    art = lm_artifact(ctx, "int8")
+    try:
+        r = ctx.measure(CASE, path=str(art), runs=2 if ctx.quick else 5)
+    except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+        raise prepare.Unavailable(str(exc)) from None
+    note = (f"{CASE}: edgeft int8, the same greedy prompt in-process and through edgeft serve, "
+            f"{r['tokens'][0]} and {r['tokens'][1]} new tokens; per-token = the slope between the two lengths, "
+            "fixed = its intercept; wall: wall time, cpu: CPU time of the process doing the work")
+    for name, kinds in r["paths"].items():
+        for kind, d in kinds.items():
+            for metric, value in d.items():
+                ctx.add(CASE, name, metric, value, "%" if metric.endswith("pct") else "ms", higher=False, clock=kind,
+                        note=note)

@@ -1,32 +1,30 @@
-"""Serving many users at once: edgeft serve against llama.cpp's llama-server, same slots, same weights.
+"""Case ``serving``: many users at once, edgeft serve against llama.cpp's llama-server, same slots, same weights.
 
-    .venv/bin/python -m benchmarks.serving --llama-bin DIR [--clients 1,4,8,16] [--np 8] [--quick]
+    python -m benchmarks.run --cases serving          # ~15 min; BENCH_QUICK=1: 1 request a client, 15 s overload
 
-Starts every server once, side by side on loopback (idle ones sleep), then for each client
-count takes turns system by system: N streaming clients each send requests back to back
-(``/v1/completions``, greedy, ``max_tokens`` new tokens with ``ignore_eos`` so every request
-costs the same; each client its own prompt, so no prefix is shared). Per system and client
-count: aggregate tokens/s (every completion token / the phase's wall time) and time to first
-token p50/p95. Then edgeft alone under overload: 64 streaming chat clients for 45 s, each
-retrying 0.2 s after a 429; every status code is counted, and an admitted request that does
-not end with ``[DONE]`` and all its tokens is a failure.
+In a worker process of its own (``measure``): starts every server once, side by side on loopback
+(idle ones sleep), then for each client count (1, 4, 8, 16) takes turns system by system: N
+streaming clients each send requests back to back (``/v1/completions``, greedy, 64 new tokens
+with ``ignore_eos`` so every request costs the same; each client its own prompt, so no prefix is
+shared). Per system and client count: aggregate tokens/s (every completion token / the phase's
+wall time) and time to first token p50/p95. Then edgeft alone under overload: 64 streaming chat
+clients for 45 s, each retrying 0.2 s after a 429; every status code is counted, and an admitted
+request that does not end with ``[DONE]`` and all its tokens is a failure.
 
-edgeft runs its defaults with ``--parallel NP`` (threads: all cores); llama-server runs
-``-np NP -c NP*SLOT`` and its own default thread count, as its users do (idle threads
-sleep: ``--poll 0``, ``OMP_WAIT_POLICY=PASSIVE``, as for every system in benchmarks/), on the Q8_0
-re-encoding of the shipped Q4_1 GGUF (``llama-quantize``) and on the Q4_1 itself. Writes
-``benchmarks/results/serving-DATE.json`` and ``.md`` with the CPU's flags and the load
-average around every phase (the machine may be shared: the file says so).
+edgeft runs the suite's int8 artifact with its defaults and ``--parallel 8`` (threads: all cores);
+llama-server (the native build of ``benchmarks.llamacpp``; without one its rows are skipped with
+the reason) runs ``-np 8 -c 8*SLOT`` and its own default thread count, as its users do, with idle
+threads sleeping (``--poll 0``, ``OMP_WAIT_POLICY=PASSIVE``, as for every system in benchmarks/;
+``BENCH_LLAMA_POLL=default`` keeps its own polling), on the Q8_0 re-encoding of the shipped Q4_1
+GGUF and on the Q4_1 itself. Goals are in ``benchmarks.headline``. Earlier runs of the script this
+case replaces are kept as written: ``results/serving-2026-12-02*.{json,md}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -34,13 +32,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from benchmarks import prepare
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+if TYPE_CHECKING:
+    from benchmarks.cases import Context
+
+CASE = "serving"
+REPO = prepare.REPO
+LEVELS, NP, NEW_TOKENS, OVERLOAD_CLIENTS = (1, 4, 8, 16), 8, 64, 64
 SLOT = 512  # tokens per slot: prompt (~40) + new tokens, with room
 
 
@@ -50,28 +53,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_flags() -> list[str]:
-    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
-              "amx_tile", "amx_int8", "amx_bf16")
-    try:
-        line = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    have = set(line.split(":", 1)[1].split())
-    return [f for f in wanted if f in have]
-
-
-def cpu_model() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
 def prompts(n: int) -> list[str]:
     """``n`` different prompts cut from the sonnets (about 40 tokens each), none a prefix of another."""
-    lines = [ln.strip() for ln in prepare.data_file("poetry", "shakespeare_sonnets.txt").read_text().splitlines()
-             if len(ln.strip()) > 20]
+    lines = [ln.strip() for ln in (REPO / "demo" / "sonnets.txt").read_text().splitlines() if len(ln.strip()) > 20]
     out = []
     for i in range(n):
         out.append(f"Sonnet {i + 1}. " + " ".join(lines[(7 * i) % (len(lines) - 4):][:4]))
@@ -94,14 +78,14 @@ class Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited {self.proc.returncode}; see {self.log}")
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}; see {self.log}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise SystemExit(f"{self.name} not healthy after {timeout}s; see {self.log}")
+        raise RuntimeError(f"{self.name} not healthy after {timeout}s; see {self.log}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -238,113 +222,30 @@ async def overload(url: str, clients: int, seconds: float, new_tokens: int) -> d
             "load_avg_before": load0, "load_avg_after": os.getloadavg()}
 
 
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- the case
 
 
-def goals(rows: dict[str, dict[int, dict]], np_: int) -> list[dict]:
-    ed = rows["edgeft"]
-    out = []
-    if 1 in ed and np_ in ed:
-        r = ed[np_]["aggregate_tok_s"] / ed[1]["aggregate_tok_s"]
-        out.append({"goal": f"edgeft at {np_} clients >= 3x its own single client", "value": r, "target": 3.0,
-                    "met": r >= 3.0})
-    for name, tab in rows.items():
-        if name == "edgeft" or np_ not in tab or np_ not in ed:
-            continue
-        r = ed[np_]["aggregate_tok_s"] / tab[np_]["aggregate_tok_s"]
-        out.append({"goal": f"edgeft at {np_} clients >= 1.3x {name} -np {np_}", "value": r, "target": 1.3,
-                    "met": r >= 1.3})
-        a, b = ed[np_]["ttft_p50_s"], tab[np_]["ttft_p50_s"]
-        if a is not None and b is not None:
-            out.append({"goal": f"TTFT p50 at {np_} clients <= {name}'s", "value": a / b, "target": 1.0,
-                        "met": a <= b, "edgeft_s": a, "peer_s": b})
-    return out
-
-
-def write_md(res: dict, path: Path) -> None:
-    lines = [f"# Serving: edgeft serve vs llama-server ({res['date']})", "",
-             f"Made by `{res['command']}`.", "",
-             f"Machine: {res['cpu']} ({os.cpu_count()} logical CPUs; flags: {', '.join(res['cpu_flags'])}). "
-             "**Shared machine**: other jobs ran at the same time (load average per phase below), so the "
-             "absolute figures are lower and noisier than on an idle machine; the systems took turns at each "
-             "client count so drift hits all alike.", "",
-             f"Model: SmolLM2-135M-Instruct. edgeft: `{res['artifact']}` (int8), `--parallel {res['np']}`, "
-             f"threads = all cores. llama-server: `-np {res['np']} -c {res['np'] * SLOT} --poll 0`, default threads, "
-             "Q8_0 (re-encoded from the shipped Q4_1 by llama-quantize) and the shipped Q4_1.", "",
-             f"Each client streams `/v1/completions` requests back to back ({res['per_client']} each, "
-             f"{res['new_tokens']} new tokens, greedy, ignore_eos). Aggregate tok/s = completion tokens of "
-             "all requests / the phase's wall time (prefill included).", "",
-             "| system | clients | aggregate tok/s | TTFT p50 s | TTFT p95 s | requests ok | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|"]
-    for name, tab in res["rows"].items():
-        for c, r in sorted(tab.items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {name} | {c} | {r['aggregate_tok_s']:.1f} | {_f(r['ttft_p50_s'])} | "
-                         f"{_f(r['ttft_p95_s'])} | {r['ok']}/{r['requests']} | {r['load_avg_before'][0]:.1f} |")
-    lines += ["", "## Goals (from issue #12; computed, never rounded)", ""]
-    for g in res["goals"]:
-        lines.append(f"- {'met' if g['met'] else 'MISSED'}: {g['goal']}: {g['value']:.2f} (target {g['target']})")
-    o = res.get("overload")
-    if o:
-        lines += ["", f"## Overload: {o['clients']} streaming chat clients for {o['seconds']:.0f} s (edgeft)", "",
-                  f"Statuses: {o['statuses']}; admitted {o['admitted']}, of which incomplete "
-                  f"{o['admitted_incomplete']}; 5xx: {o['server_errors']}; transport errors: "
-                  f"{o['transport_errors']}; tokens streamed: {o['tokens']}; load avg "
-                  f"{o['load_avg_before'][0]:.1f} -> {o['load_avg_after'][0]:.1f}."]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _f(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--llama-bin", type=Path, default=None, help="Folder with llama-server and llama-quantize.")
-    ap.add_argument("--artifact", type=Path, default=None, help="edgeft int8 artifact [default: export SmolLM2].")
-    ap.add_argument("--clients", default="1,4,8,16")
-    ap.add_argument("--np", type=int, default=8)
-    ap.add_argument("--per-client", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--overload-clients", type=int, default=64)
-    ap.add_argument("--overload-seconds", type=float, default=45.0)
-    ap.add_argument("--quick", action="store_true", help="1 request per client, a 15 s overload.")
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args()
+def measure(spec: dict) -> dict:
+    """Every phase against servers this (worker) process starts and stops."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
-    if a.quick:
-        a.per_client, a.overload_seconds = 1, 15.0
-    levels = [int(x) for x in a.clients.split(",")]
-    artifact = a.artifact or prepare.ensure_exported(
-        "smollm2-base-int8", prepare.LM, "int8",
-        ["--task", "causal-lm", "--eval-data", str(prepare.data_file("instruct", "alpaca_small_2k.json"))])
-    servers = [edgeft_server(artifact, a.np)]
-    if a.llama_bin is not None:
-        q41 = prepare.shipped_gguf()
-        q80 = q41.with_name("SmolLM2-135M-Instruct.Q8_0.gguf")
-        if not q80.is_file():
-            subprocess.run([str(a.llama_bin / "llama-quantize"), "--allow-requantize", str(q41), str(q80), "Q8_0"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        servers += [llama_server(a.llama_bin, q80, a.np, "Q8_0"), llama_server(a.llama_bin, q41, a.np, "Q4_1")]
-    texts = prompts(max(levels) * a.per_client)
-    rows: dict[str, dict[int, dict]] = {s.name: {} for s in servers}
-    result: dict = {}
+    servers = [edgeft_server(Path(spec["artifact"]), spec["np"])]
+    if spec.get("llama_bin"):
+        servers += [llama_server(Path(spec["llama_bin"]), Path(spec["gguf"][tag]), spec["np"], tag)
+                    for tag in ("Q8_0", "Q4_1")]
+    texts = prompts(max(spec["levels"]) * spec["per_client"])
+    result: dict = {"rows": {s.name: {} for s in servers}, "servers": {s.name: s.cmd for s in servers}}
     try:
         for s in servers:
             s.wait()
             asyncio.run(phase(s.url, 1, 1, 8, texts))  # warm-up
-        for c in levels:
+        for c in spec["levels"]:
             for s in servers:
-                r = asyncio.run(phase(s.url, c, a.per_client, a.new_tokens, texts))
-                rows[s.name][c] = r
-                print(f"{s.name:<22} clients {c:>3}: {r['aggregate_tok_s']:7.1f} tok/s, TTFT p50 "
-                      f"{_f(r['ttft_p50_s'])} s, p95 {_f(r['ttft_p95_s'])} s, ok {r['ok']}/{r['requests']}, "
-                      f"load {r['load_avg_before'][0]:.1f}", flush=True)
+                result["rows"][s.name][c] = asyncio.run(phase(s.url, c, spec["per_client"], spec["new_tokens"], texts))
         for s in servers[1:]:
             s.stop()
-        if a.overload_seconds > 0:
-            result["overload"] = asyncio.run(overload(servers[0].url, a.overload_clients, a.overload_seconds,
-                                                      a.new_tokens))
-            print("overload:", json.dumps(result["overload"]), flush=True)
+        if spec["overload_seconds"] > 0:
+            result["overload"] = asyncio.run(overload(servers[0].url, spec["overload_clients"],
+                                                      spec["overload_seconds"], spec["new_tokens"]))
         metrics = httpx.get(servers[0].url + "/metrics", timeout=10).text
         result["edgeft_metrics"] = [ln for ln in metrics.splitlines()
                                     if ln.startswith(("edgeft_decode_batch_size_sum", "edgeft_decode_batch_size_count",
@@ -353,20 +254,45 @@ def main() -> None:
     finally:
         for s in servers:
             s.stop()
-    date = datetime.date.today().isoformat()
-    result.update({"date": date, "command": "python -m benchmarks.serving " + " ".join(sys.argv[1:]),
-                   "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(),
-                   "shared_machine": True, "artifact": str(artifact), "np": a.np, "per_client": a.per_client,
-                   "new_tokens": a.new_tokens, "servers": {s.name: s.cmd for s in servers},
-                   "rows": rows, "goals": goals(rows, a.np)})
-    out = a.out or RESULTS / f"serving-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    write_md(result, out.with_suffix(".md"))
-    for g in result["goals"]:
-        print(f"{'met' if g['met'] else 'MISSED'}: {g['goal']}: {g['value']:.2f} (target {g['target']})")
-    print(f"written {out} and {out.with_suffix('.md')}")
+    return result
 
 
-if __name__ == "__main__":
-    main()
+def case(ctx: Context) -> None:
+    from benchmarks.cases import WorkerFailed, lm_artifact
+
+    spec = {"artifact": str(lm_artifact(ctx, "int8")), "np": NP, "levels": list(LEVELS), "new_tokens": NEW_TOKENS,
+            "per_client": 1 if ctx.quick else 3, "overload_clients": OVERLOAD_CLIENTS,
+            "overload_seconds": 15.0 if ctx.quick else 45.0}
+    try:
+        spec["llama_bin"] = str(prepare.llama_bin())
+        spec["gguf"] = {tag: str(prepare.ensure_gguf(tag)) for tag in ("Q8_0", "Q4_1")}
+    except prepare.Unavailable as exc:
+        spec["llama_bin"] = None
+        for tag in ("Q8_0", "Q4_1"):
+            ctx.res.skip(CASE, f"llama-server {tag}", str(exc))
+    try:
+        r = ctx.measure(CASE, timeout=3600, **spec)
+    except (WorkerFailed, subprocess.TimeoutExpired) as exc:
+        raise prepare.Unavailable(str(exc)) from None
+    poll = "its own default polling" if os.environ.get("BENCH_LLAMA_POLL") == "default" else "--poll 0"
+    for name, tab in r["rows"].items():
+        note = (f"{name}: `{' '.join(r['servers'][name][1:])}`" if name != "edgeft" else
+                f"edgeft serve --parallel {NP} on the int8 artifact, threads: all cores")
+        for c, row in tab.items():
+            c = int(c)
+            ctx.add(CASE, name, "aggregate_tps", row["aggregate_tok_s"], "tok/s", clients=c,
+                    note=note + (f"; llama-server with {poll}" if name != "edgeft" else ""))
+            for q in ("p50", "p95"):
+                if row[f"ttft_{q}_s"] is not None:
+                    ctx.add(CASE, name, f"ttft_{q}_ms", 1000 * row[f"ttft_{q}_s"], "ms", higher=False, clients=c)
+            ctx.add(CASE, name, "ok_share", row["ok"] / max(row["requests"], 1), "share", clients=c)
+            ctx.add(CASE, name, "load_1m", row["load_avg_before"][0], "load", higher=False, clients=c)
+    o = r.get("overload")
+    if o:
+        system = f"edgeft, {o['clients']} clients for {o['seconds']:.0f} s"
+        ctx.add(CASE, system, "requests", o["requests"], "requests",
+                note=f"{system}: streaming chat clients retrying 0.2 s after a 429; statuses {o['statuses']}")
+        for metric in ("admitted", "admitted_incomplete", "server_errors", "transport_errors", "tokens"):
+            ctx.add(CASE, system, metric, o[metric], "count", higher=metric in ("admitted", "tokens"))
+    if r.get("edgeft_metrics"):
+        ctx.res.notes.append(f"{CASE}: edgeft's /metrics after the run: {'; '.join(r['edgeft_metrics'])}")

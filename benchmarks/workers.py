@@ -259,13 +259,10 @@ def profile_edgeft(spec: dict) -> dict:
     import glob
     import tempfile
 
-    import edgeft.runtime.generate as g
     from edgeft.runtime import Generator, SamplingParams
 
     prefix = os.path.join(tempfile.mkdtemp(prefix="edgeft-prof-"), "decode")
-    real = g.open_session
-    g.open_session = lambda path, threads=None, **kw: real(path, threads, profile_prefix=prefix, **kw)
-    gen = Generator.open(spec["path"], threads=spec["threads"])
+    gen = Generator.open(spec["path"], threads=spec["threads"], profile_prefix=prefix)
     ids = spec["decode_prompt"]
     gen.generate(ids, SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
     t0 = time.perf_counter()
@@ -314,6 +311,13 @@ def sample_tuned(spec: dict) -> dict:
     return {"lines": lines}
 
 
+def module_measure(spec: dict) -> dict:
+    """A case module's own measurement (``benchmarks.<module>.measure(spec)``), alone in this process."""
+    import importlib
+
+    return importlib.import_module(f"benchmarks.{spec['module']}").measure(spec)
+
+
 def bandwidth(spec: dict) -> dict:
     return {"gbps": memory_bandwidth(spec["threads"], spec.get("mib", 1024), spec["repeats"]).to_dict()}
 
@@ -339,6 +343,7 @@ WORKERS = {
     "first-token": first_token,
     "tune-variant": tune_variant,
     "sample-tuned": sample_tuned,
+    "module": module_measure,
     "profile-edgeft": profile_edgeft,
 }
 

@@ -286,11 +286,15 @@ def test_cached_artifact_from_another_run_is_stale(tmp_path):
     from benchmarks.prepare import _stale
 
     run, other, art = tmp_path / "run", tmp_path / "other", tmp_path / "art"
-    for d in (run, other, art):
+    model = tmp_path / "model"  # a Hugging Face folder, not a run
+    for d in (run, other, art, model):
         d.mkdir()
+    for d in (run, other):
+        (d / "run.json").write_text("{}")
     (art / "manifest.json").write_text(json.dumps({"source": {"run_folder": str(run.resolve())}}))
     assert not _stale(art, run) and _stale(art, other)
     assert not _stale(art, "smollm2-135m-instruct")  # a pulled model's name, not a folder
+    assert not _stale(art, model)  # nor a model folder: the export checks its weights' hash itself
     (art / "manifest.json").write_text("{not json")
     assert _stale(art, run)
 

@@ -35,12 +35,52 @@ def _goal(res, start: str):
     return next(g for g in goals(res) if g.name.startswith(start))
 
 
+FOLDED = ("tune_minilm_sst2", "tune_smollm2_sonnets", "export_quality", "server_overhead", "frozen_cache",
+          "int8_memory", "embeddings", "constrained", "serving", "batch_drift", "long_row", "gpu_tuning")
+
+
 def test_every_case_is_known_to_the_runner_and_the_default_set_is_a_subset():
+    import importlib
+
     assert set(cases.DEFAULT_CASES) <= set(cases.CASES)
-    folded = {"tune_minilm_sst2", "tune_smollm2_sonnets"}
-    assert folded <= set(cases.CASES) and not folded & set(cases.DEFAULT_CASES)
-    for name in folded:  # every case module has the case function the registry imports
-        assert callable(__import__(f"benchmarks.{name}", fromlist=["case"]).case)
+    assert set(FOLDED) <= set(cases.CASES) and not set(FOLDED) & set(cases.DEFAULT_CASES)
+    for name in FOLDED:  # each module is a case of the suite: case(ctx), its figures filed under its name
+        module = importlib.import_module(f"benchmarks.{name}")
+        assert callable(module.case) and module.CASE == name
+        assert not hasattr(module, "main"), f"{name} keeps an entry point of its own"
+    with pytest.raises(SystemExit):
+        run.main(["--cases", "no_such_case"])
+
+
+def test_a_case_that_cannot_run_here_is_skipped_with_its_reason(monkeypatch):
+    import benchmarks.gpu_tuning as gpu
+
+    monkeypatch.setattr(gpu, "have_cuda", lambda: False)
+    res = run.run_suite(["gpu_tuning"], quick=True, threads=1)
+    assert [(s.case, s.system) for s in res.skipped] == [("gpu_tuning", "(whole case)")]
+    assert "needs a CUDA device" in res.skipped[0].reason and not res.measurements
+
+
+def test_folded_case_goals_read_their_own_case_and_system():
+    from benchmarks.schema import Environment, Measurement, SuiteResult
+
+    res = SuiteResult(Environment("d", "h", "cpu", 2, 2, 24.0, "3.11", {}))
+    add = lambda *a, **params: res.add(Measurement(*a, params=params))  # noqa: E731
+    add("tune_minilm_sst2", "full fine-tuning (fp32)", "accuracy", 91.0, "%", dataset="sst2-dev")
+    add("tune_minilm_sst2", "edgeft tune top-2 over int8", "accuracy", 80.0, "%", dataset="sst2-dev")
+    add("tuning", "edgeft tune top-2 over int8", "accuracy", 95.0, "%")  # another case's figure: not this goal's
+    g = _goal(res, "tune_minilm_sst2")
+    assert g.value == 80.0 and g.verdict == "missed by 9%"
+    for c, v in ((1, 90.0), (8, 300.0)):
+        add("serving", "edgeft", "aggregate_tps", v, "tok/s", clients=c)
+        add("serving", "llama-server Q8_0", "aggregate_tps", 250.0, "tok/s", clients=c)
+        add("serving", "edgeft", "ttft_p50_ms", 100.0, "ms", clients=c)
+        add("serving", "llama-server Q8_0", "ttft_p50_ms", 200.0, "ms", clients=c)
+    assert _goal(res, "serving: edgeft at 8 clients vs its own").value == pytest.approx(300 / 90)
+    vs = _goal(res, "serving: edgeft at 8 clients vs llama-server Q8_0")
+    assert vs.value == pytest.approx(1.2) and not vs.met
+    assert _goal(res, "serving: TTFT p50").value == 0.5 and _goal(res, "serving: TTFT p50").met
+    assert not [x for x in goals(res) if x.name.startswith(("embeddings", "constrained", "long_row"))]  # not run
 
 
 def test_a_case_run_alone_gets_its_own_result_file_and_the_default_set_the_plain_one():
@@ -67,3 +107,37 @@ def test_tune_minilm_case_runs_alone_and_its_goal_reads_the_top2_accuracy(work, 
     assert full.median > top2.median  # the full variant trains every block and the embeddings
     goal = _goal(res, "tune_minilm_sst2")
     assert goal.value == res.find("accuracy", TOP2).median and goal.target == 88.0
+
+
+def _tiny_data(*parts: str) -> Path:
+    """The shared files the LM cases read, mapped to slices shipped in the repository."""
+    return {"alpaca_small_2k.json": REPO / "tests" / "data" / "alpaca_200.json",
+            "shakespeare_sonnets.txt": REPO / "demo" / "sonnets.txt"}.get(parts[-1], SST2_SLICE)
+
+
+def test_bandwidth_case_alone_exports_and_decodes_what_it_needs_once(work, tiny_llama_dir, monkeypatch):
+    from benchmarks.headline import EDGEFT
+
+    monkeypatch.setattr(prepare, "LM", str(tiny_llama_dir))
+    monkeypatch.setattr(prepare, "ensure_model", lambda name: Path(name))
+    monkeypatch.setattr(prepare, "data_file", _tiny_data)
+    res = run.run_suite(["bandwidth"], quick=True, threads=1)  # no generation case before it
+    int8 = EDGEFT["int8"]
+    assert not [s for s in res.skipped if s.system == int8], res.skipped
+    share, dec = res.find("bandwidth_share", int8), res.find("decode_tps", int8)
+    assert share is not None and dec is not None and dec.case == "bandwidth"
+    limit = res.find("limit_tps", int8).median
+    assert share.median == pytest.approx(dec.median / limit)
+    assert _goal(res, "int8 decode share of the bandwidth limit").value == share.median
+    manifest = work / "artifacts" / "smollm2-base-int8" / "manifest.json"
+    made = manifest.stat().st_mtime_ns
+    again = cases.lm_artifact(cases.Context(res, quick=True), "int8")  # a later run reuses the cached artifact
+    assert again == manifest.parent and manifest.stat().st_mtime_ns == made
+
+
+def test_the_profile_worker_profiles_through_the_runtime_option(llama_art):
+    from benchmarks.workers import profile_edgeft
+
+    r = profile_edgeft({"path": str(llama_art), "threads": 1, "new_tokens": 6, "decode_prompt": [5, 6, 7, 8]})
+    assert r["tokens"] == 6 and r["runs"] == 6 and r["run_s"] > 0  # every decode step of the timed run
+    assert r["kernel_s"] and all(t >= 0 for t in r["kernel_s"].values())

@@ -309,13 +309,14 @@ def _shares_buffer(folder: Path, manifest: Manifest) -> bool:
 class Generator:
     """A causal language model artifact, ready to continue prompts and chats."""
 
-    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None,
+                 profile_prefix: str | None = None) -> None:
         if manifest.task is not Task.causal_lm:
             raise EdgeftError(f"{folder} is a {manifest.task.value} artifact, not a text generator")
         self.folder, self.manifest = Path(folder), manifest
         self.tokenizer = Tokenizer.from_file(str(self.folder / manifest.tokenizer.file))
         self.decoder = manifest.decoder
-        session = open_session(self.folder / manifest.graph.file, threads)
+        session = open_session(self.folder / manifest.graph.file, threads, profile_prefix=profile_prefix)
         self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest))
         tok = manifest.tokenizer
         self.eos_ids = frozenset(tok.eos_token_ids) or self._token_ids(tok.eos_token)
@@ -324,10 +325,14 @@ class Generator:
 
     @classmethod
     def open(cls, path: str | Path, threads: int | None = None, check: Check = Check.full,
-             trusted_keys: Sequence = ()) -> "Generator":
-        """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``)."""
+             trusted_keys: Sequence = (), profile_prefix: str | None = None) -> "Generator":
+        """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``).
+
+        ``profile_prefix``: onnxruntime profiles every session run into ``<prefix>*.json`` (per-op
+        times; ``engine.session.end_profiling()`` writes the file); off by default.
+        """
         folder, manifest = open_artifact(path, check, trusted_keys)
-        return cls(folder, manifest, threads)
+        return cls(folder, manifest, threads, profile_prefix)
 
     def _token_ids(self, token: str | None) -> frozenset[int]:
         tid = self.tokenizer.token_to_id(token) if token else None
