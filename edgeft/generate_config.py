@@ -13,6 +13,7 @@ extra; it knows nothing of graphs, tokenizers or numpy.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,14 @@ from edgeft.errors import EdgeftError
 from edgeft.flags import flag
 
 MAX_TOP_LOGPROBS = 20
+
+
+class Speculation(str, enum.Enum):
+    """Prompt-lookup speculative decoding: switched by its acceptance rate, always, or never."""
+
+    auto = "auto"
+    on = "on"
+    off = "off"
 
 # --help panels of edgeft generate and chat.
 SAMPLING, CONSTRAIN, FILE = "Sampling", "Constrained output", "A file of prompts"
@@ -58,8 +67,16 @@ class SamplingParams:
     """Keep generating past end-of-sequence tokens (until max_new_tokens or a stop string)."""
     logprobs: int | None = field(default=None, metadata=flag(cli=False))
     """Report each chosen token's logprob and this many top alternatives (None: off; 0..20)."""
+    speculate: Speculation = field(default=Speculation.auto, metadata=flag(panel=SAMPLING))
+    """Prompt-lookup speculative decoding: drafts copied from the prompt's and output's own tokens,
+    several verified per step (faster on repeating, rewriting or extracting; the same tokens come).
+    auto switches it off while drafts are mostly rejected."""
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "speculate", Speculation(self.speculate))
+        except ValueError:
+            raise EdgeftError(f"speculate must be auto, on or off, got {self.speculate!r}") from None
         if isinstance(self.stop, str):  # a lone string is one stop, not its characters
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
@@ -119,6 +136,8 @@ class ChatConfig:
     """A system message that starts the conversation (generate: with --chat)."""
     threads: int | None = None
     """onnxruntime threads [default: all usable cores, or $EDGEFT_THREADS]."""
+    stats: bool = False
+    """Print token counts, tokens/s and the draft acceptance rate to stderr at the end (chat: of each reply)."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -133,8 +152,6 @@ class GenerateConfig(ChatConfig):
     """The prompt; omit it or pass '-' to read it from stdin."""
     chat: bool = False
     """Send the prompt as one user message through the chat template."""
-    stats: bool = False
-    """Print token counts and tokens/s to stderr at the end."""
     json_schema: Path | None = field(default=None, metadata=flag(panel=CONSTRAIN))
     """Constrain the output to JSON valid under the JSON schema in this file."""
     regex: str | None = field(default=None, metadata=flag(panel=CONSTRAIN))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgeft.errors import EdgeftError
 from edgeft.flags import flag
+from edgeft.generate_config import Speculation
 
 
 class LogFormat(str, enum.Enum):
@@ -54,6 +55,9 @@ class ServeConfig:
     """Sequences that may wait per model for a free slot; more get 429."""
     prefix_cache: int = field(default=4, metadata=flag(env="EDGEFT_PREFIX_CACHE"))
     """Recent prompt prefixes (system prompt, few-shot header) whose KV cache later requests reuse (0: off)."""
+    speculate: Speculation = field(default=Speculation.auto, metadata=flag(env="EDGEFT_SPECULATE"))
+    """Prompt-lookup speculative decoding (drafts from the request's own tokens, verified several per step):
+    auto switches it per request by its acceptance rate; a request's "speculate" field overrides it."""
     max_tokens: int = field(default=1024, metadata=flag(env="EDGEFT_MAX_TOKENS"))
     """Largest max_tokens a request may ask."""
     max_body_bytes: int = field(default=1 << 20, metadata=flag(env="EDGEFT_MAX_BODY_BYTES"))
@@ -82,6 +86,10 @@ class ServeConfig:
         object.__setattr__(self, "artifacts", tuple(Path(a) for a in self.artifacts))
         object.__setattr__(self, "names", tuple(self.names))
         object.__setattr__(self, "trusted_keys", tuple(Path(k) for k in self.trusted_keys))
+        try:
+            object.__setattr__(self, "speculate", Speculation(self.speculate))
+        except ValueError:
+            raise EdgeftError(f"--speculate must be auto, on or off, got {self.speculate!r}") from None
         if not self.artifacts:
             raise EdgeftError("serve needs at least one artifact")
         if self.names and len(self.names) != len(self.artifacts):

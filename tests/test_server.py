@@ -288,6 +288,7 @@ def test_classify_single_and_batch(http, classifier):
     ("/v1/completions", {"model": "chat", "prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
     ("/v1/completions", {"model": "chat", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ("/v1/completions", {"model": "chat", "prompt": "x", "suffix": "y"}, "suffix"),
+    ("/v1/completions", {"model": "chat", "prompt": "x", "speculate": "maybe"}, "speculate"),
     ("/v1/completions", {"model": "chat", "prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      "top_logprobs"),
@@ -410,6 +411,23 @@ def test_metrics_count_routes_tokens_and_latency(http):
     assert 'edgeft_request_duration_seconds_bucket{route="/v1/completions",le="+Inf"}' in text
     assert 'edgeft_queue_depth{model="chat"} 0' in text
     assert "# TYPE edgeft_time_to_first_token_seconds histogram" in text
+
+
+def test_speculative_requests_answer_the_same_and_count_drafts(http, engine):
+    from edgeft.runtime import SamplingParams
+
+    prompt = "shall i compare thee to a summer's day? shall i compare thee to a summer's day? shall i"
+    want = engine.generate(prompt, SamplingParams(max_new_tokens=30, speculate="off"))
+    before = http.get("/metrics").text
+    for mode in ("on", True, "auto"):
+        r = http.post("/v1/completions", json={"model": "chat", "prompt": prompt, "max_tokens": 30, "speculate": mode})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want.text
+    after = http.get("/metrics").text
+    name = 'edgeft_speculative_{}_tokens_total{{model="chat"}}'
+    drafted = metric(after, name.format("drafted")) - metric(before, name.format("drafted"))
+    accepted = metric(after, name.format("accepted")) - metric(before, name.format("accepted"))
+    assert drafted > 0 and 0 < accepted <= drafted
+    assert "# TYPE edgeft_speculative_accepted_tokens_total counter" in after
 
 
 # ---------------------------------------------------------------- limits (in-process server, small limits)

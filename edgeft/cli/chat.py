@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from edgeft.cli.app import app
-from edgeft.cli.generate import sampling_flags, sampling_params, stream_to_terminal
+from edgeft.cli.generate import sampling_flags, sampling_params, stats_line, stream_to_terminal
 from edgeft.cli.options import from_config
 from edgeft.generate_config import ChatConfig
 
@@ -43,6 +43,7 @@ def chat(config: ChatConfig, sampling: dict[str, Any]) -> None:
     from edgeft.errors import EdgeftError
     from edgeft.runtime import Generator
     from edgeft.runtime.generate import PromptCache
+    from edgeft.runtime.speculate import SpecCounts
 
     gen = Generator.open(config.artifact, threads=config.threads, check=Check.quick)
     if gen.chat_template is None:
@@ -78,5 +79,9 @@ def chat(config: ChatConfig, sampling: dict[str, Any]) -> None:
             typer.echo("[that message alone is longer than the model's context]", err=True)
             continue
         typer.echo("assistant> ", nl=False)
-        reply, *_ = stream_to_terminal(gen, ids, dataclasses.replace(params, max_new_tokens=max_new), cache)
+        counts = SpecCounts()
+        reply, tokens, seconds, reason = stream_to_terminal(gen, ids, dataclasses.replace(params, max_new_tokens=max_new),
+                                                            cache, counts=counts)
         turns.append({"role": "assistant", "content": reply})
+        if config.stats:
+            typer.echo(stats_line(len(ids), tokens, seconds, reason, counts), err=True)

@@ -51,11 +51,13 @@ sampling_flags = from_config(SamplingParams, into="sampling", over="the artifact
 
 
 def stream_to_terminal(gen: "Generator", prompt: str | list[int], params: "SamplingParams",
-                       cache=None, processors=()) -> tuple[str, int, float, str]:
-    """Print chunks as they come; return (text, tokens, seconds, finish_reason)."""
+                       cache=None, processors=(), counts=None) -> tuple[str, int, float, str]:
+    """Print chunks as they come; return (text, tokens, seconds, finish_reason).
+
+    ``counts`` (a ``SpecCounts``) gathers the speculative steps' drafted and accepted tokens."""
     pieces, tokens, reason = [], 0, "length"
     start = time.perf_counter()
-    for chunk in gen.stream(prompt, params, cache=cache, processors=processors):
+    for chunk in gen.stream(prompt, params, cache=cache, processors=processors, counts=counts):
         if chunk.text:
             typer.echo(chunk.text, nl=False)
             sys.stdout.flush()
@@ -64,6 +66,14 @@ def stream_to_terminal(gen: "Generator", prompt: str | list[int], params: "Sampl
         reason = chunk.finish_reason or reason
     typer.echo("")
     return "".join(pieces), tokens, time.perf_counter() - start, reason
+
+
+def stats_line(prompt_tokens: int, tokens: int, seconds: float, reason: str, counts) -> str:
+    """What --stats prints: token counts, tokens/s, the draft acceptance rate, the finish reason."""
+    drafts = (f"drafts: {counts.accepted}/{counts.drafted} accepted ({100 * counts.rate:.0f}%) in {counts.steps} "
+              "steps" if counts.drafted else "drafts: none")
+    return (f"[{prompt_tokens} prompt tokens, {tokens} generated in {seconds:.2f}s "
+            f"({tokens / max(seconds, 1e-9):.1f} tok/s), {drafts}, finish: {reason}]")
 
 
 def _read_stdin() -> str:
@@ -86,6 +96,7 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
     --json-schema, --regex or --choice constrain the output (a mask on every step's tokens)."""
     from edgeft.artifact import Check
     from edgeft.runtime import Generator, compile_for
+    from edgeft.runtime.speculate import SpecCounts
 
     constraint = constraint_from_config(config)
     if config.input is not None:
@@ -99,10 +110,10 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
         prompt = gen.render_chat(system + [{"role": "user", "content": prompt}])
     ids = gen.encode(prompt)
     processors = [compile_for(gen, constraint).mask()] if constraint is not None else []
-    _, tokens, seconds, reason = stream_to_terminal(gen, ids, params, processors=processors)
+    counts = SpecCounts()
+    _, tokens, seconds, reason = stream_to_terminal(gen, ids, params, processors=processors, counts=counts)
     if config.stats:
-        typer.echo(f"[{len(ids)} prompt tokens, {tokens} generated in {seconds:.2f}s "
-                   f"({tokens / max(seconds, 1e-9):.1f} tok/s), finish: {reason}]", err=True)
+        typer.echo(stats_line(len(ids), tokens, seconds, reason, counts), err=True)
 
 
 def read_prompts(path: Path) -> list[dict]:

@@ -8,7 +8,9 @@ tokens shared between them, as llama.cpp's ``-np`` / ``-c``) and one thread that
    must fit one slot, checked at submission);
 2. prefill waiting prompts in chunks, at most ``prefill_budget`` prompt tokens per
    iteration, so running streams never stall for long behind a new prompt;
-3. one batched decode step for every sequence that has a next token to compute;
+3. one batched decode step for every sequence that has a next token to compute; a
+   sequence with a prompt-lookup draft (``edgeft.runtime.speculate``) verifies it in a
+   multi-token call of its own instead, when that pays (alone, or with a high acceptance);
 4. each sequence's own ``SequenceOutput`` (sampler, seed, stop strings, budget) turns its
    row of logits into a ``Chunk``; a finished or cancelled sequence frees its slot at once.
 
@@ -141,6 +143,27 @@ class SharedSlots:
             self._bind_array(io, "position_ids", lengths.astype(eng.pos_dtype).reshape(span, 1))
         eng.session.run_with_iobinding(io)
         return self.logits[[s for s, _, _ in rows], 0].astype(np.float32)
+
+    def verify(self, slot: int, ids: list[int], start: int) -> np.ndarray:
+        """Write ``ids`` at positions ``start..`` of ``slot`` alone; every position's logits [len(ids), vocab].
+
+        One slot per call: onnxruntime's GroupQueryAttention takes several new tokens with a
+        past only for a batch of one.
+        """
+        eng, n = self.eng, len(ids)
+        io = eng.session.io_binding()
+        self._bind_cache(io, slot, 1)
+        self._bind_array(io, "input_ids", np.asarray(ids, dtype=eng.ids_dtype).reshape(1, n))
+        if "attention_mask" in eng.inputs:
+            self._bind_array(io, "attention_mask", np.ones((1, start + n), dtype=eng.mask_dtype))
+        if eng.uses_positions:
+            self._bind_array(io, "position_ids", np.arange(start, start + n, dtype=eng.pos_dtype)[None, :])
+        io.bind_output("logits", "cpu")
+        eng.session.run_with_iobinding(io)
+        return io.get_outputs()[-1].numpy()[0].astype(np.float32)  # logits are bound last
+
+    def trim(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` positions of ``slot`` (the rest is overwritten by later writes)."""
 
     def _idle_length(self, slot: int) -> int:
         return min(self.idle_lengths.get(slot, 0), self.slot_len - 1)
@@ -276,6 +299,16 @@ class SingleSlots(PaddedBatch):
             self.lengths[s] = state.length
         return np.stack(out)
 
+    def verify(self, slot: int, ids: list[int], start: int) -> np.ndarray:
+        """``ids`` through the slot's own cache; every position's logits [len(ids), vocab]."""
+        out = self.states[slot].prefill(ids, all_logits=True)
+        self.lengths[slot] = self.states[slot].length
+        return out
+
+    def trim(self, slot: int, length: int) -> None:
+        self.states[slot].rewind(length)
+        self.lengths[slot] = length
+
     def _leave(self, slot: int) -> None:
         self.states.pop(slot, None)
 
@@ -362,6 +395,8 @@ class EngineStats:
     reused: int = 0
     last_batch: int = 0
     busy_s: float = 0.0
+    drafted: int = 0  # prompt-lookup draft tokens verified (speculative steps)
+    accepted: int = 0  # of those, the ones the model agreed with
 
 
 class Engine:
@@ -581,15 +616,60 @@ class Engine:
         rows.sort(key=lambda s: s.slot)
         if isinstance(self.kv, SharedSlots):
             self.kv.idle_lengths = {s.slot: s.length for s in self._active.values()}
-        logits = self.kv.decode([(s.slot, s.next_token, s.length) for s in rows])
+        drafts = self._drafts(rows)
+        plain = [s for s in rows if s.slot not in drafts]
+        if plain:  # first: its idle rows write where the drafted slots' verification writes next
+            logits = self.kv.decode([(s.slot, s.next_token, s.length) for s in plain])
         self.stats.steps += 1
         self.stats.batched_rows += len(rows)
         self.stats.last_batch = len(rows)
         self.observe("batch", len(rows))
-        for seq, row in zip(rows, logits):
+        verified = [(s, self.kv.verify(s.slot, [s.next_token, *drafts[s.slot]], s.length)) for s in rows
+                    if s.slot in drafts]
+        for seq, row in zip(plain, logits if plain else ()):
             seq.length += 1
             seq.next_token = None
             self._emit(seq, row)
+        for seq, rows_ in verified:
+            self._verified(seq, rows_, drafts[seq.slot])
+
+    def _drafts(self, rows: list[Sequence]) -> dict[int, list[int]]:
+        """Prompt-lookup drafts of the rows that have one and for which one pays, by slot.
+
+        A drafted row is verified in a call of its own (onnxruntime's attention takes several
+        new tokens with a past for one sequence only), which reads every weight once more:
+        alone, that pays from a small acceptance; beside other rows, only when the row's
+        recent drafts gained more tokens than those extra calls cost (``Speculator.pays``).
+        The left-padded GPT-2 batch does not verify drafts: it decodes plainly.
+        """
+        if not hasattr(self.kv, "verify"):
+            return {}
+        out = {}
+        for s in rows:
+            if s.out.spec.pays(len(rows)) and (d := s.out.draft(self.slot_len - s.length - 1)):
+                out[s.slot] = d
+        return out
+
+    def _verified(self, seq: Sequence, rows: np.ndarray, draft: list[int]) -> None:
+        """Hand out the tokens one verification step gave ``seq``; forget its rejected drafts."""
+        start = seq.length
+        chunks, accepted = seq.out.verify(rows[:len(draft) + 1], draft)
+        seq.length, seq.next_token = start + 1 + accepted, None
+        self.kv.trim(seq.slot, seq.length)
+        self.stats.drafted += len(draft)
+        self.stats.accepted += accepted
+        self.observe("drafted", len(draft))
+        self.observe("accepted", accepted)
+        for chunk in chunks:
+            if chunk.token_id is not None:
+                self.stats.generated += 1
+            if chunk.finish_reason is not None:
+                self._finish(seq, chunk)
+                return
+            if seq.cancelled:
+                return
+            seq.on_chunk(chunk)
+        seq.next_token = chunks[-1].token_id
 
     def _fail_all(self, exc: Exception) -> None:
         for seq in list(self._active.values()):

@@ -15,7 +15,9 @@ Either way every input and output goes through one I/O binding per generation; a
 step rebinds only the attention mask's length and writes one token id into a bound
 buffer, and the graph's logits for that one position land in a preallocated array.
 Prompts are prefilled in chunks (the logits output stays small), and a ``PromptCache``
-lets a conversation's next turn reuse the keys and values of the tokens it repeats.
+lets a conversation's next turn reuse the keys and values of the tokens it repeats. A
+prompt-lookup draft (``edgeft.runtime.speculate``) is verified as a short prefill of the
+pending token and the draft; the rejected tail is then rewound out of the cache.
 
 ``KVDecoder`` knows token ids and logits only; ``Generator`` adds the tokenizer, chat
 template, sampling, stop strings and incremental detokenization. Nothing here imports
@@ -41,6 +43,7 @@ from edgeft.runtime.detok import IncrementalDetokenizer
 from edgeft.runtime.processors import LogitProcessor
 from edgeft.runtime.sampling import Sampler, SamplingParams, TokenLogprob
 from edgeft.runtime.session import input_dtypes, open_session, output_dtypes
+from edgeft.runtime.speculate import SpecCounts, Speculator
 
 
 # Prompt tokens per graph call during prefill: bounds the logits output and activations.
@@ -389,19 +392,21 @@ class Generator:
         return self.engine.start(len(ids)).prefill(ids, all_logits=True)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
-               cache: "PromptCache | None" = None, processors: Iterable[LogitProcessor] = ()) -> Iterator[Chunk]:
+               cache: "PromptCache | None" = None, processors: Iterable[LogitProcessor] = (),
+               counts: SpecCounts | None = None) -> Iterator[Chunk]:
         """Generate token by token; each chunk carries the text that token completed.
 
         With a ``PromptCache`` (one per conversation, never shared between concurrent
         streams) the tokens this prompt shares with the previous one are not computed again.
         ``processors`` join the sampling chain (``edgeft.runtime.processors``), for this stream only.
+        Drafted and accepted tokens of speculative steps (``params.speculate``) are added to ``counts``.
         """
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
         if not ids:
             raise EdgeftError("the prompt is empty: nothing to continue from")
         self.check_context(len(ids), params.max_new_tokens)
-        return self._stream(ids, params, cache, processors)
+        return self._stream(ids, params, cache, processors, counts)
 
     def _prefill(self, ids: list[int], capacity: int, cache: "PromptCache | None") -> tuple["DecodeState", np.ndarray]:
         """A state holding ``ids`` (reusing the cache's common prefix) and the next logits."""
@@ -420,17 +425,24 @@ class Generator:
         return state, logits
 
     def _stream(self, ids: list[int], params: SamplingParams, cache: "PromptCache | None" = None,
-                processors: Iterable[LogitProcessor] = ()) -> Iterator[Chunk]:
-        seq = SequenceOutput(self, ids, params, processors)
+                processors: Iterable[LogitProcessor] = (), counts: SpecCounts | None = None) -> Iterator[Chunk]:
+        seq = SequenceOutput(self, ids, params, processors, counts)
         state, logits = self._prefill(ids, len(ids) + params.max_new_tokens, cache)
+        chunks = [seq.advance(logits)]
         while True:
-            chunk = seq.advance(logits)
-            yield chunk
-            if chunk.finish_reason is not None:
+            yield from chunks
+            if chunks[-1].finish_reason is not None:
                 return
-            logits = state.step(chunk.token_id)
+            fed = [chunks[-1].token_id, *seq.draft(state.capacity - state.length - 1)]
+            if len(fed) > 1:  # the pending token and a draft, verified in one multi-token step
+                rows = state.prefill(fed, all_logits=True)
+                chunks, accepted = seq.verify(rows, fed[1:])
+                fed = fed[:1 + accepted]
+                state.rewind(state.length - len(rows) + len(fed))  # drop the rejected drafts' keys and values
+            else:
+                chunks = [seq.advance(state.step(fed[0]))]
             if cache is not None:
-                cache.tokens.append(chunk.token_id)
+                cache.tokens.extend(fed)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                  processors: Iterable[LogitProcessor] = ()) -> Completion:
@@ -479,13 +491,14 @@ class SequenceOutput:
     """
 
     def __init__(self, gen: "Generator", ids: list[int], params: SamplingParams,
-                 processors: Iterable[LogitProcessor] = ()) -> None:
+                 processors: Iterable[LogitProcessor] = (), counts: SpecCounts | None = None) -> None:
         self.params = params
         self.sampler = Sampler(params, gen.decoder.vocab_size, seen=ids, processors=processors)
         self.detok = IncrementalDetokenizer(gen.tokenizer, context=ids)
         self.stops = StopMatcher(params.stop)
         self.eos_ids = frozenset() if params.ignore_eos else gen.eos_ids
         self.produced = 0
+        self.spec = Speculator(ids, params.speculate, counts=counts)
 
     def advance(self, logits: np.ndarray) -> Chunk:
         token, lp = self.sampler.pick(logits)
@@ -494,6 +507,7 @@ class SequenceOutput:
             return Chunk(text, None, "stop")
         self.produced += 1
         self.sampler.accept(token)
+        self.spec.extend((token,))
         text, hit = self.stops.feed(self.detok.add(token))
         if hit:
             return Chunk(text, token, "stop", lp)
@@ -501,3 +515,24 @@ class SequenceOutput:
             rest, hit = self.stops.finish(self.detok.flush())
             return Chunk(text + rest, token, "stop" if hit else "length", lp)
         return Chunk(text, token, None, lp)
+
+    def draft(self, room: int) -> list[int]:
+        """Draft tokens to verify after the pending one (at most ``room``, and never past the budget)."""
+        return self.spec.draft(min(room, self.params.max_new_tokens - self.produced - 1))
+
+    def verify(self, rows: np.ndarray, draft: list[int]) -> tuple[list[Chunk], int]:
+        """The chunks of one verification step and how many drafted tokens were accepted.
+
+        ``rows[i]`` are the logits after the pending token and ``draft[:i]``. Each position is
+        sampled in order as ``advance`` would; the step ends at the first sampled token that
+        differs from the draft (it is kept), at the last row, or when the sequence finishes.
+        """
+        chunks: list[Chunk] = []
+        for i, row in enumerate(rows):
+            chunk = self.advance(row)
+            chunks.append(chunk)
+            if chunk.finish_reason is not None or i == len(draft) or chunk.token_id != draft[i]:
+                break
+        accepted = sum(1 for c, d in zip(chunks, draft) if c.token_id == d)
+        self.spec.record(len(draft), accepted)
+        return chunks, accepted

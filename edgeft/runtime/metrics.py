@@ -149,6 +149,11 @@ class Registry:
         self.tokens_per_second = Gauge("edgeft_generated_tokens_per_second",
                                        "Tokens generated per second over the last few seconds, all sequences.",
                                        ("model",))
+        self.drafted_tokens = Counter("edgeft_speculative_drafted_tokens_total",
+                                      "Prompt-lookup draft tokens verified by speculative decode steps.", ("model",))
+        self.accepted_tokens = Counter("edgeft_speculative_accepted_tokens_total",
+                                       "Draft tokens the model agreed with (accepted / drafted: the acceptance rate).",
+                                       ("model",))
         self.rejected = Counter("edgeft_rejected_total", "Requests refused because the queue was full.",
                                 ("model",))
         self.cancelled = Counter("edgeft_stream_cancelled_total",

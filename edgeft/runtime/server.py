@@ -75,6 +75,7 @@ class Model:
     engine: Any = None  # edgeft.runtime.engine.Engine for causal-lm models
     batcher: ClassifyBatcher | None = None
     signature_checked: bool = False  # serve --trusted-key verified the manifest's signature at load
+    speculate: str = "auto"  # serve --speculate: a request without its own "speculate" gets this
     created: int = field(default_factory=lambda: int(time.time()))
 
     def info(self) -> dict[str, Any]:
@@ -124,6 +125,10 @@ def _engine_observer(metrics: Registry, name: str) -> Callable[[str, float], Non
             metrics.queue_depth.set(value, model=name)
         elif event == "tokens_per_second":
             metrics.tokens_per_second.set(value, model=name)
+        elif event == "drafted":
+            metrics.drafted_tokens.inc(value, model=name)
+        elif event == "accepted":
+            metrics.accepted_tokens.inc(value, model=name)
     return observe
 
 
@@ -144,7 +149,7 @@ def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
             engine = Engine(first, parallel=config.parallel, ctx_size=config.ctx_size, queue_size=config.queue_size,
                             prefix_cache=config.prefix_cache, observe=_engine_observer(metrics, name))
             metrics.slots.set(config.parallel, model=name)
-            m = Model(name, task, first.manifest, first, engine=engine)
+            m = Model(name, task, first.manifest, first, engine=engine, speculate=config.speculate.value)
         else:
             method = "embed_rows" if task is Task.embedding else "classify"
             batcher = ClassifyBatcher(name, first, config.batch_size, wait_s, config.queue_size, metrics, method)
@@ -314,7 +319,7 @@ def _params(model: Model, req: wire.GenerationRequest, n_prompt: int, cap: int) 
                                    repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                                    frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias or None,
                                    seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos or None,
-                                   logprobs=req.logprobs)
+                                   logprobs=req.logprobs, speculate=req.speculate or model.speculate)
     except (ValueError, TypeError, EdgeftError) as exc:
         raise bad(getattr(exc, "message", None) or str(exc)) from None
 

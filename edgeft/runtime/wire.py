@@ -61,6 +61,7 @@ class GenerationRequest:
     logprobs: int | None = None  # top alternatives per token (0: the chosen token's only); None: off
     echo: bool = False  # completions: the prompt's text before the completion
     ignore_eos: bool = False
+    speculate: str | None = None  # extension: prompt-lookup drafts "auto", "on" or "off" (None: the server's)
     prompts: tuple = ()  # completions: every prompt (one choice each, times n)
     response_format: tuple[str, dict | None] | None = None  # ("json_object", None) or ("json_schema", schema)
     tools: tuple[dict, ...] = ()  # chat: {"name", "description", "parameters"} per function
@@ -210,6 +211,18 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return _opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
 
 
+def _speculate(body: dict) -> str | None:
+    """The ``speculate`` extension: "auto", "on" or "off" (true and false mean on and off)."""
+    v = body.get("speculate")
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v not in ("auto", "on", "off"):
+        raise bad(f"'speculate' must be \"auto\", \"on\", \"off\", true or false, got {v!r}", "speculate")
+    return v
+
+
 def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_tokens",
               chat: bool = False) -> dict[str, Any]:
     _unsupported(body)
@@ -241,6 +254,7 @@ def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_token
         n=_opt_int(body, "n", 1, MAX_N) or 1,
         logprobs=_logprobs(body, chat),
         ignore_eos=_opt_bool(body, "ignore_eos"),
+        speculate=_speculate(body),
     )
 
 
