@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.speculative import spec_worker
 from edgeft.bench import (
     OnToken,
     Runner,
@@ -345,6 +346,7 @@ WORKERS = {
     "sample-tuned": sample_tuned,
     "module": module_measure,
     "profile-edgeft": profile_edgeft,
+    "spec-edgeft": spec_worker,
 }
 
 

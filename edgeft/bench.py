@@ -309,16 +309,18 @@ def bench_generation(
                              int(statistics.median(counts)), len(decode_prompt))
 
 
-def edgeft_runner(gen) -> Runner:  # runtime.Generator
+def edgeft_runner(gen, speculate: str = "off") -> Runner:  # runtime.Generator
     """``run(ids, n, on_token)`` over edgeft's runtime, greedy, not stopping at end-of-sequence.
 
     Benchmarks need the same token count from every system: ``ignore_eos`` keeps decoding
-    past end-of-sequence tokens.
+    past end-of-sequence tokens. Prompt-lookup speculation is off unless asked for, so decode
+    speed compares like with like against peers that decode one token per step.
     """
     from edgeft.runtime import SamplingParams
 
     def run(ids: list[int], n: int, on_token: OnToken) -> None:
-        for _ in gen.stream(list(ids), SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)):
+        params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, speculate=speculate)
+        for _ in gen.stream(list(ids), params):
             on_token()
 
     return run
