@@ -5,8 +5,9 @@
 SmolLM2-135M int8 (the generation case's ``smollm2-base-int8`` artifact), greedy, chat
 template, up to ``new_tokens`` tokens (stopping at end-of-sequence, so every mode decodes
 the same tokens). Two tasks: input-grounded prompts (repeat, number or extract lines of a
-sonnet from ``../shared/data/poetry``), where drafts copied from the prompt are often
-right, and free generation (stories, explanations), where they rarely are. One worker
+sonnet from ``../shared/data/poetry``, the answer's first line given), where drafts copied
+from the prompt are often right, and free generation (stories, explanations), where they
+rarely are. One worker
 process runs ``rounds`` rounds; each round times every mode (``off``, ``auto``, ``on``) on
 every prompt, the modes' order rotated per round. Reported: decode tokens/s (first token
 to last) per task and mode, the ratio to ``off`` (goal: grounded > 1, free >= 1 within
@@ -25,12 +26,14 @@ from benchmarks import prepare
 from edgeft.bench import Stat, summarize
 
 MODES = ("off", "auto", "on")
-GROUNDED = ("Repeat the following sonnet exactly, line by line, and nothing else:\n\n{s}",
-            "Here is a sonnet:\n\n{s}\n\nWrite out its last six lines exactly as they are.",
-            "Number each line of this sonnet (1., 2., ...), keeping the words unchanged:\n\n{s}")
-FREE = ("Write a short story about a lighthouse keeper who finds a message in a bottle.",
-        "Explain how rain forms, step by step, for a ten-year-old.",
-        "Give me five ideas for a birthday party for a friend who loves astronomy, with a sentence on each.")
+# (user message, the start of the assistant's answer): the answer is begun for the model, as a
+# client does to hold a small model to a format (SmolLM2-135M comments on a sonnet otherwise)
+GROUNDED = (("Repeat the following sonnet exactly, line by line, and nothing else:\n\n{s}", "{l0}\n"),
+            ("Here is a sonnet:\n\n{s}\n\nWrite out its last six lines exactly as they are.", "{l8}\n"),
+            ("Number each line of this sonnet, keeping the words unchanged:\n\n{s}", "1. {l0}\n2."))
+FREE = (("Write a short story about a lighthouse keeper who finds a message in a bottle.", ""),
+        ("Explain how rain forms, step by step, for a ten-year-old.", ""),
+        ("Give me five ideas for a birthday party for a friend who loves astronomy, with a sentence on each.", ""))
 
 
 def sonnets(n: int) -> list[str]:
@@ -39,12 +42,19 @@ def sonnets(n: int) -> list[str]:
     return blocks[:n]
 
 
+def grounded_prompts(n: int = 3) -> list[tuple[str, str]]:
+    out = []
+    for (user, start), s in zip(GROUNDED, sonnets(n)):
+        lines = [ln.strip() for ln in s.splitlines()]
+        out.append((user.format(s=s), start.format(l0=lines[0], l8=lines[8])))
+    return out
+
+
 def case(ctx) -> None:
     from benchmarks.cases import WorkerFailed, lm_artifact
 
     path = lm_artifact(ctx, "int8")
-    poems = sonnets(3)
-    tasks = {"grounded": [t.format(s=s) for t, s in zip(GROUNDED, poems)], "free": list(FREE)}
+    tasks = {"grounded": grounded_prompts(), "free": [list(p) for p in FREE]}
     rounds = 2 if ctx.quick else 4
     try:
         r = ctx.spawn("spec-edgeft", timeout=3600, path=str(path), tasks=tasks, rounds=rounds,
@@ -52,6 +62,13 @@ def case(ctx) -> None:
     except (WorkerFailed, subprocess.TimeoutExpired) as exc:
         ctx.res.skip("speculative", "edgeft int8", str(exc))
         return
+    for mode, m in r["batched"].items():
+        system = f"edgeft int8, speculate {mode}"
+        ctx.add("speculative", system, "batched_tps grounded", Stat.from_dict(m["tps"]), "tok/s",
+                parallel=m["parallel"], note=f"{m['parallel']} grounded prompts in one engine, end to end")
+        if mode != "off":
+            ctx.add("speculative", system, "batched_speedup grounded", Stat.from_dict(m["ratio"]), "x")
+            ctx.add("speculative", system, "batched_same_text grounded", m["same"], "prompts")
     for task, modes in r["tasks"].items():
         base = Stat.from_dict(modes["off"]["tps"])
         for mode, m in modes.items():
@@ -102,12 +119,35 @@ def verify_cost(gen, ids: list[int], k: int, repeats: int = 30) -> list[float]:
     return ratios
 
 
+def batched(gen, ids_list: list[list[int]], new: int, rounds: int) -> dict[str, Any]:
+    """The grounded prompts decoded together by the batching engine: end-to-end tokens/s per mode."""
+    from edgeft.runtime import SamplingParams
+
+    tps = {m: [] for m in MODES}
+    same = {m: 0 for m in MODES}
+    ref = None
+    for r in range(rounds):
+        for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
+            t0 = time.perf_counter()
+            outs = gen.generate_batch(ids_list, SamplingParams(max_new_tokens=new, speculate=mode),
+                                      parallel=len(ids_list))
+            tps[mode].append(sum(o.completion_tokens for o in outs) / (time.perf_counter() - t0))
+            toks = [o.token_ids for o in outs]
+            if mode == "off" and ref is None:
+                ref = toks
+            if r == rounds - 1:
+                same[mode] = toks
+    ratio = {m: [a / b for a, b in zip(tps[m], tps["off"])] for m in MODES}
+    return {m: {"tps": summarize(tps[m]).to_dict(), "ratio": summarize(ratio[m]).to_dict(),
+                "same": sum(a == b for a, b in zip(same[m], ref)), "parallel": len(ids_list)} for m in MODES}
+
+
 def spec_worker(spec: dict) -> dict[str, Any]:
     from edgeft.runtime import Generator, SamplingParams
-    from edgeft.runtime.speculate import DRAFT_TOKENS, SpecCounts
+    from edgeft.runtime.speculate import DRAFT_MAX, SpecCounts
 
     gen = Generator.open(spec["path"], threads=spec["threads"])
-    prompts = {task: [gen.encode(gen.render_chat([{"role": "user", "content": p}])) for p in ps]
+    prompts = {task: [gen.encode(gen.render_chat([{"role": "user", "content": user}]) + start) for user, start in ps]
                for task, ps in spec["tasks"].items()}
     new = spec["new_tokens"]
     out: dict[str, Any] = {}
@@ -138,6 +178,7 @@ def spec_worker(spec: dict) -> dict[str, Any]:
                          "same": sum(a == b for a, b in zip(texts[m], texts["off"])), "tokens": tokens[m]}
                      for m in MODES}
     ctx_ids = prompts["grounded"][0]
-    cost = verify_cost(gen, ctx_ids, DRAFT_TOKENS)
-    return {"tasks": out, "verify_cost": summarize(cost).to_dict(), "draft_tokens": DRAFT_TOKENS,
+    cost = verify_cost(gen, ctx_ids, DRAFT_MAX)
+    return {"tasks": out, "batched": batched(gen, prompts["grounded"], new, spec["rounds"]),
+            "verify_cost": summarize(cost).to_dict(), "draft_tokens": DRAFT_MAX,
             "verify_context": len(ctx_ids), "median_cost": statistics.median(cost)}

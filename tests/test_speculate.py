@@ -46,12 +46,14 @@ def test_auto_mode_pauses_below_break_even_and_retries_later():
         spec.record(4, 0)  # below BREAK_EVEN
     paused = [spec.draft(4) for _ in range(RETRY)]
     assert paused == [[]] * RETRY  # off for RETRY steps
-    assert spec.draft(4) == [1, 2, 3, 1]  # then tried again
-    assert spec.counts.drafted == 12 and spec.counts.steps == 3
+    assert spec.draft(4) == [1, 2]  # then tried again, with a draft shortened by the misses
+    spec.record(2, 2)
+    assert spec.draft(8) == [1, 2, 3, 1]  # a draft accepted whole lengthens the next one
+    assert (spec.counts.drafted, spec.counts.accepted, spec.counts.steps) == (14, 2, 4)
     on = Speculator(tokens, Speculation.on)
     for _ in range(10):
         on.record(4, 0)
-    assert on.draft(4) == [1, 2, 3, 1]  # "on" never pauses
+    assert on.draft(4) == [1, 2]  # "on" never pauses (the draft shrank to DRAFT_MIN)
     assert Speculator(tokens, "off").draft(4) == []
 
 

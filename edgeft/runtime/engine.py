@@ -108,8 +108,9 @@ class SharedSlots:
         self._bind_array(io, "input_ids", chunk)
         if "attention_mask" in eng.inputs:
             self._bind_array(io, "attention_mask", mask)
+        pos = np.arange(start, start + n, dtype=eng.pos_dtype)[None, :]  # bound by address: kept alive
         if eng.uses_positions:
-            self._bind_array(io, "position_ids", np.arange(start, start + n, dtype=eng.pos_dtype)[None, :])
+            self._bind_array(io, "position_ids", pos)
         io.bind_output("logits", "cpu")
         eng.session.run_with_iobinding(io)
         out = io.get_outputs()[-1].numpy()  # logits are bound last
@@ -139,8 +140,9 @@ class SharedSlots:
             self._bound_span = span
         if "attention_mask" in eng.inputs:
             self._bind_array(io, "attention_mask", mask)
+        pos = lengths.astype(eng.pos_dtype).reshape(span, 1)  # bound by address: kept alive for the run
         if eng.uses_positions:
-            self._bind_array(io, "position_ids", lengths.astype(eng.pos_dtype).reshape(span, 1))
+            self._bind_array(io, "position_ids", pos)
         eng.session.run_with_iobinding(io)
         return self.logits[[s for s, _, _ in rows], 0].astype(np.float32)
 
@@ -153,11 +155,15 @@ class SharedSlots:
         eng, n = self.eng, len(ids)
         io = eng.session.io_binding()
         self._bind_cache(io, slot, 1)
-        self._bind_array(io, "input_ids", np.asarray(ids, dtype=eng.ids_dtype).reshape(1, n))
+        # bound by address: the arrays must live until the run is over
+        chunk = np.asarray(ids, dtype=eng.ids_dtype).reshape(1, n)
+        mask = np.ones((1, start + n), dtype=eng.mask_dtype)
+        pos = np.arange(start, start + n, dtype=eng.pos_dtype)[None, :]
+        self._bind_array(io, "input_ids", chunk)
         if "attention_mask" in eng.inputs:
-            self._bind_array(io, "attention_mask", np.ones((1, start + n), dtype=eng.mask_dtype))
+            self._bind_array(io, "attention_mask", mask)
         if eng.uses_positions:
-            self._bind_array(io, "position_ids", np.arange(start, start + n, dtype=eng.pos_dtype)[None, :])
+            self._bind_array(io, "position_ids", pos)
         io.bind_output("logits", "cpu")
         eng.session.run_with_iobinding(io)
         return io.get_outputs()[-1].numpy()[0].astype(np.float32)  # logits are bound last

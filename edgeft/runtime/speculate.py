@@ -31,12 +31,17 @@ from edgeft.generate_config import Speculation
 __all__ = ["Speculation", "Lookup", "SpecCounts", "Speculator"]
 
 
-DRAFT_TOKENS = 4  # k: tokens drafted per step
+DRAFT_TOKENS = 4  # k: tokens drafted per step at first; +2 after a fully accepted draft, -1 after a miss
+DRAFT_MIN, DRAFT_MAX = 2, 6
 NGRAM_MAX = 3  # the longest suffix looked up
 NGRAM_MIN = 2  # the shortest (single tokens match too often by chance)
-VERIFY_COST = 1.3  # a step verifying DRAFT_TOKENS drafts, in one-token decode steps (measured: benchmarks)
+# A step verifying up to DRAFT_MAX drafts costs about this many one-token steps (SmolLM2-135M int8
+# on 2 cores; benchmarks/speculative.py measures it as verify_cost).
+VERIFY_COST = 1.4
 WINDOW = 6  # drafts over which auto mode judges the acceptance rate
-BREAK_EVEN = 0.3  # accepted / drafted below which drafting costs more than it saves
+# Alone, a draft pays when it gains more than the verification's extra cost: accepted tokens per
+# step above VERIFY_COST - 1, i.e. an acceptance rate above this (with some margin for the loop).
+BREAK_EVEN = 1.25 * (VERIFY_COST - 1) / DRAFT_TOKENS
 RETRY = 16  # plain tokens before auto mode tries again (doubled after each failed retry)
 RETRY_MAX = 256
 
@@ -143,6 +148,7 @@ class Speculator:
         self.counts.drafted += drafted
         self.counts.accepted += accepted
         self.counts.steps += 1
+        self.k = min(self.k + 2, DRAFT_MAX) if accepted == drafted else max(self.k - 1, DRAFT_MIN)
         if self.mode is not Speculation.auto:
             return
         self._recent.append((drafted, accepted))
