@@ -59,7 +59,7 @@ def test_auto_mode_pauses_below_break_even_and_retries_later():
 
 def test_speculate_setting_is_validated():
     assert SamplingParams(speculate="on").speculate is Speculation.on
-    with pytest.raises(EdgeftError, match="auto, on, off"):
+    with pytest.raises(EdgeftError, match="auto, on or off"):
         SamplingParams(speculate="sometimes")
 
 
