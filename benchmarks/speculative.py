@@ -4,15 +4,17 @@
 
 SmolLM2-135M int8 (the generation case's ``smollm2-base-int8`` artifact), greedy, chat
 template, up to ``new_tokens`` tokens (stopping at end-of-sequence, so every mode decodes
-the same tokens). Two tasks: input-grounded prompts (repeat, number or extract lines of a
+the same tokens). Three tasks: input-grounded prompts (repeat, number or extract lines of a
 sonnet from ``../shared/data/poetry``, the answer's first line given), where drafts copied
-from the prompt are often right, and free generation (stories, explanations), where they
-rarely are. One worker
+from the prompt are often right; free generation (stories, explanations), greedy; and the
+same free prompts sampled (temperature 0.8, seeded), where drafts are rarely right. One worker
 process runs ``rounds`` rounds; each round times every mode (``off``, ``auto``, ``on``) on
 every prompt, the modes' order rotated per round. Reported: decode tokens/s (first token
 to last) per task and mode, the ratio to ``off`` (goal: grounded > 1, free >= 1 within
-noise), the acceptance rate, whether the texts equal ``off``'s, and the measured cost of a
-verification step (k + 1 tokens with a past) in one-token steps.
+noise), the acceptance rate, whether the texts equal ``off``'s (and how many tokens agree
+before the first difference: an int8 artifact's multi-token steps round differently from its
+one-token steps), the grounded prompts decoded together by the batching engine, and the
+measured cost of a verification step (k + 1 tokens with a past) in one-token steps.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ def case(ctx) -> None:
     from benchmarks.cases import WorkerFailed, lm_artifact
 
     path = lm_artifact(ctx, "int8")
-    tasks = {"grounded": grounded_prompts(), "free": [list(p) for p in FREE]}
+    free = [list(p) for p in FREE]
+    tasks = {"grounded": {"prompts": grounded_prompts(), "temperature": 0.0},
+             "free": {"prompts": free, "temperature": 0.0},
+             "sampled": {"prompts": free, "temperature": 0.8}}  # seeded: seed i for prompt i
     rounds = 2 if ctx.quick else 4
     try:
         r = ctx.spawn("spec-edgeft", timeout=3600, path=str(path), tasks=tasks, rounds=rounds,
@@ -74,14 +79,18 @@ def case(ctx) -> None:
         for mode, m in modes.items():
             system = f"edgeft int8, speculate {mode}"
             ctx.add("speculative", system, f"decode_tps {task}", Stat.from_dict(m["tps"]), "tok/s",
-                    task=task, rounds=rounds, prompts=len(tasks[task]), tokens=m["tokens"])
+                    task=task, rounds=rounds, prompts=len(tasks[task]["prompts"]), tokens=m["tokens"])
             if mode != "off":
                 ratio = Stat.from_dict(m["ratio"])
                 ctx.add("speculative", system, f"speedup {task}", ratio, "x", task=task,
                         note=f"{task}, {mode}: per-round ratio to off ({base.median:.1f} tok/s)")
                 ctx.add("speculative", system, f"acceptance {task}", 100 * m["accepted"] / max(m["drafted"], 1),
-                        "%", drafted=m["drafted"], accepted=m["accepted"], steps=m["steps"])
-                ctx.add("speculative", system, f"same_text {task}", m["same"], "prompts", prompts=len(tasks[task]))
+                        "%", note=f"{task}, {mode}: {m['accepted']} of {m['drafted']} drafted tokens accepted "
+                        f"in {m['steps']} verification steps")
+                ctx.add("speculative", system, f"same_text {task}", m["same"], "prompts")
+                ctx.add("speculative", system, f"first_difference {task}", statistics.median(m["first_diff"]), "tokens",
+                        note=f"{task}, {mode}: tokens equal to off's before the first difference, per prompt "
+                        f"({m['first_diff']} of {m['tokens'] // len(tasks[task]['prompts']) + 1})")
     ctx.add("speculative", "edgeft int8", "verify_cost", Stat.from_dict(r["verify_cost"]), "steps", higher=False,
             note=f"a step verifying {r['draft_tokens']} drafts at {r['verify_context']} tokens of context, "
                  "in one-token decode steps")
@@ -142,13 +151,17 @@ def batched(gen, ids_list: list[list[int]], new: int, rounds: int) -> dict[str, 
                 "same": sum(a == b for a, b in zip(same[m], ref)), "parallel": len(ids_list)} for m in MODES}
 
 
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def spec_worker(spec: dict) -> dict[str, Any]:
     from edgeft.runtime import Generator, SamplingParams
     from edgeft.runtime.speculate import DRAFT_MAX, SpecCounts
 
     gen = Generator.open(spec["path"], threads=spec["threads"])
-    prompts = {task: [gen.encode(gen.render_chat([{"role": "user", "content": user}]) + start) for user, start in ps]
-               for task, ps in spec["tasks"].items()}
+    prompts = {task: [gen.encode(gen.render_chat([{"role": "user", "content": user}]) + start)
+                      for user, start in t["prompts"]] for task, t in spec["tasks"].items()}
     new = spec["new_tokens"]
     out: dict[str, Any] = {}
     for task, ids_list in prompts.items():
@@ -164,7 +177,9 @@ def spec_worker(spec: dict) -> dict[str, Any]:
             for mode in order:
                 n_tok, secs = 0, 0.0
                 for i, ids in enumerate(ids_list):
-                    toks, took = _decode(gen, ids, SamplingParams(max_new_tokens=new, speculate=mode), counts[mode])
+                    params = SamplingParams(max_new_tokens=new, speculate=mode, seed=i,
+                                            temperature=spec["tasks"][task]["temperature"])
+                    toks, took = _decode(gen, ids, params, counts[mode])
                     secs += took
                     n_tok += len(toks) - 1
                     texts[mode][i] = toks
@@ -175,7 +190,8 @@ def spec_worker(spec: dict) -> dict[str, Any]:
                 ratio[mode].append(round_tps[mode] / round_tps["off"])
         out[task] = {m: {"tps": summarize(tps[m]).to_dict(), "ratio": summarize(ratio[m]).to_dict(),
                          "drafted": counts[m].drafted, "accepted": counts[m].accepted, "steps": counts[m].steps,
-                         "same": sum(a == b for a, b in zip(texts[m], texts["off"])), "tokens": tokens[m]}
+                         "same": sum(a == b for a, b in zip(texts[m], texts["off"])), "tokens": tokens[m],
+                         "first_diff": [_first_difference(a, b) for a, b in zip(texts[m], texts["off"])]}
                      for m in MODES}
     ctx_ids = prompts["grounded"][0]
     cost = verify_cost(gen, ctx_ids, DRAFT_MAX)

@@ -69,8 +69,8 @@ class SamplingParams:
     """Report each chosen token's logprob and this many top alternatives (None: off; 0..20)."""
     speculate: Speculation = field(default=Speculation.auto, metadata=flag(panel=SAMPLING))
     """Prompt-lookup speculative decoding: drafts copied from the prompt's and output's own tokens,
-    several verified per step (faster on repeating, rewriting or extracting; the same tokens come).
-    auto switches it off while drafts are mostly rejected."""
+    several verified per step (faster on repeating, rewriting or extracting; the same tokens, up to an int8
+    graph's rounding). auto switches it off while drafts are mostly rejected."""
 
     def __post_init__(self) -> None:
         try:

@@ -567,7 +567,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(artifacts):
 
     def request(i: int) -> None:
         results.append(httpx.post(url + "/v1/completions", timeout=120, json={
-            "model": "poet", "prompt": PROMPTS[i], "max_tokens": 200, "n": 4, "stream": i == 0}))
+            "model": "poet", "prompt": PROMPTS[i], "max_tokens": 200, "n": 4, "stream": i == 0,
+            "speculate": "off"}))  # drafts would finish the tiny model's loops before SIGTERM comes
 
     threads = [threading.Thread(target=request, args=(i,)) for i in range(4)]
     for t in threads:

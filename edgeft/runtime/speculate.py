@@ -11,7 +11,10 @@ order with the sequence's own sampler: a drafted token is accepted when the toke
 at its position equals it, and the first disagreement ends the step (that sampled token
 is kept: every step yields at least one token). Each token is drawn from the same
 distribution, with the same random numbers in the same order, as plain decoding would
-draw it, so the output is unchanged (greedy and seeded sampling alike), only sooner.
+draw it, so the output is unchanged (greedy and seeded sampling alike), only sooner: exactly
+so where the graph's multi-token steps compute what its one-token steps do (fp32 artifacts);
+an int8 artifact's multi-token kernels round differently (as its prompt prefill does), so its
+text may part from plain decoding's where two tokens are nearly tied.
 
 Whether a draft is worth its cost is decided per sequence by ``Speculator``: in ``auto``
 mode it stops drafting when the share of drafted tokens accepted over its last few drafts
