@@ -45,10 +45,10 @@ def test_choose_takes_the_cheapest_rise_per_byte_within_the_target():
         return sensitivity.Group(name, name, name, 0, 0, bytes4=0, bytes8=saving, symmetric4=False)
 
     found = [group("a", 100), group("b", 100), group("c", 1000), group("d", 100)]
-    sens = sensitivity.Sensitivity("k", reference_nll=2.0, baseline_nll=2.0, tokens=10,
-                                   deltas={"a": 0.01, "b": -0.001, "c": 0.02})  # d unmeasured
+    sens = sensitivity.Sensitivity("k", reference_nll=2.0, baseline_nll=2.01, tokens=10, deltas={},
+                                   baseline_kl=0.005, kl={"a": 0.01, "b": 0.0, "c": 0.015})  # d unmeasured
     choice = sensitivity.choose(found, sens, target_pct=2.5)
-    # rise per byte: b 0 (a negative rise counts as none), c 2e-5, a 1e-4; a would overshoot 2.5%
+    # cost per byte: b 0, c 1.5e-5, a 1e-4; a would overshoot 2.5% (0.005 + 0.015 + 0.01 nats)
     assert choice.four_bit == ["b", "c"]
     assert choice.predicted_pct == pytest.approx(100 * (np.exp(0.02) - 1))
     assert sensitivity.choose(found, sens, target_pct=5.0).four_bit == ["b", "c", "a"]
@@ -70,11 +70,14 @@ def test_replayed_blocks_give_the_full_forward_and_groups_cover_every_matmul(tin
     ids = np.random.default_rng(0).integers(0, graph.vocab_size, (6, 32))
     sim = sensitivity._Simulator(model, found, 16)
     try:
+        sim.score(ids, keep=True)
         sim.set_all(8)
-        base = sim.record(ids)
+        base, base_kl = sim.score(ids, keep=True)
+        assert base_kl > 0  # 8 bits is not fp32
         sim.set(next(g for g in found if g.name == "block.2.mlp.down_proj"), 4)
-        replayed, full = sim.nll(ids, replay_below=2), sim.nll(ids)
-        assert replayed != base and replayed == pytest.approx(full, abs=1e-6)
+        (nll, kl), (full_nll, full_kl) = sim.score(ids, replay_below=2), sim.score(ids)
+        assert nll != base and kl > 0
+        assert nll == pytest.approx(full_nll, abs=1e-6) and kl == pytest.approx(full_kl, rel=1e-4, abs=1e-9)
     finally:
         sim.restore()
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -110,7 +113,9 @@ def test_searched_finds_the_damaged_group_keeps_it_at_8_bits_and_caches(tiny_lla
     first = export(ExportConfig(source=str(source), out=tmp_path / "a", **cfg), log=None)
     m = json.loads((first / "manifest.json").read_text())
     search = m["quantization"]["search"]
-    assert m["quantization"]["scheme"] == "searched" and m["gate"]["passed"] and m["gate"]["chosen"] == "searched"
+    assert m["quantization"]["scheme"] == "searched" and m["gate"]["passed"], m["gate"]["candidates"]
+    assert m["gate"]["chosen"].startswith("searched")
+    assert max(search["kl"], key=search["kl"].get) == DAMAGED
     assert max(search["nll_rise"], key=search["nll_rise"].get) == DAMAGED
     assert search["widths"][DAMAGED] == "int8"
     assert sum(w == "int4" for w in search["widths"].values()) >= 15  # the rest could go narrow
@@ -143,5 +148,5 @@ def test_time_budget_leaves_groups_unmeasured_at_8_bits(tiny_llama_dir, tmp_path
     out = export(ExportConfig(source=str(tiny_llama_dir), out=tmp_path / "a", quantize="searched",
                               sensitivity_seconds=0, **FAST_GATE), log=None)
     search = json.loads((out / "manifest.json").read_text())["quantization"]["search"]
-    assert search["nll_rise"] == {} and len(search["unmeasured"]) == len(search["widths"])
+    assert search["kl"] == {} and len(search["unmeasured"]) == len(search["widths"])
     assert set(search["widths"].values()) == {"int8"}

@@ -278,10 +278,9 @@ def _searched_candidate(search: _Search, build: Callable[..., tuple[Path, Manife
         s = search.run()
         if attempt >= SEARCH_TRIES:
             return None
-        aim = SEARCH_TARGET_SHARE * budget if target is None else target
         floor = s.sens.increase_pct([])
+        spend = s.sens.increase_pct(c.chosen4) - floor  # what the failed mix was predicted to cost
         measured = result.metrics.get("perplexity_increase_pct", 0.0)
-        spend = aim - floor
         if measured > SEARCH_AIM * budget and measured > floor:
             spend *= min(0.8, (SEARCH_AIM * budget - floor) / (measured - floor))
         else:  # failed on token agreement or repetition: halve what the 4-bit groups may cost
@@ -289,7 +288,7 @@ def _searched_candidate(search: _Search, build: Callable[..., tuple[Path, Manife
         narrower = sensitivity.choose(s.found, s.sens, floor + spend).four_bit
         if spend <= 0 or not narrower or set(narrower) >= set(c.chosen4):
             return None
-        search.log(f"{c.name} failed the gate: trying a narrower mix (predicted target +{floor + spend:.2f}%)")
+        search.log(f"{c.name} failed the gate: trying a narrower mix (predicted target {floor + spend:+.2f}%)")
         return _searched_candidate(search, build, attempt + 1, floor + spend)
 
     c.build, c.retry = make, retry
@@ -301,14 +300,17 @@ def _search_record(s: _Search, choice: Any, attempt: int) -> dict[str, Any]:
     sens = s.sens
     return {
         "method": "per-group fake quantization in PyTorch (onnxruntime's MatMulNBits blocks), others at int8; "
-                  "mean NLL rise on held-out token ids; greedy knapsack on rise per byte saved",
+                  "cost: mean KL from the all-int8 model on held-out token ids (NLL rise recorded too); "
+                  "greedy knapsack on cost per byte saved",
         "why": choice.why,
         "attempt": attempt,
         "target_increase_pct": round(choice.target_pct, 4),
         "predicted_increase_pct": round(choice.predicted_pct, 4),
         "int8_predicted_increase_pct": round(sens.increase_pct([]), 4),
         "widths": {g.name: ("int4" if g.name in choice.four_bit else "int8") for g in s.found},
+        "kl": {g: round(d, 7) for g, d in sens.kl.items()},
         "nll_rise": {g: round(d, 6) for g, d in sens.deltas.items()},
+        "int8_kl": round(sens.baseline_kl, 7),
         "unmeasured": [g.name for g in s.found if g.name not in sens.deltas],
         "unmatched_nodes": list(s.unmatched or []),
         "tokens": sens.tokens,
