@@ -6,7 +6,10 @@ For MiniLM-L6 (top 2) and SmolLM2-135M (top 4), each in its own process: residen
 after the imports, after ``load_for_tuning``, and after 3 forward+backward steps (batch 16
 of 40 random tokens), as anonymous pages (heap: what the process owns) and file pages (the
 memory-mapped checkpoint; reclaimable, but counted in RSS and peak RSS), and the peak (VmHWM).
-The earlier run of the script this case replaces is kept as written: ``results/int8_memory.{json,md}``.
+On CPU the int8 base is edgeft's own (``edgeft.tune.int8``), which never imports bitsandbytes.
+The runs of the script this case replaces are kept as written: ``results/int8_memory.{json,md}``
+(its last run, with an AdamW step and the bitsandbytes loader for reference, made at commit 1602344 of
+branch ddp-mem).
 """
 
 from __future__ import annotations
@@ -39,9 +42,6 @@ from edgeft.models import resolve_model
 from edgeft.tune.model import load_for_tuning
 out["imports"] = st()
 name, prec = sys.argv[1], sys.argv[2]
-if prec == "int8":
-    import bitsandbytes  # noqa: F401
-    out["bitsandbytes imported"] = st()
 cls = "minilm" in name
 l = load_for_tuning(resolve_model(name), Task.classification if cls else Task.causal_lm, ["a", "b"] if cls else None,
                     2 if cls else 4, prec, "cpu")

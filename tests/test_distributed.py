@@ -29,7 +29,10 @@ def _torchrun(tmp_path: Path, name: str, spec: dict) -> subprocess.CompletedProc
     path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(WORKER), str(path)]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    import edgeft
+
+    here = [str(Path(edgeft.__file__).parents[1]), str(WORKER.parent)]  # the edgeft this test imported
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(here)}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -1,4 +1,4 @@
-"""edgeft tune on tiny random llama, gpt2 and bert: the real bitsandbytes int8 path on CPU.
+"""edgeft tune on tiny random llama, gpt2 and bert: the real int8 frozen base on CPU.
 
 Frozen layers really are int8 and never move; trained ones change and learn; an
 interrupted run resumed from its checkpoint ends where an uninterrupted one ends; the
@@ -53,21 +53,21 @@ def _base_state(model_dir):
 
 # ---- the int8 base --------------------------------------------------------------------------
 
-def test_frozen_linears_are_bitsandbytes_int8_and_top_blocks_fp32(tiny_llama_dir):
-    import bitsandbytes as bnb
+def test_frozen_linears_are_int8_and_top_blocks_fp32(tiny_llama_dir):
     import torch
 
+    from edgeft.tune.int8 import Int8Linear
     from edgeft.tune.model import frozen_linear_kinds, load_for_tuning
 
     loaded = load_for_tuning(tiny_llama_dir, Task.causal_lm, None, trainable_layers=2)
     frozen = frozen_linear_kinds(loaded)
     assert frozen.pop("lm_head") == "Linear"  # tied to the fp32 embeddings, frozen with them
     assert loaded.model.lm_head.weight is loaded.model.get_input_embeddings().weight
-    assert frozen and set(frozen.values()) == {"Linear8bitLt"}, frozen
+    assert frozen and set(frozen.values()) == {"Int8Linear"}, frozen
     assert {n.split(".")[2] for n in frozen if n.startswith("model.layers.")} == {"0", "1"}
     for name, module in loaded.model.named_modules():
         if name in frozen:
-            assert isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8
+            assert isinstance(module, Int8Linear) and module.weight.dtype == torch.int8
         if name.startswith(("model.layers.2.", "model.layers.3.")) and isinstance(module, torch.nn.Linear):
             assert type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
     # the tied head stays frozen with the embeddings; top blocks and the final norm train
@@ -85,11 +85,73 @@ def test_layouts_of_gpt2_and_bert(tiny_gpt2_dir, tiny_bert_dir):
     assert gpt2.untied_head and "lm_head.weight" in gpt2.trained_names
     assert gpt2.model.lm_head.weight.data_ptr() != gpt2.model.transformer.wte.weight.data_ptr()
     assert set(type(m).__name__ for n, m in gpt2.model.named_modules()
-               if n.startswith("transformer.h.0.") and n.endswith(("c_attn", "c_fc"))) == {"Linear8bitLt"}
+               if n.startswith("transformer.h.0.") and n.endswith(("c_attn", "c_fc"))) == {"Int8Linear"}
 
     bert = load_for_tuning(tiny_bert_dir, Task.classification, ["a", "b", "c"], trainable_layers=2)
     assert bert.trainable_modules == ["bert.encoder.layer.2", "bert.encoder.layer.3", "classifier", "bert.pooler"]
     assert bert.model.classifier.out_features == 3
+
+
+@pytest.mark.parametrize(("name", "task"), [("llama", Task.causal_lm), ("gpt2", Task.causal_lm),
+                                          ("bert", Task.classification)])
+def test_int8_base_computes_what_the_fp32_base_does(name, task, request):
+    """Same seed, same new head; logits within int8 rounding of the fp32 base's."""
+    import torch
+
+    from edgeft.tune.model import load_for_tuning
+
+    model_dir = request.getfixturevalue(f"tiny_{name}_dir")
+    labels = ["a", "b"] if task is Task.classification else None
+    int8, fp32 = (load_for_tuning(model_dir, task, labels, trainable_layers=1, precision=p) for p in ("int8", "fp32"))
+    assert dict(int8.model.named_parameters()).keys() == dict(fp32.model.named_parameters()).keys()
+    for n in int8.trained_names:
+        assert torch.equal(dict(int8.model.named_parameters())[n], dict(fp32.model.named_parameters())[n]), n
+    ids = torch.randint(5, 300, (3, 12))
+    with torch.no_grad():
+        a, b = (m.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits for m in (int8, fp32))
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    assert not torch.equal(a, b)  # the frozen Linear layers really are rounded
+
+
+def test_int8_linear_rounds_the_weight_and_passes_the_input_gradient():
+    import torch
+
+    from edgeft.tune.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(48, 24)
+    layer = Int8Linear.like(dense)
+    layer.put("weight", dense.weight.detach())
+    layer.put("bias", dense.bias.detach())
+    dequant = layer.weight.float() * layer.scale[:, None]
+    assert layer.weight.dtype == torch.int8 and (dequant - dense.weight).abs().max() <= layer.scale.max() / 2 + 1e-7
+    x = torch.randn(5, 48, requires_grad=True)
+    layer(x).square().sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(ref, dequant, dense.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    assert not layer.weight.requires_grad and layer.weight.grad is None
+
+
+def test_int8_base_on_cpu_maps_only_the_embeddings_and_imports_no_bitsandbytes(tiny_llama_dir):
+    """Loaded tensor by tensor: of the checkpoint only the frozen embeddings stay mapped; no bitsandbytes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "from edgeft.artifact import Task\n"
+        "from edgeft.tune.model import load_for_tuning\n"
+        f"loaded = load_for_tuning({str(tiny_llama_dir)!r}, Task.causal_lm, None, trainable_layers=2)\n"
+        "spans = [ln.split()[0].split('-') for ln in open('/proc/self/maps') if 'model.safetensors' in ln]\n"
+        "mapped = sum(int(b, 16) - int(a, 16) for a, b in spans)\n"
+        "emb = loaded.model.get_input_embeddings().weight\n"
+        "print(json.dumps({'mapped': mapped, 'embeddings': emb.numel() * 4, 'bnb': 'bitsandbytes' in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not got["bnb"]
+    assert 0 < got["mapped"] <= got["embeddings"] + 16 * 4096  # + a page or two for each frozen norm
+    assert got["mapped"] < (tiny_llama_dir / "model.safetensors").stat().st_size / 2
 
 
 def test_more_trainable_layers_than_blocks_is_refused(tiny_llama_dir):
@@ -115,7 +177,7 @@ def test_training_moves_only_the_trained_weights(tiny_llama_dir, tmp_path):
     T.run_loop(cfg, loaded, prep, cfg.partial, T.make_plan(cfg, len(prep.train)))
     after = loaded.model.state_dict()
     trained = set(loaded.trained_names)
-    assert any(k.endswith("SCB") for k in after)  # the int8 scales are part of the frozen state
+    assert any(k.endswith(".scale") for k in after)  # the int8 scales are part of the frozen state
     for k, v in before.items():
         if k in trained:
             assert not torch.equal(v, after[k]), k

@@ -17,7 +17,8 @@ from edgeft.tune.config import TuneConfig
 def tune(config: TuneConfig) -> None:
     """Fine-tune the top blocks of a model over a frozen 8-bit base; write a run folder.
 
-    The embeddings and lower blocks are frozen and loaded in 8-bit (bitsandbytes LLM.int8);
+    The embeddings and lower blocks are frozen and loaded in 8-bit (bitsandbytes LLM.int8 on CUDA, int8 rows
+    quantized as they are read on CPU);
     the top N blocks, the final norm and the head train in fp32. A head tied to the
     embeddings (SmolLM2, GPT-2) stays frozen unless --untie-head. The run folder holds
     only the trained parameters (trained.safetensors), run.json (base name and sha256),

@@ -19,7 +19,7 @@ from edgeft.flags import flag
 
 
 class Precision(str, Enum):
-    int8 = "int8"  # bitsandbytes LLM.int8 for the frozen Linear layers
+    int8 = "int8"  # 8-bit frozen Linear layers: bitsandbytes LLM.int8 on CUDA, edgeft's int8 rows on CPU
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
@@ -95,7 +95,8 @@ class TuneConfig:
     trainable_layers: int = field(default=2, metadata=flag("--trainable-layers", "-n", panel=MODEL))
     """Top transformer blocks to train, with the final norm and the head."""
     base_precision: Precision = field(default=Precision.int8, metadata=flag(panel=MODEL))
-    """Precision of the frozen part: int8 is bitsandbytes LLM.int8."""
+    """Precision of the frozen part: int8 is bitsandbytes LLM.int8 on CUDA; on CPU int8 rows quantized as the
+    checkpoint is read (no full-precision copy of them, no bitsandbytes)."""
     untie_head: bool = field(default=False, metadata=flag(panel=MODEL))
     """Train a tied LM head as its own copy, saved as lm_head.weight (default: a tied head stays frozen with the
     embeddings)."""

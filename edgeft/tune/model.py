@@ -2,9 +2,11 @@
 
 ``load_for_tuning`` finds the model's layout (the list of transformer blocks, the final
 norm, the head) on a meta-device copy, then loads the real weights with the frozen
-Linear layers as bitsandbytes LLM.int8 layers (``BitsAndBytesConfig(load_in_8bit=True,
-llm_int8_skip_modules=[trainable modules and heads])``), or in bf16/fp16/fp32 when asked.
-The trainable modules always stay in fp32.
+Linear layers in 8-bit, or in bf16/fp16/fp32 when asked. On CUDA the 8-bit layers are
+bitsandbytes LLM.int8 (``BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[trainable
+modules and heads])``); on CPU they are ``edgeft.tune.int8``'s int8 rows, quantized tensor by
+tensor as the checkpoint is read, so no full-precision copy of the model is ever held and
+bitsandbytes is not imported. The trainable modules always stay in fp32.
 
 Trained: the top ``N`` blocks, the final norm and the head (``lm_head``; for
 classification the new classifier/score layer and BERT's pooler). Frozen: the embeddings
@@ -147,9 +149,25 @@ def autocast_dtype(device: Any, precision: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def _load_weights(path: Path | str, task: Task, cfg: Any, precision: str, skip: list[str], device: Any) -> Any:
+def _load_int8_cpu(path: Path | str, task: Task, cfg: Any, skip: list[str], heads: list[str]) -> Any:
+    from edgeft.tune import int8
+
+    try:
+        with quiet_transformers():
+            return int8.load(path, model_class(task), cfg, keep=skip, heads=heads)
+    except EdgeftError as e:
+        raise EdgeftError(f"cannot load model {path}: {e}") from None
+
+
+def _load_weights(path: Path | str, task: Task, cfg: Any, precision: str, skip: list[str], device: Any,
+                  heads: list[str] = ()) -> Any:
+    """The task model on ``device``; ``skip``: modules kept out of 8-bit, ``heads``: ones the checkpoint may lack."""
     import torch
 
+    from edgeft.tune.int8 import checkpoint_files
+
+    if precision == "int8" and device.type == "cpu" and checkpoint_files(path):
+        return _load_int8_cpu(path, task, cfg, skip, list(heads))
     kwargs: dict[str, Any] = {"config": cfg}
     if precision == "int8":
         from transformers import BitsAndBytesConfig
@@ -214,7 +232,8 @@ def load_for_tuning(path: Path | str, task: Task, labels: list[str] | None, trai
     dev = pick_device(device, local_rank)
     silence_int8_cast_notice()
     torch.manual_seed(seed)  # a new head (classifier) starts from the same weights every time
-    model = _load_weights(path, task, cfg, precision, skip=sorted(set(modules) | set(layout.heads)), device=dev)
+    model = _load_weights(path, task, cfg, precision, skip=sorted(set(modules) | set(layout.heads)), device=dev,
+                          heads=list(layout.heads))
     if untie:
         _untie(model)
     trained = _freeze(model, modules)
