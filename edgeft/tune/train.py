@@ -192,7 +192,8 @@ def make_optimizer(cfg: TuneConfig, model: Any) -> Any:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    # fused: one kernel over all tensors; on CPU the per-tensor loop took a quarter of a cached step
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
 
 
 def enable_checkpointing(model: Any) -> None:
@@ -424,7 +425,8 @@ def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, 
         denom = denom or 1.0
         for p in params:
             p.grad.div_(denom)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
+                                          foreach=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(prep.train_lengths[j] for ix in everyone for j in ix)
