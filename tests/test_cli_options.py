@@ -53,7 +53,7 @@ def test_tune_flags_come_from_tuneconfig_with_short_names_panels_and_old_spellin
     assert CliRunner().invoke(app, [*base, "--text-col", "sentence", "-n", "3", "--untie-head"]).exit_code == 0
     cfg = seen[-1]
     assert cfg.text_column == "sentence" and cfg.trainable_layers == 3 and cfg.untie_head and cfg.group_by_length
-    assert cfg.batch_size == 16 and cfg.task is None  # defaults from the dataclass
+    assert cfg.batch_size is None and cfg.task is None  # defaults from the dataclass (None: by task)
     both = CliRunner().invoke(app, [*base, "--text-col", "a", "--text-column", "b"])
     assert both.exit_code == 2 and "old spelling" in both.output
 

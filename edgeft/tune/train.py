@@ -53,13 +53,12 @@ from edgeft.tune import dataset as DS
 from edgeft.tune import distributed, frozen
 from edgeft.tune import metrics as M
 from edgeft.artifact import Task
-from edgeft.tune.config import ClassWeights, Optim, Schedule, TuneConfig
+from edgeft.tune.config import ClassWeights, Optim, Schedule, TuneConfig, task_defaults
 from edgeft.tune.distributed import World
 
 CHECKPOINT = "checkpoint.json"
 # A disk that filled up or turned read-only mid-run: one line, not a traceback.
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-DEFAULT_MAX_LENGTH = {Task.classification: 128, Task.causal_lm: 256}
 
 
 @dataclass
@@ -110,7 +109,7 @@ def preflight(cfg: TuneConfig) -> None:
 
 
 def resolve_max_length(cfg: TuneConfig, task: Task, positions: int | None) -> int:
-    length = cfg.max_length or DEFAULT_MAX_LENGTH[task]
+    length = cfg.max_length or task_defaults(task)["max_length"]
     if positions and length > positions:
         if cfg.max_length:
             raise EdgeftError(f"--max-length {length} exceeds the model's context of {positions} tokens")
@@ -713,12 +712,13 @@ def _tune(cfg: TuneConfig, world: World, callback: Callable[[int], None] | None)
     task = resolve_task(cfg)
     tokenizer = load_tokenizer(resolved)
     max_length = resolve_max_length(cfg, task, max_positions(hf_config(resolved, Task.causal_lm, None, tokenizer)))
+    given, cfg = cfg, dataclasses.replace(cfg.for_task(task), max_length=max_length)  # task defaults where unset
     prep = prepare_data(cfg, task, tokenizer, max_length, quiet=not world.main)
     loaded = load_for_tuning(resolved, task, prep.labels, cfg.trainable_layers, cfg.base_precision.value,
                              cfg.device.value, cfg.untie_head, cfg.train_embeddings, cfg.seed, tokenizer,
                              local_rank=world.local_rank)
     plan = make_plan(cfg, len(prep.train))
-    partial = _open_partial(cfg, world)
+    partial = _open_partial(given, world)  # the config as given: --resume compares against it
     cache = open_cache(cfg, loaded, prep, plan, partial, resolved, max_length, world)
     try:
         state, best = run_loop(cfg, loaded, prep, partial, plan, callback, cache, world)
