@@ -212,6 +212,7 @@ def test_run_folder_holds_only_trained_params_and_merges_onto_fp32_base(tiny_lla
 
 
 def test_unset_settings_take_the_task_defaults_and_the_run_records_them(tiny_bert_dir, tmp_path):
+    from edgeft.flags import field_docs
     from edgeft.tune.config import task_defaults
 
     given = _cfg(tiny_bert_dir, _cls_data(tmp_path / "d.csv", n=40), tmp_path / "run", max_steps=1,
@@ -219,6 +220,9 @@ def test_unset_settings_take_the_task_defaults_and_the_run_records_them(tiny_ber
     assert given.lr is None and given.for_task(Task.classification).lr == task_defaults(Task.classification)["lr"]
     assert given.for_task(Task.causal_lm).batch_size == task_defaults(Task.causal_lm)["batch_size"]
     assert _cfg(tiny_bert_dir, "d", "o", lr=7e-4).for_task(Task.classification).lr == 7e-4  # given wins
+    docs = field_docs(TuneConfig)
+    for task in (Task.classification, Task.causal_lm):  # the help says what the defaults are
+        assert all(f"{v} for {task.value}" in docs[k] for k, v in task_defaults(task).items()), task
     config = json.loads((tune(given) / "config.json").read_text())
     assert {k: config[k] for k in ("lr", "batch_size", "max_length")} == task_defaults(Task.classification)
 

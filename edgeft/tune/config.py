@@ -88,8 +88,8 @@ class TuneConfig:
     label_column: str | None = field(default=None, metadata=flag(panel=DATA, aliases=("--label-col",)))
     """Label column (default: detected by name)."""
     max_length: int | None = field(default=None, metadata=flag(panel=DATA))
-    """Tokens per example or text block (default: by task, see task_defaults); longer text is truncated
-    with one warning."""
+    """Tokens per example or text block (default: 128 for classification, 256 for causal-lm); longer text is
+    truncated with one warning."""
     max_eval_examples: int | None = field(default=None, metadata=flag(panel=DATA))
     """Evaluate on at most this many examples/blocks."""
     trainable_layers: int = field(default=2, metadata=flag("--trainable-layers", "-n", panel=MODEL))
@@ -112,7 +112,7 @@ class TuneConfig:
     grad_accum: int = field(default=1, metadata=flag(panel=TRAIN))
     """Micro-batches per optimizer step."""
     lr: float | None = field(default=None, metadata=flag(panel=TRAIN))
-    """Peak learning rate (default: by task, see task_defaults)."""
+    """Peak learning rate (default: 0.001 for classification, 0.0001 for causal-lm)."""
     weight_decay: float = field(default=0.01, metadata=flag(panel=TRAIN))
     """AdamW weight decay (not on biases and norms)."""
     warmup: float = field(default=0.06, metadata=flag(panel=TRAIN))
@@ -231,10 +231,10 @@ class TuneConfig:
 def task_defaults(task: Task) -> dict[str, Any]:
     """The defaults that depend on the task: the one rule, for every model.
 
-    Classification trains a new head from scratch on short texts: a high peak learning rate
-    and batches of 32 (the sweep in benchmarks/results/sst2_sweep.md chose them); 128 tokens
-    cost nothing for shorter texts, since batches are padded to their longest example.
-    Causal LM keeps a low rate that leaves a pretrained model's style intact.
+    Classification trains a new head from scratch: a peak learning rate ten times causal LM's
+    and batches of 32 (benchmarks/results/sst2_sweep.md says what they rest on and what is still
+    unmeasured); 128 tokens cost nothing for shorter texts, since a batch is padded only to its
+    longest example. Causal LM keeps a low rate that leaves a pretrained model's style intact.
     """
     if task is Task.classification:
         return {"max_length": 128, "lr": 1e-3, "batch_size": 32}
