@@ -107,8 +107,8 @@ class TuneConfig:
     max_steps: int | None = field(default=None, metadata=flag(panel=TRAIN))
     """Optimizer steps; overrides --epochs."""
     batch_size: int | None = field(default=None, metadata=flag("--batch-size", "-b", panel=TRAIN))
-    """Examples per micro-batch, in all (under torchrun each process takes its share; default: 32 for
-    classification, 16 for causal-lm)."""
+    """Examples per micro-batch, in all (under torchrun each process takes its share); default: 32 for classification,
+    16 for causal-lm."""
     grad_accum: int = field(default=1, metadata=flag(panel=TRAIN))
     """Micro-batches per optimizer step."""
     lr: float | None = field(default=None, metadata=flag(panel=TRAIN))
