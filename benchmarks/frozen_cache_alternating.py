@@ -171,33 +171,51 @@ def case(ctx) -> None:
                 ctx.add(CASE, system, "share_of_ceiling_cpu", 100 * s["share_of_ceiling_cpu"], "%")
 
 
+def _base(r: dict) -> str:
+    return r["precision"] + (", AdamW loop" if r.get("optimizer_impl") == "loop" else "")
+
+
 def markdown(rep: dict) -> str:
     lines = [f"# Frozen-block cache, cache on and off in alternating epochs ({rep['date']})", "",
-             f"Made by `{rep['made_by']}` ({rep['rounds']} rounds of one epoch off, one on, after the filling "
+             f"Made by `{rep['made_by']}` ({rep['rounds']} round(s) of one epoch off, one on, after the filling "
              f"epoch; one process per model and base). CPU: {rep['cpu']}, {rep['cores']} cores, "
              f"{rep['threads']} torch threads; flags: {' '.join(rep['cpu_flags'])}. Optimizer: {rep['optimizer_impl']}.",
-             f"Machine: {rep['shared_machine']}; 1-minute load average before, between and after the workers: "
+             f"Machine: {rep['shared_machine']}; 1-minute load average before, between and after the workers (per run): "
              f"{rep['load_average_1m']}. CPU seconds (all threads of the process) are the steadier measure of work "
              "on a loaded machine; wall seconds swing with the load.", "",
              "| case | base | epoch 1 (filling) cpu / wall s | later, cache off cpu / wall s | later, cache on cpu / wall s "
              "| speed-up cpu / wall | ceiling | share of ceiling (cpu) |", "|---|---|---|---|---|---|---|---|"]
     for r in rep["results"]:
         s = r["summary"]
-        lines.append(f"| {r['case']} | {r['precision']} | {s['cpu']['fill']:.2f} / {s['wall']['fill']:.2f} | "
+        # the ceiling counts block-passes of equal cost: an fp32 base's; an int8 frozen block costs more
+        share = f"{100 * s['share_of_ceiling_cpu']:.0f}%" if r["precision"] == "fp32" else "n/a (int8 blocks cost more)"
+        lines.append(f"| {r['case']} | {_base(r)} | {s['cpu']['fill']:.2f} / {s['wall']['fill']:.2f} | "
                      f"{s['cpu']['off']:.2f} / {s['wall']['off']:.2f} | {s['cpu']['on']:.2f} / {s['wall']['on']:.2f} | "
                      f"{s['speedup_cpu']:.2f}x / {s['speedup_wall']:.2f}x | {CEILING[r['case']]:.2f}x | "
-                     f"{100 * s['share_of_ceiling_cpu']:.0f}% |")
+                     f"{share} |")
     lines += ["", "Where a later epoch's CPU seconds go (per epoch; forward is the whole model call, the cache read "
               "included):", "", "| case | base | cache | forward | backward | clip | optimizer |", "|---|---|---|---|---|---|---|"]
     for r in rep["results"]:
         for m in ("off", "on"):
             p = r["summary"]["parts_cpu"][m]
-            lines.append(f"| {r['case']} | {r['precision']} | {m} | {p['forward']:.2f} | {p['backward']:.2f} | "
+            lines.append(f"| {r['case']} | {_base(r)} | {m} | {p['forward']:.2f} | {p['backward']:.2f} | "
                          f"{p['clip']:.2f} | {p['optimizer']:.2f} |")
     lines += ["", "Ceilings: the share of block-passes the cache removes, forward+backward of a trained block ~3 "
               "passes, a frozen block 1 (MiniLM top-2 of 6: 10/6; SmolLM2 top-4 of 30: 38/12); embeddings, head, "
               "loss and optimizer are not counted, so no run can reach them.", ""]
     return "\n".join(lines)
+
+
+def merge(tags: list[str], tag: str) -> None:
+    """Runs made at the same time (one per model or optimizer) written as one report."""
+    reps = [json.loads((RESULTS / f"frozen_cache_alternating-{t}.json").read_text()) for t in tags]
+    rep = dict(reps[0], made_by="; ".join(r["made_by"] for r in reps), results=[x for r in reps for x in r["results"]],
+               optimizer_impl="; ".join(f"{t}: {r['optimizer_impl']}" for t, r in zip(tags, reps, strict=True)),
+               rounds="/".join(str(r["rounds"]) for r in reps),
+               load_average_1m=[r["load_average_1m"] for r in reps])
+    name = "frozen_cache_alternating" + (f"-{tag}" if tag else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(rep))
 
 
 def main() -> None:
@@ -209,10 +227,14 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=5)
     ap.add_argument("--optimizer-impl", choices=("tune", "loop"), default="tune")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--merge", help="tags of earlier runs to write side by side as one file (named by --tag)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    if args.merge:
+        merge(args.merge.split(","), args.tag)
         return
     load, results = [os.getloadavg()[0]], []
     with tempfile.TemporaryDirectory(prefix="edgeft-fca-") as tmp:
