@@ -17,6 +17,14 @@ from edgeft.flags import flag
 from edgeft.generate_config import Speculation
 
 
+class Spin(str, enum.Enum):
+    """Whether onnxruntime's idle pool threads spin between parallel sections or sleep."""
+
+    auto = "auto"  # $EDGEFT_SPIN when set, else decided when the model loads (edgeft.runtime.session.choose_spin)
+    on = "on"
+    off = "off"
+
+
 class LogFormat(str, enum.Enum):
     """How the server writes its log lines to stderr."""
 
@@ -45,6 +53,10 @@ class ServeConfig:
     scraper instead of the API key."""
     threads: int | None = field(default=None, metadata=flag(env="EDGEFT_THREADS"))
     """onnxruntime threads per model (default: all cores). Match the CPU limit."""
+    spin: Spin = Spin.auto
+    """Idle onnxruntime threads spin (on) or sleep (off). auto: $EDGEFT_SPIN (1 or 0) when set, else spin
+    only when the cores a model's threads take are idle at load, besides every other model's threads and,
+    with --parallel > 1, one core for the HTTP loop."""
     parallel: int = field(default=4, metadata=flag(env="EDGEFT_PARALLEL"))
     """Sequences decoded together per model: the KV slots of its one batching engine (llama.cpp's -np).
     Replaces --workers (EDGEFT_WORKERS is no longer read)."""

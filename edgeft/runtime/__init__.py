@@ -20,14 +20,15 @@ __all__ = ["Generator", "TextClassifier", "TextEmbedder", "Constraint", "compile
 
 
 def load(path: str | Path, threads: int | None = None, check: Check = Check.full,
-         trusted_keys: Sequence = ()) -> Generator | TextClassifier | TextEmbedder:
+         trusted_keys: Sequence = (), spin=None, reserve: float = 0.0) -> Generator | TextClassifier | TextEmbedder:
     """Open an artifact folder or packed file as a ``Generator``, ``TextClassifier`` or ``TextEmbedder``.
 
     Every byte is hashed unless ``check`` is ``Check.quick``; ``trusted_keys``
-    (``edgeft.signing.load_trusted_keys``) demand a signature by one of them."""
+    (``edgeft.signing.load_trusted_keys``) demand a signature by one of them. ``spin`` and
+    ``reserve``: a generator's thread policy (``edgeft.runtime.session.resolve_spin``)."""
     folder, manifest = open_artifact(path, check, trusted_keys)
     if manifest.task is Task.causal_lm:
-        return Generator(folder, manifest, threads)
+        return Generator(folder, manifest, threads, spin=spin, reserve=reserve)
     if manifest.task is Task.embedding:
         return TextEmbedder(folder, manifest, threads)
     return TextClassifier(folder, manifest, threads)

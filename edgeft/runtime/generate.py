@@ -42,7 +42,7 @@ from edgeft.runtime import chat
 from edgeft.runtime.detok import IncrementalDetokenizer
 from edgeft.runtime.processors import LogitProcessor
 from edgeft.runtime.sampling import Sampler, SamplingParams, TokenLogprob
-from edgeft.runtime.session import input_dtypes, open_session, output_dtypes
+from edgeft.runtime.session import default_threads, input_dtypes, open_session, output_dtypes, resolve_spin
 from edgeft.runtime.speculate import SpecCounts, Speculator
 
 
@@ -313,13 +313,17 @@ class Generator:
     """A causal language model artifact, ready to continue prompts and chats."""
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None,
-                 profile_prefix: str | None = None) -> None:
+                 profile_prefix: str | None = None, spin=None, reserve: float = 0.0) -> None:
         if manifest.task is not Task.causal_lm:
             raise EdgeftError(f"{folder} is a {manifest.task.value} artifact, not a text generator")
         self.folder, self.manifest = Path(folder), manifest
         self.tokenizer = Tokenizer.from_file(str(self.folder / manifest.tokenizer.file))
         self.decoder = manifest.decoder
-        session = open_session(self.folder / manifest.graph.file, threads, profile_prefix=profile_prefix)
+        threads = threads or default_threads()
+        # spinning or sleeping pool threads: an explicit Spin, $EDGEFT_SPIN, else what the machine shows now
+        self.spinning, self.spin_reason = resolve_spin(spin, threads, reserve)
+        session = open_session(self.folder / manifest.graph.file, threads, spin=self.spinning,
+                               profile_prefix=profile_prefix)
         self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest))
         tok = manifest.tokenizer
         self.eos_ids = frozenset(tok.eos_token_ids) or self._token_ids(tok.eos_token)

@@ -132,6 +132,15 @@ def _engine_observer(metrics: Registry, name: str) -> Callable[[str, float], Non
     return observe
 
 
+def _spin_reserve(config: ServeConfig) -> float:
+    """Cores a model's spinning threads must leave free: every other model's threads, and with
+    several slots one for the event loop (it streams every slot's chunks while the pool works)."""
+    from edgeft.runtime.session import default_threads
+
+    threads = config.threads or default_threads()
+    return threads * (len(config.artifacts) - 1) + (1.0 if config.parallel > 1 else 0.0)
+
+
 def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
     """Open every artifact, hashing every byte (blocking: run it off the event loop)."""
     from edgeft.runtime import load
@@ -143,7 +152,8 @@ def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
     keys = load_trusted_keys(config.trusted_keys) if config.trusted_keys else []
     for name, path in zip(config.model_names(), config.artifacts):
         t0 = time.perf_counter()
-        first = load(path, threads=config.threads, trusted_keys=keys)
+        first = load(path, threads=config.threads, trusted_keys=keys, spin=config.spin,
+                     reserve=_spin_reserve(config))
         task = first.manifest.task
         if task is Task.causal_lm:
             engine = Engine(first, parallel=config.parallel, ctx_size=config.ctx_size, queue_size=config.queue_size,
@@ -157,8 +167,10 @@ def load_models(config: ServeConfig, metrics: Registry) -> dict[str, Model]:
         m.signature_checked = bool(keys)
         models[name] = m
         metrics.loaded.set(1, model=name)
-        log.info("loaded %s (%s) from %s in %.1fs", name, task.value, path, time.perf_counter() - t0,
-                 extra={"fields": {"model": name, "task": task.value, "path": str(path)}})
+        spin = getattr(first, "spinning", None)
+        log.info("loaded %s (%s) from %s in %.1fs%s", name, task.value, path, time.perf_counter() - t0,
+                 "" if spin is None else f"; threads {'spin' if spin else 'sleep'} ({first.spin_reason})",
+                 extra={"fields": {"model": name, "task": task.value, "path": str(path), "spin": spin}})
     return models
 
 

@@ -1,0 +1,95 @@
+"""The threading policy: spinning or sleeping pool threads, chosen from the machine or set."""
+
+from __future__ import annotations
+
+import pytest
+from runtime_artifacts import build
+
+from edgeft.errors import EdgeftError
+from edgeft.runtime import session
+from edgeft.runtime.session import Cores, choose_spin, resolve_spin
+from edgeft.serve_config import ServeConfig, Spin
+
+
+@pytest.mark.parametrize("cores, threads, reserve, spins", [
+    (Cores(2, 0.0), 2, 0, True),  # an idle 2-core machine: both cores are the pool's
+    (Cores(2, 0.1), 2, 0, True),  # a little noise in the sample
+    (Cores(2, 1.0), 2, 0, False),  # a busy loop on one core
+    (Cores(2, 1.0), 1, 0, True),  # ... leaves one core: a one-thread pool may spin
+    (Cores(2, 0.0), 2, 1, False),  # a served model keeps a core for the HTTP loop
+    (Cores(8, 2.0), 4, 1, True),
+    (Cores(1.5, 0.0), 2, 0, False),  # a cgroup quota of 1.5 CPUs
+])
+def test_spin_only_on_idle_cores(cores, threads, reserve, spins):
+    assert choose_spin(threads, reserve, cores)[0] is spins
+
+
+def test_explicit_setting_then_env_then_machine(monkeypatch):
+    monkeypatch.setattr(session, "machine_cores", lambda: Cores(2, 2.0))
+    monkeypatch.delenv("EDGEFT_SPIN", raising=False)
+    assert resolve_spin(None, 2)[0] is False  # auto on a busy machine
+    assert resolve_spin(Spin.on, 2) == (True, "--spin on")
+    monkeypatch.setenv("EDGEFT_SPIN", "1")
+    assert resolve_spin(Spin.auto, 2)[0] is True
+    assert resolve_spin(Spin.off, 2)[0] is False  # the flag wins over the env
+    assert resolve_spin(False, 2)[0] is False
+    monkeypatch.setenv("EDGEFT_SPIN", "sometimes")
+    with pytest.raises(EdgeftError, match="EDGEFT_SPIN"):
+        resolve_spin(None, 2)
+
+
+def test_busy_cores_exclude_our_own_work(monkeypatch):
+    """Two CPUs sampled: one fully busy, one half busy, of which our own process used half a core."""
+    reads = iter([[(1000, 500), (1000, 500)], [(1100, 500), (1100, 550)]])
+    own = iter([10.0, 10.05])
+    monkeypatch.setattr(session, "_affinity", lambda: [0, 1])
+    monkeypatch.setattr(session, "_cgroup_quota", lambda: None)
+    monkeypatch.setattr(session, "_cpu_times", lambda cpus: next(reads))
+    monkeypatch.setattr(session, "_own_cpu_s", lambda: next(own))
+    clock = iter([0.0, 0.1])
+    monkeypatch.setattr(session.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(session.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    session._READ.clear()
+    cores = session.machine_cores(sample_s=0, max_age_s=0)
+    session._READ.clear()
+    assert cores.usable == 2 and cores.busy == pytest.approx(1.0)  # 1.5 busy - 0.5 ours
+
+
+def test_a_minute_of_oversubscription_counts_as_busy(monkeypatch):
+    monkeypatch.setattr(session, "_cpu_times", lambda cpus: None)  # no /proc/stat
+    monkeypatch.setattr(session, "_affinity", lambda: [0, 1])
+    monkeypatch.setattr(session, "_cgroup_quota", lambda: None)
+    monkeypatch.setattr(session.os, "getloadavg", lambda: (11.0, 7.0, 3.0))
+    session._READ.clear()
+    assert session.machine_cores(sample_s=0, max_age_s=0).spare() == 0
+    session._READ.clear()
+
+
+def test_cgroup_quota(tmp_path):
+    assert session._cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert session._cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert session._cgroup_quota(tmp_path) is None
+
+
+def test_the_choice_reaches_the_session(tiny_llama_dir, tmp_path_factory, monkeypatch):
+    from edgeft.runtime import load
+
+    art = build("llama", str(tiny_llama_dir), str(tmp_path_factory.getbasetemp() / "runtime-artifacts"))
+    for policy, want in ((Spin.on, "1"), (Spin.off, "0")):
+        gen = load(art, threads=1, spin=policy)
+        opts = gen.engine.session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == want
+        assert gen.spinning is (want == "1")
+    monkeypatch.setattr(session, "machine_cores", lambda: Cores(2, 2.0))
+    assert load(art, threads=1).spinning is False
+
+
+def test_serve_reserves_the_other_models_and_the_event_loop(tmp_path):
+    from edgeft.runtime.server import _spin_reserve
+
+    one = ServeConfig(artifacts=(tmp_path,), threads=2, parallel=1)
+    assert _spin_reserve(one) == 0
+    assert _spin_reserve(ServeConfig(artifacts=(tmp_path,), threads=2, parallel=4)) == 1
+    assert _spin_reserve(ServeConfig(artifacts=(tmp_path, tmp_path / "b"), threads=2, parallel=4)) == 3
