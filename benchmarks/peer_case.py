@@ -13,7 +13,8 @@ Quality: perplexity over the same held-out token ids for every system, counted t
 artifact (the de-quantized weights of the shipped Q4_1 GGUF, so llama.cpp Q4_1 is lossless
 against it); a configuration qualifies when it is within the export gate's budget.
 
-Classification (MiniLM-L6 tuned on SST-2): edgeft int8 against OpenVINO int8 and PyTorch.
+Classification (MiniLM-L6 tuned on SST-2): edgeft int8 against OpenVINO int8, CTranslate2 int8
+(its encoder's pooled output through the tuned head) and PyTorch.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ def generation_systems(ctx: Context) -> list[dict]:
              quant="int4", lever=f"--block-size {b} instead of 32")
     lazy("edgeft int8, EDGEFT_SPIN=1", lambda: lm_artifact(ctx, "int8"), env={"EDGEFT_SPIN": "1"}, quant="int8",
          lever="spinning threads")
+    lazy("edgeft int8, EDGEFT_SPIN=0", lambda: lm_artifact(ctx, "int8"), env={"EDGEFT_SPIN": "0"}, quant="int8",
+         lever="sleeping threads (the default before the choice at load)")
     lazy("edgeft int4, EDGEFT_SPIN=1", lambda: lm_artifact(ctx, "int4"), env={"EDGEFT_SPIN": "1"}, quant="int4",
          lever="spinning threads")
     lazy("edgeft int4, accuracy_level 1", lambda: with_accuracy_level(lm_artifact(ctx, "int4"), 1),
@@ -168,8 +171,8 @@ def case_peers(ctx: Context) -> None:
     systems = generation_systems(ctx)
     rounds = int(os.environ.get("BENCH_ROUNDS", 2 if ctx.quick else ROUNDS))
     repeats = int(os.environ.get("BENCH_REPEATS", 2 if ctx.quick else 3))  # per round, after a warm-up
-    per: dict[str, dict[str, list]] = {s["system"]: {"decode": [], "prefill": [], "peak": [], "threads": []}
-                                       for s in systems}
+    per: dict[str, dict[str, list]] = {s["system"]: {"decode": [], "prefill": [], "peak": [], "threads": [],
+                                                     "spin": []} for s in systems}
     failed: set[str] = set()
     bandwidth: list[float] = []
     for r in range(rounds):
@@ -201,6 +204,8 @@ def case_peers(ctx: Context) -> None:
             per[name]["prefill"].append(Stat.from_dict(out["prefill_tps"]["512"]).median)
             per[name]["peak"].append(out["peak_rss_mib"])
             per[name]["threads"].append(out.get("n_threads"))
+            if "spin" in out and not s.get("env"):  # edgeft's own choice at load (no EDGEFT_SPIN given)
+                per[name]["spin"].append(out["spin"])
     if bandwidth:
         ctx.add(CASE, "machine", "read_gbps", _range(bandwidth), "GB/s",
                 note=f"read_gbps: numpy max-reductions over 1 GiB, {ctx.threads} threads, once per round")
@@ -257,6 +262,9 @@ def _range(values: list[float]) -> Stat:
 def _speed_rows(ctx: Context, s: dict, fig: dict, bandwidth: list[float]) -> None:
     name = s["system"]
     note = f"{name}: {s['lever']}" if s.get("lever") else ""
+    if fig.get("spin"):
+        note = (f"{name}: threads chosen at load (no EDGEFT_SPIN): spinning in {sum(fig['spin'])} of "
+                f"{len(fig['spin'])} rounds")
     if s["worker"] == "llama-bench":
         note = (f"{name}: llama-bench tg{ctx.new_tokens} / pp512 at {fig['threads'][0]} threads "
                 f"({'named' if s.get('llama_threads') else 'its default'}), its own timing from an empty context")
@@ -320,15 +328,19 @@ def classification_peers(ctx: Context) -> None:
                         peers.openvino_classifier(hf_classifier(run), run.name)))
     except (Unavailable, OSError) as exc:
         ctx.res.skip(CASE, "OpenVINO int8 (classifier)", str(exc))
-    ctx.res.skip(CASE, "CTranslate2 (classifier)", "CTranslate2's Encoder returns hidden states only: it has no "
-                 "sequence-classification head to run a tuned classifier with")
+    try:
+        hf = hf_classifier(run)
+        systems.append(("CTranslate2 int8 (classifier)", "cls-ctranslate2", peers.need("ctranslate2"),
+                        "benchmarks.peer_workers", peers.ctranslate2_encoder(hf, run.name)))
+    except (Unavailable, OSError) as exc:
+        ctx.res.skip(CASE, "CTranslate2 int8 (classifier)", str(exc))
     rounds = int(os.environ.get("BENCH_ROUNDS", 2 if ctx.quick else ROUNDS))
     figs: dict[str, dict[str, list]] = {s[0]: {"tp": [], "acc": []} for s in systems}
     for r in range(rounds):
         for name, worker, py, module, path in systems[r % len(systems):] + systems[:r % len(systems)]:
             try:
                 out = _spawn(ctx, worker, py, module, env={"OMP_NUM_THREADS": str(ctx.threads)},
-                             peer_threads=ctx.threads, path=str(path),
+                             peer_threads=ctx.threads, path=str(path), hf=str(WORK / "hf" / run.name),
                              data=str(dev), batch_sizes=[32], batches=ctx.batches, max_length=CLS_MAX_LENGTH)
             except (WorkerFailed, subprocess.TimeoutExpired) as exc:
                 ctx.res.skip(CASE, name, str(exc))

@@ -293,6 +293,30 @@ def ppl_ctranslate2(spec: dict) -> dict:
     return perplexity_result(total, count, spec.get("n_ctx", 256))
 
 
+def cls_ctranslate2(spec: dict) -> dict:
+    """The classifier on CTranslate2's ``Encoder``: its pooled output (BERT's tanh pooler, inside the
+    converted model) through the tuned head (``classifier.weight``/``bias`` of the HF folder) in numpy."""
+    import ctranslate2
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    threads = {"intra_threads": int(spec["peer_threads"])} if spec.get("peer_threads") else {}
+    enc = ctranslate2.Encoder(spec["path"], device="cpu", compute_type="int8", **threads)
+    tok = AutoTokenizer.from_pretrained(spec["hf"])
+    head = load_file(os.path.join(spec["hf"], "model.safetensors"))
+    w, b = head["classifier.weight"].T.astype(np.float32), head["classifier.bias"].astype(np.float32)
+
+    def predict(texts: list[str]):
+        ids = tok(texts, truncation=True, max_length=spec.get("max_length", 64))["input_ids"]
+        pooled = np.asarray(enc.forward_batch([tok.convert_ids_to_tokens(x) for x in ids]).pooler_output)
+        logits = pooled @ w + b
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    return _classification(spec, predict, _labels(spec["hf"]))
+
+
 WORKERS = {
     "llama-bench": llama_bench,
     "llama-perplexity": llama_perplexity,
@@ -301,6 +325,7 @@ WORKERS = {
     "cls-openvino": cls_openvino,
     "gen-ctranslate2": gen_ctranslate2,
     "ppl-ctranslate2": ppl_ctranslate2,
+    "cls-ctranslate2": cls_ctranslate2,
 }
 
 

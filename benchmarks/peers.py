@@ -12,7 +12,8 @@ edgeft exports from (``edgeft pull``'s fp32 weights) with the peer's own documen
   576), run by ``openvino_genai.LLMPipeline``;
   the classifier with ``--task text-classification --weight-format int8``.
 - CTranslate2: ``ct2-transformers-converter --quantization int8``, run by
-  ``ctranslate2.Generator`` on the CPU.
+  ``ctranslate2.Generator`` on the CPU; the classifier's encoder by ``ctranslate2.Encoder``
+  (its pooled output through the tuned head's one linear layer).
 
 A peer that cannot be installed or converted here raises ``Unavailable`` with the reason,
 which the suite lists as a skipped row. The measuring code is ``benchmarks.peer_workers``,
@@ -129,6 +130,15 @@ def ctranslate2_lm(hf_folder: Path) -> Path:
     cli = py.with_name("ct2-transformers-converter")
     return _convert("ctranslate2-lm-int8", [str(cli), "--model", str(hf_folder), "--quantization", "int8",
                                            "--copy_files", "tokenizer.json", "--output_dir"], "model.bin")
+
+
+def ctranslate2_encoder(hf_folder: Path, tag: str) -> Path:
+    """The classifier's encoder converted by CTranslate2 with int8 weights (its BERT loader keeps the
+    pooler; the classification head, one small linear layer, is applied by the worker from the HF folder)."""
+    py = need("ctranslate2")
+    cli = py.with_name("ct2-transformers-converter")
+    return _convert(f"ctranslate2-cls-{tag}-int8", [str(cli), "--model", str(hf_folder), "--quantization", "int8",
+                                                    "--output_dir"], "model.bin")
 
 
 def main() -> int:

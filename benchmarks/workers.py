@@ -48,7 +48,8 @@ def gen_edgeft(spec: dict) -> dict:
     t0 = time.perf_counter()
     gen = Generator.open(spec["path"], threads=spec["threads"])
     load_s = time.perf_counter() - t0
-    return {**gen_generic(spec, edgeft_runner(gen)), "load_s": load_s}
+    return {**gen_generic(spec, edgeft_runner(gen)), "load_s": load_s, "spin": gen.spinning,
+            "spin_reason": gen.spin_reason}
 
 
 def gen_transformers(spec: dict) -> dict:

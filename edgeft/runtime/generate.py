@@ -332,14 +332,15 @@ class Generator:
 
     @classmethod
     def open(cls, path: str | Path, threads: int | None = None, check: Check = Check.full,
-             trusted_keys: Sequence = (), profile_prefix: str | None = None) -> "Generator":
+             trusted_keys: Sequence = (), profile_prefix: str | None = None, spin=None) -> "Generator":
         """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``).
 
         ``profile_prefix``: onnxruntime profiles every session run into ``<prefix>*.json`` (per-op
-        times; ``engine.session.end_profiling()`` writes the file); off by default.
+        times; ``engine.session.end_profiling()`` writes the file); off by default. ``spin``: the
+        thread policy (``edgeft.runtime.session.resolve_spin``).
         """
         folder, manifest = open_artifact(path, check, trusted_keys)
-        return cls(folder, manifest, threads, profile_prefix)
+        return cls(folder, manifest, threads, profile_prefix, spin=spin)
 
     def _token_ids(self, token: str | None) -> frozenset[int]:
         tid = self.tokenizer.token_to_id(token) if token else None
