@@ -381,6 +381,7 @@ def bench_artifact(config: BenchConfig) -> dict[str, Any]:
                            "quantization": m.quantization.get("scheme"), "load_s": load_s,
                            "repeats": config.repeats, "cpu": cpu_name(), "isa": isa, "isa_summary": isa_summary(isa)}
     if m.task is Task.causal_lm:
+        out["spin"], out["spin_reason"] = model.spinning, model.spin_reason
         lengths = [n for n in config.prompt_lengths if n + config.new_tokens <= m.decoder.context_length]
         fig = bench_generation(edgeft_runner(model), prompt_ids(model.encode, DEFAULT_TEXT, 32),
                                {n: prompt_ids(model.encode, DEFAULT_TEXT, n) for n in lengths},
@@ -423,6 +424,8 @@ def format_report(r: dict[str, Any]) -> str:
              f"loaded in {r['load_s']:.2f}s, median of {r['repeats']} runs [IQR]"]
     if r.get("cpu"):
         lines.append(f"  cpu      {r['cpu']} ({r.get('isa_summary', '?')})")
+    if "spin" in r:
+        lines.append(f"  threads  {'spin' if r['spin'] else 'sleep'} when idle ({r.get('spin_reason', '')})")
     g = r.get("generation")
     if g:
         d, t = Stat.from_dict(g["decode_tps"]), Stat.from_dict(g["ttft_s"]).scaled(1000)

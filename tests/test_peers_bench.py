@@ -194,7 +194,9 @@ def test_edgeft_bench_report_shows_the_cpu_and_the_share_of_the_limit():
          "cpu": "AMD EPYC", "isa_summary": "AVX-512 (VNNI, BF16)", "peak_rss_mib": 300.0,
          "generation": {"decode_tps": d, "ttft_s": Stat(0.1, 0.1, 0.1, 0.1, 0.1, 5).to_dict(), "prefill_tps": {},
                         "new_tokens": 64, "prompt_tokens": 32},
-         "weight_mib_per_token": 146.0, "read_gbps": 30.6, "limit_tps": 200.0, "bandwidth_share": 0.25}
+         "weight_mib_per_token": 146.0, "read_gbps": 30.6, "limit_tps": 200.0, "bandwidth_share": 0.25,
+         "spin": False, "spin_reason": "0.4 of 2 usable cores idle, 2 needed (2 threads)"}
     text = format_report(r)
     assert "AMD EPYC (AVX-512 (VNNI, BF16))" in text
+    assert "threads  sleep when idle (0.4 of 2 usable cores idle, 2 needed (2 threads))" in text
     assert "read bandwidth 30.6 GB/s -> limit 200 tok/s; decode reaches 0.25 of it" in text
