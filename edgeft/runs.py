@@ -86,6 +86,10 @@ def write_run_info(path: Path, info: RunInfo) -> None:
 RENAMED_CONFIG_KEYS = {"text_col": "text_column", "label_col": "label_column"}
 
 
+# Settings added after run folders were first written, with the value an older run had in effect.
+ADDED_CONFIG_KEYS = {"int8_kernel": "auto"}
+
+
 def read_run_config(path: Path) -> dict[str, Any]:
     """The ``config.json`` of a run folder (or of ``OUT.partial``), renamed keys under their new names.
 
@@ -97,7 +101,10 @@ def read_run_config(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(saved, dict):
         return {}
-    return {RENAMED_CONFIG_KEYS.get(str(k), str(k)): v for k, v in saved.items()}
+    config = {RENAMED_CONFIG_KEYS.get(str(k), str(k)): v for k, v in saved.items()}
+    for key, value in ADDED_CONFIG_KEYS.items():  # settings newer than the run: it ran with their default
+        config.setdefault(key, value)
+    return config
 
 
 # ---------------------------------------------------------------- rebuilding the tuned model

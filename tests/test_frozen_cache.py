@@ -140,8 +140,11 @@ def test_kept_cache_is_reused_and_rebuilt_when_its_key_changes(tiny_llama_dir, t
     assert "other settings (trainable_layers)" in capfd.readouterr().err
     tune(_cfg(tiny_llama_dir, data, out, keep_cache=True, overwrite=True, trainable_layers=1, max_length=24))
     assert "other settings (max_length, token_ids" in capfd.readouterr().err
+    tune(_cfg(tiny_llama_dir, data, out, keep_cache=True, overwrite=True, trainable_layers=1, max_length=24,
+              int8_kernel="bitsandbytes"))
+    assert "other settings (int8_kernel)" in capfd.readouterr().err  # bitsandbytes rounds otherwise
     tune(_cfg(tiny_llama_dir, data, out, overwrite=True, trainable_layers=1, max_length=24, base_precision="fp32"))
-    assert "other settings (base_precision)" in capfd.readouterr().err
+    assert "other settings (base_precision, int8_kernel)" in capfd.readouterr().err
     assert not kept.exists()  # adopted, then deleted without --keep-cache
 
 

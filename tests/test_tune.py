@@ -113,6 +113,28 @@ def test_int8_base_computes_what_the_fp32_base_does(name, task, request):
     assert not torch.equal(a, b)  # the frozen Linear layers really are rounded
 
 
+def test_bitsandbytes_int8_base_on_cpu_when_asked(tiny_llama_dir):
+    """--int8-kernel bitsandbytes: the LLM.int8 layers CUDA gets, here on CPU, computing what fp32 does."""
+    import bitsandbytes as bnb
+    import torch
+
+    from edgeft.tune.model import load_for_tuning
+
+    auto = load_for_tuning(tiny_llama_dir, Task.causal_lm, None, trainable_layers=1)
+    bits = load_for_tuning(tiny_llama_dir, Task.causal_lm, None, trainable_layers=1, int8_kernel="bitsandbytes")
+    fp32 = load_for_tuning(tiny_llama_dir, Task.causal_lm, None, trainable_layers=1, precision="fp32")
+    assert (auto.int8_kernel, bits.int8_kernel, fp32.int8_kernel) == ("edgeft", "bitsandbytes", None)
+    kinds = {type(m) for n, m in bits.model.named_modules() if n.startswith("model.layers.0.")}
+    assert bnb.nn.Linear8bitLt in kinds
+    assert not any(isinstance(m, bnb.nn.Linear8bitLt) for n, m in bits.model.named_modules()
+                   if n.startswith(bits.trainable_modules[0]))
+    ids = torch.randint(5, 300, (2, 10))
+    with torch.no_grad():
+        a, b = (m.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits for m in (bits, fp32))
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+    assert not torch.equal(a, b)
+
+
 def test_int8_linear_rounds_the_weight_and_passes_the_input_gradient():
     import torch
 

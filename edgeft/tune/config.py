@@ -25,6 +25,12 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class Int8Kernel(str, Enum):
+    auto = "auto"  # bitsandbytes on CUDA, edgeft's int8 rows on CPU
+    edgeft = "edgeft"  # edgeft.tune.int8: rows quantized as the checkpoint is read (CPU or CUDA)
+    bitsandbytes = "bitsandbytes"  # bitsandbytes LLM.int8 (on CPU it holds more memory than an fp32 base)
+
+
 class Optim(str, Enum):
     adamw = "adamw"
     adamw8bit = "adamw8bit"  # bitsandbytes' 8-bit AdamW
@@ -97,6 +103,9 @@ class TuneConfig:
     base_precision: Precision = field(default=Precision.int8, metadata=flag(panel=MODEL))
     """Precision of the frozen part: int8 is bitsandbytes LLM.int8 on CUDA; on CPU int8 rows quantized as the
     checkpoint is read (no full-precision copy of them, no bitsandbytes)."""
+    int8_kernel: Int8Kernel = field(default=Int8Kernel.auto, metadata=flag(panel=MODEL))
+    """Which 8-bit layers an int8 base uses: auto is bitsandbytes LLM.int8 on CUDA and edgeft's int8 rows on CPU
+    (bitsandbytes' CPU path holds more memory than an fp32 base)."""
     untie_head: bool = field(default=False, metadata=flag(panel=MODEL))
     """Train a tied LM head as its own copy, saved as lm_head.weight (default: a tied head stays frozen with the
     embeddings)."""
@@ -170,7 +179,7 @@ class TuneConfig:
             object.__setattr__(self, "task", task)
         for name, enum in (("base_precision", Precision), ("optimizer", Optim),
                            ("schedule", Schedule), ("class_weights", ClassWeights), ("device", Device),
-                           ("select_metric", SelectMetric), ("frozen_cache", FrozenCache)):
+                           ("select_metric", SelectMetric), ("frozen_cache", FrozenCache), ("int8_kernel", Int8Kernel)):
             object.__setattr__(self, name, _enum(enum, getattr(self, name), name))
         self._validate()
 

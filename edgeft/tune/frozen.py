@@ -136,9 +136,12 @@ def examples_digest(examples: Sequence[Sequence[int]]) -> str:
 
 
 def key_parts(base_sha256: str, base_config: str, precision: str, autocast: Any, trainable_layers: int,
-              tokenizer: Any, max_length: int, examples: Sequence[Sequence[int]], shard: str = "1/1") -> dict[str, Any]:
-    """Everything the cached states depend on, by name (``shard``: this process's share of the data)."""
+              tokenizer: Any, max_length: int, examples: Sequence[Sequence[int]], shard: str = "1/1",
+              int8_kernel: str | None = None) -> dict[str, Any]:
+    """Everything the cached states depend on, by name (``shard``: this process's share of the data;
+    ``int8_kernel``: which 8-bit layers computed them, for an int8 base)."""
     return {"base_sha256": base_sha256, "base_config": base_config, "base_precision": precision,
+            "int8_kernel": int8_kernel,
             "autocast_dtype": str(autocast).replace("torch.", ""), "trainable_layers": trainable_layers,
             "tokenizer": tokenizer_digest(tokenizer), "max_length": max_length,
             "token_ids": examples_digest(examples), "shard": shard}
@@ -336,7 +339,8 @@ def for_run(cfg: Any, loaded: Any, prep: Any, passes: float, partial: Path, base
         adopt_kept(kept_path(cfg, rank, size), folder)
     examples = [x for x, _ in prep.train] + [x for x, _ in prep.eval]
     parts = key_parts(base_sha256, base_config, cfg.base_precision.value, loaded.autocast_dtype, n,
-                      loaded.tokenizer, max_length, examples, f"{rank + 1}/{size}")
+                      loaded.tokenizer, max_length, examples, f"{rank + 1}/{size}",
+                      getattr(loaded, "int8_kernel", None))
     lengths = [len(x) if i % size == rank else 0 for i, x in enumerate(examples)]
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.base_precision.value, "float32")
     hidden = loaded.model.config.get_text_config().hidden_size

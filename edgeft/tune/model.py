@@ -63,6 +63,7 @@ class Loaded:
     autocast_dtype: Any = None  # torch dtype for autocast, or None
     max_positions: int | None = None
     notes: list[str] = field(default_factory=list)
+    int8_kernel: str | None = None  # "edgeft" or "bitsandbytes" when the base is int8
 
 
 def _drop_cast_notice(record: logging.LogRecord) -> bool:
@@ -159,15 +160,29 @@ def _load_int8_cpu(path: Path | str, task: Task, cfg: Any, skip: list[str], head
         raise EdgeftError(f"cannot load model {path}: {e}") from None
 
 
+def int8_kernel_for(path: Path | str, device: Any, kernel: str = "auto") -> str:
+    """The 8-bit layers an int8 base gets: ``kernel`` when named, else edgeft's rows on CPU, bitsandbytes on CUDA.
+
+    edgeft's rows need a safetensors checkpoint; a folder without one gets bitsandbytes.
+    """
+    from edgeft.tune.int8 import checkpoint_files
+
+    kernel = getattr(kernel, "value", kernel)
+    if kernel == "auto":
+        kernel = "edgeft" if device.type == "cpu" else "bitsandbytes"
+    if kernel == "edgeft" and not checkpoint_files(path):
+        return "bitsandbytes"
+    return str(kernel)
+
+
 def _load_weights(path: Path | str, task: Task, cfg: Any, precision: str, skip: list[str], device: Any,
-                  heads: list[str] = ()) -> Any:
+                  heads: list[str] = (), int8_kernel: str = "bitsandbytes") -> Any:
     """The task model on ``device``; ``skip``: modules kept out of 8-bit, ``heads``: ones the checkpoint may lack."""
     import torch
 
-    from edgeft.tune.int8 import checkpoint_files
-
-    if precision == "int8" and device.type == "cpu" and checkpoint_files(path):
-        return _load_int8_cpu(path, task, cfg, skip, list(heads))
+    if precision == "int8" and int8_kernel == "edgeft":
+        model = _load_int8_cpu(path, task, cfg, skip, list(heads))
+        return model.to(device) if device.type != "cpu" else model
     kwargs: dict[str, Any] = {"config": cfg}
     if precision == "int8":
         from transformers import BitsAndBytesConfig
@@ -214,11 +229,12 @@ def max_positions(cfg: Any) -> int | None:
 def load_for_tuning(path: Path | str, task: Task, labels: list[str] | None, trainable_layers: int,
                     precision: str = "int8", device: str = "auto", untie_head: bool = False,
                     train_embeddings: bool = False, seed: int = 0, tokenizer: Any = None,
-                    local_rank: int = 0) -> Loaded:
+                    local_rank: int = 0, int8_kernel: str = "auto") -> Loaded:
     """Load ``path`` for ``task`` with only the top ``trainable_layers`` blocks (+ norm, head) trainable.
 
     ``tokenizer``: the one ``load_tokenizer(path)`` already gave, if the caller has it.
     ``local_rank``: this process's GPU among several on one machine.
+    ``int8_kernel``: auto (edgeft's int8 rows on CPU, bitsandbytes LLM.int8 on CUDA), edgeft or bitsandbytes.
     """
     import torch
 
@@ -232,8 +248,9 @@ def load_for_tuning(path: Path | str, task: Task, labels: list[str] | None, trai
     dev = pick_device(device, local_rank)
     silence_int8_cast_notice()
     torch.manual_seed(seed)  # a new head (classifier) starts from the same weights every time
+    kernel = int8_kernel_for(path, dev, int8_kernel) if precision == "int8" else None
     model = _load_weights(path, task, cfg, precision, skip=sorted(set(modules) | set(layout.heads)), device=dev,
-                          heads=list(layout.heads))
+                          heads=list(layout.heads), int8_kernel=kernel or "")
     if untie:
         _untie(model)
     trained = _freeze(model, modules)
@@ -241,7 +258,8 @@ def load_for_tuning(path: Path | str, task: Task, labels: list[str] | None, trai
         model.config.use_cache = False
     return Loaded(model=model, tokenizer=tokenizer, layout=layout, trainable_modules=modules,
                   trained_names=trained, untied_head=untie, device=dev,
-                  autocast_dtype=autocast_dtype(dev, precision), max_positions=max_positions(cfg))
+                  autocast_dtype=autocast_dtype(dev, precision), max_positions=max_positions(cfg),
+                  int8_kernel=kernel)
 
 
 def frozen_linear_kinds(loaded: Loaded) -> dict[str, str]:

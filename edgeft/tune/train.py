@@ -581,7 +581,7 @@ def build_metrics(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State,
     rate_key, count = ("tokens_per_s", state.tokens) if prep.task is Task.causal_lm else ("examples_per_s", state.examples)
     return {
         "task": prep.task.value, "base_model": cfg.model, "base_precision": cfg.base_precision.value,
-        "trainable_layers": cfg.trainable_layers, "before": state.before, "after": state.best_metrics,
+        "int8_kernel": loaded.int8_kernel, "trainable_layers": cfg.trainable_layers, "before": state.before, "after": state.best_metrics,
         "last": state.last_metrics, "best_step": state.best_step, "steps": state.step,
         "select_metric": state.select_metric, "warnings": M.learning_warnings(state.before, state.best_metrics),
         "planned_steps": plan.total_steps, "stopped_early": state.stopped_early,
@@ -716,7 +716,7 @@ def _tune(cfg: TuneConfig, world: World, callback: Callable[[int], None] | None)
     prep = prepare_data(cfg, task, tokenizer, max_length, quiet=not world.main)
     loaded = load_for_tuning(resolved, task, prep.labels, cfg.trainable_layers, cfg.base_precision.value,
                              cfg.device.value, cfg.untie_head, cfg.train_embeddings, cfg.seed, tokenizer,
-                             local_rank=world.local_rank)
+                             local_rank=world.local_rank, int8_kernel=cfg.int8_kernel.value)
     plan = make_plan(cfg, len(prep.train))
     partial = _open_partial(given, world)  # the config as given: --resume compares against it
     cache = open_cache(cfg, loaded, prep, plan, partial, resolved, max_length, world)
