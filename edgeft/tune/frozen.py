@@ -340,7 +340,7 @@ def for_run(cfg: Any, loaded: Any, prep: Any, passes: float, partial: Path, base
     examples = [x for x, _ in prep.train] + [x for x, _ in prep.eval]
     parts = key_parts(base_sha256, base_config, cfg.base_precision.value, loaded.autocast_dtype, n,
                       loaded.tokenizer, max_length, examples, f"{rank + 1}/{size}",
-                      getattr(loaded, "int8_kernel", None))
+                      loaded.int8_kernel)
     lengths = [len(x) if i % size == rank else 0 for i, x in enumerate(examples)]
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.base_precision.value, "float32")
     hidden = loaded.model.config.get_text_config().hidden_size
