@@ -70,10 +70,10 @@ class Cores:
 def choose_spin(threads: int, reserve: float = 0.0, cores: Cores | None = None) -> tuple[bool, str]:
     """Spin when the cores ``threads`` pool threads (plus ``reserve`` for other work of ours) need are idle.
 
-    Spinning saves each of a decode step's ~300 parallel sections a wake-up (measured on an
-    idle AVX-512 VM: int8 decode 1.36x faster); but a spinning thread on a core that other
-    work needs steals it, and the step then waits at every barrier for a descheduled thread
-    (on a shared 2-core VM sleeping threads decoded 1.4x faster). The cost of a wrong "on"
+    Spinning saves each of a decode step's ~300 parallel sections a wake-up; but a spinning
+    thread on a core that other work needs steals it, and the step then waits at every barrier
+    for a descheduled thread (benchmarks/results/2026-12-02-thread-policy.md has both sides
+    measured). The cost of a wrong "on"
     is larger than that of a wrong "off", so the rule asks for the whole pool's cores free,
     with a quarter core of slack for the sampling noise.
     """
