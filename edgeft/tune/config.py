@@ -242,7 +242,8 @@ def task_defaults(task: Task) -> dict[str, Any]:
 
     Classification trains a new head from scratch: a peak learning rate three times causal LM's
     and batches of 32, the winners of the SST-2 sweep (benchmarks/results/sst2_sweep.md); 128
-    tokens cost nothing for shorter texts, since a batch is padded only to its longest example. Causal LM keeps a low rate that leaves a pretrained model's style intact.
+    tokens cost nothing for shorter texts, since a batch is padded only to its longest example.
+    Causal LM keeps a low rate that leaves a pretrained model's style intact.
     """
     if task is Task.classification:
         return {"max_length": 128, "lr": 3e-4, "batch_size": 32}
