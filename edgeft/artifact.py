@@ -123,6 +123,9 @@ class Decoder:
     present_key: str = "present.{i}.key"
     present_value: str = "present.{i}.value"
     batching: str | None = None  # a Batching value; None (older artifacts): inferred from the graph
+    # An optional int64 [1] input: the graph's logits cover the last K positions (0, its default:
+    # all). None (older artifacts, or a head it could not be added to): every position, always.
+    logits_to_keep: str | None = None
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,14 @@ def test_fp32_decoder_matches_pytorch_through_runtime_kv_cache(request, work, fi
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
+    # a prompt's prefill asks the graph for its last position's logits only: the same row
+    from edgeft.runtime import Generator
+
+    assert m["decoder"]["logits_to_keep"] == "logits_to_keep"
+    state = Generator.open(out, threads=1).engine.start(len(ids))
+    np.testing.assert_allclose(state.prefill(ids[:6]), want[5], atol=1e-4, rtol=1e-4)
+    assert state._logits_output().shape == (1, 1, want.shape[1])
+
 
 def test_int8_llama_shares_tied_embedding_and_passes_gate(work, tiny_llama_dir):
     out = _export(tiny_llama_dir, work / "llama-int8", "int8")

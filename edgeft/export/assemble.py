@@ -98,7 +98,7 @@ def decoder_manifest(graph: Any, tok: Tokenizer, gen: Generation, quant: dict[st
         decoder=Decoder(num_layers=n, num_kv_heads=graph.num_kv_heads, head_dim=graph.head_dim,
                         vocab_size=graph.vocab_size, context_length=context_length or graph.context_length,
                         uses_position_ids=graph.uses_position_ids, kv_dtype=graph.kv_dtype,
-                        batching=_batching(graph).value),
+                        batching=_batching(graph).value, logits_to_keep=graph.logits_to_keep),
     )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.export.graphs import interface, op_counts, optimize_graph, quiet_warnings
+from edgeft.export.graphs import add_logits_to_keep, interface, op_counts, optimize_graph, quiet_warnings
 
 # Hugging Face architecture -> model_type, for those onnxruntime-genai's builder turns into a fused graph.
 BUILDER_ARCHITECTURES = {
@@ -61,6 +61,7 @@ class DecoderGraph:
     opset: int = 0
     genai_config: Path | None = None
     fusions: dict[str, int] = field(default_factory=dict)
+    logits_to_keep: str | None = None  # the optional input that cuts the logits to the last K positions
 
 
 def check_supported(hf_config: Any) -> str:
@@ -78,10 +79,12 @@ def export_decoder(model: Any, hf_dir: Path, work: Path, route: str) -> DecoderG
     """Export the fp32 decoder saved at ``hf_dir`` (and loaded as ``model``) into ``work``.
 
     ``route`` is what ``check_supported`` said of the model's config: "builder" or "torch".
+    The graph gets an optional ``logits_to_keep`` input (``graphs.add_logits_to_keep``) so that
+    prompt prefill computes the head for the last position only.
     """
-    if route == "builder":
-        return _builder_export(hf_dir, work)
-    return _torch_export(model, work)
+    graph = _builder_export(hf_dir, work) if route == "builder" else _torch_export(model, work)
+    graph.logits_to_keep = add_logits_to_keep(graph.path)
+    return graph
 
 
 # ---------------------------------------------------------------- onnxruntime-genai builder

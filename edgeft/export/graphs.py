@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edgeft.export.quantize import load, save
+from edgeft.export.quantize import load, logits_chain, save
 
 # Operators that show a fusion took place (reported in the manifest).
 FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "SkipSimplifiedLayerNormalization",
@@ -22,6 +22,50 @@ FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "SkipSimp
 # Operators whose matrix products run on int8 activations (integer GEMM), not dequantized weights.
 INT8_COMPUTE_OPS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul",
                     "QAttention", "QGemm")
+
+
+# The optional decoder input that keeps the head's logits for the last K positions (0: all).
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
+def add_logits_to_keep(path: Path) -> str | None:
+    """Give the decoder graph at ``path`` an optional input ``logits_to_keep`` (int64 [1]).
+
+    The head then runs on the last K positions of the hidden states only; 0, the input's
+    default (an initializer listed as an input, so a caller that does not feed it, such as
+    onnxruntime-genai's own loop, gets every position as before), keeps them all. Prompt
+    prefill needs one row of logits, scoring and draft verification need every row. The
+    graph is rewritten in place, its external weights untouched. Returns the input's name,
+    or None where the head is not a MatMul fed by the hidden states (graph left as it was).
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    chain = logits_chain(m)
+    heads = [n for n in m.graph.node if n.name in chain and n.op_type == "MatMul"]
+    if len(heads) != 1 or LOGITS_TO_KEEP in {i.name for i in m.graph.input}:
+        return None
+    head = heads[0]
+    hidden, kept, start = head.input[0], f"{head.input[0]}/last_k", f"/{LOGITS_TO_KEEP}/start"
+    ends, axes = f"/{LOGITS_TO_KEEP}/ends", f"/{LOGITS_TO_KEEP}/axes"
+    m.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), LOGITS_TO_KEEP),
+                                numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), ends),
+                                numpy_helper.from_array(np.array([1], np.int64), axes)])
+    m.graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    # -K..end along the sequence axis; -0 is 0, so K = 0 keeps every position
+    cut = [helper.make_node("Neg", [LOGITS_TO_KEEP], [start], name=f"/{LOGITS_TO_KEEP}/Neg"),
+           helper.make_node("Slice", [hidden, start, ends, axes], [kept], name=f"/{LOGITS_TO_KEEP}/Slice")]
+    head.input[0] = kept
+    nodes = list(m.graph.node)
+    at = nodes.index(head)
+    m.graph.ClearField("node")
+    m.graph.node.extend(nodes[:at] + cut + nodes[at:])
+    if m.ir_version < 4:  # inputs with an initializer are overridable from IR version 4 on
+        m.ir_version = 4
+    onnx.save(m, str(path))
+    return LOGITS_TO_KEEP
 
 
 def interface(path: Path) -> tuple[list[str], list[str], int]:

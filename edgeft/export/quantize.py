@@ -145,7 +145,7 @@ def gemm_to_matmul(model) -> int:
 def matmul_targets(model, vocab_size: int | None = None) -> list[MatMulTarget]:
     """Every MatMul with a constant 2-D weight, grouped as head / block.N / other."""
     inits, out = _inits(model), []
-    logits_producers = _logits_chain(model)
+    logits_producers = logits_chain(model)
     for node in model.graph.node:
         if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
             continue
@@ -165,7 +165,7 @@ def matmul_targets(model, vocab_size: int | None = None) -> list[MatMulTarget]:
     return out
 
 
-def _logits_chain(model) -> set[str]:
+def logits_chain(model) -> set[str]:
     """Names of nodes that feed ``logits`` through shape-only ops (to spot the head)."""
     producers, seen, todo = _producers(model), set(), ["logits"]
     while todo:

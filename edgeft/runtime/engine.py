@@ -111,6 +111,7 @@ class SharedSlots:
         pos = np.arange(start, start + n, dtype=eng.pos_dtype)[None, :]  # bound by address: kept alive
         if eng.uses_positions:
             self._bind_array(io, "position_ids", pos)
+        eng.bind_keep(io, last_only=True)
         io.bind_output("logits", "cpu")
         eng.session.run_with_iobinding(io)
         out = io.get_outputs()[-1].numpy()  # logits are bound last
@@ -164,6 +165,7 @@ class SharedSlots:
             self._bind_array(io, "attention_mask", mask)
         if eng.uses_positions:
             self._bind_array(io, "position_ids", pos)
+        eng.bind_keep(io, last_only=False)
         io.bind_output("logits", "cpu")
         eng.session.run_with_iobinding(io)
         return io.get_outputs()[-1].numpy()[0].astype(np.float32)  # logits are bound last

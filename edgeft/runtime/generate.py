@@ -46,8 +46,12 @@ from edgeft.runtime.session import default_threads, input_dtypes, open_session, 
 from edgeft.runtime.speculate import SpecCounts, Speculator
 
 
-# Prompt tokens per graph call during prefill: bounds the logits output and activations.
+# Prompt tokens per graph call during prefill: bounds the activations (and the logits output
+# of graphs without ``logits_to_keep``, or when every position's logits are asked for).
 PREFILL_CHUNK = 256
+# ``logits_to_keep`` values, bound by address (so they live as long as the module)
+_KEEP_LAST = np.array([1], dtype=np.int64)
+_KEEP_ALL = np.array([0], dtype=np.int64)
 
 
 class ContextLengthError(EdgeftError):
@@ -108,6 +112,16 @@ class KVDecoder:
         self.logits_dtype = output_dtypes(session)["logits"]
         self.share_buffer = share_buffer
         self.vocab = decoder.vocab_size
+        self.keep = decoder.logits_to_keep  # None: the graph computes every position's logits
+        overridable = {i.name for i in session.get_overridable_initializers()}
+        if self.keep and self.keep not in overridable | self.inputs:
+            raise EdgeftError(f"the decoder graph lacks the {self.keep} input the manifest names")
+
+    def bind_keep(self, io: ort.IOBinding, last_only: bool) -> None:
+        """Ask ``io``'s next run for the last position's logits only, or for every position's."""
+        if self.keep:
+            arr = _KEEP_LAST if last_only else _KEEP_ALL
+            io.bind_input(self.keep, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
 
     def start(self, capacity: int) -> "DecodeState":
         """A fresh cache for up to ``capacity`` tokens (prompt and generated)."""
@@ -213,6 +227,7 @@ class DecodeState:
         if arr.shape[1] == 0:
             raise EdgeftError("the prompt is empty: nothing to continue from")
         rows = []
+        self.eng.bind_keep(self.io, last_only=not all_logits)
         for start in range(0, arr.shape[1], PREFILL_CHUNK):
             chunk = arr[:, start:start + PREFILL_CHUNK]
             self._bind_in("input_ids", chunk, chunk.shape)
