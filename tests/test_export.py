@@ -85,6 +85,9 @@ def test_fp32_decoder_matches_pytorch_through_runtime_kv_cache(request, work, fi
     assert m["gate"]["passed"] and abs(m["gate"]["metrics"]["perplexity_increase_pct"]) < 0.01
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     assert (out / "genai_config.json").is_file() is (builder == "onnxruntime-genai")
+    if builder == "onnxruntime-genai":  # the MLP's gate and up projections fused into one MatMul
+        names = [n.name for n in _ops(out) if n.op_type == "MatMul"]
+        assert "/model/layers.0/mlp/gate_up_proj/MatMul" in names and not [n for n in names if "/up_proj/" in n]
 
     ids = [5, 17, 33, 99, 140, 7, 8, 61, 200, 3]
     got = _runtime_steps(out, ids, prefill=4)

@@ -32,6 +32,9 @@ BUILDER_ARCHITECTURES = {
     "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "GraniteForCausalLM": "granite",
     "OlmoForCausalLM": "olmo", "NemotronForCausalLM": "nemotron", "SmolLM3ForCausalLM": "smollm3",
 }
+# The builder's options: the MLP's gate and up projections as one MatMul (then a Split), so a
+# decode step runs one weight matrix fewer per block (benchmarks/results/2026-12-03-vm-fused-mlp-avx2.md).
+BUILDER_OPTIONS = ["fuse_mlp_gate_up=true"]
 # Exported with torch.onnx (and checked against PyTorch in the tests).
 TORCH_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2"}
 OPTIMIZER_TYPES = {"gpt2": "gpt2"}
@@ -95,11 +98,15 @@ def _builder_export(hf_dir: Path, work: Path) -> DecoderGraph:
     out, cache = work / "builder", work / "builder-cache"
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            opts = builder.parse_extra_options(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), [])
-            builder.create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), **opts)
-        except (NotImplementedError, ValueError) as exc:
-            raise EdgeftError(f"onnxruntime-genai's builder refused this model: {exc}") from None
+        for extra in (BUILDER_OPTIONS, []):  # without the options where the builder refuses them
+            try:
+                opts = builder.parse_extra_options(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), extra)
+                builder.create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), **opts)
+                break
+            except (NotImplementedError, ValueError) as exc:
+                shutil.rmtree(out, ignore_errors=True)
+                if not extra:
+                    raise EdgeftError(f"onnxruntime-genai's builder refused this model: {exc}") from None
     shutil.rmtree(cache, ignore_errors=True)
     genai = json.loads((out / "genai_config.json").read_text())
     dec = genai["model"]["decoder"]
