@@ -72,7 +72,8 @@ def measure(spec: dict) -> dict[str, Any]:
         raise SystemExit(f"{spec['path']} has no logits_to_keep input: re-export it")
     text = prepare.data_file("poetry", "shakespeare_sonnets.txt").read_text()
     lengths = [int(n) for n in spec["lengths"]]
-    prompts = {n: gen.encode(text)[1000:1000 + n] for n in lengths}
+    ids = gen.encode(text)
+    prompts = {n: ids[1000:1000 + n] for n in lengths}
     names = list(VARIANTS)
     secs: dict[str, dict[int, list[float]]] = {v: {n: [] for n in lengths} for v in names}
     ratio: dict[str, dict[int, list[float]]] = {v: {n: [] for n in lengths} for v in names if v != BEFORE}

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edgeft.export.quantize import load, logits_chain, save
+from edgeft.export.quantize import replace_node, load, logits_chain, save
 
 # Operators that show a fusion took place (reported in the manifest).
 FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "SkipSimplifiedLayerNormalization",
@@ -58,10 +58,7 @@ def add_logits_to_keep(path: Path) -> str | None:
     cut = [helper.make_node("Neg", [LOGITS_TO_KEEP], [start], name=f"/{LOGITS_TO_KEEP}/Neg"),
            helper.make_node("Slice", [hidden, start, ends, axes], [kept], name=f"/{LOGITS_TO_KEEP}/Slice")]
     head.input[0] = kept
-    nodes = list(m.graph.node)
-    at = nodes.index(head)
-    m.graph.ClearField("node")
-    m.graph.node.extend(nodes[:at] + cut + nodes[at:])
+    replace_node(m, head, [*cut, head])
     if m.ir_version < 4:  # inputs with an initializer are overridable from IR version 4 on
         m.ir_version = 4
     onnx.save(m, str(path))

@@ -323,7 +323,7 @@ def _quantize_embedding(model, bits: int, block_size: int, head: MatMulTarget | 
         model.graph.initializer.append(numpy_helper.from_array(np.array([vocab, flat], np.int64), shape_name))
         reshape = helper.make_node("Reshape", [qweight, shape_name], [f"{node.name}_qdata"], name=f"{node.name}_Reshape")
         new = _gbq_nodes(node, reshape.output[0], scales, bits, attrs["block_size"], hidden, nb * attrs["block_size"], model)
-        _replace_node(model, node, [reshape, *new])
+        replace_node(model, node, [reshape, *new])
         return True
     if matrix is None:  # tied, but the head stays at another width: materialize the matrix
         w = numpy_helper.to_array(inits[head.weight]).T
@@ -334,7 +334,7 @@ def _quantize_embedding(model, bits: int, block_size: int, head: MatMulTarget | 
     dname, sname = f"{node.name}_Q{bits}", f"{node.name}_scales"
     model.graph.initializer.extend([numpy_helper.from_array(data, dname), numpy_helper.from_array(scales, sname)])
     new = _gbq_nodes(node, dname, sname, bits, block_size, hidden, data.shape[1] * 8 // bits, model)
-    _replace_node(model, node, new)
+    replace_node(model, node, new)
     return False
 
 
@@ -353,7 +353,8 @@ def _gbq_nodes(node, data: str, scales: str, bits: int, block_size: int, hidden:
     return [gbq, sl]
 
 
-def _replace_node(model, old, new: list) -> None:
+def replace_node(model, old, new: list) -> None:
+    """Put the nodes ``new`` where ``old`` stands in the graph's (topological) node list."""
     nodes = []
     for n in model.graph.node:
         nodes.extend(new if n is old else [n])
