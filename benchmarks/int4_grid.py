@@ -11,11 +11,13 @@ and the op accepts one. This measures both sides of that:
 - representation: per weight matrix, whether the values lie on a 16-level grid (Q4_1) or a
   255-level one (Q8_0), and the relative RMS error of re-quantizing them as ``MatMulNBits`` does
   (min/max asymmetric, integer zero point), of the best integer-zero-point (scale, zero) per block
-  found by a grid search, and of 8-bit symmetric blocks;
+  found by a grid search, and of edgeft's own 8-bit symmetric blocks
+  (``edgeft.export.quantize.block_quantize_rows``);
 - speed: one ``MatMulNBits`` (4 bits, block 32, accuracy level 4, one thread, M = 1) with uint8
   and with float zero points, alternating, at the MLP's shape.
 
-It knows safetensors files and onnxruntime's contrib op; nothing of edgeft's export.
+It knows safetensors files and onnxruntime's contrib op; of edgeft's export only its 8-bit block
+quantizer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.bench import cpu_isa, cpu_name, isa_summary
+from edgeft.export.quantize import block_quantize_rows
 
 BLOCK = 32
 MATRICES = ("model.embed_tokens.weight", "model.layers.0.mlp.gate_proj.weight",
@@ -44,8 +47,8 @@ def representation(w: np.ndarray, search_rows: int = 20000) -> dict:
     d = np.where(mx > mn, (mx - mn) / 15, 1e-12)
     off16 = (b - mn[:, None]) / d[:, None]
     on16 = float(np.abs(off16 - np.round(off16)).max())
-    s8 = np.where(np.abs(b).max(-1) > 0, np.abs(b).max(-1) / 127, 1e-12)
-    r8 = np.round(b / s8[:, None]) * s8[:, None]
+    data, scales = block_quantize_rows(b, 8, BLOCK)  # one block a row
+    r8 = (data.astype(np.float32) - 128) * scales
     z = np.clip(np.round(-mn / d), 0, 15)
     q = np.clip(np.round(b / d[:, None] + z[:, None]), 0, 15)
     minmax = _rel((q - z[:, None]) * d[:, None], b)

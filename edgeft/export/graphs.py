@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edgeft.export.quantize import replace_node, load, logits_chain, save
+from edgeft.export.quantize import load, logits_chain, replace_node, save
 
 # Operators that show a fusion took place (reported in the manifest).
 FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "SkipSimplifiedLayerNormalization",
