@@ -98,7 +98,9 @@ def lm_artifact(ctx: Context, quant: str, source: str | None = None, tag: str = 
         # the base model is gated on instruction prompts (what it was made for); a run on its own eval data
         extra = (["--task", "causal-lm", "--eval-data", str(prepare.data_file("instruct", "alpaca_small_2k.json"))]
                  if source == prepare.LM else [])
-        ctx.cache[key] = prepare.ensure_exported(f"smollm2-{tag}-{quant}", source, quant, extra)
+        # "int8-dynamic": the int8 scheme with --int8-mode dynamic (smoothed, int8 activations a scale per row)
+        q, more = ("int8", ["--int8-mode", "dynamic"]) if quant == "int8-dynamic" else (quant, [])
+        ctx.cache[key] = prepare.ensure_exported(f"smollm2-{tag}-{quant}", source, q, extra + more)
     return ctx.cache[key]
 
 

@@ -1,6 +1,6 @@
 """The ``peers`` case: edgeft against native peers, alternating rounds, quality on the same ids.
 
-Generation (SmolLM2-135M): edgeft int8/int4/mixed/searched (and levers: spinning threads, another
+Generation (SmolLM2-135M): edgeft int8 (weight-only and dynamic)/int4/mixed/searched (and levers: spinning threads, another
 MatMulNBits accuracy level, another block size) against llama.cpp built natively (``llama-bench`` at its own
 default threads), OpenVINO GenAI int8/int4 and CTranslate2 int8. The systems run one after
 another, the order rotated every round; a system's figure is the range of its per-round
@@ -130,7 +130,7 @@ def generation_systems(ctx: Context) -> list[dict]:
         out.append({"system": name, "worker": "gen-edgeft", "module": "benchmarks.workers", "path": None,
                     "make_path": make, **kw})
 
-    for q in ("int8", "int4", "mixed", "searched"):
+    for q in ("int8", "int8-dynamic", "int4", "mixed", "searched"):
         lazy(f"edgeft {q}", lambda q=q: lm_artifact(ctx, q), ppl="ppl-edgeft-chunks", quant=q)
     lazy("edgeft searched, EDGEFT_SPIN=1", lambda: lm_artifact(ctx, "searched"), env={"EDGEFT_SPIN": "1"},
          quant="searched", lever="spinning threads")

@@ -193,6 +193,82 @@ def test_auto_keeps_the_smallest_that_passes(work, tiny_llama_dir):
         assert search["why"] in g["chosen_because"]
 
 
+def _graph_logits(model, feeds: list[dict]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [session.run(["logits"], f)[0] for f in feeds]
+
+
+# llama (genai builder): 3 smoothed inputs per block (the two norms' outputs, the MLP's up half
+# before the down projection). gpt2 (torch.onnx): its norms share gain tensors (the random init's
+# equal values, deduplicated by the exporter) and reach the matmuls through a Reshape: row scales only.
+@pytest.mark.parametrize("fixture,smoothed", [("tiny_llama_dir", 12), ("tiny_gpt2_dir", 0)])
+def test_smoothing_and_row_scales_are_exact_in_fp32(request, work, fixture, smoothed):
+    """The dynamic scheme's two rewrites change the graph's numbers, not its function."""
+    import onnx
+
+    from edgeft.export import smooth
+    from edgeft.export.quantize import load
+
+    src = request.getfixturevalue(fixture)
+    fp32 = work / f"{fixture}-fp32"
+    if not fp32.exists():
+        _export(src, fp32, "none")
+    m = _manifest(fp32)
+    d = m["decoder"]
+    rng = np.random.default_rng(0)
+    vocab = d.get("vocab_size") or 300
+    chunks = [list(rng.integers(3, 300, size=n)) for n in (9, 16)]
+    feeds = smooth.decoder_feeds(m["graph"]["inputs"], chunks, d["num_kv_heads"], d["head_dim"])
+    for f in feeds:  # every position's logits, to compare the whole prompt
+        if "logits_to_keep" in f:
+            f["logits_to_keep"] = np.asarray([f["input_ids"].shape[1]], dtype=np.int64)
+    model = load(fp32 / "model.onnx")
+    want = _graph_logits(model, feeds)
+    before = {t.name: onnx.numpy_helper.to_array(t).copy() for t in model.graph.initializer if t.dims}
+    names, counts = smooth.rewrite(model, vocab, feeds)
+    # 4 blocks x 4 matmuls (one input each) + the head
+    assert counts["matmuls"] == len(names) == counts["row_scaled_inputs"] == 17
+    assert counts["smoothed_inputs"] == smoothed
+    changed = [k for k, v in before.items()
+               if k in {t.name for t in model.graph.initializer}
+               and not np.array_equal(v, onnx.numpy_helper.to_array(next(t for t in model.graph.initializer
+                                                                         if t.name == k)))]
+    # a scale moved to both sides of each site (the up projection's weight serves two sites)
+    assert len(changed) > smoothed or smoothed == len(changed) == 0
+    got = _graph_logits(model, feeds)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-4, rtol=2e-4)
+
+
+def test_dynamic_int8_decoder_runs_every_matmul_on_int8_activations(work, tiny_llama_dir):
+    from edgeft.generate_config import SamplingParams
+    from edgeft.runtime import Generator
+
+    out = _export(tiny_llama_dir, work / "llama-int8-dynamic", "int8", int8_mode="dynamic")
+    m = _manifest(out)
+    q = m["quantization"]
+    assert q["method"] == "dynamic-smoothed" and q["activations"] == "int8-per-row" and q["scheme"] == "int8"
+    assert q["calibration"]["tokens"] > 0 and q["groups"]["head"] == "int8"
+    assert m["gate"]["passed"], m["gate"]
+    ops = [n.op_type for n in _ops(out)]
+    assert "MatMul" not in ops and "MatMulNBits" not in ops
+    assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == 4 * 4 + 1  # 4 per block, the head
+    assert "GatherBlockQuantized" in ops  # the embedding at 8 bits too
+    gen = Generator.open(out, threads=1)
+    ids = [5, 17, 33, 99, 140, 7]
+    assert np.isfinite(gen.score(ids)).all()
+    done = gen.generate(ids, SamplingParams(max_new_tokens=6))
+    assert done.completion_tokens >= 1 and len(done.token_ids) == done.completion_tokens
+
+
+def test_dynamic_int8_mode_is_refused_where_it_means_nothing(work, tiny_llama_dir):
+    with pytest.raises(EdgeftError, match="int8-mode dynamic"):
+        _export(tiny_llama_dir, work / "llama-int4-dynamic", "int4", int8_mode="dynamic")
+    assert not (work / "llama-int4-dynamic").exists()
+
+
 def test_failing_gate_writes_nothing_and_says_what_failed(work, tiny_llama_dir):
     dest = work / "llama-refused"
     with pytest.raises(EdgeftError, match="greedy-token agreement .* is below 1") as err:

@@ -30,7 +30,8 @@ class Quantize(str, enum.Enum):
 
 
 class Int8Mode(str, enum.Enum):
-    """Classifier int8 flavour: gate both and keep the one that passes with the most int8-activation matmuls, or force one."""
+    """int8 flavour. Classifiers: gate both and keep the one that passes with the most int8-activation
+    matmuls, or force one. Decoders: best is weight-only; dynamic is asked for."""
 
     best = "best"
     dynamic = "dynamic"  # int8 weights and activations (DynamicQuantizeMatMul / MatMulInteger)
@@ -71,7 +72,9 @@ class ExportConfig:
     """Decoders: quantized matmuls compute on int8 activations (faster) or fp32 (closer to PyTorch)."""
     int8_mode: Int8Mode = Int8Mode.best
     """Classifiers: dynamic, weight-only, or best (gate both; of those that pass, the most matmuls on int8
-    activations, then the smaller; the reason goes in the manifest)."""
+    activations, then the smaller; the reason goes in the manifest). Decoders, for the int8 scheme:
+    weight-only (what best gives) or dynamic (smoothed per-channel, int8 activations on a scale per row,
+    integer GEMM: faster prompt prefill, calibrated on held-out texts)."""
     max_accuracy_drop: float = 1.0
     """Gate (classifiers): accuracy drop budget, in points; a drop over it fails when significant (McNemar
     p < 0.05), over 3x it always."""

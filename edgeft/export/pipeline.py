@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeft.artifact import Manifest, Task, write_manifest
 from edgeft.errors import EdgeftError
-from edgeft.export import assemble, gate, quantize
+from edgeft.export import assemble, gate, quantize, smooth
 from edgeft.export.config import AUTO_ORDER, ExportConfig, Int8Mode, Quantize
 from edgeft.fsutil import atomic_dir, check_destination
 
@@ -109,6 +109,10 @@ def _check_scheme(config: ExportConfig) -> None:
     if config.task in (Task.classification, Task.embedding) and config.quantize in narrow:
         kind = "classifiers" if config.task is Task.classification else "embedding models"
         raise EdgeftError(f"{kind} export as none, int8 or auto (int4, mixed and searched are for decoders)")
+    if (config.task is Task.causal_lm and config.int8_mode is Int8Mode.dynamic
+            and config.quantize not in (Quantize.int8, Quantize.auto)):
+        raise EdgeftError(f"--int8-mode dynamic applies to the int8 scheme (--quantize int8 or auto), "
+                          f"not --quantize {config.quantize.value}")
 
 
 def _export(config: ExportConfig, work: Path, log: Log) -> Path:
@@ -179,6 +183,15 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
         if scheme is Quantize.none:
             assemble.copy_graph(graph.path, folder)
             quant = quantize.QuantReport(scheme="none", groups={"all": "fp32"}, method="none").to_dict()
+        elif scheme is Quantize.int8 and config.int8_mode is Int8Mode.dynamic:
+            log("quantizing: int8, dynamic (smoothed, a scale per row)")
+            ids, origin = _calibration_ids(config, source)
+            feeds = smooth.decoder_feeds(graph.inputs, ids, graph.num_kv_heads, graph.head_dim, graph.kv_dtype)
+            quant = smooth.quantize_decoder_dynamic(graph.path, folder / "model.onnx", graph.vocab_size,
+                                                    graph.num_layers, config.block_size, feeds,
+                                                    config.threads).to_dict()
+            quant["calibration"] = {"tokens": int(sum(len(c) for c in ids)), "texts": origin,
+                                    "alpha": smooth.ALPHA}
         else:
             log(f"quantizing: {name or scheme.value} (block size {config.block_size})")
             quant = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
@@ -198,6 +211,23 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
     candidates = [_searched_candidate(search, build, 1, None) if s is Quantize.searched
                   else Candidate(s.value, lambda s=s: build(s)) for s in _decoder_schemes(config)]
     return Plan(config, source, graph, tokenizer, candidates)
+
+
+# Calibration of the dynamic int8 scheme: this many held-out tokens, in prompts of at most CALIBRATION_CHUNK.
+CALIBRATION_TOKENS = 2048
+CALIBRATION_CHUNK = 256
+
+
+def _calibration_ids(config: ExportConfig, source: Source) -> tuple[list[list[int]], str]:
+    """Token ids the smoothing measures activations on, and where they came from."""
+    evals = gate.eval_set(config, source.task, source.run_config, source.tokenizer, None)
+    texts, overlap = gate.calibration_texts(config, source.task, source.run_config, source.tokenizer, evals)
+    chunks = [ids[i:i + CALIBRATION_CHUNK] for ids in _encode_until(source.tokenizer, texts, CALIBRATION_TOKENS)
+              for i in range(0, len(ids), CALIBRATION_CHUNK)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    if not chunks:
+        raise EdgeftError(f"the dynamic int8 scheme has no text to calibrate on ({evals.origin})")
+    return chunks, ("the gate texts themselves" if overlap else "held-out texts the gate does not score")
 
 
 # ---------------------------------------------------------------- searched widths
