@@ -267,6 +267,8 @@ def test_dynamic_int8_mode_is_refused_where_it_means_nothing(work, tiny_llama_di
     with pytest.raises(EdgeftError, match="int8-mode dynamic"):
         _export(tiny_llama_dir, work / "llama-int4-dynamic", "int4", int8_mode="dynamic")
     assert not (work / "llama-int4-dynamic").exists()
+    with pytest.raises(EdgeftError, match="fp32-activations"):
+        _export(tiny_llama_dir, work / "llama-int8-dynamic-fp32", "int8", int8_mode="dynamic", int8_activations=False)
 
 
 def test_failing_gate_writes_nothing_and_says_what_failed(work, tiny_llama_dir):

@@ -113,6 +113,9 @@ def _check_scheme(config: ExportConfig) -> None:
             and config.quantize not in (Quantize.int8, Quantize.auto)):
         raise EdgeftError(f"--int8-mode dynamic applies to the int8 scheme (--quantize int8 or auto), "
                           f"not --quantize {config.quantize.value}")
+    if config.task is Task.causal_lm and config.int8_mode is Int8Mode.dynamic and not config.int8_activations:
+        raise EdgeftError("--int8-mode dynamic computes on int8 activations: drop --fp32-activations, or use "
+                          "--int8-mode weight-only")
 
 
 def _export(config: ExportConfig, work: Path, log: Log) -> Path:
