@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.export.quantize import (QuantReport, _drop_unused_initializers, _group_widths, _inits, _producers,
-                                    _quantize_embedding, _quiet, gemm_to_matmul, load, matmul_targets, save)
+from edgeft.export.quantize import (MatMulTarget, QuantReport, _drop_unused_initializers, _group_widths, _inits,
+                                    _producers, _quantize_embedding, _quiet, gemm_to_matmul, load, matmul_targets,
+                                    save)
 
 ALPHA = 0.5  # SmoothQuant's migration strength (0.75 and 0.9 were worse on SmolLM2: results/dynamic_int8.md)
 EPS = 1e-6
@@ -66,13 +67,14 @@ def sites(model, targets: Sequence[str]) -> list[Site]:
     inits, made_by, read_by = _inits(model), _producers(model), _consumers(model)
     nodes = {n.name: n for n in model.graph.node}
     target_set = set(targets)
+    graph_outputs = {o.name for o in model.graph.output}
     found: list[Site] = []
     by_input: dict[str, list] = {}
     for name in targets:
         by_input.setdefault(nodes[name].input[0], []).append(nodes[name])
     for tensor, mms in by_input.items():
         readers = read_by.get(tensor, [])
-        if any(r.name not in target_set for r in readers) or tensor in {o.name for o in model.graph.output}:
+        if any(r.name not in target_set for r in readers) or tensor in graph_outputs:
             continue  # something else reads the input: scaling it would change that too
         weights = [m.input[1] for m in mms]
         if any(w not in inits or len(read_by.get(w, [])) != 1 for w in weights):
@@ -220,8 +222,11 @@ def per_row(model, targets: Sequence[str]) -> int:
 
 
 def rewrite(model, vocab_size: int, feeds: Sequence[dict], threads: int | None = None,
-            alpha: float = ALPHA) -> tuple[list[str], dict[str, int]]:
-    """Smooth and row-scale ``model`` in place (still fp32); the target MatMuls and what was done."""
+            alpha: float = ALPHA) -> tuple[list[MatMulTarget], dict[str, int]]:
+    """Smooth and row-scale ``model`` in place (still fp32); the target MatMuls and what was done.
+
+    The targets' node names and weights are those the quantizer will see (the rewrite renames
+    their outputs only)."""
     gemm_to_matmul(model)
     targets = matmul_targets(model, vocab_size)
     names = [t.node for t in targets]
@@ -229,7 +234,7 @@ def rewrite(model, vocab_size: int, feeds: Sequence[dict], threads: int | None =
     amax = calibrate(model, [s.tensor for s in found], feeds, threads) if found else {}
     smoothed = smooth(model, found, amax, alpha)
     rows = per_row(model, names)
-    return names, {"matmuls": len(names), "smoothed_inputs": smoothed, "row_scaled_inputs": rows}
+    return targets, {"matmuls": len(targets), "smoothed_inputs": smoothed, "row_scaled_inputs": rows}
 
 
 def quantize_decoder_dynamic(src: Path, dest: Path, vocab_size: int, num_layers: int, block_size: int,
@@ -239,9 +244,8 @@ def quantize_decoder_dynamic(src: Path, dest: Path, vocab_size: int, num_layers:
 
     _quiet()
     model = load(src)
-    targets = matmul_targets(model, vocab_size)  # before the rewrite: the head as the quantizer will see it
+    targets, _ = rewrite(model, vocab_size, feeds, threads)
     head = next((t for t in targets if t.group == "head"), None)
-    names, counts = rewrite(model, vocab_size, feeds, threads)
     tmp_in, tmp_out = Path(dest).with_name("smoothed-tmp.onnx"), Path(dest).with_name("dynamic-tmp.onnx")
     save(model, tmp_in)
     del model
@@ -250,7 +254,8 @@ def quantize_decoder_dynamic(src: Path, dest: Path, vocab_size: int, num_layers:
     root.setLevel(logging.ERROR)  # "consider pre-processing": the graph is already optimized
     try:
         quantize_dynamic(str(tmp_in), str(tmp_out), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_quantize=names, use_external_data_format=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_quantize=[t.node for t in targets],
+                         use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1})
     finally:
         root.setLevel(level)
@@ -261,10 +266,9 @@ def quantize_decoder_dynamic(src: Path, dest: Path, vocab_size: int, num_layers:
     for p in (tmp_in, tmp_out):
         p.unlink(missing_ok=True)
         p.with_name(p.name + ".data").unlink(missing_ok=True)
-    report = QuantReport(scheme="int8", method="dynamic-smoothed", block_size=block_size,
-                         groups=_group_widths(targets, {t.node: 8 for t in targets}, 8, num_layers),
-                         activations="int8-per-row")
-    return report
+    return QuantReport(scheme="int8", method="dynamic-smoothed", block_size=block_size,
+                       groups=_group_widths(targets, {t.node: 8 for t in targets}, 8, num_layers),
+                       activations="int8-per-row")
 
 
 def decoder_feeds(inputs: Sequence[str], id_chunks: Sequence[Sequence[int]], num_kv_heads: int, head_dim: int,
