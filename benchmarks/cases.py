@@ -99,7 +99,13 @@ def lm_artifact(ctx: Context, quant: str, source: str | None = None, tag: str = 
         extra = (["--task", "causal-lm", "--eval-data", str(prepare.data_file("instruct", "alpaca_small_2k.json"))]
                  if source == prepare.LM else [])
         # "int8-dynamic": the int8 scheme with --int8-mode dynamic (smoothed, int8 activations a scale per row)
-        q, more = ("int8", ["--int8-mode", "dynamic"]) if quant == "int8-dynamic" else (quant, [])
+        # "int4-offset" / "mixed-offset": 4-bit blocks with a float offset each (--int4-mode offset)
+        if quant == "int8-dynamic":
+            q, more = "int8", ["--int8-mode", "dynamic"]
+        elif quant.endswith("-offset"):
+            q, more = quant.removesuffix("-offset"), ["--int4-mode", "offset"]
+        else:
+            q, more = quant, []
         ctx.cache[key] = prepare.ensure_exported(f"smollm2-{tag}-{quant}", source, q, extra + more)
     return ctx.cache[key]
 

@@ -130,7 +130,7 @@ def generation_systems(ctx: Context) -> list[dict]:
         out.append({"system": name, "worker": "gen-edgeft", "module": "benchmarks.workers", "path": None,
                     "make_path": make, **kw})
 
-    for q in ("int8", "int8-dynamic", "int4", "mixed", "searched"):
+    for q in ("int8", "int8-dynamic", "int4", "int4-offset", "mixed", "mixed-offset", "searched"):
         lazy(f"edgeft {q}", lambda q=q: lm_artifact(ctx, q), ppl="ppl-edgeft-chunks", quant=q)
     lazy("edgeft searched, EDGEFT_SPIN=1", lambda: lm_artifact(ctx, "searched"), env={"EDGEFT_SPIN": "1"},
          quant="searched", lever="spinning threads")

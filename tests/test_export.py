@@ -193,6 +193,98 @@ def test_auto_keeps_the_smallest_that_passes(work, tiny_llama_dir):
         assert search["why"] in g["chosen_because"]
 
 
+def _q41_grid(w: np.ndarray, block: int = 32) -> np.ndarray:
+    """Put a torch-layout [out, in] weight on llama.cpp's Q4_1 grid (min/max blocks along ``in``)."""
+    b = w.reshape(w.shape[0], -1, block)
+    lo, hi = b.min(axis=2, keepdims=True), b.max(axis=2, keepdims=True)
+    d = np.where(hi > lo, (hi - lo) / 15, 1.0)
+    return (lo + d * np.rint((b - lo) / d)).reshape(w.shape).astype(np.float32)
+
+
+def test_offset_grid_holds_q41_blocks_exactly_and_beats_integer_zero_points():
+    from edgeft.export.quantize import offset_grid
+    from edgeft.export.sensitivity import fake_quant
+
+    rng = np.random.default_rng(0)
+    on_grid = _q41_grid(rng.standard_normal((48, 96)).astype(np.float32)).T  # [K 96, N 48], as MatMul reads it
+    q, scales, offsets = offset_grid(on_grid, 32)
+    back = (offsets[:, :, None] + scales[:, :, None] * q).reshape(48, 96).T
+    assert np.abs(back - on_grid).max() < 1e-6 * np.abs(on_grid).max()
+    # the same weights through onnxruntime's own asymmetric 4-bit blocks (integer zero points)
+    integer = fake_quant(on_grid, 4, 32, symmetric=False)
+    assert np.abs(integer - on_grid).max() > 1e-3
+    # off the grid too, a float offset is never worse than a rounded integer one
+    w = rng.standard_normal((80, 40)).astype(np.float32)  # K 80: the last block is padded
+    q, scales, offsets = offset_grid(w, 32)
+    back = (offsets[:, :, None] + scales[:, :, None] * q).reshape(40, -1)[:, :80].T
+    assert np.linalg.norm(back - w) <= np.linalg.norm(fake_quant(w, 4, 32, symmetric=False) - w)
+
+
+@pytest.mark.parametrize("rank,sums", [(3, "ReduceSum"), (2, "MatMul")])
+def test_offset_pass_is_the_same_matmul_with_one_block_sum_per_input(rank, sums):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeft.export.quantize import offset_pass
+
+    rng = np.random.default_rng(1)
+    k, n1, n2 = 96, 40, 24
+    w1, w2 = (_q41_grid(rng.standard_normal((n, k)).astype(np.float32)).T.copy() for n in (n1, n2))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="a"), helper.make_node("MatMul", ["x", "w2"], ["y2"], name="b")]
+    lead = [1, None][-(rank - 1):]  # [b, s, K] (blocks summed by Reshape + ReduceSum) or [s, K] (by x @ E)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, k])],
+                              [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [*lead, n1]),
+                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, [*lead, n2])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    offset_pass(model, ["a", "b"], 32, level=1)
+    ops = [x.op_type for x in model.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 2 + (sums == "MatMul")
+    block_sums = [x for x in model.graph.node if x.name.endswith("_BlockSums")]
+    assert [(x.name, x.op_type) for x in block_sums] == [("a_BlockSums", sums)]  # one, shared by both
+    assert all(len(x.input) == 3 for x in model.graph.node if x.op_type == "MatMulNBits")  # no zero points stored
+    onnx.checker.check_model(model)
+    x = rng.standard_normal((1, 5, k)[-rank:]).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for y, w in zip(sess.run(["y1", "y2"], {"x": x}), (w1, w2), strict=True):
+        ref = x @ w
+        assert np.abs(y - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_int4_offset_export_holds_a_q41_model_with_an_8bit_head(work, tiny_llama_dir, tmp_path):
+    """A llama whose weights already sit on a Q4_1 grid (as the shipped SmolLM2's do) exports at int4
+    with float offsets much closer to PyTorch than with integer zero points."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:  # every projection, and the tied embedding/head
+                p.copy_(torch.from_numpy(_q41_grid(p.numpy())))
+    src = tmp_path / "q41-llama"
+    model.save_pretrained(src)
+    for f in tiny_llama_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            shutil.copy(f, src / f.name)
+    offset = _export(src, work / "llama-int4-offset", "int4", int4_mode="offset", int8_activations=False,
+                     allow_degraded=True)
+    plain = _export(src, work / "llama-int4-zero", "int4", int8_activations=False, allow_degraded=True)
+    q = _manifest(offset)["quantization"]
+    assert q["int4_grid"] == "float-offset" and q["tied_embeddings_shared"]  # the head's 8-bit matrix
+    assert q["groups"] == {"embeddings": "int8", "head": "int8", "blocks.0-3": "int4"}
+    assert _manifest(plain)["quantization"]["int4_grid"] == "zero-point"
+    nodes = _ops(offset)
+    assert sorted(_bits(n) for n in nodes if n.op_type == "MatMulNBits") == [4] * 16 + [8]
+    assert {_bits(n) for n in nodes if n.op_type == "GatherBlockQuantized"} == {8}
+    ids = [3, 17, 9, 41, 5, 22, 8, 13, 30, 2]
+    ref = _torch_logits(src, ids)
+    err = {name: np.abs(_runtime_steps(folder, ids, 6) - ref).max() for name, folder in
+           (("offset", offset), ("zero-point", plain))}
+    assert err["offset"] < 0.2 * err["zero-point"], err
+
+
 def _graph_logits(model, feeds: list[dict]) -> list[np.ndarray]:
     import onnxruntime as ort
 

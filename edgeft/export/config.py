@@ -38,6 +38,13 @@ class Int8Mode(str, enum.Enum):
     weight_only = "weight-only"  # int8 weights, fp32 activations (MatMulNBits)
 
 
+class Int4Mode(str, enum.Enum):
+    """How a decoder's 4-bit blocks are stored (int4, mixed, searched, auto)."""
+
+    offset = "offset"  # w = offset + scale * q, a float offset per block (llama.cpp's Q4_1 grid)
+    zero_point = "zero-point"  # w = scale * (q - z), an integer zero point per block (MatMulNBits alone)
+
+
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 # Smallest first: what ``auto`` tries, in order.
@@ -75,6 +82,10 @@ class ExportConfig:
     activations, then the smaller; the reason goes in the manifest). Decoders, for the int8 scheme:
     weight-only (what best gives) or dynamic (smoothed per-channel, int8 activations on a scale per row,
     integer GEMM: faster prompt prefill, calibrated on held-out texts)."""
+    int4_mode: Int4Mode = Int4Mode.zero_point
+    """Decoders' 4-bit blocks: zero-point (an integer zero point per block: onnxruntime's 4-bit kernel alone)
+    or offset (a float offset per block, the min/max grid of llama.cpp's Q4_1, which it holds exactly, and
+    the head at 8 bits as in Q4_1 files; closer to the model, but four small extra ops per matmul)."""
     max_accuracy_drop: float = 1.0
     """Gate (classifiers): accuracy drop budget, in points; a drop over it fails when significant (McNemar
     p < 0.05), over 3x it always."""
@@ -122,6 +133,7 @@ class ExportConfig:
                 raise EdgeftError(f"--sign {self.sign_key} is not a file")
         object.__setattr__(self, "quantize", _enum(Quantize, self.quantize, "--quantize"))
         object.__setattr__(self, "int8_mode", _enum(Int8Mode, self.int8_mode, "--int8-mode"))
+        object.__setattr__(self, "int4_mode", _enum(Int4Mode, self.int4_mode, "--int4-mode"))
         if self.task is not None:
             object.__setattr__(self, "task", _enum(Task, self.task, "--task"))
         if self.eval_data is not None:

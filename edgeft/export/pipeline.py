@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from edgeft.artifact import Manifest, Task, write_manifest
 from edgeft.errors import EdgeftError
 from edgeft.export import assemble, gate, quantize, smooth
-from edgeft.export.config import AUTO_ORDER, ExportConfig, Int8Mode, Quantize
+from edgeft.export.config import AUTO_ORDER, ExportConfig, Int4Mode, Int8Mode, Quantize
 from edgeft.fsutil import atomic_dir, check_destination
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
             log(f"quantizing: {name or scheme.value} (block size {config.block_size})")
             quant = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
                                               graph.num_layers, graph.vocab_size, config.int8_activations,
-                                              widths).to_dict()
+                                              widths, config.int4_mode is Int4Mode.offset).to_dict()
             if search is not None:
                 quant["search"] = search
         assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict(),

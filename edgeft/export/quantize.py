@@ -58,11 +58,13 @@ class QuantReport:
     method: str = "weight-only"
     tied_embeddings_shared: bool = False
     activations: str = "fp32"  # what MatMulNBits computes with: "int8" (accuracy_level 4) or "fp32"
+    int4_grid: str | None = None  # 4-bit blocks: "zero-point" (integer) or "float-offset"; None without any
 
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, "method": self.method, "block_size": self.block_size,
                 "groups": dict(self.groups), "tied_embeddings_shared": self.tied_embeddings_shared,
-                "activations": self.activations}
+                "activations": self.activations,
+                **({"int4_grid": self.int4_grid} if self.int4_grid else {})}
 
 
 def _quiet() -> None:
@@ -196,8 +198,12 @@ def bits_for(group: str, scheme: Quantize, num_layers: int, mlp_in: bool = False
 
 def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, num_layers: int,
                      vocab_size: int, int8_activations: bool = True,
-                     widths: dict[str, int] | None = None) -> QuantReport:
+                     widths: dict[str, int] | None = None, int4_offsets: bool = False) -> QuantReport:
     """Quantize a decoder graph's weights; write ``dest`` (+ ``.data``); say what went where.
+
+    ``int4_offsets``: 4-bit blocks take a float offset each (``offset_pass``) instead of an
+    integer zero point, and the head stays at 8 bits, shared with the embedding (the layout of
+    llama.cpp's Q4_1 files, whose head and embedding are Q8_0).
 
     ``widths`` (MatMul node -> 4 or 8; nodes not named: 8) replaces the scheme's fixed widths
     (``searched``); the token embedding then follows the head's width when the two are tied
@@ -213,20 +219,135 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
         plan = {t.node: widths.get(t.node, 8) for t in targets}
     head = next((t for t in targets if t.group == "head"), None)
     level = 4 if int8_activations else 1
-    # (bits, symmetric, nodes): 4-bit blocks with zero points; a 4-bit head stays symmetric, as
-    # the embedding lookup may share its quantized matrix
-    passes = [(4, False, [n for n, b in plan.items() if b == 4 and (head is None or n != head.node)]),
-              (4, True, [head.node] if head is not None and plan[head.node] == 4 else []),
-              (8, True, [n for n, b in plan.items() if b == 8])]
-    for bits, symmetric, nodes in passes:
-        model = _nbits_pass(model, nodes, [n for n in plan if n not in nodes], bits, block_size, level, symmetric)
-    emb_bits = bits_for("embeddings", scheme, num_layers) if widths is None else _searched_embedding_bits(model, head, plan)
-    shared = _quantize_embedding(model, emb_bits, block_size, head, plan.get(head.node, 0) if head else 0)
+    four = [n for n, b in plan.items() if b == 4]
+    eight = [n for n, b in plan.items() if b == 8]
+    if int4_offsets:
+        # llama.cpp's Q4_1 layout: every 4-bit block on its own min/max grid, the head (and the
+        # embedding, sharing its matrix) at 8 bits
+        if head is not None and plan[head.node]:
+            plan[head.node] = 8
+        four, eight = [n for n, b in plan.items() if b == 4], [n for n, b in plan.items() if b == 8]
+        model = _nbits_pass(model, eight, [n for n in plan if n not in eight], 8, block_size, level, True)
+        offset_pass(model, four, block_size, level)  # after: its small fp32 MatMuls must stay fp32
+        emb_bits = 8
+        shared = _quantize_embedding(model, emb_bits, block_size, head, 8 if head is not None else 0)
+    else:
+        # (bits, symmetric, nodes): 4-bit blocks with zero points; a 4-bit head stays symmetric, as
+        # the embedding lookup may share its quantized matrix
+        passes = [(4, False, [n for n in four if head is None or n != head.node]),
+                  (4, True, [head.node] if head is not None and plan[head.node] == 4 else []),
+                  (8, True, eight)]
+        for bits, symmetric, nodes in passes:
+            model = _nbits_pass(model, nodes, [n for n in plan if n not in nodes], bits, block_size, level, symmetric)
+        emb_bits = (bits_for("embeddings", scheme, num_layers) if widths is None
+                    else _searched_embedding_bits(model, head, plan))
+        shared = _quantize_embedding(model, emb_bits, block_size, head, plan.get(head.node, 0) if head else 0)
     _drop_unused_initializers(model)
     save(model, dest)
     return QuantReport(scheme=scheme.value, block_size=block_size,
                        groups=_group_widths(targets, plan, emb_bits, num_layers),
-                       tied_embeddings_shared=shared, activations="int8" if int8_activations else "fp32")
+                       tied_embeddings_shared=shared, activations="int8" if int8_activations else "fp32",
+                       int4_grid=("float-offset" if int4_offsets else "zero-point") if four else None)
+
+
+def offset_grid(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4-bit min/max blocks along K of a [K, N] weight: ``w ~ offset + scale * q``, q in 0..15.
+
+    Returns ``q`` [N, blocks, block_size] (uint8), ``scales`` and ``offsets`` [N, blocks] (float32).
+    This is llama.cpp's Q4_1 grid: weights already on such a grid (the de-quantized blocks of a
+    Q4_1 GGUF) come back exactly. K is padded with zeros to whole blocks.
+    """
+    k, n = w.shape
+    nb = -(-k // block_size)
+    padded = np.zeros((nb * block_size, n), np.float32)
+    padded[:k] = w
+    blocks = padded.T.reshape(n, nb, block_size)
+    if k % block_size:  # the padding must not widen the last block's range
+        last = blocks[:, -1, : k % block_size]
+        blocks[:, -1, k % block_size:] = last.min(axis=1, keepdims=True)
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+    scales = (hi - lo) / 15.0
+    scales[scales == 0] = 1.0
+    q = np.clip(np.rint((blocks - lo[:, :, None]) / scales[:, :, None]), 0, 15).astype(np.uint8)
+    return q, scales.astype(np.float32), lo.astype(np.float32)
+
+
+def _ranks(model) -> dict[str, int]:
+    """Known ranks of the graph's tensors (inputs, outputs, value_info; after shape inference)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False).graph
+    except Exception:  # noqa: BLE001 - a graph shape inference cannot read: ranks stay unknown
+        inferred = model.graph
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.input, *inferred.value_info, *inferred.output)
+            if v.type.tensor_type.HasField("shape")}
+
+
+def offset_pass(model, nodes: list[str], block_size: int, level: int = 4) -> None:
+    """Replace each named MatMul by 4-bit ``MatMulNBits`` (zero point 0) plus its blocks' offsets.
+
+    ``x @ w = x @ (scale * (q - 8)) + blocksums(x) @ (offset + 8 * scale)``: the first term is
+    onnxruntime's fast 4-bit kernel at its default zero point (8, so no zero points are stored or
+    read), the second a small fp32 MatMul over the input's per-block sums (``x @ E``, E a 0/1
+    [K, blocks] matrix, one per K, computed once per input and shared by the matmuls that read it).
+    This holds float offsets exactly, which MatMulNBits' own float zero points would too but at
+    many times the cost per call.
+    """
+    if not nodes:
+        return
+    from onnx import helper, numpy_helper
+
+    inits, wanted = _inits(model), set(nodes)
+    sums: dict[str, str] = {}
+    blockers: dict[int, str] = {}
+    rank = _ranks(model)
+    axes = "blocksums_axes"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
+    out = []
+    for node in model.graph.node:
+        if node.name not in wanted:
+            out.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        k, n = w.shape
+        q, scales, offsets = offset_grid(w, block_size)
+        nb = q.shape[1]
+        packed = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
+        base, x = node.name, node.input[0]
+        names = {"q": f"{base}_Q4", "s": f"{base}_scales", "o": f"{base}_offsets"}
+        model.graph.initializer.extend([
+            numpy_helper.from_array(packed, names["q"]),
+            numpy_helper.from_array(scales.reshape(-1), names["s"]),
+            numpy_helper.from_array(np.ascontiguousarray((offsets + 8.0 * scales).T), names["o"])])
+        if x not in sums:
+            sums[x] = f"{base}_blocksums"
+            if k % block_size == 0 and rank.get(x) == 3:  # [b, s, K] -> [b, s, blocks, block] -> sum
+                if k not in blockers:
+                    blockers[k] = f"blocksums_{k}_shape"
+                    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, nb, block_size], np.int64),
+                                                                           blockers[k]))
+                out.extend([helper.make_node("Reshape", [x, blockers[k]], [f"{base}_blocked"], name=f"{base}_Blocked"),
+                            helper.make_node("ReduceSum", [f"{base}_blocked", axes], [sums[x]], keepdims=0,
+                                             name=f"{base}_BlockSums")])
+            else:  # any rank, or a padded last block: x @ E, E a 0/1 [K, blocks] matrix
+                ename = f"blocksums_{k}x{nb}_E"
+                if ename not in inits:
+                    e = np.zeros((k, nb), np.float32)
+                    e[np.arange(k), np.arange(k) // block_size] = 1.0
+                    model.graph.initializer.append(numpy_helper.from_array(e, ename))
+                    inits[ename] = model.graph.initializer[-1]
+                out.append(helper.make_node("MatMul", [x, ename], [sums[x]], name=f"{base}_BlockSums"))
+        y = node.output[0]
+        out.extend([
+            helper.make_node("MatMulNBits", [x, names["q"], names["s"]], [f"{y}_scaled"],
+                             name=f"{base}_Q4", domain="com.microsoft", K=k, N=n, bits=4,
+                             block_size=block_size, accuracy_level=level),
+            helper.make_node("MatMul", [sums[x], names["o"]], [f"{y}_offset"], name=f"{base}_Offsets"),
+            helper.make_node("Add", [f"{y}_scaled", f"{y}_offset"], [y], name=f"{base}_AddOffsets")])
+    model.graph.ClearField("node")
+    model.graph.node.extend(out)
+    _ensure_domains(model)
 
 
 def _searched_embedding_bits(model, head: MatMulTarget | None, plan: dict[str, int]) -> int:
