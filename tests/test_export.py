@@ -252,6 +252,15 @@ def test_offset_pass_is_the_same_matmul_with_one_block_sum_per_input(rank, sums)
         assert np.abs(y - ref).max() < 1e-5 * np.abs(ref).max()
 
 
+def test_int4_offset_mode_is_refused_without_4bit_blocks(work, tiny_llama_dir, bert_run):
+    for source, scheme, said in ((tiny_llama_dir, "int8", "not --quantize int8"),
+                                 (bert_run, "int8", "not a classification model")):
+        out = work / f"refused-offset-{scheme}"
+        with pytest.raises(EdgeftError, match=f"--int4-mode offset applies .*{said}"):
+            _export(source, out, scheme, int4_mode="offset")
+        assert not out.exists()
+
+
 def test_int4_offset_export_holds_a_q41_model_with_an_8bit_head(work, tiny_llama_dir, tmp_path):
     """A llama whose weights already sit on a Q4_1 grid (as the shipped SmolLM2's do) exports at int4
     with float offsets much closer to PyTorch than with integer zero points."""

@@ -6,6 +6,10 @@ token embedding becomes ``GatherBlockQuantized`` at the same width, sharing the 
 quantized matrix when the model ties them. 8-bit blocks are symmetric; 4-bit blocks have
 a zero point (asymmetric), except the head, whose matrix the embedding may share.
 
+With ``--int4-mode offset`` the 4-bit blocks are instead stored as llama.cpp's Q4_1 stores
+them, ``offset + scale * q`` with a float offset per block (``offset_pass``: onnxruntime's 4-bit
+kernel plus a small fp32 matmul over the input's block sums), and the head stays at 8 bits.
+
 ``mixed`` puts 4 bits only where they cost least: the MLP's input projections (gate/up,
 ``fc1``, ``c_fc``) of the middle blocks. Attention, the MLP's output projection, the first
 and last blocks, head and embeddings stay at 8 (the measurements behind that choice are in
