@@ -277,13 +277,21 @@ def offset_grid(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray,
 
 
 def _ranks(model) -> dict[str, int]:
-    """Known ranks of the graph's tensors (inputs, outputs, value_info; after shape inference)."""
+    """Known ranks of the graph's tensors, by shape inference on a copy without the weights' bytes
+    (initializers become typed inputs), so a model past protobuf's 2 GB limit is inferred too."""
     import onnx
+    from onnx import helper
 
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer]
+    graph.ClearField("initializer")
+    graph.input.extend(weights)
+    light = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False).graph
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=False).graph
     except Exception:  # noqa: BLE001 - a graph shape inference cannot read: ranks stay unknown
-        inferred = model.graph
+        inferred = graph
     return {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.input, *inferred.value_info, *inferred.output)
             if v.type.tensor_type.HasField("shape")}
 
