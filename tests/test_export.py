@@ -227,6 +227,7 @@ def test_offset_pass_is_the_same_matmul_with_one_block_sum_per_input(rank, sums)
     from onnx import TensorProto, helper, numpy_helper
 
     from edgeft.export.quantize import offset_pass
+    from edgeft.export.sensitivity import fake_quant
 
     rng = np.random.default_rng(1)
     k, n1, n2 = 96, 40, 24
@@ -238,18 +239,23 @@ def test_offset_pass_is_the_same_matmul_with_one_block_sum_per_input(rank, sums)
                                helper.make_tensor_value_info("y2", TensorProto.FLOAT, [*lead, n2])],
                               [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    offset_pass(model, ["a", "b"], 32, level=1)
+    eight = offset_pass(model.__deepcopy__(), ["a", "b"], 32, level=1)  # offsets stored 8-bit (the default)
+    model = offset_pass(model, ["a", "b"], 32, level=1, offset_bits=None)  # offsets in fp32: exact
     ops = [x.op_type for x in model.graph.node]
     assert ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 2 + (sums == "MatMul")
+    assert [x.op_type for x in eight.graph.node].count("MatMulNBits") == 4
     block_sums = [x for x in model.graph.node if x.name.endswith("_BlockSums")]
     assert [(x.name, x.op_type) for x in block_sums] == [("a_BlockSums", sums)]  # one, shared by both
     assert all(len(x.input) == 3 for x in model.graph.node if x.op_type == "MatMulNBits")  # no zero points stored
     onnx.checker.check_model(model)
     x = rng.standard_normal((1, 5, k)[-rank:]).astype(np.float32)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for y, w in zip(sess.run(["y1", "y2"], {"x": x}), (w1, w2), strict=True):
+    near = ort.InferenceSession(eight.SerializeToString(), providers=["CPUExecutionProvider"])
+    for y, y8, w in zip(sess.run(["y1", "y2"], {"x": x}), near.run(["y1", "y2"], {"x": x}), (w1, w2), strict=True):
         ref = x @ w
         assert np.abs(y - ref).max() < 1e-5 * np.abs(ref).max()
+        integer = x @ fake_quant(w, 4, 32, symmetric=False)  # onnxruntime's own 4-bit blocks, for scale
+        assert np.linalg.norm(y8 - ref) < 0.1 * np.linalg.norm(integer - ref)
 
 
 def test_int4_offset_mode_is_refused_without_4bit_blocks(work, tiny_llama_dir, bert_run):
@@ -285,7 +291,8 @@ def test_int4_offset_export_holds_a_q41_model_with_an_8bit_head(work, tiny_llama
     assert q["groups"] == {"embeddings": "int8", "head": "int8", "blocks.0-3": "int4"}
     assert _manifest(plain)["quantization"]["int4_grid"] == "zero-point"
     nodes = _ops(offset)
-    assert sorted(_bits(n) for n in nodes if n.op_type == "MatMulNBits") == [4] * 16 + [8]
+    # 16 projections at 4 bits, their 16 offset matmuls and the head at 8
+    assert sorted(_bits(n) for n in nodes if n.op_type == "MatMulNBits") == [4] * 16 + [8] * 17
     assert {_bits(n) for n in nodes if n.op_type == "GatherBlockQuantized"} == {8}
     ids = [3, 17, 9, 41, 5, 22, 8, 13, 30, 2]
     ref = _torch_logits(src, ids)

@@ -232,7 +232,7 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
             plan[head.node] = 8
         four, eight = [n for n, b in plan.items() if b == 4], [n for n, b in plan.items() if b == 8]
         model = _nbits_pass(model, eight, [n for n in plan if n not in eight], 8, block_size, level, True)
-        offset_pass(model, four, block_size, level)  # after: its small fp32 MatMuls must stay fp32
+        model = offset_pass(model, four, block_size, level)  # after the 8-bit pass: it quantizes its own
         emb_bits = 8
         shared = _quantize_embedding(model, emb_bits, block_size, head, 8 if head is not None else 0)
     else:
@@ -296,15 +296,18 @@ def _ranks(model) -> dict[str, int]:
             if v.type.tensor_type.HasField("shape")}
 
 
-def offset_pass(model, nodes: list[str], block_size: int, level: int = 4) -> None:
-    """Replace each named MatMul by 4-bit ``MatMulNBits`` (zero point 0) plus its blocks' offsets.
+def offset_pass(model, nodes: list[str], block_size: int, level: int = 4, offset_bits: int | None = 8):
+    """Replace each named MatMul by 4-bit ``MatMulNBits`` plus its blocks' float offsets; the model.
 
     ``x @ w = x @ (scale * (q - 8)) + blocksums(x) @ (offset + 8 * scale)``: the first term is
     onnxruntime's fast 4-bit kernel at its default zero point (8, so no zero points are stored or
-    read), the second a small fp32 MatMul over the input's per-block sums (``x @ E``, E a 0/1
-    [K, blocks] matrix, one per K, computed once per input and shared by the matmuls that read it).
-    This holds float offsets exactly, which MatMulNBits' own float zero points would too but at
-    many times the cost per call.
+    read); the second a small matmul of the input's per-block sums (``Reshape`` + ``ReduceSum``,
+    once per input, shared by the matmuls that read it; ``x @ E`` with a 0/1 [K, blocks] matrix
+    where the rank is unknown or K is not whole blocks) with the offsets, then an ``Add``. The
+    offsets are stored 8-bit (``offset_bits``, symmetric blocks along the block axis: about a
+    thirtieth of a grid step off, and a quarter of the bytes of fp32) or, with ``None``, in fp32,
+    which holds them exactly. MatMulNBits' own float zero points would hold them too, at many times
+    the cost per call.
     """
     if not nodes:
         return
@@ -360,6 +363,11 @@ def offset_pass(model, nodes: list[str], block_size: int, level: int = 4) -> Non
     model.graph.ClearField("node")
     model.graph.node.extend(out)
     _ensure_domains(model)
+    if offset_bits is not None:
+        offsets = [n.name for n in out if n.name.endswith("_Offsets")]
+        rest = [n.name for n in out if n.op_type == "MatMul" and n.name not in offsets]
+        model = _nbits_pass(model, offsets, rest, offset_bits, 32, level, True)
+    return model
 
 
 def _searched_embedding_bits(model, head: MatMulTarget | None, plan: dict[str, int]) -> int:
