@@ -100,8 +100,13 @@ def session(world: World, device: Any) -> Iterator[None]:
     dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size, **kwargs)
     try:
         yield
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # leave together: a rank tearing its gloo threads down while rank 0 still writes the run folder
+    # (or still talks) was seen to abort at exit ("terminate called without an active exception")
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier(world: World) -> None:
