@@ -191,7 +191,8 @@ def test_a_result_from_before_gates_were_fields_keeps_its_verdicts_from_the_note
     res = SuiteResult.from_dict(old)
     assert [(g.system, g.passed, g.origin) for g in res.gates] == [(EDGEFT["mixed"], True, "note"),
                                                                     (EDGEFT["int4"], False, "note")]
-    for name in ("2026-11-28-vm.json", "2026-12-01-vm.json"):  # the results the README quotes still load
+    for name in ("2026-11-28-vm.json", "2026-12-01-vm.json", "2026-12-04-vm-peers-avx512.json",
+                 "2026-12-04-vm-peers-avx512-offsets8.json"):  # the results the README quotes still load
         SuiteResult.load(REPO / "benchmarks" / "results" / name)
 
 
