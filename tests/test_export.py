@@ -260,7 +260,7 @@ def test_offset_pass_is_the_same_matmul_with_one_block_sum_per_input(rank, sums)
 
 def test_int4_offset_mode_is_refused_without_4bit_blocks(work, tiny_llama_dir, bert_run):
     for source, scheme, said in ((tiny_llama_dir, "int8", "not --quantize int8"),
-                                 (bert_run, "int8", "not a classification model")):
+                                 (bert_run, "auto", "not a classification model")):
         out = work / f"refused-offset-{scheme}"
         with pytest.raises(EdgeftError, match=f"--int4-mode offset applies .*{said}"):
             _export(source, out, scheme, int4_mode="offset")

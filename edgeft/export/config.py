@@ -84,8 +84,8 @@ class ExportConfig:
     integer GEMM: faster prompt prefill, calibrated on held-out texts)."""
     int4_mode: Int4Mode = Int4Mode.zero_point
     """Decoders' 4-bit blocks: zero-point (an integer zero point per block: onnxruntime's 4-bit kernel alone)
-    or offset (a float offset per block, the min/max grid of llama.cpp's Q4_1, which it holds exactly, and
-    the head at 8 bits as in Q4_1 files; closer to the model, but four small extra ops per matmul)."""
+    or offset (a float offset per block, the min/max grid of llama.cpp's Q4_1, offsets stored 8-bit, and the
+    head at 8 bits as in Q4_1 files; closer to the model, but four small extra ops per matmul)."""
     max_accuracy_drop: float = 1.0
     """Gate (classifiers): accuracy drop budget, in points; a drop over it fails when significant (McNemar
     p < 0.05), over 3x it always."""

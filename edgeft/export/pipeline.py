@@ -114,9 +114,9 @@ def _check_scheme(config: ExportConfig) -> None:
         raise EdgeftError(f"--int8-mode dynamic applies to the int8 scheme (--quantize int8 or auto), "
                           f"not --quantize {config.quantize.value}")
     four_bit = (Quantize.int4, Quantize.mixed, Quantize.searched, Quantize.auto)
-    if config.int4_mode is Int4Mode.offset and config.task is not None and (
-            config.task is not Task.causal_lm or config.quantize not in four_bit):
-        what = f"--quantize {config.quantize.value}" if config.task is Task.causal_lm else f"a {config.task.value} model"
+    if config.int4_mode is Int4Mode.offset and (config.quantize not in four_bit or config.task not in (None, Task.causal_lm)):
+        what = (f"--quantize {config.quantize.value}" if config.quantize not in four_bit or config.task is None
+                else f"a {config.task.value} model")
         raise EdgeftError(f"--int4-mode offset applies to a decoder's 4-bit blocks (--quantize int4, mixed, searched "
                           f"or auto), not {what}")
     if config.task is Task.causal_lm and config.int8_mode is Int8Mode.dynamic and not config.int8_activations:

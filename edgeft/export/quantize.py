@@ -8,7 +8,8 @@ a zero point (asymmetric), except the head, whose matrix the embedding may share
 
 With ``--int4-mode offset`` the 4-bit blocks are instead stored as llama.cpp's Q4_1 stores
 them, ``offset + scale * q`` with a float offset per block (``offset_pass``: onnxruntime's 4-bit
-kernel plus a small fp32 matmul over the input's block sums), and the head stays at 8 bits.
+kernel plus a small 8-bit matmul of the input's block sums with the offsets), and the head stays
+at 8 bits.
 
 ``mixed`` puts 4 bits only where they cost least: the MLP's input projections (gate/up,
 ``fc1``, ``c_fc``) of the middle blocks. Attention, the MLP's output projection, the first
