@@ -113,12 +113,15 @@ def _check_scheme(config: ExportConfig) -> None:
             and config.quantize not in (Quantize.int8, Quantize.auto)):
         raise EdgeftError(f"--int8-mode dynamic applies to the int8 scheme (--quantize int8 or auto), "
                           f"not --quantize {config.quantize.value}")
-    four_bit = (Quantize.int4, Quantize.mixed, Quantize.searched, Quantize.auto)
-    if config.int4_mode is Int4Mode.offset and (config.quantize not in four_bit or config.task not in (None, Task.causal_lm)):
-        what = (f"--quantize {config.quantize.value}" if config.quantize not in four_bit or config.task is None
-                else f"a {config.task.value} model")
-        raise EdgeftError(f"--int4-mode offset applies to a decoder's 4-bit blocks (--quantize int4, mixed, searched "
-                          f"or auto), not {what}")
+    if config.int4_mode is Int4Mode.offset:
+        what = None
+        if config.quantize not in (*narrow, Quantize.auto):
+            what = f"--quantize {config.quantize.value}"
+        elif config.task is not None and config.task is not Task.causal_lm:
+            what = f"a {config.task.value} model"
+        if what:
+            raise EdgeftError(f"--int4-mode offset applies to a decoder's 4-bit blocks (--quantize int4, mixed, "
+                              f"searched or auto), not {what}")
     if config.task is Task.causal_lm and config.int8_mode is Int8Mode.dynamic and not config.int8_activations:
         raise EdgeftError("--int8-mode dynamic computes on int8 activations: drop --fp32-activations, or use "
                           "--int8-mode weight-only")

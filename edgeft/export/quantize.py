@@ -224,18 +224,15 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
         plan = {t.node: widths.get(t.node, 8) for t in targets}
     head = next((t for t in targets if t.group == "head"), None)
     level = 4 if int8_activations else 1
+    if int4_offsets and head is not None:
+        plan[head.node] = 8  # llama.cpp's Q4_1 layout: the head (and the embedding sharing it) at 8 bits
     four = [n for n, b in plan.items() if b == 4]
     eight = [n for n, b in plan.items() if b == 8]
     if int4_offsets:
-        # llama.cpp's Q4_1 layout: every 4-bit block on its own min/max grid, the head (and the
-        # embedding, sharing its matrix) at 8 bits
-        if head is not None and plan[head.node]:
-            plan[head.node] = 8
-        four, eight = [n for n, b in plan.items() if b == 4], [n for n, b in plan.items() if b == 8]
         model = _nbits_pass(model, eight, [n for n in plan if n not in eight], 8, block_size, level, True)
         model = offset_pass(model, four, block_size, level)  # after the 8-bit pass: it quantizes its own
         emb_bits = 8
-        shared = _quantize_embedding(model, emb_bits, block_size, head, 8 if head is not None else 0)
+        shared = _quantize_embedding(model, emb_bits, block_size, head, 8)
     else:
         # (bits, symmetric, nodes): 4-bit blocks with zero points; a 4-bit head stays symmetric, as
         # the embedding lookup may share its quantized matrix
@@ -311,15 +308,19 @@ def offset_pass(model, nodes: list[str], block_size: int, level: int = 4, offset
     the cost per call.
     """
     if not nodes:
-        return
+        return model
     from onnx import helper, numpy_helper
 
     inits, wanted = _inits(model), set(nodes)
     sums: dict[str, str] = {}
-    blockers: dict[int, str] = {}
     rank = _ranks(model)
-    axes = "blocksums_axes"
-    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
+
+    def const(name: str, value: np.ndarray) -> str:  # an initializer shared by every node that needs it
+        if name not in inits:
+            model.graph.initializer.append(numpy_helper.from_array(value, name))
+            inits[name] = model.graph.initializer[-1]
+        return name
+
     out = []
     for node in model.graph.node:
         if node.name not in wanted:
@@ -329,7 +330,7 @@ def offset_pass(model, nodes: list[str], block_size: int, level: int = 4, offset
         k, n = w.shape
         q, scales, offsets = offset_grid(w, block_size)
         nb = q.shape[1]
-        packed = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
+        packed = pack4(q)
         base, x = node.name, node.input[0]
         names = {"q": f"{base}_Q4", "s": f"{base}_scales", "o": f"{base}_offsets"}
         model.graph.initializer.extend([
@@ -339,21 +340,15 @@ def offset_pass(model, nodes: list[str], block_size: int, level: int = 4, offset
         if x not in sums:
             sums[x] = f"{base}_blocksums"
             if k % block_size == 0 and rank.get(x) == 3:  # [b, s, K] -> [b, s, blocks, block] -> sum
-                if k not in blockers:
-                    blockers[k] = f"blocksums_{k}_shape"
-                    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, nb, block_size], np.int64),
-                                                                           blockers[k]))
-                out.extend([helper.make_node("Reshape", [x, blockers[k]], [f"{base}_blocked"], name=f"{base}_Blocked"),
+                shape = const(f"blocksums_{k}_shape", np.array([0, 0, nb, block_size], np.int64))
+                axes = const("blocksums_axes", np.array([-1], np.int64))
+                out.extend([helper.make_node("Reshape", [x, shape], [f"{base}_blocked"], name=f"{base}_Blocked"),
                             helper.make_node("ReduceSum", [f"{base}_blocked", axes], [sums[x]], keepdims=0,
                                              name=f"{base}_BlockSums")])
             else:  # any rank, or a padded last block: x @ E, E a 0/1 [K, blocks] matrix
-                ename = f"blocksums_{k}x{nb}_E"
-                if ename not in inits:
-                    e = np.zeros((k, nb), np.float32)
-                    e[np.arange(k), np.arange(k) // block_size] = 1.0
-                    model.graph.initializer.append(numpy_helper.from_array(e, ename))
-                    inits[ename] = model.graph.initializer[-1]
-                out.append(helper.make_node("MatMul", [x, ename], [sums[x]], name=f"{base}_BlockSums"))
+                e = const(f"blocksums_{k}x{nb}_E",
+                          (np.arange(k)[:, None] // block_size == np.arange(nb)[None, :]).astype(np.float32))
+                out.append(helper.make_node("MatMul", [x, e], [sums[x]], name=f"{base}_BlockSums"))
         y = node.output[0]
         out.extend([
             helper.make_node("MatMulNBits", [x, names["q"], names["s"]], [f"{y}_scaled"],
@@ -523,8 +518,14 @@ def block_quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.n
     q = np.clip(np.rint(blocks / scales[:, :, None]), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
     q = q.reshape(rows, nb * block_size).astype(np.uint8)
     if bits == 4:
-        q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+        q = pack4(q)
     return np.ascontiguousarray(q), scales.astype(np.float32)
+
+
+def pack4(q: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, low nibble first (MatMulNBits' and
+    GatherBlockQuantized's order)."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
 def _drop_unused_initializers(model) -> None:
