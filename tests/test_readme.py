@@ -1,0 +1,36 @@
+"""The README's figures come from results files, and its links lead somewhere.
+
+The current-results block is rendered by ``benchmarks/readme_table.py`` from the results JSON the
+README names; a hand edit of a figure there fails here. Every relative link in the README and in
+``docs/`` must point at a file in the repository.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from benchmarks import readme_table
+
+REPO = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_results_block_is_rendered_from_the_file_it_names():
+    readme = (REPO / "README.md").read_text()
+    found = readme_table.readme_block(readme)
+    assert found is not None, "README.md lost its results markers"
+    path, block = found
+    assert path.is_file(), path
+    assert block == readme_table.render(path)
+
+
+def test_readme_is_one_page():
+    assert len((REPO / "README.md").read_text().splitlines()) < 300
+
+
+def test_relative_links_resolve():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = [(page.name, target) for page in pages for target in LINK.findall(page.read_text())
+              if "://" not in target and not (page.parent / target).exists()]
+    assert broken == []
