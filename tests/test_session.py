@@ -8,7 +8,8 @@ from runtime_artifacts import build
 from edgeft.errors import EdgeftError
 from edgeft.runtime import session
 from edgeft.runtime.session import Cores, choose_spin, resolve_spin
-from edgeft.serve_config import ServeConfig, Spin
+from edgeft.runtime.params import Spin
+from edgeft.serve_config import ServeConfig
 
 
 @pytest.mark.parametrize("cores, threads, reserve, spins", [

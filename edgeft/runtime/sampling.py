@@ -5,7 +5,7 @@ penalties, ``logit_bias`` and any extra processors (masks); then temperature, to
 top-p and min-p pick the candidates, in the order transformers' ``generate`` uses, so
 that seeded sampling here means what it means there. This module knows numpy arrays of
 logits and token ids only; nothing of graphs or text. ``SamplingParams`` (the settings)
-is declared in ``edgeft.generate_config``, torch- and numpy-free, with the CLI flags.
+is declared in ``edgeft.runtime.params``, torch- and numpy-free, with the CLI flags.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeft.generate_config import SamplingParams
+from edgeft.runtime.params import SamplingParams
 from edgeft.runtime.processors import (LogitBias, LogitProcessor, OccurrencePenalty, RepetitionPenalty,
                                        apply_repetition_penalty, log_softmax)
 
