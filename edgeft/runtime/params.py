@@ -89,7 +89,7 @@ def check(f: dataclasses.Field, value: Any, name: str | None = None) -> str | No
 def wire_fields() -> list[tuple[str, dataclasses.Field, type]]:
     """(name on the wire, field, scalar type: int, float or bool) for every field the wire reads by the table."""
     hints = get_type_hints(SamplingParams)
-    out = []
+    out: list[tuple[str, dataclasses.Field, type]] = []
     for f in dataclasses.fields(SamplingParams):
         name = f.metadata.get(WIRE, None)
         if name is None:
