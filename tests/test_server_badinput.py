@@ -372,3 +372,16 @@ def test_fuzz_every_route_with_malformed_bodies(app, client, monkeypatch):
     assert client.post("/v1/classify", json={"input": "fine"}).status_code == 200
     metrics = client.get("/metrics").text
     assert 'status="500"' not in metrics
+
+
+def test_typical_p_is_read_and_range_checked(client):
+    texts = set()
+    for seed in (1, 2, 3):
+        r = client.post("/v1/completions", json={"model": "chat", "prompt": "Shall I", "seed": seed, "temperature": 1.0,
+                                                 "typical_p": 1e-6, "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        texts.add(r.json()["choices"][0]["text"])
+    assert len(texts) == 1  # one candidate per step: the seed no longer matters
+    for bad in (0, 1.5, "x", True):
+        r = client.post("/v1/completions", json={"model": "chat", "prompt": "x", "typical_p": bad})
+        assert_openai_error(r, 400, "typical_p")

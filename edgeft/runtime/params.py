@@ -113,6 +113,9 @@ class SamplingParams:
     """Sample only among the most likely tokens holding this much probability (1: off)."""
     min_p: float = field(default=0.0, metadata=param(lo=0, hi=1, cli=False))
     """Drop tokens whose probability is below min_p times the most likely one's (0: off)."""
+    typical_p: float = field(default=1.0, metadata=param(lo=0, hi=1, lo_open=True, panel=SAMPLING))
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, holding this much
+    probability (1: off)."""
     repetition_penalty: float = field(default=1.0, metadata=param(lo=0, hi=10, lo_open=True, panel=SAMPLING))
     """Above 1 discourages repeating tokens of the context (1: off)."""
     presence_penalty: float = field(default=0.0, metadata=param(lo=-2, hi=2, cli=False))
