@@ -151,12 +151,12 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise EdgeftError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
         for f in dataclasses.fields(self):
             problem = check(f, getattr(self, f.name))
             if problem is not None:
                 raise EdgeftError(problem)
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise EdgeftError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed}")
         if any(not (t >= 0 and math.isfinite(b)) for t, b in self.logit_bias):
             raise EdgeftError("logit_bias takes non-negative token ids and finite biases")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -39,7 +39,9 @@ def sse(obj: Any) -> str:
 class Completions:
     """How ``/v1/completions`` shows choices: text (after the echoed prompt), the legacy logprobs shape."""
 
-    prefix, parse, holds = "cmpl", staticmethod(wire.parse_completion), False
+    prefix = "cmpl"  # of the response's id
+    parse = staticmethod(wire.parse_completion)
+    holds = False  # whether a choice's streamed text is held until it finishes (tool calls)
 
     def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
         self.model, self.req, self.rid, self.echoes = model, req, rid, echoes
@@ -79,7 +81,8 @@ class Completions:
 class Chat(Completions):
     """How ``/v1/chat/completions`` shows choices: an assistant message, its tool calls parsed from the text."""
 
-    prefix, parse = "chatcmpl", staticmethod(wire.parse_chat)
+    prefix = "chatcmpl"
+    parse = staticmethod(wire.parse_chat)
 
     def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
         super().__init__(model, req, rid, echoes)
