@@ -63,7 +63,7 @@ from typing import Any
 from edgeft import __version__
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir, atomic_write_json, file_stamp, sha256_file
-from edgeft.generate_config import SamplingParams
+from edgeft.runtime.params import SamplingParams
 
 FORMAT = "edgeft-artifact"
 FORMAT_VERSION = 1

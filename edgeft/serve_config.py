@@ -3,7 +3,7 @@
 Each field is a flag of ``edgeft serve`` and an ``EDGEFT_*`` environment variable (the
 names in ``flag(env=...)``); its docstring is the flag's help. This module imports only
 the standard library and edgeft's errors, so ``edgeft --help`` works on an install
-without the runtime extra; the server itself (``edgeft.runtime.server``) imports it.
+without the runtime extra; the server itself (``edgeft.runtime.serve``) imports it.
 """
 
 from __future__ import annotations
@@ -14,15 +14,7 @@ from pathlib import Path
 
 from edgeft.errors import EdgeftError
 from edgeft.flags import flag
-from edgeft.generate_config import Speculation
-
-
-class Spin(str, enum.Enum):
-    """Whether onnxruntime's idle pool threads spin between parallel sections or sleep."""
-
-    auto = "auto"  # $EDGEFT_SPIN when set, else decided when the model loads (edgeft.runtime.session.choose_spin)
-    on = "on"
-    off = "off"
+from edgeft.runtime.params import Speculation, Spin
 
 
 class LogFormat(str, enum.Enum):

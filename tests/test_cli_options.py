@@ -139,7 +139,7 @@ def _as_click_shows(f, default) -> str:
 
 def test_sampling_flags_and_manifest_defaults_are_samplingparams():
     from edgeft.artifact import Generation
-    from edgeft.generate_config import SamplingParams
+    from edgeft.runtime.params import SamplingParams
 
     text = _help("generate")
     assert "-t, --temperature" in text and "[default: the artifact's, else 128]" in text

@@ -12,7 +12,7 @@ from runtime_artifacts import build
 
 from edgeft.errors import EdgeftError
 from edgeft.runtime import Generator, SamplingParams
-from edgeft.runtime.engine import Engine, Overloaded
+from edgeft.runtime.engine import Engine, EngineEvent, Overloaded
 from edgeft.runtime.generate import ContextLengthError
 from edgeft.runtime.processors import log_softmax
 
@@ -183,3 +183,27 @@ def test_admission_limits(case):
         _wait(runs)
     finally:
         engine.close()
+
+
+def test_engine_events_are_typed_and_each_feeds_its_metric(case):
+    from edgeft.runtime.serve.metrics import Registry, engine_observer
+
+    _, gen = case
+    metrics, seen = Registry(), []
+    feed = engine_observer(metrics, "m")
+
+    def observe(event, value):
+        seen.append(event)
+        feed(event, value)
+
+    engine = Engine(gen, parallel=2, ctx_size=128, queue_size=2, observe=observe)
+    try:
+        runs = [Run(engine, [5, 6, 7], SamplingParams(max_new_tokens=4, ignore_eos=True)).submit() for _ in range(2)]
+        _wait(runs)
+    finally:
+        engine.close()
+    assert all(isinstance(e, EngineEvent) for e in seen)
+    assert {EngineEvent.waiting, EngineEvent.slots, EngineEvent.queue_wait, EngineEvent.batch} <= set(seen)
+    assert metrics.queue_wait.count(model="m") == 2 and metrics.decode_batch.count(model="m") >= 1
+    for event in EngineEvent:  # every event has its metric
+        feed(event, 1.0)

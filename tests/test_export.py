@@ -351,7 +351,7 @@ def test_smoothing_and_row_scales_are_exact_in_fp32(request, work, fixture, smoo
 
 
 def test_dynamic_int8_decoder_runs_every_matmul_on_int8_activations(work, tiny_llama_dir):
-    from edgeft.generate_config import SamplingParams
+    from edgeft.runtime.params import SamplingParams
     from edgeft.runtime import Generator
 
     out = _export(tiny_llama_dir, work / "llama-int8-dynamic", "int8", int8_mode="dynamic")

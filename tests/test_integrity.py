@@ -124,8 +124,8 @@ def test_quick_stamp_records_size_mtime_ctime_inode(art):
 
 
 def test_serve_loads_with_a_full_check(art, monkeypatch):
-    from edgeft.runtime import server
-    from edgeft.runtime.metrics import Registry
+    from edgeft.runtime import serve as server
+    from edgeft.runtime.serve.metrics import Registry
 
     artifact.open_artifact(art, artifact.Check.quick)  # a stamp that a quick check would trust
     calls = []
@@ -387,8 +387,8 @@ def test_a_recomputed_digest_does_not_pass_a_signature(art, keys):
 
 
 def test_serve_refuses_unsigned_and_wrongly_signed_artifacts(tmp_path, keys, monkeypatch):
-    from edgeft.runtime import server
-    from edgeft.runtime.metrics import Registry
+    from edgeft.runtime import serve as server
+    from edgeft.runtime.serve.metrics import Registry
 
     good, plain, other = (make_classifier(tmp_path / n) for n in ("good", "plain", "other"))
     run("sign", good, "--key", keys["new"][0])

@@ -106,3 +106,13 @@ def test_generate_a_file_of_prompts_as_one_batch(llama_art, tmp_path):
     res = run("generate", llama_art, "--input", bad)
     assert res.exit_code == 2 and "bad.jsonl:1" in res.output and "Traceback" not in res.output
     assert run("generate", llama_art, "x", "--input", src).exit_code == 2
+
+
+def test_generate_takes_typical_p(llama_art):
+    outs = set()
+    for seed in (1, 2, 3):
+        res = run("generate", llama_art, PROMPT, "-n", 8, "-t", 1, "--seed", seed, "--typical-p", 1e-6)
+        assert res.exit_code == 0, res.output
+        outs.add(res.stdout)
+    assert len(outs) == 1  # one candidate per step: the seed no longer matters
+    assert run("generate", llama_art, PROMPT, "--typical-p", 0).exit_code == 2

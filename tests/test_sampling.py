@@ -103,3 +103,29 @@ def test_logprobs_are_log_softmax_of_the_processed_logits(llama, temperature):
         assert [t for t, _ in lp.top] == np.argsort(-ref)[:3].tolist()
         assert np.allclose([v for _, v in lp.top], np.sort(ref)[::-1][:3], atol=1e-4)
         seen[tok] = seen.get(tok, 0) + 1
+
+
+def test_typical_p_keeps_the_tokens_closest_to_the_entropy():
+    # p = .5, .3, .15, .05: entropy 1.142 nats; |-log p - H| = .449, .062, .755, 1.853, so token 1 is the most
+    # typical, then 0 (transformers' TypicalLogitsWarper keeps them in that order until typical_p is reached).
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    ids, p = candidates(logits, 0, 1.0, typical_p=0.2)
+    assert ids.tolist() == [1] and p.tolist() == [1.0]
+    ids, p = candidates(logits, 0, 1.0, typical_p=0.5)
+    assert ids.tolist() == [0, 1] and p == pytest.approx([0.625, 0.375])
+    assert candidates(logits, 0, 1.0, typical_p=1.0)[0] is None
+    with pytest.raises(EdgeftError, match="typical_p"):
+        SamplingParams(typical_p=0)
+
+
+def test_typical_p_narrows_a_seeded_draw_to_the_typical_token(llama):
+    """With a tiny typical_p each step keeps one token (the most typical): every seed gives the same text."""
+    ids = llama.encode(PROMPT)
+    texts = {llama.generate(ids, SamplingParams(max_new_tokens=8, temperature=1.0, seed=s, typical_p=1e-6,
+                                                ignore_eos=True)).text for s in range(4)}
+    assert len(texts) == 1
+    free = {llama.generate(ids, SamplingParams(max_new_tokens=8, temperature=1.0, seed=s, ignore_eos=True)).text
+            for s in range(4)}
+    assert len(free) > 1
+    greedy = llama.generate(ids, SamplingParams(max_new_tokens=8, ignore_eos=True, typical_p=1e-6)).text
+    assert greedy == llama.generate(ids, SamplingParams(max_new_tokens=8, ignore_eos=True)).text  # greedy ignores it

@@ -438,7 +438,7 @@ class InProcessServer:
     def __init__(self, config, loader=None) -> None:
         import uvicorn
 
-        from edgeft.runtime.server import build_app
+        from edgeft.runtime.serve import build_app
 
         self.app = build_app(config) if loader is None else build_app(config, loader)
         self.url = f"http://127.0.0.1:{config.port}"
@@ -459,7 +459,7 @@ class InProcessServer:
 
 
 def test_limits_413_429_and_max_tokens_cap(artifacts):
-    from edgeft.runtime.server import ServeConfig
+    from edgeft.runtime.serve import ServeConfig
 
     cfg = ServeConfig(artifacts=(artifacts["chat"],), port=free_port(), threads=1, queue_size=0,
                       max_body_bytes=4096, max_tokens=200)
@@ -492,7 +492,7 @@ def test_limits_413_429_and_max_tokens_cap(artifacts):
 
 
 def test_batched_slots_serve_concurrent_requests_without_mixing(artifacts, engine):
-    from edgeft.runtime.server import ServeConfig
+    from edgeft.runtime.serve import ServeConfig
 
     want = {p: expected(engine, p, 24).text for p in PROMPTS[:6]}
     # drafts off: a sequence verifying drafts alone makes tokens outside the batched decode rows counted here
@@ -518,7 +518,7 @@ def test_batched_slots_serve_concurrent_requests_without_mixing(artifacts, engin
 
 
 def test_a_client_that_leaves_stops_its_generation(artifacts):
-    from edgeft.runtime.server import ServeConfig
+    from edgeft.runtime.serve import ServeConfig
 
     cfg = ServeConfig(artifacts=(artifacts["chat"],), port=free_port(), threads=1)
     with InProcessServer(cfg) as s:
@@ -540,7 +540,7 @@ def test_a_client_that_leaves_stops_its_generation(artifacts):
 
 
 def test_health_is_503_until_loaded(artifacts):
-    from edgeft.runtime.server import ServeConfig, load_models
+    from edgeft.runtime.serve import ServeConfig, load_models
 
     gate = threading.Event()
 
@@ -613,8 +613,8 @@ def test_serving_never_imports_torch(artifacts):
     code = (
         "import sys\n"
         "from edgeft.cli import app\n"
-        "from edgeft.runtime.server import ServeConfig, load_models\n"
-        "from edgeft.runtime.metrics import Registry\n"
+        "from edgeft.runtime.serve import ServeConfig, load_models\n"
+        "from edgeft.runtime.serve.metrics import Registry\n"
         f"models = load_models(ServeConfig(artifacts=({str(artifacts['chat'])!r}, {str(artifacts['sentiment'])!r})),"
         " Registry())\n"
         "assert len(models) == 2\n"
@@ -627,7 +627,7 @@ def test_serving_never_imports_torch(artifacts):
 
 def test_config_validation():
     from edgeft.errors import EdgeftError
-    from edgeft.runtime.server import ServeConfig
+    from edgeft.runtime.serve import ServeConfig
 
     assert ServeConfig(artifacts=("a/chat", "b/x.edgeft")).model_names() == ["chat", "x"]
     assert ServeConfig(artifacts=("a/chat",)).host == "127.0.0.1"

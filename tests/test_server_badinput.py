@@ -37,7 +37,7 @@ def arts(tiny_llama_dir, tiny_bert_dir, tmp_path_factory):
 
 
 def config(arts, **kw):
-    from edgeft.runtime.server import ServeConfig
+    from edgeft.runtime.serve import ServeConfig
 
     return ServeConfig(artifacts=(arts["chat"], arts["sentiment"], arts["emb"]), names=("chat", "sentiment", "emb"),
                        threads=1,
@@ -56,7 +56,7 @@ def client_for(app) -> TestClient:
 
 @pytest.fixture(scope="module")
 def app(arts):
-    from edgeft.runtime.server import build_app
+    from edgeft.runtime.serve import build_app
 
     return build_app(config(arts))
 
@@ -133,7 +133,7 @@ def no_models(config, metrics):
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
 def test_the_bearer_scheme_is_case_insensitive(arts, scheme):
-    from edgeft.runtime.server import build_app
+    from edgeft.runtime.serve import build_app
 
     with TestClient(build_app(config(arts, api_key=KEY), no_models)) as c:
         assert c.get("/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
@@ -143,7 +143,7 @@ def test_the_bearer_scheme_is_case_insensitive(arts, scheme):
 
 
 def test_metrics_are_behind_the_api_key_or_the_metrics_key(arts):
-    from edgeft.runtime.server import build_app
+    from edgeft.runtime.serve import build_app
 
     def auth(key):
         return {"Authorization": f"Bearer {key}"} if key else {}
@@ -180,7 +180,7 @@ def _free_port() -> int:
 def test_an_aborted_upload_is_a_quiet_client_disconnect(arts, caplog):
     import uvicorn
 
-    from edgeft.runtime.server import build_app
+    from edgeft.runtime.serve import build_app
 
     port = _free_port()
     app = build_app(config(arts, port=port))
@@ -281,7 +281,7 @@ def get_routes(app) -> list[str]:
 
 def fields_read(app, client, monkeypatch, route: str) -> list[str]:
     """Every body key (dotted for nested objects) the route's parser looks up on a valid body."""
-    from edgeft.runtime import server
+    from edgeft.runtime.serve import middleware as server
 
     seen: set[str] = set()
     real = server.read_json
@@ -372,3 +372,16 @@ def test_fuzz_every_route_with_malformed_bodies(app, client, monkeypatch):
     assert client.post("/v1/classify", json={"input": "fine"}).status_code == 200
     metrics = client.get("/metrics").text
     assert 'status="500"' not in metrics
+
+
+def test_typical_p_is_read_and_range_checked(client):
+    texts = set()
+    for seed in (1, 2, 3):
+        r = client.post("/v1/completions", json={"model": "chat", "prompt": "Shall I", "seed": seed, "temperature": 1.0,
+                                                 "typical_p": 1e-6, "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        texts.add(r.json()["choices"][0]["text"])
+    assert len(texts) == 1  # one candidate per step: the seed no longer matters
+    for bad in (0, 1.5, "x", True):
+        r = client.post("/v1/completions", json={"model": "chat", "prompt": "x", "typical_p": bad})
+        assert_openai_error(r, 400, "typical_p")

@@ -8,7 +8,8 @@ from runtime_artifacts import build
 from edgeft.errors import EdgeftError
 from edgeft.runtime import session
 from edgeft.runtime.session import Cores, choose_spin, resolve_spin
-from edgeft.serve_config import ServeConfig, Spin
+from edgeft.runtime.params import Spin
+from edgeft.serve_config import ServeConfig
 
 
 @pytest.mark.parametrize("cores, threads, reserve, spins", [
@@ -87,7 +88,7 @@ def test_the_choice_reaches_the_session(tiny_llama_dir, tmp_path_factory, monkey
 
 
 def test_serve_reserves_the_other_models_and_the_event_loop(tmp_path):
-    from edgeft.runtime.server import _spin_reserve
+    from edgeft.runtime.serve.state import _spin_reserve
 
     one = ServeConfig(artifacts=(tmp_path,), threads=2, parallel=1)
     assert _spin_reserve(one) == 0

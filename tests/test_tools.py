@@ -119,7 +119,7 @@ def api(gen):
     """The app in-process (Starlette's test client is an httpx client: the openai client runs over it)."""
     from starlette.testclient import TestClient
 
-    from edgeft.runtime.server import ServeConfig, build_app
+    from edgeft.runtime.serve import ServeConfig, build_app
 
     client = TestClient(build_app(ServeConfig(artifacts=(gen.folder,), names=("chat",), threads=1)),
                         raise_server_exceptions=False)

@@ -17,7 +17,7 @@ import edgeft.runtime.generate, edgeft.runtime.classify, edgeft.runtime.embed, e
 import edgeft.runtime.sampling, edgeft.runtime.session
 import edgeft.cli.generate, edgeft.cli.chat, edgeft.cli.classify, edgeft.cli.embed
 import importlib.util
-for name in ("edgeft.runtime.server", "edgeft.cli.serve"):
+for name in ("edgeft.runtime.serve.process", "edgeft.cli.serve"):
     if importlib.util.find_spec(name) is not None:
         __import__(name)
 from typer.testing import CliRunner
@@ -50,7 +50,7 @@ import importlib, importlib.util, pkgutil, sys
 import edgeft.runtime
 for m in pkgutil.iter_modules(edgeft.runtime.__path__):
     name = "edgeft.runtime." + m.name
-    if name == "edgeft.runtime.server" and importlib.util.find_spec("starlette") is None:
+    if name == "edgeft.runtime.serve" and importlib.util.find_spec("starlette") is None:
         continue
     importlib.import_module(name)
 import edgeft.errors, edgeft.artifact

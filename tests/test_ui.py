@@ -181,7 +181,7 @@ def test_models_list_what_the_manifest_says(http, artifacts, signing_key):
 
 
 def test_no_ui_turns_the_page_off(artifacts, signing_key):
-    from edgeft.runtime.server import ServeConfig
+    from edgeft.runtime.serve import ServeConfig
 
     cfg = ServeConfig(artifacts=(artifacts["sentiment"],), port=free_port(), threads=1, ui=False)
     with InProcessServer(cfg) as s:

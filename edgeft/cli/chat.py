@@ -14,9 +14,8 @@ from typing import Any
 import typer
 
 from edgeft.cli.app import app
-from edgeft.cli.generate import sampling_flags, sampling_params, stats_line, stream_to_terminal
+from edgeft.cli.generate import ChatConfig, sampling_flags, sampling_params, stats_line, stream_to_terminal
 from edgeft.cli.options import from_config
-from edgeft.generate_config import ChatConfig
 
 HELP = "Commands: /reset (forget the conversation), /exit (leave). Ctrl-D also leaves."
 

@@ -2,7 +2,8 @@
 or a whole file of prompts (``--input prompts.jsonl``) decoded together by the batching engine.
 
 Flags: ``GenerateConfig``'s fields and, over the artifact's defaults, ``SamplingParams``'
-(``sampling_flags``, which ``edgeft chat`` shares). Imports the runtime inside the command
+(``sampling_flags``, which ``edgeft chat`` shares); ``ChatConfig`` (what chat shares) and
+``GenerateConfig`` are declared here, next to the commands. Imports the runtime inside the command
 only (never torch).
 """
 
@@ -12,6 +13,7 @@ import io
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +22,71 @@ import typer
 from edgeft.cli.app import app
 from edgeft.cli.options import from_config
 from edgeft.errors import EdgeftError
-from edgeft.generate_config import GenerateConfig, SamplingParams
+from edgeft.flags import flag
+from edgeft.runtime.params import SamplingParams
 
 if TYPE_CHECKING:
     from edgeft.runtime import Generator
+
+
+# --help panels of edgeft generate.
+CONSTRAIN, FILE = "Constrained output", "A file of prompts"
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """What ``edgeft chat`` and ``edgeft generate`` share (their sampling flags are ``SamplingParams``)."""
+
+    artifact: str = field(metadata=flag(argument=True))
+    """Artifact folder or packed .edgeft file (from `edgeft export`)."""
+    system: str | None = None
+    """A system message that starts the conversation (generate: with --chat)."""
+    threads: int | None = None
+    """onnxruntime threads [default: all usable cores, or $EDGEFT_THREADS]."""
+    stats: bool = False
+    """Print token counts, tokens/s and the draft acceptance rate to stderr at the end (chat: of each reply)."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise EdgeftError(f"--threads must be at least 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig(ChatConfig):
+    """``edgeft generate``: one prompt streamed, or a file of prompts decoded together."""
+
+    prompt: str | None = field(default=None, metadata=flag(argument=True))
+    """The prompt; omit it or pass '-' to read it from stdin."""
+    chat: bool = False
+    """Send the prompt as one user message through the chat template."""
+    json_schema: Path | None = field(default=None, metadata=flag(panel=CONSTRAIN))
+    """Constrain the output to JSON valid under the JSON schema in this file."""
+    regex: str | None = field(default=None, metadata=flag(panel=CONSTRAIN))
+    """Constrain the output to match this regular expression."""
+    choice: str | None = field(default=None, metadata=flag(panel=CONSTRAIN))
+    """Constrain the output to one of these comma-separated strings."""
+    input: Path | None = field(default=None, metadata=flag("--input", "-i", panel=FILE))
+    """A JSONL file of prompts (strings, or objects with 'prompt' or 'messages'), generated together; one JSON
+    result per line out."""
+    output: Path | None = field(default=None, metadata=flag("--output", "-o", panel=FILE))
+    """With --input: write the results here, not to stdout."""
+    parallel: int = field(default=8, metadata=flag(panel=FILE))
+    """With --input: prompts decoded together in one batch."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if sum(x is not None for x in (self.json_schema, self.regex, self.choice)) > 1:
+            raise EdgeftError("give at most one of --json-schema, --regex and --choice")
+        if self.input is not None and self.prompt is not None:
+            raise EdgeftError("give a prompt or --input FILE, not both")
+        if self.input is not None and self.constrained:
+            raise EdgeftError("--json-schema, --regex and --choice constrain one prompt: not with --input")
+        if self.parallel < 1:
+            raise EdgeftError(f"--parallel must be at least 1, got {self.parallel}")
+
+    @property
+    def constrained(self) -> bool:
+        return any(x is not None for x in (self.json_schema, self.regex, self.choice))
 
 
 def constraint_from_config(config: GenerateConfig):

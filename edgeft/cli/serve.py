@@ -13,6 +13,6 @@ def serve(config: ServeConfig) -> None:
     """Serve artifacts over an OpenAI-compatible HTTP API (completions, chat, classify, /health, /metrics).
 
     Every artifact is checked byte by byte when it loads (digest, checksums; with --trusted-key, its signature)."""
-    from edgeft.runtime import server
+    from edgeft.runtime.serve import serve as run
 
-    server.serve(config)
+    run(config)

@@ -16,7 +16,7 @@ import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from edgeft.runtime.metrics import Registry
+from edgeft.runtime.serve.metrics import Registry
 
 
 class Overloaded(Exception):

@@ -37,6 +37,7 @@ OpenAI wire format. Nothing here imports torch.
 from __future__ import annotations
 
 import collections
+import enum
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +53,18 @@ from edgeft.runtime.processors import LogitProcessor
 from edgeft.runtime.sampling import SamplingParams
 
 DEFAULT_PREFILL_BUDGET = 256
+
+
+class EngineEvent(enum.Enum):
+    """What an engine reports to its ``observe`` callback, each with one number."""
+
+    waiting = "waiting"  # sequences admitted and waiting for a slot (after a submit and every iteration)
+    slots = "slots"  # slots in use (every iteration)
+    tokens_per_second = "tokens_per_second"  # tokens generated per second over the last few seconds (0: idle)
+    queue_wait = "queue_wait"  # seconds a sequence waited for its slot (when it gets one)
+    batch = "batch"  # rows advanced by one batched decode step
+    drafted = "drafted"  # prompt-lookup draft tokens one verification step checked
+    accepted = "accepted"  # of those, the tokens the model agreed with
 
 
 
@@ -413,13 +426,13 @@ class Engine:
     ``on_chunk`` is called on the engine's thread with each ``Chunk``; the last one has a
     ``finish_reason`` ("stop", "length", or "cancelled" when the engine stops). If a graph
     call fails, the sequences in flight get the exception instead of a last chunk. It must
-    not block. ``observe`` (optional) receives ``(event, value)`` pairs for metrics:
-    ("batch", rows), ("queue_wait", seconds), ("tokens", n).
+    not block. ``observe`` (optional) receives ``(EngineEvent, value)`` pairs for metrics, on
+    the engine's thread (and ``waiting`` on the submitting one); it must not block either.
     """
 
     def __init__(self, gen, parallel: int = 4, ctx_size: int = 0, queue_size: int = 16,
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET, prefix_cache: int = 4, batching: str | None = None,
-                 observe: Callable[[str, float], None] | None = None) -> None:
+                 observe: Callable[[EngineEvent, float], None] | None = None) -> None:
         if parallel < 1:
             raise EdgeftError(f"parallel must be at least 1, got {parallel}")
         if queue_size < 0 or prefill_budget < 1:
@@ -484,7 +497,7 @@ class Engine:
                 raise Overloaded(f"all {self.parallel} slots are busy and {len(self._waiting)} requests wait")
             self._waiting.append(seq)
             self._cond.notify()
-        self.observe("waiting", len(self._waiting))
+        self.observe(EngineEvent.waiting, len(self._waiting))
         return seq
 
     def cancel(self, seq: Sequence) -> None:
@@ -527,13 +540,13 @@ class Engine:
         while len(self._rate) > 2 and now - self._rate[0][0] > 5.0:
             self._rate.popleft()
         t0, n0 = self._rate[0]
-        self.observe("slots", len(self._active))
-        self.observe("waiting", len(self._waiting))
+        self.observe(EngineEvent.slots, len(self._active))
+        self.observe(EngineEvent.waiting, len(self._waiting))
         if now - t0 > 0.2:
-            self.observe("tokens_per_second", (self.stats.generated - n0) / (now - t0))
+            self.observe(EngineEvent.tokens_per_second, (self.stats.generated - n0) / (now - t0))
         if not self._active and not self._waiting:
             self._rate.clear()
-            self.observe("tokens_per_second", 0.0)
+            self.observe(EngineEvent.tokens_per_second, 0.0)
 
     def _admit(self) -> None:
         while self._waiting and self._free:
@@ -542,7 +555,7 @@ class Engine:
                 continue
             seq.slot = self._free.pop(0)
             seq.admitted = time.perf_counter()
-            self.observe("queue_wait", seq.admitted - seq.submitted)
+            self.observe(EngineEvent.queue_wait, seq.admitted - seq.submitted)
             self._active[seq.slot] = seq
             seq.out = SequenceOutput(self.gen, seq.ids, seq.params, seq.processors)
             self._reuse_prefix(seq)
@@ -631,7 +644,7 @@ class Engine:
         self.stats.steps += 1
         self.stats.batched_rows += len(rows)
         self.stats.last_batch = len(rows)
-        self.observe("batch", len(rows))
+        self.observe(EngineEvent.batch, len(rows))
         verified = [(s, self.kv.verify(s.slot, [s.next_token, *drafts[s.slot]], s.length)) for s in rows
                     if s.slot in drafts]
         for seq, row in zip(plain, logits if plain else ()):
@@ -666,8 +679,8 @@ class Engine:
         self.kv.trim(seq.slot, seq.length)
         self.stats.drafted += len(draft)
         self.stats.accepted += accepted
-        self.observe("drafted", len(draft))
-        self.observe("accepted", accepted)
+        self.observe(EngineEvent.drafted, len(draft))
+        self.observe(EngineEvent.accepted, accepted)
         for chunk in chunks:
             if chunk.token_id is not None:
                 self.stats.generated += 1

@@ -10,8 +10,8 @@ A ``LogitProcessor`` is any object with two methods (a ``Protocol``, no base cla
 One instance serves one sequence (it may keep state, e.g. a grammar's position), and is
 called once per generated token, in order. ``Sampler`` (``edgeft.runtime.sampling``) runs
 its chain as: repetition penalty, presence/frequency penalties, ``logit_bias``, then any
-processors it was given (masks such as a grammar), then temperature, top-k, top-p and
-min-p select the candidates. Logprobs are the log-softmax of the row after the chain and
+processors it was given (masks such as a grammar), then temperature, top-k, top-p,
+min-p and typical-p select the candidates. Logprobs are the log-softmax of the row after the chain and
 before temperature.
 
 This module knows numpy arrays of logits and token ids; nothing of graphs, text or HTTP.

@@ -2,10 +2,10 @@
 
 The chain (``edgeft.runtime.processors``) runs repetition penalty, presence/frequency
 penalties, ``logit_bias`` and any extra processors (masks); then temperature, top-k,
-top-p and min-p pick the candidates, in the order transformers' ``generate`` uses, so
+top-p, min-p and typical-p pick the candidates, in the order transformers' ``generate`` uses, so
 that seeded sampling here means what it means there. This module knows numpy arrays of
 logits and token ids only; nothing of graphs or text. ``SamplingParams`` (the settings)
-is declared in ``edgeft.generate_config``, torch- and numpy-free, with the CLI flags.
+is declared in ``edgeft.runtime.params``, torch- and numpy-free, with the CLI flags.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeft.generate_config import SamplingParams
+from edgeft.runtime.params import SamplingParams
 from edgeft.runtime.processors import (LogitBias, LogitProcessor, OccurrencePenalty, RepetitionPenalty,
                                        apply_repetition_penalty, log_softmax)
 
@@ -73,7 +73,7 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(np.argmax(logits))
-        return sample(logits, p.temperature, p.top_k, p.top_p, self.rng, p.min_p)
+        return sample(logits, p.temperature, p.top_k, p.top_p, self.rng, p.min_p, p.typical_p)
 
     def __call__(self, logits: np.ndarray) -> int:
         """The next token for ``logits`` [vocab] (float32; may be modified in place)."""
@@ -99,14 +99,18 @@ def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(int(token), float(lp[token]), best)
 
 
-def candidates(logits: np.ndarray, top_k: int, top_p: float, min_p: float = 0.0
+def candidates(logits: np.ndarray, top_k: int, top_p: float, min_p: float = 0.0, typical_p: float = 1.0
                ) -> tuple[np.ndarray | None, np.ndarray]:
-    """Token ids allowed by top-k, then top-p, then min-p, and their probabilities (summing to 1), best first.
+    """Token ids allowed by top-k, then top-p, then min-p, then typical-p, and their probabilities (summing to 1),
+    best first.
 
     ids is None when every token stays a candidate (probabilities then cover the vocabulary).
     Selection never sorts the whole vocabulary: it widens a logit threshold below the best
     token until the tokens above it are enough (k of them, or top_p of the mass), then sorts those.
     """
+    if typical_p < 1.0:
+        ids, probs = candidates(logits, top_k, top_p, min_p)
+        return typical(np.arange(logits.size) if ids is None else ids, probs, typical_p)
     v = logits.size
     m = logits.max()
     e = np.exp(logits - m)
@@ -138,6 +142,18 @@ def candidates(logits: np.ndarray, top_k: int, top_p: float, min_p: float = 0.0
     return ids, probs / probs.sum()
 
 
+def typical(ids: np.ndarray, probs: np.ndarray, mass: float) -> tuple[np.ndarray, np.ndarray]:
+    """Locally typical sampling (Meister et al., as transformers' ``TypicalLogitsWarper``): the tokens whose
+    surprise ``-log p`` is closest to the entropy, the closest first, until they hold ``mass``; in ``ids``' order."""
+    with np.errstate(divide="ignore"):
+        logp = np.log(probs)
+    entropy = -float(np.sum(probs * np.where(probs > 0, logp, 0.0)))
+    order = np.argsort(np.abs(-logp - entropy), kind="stable")
+    keep = min(int(np.count_nonzero(np.cumsum(probs[order]) < mass)), order.size - 1) + 1
+    kept = np.sort(order[:keep])  # back to best first
+    return ids[kept], probs[kept] / probs[kept].sum()
+
+
 def draw(probs: np.ndarray, u: float, block: int = 512) -> int:
     """The index where ``u`` (in [0, 1)) falls in the cumulative distribution of ``probs``.
 
@@ -158,9 +174,9 @@ def draw(probs: np.ndarray, u: float, block: int = 512) -> int:
 
 
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
-           rng: np.random.Generator, min_p: float = 0.0) -> int:
-    """One draw from the temperature-scaled distribution restricted by top-k, top-p and min-p."""
+           rng: np.random.Generator, min_p: float = 0.0, typical_p: float = 1.0) -> int:
+    """One draw from the temperature-scaled distribution restricted by top-k, top-p, min-p and typical-p."""
     scaled = logits / np.float32(temperature) if temperature != 1.0 else logits
-    ids, probs = candidates(scaled, top_k, top_p, min_p)
+    ids, probs = candidates(scaled, top_k, top_p, min_p, typical_p)
     i = draw(probs, rng.random())
     return int(ids[i]) if ids is not None else i

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeft.errors import EdgeftError
-from edgeft.serve_config import Spin
+from edgeft.runtime.params import Spin
 
 ONNX_TO_NUMPY = {
     "tensor(float)": np.float32,

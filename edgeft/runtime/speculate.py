@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-from edgeft.generate_config import Speculation
+from edgeft.runtime.params import Speculation
 
 __all__ = ["Speculation", "Lookup", "SpecCounts", "Speculator"]
 

@@ -1,24 +1,24 @@
-"""The OpenAI-compatible wire format: request parsing, response shapes, error bodies.
+"""The OpenAI-compatible wire format of requests: parsing and error bodies (``responses``: the answers).
 
 Every request body is checked field by field here, so a wrong type or value becomes a
 400 with an OpenAI-style error body (``{"error": {"message", "type", "param", "code"}}``)
-and never a 500. This module knows JSON shapes and limits; it knows nothing of HTTP
-frameworks, threads or models (it does not tokenize or generate).
+and never a 500. The sampling fields are read from one table, ``SamplingParams``' fields
+(``edgeft.runtime.params.wire_fields``: the name on the wire, the type, the declared
+range), so a new sampling setting needs nothing here. This module knows JSON shapes and
+limits; it knows nothing of HTTP frameworks, threads or models (it does not tokenize or
+generate).
 """
 
 from __future__ import annotations
 
-import base64
-import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from edgeft.runtime.params import MAX_TOP_LOGPROBS, check, wire_fields
+
 MAX_STOP = 16
-MAX_SEED = 2**63 - 1  # a seed is a non-negative int64, as in most OpenAI-compatible servers
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts per /v1/completions request
-MAX_TOP_LOGPROBS = 20
 
 
 class ApiError(Exception):
@@ -45,72 +45,30 @@ class GenerationRequest:
     prompt: str | list[int] | None = None  # completions: the first (often only) prompt
     messages: list[dict[str, Any]] | None = None  # chat
     max_tokens: int | None = None  # None: the artifact's default, clamped to the context
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[int, float] | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields given (not max_new_tokens)
     stream: bool = False
     include_usage: bool = False
     n: int = 1  # choices per prompt, decoded as a batch; choice i is seeded with seed + i
-    logprobs: int | None = None  # top alternatives per token (0: the chosen token's only); None: off
     echo: bool = False  # completions: the prompt's text before the completion
-    ignore_eos: bool = False
-    speculate: str | None = None  # extension: prompt-lookup drafts "auto", "on" or "off" (None: the server's)
     prompts: tuple = ()  # completions: every prompt (one choice each, times n)
     response_format: tuple[str, dict | None] | None = None  # ("json_object", None) or ("json_schema", schema)
     tools: tuple[dict, ...] = ()  # chat: {"name", "description", "parameters"} per function
     tool_choice: tuple[str, str | None] = ("none", None)  # mode ("auto", "none", "required", "function"), name
     parallel_tool_calls: bool = True
 
+    @property
+    def seed(self) -> int | None:
+        return self.sampling.get("seed")
 
-@dataclass(frozen=True)
-class ClassifyRequest:
-    model: str | None
-    texts: list[str]
-    single: bool  # the input was one string, not a list
-
-
-def check_unicode(body: Any) -> None:
-    """Refuse a body holding a string UTF-8 cannot encode (a lone surrogate such as ``"\\ud800"``).
-
-    JSON allows ``\\ud800`` escapes, Python decodes them into unencodable strings, and the
-    tokenizers (and the response writer) would fail on them later: one 400 here instead.
-    Walks the body without recursion, so any nesting the JSON parser accepted is fine.
-    """
-    todo = [("", body)]
-    while todo:
-        where, v = todo.pop()
-        if isinstance(v, dict):
-            todo.extend((f"{where}.{k}" if where else str(k), x) for k, x in v.items())
-            todo.extend((where, k) for k in v)
-        elif isinstance(v, list):
-            todo.extend((f"{where}[{i}]", x) for i, x in enumerate(v))
-        elif isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                name = where.split(".")[0].split("[")[0] or None
-                raise bad(f"'{where or 'body'}' holds a lone UTF-16 surrogate: not valid Unicode text",
-                          name, "invalid_unicode") from None
-
-
-@dataclass(frozen=True)
-class EmbeddingsRequest:
-    model: str | None
-    inputs: list  # strings or token-id lists
-    encoding_format: str  # "float" | "base64"
-    dimensions: int | None
+    @property
+    def logprobs(self) -> int | None:
+        """Top alternatives per token (0: the chosen token's only); None: off."""
+        return self.sampling.get("logprobs")
 
 
 # ---------------------------------------------------------------- field readers
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -118,11 +76,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _opt_int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+def opt_int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
     v = body.get(name)
     if v is None:
         return None
-    if not _is_int(v):
+    if not is_int(v):
         raise bad(f"'{name}' must be an integer, got {type(v).__name__}", name)
     if lo is not None and v < lo:
         raise bad(f"'{name}' must be at least {lo}, got {v}", name)
@@ -131,15 +89,25 @@ def _opt_int(body: dict, name: str, lo: int | None = None, hi: int | None = None
     return v
 
 
-def _opt_number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if not _is_number(v):
-        raise bad(f"'{name}' must be a number, got {type(v).__name__}", name)
-    if (v <= lo if lo_open else v < lo) or v > hi:
-        raise bad(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
-    return float(v)
+_TYPES = {bool: ("true or false", lambda v: isinstance(v, bool)), int: ("an integer", is_int),
+          float: ("a number", _is_number)}
+
+
+def _table(body: dict) -> dict[str, Any]:
+    """Every ``SamplingParams`` field the table puts on the wire that the body gives: type and range checked."""
+    out: dict[str, Any] = {}
+    for name, f, kind in wire_fields():
+        v = body.get(name)
+        if v is None:
+            continue
+        what, fits = _TYPES[kind]
+        if not fits(v):
+            raise bad(f"'{name}' must be {what}, got {type(v).__name__}", name)
+        problem = check(f, v, f"'{name}'")
+        if problem is not None:
+            raise bad(problem, name)
+        out[f.name] = float(v) if kind is float else v
+    return out
 
 
 def _opt_bool(body: dict, name: str) -> bool:
@@ -151,7 +119,7 @@ def _opt_bool(body: dict, name: str) -> bool:
     return v
 
 
-def _model(body: dict) -> str | None:
+def model_name(body: dict) -> str | None:
     v = body.get("model")
     if v is not None and not isinstance(v, str):
         raise bad(f"'model' must be a string, got {type(v).__name__}", "model")
@@ -204,11 +172,11 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     """Chat: ``logprobs`` true plus ``top_logprobs`` 0..20. Completions: ``logprobs`` 0..20."""
     if chat:
         on = _opt_bool(body, "logprobs")
-        top = _opt_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        top = opt_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if top is not None and not on:
             raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return (top or 0) if on else None
-    return _opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    return opt_int(body, "logprobs", 0, MAX_TOP_LOGPROBS)
 
 
 def _speculate(body: dict) -> str | None:
@@ -226,7 +194,7 @@ def _speculate(body: dict) -> str | None:
 def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_tokens",
               chat: bool = False) -> dict[str, Any]:
     _unsupported(body)
-    max_tokens = _opt_int(body, max_tokens_name, 1, None)
+    max_tokens = opt_int(body, max_tokens_name, 1, None)
     if max_tokens is not None and max_tokens > max_tokens_cap:
         raise bad(f"'{max_tokens_name}' must be at most {max_tokens_cap} on this server, got {max_tokens}",
                   max_tokens_name)
@@ -236,25 +204,15 @@ def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_token
     include_usage = (opts or {}).get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad("'stream_options.include_usage' must be true or false", "stream_options")
+    given = {"stop": _stop(body), "logit_bias": _logit_bias(body), "logprobs": _logprobs(body, chat),
+             "speculate": _speculate(body), **_table(body)}
     return dict(
-        model=_model(body),
+        model=model_name(body),
         max_tokens=max_tokens,
-        temperature=_opt_number(body, "temperature", 0.0, 2.0),
-        top_p=_opt_number(body, "top_p", 0.0, 1.0, lo_open=True),
-        top_k=_opt_int(body, "top_k", 0, None),
-        min_p=_opt_number(body, "min_p", 0.0, 1.0),
-        repetition_penalty=_opt_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True),
-        presence_penalty=_opt_number(body, "presence_penalty", -2.0, 2.0),
-        frequency_penalty=_opt_number(body, "frequency_penalty", -2.0, 2.0),
-        logit_bias=_logit_bias(body),
-        seed=_opt_int(body, "seed", 0, MAX_SEED),
-        stop=_stop(body),
+        sampling={k: v for k, v in given.items() if v is not None},
         stream=_opt_bool(body, "stream"),
         include_usage=include_usage,
-        n=_opt_int(body, "n", 1, MAX_N) or 1,
-        logprobs=_logprobs(body, chat),
-        ignore_eos=_opt_bool(body, "ignore_eos"),
-        speculate=_speculate(body),
+        n=opt_int(body, "n", 1, MAX_N) or 1,
     )
 
 
@@ -263,7 +221,7 @@ def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_token
 def _one_prompt(p: Any) -> str | list[int] | None:
     if isinstance(p, str):
         return p
-    if isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p):
+    if isinstance(p, list) and p and all(is_int(t) and t >= 0 for t in p):
         return p
     return None
 
@@ -404,146 +362,3 @@ def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
     tools, choice, parallel = _tools(body)
     return GenerationRequest(messages=msgs, tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
                              response_format=_response_format(body), **_sampling(body, max_tokens_cap, name, chat=True))
-
-
-def parse_classify(body: dict, max_inputs: int) -> ClassifyRequest:
-    """``POST /v1/classify``: ``{"model", "input": str | [str]}``."""
-    value = body.get("input")
-    single = isinstance(value, str)
-    texts = [value] if single else value
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise bad("'input' must be a string or a non-empty list of strings", "input")
-    if len(texts) > max_inputs:
-        raise bad(f"at most {max_inputs} inputs per request, got {len(texts)}", "input")
-    return ClassifyRequest(model=_model(body), texts=texts, single=single)
-
-
-def _token_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(_is_int(t) and t >= 0 for t in v)
-
-
-def parse_embeddings(body: dict, max_inputs: int) -> EmbeddingsRequest:
-    """``POST /v1/embeddings``: ``input`` is a string, a list of strings, token ids, or a list of token-id lists."""
-    value = body.get("input")
-    if isinstance(value, str):
-        inputs = [value]
-    elif _token_list(value):
-        inputs = [value]
-    elif isinstance(value, list) and value and all(isinstance(v, str) or _token_list(v) for v in value):
-        inputs = value
-    else:
-        raise bad("'input' must be a string, a non-empty list of strings, a list of token ids "
-                  "or a list of token-id lists", "input")
-    if any(isinstance(v, str) and not v for v in inputs):
-        raise bad("'input' must not contain empty strings", "input")
-    if len(inputs) > max_inputs:
-        raise bad(f"at most {max_inputs} inputs per request, got {len(inputs)}", "input")
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ("float", "base64"):
-        raise bad(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", "encoding_format")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad("'user' must be a string", "user")
-    return EmbeddingsRequest(model=_model(body), inputs=inputs, encoding_format=fmt,
-                             dimensions=_opt_int(body, "dimensions", 1, None))
-
-
-# ---------------------------------------------------------------- responses
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_body(rid: str, model: str, text: str, finish: str, u: dict,
-                    choices: list[dict] | None = None) -> dict[str, Any]:
-    """A completions response: ``choices`` as made by ``completion_choice`` (else one from ``text``)."""
-    choices = choices or [completion_choice(0, text, finish)]
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": u}
-
-
-def chat_body(rid: str, model: str, text: str, finish: str, u: dict,
-              choices: list[dict] | None = None) -> dict[str, Any]:
-    """A chat response: ``choices`` as made by ``chat_choice`` (else one from ``text``)."""
-    choices = choices or [chat_choice(0, text, finish)]
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": u}
-
-
-def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
-    return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
-
-
-def chat_choice(index: int, text: str | None, finish: str, logprobs: dict | None = None,
-                tool_calls: list[dict] | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
-
-
-def tool_call_delta(calls: list[dict]) -> dict[str, Any]:
-    """A streamed delta carrying whole tool calls, each with its index (as the openai client assembles them)."""
-    return {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
-
-
-def _lp(v: float) -> float:
-    return max(float(v), -9999.0)  # JSON has no -Infinity; OpenAI reports masked tokens as -9999
-
-
-def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]]) -> dict[str, Any]:
-    """``{"content": [...]}`` for (token text, logprob, [(alternative text, logprob)...]) per token."""
-    def item(t: str, lp: float) -> dict[str, Any]:
-        return {"token": t, "logprob": _lp(lp), "bytes": list(t.encode("utf-8"))}
-    return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in top]} for t, lp, top in entries]}
-
-
-def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]], offset: int = 0) -> dict[str, Any]:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs (dicts), text_offset."""
-    offsets, pos = [], offset
-    for t, _, _ in entries:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [_lp(lp) for _, lp, _ in entries],
-            "top_logprobs": [{a: _lp(b) for a, b in top} for _, _, top in entries], "text_offset": offsets}
-
-
-def completion_chunk(rid: str, model: str, text: str, finish: str | None, index: int = 0,
-                     logprobs: dict | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [completion_choice(index, text, finish, logprobs)]}
-
-
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, index: int = 0,
-               logprobs: dict | None = None) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
-
-
-def usage_chunk(rid: str, model: str, chat: bool, u: dict) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [], "usage": u}
-
-
-def classify_body(model: str, results: list[dict]) -> dict[str, Any]:
-    data = [{"object": "classification", "index": i, "label": r["label"],
-             "score": float(r["scores"][r["label"]]), "scores": {k: float(v) for k, v in r["scores"].items()}}
-            for i, r in enumerate(results)]
-    return {"object": "list", "model": model, "data": data}
-
-
-def embeddings_body(model: str, vectors: list, fmt: str, prompt_tokens: int) -> dict[str, Any]:
-    """OpenAI's embeddings list; ``base64`` is the little-endian float32 bytes (as the openai client decodes)."""
-    def enc(v: Any) -> Any:
-        if fmt == "base64":
-            return base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
-        return [float(x) for x in v]
-
-    data = [{"object": "embedding", "index": i, "embedding": enc(v)} for i, v in enumerate(vectors)]
-    return {"object": "list", "model": model, "data": data,
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

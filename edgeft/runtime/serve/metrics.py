@@ -11,7 +11,8 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -173,3 +174,17 @@ class Registry:
 
     def render(self) -> str:
         return "\n".join(line for m in self.all() for line in m.render()) + "\n"
+
+
+def engine_observer(metrics: Registry, name: str) -> Callable[[Any, float], None]:
+    """An ``Engine``'s ``observe`` callback: each ``EngineEvent`` updates its metric for model ``name``."""
+    from edgeft.runtime.engine import EngineEvent
+
+    update = {EngineEvent.batch: metrics.decode_batch.observe, EngineEvent.queue_wait: metrics.queue_wait.observe,
+              EngineEvent.slots: metrics.in_flight.set, EngineEvent.waiting: metrics.queue_depth.set,
+              EngineEvent.tokens_per_second: metrics.tokens_per_second.set,
+              EngineEvent.drafted: metrics.drafted_tokens.inc, EngineEvent.accepted: metrics.accepted_tokens.inc}
+
+    def observe(event: EngineEvent, value: float) -> None:
+        update[event](value, model=name)
+    return observe
