@@ -13,11 +13,15 @@ tools the suite runs, and cached in ``benchmarks/work/llama.cpp/<key>/bin`` wher
 hashes the CPU's instruction-set flags and the llama.cpp version: a cache made on an
 AVX2 machine is never used on an AVX-512 one.
 
-Some VMs report instructions they cannot run (AMX on a guest that traps ``tilezero``);
-a native build then dies with SIGILL. Every build is smoke-tested by decoding a few
-tokens with ``llama-bench``; when the native one crashes, the portable build is made
-instead: ``GGML_NATIVE=OFF`` with AVX, AVX2, FMA and F16C named explicitly (plus the
-AVX-512 flags this CPU reports, unless ``--fallback avx2``), recorded in ``build.json``.
+Some VMs report instructions they cannot run, or that ggml's kernels for them crash on
+(AMX on a guest where ggml's ``tilezero`` path died with SIGILL); a native build then dies.
+Every build is smoke-tested by decoding a few tokens with ``llama-bench``, and the builds are
+tried as a user on this CPU would until one runs: ``native``; then, when the CPU reports
+AMX, ``native-noamx`` (the same native flags with ggml's AMX kernels off, reconfigured in the
+native build's own tree, so only what the flags change is compiled again); then the portable
+``fallback`` (``GGML_NATIVE=OFF`` with AVX, AVX2, FMA and F16C named explicitly, plus the
+AVX-512 flags this CPU reports, unless ``--fallback avx2``). ``build.json`` records the flags
+and why each earlier flavour was passed over; ``build_note()`` is that line for a results file.
 
 It knows nothing about edgeft or the suite's cases; ``benchmarks.prepare`` and the
 workers call ``ensure_binaries`` and run the tools.
@@ -51,6 +55,9 @@ NATIVE_FLAGS = ("-DGGML_NATIVE=ON",)
 # AVX2-era instructions named explicitly, AMX always off.
 FALLBACK_FLAGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
                   "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
+AMX_OFF = ("-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
+# Tried in this order until one runs; native-noamx only where the CPU reports AMX.
+FLAVOURS = ("native", "native-noamx", "fallback")
 AVX512_FALLBACK = {"avx512f": "-DGGML_AVX512=ON", "avx512vbmi": "-DGGML_AVX512_VBMI=ON",
                    "avx512_vnni": "-DGGML_AVX512_VNNI=ON", "avx512_bf16": "-DGGML_AVX512_BF16=ON",
                    "avx_vnni": "-DGGML_AVX_VNNI=ON"}
@@ -67,11 +74,13 @@ def cache_key(flags: list[str], version: str = LLAMA_CPP_PYTHON, flavour: str = 
 
 
 def build_flags(flavour: str, flags: list[str] | None = None) -> list[str]:
-    """CMake flags of a flavour: ``native``, ``fallback`` (AVX2 + this CPU's AVX-512) or ``avx2``."""
+    """CMake flags of a flavour: ``native``, ``native-noamx``, ``fallback`` (AVX2 + this CPU's AVX-512) or ``avx2``."""
     if flavour == "native":
         return [*COMMON_FLAGS, *NATIVE_FLAGS]
+    if flavour == "native-noamx":
+        return [*COMMON_FLAGS, *NATIVE_FLAGS, *AMX_OFF]
     if flavour not in ("fallback", "avx2"):
-        raise ValueError(f"unknown build flavour {flavour!r} (native, fallback or avx2)")
+        raise ValueError(f"unknown build flavour {flavour!r} (native, native-noamx, fallback or avx2)")
     have = set(cpu_flags() if flags is None else flags)
     extra = [] if flavour == "avx2" else [v for k, v in AVX512_FALLBACK.items() if k in have]
     return [*COMMON_FLAGS, *FALLBACK_FLAGS, *extra]
@@ -131,24 +140,32 @@ def smoke_test(folder: Path, gguf: Path | None) -> tuple[bool, str]:
     return res.returncode == 0, f"llama-bench -p 8 -n 4: exit {res.returncode}"
 
 
-def _record(folder: Path, flavour: str, flags: list[str], how: str, gguf: Path | None, seconds: float) -> None:
+def _record(folder: Path, flavour: str, flags: list[str], how: str, gguf: Path | None, seconds: float,
+            passed_over: tuple[str, ...] = ()) -> None:
     ok, smoke = smoke_test(folder, gguf)
     version = subprocess.run([str(folder / "llama-bench"), "--version"], capture_output=True, text=True)
     info = {"llama-cpp-python": LLAMA_CPP_PYTHON, "flavour": flavour, "cmake_flags": flags, "made_by": how,
             "build_seconds": round(seconds, 1), "isa": isa_flags(), "version": (version.stdout + version.stderr).strip(),
-            "smoke": smoke, "smoke_ok": ok, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "smoke": smoke, "smoke_ok": ok, "passed_over": list(passed_over),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (folder.parent / "build.json").write_text(json.dumps(info, indent=1) + "\n")
     if not ok:
         raise BuildFailed(f"the {flavour} build does not run here: {smoke}")
 
 
-def build(flavour: str = "native", gguf: Path | None = None, jobs: int = 2) -> Path:
-    """Configure and build the tools in a fresh build folder; copy them into the cache."""
+def build(flavour: str = "native", gguf: Path | None = None, jobs: int = 2, tree: Path | None = None,
+          passed_over: tuple[str, ...] = ()) -> Path:
+    """Configure and build the tools, copy them into the cache and smoke-test them.
+
+    ``tree``: an already configured build folder to reconfigure in place (CMake then compiles
+    only what the changed flags touch); by default a fresh one beside the cache entry. The
+    folder is kept when the smoke test fails, so the next flavour can reuse it."""
     src = source_dir()
     flags = build_flags(flavour)
     out = bin_dir(flavour)
-    build_tree = out.parent / "build"
-    shutil.rmtree(build_tree, ignore_errors=True)
+    build_tree = tree or out.parent / "build"
+    if tree is None:
+        shutil.rmtree(build_tree, ignore_errors=True)
     log = out.parent / "build.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
@@ -156,9 +173,32 @@ def build(flavour: str = "native", gguf: Path | None = None, jobs: int = 2) -> P
     _run(["cmake", "-S", str(src), "-B", str(build_tree), *flags], log, "cmake configure")
     _run(["cmake", "--build", str(build_tree), f"-j{jobs}", "--target", *TOOLS], log, "cmake build")
     _install(build_tree / "bin", out)
+    how = "built here by benchmarks.llamacpp" + (f", reconfiguring {build_tree}" if tree else "")
+    _record(out, flavour, flags, how, gguf, time.perf_counter() - t0, passed_over)
     shutil.rmtree(build_tree, ignore_errors=True)
-    _record(out, flavour, flags, "built here by benchmarks.llamacpp", gguf, time.perf_counter() - t0)
     return out
+
+
+def flavours_to_try(flags: list[str]) -> tuple[str, ...]:
+    """The build flavours a user on this CPU would try, in order (AMX off only matters where AMX is reported)."""
+    return tuple(f for f in FLAVOURS if f != "native-noamx" or any(x.startswith("amx") for x in flags))
+
+
+def current() -> Path | None:
+    """The bin folder ``ensure_binaries`` would return now, without building anything."""
+    return next((f for flavour in flavours_to_try(cpu_flags()) if (f := cached(flavour)) is not None), None)
+
+
+def build_note(folder: Path) -> str:
+    """One line for a results file: which llama.cpp build ran, with what flags, and why others did not."""
+    info_path = Path(folder).parent / "build.json"
+    if not info_path.is_file():
+        return f"llama.cpp: binaries in {folder} (no build.json)"
+    info = json.loads(info_path.read_text())
+    why = "; ".join(info.get("passed_over") or [])
+    flags = " ".join(f for f in info.get("cmake_flags", []) if f.startswith("-DGGML_"))
+    return (f"llama.cpp {info.get('llama-cpp-python')} built '{info.get('flavour')}' ({flags})"
+            + (f"; passed over: {why}" if why else ""))
 
 
 def _install(built: Path, out: Path) -> None:
@@ -185,21 +225,24 @@ def seed(tree: Path, gguf: Path | None = None) -> Path:
 
 
 def ensure_binaries(gguf: Path | None = None, allow_build: bool = True) -> Path:
-    """The bin folder of a llama.cpp that runs on this CPU: native, else the portable fallback."""
-    for flavour in ("native", "fallback"):
+    """The bin folder of a llama.cpp that runs on this CPU: the first flavour of ``flavours_to_try`` that runs."""
+    order = flavours_to_try(cpu_flags())
+    for flavour in order:
         if (folder := cached(flavour)) is not None:
             return folder
     if not allow_build:
         raise BuildFailed("no llama.cpp build for this CPU in benchmarks/work/llama.cpp (python -m benchmarks.llamacpp)")
     if shutil.which("cmake") is None or shutil.which("c++") is None:
         raise BuildFailed("building llama.cpp needs cmake and a C++ compiler (apt-get install cmake g++)")
-    try:
-        return build("native", gguf)
-    except BuildFailed as native:
+    failures: list[str] = []
+    native_tree = bin_dir("native").parent / "build"
+    for flavour in order:
+        reuse = native_tree if flavour == "native-noamx" and native_tree.is_dir() else None
         try:
-            return build("fallback", gguf)
-        except BuildFailed as fallback:
-            raise BuildFailed(f"native: {native}; fallback: {fallback}") from None
+            return build(flavour, gguf, tree=reuse, passed_over=tuple(failures))
+        except BuildFailed as exc:
+            failures.append(f"{flavour}: {exc}")
+    raise BuildFailed("; ".join(failures))
 
 
 def main(argv: list[str] | None = None) -> int:

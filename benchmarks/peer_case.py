@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import peers, prepare
+from benchmarks import llamacpp, peers, prepare
 from benchmarks.cases import CLS_MAX_LENGTH, Context, WorkerFailed, _lm_prompts, lm_artifact, sonnet_files, sst2_run
 from benchmarks.prepare import WORK, Unavailable
 from edgeft.bench import Stat, summarize
@@ -245,6 +245,8 @@ def case_peers(ctx: Context) -> None:
             ctx.add(CASE, m.system, "ppl_vs_fp32", 100 * (m.median / ref - 1), "%", higher=False,
                     note=f"ppl_vs_fp32: against {ref_name} (the reference weights); budget +{PPL_BUDGET:g}%")
     classification_peers(ctx)
+    if (llama := llamacpp.current()) is not None:
+        ctx.res.notes.append(llamacpp.build_note(llama))
     load = ctx.cache.get("loadavg", [])
     if load:
         ctx.res.notes.append(f"peers case: the machine was shared; 1-minute load average {min(load):.2f}-"

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from benchmarks import prepare
+from benchmarks import llamacpp, prepare
 
 if TYPE_CHECKING:
     from benchmarks.cases import Context
@@ -265,6 +265,7 @@ def case(ctx: Context) -> None:
             "overload_seconds": 15.0 if ctx.quick else 45.0}
     try:
         spec["llama_bin"] = str(prepare.llama_bin())
+        ctx.res.notes.append(llamacpp.build_note(Path(spec["llama_bin"])))
         spec["gguf"] = {tag: str(prepare.ensure_gguf(tag)) for tag in ("Q8_0", "Q4_1")}
     except prepare.Unavailable as exc:
         spec["llama_bin"] = None

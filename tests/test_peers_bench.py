@@ -58,6 +58,46 @@ def test_build_flags_native_and_the_documented_fallbacks():
         llamacpp.build_flags("fastest", AVX2)
 
 
+def test_amx_is_turned_off_before_native_is_given_up(monkeypatch, tmp_path):
+    """A native build that dies (AMX's SIGILL) is followed by native-noamx reconfigured in the native
+    tree, and the result says which build runs and why native was passed over."""
+    amx = AVX512 + ["amx_tile", "amx_int8"]
+    assert llamacpp.flavours_to_try(AVX512) == ("native", "fallback")
+    assert llamacpp.flavours_to_try(amx) == ("native", "native-noamx", "fallback")
+    noamx = llamacpp.build_flags("native-noamx", amx)
+    assert "-DGGML_NATIVE=ON" in noamx and "-DGGML_AMX_INT8=OFF" in noamx and "-DGGML_AMX_TILE=OFF" in noamx
+
+    monkeypatch.setattr(llamacpp, "CACHE", tmp_path)
+    monkeypatch.setattr(llamacpp, "cpu_flags", lambda: amx)
+    monkeypatch.setattr(llamacpp, "source_dir", lambda: tmp_path / "src")
+    monkeypatch.setattr(llamacpp.shutil, "which", lambda name: "/usr/bin/" + name)
+    configured: list[tuple[str, list[str]]] = []
+
+    def run(cmd, log, what, cwd=None):
+        if what == "cmake configure":
+            tree = Path(cmd[cmd.index("-B") + 1])
+            configured.append((str(tree), [c for c in cmd if c.startswith("-DGGML")]))
+            (tree / "bin").mkdir(parents=True, exist_ok=True)
+            for t in llamacpp.TOOLS:
+                (tree / "bin" / t).write_text("native" if "-DGGML_AMX_INT8=OFF" not in cmd else "noamx")
+
+    def smoke(folder, gguf):
+        if (folder / "llama-bench").read_text() == "native":
+            return False, "llama-bench died with signal 4 (SIGILL=4: an instruction this CPU cannot run)"
+        return True, "llama-bench -p 8 -n 4: exit 0"
+
+    monkeypatch.setattr(llamacpp, "_run", run)
+    monkeypatch.setattr(llamacpp, "smoke_test", smoke)
+    monkeypatch.setattr(llamacpp.subprocess, "run", lambda *a, **k: type("R", (), {"stdout": "v1", "stderr": ""})())
+    folder = llamacpp.ensure_binaries(gguf=None)
+    assert folder == llamacpp.bin_dir("native-noamx")
+    assert len(configured) == 2 and configured[0][0] == configured[1][0]  # the native tree, reconfigured
+    assert "-DGGML_AMX_INT8=OFF" in configured[1][1]
+    note = llamacpp.build_note(folder)
+    assert "'native-noamx'" in note and "passed over: native" in note and "SIGILL" in note
+    assert llamacpp.current() == folder
+
+
 def test_seed_copies_the_tools_and_refuses_an_incomplete_build(tmp_path, monkeypatch):
     monkeypatch.setattr(llamacpp, "CACHE", tmp_path / "cache")
     built = tmp_path / "tree" / "build" / "bin"
