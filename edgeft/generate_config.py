@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.flags import flag
+from edgeft.flags import check_fields, flag
 
 MAX_TOP_LOGPROBS = 20
 
@@ -134,14 +134,13 @@ class ChatConfig:
     """Artifact folder or packed .edgeft file (from `edgeft export`)."""
     system: str | None = None
     """A system message that starts the conversation (generate: with --chat)."""
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata=flag(min=1))
     """onnxruntime threads [default: all usable cores, or $EDGEFT_THREADS]."""
     stats: bool = False
     """Print token counts, tokens/s and the draft acceptance rate to stderr at the end (chat: of each reply)."""
 
     def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise EdgeftError(f"--threads must be at least 1, got {self.threads}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -163,7 +162,7 @@ class GenerateConfig(ChatConfig):
     result per line out."""
     output: Path | None = field(default=None, metadata=flag("--output", "-o", panel=FILE))
     """With --input: write the results here, not to stdout."""
-    parallel: int = field(default=8, metadata=flag(panel=FILE))
+    parallel: int = field(default=8, metadata=flag(panel=FILE, min=1))
     """With --input: prompts decoded together in one batch."""
 
     def __post_init__(self) -> None:
@@ -174,8 +173,6 @@ class GenerateConfig(ChatConfig):
             raise EdgeftError("give a prompt or --input FILE, not both")
         if self.input is not None and self.constrained:
             raise EdgeftError("--json-schema, --regex and --choice constrain one prompt: not with --input")
-        if self.parallel < 1:
-            raise EdgeftError(f"--parallel must be at least 1, got {self.parallel}")
 
     @property
     def constrained(self) -> bool:

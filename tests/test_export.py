@@ -621,7 +621,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 def test_export_config_validates():
     with pytest.raises(EdgeftError, match="--quantize must be one of"):
         ExportConfig(source="x", out=Path("y"), quantize="int3")
-    with pytest.raises(EdgeftError, match="min-token-agreement must be between 0 and 1"):
+    with pytest.raises(EdgeftError, match="--min-token-agreement must be at least 0 and at most 1, got 1.5"):
         ExportConfig(source="x", out=Path("y"), min_token_agreement=1.5)
     c = ExportConfig(source="x", out="y", quantize="mixed", labels=["a", "b"])
     assert c.quantize is Quantize.mixed and c.to_dict()["labels"] == ["a", "b"] and c.to_dict()["out"] == "y"
