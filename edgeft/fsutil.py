@@ -8,6 +8,7 @@ with ``os.replace``. Standard library only: the runtime uses this module too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -137,3 +138,59 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ---- room on the disk, and outputs that would swallow their inputs ------------------------------
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes a write under ``folder`` (or its nearest existing parent) may still take."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def mb(n: int) -> str:
+    """A byte count as a person reads it: "3 MB", "1.2 GB"."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse early, in one line, when ``folder``'s disk cannot hold ``needed`` bytes (an estimate)."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise EdgeftError(f"not enough space for {what} in {folder}: it needs about {mb(needed)}, "
+                          f"{mb(free)} is free")
+
+
+def out_of_space(exc: BaseException, folder: Path, what: str, needed: int | None = None) -> EdgeftError | None:
+    """``exc`` as one line when it is a full disk (or quota), saying how much was needed; else None.
+
+    Libraries report a full disk as ``OSError`` 28, or as their own error whose text holds
+    the errno's words (safetensors) or not even that (torch's zip writer: "file write
+    failed"): such an error counts when the disk now has less than ``needed`` free.
+    """
+    full = (isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS) or any(
+        os.strerror(code) in str(exc) for code in SPACE_ERRNOS) or (
+        not isinstance(exc, OSError) and needed is not None and free_bytes(folder) < needed)
+    if not full:
+        return None
+    need = f"about {mb(needed)} needed, " if needed else ""
+    return EdgeftError(f"no space left to write {what} in {folder} ({need}{mb(free_bytes(folder))} free)")
+
+
+def refuse_overlap(output: Path, source: Path, what: str = "the output") -> None:
+    """Refuse an output that is the source, lies inside it, or contains it: writing it would destroy the source.
+
+    Call before anything is deleted or written. Paths are compared resolved (links followed).
+    """
+    out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
+    if out == src:
+        raise EdgeftError(f"{what} {output} is the source itself: choose another path")
+    if src in out.parents:
+        raise EdgeftError(f"{what} {output} lies inside the source {source}: choose a path outside it")
+    if out in src.parents:
+        raise EdgeftError(f"{what} {output} contains the source {source}: choose another path")
