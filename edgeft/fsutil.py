@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,15 +183,55 @@ def out_of_space(exc: BaseException, folder: Path, what: str, needed: int | None
     return EdgeftError(f"no space left to write {what} in {folder} ({need}{mb(free_bytes(folder))} free)")
 
 
-def refuse_overlap(output: Path, source: Path, what: str = "the output") -> None:
+def refuse_overlap(output: Path, source: Path, what: str = "the output", source_what: str = "the source") -> None:
     """Refuse an output that is the source, lies inside it, or contains it: writing it would destroy the source.
 
     Call before anything is deleted or written. Paths are compared resolved (links followed).
     """
     out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
     if out == src:
-        raise EdgeftError(f"{what} {output} is the source itself: choose another path")
+        raise EdgeftError(f"{what} {output} is {source_what} itself: writing it would destroy it; choose another path")
     if src in out.parents:
-        raise EdgeftError(f"{what} {output} lies inside the source {source}: choose a path outside it")
+        raise EdgeftError(f"{what} {output} lies inside {source_what} {source}: choose a path outside it")
     if out in src.parents:
-        raise EdgeftError(f"{what} {output} contains the source {source}: choose another path")
+        raise EdgeftError(f"{what} {output} contains {source_what} {source}: replacing it would destroy it; "
+                          "choose another path")
+
+
+def kind_of(path: Path) -> str:
+    """What is at ``path``, in words: "a file", "a folder", "a named pipe (FIFO)", "a device", ...; or "nothing"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "nothing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    for test, words in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def require_file(path: Path, what: str = "") -> None:
+    """Refuse, in one line that says what is there instead, a ``path`` that is not a regular file."""
+    kind = kind_of(path)
+    if kind == "a file":
+        return
+    label = f"{what} {path}" if what else str(path)
+    raise EdgeftError(f"{label} does not exist" if kind == "nothing" else f"{label} is {kind}, not a file")
+
+
+def write_output(path: Path, data: bytes, what: str = "--output") -> None:
+    """Write a command's results file atomically; a folder, a full disk or a refused write is one line."""
+    path = Path(path)
+    if path.is_dir():
+        raise EdgeftError(f"{what} {path} is a folder: name a file to write")
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        full = out_of_space(exc, path.parent, str(path), len(data))
+        if full is not None:
+            raise full from None
+        raise EdgeftError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from edgeft.cli.app import app
+from edgeft.cli.classify import check_output
 from edgeft.cli.options import from_config
 from edgeft.errors import EdgeftError
+from edgeft.fsutil import refuse_overlap, require_file, write_output
 from edgeft.generate_config import GenerateConfig, SamplingParams
 
 if TYPE_CHECKING:
@@ -31,9 +33,11 @@ def constraint_from_config(config: GenerateConfig):
     from edgeft.runtime.constrain import Constraint
 
     if config.json_schema is not None:
-        if not config.json_schema.is_file():
-            raise EdgeftError(f"--json-schema {config.json_schema} is not a file")
-        return Constraint.json_schema(config.json_schema.read_text(encoding="utf-8"))
+        require_file(config.json_schema, "--json-schema")
+        try:
+            return Constraint.json_schema(config.json_schema.read_text(encoding="utf-8"))
+        except RecursionError:
+            raise EdgeftError(f"--json-schema {config.json_schema} nests too deeply to read") from None
     if config.regex is not None:
         return Constraint.regex(config.regex)
     if config.choice is not None:
@@ -99,6 +103,10 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
     from edgeft.runtime.speculate import SpecCounts
 
     constraint = constraint_from_config(config)
+    if config.output is not None:  # before loading the model
+        if config.input is not None:
+            refuse_overlap(config.output, config.input, "--output", "--input")
+        check_output(config.output)
     if config.input is not None:
         gen = Generator.open(config.artifact, threads=config.threads)
         return generate_file(gen, config, sampling_params(gen, sampling))
@@ -118,8 +126,7 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
 
 def read_prompts(path: Path) -> list[dict]:
     """Rows of a JSONL prompt file: each a string or an object with 'prompt' or 'messages' (other keys kept)."""
-    if not path.is_file():
-        raise EdgeftError(f"{path} does not exist")
+    require_file(path, "--input")
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -164,9 +171,7 @@ def generate_file(gen: "Generator", config: GenerateConfig, params: SamplingPara
                   "completion_tokens": out.completion_tokens}
         buf.write(json.dumps(result, ensure_ascii=False) + "\n")
     if output is not None:
-        from edgeft.fsutil import atomic_write_bytes
-
-        atomic_write_bytes(output, buf.getvalue().encode("utf-8"))
+        write_output(output, buf.getvalue().encode("utf-8"))
     else:
         sys.stdout.write(buf.getvalue())
     tokens = sum(o.completion_tokens for o in outs)

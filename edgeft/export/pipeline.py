@@ -25,7 +25,7 @@ from edgeft.artifact import Manifest, Task, write_manifest
 from edgeft.errors import EdgeftError
 from edgeft.export import assemble, gate, quantize, smooth
 from edgeft.export.config import AUTO_ORDER, ExportConfig, Int4Mode, Int8Mode, Quantize
-from edgeft.fsutil import atomic_dir, check_destination
+from edgeft.fsutil import atomic_dir, check_destination, refuse_overlap
 
 if TYPE_CHECKING:
     from edgeft.artifact import Embedding
@@ -87,6 +87,7 @@ class Gated:
 def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
     """Write the artifact for ``config`` at ``config.out`` (atomically) and return its path."""
     log = log or (lambda _msg: None)
+    _check_paths(config)
     check_destination(config.out, config.overwrite)
     _check_scheme(config)
     if config.sign_key:  # a bad key fails now, not after the gate
@@ -102,6 +103,26 @@ def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise EdgeftError(f"cannot write beside {config.out}: {exc.strerror}") from None
         raise
+
+
+def _check_paths(config: ExportConfig) -> None:
+    """Before anything is read or deleted: a local source that is not there is a local error (no hub
+    attempt), and --out may not be, hold or lie inside what the export reads."""
+    source = Path(str(config.source)).expanduser()
+    if not source.exists() and looks_local(str(config.source)):
+        raise EdgeftError(f"{config.source} does not exist (no such run folder or model folder)")
+    for name, path in (("the source", source if source.exists() else None), ("--eval-data", config.eval_data),
+                       ("--sign", config.sign_key)):
+        if path is not None:
+            refuse_overlap(config.out, path, "--out", name)
+
+
+def looks_local(source: str) -> bool:
+    """A source meant as a local path rather than a hub id (org/name): it starts with . / or ~, has more
+    than one separator or a trailing one, or its first part is a folder here (``runs/missing``)."""
+    parts = source.replace("\\", "/").split("/")
+    return (source.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and not parts[1])
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
 def _check_scheme(config: ExportConfig) -> None:

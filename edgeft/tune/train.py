@@ -48,7 +48,7 @@ from typing import Any
 
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import (atomic_dir, atomic_write_bytes, atomic_write_json, check_writable, out_of_space,
-                           sha256_file)
+                           refuse_overlap, sha256_file)
 from edgeft.runs import TRAINED, RunInfo, read_run_config, write_run_info
 from edgeft.tune import dataset as DS
 from edgeft.tune import distributed, frozen
@@ -95,6 +95,11 @@ def resolve_task(cfg: TuneConfig) -> Task:
 
 def preflight(cfg: TuneConfig) -> None:
     """Refuse a finished OUT (without --overwrite) and check what --resume would continue."""
+    model = Path(cfg.model).expanduser()
+    for name, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--model", model if model.exists() else None)):
+        if path is not None:  # OUT and OUT.partial are deleted (--overwrite) or written: neither may hold an input
+            refuse_overlap(cfg.out, path, "--out", name)
+            refuse_overlap(cfg.partial, path, "the work folder", name)
     if cfg.out.exists() and not cfg.overwrite:
         raise EdgeftError(f"{cfg.out} already exists (use --overwrite to replace it)")
     check_writable(cfg.out.parent, "the run folder")  # a read-only or full disk, before loading the model
