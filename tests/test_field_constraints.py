@@ -102,3 +102,13 @@ def test_an_artifact_list_of_empty_items_says_no_artifact_was_given():
     for value in ("::", ":"):
         res = CliRunner().invoke(app, ["serve"], env={"EDGEFT_ARTIFACTS": value})
         one_line_error(res, "no artifact was given")
+
+
+def test_help_shows_each_declared_range():
+    from typer.testing import CliRunner
+
+    from edgeft.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["tune", "--help"], terminal_width=200).output.split())
+    assert "Held-out fraction when there is no --eval-data. [above 0 and below 1]" in text
+    assert "Peak learning rate (default: 0.0001 for classification, 0.0001 for causal-lm). [above 0]" in text

@@ -23,7 +23,7 @@ from typing import Any
 import typer
 
 from edgeft.errors import EdgeftError
-from edgeft.flags import Flag, field_docs, flag_of
+from edgeft.flags import Flag, field_docs, flag_of, range_text
 
 _ALIAS = "__alias"
 
@@ -85,6 +85,8 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
     default: Any = field_default(f)
     annotation: Any
     text = _help(docs.get(f.name, ""))
+    if range_text(meta):  # the declared range, as check_fields enforces it
+        text = f"{text} [{range_text(meta)}]"
     if over is not None:  # every flag optional: None (or nothing repeated) means "not given"
         text, default = _over_help(text, default, over), None
     if repeated and meta.comma:  # one value, "a,b,c"
