@@ -183,15 +183,17 @@ def out_of_space(exc: BaseException, folder: Path, what: str, needed: int | None
     return EdgeftError(f"no space left to write {what} in {folder} ({need}{mb(free_bytes(folder))} free)")
 
 
-def refuse_overlap(output: Path, source: Path, what: str = "the output", source_what: str = "the source") -> None:
+def refuse_overlap(output: Path, source: Path, what: str = "the output", source_what: str = "the source",
+                   inside_ok: bool = False) -> None:
     """Refuse an output that is the source, lies inside it, or contains it: writing it would destroy the source.
 
-    Call before anything is deleted or written. Paths are compared resolved (links followed).
+    ``inside_ok``: an output inside the source folder is fine (it only adds to it). Call before
+    anything is deleted or written. Paths are compared resolved (links followed).
     """
     out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
     if out == src:
         raise EdgeftError(f"{what} {output} is {source_what} itself: writing it would destroy it; choose another path")
-    if src in out.parents:
+    if src in out.parents and not inside_ok:
         raise EdgeftError(f"{what} {output} lies inside {source_what} {source}: choose a path outside it")
     if out in src.parents:
         raise EdgeftError(f"{what} {output} contains {source_what} {source}: replacing it would destroy it; "

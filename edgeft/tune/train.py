@@ -96,10 +96,11 @@ def resolve_task(cfg: TuneConfig) -> Task:
 def preflight(cfg: TuneConfig) -> None:
     """Refuse a finished OUT (without --overwrite) and check what --resume would continue."""
     model = Path(cfg.model).expanduser()
-    for name, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--model", model if model.exists() else None)):
+    inputs = (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--model", model if model.exists() else None))
+    for name, path in inputs:
         if path is not None:  # OUT and OUT.partial are deleted (--overwrite) or written: neither may hold an input
-            refuse_overlap(cfg.out, path, "--out", name)
-            refuse_overlap(cfg.partial, path, "the work folder", name)
+            refuse_overlap(cfg.out, path, "--out", name, inside_ok=True)
+            refuse_overlap(cfg.partial, path, "the work folder", name, inside_ok=True)
     if cfg.out.exists() and not cfg.overwrite:
         raise EdgeftError(f"{cfg.out} already exists (use --overwrite to replace it)")
     check_writable(cfg.out.parent, "the run folder")  # a read-only or full disk, before loading the model
