@@ -444,7 +444,8 @@ def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, 
                                           foreach=True)
     if not (math.isfinite(total) and math.isfinite(float(norm))):  # before the step: the weights stay good
         optimizer.zero_grad(set_to_none=True)
-        raise Diverged(step + 1, total / denom if not math.isfinite(total) else float(norm))
+        raise (Diverged(step + 1, "training loss", total / denom) if not math.isfinite(total)
+               else Diverged(step + 1, "gradient norm", float(norm)))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(prep.train_lengths[j] for ix in everyone for j in ix)
@@ -513,8 +514,8 @@ def _kept(partial: Path) -> str:
 class Diverged(EdgeftError):
     """The training loss (or the gradient's norm) became NaN or infinite at ``step``."""
 
-    def __init__(self, step: int, value: float) -> None:
-        super().__init__(f"the training loss became {value} at step {step}")
+    def __init__(self, step: int, what: str, value: float) -> None:
+        super().__init__(f"the {what} became {value} at step {step}")
         self.step = step
 
 
