@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeft.errors import EdgeftError
-from edgeft.flags import flag
+from edgeft.flags import check_fields, flag
 
 
 @dataclass(frozen=True)
@@ -19,17 +19,18 @@ class BenchConfig:
 
     artifact: Path = field(metadata=flag(argument=True))
     """Artifact folder or packed .edgeft file."""
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata=flag(min=1))
     """onnxruntime threads (default: every core)."""
-    repeats: int = 5
+    repeats: int = field(default=5, metadata=flag(min=1))
     """Measured runs per figure (each figure is their median)."""
-    warmup: int = 1
+    warmup: int = field(default=1, metadata=flag(min=0))
     """Unmeasured runs first."""
-    new_tokens: int = 64
-    """Tokens generated per decode run (generation artifacts)."""
-    prompt_lengths: tuple[int, ...] = field(default=(32, 512), metadata=flag("--prompt-length"))
+    new_tokens: int = field(default=64, metadata=flag(min=2))
+    """Tokens generated per decode run (generation artifacts; at least 2: decode speed is timed after the first
+    token)."""
+    prompt_lengths: tuple[int, ...] = field(default=(32, 512), metadata=flag("--prompt-length", min=1))
     """Prompt lengths at which prefill is timed; repeat the flag."""
-    batch_sizes: tuple[int, ...] = field(default=(1, 8, 32), metadata=flag("--batch-size"))
+    batch_sizes: tuple[int, ...] = field(default=(1, 8, 32), metadata=flag("--batch-size", min=1))
     """Batch sizes for a classifier; repeat the flag."""
     bandwidth: bool = True
     """Also measure the machine's read bandwidth (about 5 s) and report decode tokens/s as a share of the limit
@@ -40,13 +41,6 @@ class BenchConfig:
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
         if not Path(self.artifact).exists():
             raise EdgeftError(f"{self.artifact} does not exist (give an artifact folder or a packed .edgeft file)")
-        if self.threads is not None and self.threads < 1:
-            raise EdgeftError("--threads must be at least 1")
-        if self.repeats < 1 or self.warmup < 0:
-            raise EdgeftError("--repeats must be at least 1 and --warmup at least 0")
-        if self.new_tokens < 2:
-            raise EdgeftError("--new-tokens must be at least 2 (decode speed is timed after the first token)")
-        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
-            raise EdgeftError("prompt lengths must be positive")
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise EdgeftError("batch sizes must be positive")
+        check_fields(self)
+        if not self.prompt_lengths or not self.batch_sizes:
+            raise EdgeftError("give at least one --prompt-length and one --batch-size")

@@ -8,10 +8,12 @@ with ``os.replace``. Standard library only: the runtime uses this module too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,3 +139,101 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ---- room on the disk, and outputs that would swallow their inputs ------------------------------
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes a write under ``folder`` (or its nearest existing parent) may still take."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def mb(n: int) -> str:
+    """A byte count as a person reads it: "3 MB", "1.2 GB"."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse early, in one line, when ``folder``'s disk cannot hold ``needed`` bytes (an estimate)."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise EdgeftError(f"not enough space for {what} in {folder}: it needs about {mb(needed)}, "
+                          f"{mb(free)} is free")
+
+
+def out_of_space(exc: BaseException, folder: Path, what: str, needed: int | None = None) -> EdgeftError | None:
+    """``exc`` as one line when it is a full disk (or quota), saying how much was needed; else None.
+
+    Libraries report a full disk as ``OSError`` 28, or as their own error whose text holds
+    the errno's words (safetensors) or not even that (torch's zip writer: "file write
+    failed"): such an error counts when the disk now has less than ``needed`` free.
+    """
+    full = (isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS) or any(
+        os.strerror(code) in str(exc) for code in SPACE_ERRNOS) or (
+        not isinstance(exc, OSError) and needed is not None and free_bytes(folder) < needed)
+    if not full:
+        return None
+    need = f"about {mb(needed)} needed, " if needed else ""
+    return EdgeftError(f"no space left to write {what} in {folder} ({need}{mb(free_bytes(folder))} free)")
+
+
+def refuse_overlap(output: Path, source: Path, what: str = "the output", source_what: str = "the source",
+                   inside_ok: bool = False) -> None:
+    """Refuse an output that is the source, lies inside it, or contains it: writing it would destroy the source.
+
+    ``inside_ok``: an output inside the source folder is fine (it only adds to it). Call before
+    anything is deleted or written. Paths are compared resolved (links followed).
+    """
+    out, src = Path(output).expanduser().resolve(), Path(source).expanduser().resolve()
+    if out == src:
+        raise EdgeftError(f"{what} {output} is {source_what} itself: writing it would destroy it; choose another path")
+    if src in out.parents and not inside_ok:
+        raise EdgeftError(f"{what} {output} lies inside {source_what} {source}: choose a path outside it")
+    if out in src.parents:
+        raise EdgeftError(f"{what} {output} contains {source_what} {source}: replacing it would destroy it; "
+                          "choose another path")
+
+
+def kind_of(path: Path) -> str:
+    """What is at ``path``, in words: "a file", "a folder", "a named pipe (FIFO)", "a device", ...; or "nothing"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "nothing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    for test, words in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def require_file(path: Path, what: str = "") -> None:
+    """Refuse, in one line that says what is there instead, a ``path`` that is not a regular file."""
+    kind = kind_of(path)
+    if kind == "a file":
+        return
+    label = f"{what} {path}" if what else str(path)
+    raise EdgeftError(f"{label} does not exist" if kind == "nothing" else f"{label} is {kind}, not a file")
+
+
+def write_output(path: Path, data: bytes, what: str = "--output") -> None:
+    """Write a command's results file atomically; a folder, a full disk or a refused write is one line."""
+    path = Path(path)
+    if path.is_dir():
+        raise EdgeftError(f"{what} {path} is a folder: name a file to write")
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        full = out_of_space(exc, path.parent, str(path), len(data))
+        if full is not None:
+            raise full from None
+        raise EdgeftError(f"cannot write {path}: {exc.strerror or exc}") from None

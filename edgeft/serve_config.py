@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeft.errors import EdgeftError
-from edgeft.flags import flag
+from edgeft.flags import check_fields, flag
 from edgeft.runtime.params import Speculation, Spin
 
 
@@ -30,12 +30,12 @@ class ServeConfig:
 
     artifacts: tuple[Path, ...] = field(metadata=flag(argument=True, env="EDGEFT_ARTIFACTS", show_default=False))
     """Artifact folders or packed .edgeft files (env: EDGEFT_ARTIFACTS, separated by ':', ';' on Windows)."""
-    names: tuple[str, ...] = field(default=(), metadata=flag("--name", env="EDGEFT_NAMES"))
+    names: tuple[str, ...] = field(default=(), metadata=flag("--name", env="EDGEFT_NAMES", nonblank=True))
     """Model name for each artifact, in order (default: the folder or file name). Repeat per artifact
     (env: space-separated)."""
     host: str = field(default="127.0.0.1", metadata=flag(env="EDGEFT_HOST"))
     """Address to bind. 0.0.0.0 exposes the server to the network."""
-    port: int = field(default=8000, metadata=flag(env="EDGEFT_PORT"))
+    port: int = field(default=8000, metadata=flag(env="EDGEFT_PORT", min=0, max=65535))
     """Port to listen on."""
     api_key: str | None = field(default=None, metadata=flag(env="EDGEFT_API_KEY", blank_is_none=True))
     """Require 'Authorization: Bearer KEY' on every /v1 route, and on /metrics unless --metrics-key is given
@@ -43,38 +43,38 @@ class ServeConfig:
     metrics_key: str | None = field(default=None, metadata=flag(env="EDGEFT_METRICS_KEY", blank_is_none=True))
     """Require 'Authorization: Bearer KEY' on /metrics (this key or the API key): give it to the Prometheus
     scraper instead of the API key."""
-    threads: int | None = field(default=None, metadata=flag(env="EDGEFT_THREADS"))
+    threads: int | None = field(default=None, metadata=flag(env="EDGEFT_THREADS", min=1))
     """onnxruntime threads per model (default: all cores). Match the CPU limit."""
     spin: Spin = Spin.auto
     """Idle onnxruntime threads spin (on) or sleep (off). auto: $EDGEFT_SPIN (1 or 0) when set, else spin
     only when the cores a model's threads take are idle at load, besides every other model's threads and,
     with --parallel > 1, one core for the HTTP loop."""
-    parallel: int = field(default=4, metadata=flag(env="EDGEFT_PARALLEL"))
+    parallel: int = field(default=4, metadata=flag(env="EDGEFT_PARALLEL", min=1))
     """Sequences decoded together per model: the KV slots of its one batching engine (llama.cpp's -np).
     Replaces --workers (EDGEFT_WORKERS is no longer read)."""
-    ctx_size: int = field(default=0, metadata=flag("--ctx-size", "-c", env="EDGEFT_CTX_SIZE"))
+    ctx_size: int = field(default=0, metadata=flag("--ctx-size", "-c", env="EDGEFT_CTX_SIZE", min=0))
     """KV cache tokens per model, shared by the slots (llama.cpp's -c); a request longer than one slot is a 400.
     0: parallel x the model's context (each slot a whole context; memory is used only as slots fill)."""
-    queue_size: int = field(default=16, metadata=flag(env="EDGEFT_QUEUE_SIZE"))
+    queue_size: int = field(default=16, metadata=flag(env="EDGEFT_QUEUE_SIZE", min=0))
     """Sequences that may wait per model for a free slot; more get 429."""
-    prefix_cache: int = field(default=4, metadata=flag(env="EDGEFT_PREFIX_CACHE"))
+    prefix_cache: int = field(default=4, metadata=flag(env="EDGEFT_PREFIX_CACHE", min=0))
     """Recent prompt prefixes (system prompt, few-shot header) whose KV cache later requests reuse (0: off)."""
     speculate: Speculation = field(default=Speculation.auto, metadata=flag(env="EDGEFT_SPECULATE"))
     """Prompt-lookup speculative decoding (drafts from the request's own tokens, verified several per step):
     auto switches it per request by its acceptance rate; a request's "speculate" field overrides it."""
-    max_tokens: int = field(default=1024, metadata=flag(env="EDGEFT_MAX_TOKENS"))
+    max_tokens: int = field(default=1024, metadata=flag(env="EDGEFT_MAX_TOKENS", min=1))
     """Largest max_tokens a request may ask."""
-    max_body_bytes: int = field(default=1 << 20, metadata=flag(env="EDGEFT_MAX_BODY_BYTES"))
+    max_body_bytes: int = field(default=1 << 20, metadata=flag(env="EDGEFT_MAX_BODY_BYTES", min=1))
     """Largest request body; larger gets 413."""
-    max_inputs: int = field(default=256, metadata=flag(env="EDGEFT_MAX_INPUTS"))
+    max_inputs: int = field(default=256, metadata=flag(env="EDGEFT_MAX_INPUTS", min=1))
     """Texts per /v1/classify or /v1/embeddings request."""
-    batch_size: int = field(default=32, metadata=flag(env="EDGEFT_BATCH_SIZE"))
+    batch_size: int = field(default=32, metadata=flag(env="EDGEFT_BATCH_SIZE", min=1))
     """Most texts per classifier run."""
-    batch_wait_ms: float = field(default=5.0, metadata=flag(env="EDGEFT_BATCH_WAIT_MS"))
+    batch_wait_ms: float = field(default=5.0, metadata=flag(env="EDGEFT_BATCH_WAIT_MS", min=0, max=60_000))
     """How long a classify request waits for others to batch with."""
-    max_connections: int = field(default=512, metadata=flag(env="EDGEFT_MAX_CONNECTIONS"))
+    max_connections: int = field(default=512, metadata=flag(env="EDGEFT_MAX_CONNECTIONS", min=1))
     """Open connections at most; more get 503."""
-    drain_timeout: float = field(default=30.0, metadata=flag(env="EDGEFT_DRAIN_TIMEOUT"))
+    drain_timeout: float = field(default=30.0, metadata=flag(env="EDGEFT_DRAIN_TIMEOUT", min=0, max=86_400))
     """Seconds SIGTERM waits for in-flight requests."""
     log_format: LogFormat = field(default=LogFormat.text, metadata=flag(env="EDGEFT_LOG_FORMAT"))
     """json: one JSON object per line."""
@@ -95,22 +95,14 @@ class ServeConfig:
         except ValueError:
             raise EdgeftError(f"--speculate must be auto, on or off, got {self.speculate!r}") from None
         if not self.artifacts:
-            raise EdgeftError("serve needs at least one artifact")
+            raise EdgeftError("no artifact was given: name an artifact folder or packed .edgeft file (or set EDGEFT_ARTIFACTS)")
+        check_fields(self)
         if self.names and len(self.names) != len(self.artifacts):
             raise EdgeftError(f"{len(self.names)} --name for {len(self.artifacts)} artifacts: give one per artifact")
         names = self.model_names()
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise EdgeftError(f"two artifacts would both be served as {dup[0]!r}: name them with --name")
-        if not 0 <= self.port <= 65535:
-            raise EdgeftError(f"port must be in 0..65535, got {self.port}")
-        for name in ("parallel", "max_tokens", "max_body_bytes", "max_inputs", "batch_size", "max_connections"):
-            if getattr(self, name) < 1:
-                raise EdgeftError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise EdgeftError(f"threads must be at least 1, got {self.threads}")
-        if min(self.queue_size, self.ctx_size, self.prefix_cache, self.batch_wait_ms, self.drain_timeout) < 0:
-            raise EdgeftError("queue-size, ctx-size, prefix-cache, batch-wait-ms and drain-timeout cannot be negative")
         for name in ("api_key", "metrics_key"):
             key = getattr(self, name)
             if key is not None and not key.strip():

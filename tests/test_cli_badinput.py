@@ -218,3 +218,92 @@ def test_tune_cuts_huge_chat_rows_before_tokenizing(tiny_llama_dir, monkeypatch)
     examples, cut = DS._chat_examples(tok, [long_q, long_a], 32)
     assert max(seen) <= 32 * CHARS_PER_TOKEN and cut == 2
     assert examples == [want["a"]]  # the long question leaves no answer within 32 tokens: dropped, as before
+
+
+# ---------------------------------------------------------------- what a path is, and outputs over inputs
+
+def test_an_input_that_is_not_a_file_says_what_it_is(bert_art, llama_art, tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    for path, kind in ((Path("/dev/null"), "is a character device, not a file"), (tmp_path, "is a folder, not a file"),
+                       (fifo, "is a named pipe (FIFO), not a file"), (tmp_path / "none.txt", "does not exist")):
+        one_line_error(run("classify", bert_art, "--input", path), f"--input {path} {kind}")
+        one_line_error(run("generate", llama_art, "--input", path), f"--input {path} {kind}")
+
+
+def test_an_output_that_is_its_input_is_refused_before_it_is_touched(bert_art, llama_art, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a fine film\n")
+    one_line_error(run("classify", bert_art, "--input", texts, "-o", texts), "--output", "is --input itself")
+    one_line_error(run("embed", bert_art, "--input", texts, "-o", texts), "is --input itself")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"Once upon"\n')
+    one_line_error(run("generate", llama_art, "--input", prompts, "-o", prompts, "-n", "2"), "is --input itself")
+    assert texts.read_text() == "a fine film\n" and prompts.read_text() == '"Once upon"\n'
+
+
+def test_an_output_that_is_a_folder_is_one_line(bert_art, llama_art, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"Once upon"\n')
+    folder = tmp_path / "results"
+    folder.mkdir()
+    one_line_error(run("generate", llama_art, "--input", prompts, "-o", folder, "-n", "2"),
+                   f"--output {folder} is a folder")
+    one_line_error(run("classify", bert_art, "a fine film", "-o", folder), f"--output {folder} is a folder")
+
+
+def test_a_json_schema_nested_thousands_deep_is_one_line(llama_art, tmp_path):
+    schema = tmp_path / "deep.json"
+    schema.write_text('{"type": "object", "properties": {"a": ' * 3000 + "{}" + "}}" * 3000)
+    one_line_error(run("generate", llama_art, "hi", "--json-schema", schema, "-n", "2"), "nests too deeply")
+
+
+def test_results_onto_a_full_disk_are_one_line_saying_what_was_needed(bert_art, full_dir):
+    (full_dir / "filler").unlink()  # room for the write probe (4 KB), not for the results (about 30 KB)
+    with contextlib.suppress(OSError), open(full_dir / "filler", "wb") as fh:
+        fh.write(b"\0" * (64 * 1024 - 12 * 1024))
+    texts = ["a text long enough that two hundred of them need more room than is left"] * 200
+    one_line_error(run("classify", bert_art, *texts, "-o", full_dir / "labels.jsonl"),
+                   "no space left to write", "MB needed", "free")
+    assert sorted(p.name for p in full_dir.iterdir()) == ["filler"]
+
+
+# ---------------------------------------------------------------- export and tune over their own inputs
+
+def test_export_onto_its_own_source_is_refused_before_anything_is_deleted(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")
+    for out, words in ((run_dir, "is the source itself"), (run_dir / "art", "lies inside the source"),
+                       (tmp_path, "contains the source")):
+        one_line_error(run("export", run_dir, "-o", out, "--overwrite"), f"--out {out}", words)
+    assert (run_dir / "run.json").read_text() == "{}"
+    data = tmp_path / "gate.csv"
+    data.write_text("text,label\na,b\n")
+    one_line_error(run("export", "x", "-o", tmp_path, "--eval-data", data, "--overwrite"), "contains --eval-data")
+    assert data.exists()
+
+
+def test_a_path_like_export_source_that_is_not_there_is_local(tmp_path, monkeypatch):
+    from edgeft.export import pipeline
+
+    def no_load(*a, **kw):
+        raise AssertionError("the source was looked up (hub) though it is a local path")
+
+    monkeypatch.setattr(pipeline, "_export", no_load)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for source in ("runs/missing", "./missing", "runs/a/b"):
+        one_line_error(run("export", source, "-o", tmp_path / "art"), f"{source} does not exist")
+
+
+def test_tune_into_a_folder_that_holds_its_data_is_refused(tiny_bert_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    data = out / "d.csv"
+    data.write_text("text,label\ngood,pos\nbad,neg\n" * 5)
+    one_line_error(run("tune", "-m", tiny_bert_dir, "-d", data, "-o", out, "--overwrite"),
+                   "--out", "contains --data")
+    one_line_error(run("tune", "-m", tiny_bert_dir, "-d", data, "-o", tmp_path / "x", "--eval-data",
+                       tmp_path / "x.partial" / "e.csv", "--resume"), "the work folder", "contains --eval-data")
+    assert data.exists()

@@ -35,7 +35,7 @@ def test_a_blank_env_key_means_no_key_and_bad_values_fail_in_the_config(tmp_path
     res = CliRunner().invoke(app, ["serve", str(tmp_path / "missing")], env={"EDGEFT_API_KEY": ""})
     assert res.exit_code == 2 and "does not exist" in res.output, res.output
     res = CliRunner().invoke(app, ["serve", str(tmp_path), "--port", "70000"])
-    assert res.exit_code == 2 and "port must be in 0..65535" in res.output, res.output
+    assert res.exit_code == 2 and "--port must be at least 0 and at most 65535, got 70000" in res.output, res.output
 
 
 def test_tune_flags_come_from_tuneconfig_with_short_names_panels_and_old_spellings(tmp_path, monkeypatch):

@@ -157,6 +157,6 @@ def test_generate_command_takes_a_schema_a_regex_or_a_choice(gen, tmp_path):
     r = CliRunner().invoke(app, ["generate", art, "Code:", "--regex", "[A-Z]{2}[0-9]{2}", "-t", "1"])
     assert r.exit_code == 0 and re.fullmatch(r"[A-Z]{2}[0-9]{2}", r.stdout.strip()), r.output
     for args, needle in [(["--regex", "(["], "regex"), (["--choice", "a", "--regex", "b"], "at most one"),
-                         (["--json-schema", str(tmp_path / "none.json")], "not a file")]:
+                         (["--json-schema", str(tmp_path / "none.json")], "does not exist")]:
         r = CliRunner().invoke(app, ["generate", art, "x", *args])
         assert r.exit_code == 2 and needle in r.output, r.output

@@ -621,7 +621,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 def test_export_config_validates():
     with pytest.raises(EdgeftError, match="--quantize must be one of"):
         ExportConfig(source="x", out=Path("y"), quantize="int3")
-    with pytest.raises(EdgeftError, match="min-token-agreement must be between 0 and 1"):
+    with pytest.raises(EdgeftError, match="--min-token-agreement must be at least 0 and at most 1, got 1.5"):
         ExportConfig(source="x", out=Path("y"), min_token_agreement=1.5)
     c = ExportConfig(source="x", out="y", quantize="mixed", labels=["a", "b"])
     assert c.quantize is Quantize.mixed and c.to_dict()["labels"] == ["a", "b"] and c.to_dict()["out"] == "y"
@@ -684,3 +684,80 @@ def test_classifier_pick_is_a_rule_on_the_graphs_not_a_timing(tmp_path):
     assert pick_classifier([weight_only]).why.endswith("(the only candidate that passed)")
     assert pick_classifier([]) is None
 
+
+
+# ------------------------------------------------------------------------------------ work folders, signals, disk
+
+def test_a_rerun_removes_work_folders_that_a_killed_export_left(tmp_path):
+    from edgeft.export import pipeline
+
+    dest = tmp_path / "art"
+    host = pipeline._owner().rsplit("-", 1)[0]
+    dead, legacy = tmp_path / f".art.work-{host}-999999999-abcd1234", tmp_path / ".art.work-q7x_2k9a"
+    live, elsewhere = tmp_path / f".art.work-{pipeline._owner()}-ab12cd34", tmp_path / ".art.work-otherhost-1-ab12cd34"
+    for folder in (dead, legacy, live, elsewhere):
+        (folder / "candidate-int8").mkdir(parents=True)
+        (folder / "candidate-int8" / "model.onnx").write_bytes(b"\0" * 1000)
+    (tmp_path / "empty").mkdir()  # a source that fails as it loads: after the sweep, before any work
+    with pytest.raises(EdgeftError, match="not a Hugging Face model folder"):
+        _export(tmp_path / "empty", dest)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".art.")) == sorted([live.name,
+                                                                                              elsewhere.name])
+
+
+def test_gated_candidates_carry_no_manifest_so_only_the_artifact_verifies(work, tiny_llama_dir, monkeypatch):
+    from edgeft.export import pipeline
+
+    seen = {}
+    real = pipeline._publish
+
+    def publish(plan, gated, seconds, log):
+        seen.update({c.name: sorted(p.name for p in c.folder.iterdir()) for c in plan.candidates if c.folder})
+        return real(plan, gated, seconds, log)
+
+    monkeypatch.setattr(pipeline, "_publish", publish)
+    out = _export(tiny_llama_dir, work / "llama-unsealed", "int8")
+    assert seen["int8"] and "model.onnx" in seen["int8"] and "manifest.json" not in seen["int8"]
+    verify(out)
+
+
+def test_sigterm_stops_an_export_cleanly(work, tiny_gpt2_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "gating"
+    # the gate blocks (a state, not a race): the export is surely under way when the signal comes
+    script = (f"import pathlib, time\nfrom edgeft.export import pipeline\n"
+              f"def held(*a, **k):\n    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(600)\n"
+              f"pipeline._run_gate = held\nfrom edgeft.cli import main\nmain()\n")
+    dest = tmp_path / "gpt2-term"
+    proc = subprocess.Popen([sys.executable, "-c", script, "export", str(tiny_gpt2_dir), "-o", str(dest),
+                             "--no-progress", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("Error: export stopped by SIGTERM: nothing was written "
+                                           "(its work folder is removed)")
+    assert "Traceback" not in err
+    assert not dest.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".gpt2-term")]
+
+
+def test_export_refuses_early_when_the_disk_cannot_hold_it(work, tiny_llama_dir, monkeypatch):
+    from edgeft import fsutil
+    from edgeft.export import pipeline
+
+    monkeypatch.setattr(fsutil, "free_bytes", lambda folder: 1000)  # a nearly full disk
+    with pytest.raises(EdgeftError, match=r"^not enough space for the export of .*llama-full in .*: it needs about "
+                                          r"[0-9.]+ MB, 0\.0 MB is free$"):
+        _export(tiny_llama_dir, work / "llama-full", "int8")
+    assert not (work / "llama-full").exists() and not [p for p in work.iterdir() if p.name.startswith(".llama-full")]
+    assert pipeline.work_bytes(ExportConfig(source="s", out=work / "x"), 1_000_000) > 8_000_000

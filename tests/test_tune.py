@@ -372,3 +372,56 @@ def test_long_text_is_truncated_with_one_warning(tiny_bert_dir, tmp_path, capfd)
     tune(_cfg(tiny_bert_dir, data, tmp_path / "run", max_steps=1, max_length=16))
     warnings = [ln for ln in capfd.readouterr().err.splitlines() if "truncated" in ln]
     assert warnings == ["warning: 20 of 60 examples are longer than 16 tokens and were truncated"]
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_bert_dir, tmp_path,
+                                                                                  monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from edgeft.errors import EdgeftError
+    from edgeft.tune import train
+
+    calls = []
+    real = train.loss_sum
+
+    def poisoned(*args, **kw):  # the third training micro-batch (step 3) comes out NaN
+        calls.append(1)
+        loss = real(*args, **kw)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "loss_sum", poisoned)
+    cfg = _cfg(tiny_bert_dir, _cls_data(tmp_path / "d.csv"), tmp_path / "run", eval_every=2, max_steps=6)
+    with pytest.raises(EdgeftError, match=r"^the training loss became nan at step 3: .*last good checkpoint "
+                                          r"\(step 2\) is kept in .*run\.partial.*--overwrite$"):
+        tune(cfg)
+    assert not cfg.out.exists()
+    assert json.loads((cfg.partial / "checkpoint.json").read_text())["step"] == 2
+    for t in load_file(str(cfg.partial / "ckpt-0000002" / "trainable.safetensors")).values():
+        assert torch.isfinite(t).all()
+
+
+def test_a_full_disk_at_a_checkpoint_leaves_no_temporary_folder_and_consistent_advice(tiny_bert_dir, tmp_path):
+    import subprocess
+
+    from edgeft.errors import EdgeftError
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # room for the run's config, not for a checkpoint (about 1.2 MB: trained tensors, best copy, AdamW moments)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        data = _cls_data(tmp_path / "d.csv")
+        cfg = _cfg(tiny_bert_dir, data, disk / "run", eval_every=2, max_steps=4)
+        with pytest.raises(EdgeftError, match=r"^no space left to write a checkpoint in .*run\.partial "
+                                              r"\(about .* MB needed, .* free\); no checkpoint was written yet: "
+                                              r"free space and run it again with --overwrite$"):
+            tune(cfg)
+        assert sorted(p.name for p in cfg.partial.iterdir()) == ["config.json"]  # no .tmp-ckpt-*
+        with pytest.raises(EdgeftError, match="stopped before its first checkpoint: restart it with --overwrite"):
+            tune(cfg)
+        with pytest.raises(EdgeftError, match="nothing to resume"):
+            tune(_cfg(tiny_bert_dir, data, disk / "run", eval_every=2, max_steps=4, resume=True))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # lazy: a handle torch left open must not keep it

@@ -71,7 +71,7 @@ def _bad_cases(tmp_path, model_dir):
                                         "not a Hugging Face model folder"),
         "existing output": (["-m", str(model_dir), "-d", str(good), "-o", str(existing)], "already exists"),
         "too many layers": ([*base, "-n", "9"], "the model has 4 blocks"),
-        "bad setting": ([*base, "--eval-fraction", "1.5"], "eval-fraction must be between 0 and 1"),
+        "bad setting": ([*base, "--eval-fraction", "1.5"], "--eval-fraction must be above 0 and below 1, got 1.5"),
     }
 
 

@@ -21,7 +21,8 @@ import typer
 from edgeft.cli.app import app
 from edgeft.cli.options import from_config
 from edgeft.errors import EdgeftError
-from edgeft.flags import flag
+from edgeft.flags import check_fields, flag
+from edgeft.fsutil import check_writable, refuse_overlap, require_file, write_output
 
 
 class OutputFormat(str, enum.Enum):
@@ -45,19 +46,18 @@ class TextsConfig:
     """The CSV column or JSONL key holding the text [default: text]."""
     output: Path | None = field(default=None, metadata=flag("--output", "-o"))
     """Write results here instead of stdout."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=flag(min=1))
     """Texts per onnxruntime call."""
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata=flag(min=1))
     """onnxruntime threads [default: all usable cores]."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "texts", tuple(self.texts))
         if bool(self.texts) == bool(self.input):
             raise EdgeftError("give texts on the command line or --input FILE (one of the two)")
-        if self.batch_size < 1:
-            raise EdgeftError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise EdgeftError(f"--threads must be at least 1, got {self.threads}")
+        check_fields(self)
+        if self.input is not None and self.output is not None:
+            refuse_overlap(self.output, self.input, "--output", "--input")
 
     def items(self) -> list[str]:
         """The texts to work on: from the command line or read from --input."""
@@ -109,8 +109,7 @@ def read_texts(path: Path, text_column: str | None = None) -> list[str]:
 def _read_texts(path: Path, text_column: str | None) -> list[str]:
     from edgeft.data import read_text
 
-    if not path.is_file():
-        raise EdgeftError(f"{path} does not exist")
+    require_file(path, "--input")
     suffix = path.suffix.lower()
     raw = read_text(path)
     if suffix in (".csv", ".tsv"):
@@ -143,6 +142,13 @@ def _read_texts(path: Path, text_column: str | None) -> list[str]:
     raise EdgeftError(f"{path}: unknown input format {suffix!r} (use .csv, .tsv, .jsonl or .txt)")
 
 
+def check_output(output: Path) -> None:
+    """Refuse, before any work, an --output that is a folder or lies where nothing can be written."""
+    if output.is_dir():
+        raise EdgeftError(f"--output {output} is a folder: name a file to write")
+    check_writable(output.parent, "the results")
+
+
 def write_results(out, texts: list[str], results: list[dict], labels: list[str], fmt: OutputFormat) -> None:
     if fmt is OutputFormat.jsonl:
         for t, r in zip(texts, results):
@@ -163,20 +169,13 @@ def classify(config: ClassifyConfig) -> None:
 
     items, output, fmt = config.items(), config.output, config.output_format
     if output:
-        from edgeft.fsutil import check_writable
-
-        check_writable(output.parent, "the results")  # before loading the model
+        check_output(output)  # before loading the model
     clf = TextClassifier.open(config.artifact, threads=config.threads, check=Check.quick)
     results = clf.classify(items, batch_size=config.batch_size)
     if output:
-        from edgeft.fsutil import atomic_write_bytes
-
         buf = io.StringIO()
         write_results(buf, items, results, clf.labels, fmt)
-        try:
-            atomic_write_bytes(output, buf.getvalue().encode("utf-8"))
-        except OSError as exc:
-            raise EdgeftError(f"cannot write {output}: {exc.strerror or exc}") from None
+        write_output(output, buf.getvalue().encode("utf-8"))
         typer.echo(f"{len(items)} texts classified -> {output}", err=True)
     else:
         write_results(sys.stdout, items, results, clf.labels, fmt)

@@ -17,9 +17,10 @@ from pathlib import Path
 import typer
 
 from edgeft.cli.app import app
-from edgeft.cli.classify import TextsConfig
+from edgeft.cli.classify import TextsConfig, check_output
 from edgeft.cli.options import from_config
 from edgeft.flags import flag
+from edgeft.fsutil import write_output
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,11 @@ def write_jsonl(out, texts: list[str], vectors) -> None:
 @from_config(EmbedConfig)
 def embed(config: EmbedConfig) -> None:
     """Embed texts with an embedding artifact: one vector per text (unit length when the model normalizes)."""
-    from edgeft.fsutil import atomic_write_bytes
     from edgeft.runtime import TextEmbedder
 
     items, output = config.items(), config.output
+    if output is not None:
+        check_output(output)  # before loading the model
     emb = TextEmbedder.open(config.artifact, threads=config.threads)
     vectors = emb.embed(items, batch_size=config.batch_size)
     if output is None:
@@ -57,9 +59,9 @@ def embed(config: EmbedConfig) -> None:
 
         array = io.BytesIO()
         np.save(array, vectors)
-        atomic_write_bytes(output, array.getvalue())
+        write_output(output, array.getvalue())
     else:
         lines = io.StringIO()
         write_jsonl(lines, items, vectors)
-        atomic_write_bytes(output, lines.getvalue().encode("utf-8"))
+        write_output(output, lines.getvalue().encode("utf-8"))
     typer.echo(f"{len(items)} texts embedded ({emb.dim} dimensions) -> {output}", err=True)

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from edgeft.cli.app import app
+from edgeft.cli.classify import check_output
 from edgeft.cli.options import from_config
 from edgeft.errors import EdgeftError
-from edgeft.flags import flag
+from edgeft.flags import check_fields, flag
+from edgeft.fsutil import refuse_overlap, require_file, write_output
 from edgeft.runtime.params import SamplingParams
 
 if TYPE_CHECKING:
@@ -41,14 +43,13 @@ class ChatConfig:
     """Artifact folder or packed .edgeft file (from `edgeft export`)."""
     system: str | None = None
     """A system message that starts the conversation (generate: with --chat)."""
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata=flag(min=1))
     """onnxruntime threads [default: all usable cores, or $EDGEFT_THREADS]."""
     stats: bool = False
     """Print token counts, tokens/s and the draft acceptance rate to stderr at the end (chat: of each reply)."""
 
     def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise EdgeftError(f"--threads must be at least 1, got {self.threads}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class GenerateConfig(ChatConfig):
     result per line out."""
     output: Path | None = field(default=None, metadata=flag("--output", "-o", panel=FILE))
     """With --input: write the results here, not to stdout."""
-    parallel: int = field(default=8, metadata=flag(panel=FILE))
+    parallel: int = field(default=8, metadata=flag(panel=FILE, min=1))
     """With --input: prompts decoded together in one batch."""
 
     def __post_init__(self) -> None:
@@ -81,8 +82,6 @@ class GenerateConfig(ChatConfig):
             raise EdgeftError("give a prompt or --input FILE, not both")
         if self.input is not None and self.constrained:
             raise EdgeftError("--json-schema, --regex and --choice constrain one prompt: not with --input")
-        if self.parallel < 1:
-            raise EdgeftError(f"--parallel must be at least 1, got {self.parallel}")
 
     @property
     def constrained(self) -> bool:
@@ -94,9 +93,11 @@ def constraint_from_config(config: GenerateConfig):
     from edgeft.runtime.constrain import Constraint
 
     if config.json_schema is not None:
-        if not config.json_schema.is_file():
-            raise EdgeftError(f"--json-schema {config.json_schema} is not a file")
-        return Constraint.json_schema(config.json_schema.read_text(encoding="utf-8"))
+        require_file(config.json_schema, "--json-schema")
+        try:
+            return Constraint.json_schema(config.json_schema.read_text(encoding="utf-8"))
+        except RecursionError:
+            raise EdgeftError(f"--json-schema {config.json_schema} nests too deeply to read") from None
     if config.regex is not None:
         return Constraint.regex(config.regex)
     if config.choice is not None:
@@ -162,6 +163,10 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
     from edgeft.runtime.speculate import SpecCounts
 
     constraint = constraint_from_config(config)
+    if config.output is not None:  # before loading the model
+        if config.input is not None:
+            refuse_overlap(config.output, config.input, "--output", "--input")
+        check_output(config.output)
     if config.input is not None:
         gen = Generator.open(config.artifact, threads=config.threads)
         return generate_file(gen, config, sampling_params(gen, sampling))
@@ -181,8 +186,7 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
 
 def read_prompts(path: Path) -> list[dict]:
     """Rows of a JSONL prompt file: each a string or an object with 'prompt' or 'messages' (other keys kept)."""
-    if not path.is_file():
-        raise EdgeftError(f"{path} does not exist")
+    require_file(path, "--input")
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -227,9 +231,7 @@ def generate_file(gen: "Generator", config: GenerateConfig, params: SamplingPara
                   "completion_tokens": out.completion_tokens}
         buf.write(json.dumps(result, ensure_ascii=False) + "\n")
     if output is not None:
-        from edgeft.fsutil import atomic_write_bytes
-
-        atomic_write_bytes(output, buf.getvalue().encode("utf-8"))
+        write_output(output, buf.getvalue().encode("utf-8"))
     else:
         sys.stdout.write(buf.getvalue())
     tokens = sum(o.completion_tokens for o in outs)

@@ -23,7 +23,7 @@ from typing import Any
 import typer
 
 from edgeft.errors import EdgeftError
-from edgeft.flags import Flag, field_docs, flag_of
+from edgeft.flags import Flag, field_docs, flag_of, range_text
 
 _ALIAS = "__alias"
 
@@ -85,6 +85,8 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
     default: Any = field_default(f)
     annotation: Any
     text = _help(docs.get(f.name, ""))
+    if range_text(meta):  # the declared range, as check_fields enforces it
+        text = f"{text} [{range_text(meta)}]"
     if over is not None:  # every flag optional: None (or nothing repeated) means "not given"
         text, default = _over_help(text, default, over), None
     if repeated and meta.comma:  # one value, "a,b,c"
@@ -101,6 +103,8 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
         show = False if show is True else show
     common: dict[str, Any] = dict(help=text or None, envvar=meta.env, rich_help_panel=meta.panel,
                                   show_default=show, metavar=meta.metavar)
+    if repeated and meta.env and not meta.comma:
+        common["callback"] = _env_list(base)
     if meta.argument:
         info = typer.Argument(default, **common)
     else:
@@ -139,6 +143,24 @@ def _split(text: str | None, f: dataclasses.Field, annotation: Any) -> Any:
     except ValueError:
         raise EdgeftError(f"{_option_name(f.name)} takes {base.__name__} values separated by commas, "
                           f"not {text!r}") from None
+
+
+def _env_list(base: Any) -> Callable[..., Any]:
+    """A typer callback: a repeated flag read from its ``EDGEFT_*`` variable, less the empty items.
+
+    ``EDGEFT_ARTIFACTS="a::b"`` (or ``"::"``) splits into empty items too, each of which would
+    become the path ``.``; only the items with text are meant.
+    """
+    def callback(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        source = ctx.get_parameter_source(param.name or "")
+        if source is None or source.name != "ENVIRONMENT":
+            return value
+        raw = param.resolve_envvar_value(ctx) or ""
+        splitter = getattr(getattr(param, "type_descriptor", None), "envvar_list_splitter", None)
+        items = raw.split(splitter) if splitter else raw.split()
+        return [base(x) for x in items if x.strip()]
+
+    return callback
 
 
 def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[dict[str, Any]], dict] | None = None,
@@ -186,8 +208,8 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
                     value = None
                 if flag_of(f).comma:
                     value = _split(value, f, hints[name])
-                if isinstance(value, list):
-                    value = tuple(value)
+                if isinstance(value, list) or (value is None and flag_of(f).env and _unwrap(hints[name])[2]):
+                    value = tuple(value or ())  # an env list of empty items only: typer hands None
                 values[name] = value
             if extra is not None:
                 values.update(extra(dict(kwargs)))

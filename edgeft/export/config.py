@@ -15,7 +15,7 @@ from typing import Any
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
-from edgeft.flags import flag
+from edgeft.flags import check_fields, flag
 
 
 class Quantize(str, enum.Enum):
@@ -70,10 +70,10 @@ class ExportConfig:
     """Held-out data for the gate (default: the run's eval data, else built-in texts)."""
     block_size: int = 32
     """Block size of weight-only quantization: 16, 32, 64, 128 or 256."""
-    sensitivity_seconds: float = 600.0
+    sensitivity_seconds: float = field(default=600.0, metadata=flag(min=0))
     """searched/auto: export-time budget of the sensitivity pass, in seconds (groups left unmeasured stay
     8-bit; results are cached per model and held-out ids, so a later export continues or reuses them)."""
-    sensitivity_tokens: int = 512
+    sensitivity_tokens: int = field(default=512, metadata=flag(min=1))
     """searched/auto: held-out tokens the sensitivity pass scores per measurement."""
     int8_activations: bool = field(default=True, metadata=flag(negative="--fp32-activations"))
     """Decoders: quantized matmuls compute on int8 activations (faster) or fp32 (closer to PyTorch)."""
@@ -86,35 +86,35 @@ class ExportConfig:
     """Decoders' 4-bit blocks: zero-point (an integer zero point per block: onnxruntime's 4-bit kernel alone)
     or offset (a float offset per block, the min/max grid of llama.cpp's Q4_1, offsets stored 8-bit, and the
     head at 8 bits as in Q4_1 files; closer to the model, but four small extra ops per matmul)."""
-    max_accuracy_drop: float = 1.0
+    max_accuracy_drop: float = field(default=1.0, metadata=flag(min=0))
     """Gate (classifiers): accuracy drop budget, in points; a drop over it fails when significant (McNemar
     p < 0.05), over 3x it always."""
-    min_label_agreement: float = 0.97
+    min_label_agreement: float = field(default=0.97, metadata=flag(min=0, max=1))
     """Gate (classifiers): least share of labels equal to PyTorch's."""
-    min_cosine: float = 0.99
+    min_cosine: float = field(default=0.99, metadata=flag(min=0, max=1))
     """Gate (embeddings): least mean cosine similarity to PyTorch's vectors."""
-    max_perplexity_increase: float = 5.0
+    max_perplexity_increase: float = field(default=5.0, metadata=flag(min=0))
     """Gate (LMs): allowed perplexity rise, in percent."""
-    min_token_agreement: float = 0.80
+    min_token_agreement: float = field(default=0.80, metadata=flag(min=0, max=1))
     """Gate (LMs): least share of greedy tokens equal to PyTorch's."""
-    max_repetition_increase: float = 0.20
+    max_repetition_increase: float = field(default=0.20, metadata=flag(min=0))
     """Gate (LMs): allowed rise in repeated 4-grams of greedy continuations (catches looping)."""
-    gate_texts: int | None = None
+    gate_texts: int | None = field(default=None, metadata=flag(min=1))
     """Held-out texts the gate scores (default: 32 for LMs, 1000 for classifiers)."""
-    gate_prompts: int = field(default=8, metadata=flag(cli=False))
+    gate_prompts: int = field(default=8, metadata=flag(cli=False, min=1))
     """How many prompts the gate continues greedily (token agreement, repetition)."""
-    gate_new_tokens: int = field(default=48, metadata=flag(cli=False))
+    gate_new_tokens: int = field(default=48, metadata=flag(cli=False, min=1))
     """Tokens generated per gate prompt."""
-    context_length: int | None = None
+    context_length: int | None = field(default=None, metadata=flag(min=1))
     """Decoder context recorded in the manifest (default: the model's)."""
-    max_length: int | None = None
+    max_length: int | None = field(default=None, metadata=flag(min=1))
     """Classifier: longest input in tokens (default: the run's, else 128)."""
     labels: tuple[str, ...] | None = field(default=None, metadata=flag(comma=True))
     """Classifier label names, comma-separated (default: the run's)."""
-    truncation_dims: tuple[int, ...] = field(default=(), metadata=flag(comma=True))
+    truncation_dims: tuple[int, ...] = field(default=(), metadata=flag(comma=True, min=1))
     """Embeddings: comma-separated sizes the model was trained to be truncated to (Matryoshka); the server's
     `dimensions` takes only these."""
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata=flag(min=1))
     """Threads for PyTorch and the gate's onnxruntime sessions."""
     allow_degraded: bool = False
     """Write the artifact even if the gate fails (marked degraded)."""
@@ -143,22 +143,11 @@ class ExportConfig:
         if self.labels is not None:
             object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "truncation_dims", tuple(int(d) for d in self.truncation_dims))
-        if any(d < 1 for d in self.truncation_dims):
-            raise EdgeftError("--truncation-dims must be positive sizes")
+        check_fields(self)
         if not str(self.source).strip():
             raise EdgeftError("give a source: a run folder, a pulled model name, a Hugging Face folder or a hub id")
         if self.block_size not in BLOCK_SIZES:
             raise EdgeftError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {self.block_size}")
-        _positive(self, "gate_prompts", "gate_new_tokens", "sensitivity_tokens")
-        _non_negative(self, "max_accuracy_drop", "max_perplexity_increase", "max_repetition_increase",
-                      "sensitivity_seconds")
-        for name in ("min_label_agreement", "min_token_agreement", "min_cosine"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise EdgeftError(f"{name.replace('_', '-')} must be between 0 and 1")
-        for name in ("context_length", "max_length", "threads", "gate_texts"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise EdgeftError(f"--{name.replace('_', '-')} must be at least 1")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -178,15 +167,3 @@ def _enum(klass: type[enum.Enum], value: Any, flag: str) -> Any:
     except ValueError:
         allowed = ", ".join(m.value for m in klass)
         raise EdgeftError(f"{flag} must be one of {allowed}, not {value!r}") from None
-
-
-def _positive(cfg: ExportConfig, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < 1:
-            raise EdgeftError(f"--{name.replace('_', '-')} must be at least 1")
-
-
-def _non_negative(cfg: ExportConfig, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < 0:
-            raise EdgeftError(f"--{name.replace('_', '-')} must not be negative")

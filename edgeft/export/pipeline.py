@@ -10,22 +10,28 @@ This module orchestrates; the steps live in ``merge``, ``decoder``, ``classifier
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import glob
+import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeft.artifact import Manifest, Task, write_manifest
+from edgeft.artifact import MANIFEST, Manifest, Task, write_manifest
 from edgeft.errors import EdgeftError
 from edgeft.export import assemble, gate, quantize, smooth
 from edgeft.export.config import AUTO_ORDER, ExportConfig, Int4Mode, Int8Mode, Quantize
-from edgeft.fsutil import atomic_dir, check_destination
+from edgeft.fsutil import atomic_dir, check_destination, check_space, out_of_space, refuse_overlap
 
 if TYPE_CHECKING:
     from edgeft.artifact import Embedding
@@ -87,21 +93,142 @@ class Gated:
 def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
     """Write the artifact for ``config`` at ``config.out`` (atomically) and return its path."""
     log = log or (lambda _msg: None)
+    _check_paths(config)
     check_destination(config.out, config.overwrite)
     _check_scheme(config)
     if config.sign_key:  # a bad key fails now, not after the gate
         from edgeft.signing import load_private_key
 
         load_private_key(config.sign_key)
+    sweep_work_folders(config.out, log)
+    need = Need()
     try:
-        with tempfile.TemporaryDirectory(prefix=f".{config.out.name}.work-", dir=config.out.parent) as work:
-            return _export(config, Path(work), log)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise EdgeftError(f"no space left on the device while writing {config.out}: nothing was written") from None
-        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        with _work_folder(config.out) as work, _sigterm_aborts():
+            return _export(config, work, log, need)
+    except EdgeftError:
+        raise
+    except Exception as exc:
+        full = out_of_space(exc, config.out.parent, f"the export of {config.out}", need.bytes or None)
+        if full is not None:
+            raise EdgeftError(f"{full}: nothing was written") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise EdgeftError(f"cannot write beside {config.out}: {exc.strerror}") from None
         raise
+
+
+# ---------------------------------------------------------------- the work folder, signals, the disk
+
+@dataclass
+class Need:
+    """What the export expects to write, in bytes (0 until the source is loaded): for a full disk's message."""
+
+    bytes: int = 0
+
+
+class Aborted(EdgeftError):
+    """SIGTERM during an export: the work folder is removed on the way out, nothing is written."""
+
+    exit_code = 143
+
+
+def _owner() -> str:
+    """Who made a work folder: this host and process (a rerun removes the folders of processes that are gone)."""
+    return f"{socket.gethostname().replace('-', '_') or 'host'}-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def _work_folder(out: Path) -> Iterator[Path]:
+    """``.OUT.work-HOST-PID-XXXX`` beside ``out`` (the same disk, so the artifact moves into place), removed
+    on the way out whatever happens; ``sweep_work_folders`` removes one whose process was killed."""
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-{_owner()}-", dir=out.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_work_folders(out: Path, log: Log) -> list[Path]:
+    """Remove the work folders an interrupted export of ``out`` left (killed: no ``finally`` ran).
+
+    A folder is left alone while the process that made it (on this host) still runs; one made by
+    another host is left alone too. A folder of an edgeft before work folders named their owner is
+    removed."""
+    host = _owner().rsplit("-", 1)[0]
+    removed = []
+    for folder in Path(out).parent.glob(f".{glob.escape(Path(out).name)}.work-*"):
+        owner = folder.name[len(f".{Path(out).name}.work-"):].rsplit("-", 2)
+        if len(owner) == 3 and owner[1].isdigit() and (owner[0] != host or _alive(int(owner[1]))):
+            continue
+        size = assemble.folder_size(folder) if folder.is_dir() else 0
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"removed {folder.name} ({size / 1e6:.1f} MB), left by an interrupted export")
+        removed.append(folder)
+    return removed
+
+
+@contextlib.contextmanager
+def _sigterm_aborts() -> Iterator[None]:
+    """SIGTERM raises ``Aborted`` (in the main thread), so the work folder goes as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Aborted("export stopped by SIGTERM: nothing was written (its work folder is removed)")
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# Bytes per weight of each scheme's artifact, about (scales and the fp32 norms included).
+SCHEME_BYTES = {Quantize.none: 4.0, Quantize.int8: 1.1, Quantize.mixed: 0.9, Quantize.searched: 0.9,
+                Quantize.int4: 0.6, Quantize.auto: 0.6}
+
+
+def work_bytes(config: ExportConfig, params: int) -> int:
+    """About what an export of ``params`` weights writes before its first gate: the fp32 Hugging Face
+    folder, the fp32 ONNX graph and the first (smallest) candidate."""
+    return int(params * (4 + 4 + SCHEME_BYTES[config.quantize]))
+
+
+def _unseal(c: Candidate) -> None:
+    """A gated candidate keeps no manifest: only the published artifact (its manifest written with the
+    gate's record) verifies; the candidate's manifest stays in memory (``c.manifest``)."""
+    if c.folder is not None:
+        (c.folder / MANIFEST).unlink(missing_ok=True)
+
+
+def _check_paths(config: ExportConfig) -> None:
+    """Before anything is read or deleted: a local source that is not there is a local error (no hub
+    attempt), and --out may not be, hold or lie inside what the export reads."""
+    source = Path(str(config.source)).expanduser()
+    if not source.exists() and looks_local(str(config.source)):
+        raise EdgeftError(f"{config.source} does not exist (no such run folder or model folder)")
+    for name, path in (("the source", source if source.exists() else None), ("--eval-data", config.eval_data),
+                       ("--sign", config.sign_key)):
+        if path is not None:
+            refuse_overlap(config.out, path, "--out", name)
+
+
+def looks_local(source: str) -> bool:
+    """A source meant as a local path rather than a hub id (org/name): it starts with . / or ~, has more
+    than one separator or a trailing one, or its first part is a folder here (``runs/missing``)."""
+    parts = source.replace("\\", "/").split("/")
+    return (source.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and not parts[1])
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
 def _check_scheme(config: ExportConfig) -> None:
@@ -127,7 +254,7 @@ def _check_scheme(config: ExportConfig) -> None:
                           "--int8-mode weight-only")
 
 
-def _export(config: ExportConfig, work: Path, log: Log) -> Path:
+def _export(config: ExportConfig, work: Path, log: Log, need: Need) -> Path:
     from edgeft.export.merge import load_source, save_hf_folder
 
     t0 = time.perf_counter()
@@ -136,6 +263,8 @@ def _export(config: ExportConfig, work: Path, log: Log) -> Path:
     _check_scheme(dataclasses.replace(config, task=source.task))
     route = _check_architecture(source)
     _torch_threads(config, source.model)
+    need.bytes = work_bytes(config, sum(p.numel() for p in source.model.parameters()))
+    check_space(work, need.bytes, f"the export of {config.out}")  # before anything large is written
     hf_dir = save_hf_folder(source, work / "hf")
     if source.task is Task.causal_lm:
         plan = _decoder_plan(config, source, hf_dir, work, log, route)
@@ -455,11 +584,13 @@ def _run_gate(plan: Plan, log: Log) -> Gated:
         ref = gate.embedding_reference(source.model, tokenizer_json, evals, plan.embedding)
         for c in candidates:
             c.result = gate.embedding_gate(c.ensure_built().folder, ref, evals, config)
+            _unseal(c)
             _say(c, log)
         return Gated(pick_classifier([c for c in candidates if c.result.passed], "mean_cosine"), evals, ref)
     ref = gate.classifier_reference(source.model, tokenizer_json, evals, source.labels, plan.max_length)
     for c in candidates:
         c.result = gate.classifier_gate(c.ensure_built().folder, ref, evals, config)
+        _unseal(c)
         _say(c, log)
     return Gated(pick_classifier([c for c in candidates if c.result.passed]), evals, ref)
 
@@ -500,6 +631,7 @@ def _gate_decoders(plan: Plan, evals: gate.EvalSet, log: Log) -> Gated:
     while i < len(candidates):  # candidates are ordered smallest first; a failed one may add a narrower try
         c = candidates[i]
         c.result = gate.lm_gate(c.ensure_built().folder, ref, config)
+        _unseal(c)
         _say(c, log)
         if c.result.passed:
             c.why = ("the smallest scheme that passed the gate" if len(candidates) > 1
@@ -562,7 +694,7 @@ def _publish(plan: Plan, gated: Gated, seconds: float, log: Log) -> Path:
     manifest = dataclasses.replace(chosen.manifest, gate=record)
     with atomic_dir(config.out, overwrite=config.overwrite) as tmp:
         for item in chosen.folder.iterdir():
-            if item.name != "manifest.json":
+            if item.name != MANIFEST:
                 shutil.move(str(item), tmp / item.name)
         write_manifest(tmp, manifest)
         if config.sign_key:

@@ -2,7 +2,7 @@
 
 ``SamplingParams`` (how to pick tokens and when to stop) is the one table of sampling
 settings: each field declares its default, its docstring (the flag's ``--help``), its
-``edgeft generate`` flag (``flag``), its allowed range (``param(lo=..., hi=...)``) and its
+``edgeft generate`` flag (``flag``), its allowed range (``param(lo=..., hi=...)``, kept as ``flag``'s bounds) and its
 name on the HTTP wire. ``check`` tests a value against a field's range; ``SamplingParams``
 runs it on construction and the server's request parser (``edgeft.runtime.serve.wire``)
 runs it on each field it reads, so a range is declared once. A new sampling setting is
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from edgeft.errors import EdgeftError
-from edgeft.flags import flag
+from edgeft.flags import field_problem, flag
 
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1  # a seed is a non-negative int64, as in most OpenAI-compatible servers
-RANGE, WIRE = "edgeft.range", "edgeft.wire"
+WIRE = "edgeft.wire"
 
 # --help panel of edgeft generate and chat.
 SAMPLING = "Sampling"
@@ -49,41 +49,22 @@ class Spin(str, enum.Enum):
     off = "off"
 
 
-@dataclass(frozen=True)
-class Range:
-    """Allowed values of a number: ``lo`` (excluded when ``lo_open``) to ``hi``, finite."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-
-    def __str__(self) -> str:
-        if self.hi is None:
-            return f"above {self.lo}" if self.lo_open else f"at least {self.lo}"
-        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
-
-    def holds(self, v: float) -> bool:
-        if isinstance(v, float) and not math.isfinite(v):
-            return False
-        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
-            return False
-        return self.hi is None or v <= self.hi
-
-
 def param(*names: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
           wire: str | None = "", **flag_kw: Any) -> dict[str, Any]:
-    """Field metadata: the flag (``edgeft.flags.flag``), the range and the name on the wire.
+    """Field metadata: the flag (``edgeft.flags.flag``, which holds the range: ``lo`` to ``hi``, ``lo``
+    excluded when ``lo_open``) and the name on the wire.
 
     ``wire``: "" (the field's name), another name, or None (the wire format reads it its own way)."""
-    return {**flag(*names, **flag_kw), RANGE: Range(lo, hi, lo_open) if lo is not None else None, WIRE: wire}
+    return {**flag(*names, min=None if lo_open else lo, above=lo if lo_open else None, max=hi, **flag_kw),
+            WIRE: wire}
 
 
 def check(f: dataclasses.Field, value: Any, name: str | None = None) -> str | None:
-    """Why ``value`` is out of ``f``'s declared range (a message naming ``name``), or None."""
-    bounds = f.metadata.get(RANGE)
-    if bounds is None or value is None or bounds.holds(value):
-        return None
-    return f"{name or f.name} must be {bounds}, got {value}"
+    """Why ``value`` is out of ``f``'s declared range (a message naming ``name``), or None.
+
+    The range and its wording are ``edgeft.flags``' (one checker for every config and the wire)."""
+    problem = None if value is None else field_problem(f, value)
+    return f"{name or f.name} {problem}, got {value}" if problem else None
 
 
 def wire_fields() -> list[tuple[str, dataclasses.Field, type]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
-from edgeft.flags import flag
+from edgeft.flags import check_fields, flag
 
 
 class Precision(str, Enum):
@@ -87,18 +87,18 @@ class TuneConfig:
     """causal-lm or classification [default: classification when the data has a label column, else causal-lm]."""
     eval_data: Path | None = field(default=None, metadata=flag(panel=DATA))
     """Evaluation data; without it a seeded held-out split of --data."""
-    eval_fraction: float = field(default=0.1, metadata=flag(panel=DATA))
+    eval_fraction: float = field(default=0.1, metadata=flag(panel=DATA, above=0, below=1))
     """Held-out fraction when there is no --eval-data."""
     text_column: str | None = field(default=None, metadata=flag(panel=DATA, aliases=("--text-col",)))
     """Text column (default: detected by name)."""
     label_column: str | None = field(default=None, metadata=flag(panel=DATA, aliases=("--label-col",)))
     """Label column (default: detected by name)."""
-    max_length: int | None = field(default=None, metadata=flag(panel=DATA))
+    max_length: int | None = field(default=None, metadata=flag(panel=DATA, min=8))
     """Tokens per example or text block (default: 128 for classification, 256 for causal-lm); longer text is
     truncated with one warning."""
-    max_eval_examples: int | None = field(default=None, metadata=flag(panel=DATA))
+    max_eval_examples: int | None = field(default=None, metadata=flag(panel=DATA, min=1))
     """Evaluate on at most this many examples/blocks."""
-    trainable_layers: int = field(default=2, metadata=flag("--trainable-layers", "-n", panel=MODEL))
+    trainable_layers: int = field(default=2, metadata=flag("--trainable-layers", "-n", panel=MODEL, min=1))
     """Top transformer blocks to train, with the final norm and the head."""
     base_precision: Precision = field(default=Precision.int8, metadata=flag(panel=MODEL))
     """Precision of the frozen part: int8 is bitsandbytes LLM.int8 on CUDA; on CPU int8 rows quantized as the
@@ -111,41 +111,41 @@ class TuneConfig:
     embeddings)."""
     train_embeddings: bool = field(default=False, metadata=flag(panel=MODEL))
     """Also train the embeddings (full fine-tuning with -n = all blocks and fp32)."""
-    epochs: float = field(default=1.0, metadata=flag(panel=TRAIN))
+    epochs: float = field(default=1.0, metadata=flag(panel=TRAIN, above=0))
     """Passes over the training data (fractions allowed)."""
-    max_steps: int | None = field(default=None, metadata=flag(panel=TRAIN))
+    max_steps: int | None = field(default=None, metadata=flag(panel=TRAIN, min=1))
     """Optimizer steps; overrides --epochs."""
-    batch_size: int | None = field(default=None, metadata=flag("--batch-size", "-b", panel=TRAIN))
+    batch_size: int | None = field(default=None, metadata=flag("--batch-size", "-b", panel=TRAIN, min=1))
     """Examples per micro-batch, in all (under torchrun each process takes its share); default: 32 for classification,
     16 for causal-lm."""
-    grad_accum: int = field(default=1, metadata=flag(panel=TRAIN))
+    grad_accum: int = field(default=1, metadata=flag(panel=TRAIN, min=1))
     """Micro-batches per optimizer step."""
-    lr: float | None = field(default=None, metadata=flag(panel=TRAIN))
+    lr: float | None = field(default=None, metadata=flag(panel=TRAIN, above=0))
     """Peak learning rate (default: 0.0001 for classification, 0.0001 for causal-lm)."""
-    weight_decay: float = field(default=0.01, metadata=flag(panel=TRAIN))
+    weight_decay: float = field(default=0.01, metadata=flag(panel=TRAIN, min=0))
     """AdamW weight decay (not on biases and norms)."""
-    warmup: float = field(default=0.06, metadata=flag(panel=TRAIN))
+    warmup: float = field(default=0.06, metadata=flag(panel=TRAIN, min=0))
     """Warmup: fraction of steps if < 1, else steps."""
     schedule: Schedule = field(default=Schedule.cosine, metadata=flag(panel=TRAIN))
     """Decay after warmup."""
     optimizer: Optim = field(default=Optim.adamw, metadata=flag(panel=TRAIN))
     """adamw or bitsandbytes' 8-bit adamw8bit."""
-    max_grad_norm: float = field(default=1.0, metadata=flag(panel=TRAIN))
+    max_grad_norm: float = field(default=1.0, metadata=flag(panel=TRAIN, min=0))
     """Gradient clipping norm (0: off)."""
     class_weights: ClassWeights = field(default=ClassWeights.none, metadata=flag(panel=TRAIN))
     """balanced: weigh rare labels up in the loss."""
-    eval_every: int = field(default=0, metadata=flag(panel=TRAIN))
+    eval_every: int = field(default=0, metadata=flag(panel=TRAIN, min=0))
     """Evaluate every N steps and keep the best (0: each epoch)."""
-    checkpoint_every: int = field(default=0, metadata=flag(panel=TRAIN))
+    checkpoint_every: int = field(default=0, metadata=flag(panel=TRAIN, min=0))
     """Checkpoint every N steps (0: at each evaluation)."""
-    patience: int = field(default=0, metadata=flag(panel=TRAIN))
+    patience: int = field(default=0, metadata=flag(panel=TRAIN, min=0))
     """Stop after N evaluations without improvement (0: off)."""
     select_metric: SelectMetric = field(default=SelectMetric.auto, metadata=flag(panel=TRAIN))
     """What picks the best evaluation. auto: macro_f1 when the labels are imbalanced (the most common over 1.5x
     the rarest), else accuracy; loss for causal-lm."""
     group_by_length: bool = field(default=True, metadata=flag(panel=TRAIN))
     """Batch examples of similar length together (less padding, seeded order)."""
-    eval_batch_size: int = field(default=32, metadata=flag(panel=TRAIN))
+    eval_batch_size: int = field(default=32, metadata=flag(panel=TRAIN, min=1))
     """Examples per evaluation batch."""
     gradient_checkpointing: bool = field(default=False, metadata=flag(panel=TRAIN))
     """Recompute activations of trained blocks in backward (less memory)."""
@@ -160,7 +160,7 @@ class TuneConfig:
     """Seed for the split, the data order, the new head and dropout."""
     device: Device = Device.auto
     """auto: CUDA when visible (bf16 autocast), else CPU."""
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata=flag(min=1))
     """CPU threads for torch (default: torch's choice)."""
     resume: bool = False
     """Continue an interrupted run from OUT.partial's last checkpoint."""
@@ -181,27 +181,11 @@ class TuneConfig:
                            ("schedule", Schedule), ("class_weights", ClassWeights), ("device", Device),
                            ("select_metric", SelectMetric), ("frozen_cache", FrozenCache), ("int8_kernel", Int8Kernel)):
             object.__setattr__(self, name, _enum(enum, getattr(self, name), name))
+        check_fields(self)
         self._validate()
 
     def _validate(self) -> None:
-        positive = ("trainable_layers", "grad_accum", "eval_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise EdgeftError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_length", "threads", "max_eval_examples", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise EdgeftError(f"{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.max_length is not None and self.max_length < 8:
-            raise EdgeftError(f"max-length must be at least 8, got {self.max_length}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise EdgeftError(f"eval-fraction must be between 0 and 1, got {self.eval_fraction}")
-        if self.epochs <= 0:
-            raise EdgeftError(f"epochs must be positive, got {self.epochs}")
-        if (self.lr is not None and self.lr <= 0) or self.weight_decay < 0 or self.warmup < 0 or self.max_grad_norm < 0:
-            raise EdgeftError("lr must be positive; weight-decay, warmup and max-grad-norm not negative")
-        if min(self.eval_every, self.checkpoint_every, self.patience) < 0:
-            raise EdgeftError("eval-every, checkpoint-every and patience must not be negative")
+        """What no one field's range says (each range is declared on its field)."""
         if self.task is Task.causal_lm and self.select_metric in (SelectMetric.accuracy, SelectMetric.macro_f1):
             raise EdgeftError(f"select-metric {self.select_metric.value} is for classification; causal-lm uses loss")
         if self.resume and self.overwrite:

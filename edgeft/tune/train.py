@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, check_writable, sha256_file
+from edgeft.fsutil import (atomic_dir, atomic_write_bytes, atomic_write_json, check_writable, out_of_space,
+                           refuse_overlap, sha256_file)
 from edgeft.runs import TRAINED, RunInfo, read_run_config, write_run_info
 from edgeft.tune import dataset as DS
 from edgeft.tune import distributed, frozen
@@ -94,6 +95,12 @@ def resolve_task(cfg: TuneConfig) -> Task:
 
 def preflight(cfg: TuneConfig) -> None:
     """Refuse a finished OUT (without --overwrite) and check what --resume would continue."""
+    model = Path(cfg.model).expanduser()
+    inputs = (("--data", cfg.data), ("--eval-data", cfg.eval_data), ("--model", model if model.exists() else None))
+    for name, path in inputs:
+        if path is not None:  # OUT and OUT.partial are deleted (--overwrite) or written: neither may hold an input
+            refuse_overlap(cfg.out, path, "--out", name, inside_ok=True)
+            refuse_overlap(cfg.partial, path, "the work folder", name, inside_ok=True)
     if cfg.out.exists() and not cfg.overwrite:
         raise EdgeftError(f"{cfg.out} already exists (use --overwrite to replace it)")
     check_writable(cfg.out.parent, "the run folder")  # a read-only or full disk, before loading the model
@@ -105,7 +112,11 @@ def preflight(cfg: TuneConfig) -> None:
         if changed:
             raise EdgeftError(f"--resume needs the interrupted run's settings; these differ: {', '.join(changed)}")
     elif partial.exists() and not cfg.overwrite:
-        raise EdgeftError(f"an interrupted run is in {partial}: continue it with --resume or restart with --overwrite")
+        if (partial / CHECKPOINT).is_file():
+            raise EdgeftError(f"an interrupted run is in {partial}: continue it with --resume or restart with "
+                              "--overwrite")
+        raise EdgeftError(f"an interrupted run is in {partial}, stopped before its first checkpoint: "
+                          "restart it with --overwrite")
 
 
 def resolve_max_length(cfg: TuneConfig, task: Task, positions: int | None) -> int:
@@ -313,11 +324,16 @@ def save_checkpoint(partial: Path, loaded: Any, optimizer: Any, state: State, be
     tmp = partial / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_tensors(loaded.model, loaded.trained_names), str(tmp / "trainable.safetensors"))
-    if best is not None:
-        save_file(best, str(tmp / "best.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "ranks": ranks or []}, tmp / "optimizer.pt")
-    atomic_write_json(tmp / "state.json", dataclasses.asdict(state))
+    try:
+        save_file(trainable_tensors(loaded.model, loaded.trained_names), str(tmp / "trainable.safetensors"))
+        if best is not None:
+            save_file(best, str(tmp / "best.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "ranks": ranks or []},
+                   tmp / "optimizer.pt")
+        atomic_write_json(tmp / "state.json", dataclasses.asdict(state))
+    except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(partial / name, ignore_errors=True)
     os.replace(tmp, partial / name)
     atomic_write_json(partial / CHECKPOINT, {"step": state.step, "dir": name})
@@ -426,6 +442,10 @@ def train_step(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, optimizer: Any, 
             p.grad.div_(denom)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"),
                                           foreach=True)
+    if not (math.isfinite(total) and math.isfinite(float(norm))):  # before the step: the weights stay good
+        optimizer.zero_grad(set_to_none=True)
+        raise (Diverged(step + 1, "training loss", total / denom) if not math.isfinite(total)
+               else Diverged(step + 1, "gradient norm", float(norm)))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(prep.train_lengths[j] for ix in everyone for j in ix)
@@ -460,10 +480,43 @@ def _checkpoint(partial: Path, loaded: Any, optimizer: Any, state: State, best: 
     try:
         save_checkpoint(partial, loaded, optimizer, state, best, ranks)
         _write_log(partial, state.log)
-    except OSError as exc:
-        if exc.errno not in DISK_ERRORS:
+    except Exception as exc:
+        full = out_of_space(exc, partial, "a checkpoint", checkpoint_bytes(loaded, best))
+        if full is not None:
+            raise EdgeftError(f"{full}; {_kept(partial)}") from None
+        if not isinstance(exc, OSError) or exc.errno not in DISK_ERRORS:
             raise
-        raise EdgeftError(f"cannot write checkpoints in {partial}: {exc.strerror}") from None
+        raise EdgeftError(f"cannot write checkpoints in {partial}: {exc.strerror}; {_kept(partial)}") from None
+
+
+def checkpoint_bytes(loaded: Any, best: dict[str, Any] | None) -> int:
+    """About what one checkpoint takes: the trained tensors, AdamW's two moments, the best copy."""
+    trained = sum(p.numel() * p.element_size() for p in loaded.model.parameters() if p.requires_grad)
+    return trained * (4 if best is not None else 3)
+
+
+def last_checkpoint(partial: Path) -> int | None:
+    """The step of ``partial``'s last complete checkpoint (None: there is none)."""
+    try:
+        return int(json.loads((partial / CHECKPOINT).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _kept(partial: Path) -> str:
+    """What a stopped run leaves, and the next step that works with it."""
+    step = last_checkpoint(partial)
+    if step is None:
+        return "no checkpoint was written yet: free space and run it again with --overwrite"
+    return f"the last checkpoint (step {step}) is kept in {partial}: free space, then continue with --resume"
+
+
+class Diverged(EdgeftError):
+    """The training loss (or the gradient's norm) became NaN or infinite at ``step``."""
+
+    def __init__(self, step: int, what: str, value: float) -> None:
+        super().__init__(f"the {what} became {value} at step {step}")
+        self.step = step
 
 
 def _resume(cfg: TuneConfig, world: World, loaded: Any, optimizer: Any, partial: Path) -> tuple[State, Any]:
@@ -672,15 +725,31 @@ def _finish_cache(cfg: TuneConfig, world: World, cache: frozen.StateCache | None
             cache.folder.parent.rmdir()  # only when empty: OUT.partial on a machine that holds nothing else
 
 
+def _interrupted(partial: Path) -> str:
+    step = last_checkpoint(partial)
+    if step is None:
+        return f"interrupted before the first checkpoint: nothing to resume; run it again with --overwrite ({partial})"
+    return f"interrupted: continue from the last checkpoint (step {step}) with --resume ({partial})"
+
+
+def _diverged_advice(partial: Path) -> str:
+    step = last_checkpoint(partial)
+    kept = (f"the last good checkpoint (step {step}) is kept in {partial}" if step is not None
+            else "no checkpoint had been written")
+    return f"{kept}; lower --lr (or check the data) and start again with --overwrite"
+
+
 def _write_run(cfg: TuneConfig, world: World, finish: Callable[[], Path]) -> Path:
     def write() -> Path:
         try:
             return finish()
-        except OSError as exc:
-            if exc.errno not in DISK_ERRORS:
+        except Exception as exc:
+            full = out_of_space(exc, cfg.out.parent, "the run folder")
+            if full is not None:
+                raise EdgeftError(f"{full}; {_kept(cfg.partial)}") from None
+            if not isinstance(exc, OSError) or exc.errno not in DISK_ERRORS:
                 raise
-            raise EdgeftError(f"cannot write the run folder {cfg.out}: {exc.strerror} "
-                              f"(the last checkpoint is kept in {cfg.partial}: free space, then --resume)") from None
+            raise EdgeftError(f"cannot write the run folder {cfg.out}: {exc.strerror}; {_kept(cfg.partial)}") from None
 
     distributed.on_main(world, write)
     return cfg.out
@@ -724,12 +793,17 @@ def _tune(cfg: TuneConfig, world: World, callback: Callable[[int], None] | None)
         state, best = run_loop(cfg, loaded, prep, partial, plan, callback, cache, world)
     except KeyboardInterrupt:
         if world.main:
-            print(f"interrupted: continue from the last checkpoint with --resume ({partial})", file=sys.stderr)
+            print(_interrupted(partial), file=sys.stderr)
         raise
+    except Diverged as exc:
+        raise EdgeftError(f"{exc}: stopped before the step was applied; {_diverged_advice(partial)}") from None
     except OSError as exc:
+        full = out_of_space(exc, partial, "the run's work files")
+        if full is not None:
+            raise EdgeftError(f"{full}; {_kept(partial)}") from None
         if exc.errno not in DISK_ERRORS:
             raise
-        raise EdgeftError(f"cannot write checkpoints in {partial}: {exc.strerror}") from None
+        raise EdgeftError(f"cannot write checkpoints in {partial}: {exc.strerror}; {_kept(partial)}") from None
     finally:
         if cache is not None:
             cache.close()
