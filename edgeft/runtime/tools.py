@@ -156,7 +156,7 @@ def call_constraint(tools: list[Tool], choice: ToolChoice, parallel: bool, answe
 
     "required" or a named function: the output is the calls alone. "auto": any text, or text then
     calls: free until ``<tool_call>`` is written, held to a valid call from there (llama.cpp's lazy
-    grammar); ``answer`` (a JSON constraint: ``response_format``) then holds the text instead.
+    grammar); with ``answer`` (a JSON constraint: ``response_format``) it is that JSON or calls.
     Arguments keep to the declared keys (``constrain.closed``) in fixed JSON layout, and the only
     whitespace outside strings is one optional newline inside the markup and one between calls,
     so a small model cannot pad or wander until its budget runs out."""
@@ -169,14 +169,13 @@ def call_constraint(tools: list[Tool], choice: ToolChoice, parallel: bool, answe
     rules = [f'call: "{OPEN}" rest', f'rest: "\\n"? body "\\n"? "{CLOSE}"', f"body: {lark_json(schema)}"]
     if choice.forced:
         return Constraint.lark("\n".join([f"start: call{more}", *rules]))
-    if answer is None:
-        head = ["start: TEXT | text calls", "TEXT: /(.|\\n)*/"]
-    elif answer.kind in (Kind.json_schema, Kind.json_object):
-        head = ["start: answer | text calls", f"answer: {lark_json(json.loads(answer.source))}"]
-    else:
-        raise ConstraintError("tool calls combine only with a JSON answer format")
-    lead = [f"text[lazy]: /(.|\\n)*{escape(OPEN)}/", f"calls: rest{more}"]
-    return Constraint.lark("\n".join([*head, *lead, *rules]))
+    if answer is not None:  # the JSON answer, or calls (text before them would not be the JSON asked for)
+        if answer.kind not in (Kind.json_schema, Kind.json_object):
+            raise ConstraintError("tool calls combine only with a JSON answer format")
+        return Constraint.lark("\n".join([f"start: answer | call{more}",
+                                          f"answer: {lark_json(json.loads(answer.source))}", *rules]))
+    return Constraint.lark("\n".join(["start: TEXT | text calls", "TEXT: /(.|\\n)*/",
+                                      f"text[lazy]: /(.|\\n)*{escape(OPEN)}/", f"calls: rest{more}", *rules]))
 
 
 # The start of a call in the layout the grammar writes, up to the arguments' opening brace.

@@ -113,7 +113,9 @@ class Chat(Completions):
         return responses.chat_chunk(self.rid, self.model.name, delta, finish, i, self.logprobs(lps))
 
     def opening(self, i: int) -> list[dict]:
-        return [responses.chat_chunk(self.rid, self.model.name, {"role": "assistant", "content": ""}, None, i)]
+        forced = bool(self.req.tools) and self.req.tool_choice[0] in ("required", "function")  # calls, no content
+        delta = {"role": "assistant", "content": None if forced else ""}
+        return [responses.chat_chunk(self.rid, self.model.name, delta, None, i)]
 
     def streamed(self, i: int, text: str, lps: list | None) -> list[dict]:
         stream = self._stream(i)
