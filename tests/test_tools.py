@@ -361,17 +361,20 @@ def test_streamed_calls_come_as_incremental_deltas_that_add_up_to_the_whole_call
         for d in (d for c in chunks for d in (c.delta.tool_calls or [])):
             if d.index not in calls:  # the first delta of a call: index, id, type, name, no arguments yet
                 assert d.id.startswith("call_") and d.type == "function" and d.function.arguments == ""
-                calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": [], "fragments": 0}
+                calls[d.index] = {"name": d.function.name, "arguments": []}
             else:  # later ones: a fragment of the arguments only
                 assert d.id is None and d.type is None and d.function.name is None
                 calls[d.index]["arguments"].append(d.function.arguments)
         assert [(c["name"], "".join(c["arguments"])) for c in calls.values()] == [
             (t.function.name, t.function.arguments) for t in whole.message.tool_calls]
-        for c, t in zip(calls.values(), whole.message.tool_calls):
+        for t in whole.message.tool_calls:
             tool = {x["function"]["name"]: x["function"]["parameters"] for x in TOOLS}[t.function.name]
             jsonschema.validate(json.loads(t.function.arguments), closed(tool))
         fragments += [len(c["arguments"]) for c in calls.values()]
     assert complete >= 2 and max(fragments) > 3, fragments  # arguments arrive as they are written
+    chunks = list(_chat(client, 1, stream=True, logprobs=True, stream_options={"include_usage": True}))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == chunks[-1].usage.completion_tokens  # every token's logprob, calls streamed or not
 
 
 def test_a_forced_call_cut_by_the_budget_ends_with_length_and_no_markup(api):
