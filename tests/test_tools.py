@@ -5,8 +5,10 @@ format), calls parsed from the answer as it streams, and calls (required, or onc
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -391,3 +393,79 @@ def test_a_forced_call_cut_by_the_budget_ends_with_length_and_no_markup(api):
                                                      "tools": TOOLS, "tool_choice": "required",
                                                      "max_tokens": max_tokens, "stream": True})
         assert "tool_call>" not in raw.text and "<tool" not in raw.text
+
+
+# ---------------------------------------------------------------- the shipped SmolLM2 (make test-slow)
+
+REAL_HOME = Path(os.environ.get("EDGEFT_REAL_HOME", "/tmp/edgeft-home"))
+
+
+def _fn(name: str, description: str, properties: dict, required: list[str]) -> dict:
+    """A function as a user declares one: no additionalProperties (the grammar closes it anyway)."""
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": required}}}
+
+
+REAL_TOOLS = [
+    _fn("get_weather", "The current weather in a city", {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, ["city"]),
+    _fn("get_time", "The local time in a city or time zone", {"place": {"type": "string"}}, ["place"]),
+    _fn("convert_currency", "Convert an amount of money", {
+        "amount": {"type": "number"}, "from": {"type": "string"}, "to": {"type": "string"}}, ["amount", "from", "to"]),
+    _fn("search_web", "Search the web", {"query": {"type": "string"}}, ["query"]),
+    _fn("set_alarm", "Set an alarm", {"hour": {"type": "integer", "minimum": 0, "maximum": 23},
+                                      "minute": {"type": "integer", "minimum": 0, "maximum": 59}}, ["hour", "minute"]),
+    _fn("send_email", "Send an email", {"to": {"type": "string"}, "subject": {"type": "string"},
+                                        "body": {"type": "string"}}, ["to", "body"]),
+]
+REAL_PROMPTS = [
+    "What is the weather in Oslo?", "Is it raining in Tokyo right now?", "What time is it in New York?",
+    "Convert 100 US dollars to euros.", "Search the web for the tallest mountain in Africa.", "Wake me up at 6:30.",
+    "Email bob@example.com that the meeting moved to Friday.", "How hot is it in Cairo, in fahrenheit?",
+    "What's the time in Sydney?", "How many yen is 50 pounds?", "Find recent news about electric cars.",
+    "Set an alarm for 7 in the morning.", "Tell alice@example.com thanks for the book.",
+    "Weather forecast for Paris, please.", "Current time in London?", "Convert 20 euros to Swiss francs.",
+    "Look up a recipe for pancakes.", "Set an alarm at 22:15.",
+    "Send an email to team@example.com saying the build is green.", "What's the weather like in Lima?",
+]
+
+
+@pytest.mark.slow
+def test_smollm2_int8_makes_a_valid_call_for_every_prompt(monkeypatch, tmp_path):
+    """20 varied prompts, tool_choice "required" and "auto" in turn: every answer a call whose arguments
+    validate against the declared schema with no undeclared keys (issue 30's Oslo case is the first)."""
+    from openai import OpenAI
+    from starlette.testclient import TestClient
+
+    from edgeft.export import ExportConfig, export
+    from edgeft.runtime.serve import ServeConfig, build_app
+
+    if not (REAL_HOME / "models" / "smollm2-135m-instruct").is_dir():
+        pytest.skip(f"smollm2-135m-instruct is not pulled under {REAL_HOME} (set EDGEFT_REAL_HOME)")
+    monkeypatch.setenv("EDGEFT_HOME", str(REAL_HOME))
+    art = export(ExportConfig(source="smollm2-135m-instruct", out=tmp_path / "smol", quantize="int8",
+                              gate_texts=8, gate_prompts=2, gate_new_tokens=16), log=None)
+    schemas = {t["function"]["name"]: closed(t["function"]["parameters"]) for t in REAL_TOOLS}
+    with TestClient(build_app(ServeConfig(artifacts=(art,), names=("smol",))), raise_server_exceptions=False) as api:
+        deadline = time.time() + 120
+        while api.get("/health").status_code != 200:
+            assert time.time() < deadline, "the model did not load"
+            time.sleep(0.1)
+        client = OpenAI(base_url="http://testserver/v1", api_key="x", http_client=api, max_retries=0)
+        valid, failures = 0, []
+        for n, prompt in enumerate(REAL_PROMPTS):
+            choice = "required" if n % 2 == 0 else "auto"
+            r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": prompt}],
+                                               tools=REAL_TOOLS, tool_choice=choice, max_tokens=40 if n == 0 else 80,
+                                               parallel_tool_calls=False)
+            msg, finish = r.choices[0].message, r.choices[0].finish_reason
+            try:
+                assert finish == "tool_calls" and msg.tool_calls, (finish, msg.content)
+                assert msg.content is None or "<tool_call>" not in msg.content
+                for call in msg.tool_calls:
+                    jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+                valid += 1
+            except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
+                failures.append(f"{choice} {prompt!r}: {str(exc)[:200]}")
+    print(f"SmolLM2 int8: {valid}/{len(REAL_PROMPTS)} prompts gave a valid call")
+    assert valid == len(REAL_PROMPTS), "\n".join(failures)
