@@ -111,6 +111,9 @@ def test_a_call_stream_gives_content_then_each_call_and_its_arguments_as_written
     assert parse_calls("<tool_ca", [WEATHER], cut=True) == (None, [])
     assert parse_calls("a <tool_ca", [WEATHER]) == ("a <tool_ca", [])  # ended by the model: just text
     assert parse_calls(" two  words \n", [WEATHER]) == (" two  words \n", [])  # no call: the text as it is
+    assert parse_calls('<tool_call>{"name": "nope"}</tool_call>\n', [WEATHER]) == (None, [])
+    assert parse_calls('<tool_call>{"name": ["x"]}</tool_call>', [WEATHER]) == (None, [])
+    assert parse_calls("Hm <tool_", [WEATHER], cut=True) == ("Hm", [])
 
 
 @pytest.mark.parametrize("parallel", [False, True])

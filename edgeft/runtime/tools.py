@@ -226,6 +226,7 @@ class CallStream:
         self.open: _Open | None = None
         self.calls: list[dict] = []
         self.started = 0  # calls announced so far (their indexes)
+        self.opened = 0  # <tool_call>s read so far, valid or not
         self.after_call = False  # whitespace right after a call is not content
 
     def feed(self, text: str) -> list[Piece]:
@@ -241,10 +242,10 @@ class CallStream:
         """What is still held: trailing text (unless a call came before it, or the budget cut a
         ``<tool_call>`` short); an unfinished call is dropped."""
         rest, self.pending, self.open = self.pending, "", None
-        if not rest or self.started or self.calls:
+        if not rest or self.opened:
             return []
         if cut and _partial_open(rest):
-            rest = rest[:len(rest) - _partial_open(rest)]
+            rest = rest[:len(rest) - _partial_open(rest)].rstrip()
         return [Piece("content", rest)] if rest else []
 
     def _text(self, text: str, out: list[Piece]) -> str:
@@ -253,7 +254,7 @@ class CallStream:
         k = text.find(OPEN)
         if k >= 0:
             self._content(text[:k].rstrip(), out)
-            self.open = _Open()
+            self.open, self.opened = _Open(), self.opened + 1
             return text[k + len(OPEN):]
         held = _partial_open(text)
         body = text[:len(text) - held].rstrip()
@@ -337,7 +338,7 @@ class CallStream:
             obj = json.loads(body)
         except ValueError:
             return
-        if not isinstance(obj, dict) or obj.get("name") not in self.names:
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in self.names:
             return
         args = obj.get("arguments", {})
         arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)

@@ -89,7 +89,8 @@ class Chat(Completions):
     With tools offered, each streamed choice's text goes through a ``tools.CallStream``: content
     as it comes (less what may still open a call), a call's first delta carries its index, id,
     type and name, later ones only fragments of its arguments. A choice that made calls ends
-    with "tool_calls", unless the budget cut it ("length"); a call the budget cut is dropped."""
+    with "tool_calls", unless the budget cut it ("length"): then a call it cut is left out of the
+    whole answer (streamed, the deltas already sent stay, as OpenAI's do); markup is never content."""
 
     prefix = "chatcmpl"
     parse = staticmethod(wire.parse_chat)
