@@ -215,6 +215,12 @@ def test_strict_and_the_answer_format_under_auto(gen):
     assert not fits(call_constraint([Tool("f", "", open_, strict=True)], ToolChoice("required"), False), extra)
     assert fits(call_constraint([Tool("f", "", open_, strict=True)], ToolChoice("required"), False),
                 '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>')
+    from edgeft.runtime.serve.wire import parse_chat
+
+    req = parse_chat({"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": open_, "strict": True}},
+        {"type": "function", "function": {"name": "g", "parameters": open_}}]}, 100)
+    assert [Tool(**t).strict for t in req.tools] == [True, False]  # the request's flag reaches the grammar
     json_answer = call_constraint([TIME], ToolChoice("auto"), False, Constraint.json_object())
     assert fits(json_answer, '{"x": [1]}') and not fits(json_answer, "plain words")
     assert fits(json_answer, '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>')
