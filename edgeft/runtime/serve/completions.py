@@ -42,7 +42,7 @@ class Completions:
 
     prefix = "cmpl"  # of the response's id
     parse = staticmethod(wire.parse_completion)
-    holds = False  # whether a choice's streamed text is held until it finishes (tool calls)
+    holds = False  # whether a choice's streamed text is held until it finishes (then given to closing())
 
     def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
         self.model, self.req, self.rid, self.echoes = model, req, rid, echoes
@@ -97,7 +97,7 @@ class Chat(Completions):
 
     def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
         super().__init__(model, req, rid, echoes)
-        self.calls: dict[int, Any] = {}  # choice -> its CallStream (tools offered only)
+        self.readers: dict[int, Any] = {}  # choice -> its tools.CallStream (None: no tools offered)
 
     def shape_logprobs(self, entries: list) -> dict:
         return responses.chat_logprobs(entries)
@@ -135,9 +135,9 @@ class Chat(Completions):
         return [*out, self.chunk(i, "", _finish(finish, stream.calls))]
 
     def _stream(self, i: int) -> Any:
-        if i not in self.calls:
-            self.calls[i] = generation.call_stream(self.req)
-        return self.calls[i]
+        if i not in self.readers:
+            self.readers[i] = generation.call_stream(self.req)
+        return self.readers[i]
 
     def usage_chunk(self, usage: dict) -> dict:
         return responses.usage_chunk(self.rid, self.model.name, True, usage)
