@@ -8,7 +8,9 @@ fresh ``GrammarMask`` per sequence, a ``LogitProcessor`` (``__call__(logits)`` p
 token the grammar forbids to ``-inf``; ``accept(token)`` advances it). When the grammar is
 complete only end-of-sequence tokens stay allowed, so a finished output ends with
 ``finish_reason`` "stop"; running out of tokens first gives "length" as usual. Sampling,
-stop strings and the batched engine see a masked row and nothing else.
+stop strings and the batched engine see a masked row and nothing else. For grammars built
+around JSON (tool calls): ``lark_json`` embeds a schema in a Lark grammar in the same fixed
+layout as ``json_schema``, and ``closed`` shuts a schema's objects to their declared keys.
 
 The engine is llguidance (MIT, a Rust wheel with no dependencies). Against the other
 candidates that install without torch it was chosen because it compiles a schema per request
