@@ -15,7 +15,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from edgeft.runtime.constrain import Constraint, ConstraintError, escape, token_space
+from edgeft.runtime.constrain import Constraint, ConstraintError, closed, escape, lark_json, token_space
 
 NESTED = {
     "type": "object", "additionalProperties": False, "required": ["name", "age", "tags", "address", "kind"],
@@ -109,6 +109,43 @@ def test_bad_constraints_name_the_problem(vocab):
     assert token_space(tj, space.vocab_size, space.eos_ids) is space  # built once per process
 
 
+def test_closed_objects_keep_to_their_declared_keys():
+    loose = {"type": "object", "required": ["where"], "properties": {
+        "where": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "extra": {"type": "object", "additionalProperties": {"type": "object"}},
+        "tags": {"type": "array", "items": {"properties": {"k": {"type": "string"}}}},
+        "any": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+        "both": {"allOf": [{"type": "object", "properties": {"a": {"type": "object"}}}]}},
+        "$defs": {"p": {"type": ["object", "null"]}}}
+    c = closed(loose)
+    assert c["additionalProperties"] is False and c["properties"]["where"]["additionalProperties"] is False
+    extra = c["properties"]["extra"]
+    assert extra["additionalProperties"] == {"type": "object", "additionalProperties": False}  # allowed, closed inside
+    assert c["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert c["properties"]["any"]["anyOf"][0] == {"type": "object", "additionalProperties": False}
+    branch = c["properties"]["both"]["allOf"][0]  # an allOf branch stays open; what it nests is closed
+    assert "additionalProperties" not in branch and branch["properties"]["a"]["additionalProperties"] is False
+    assert c["$defs"]["p"]["additionalProperties"] is False
+    assert c["required"] == ["where"] and loose["properties"]["where"] == {"type": "object", "properties": {
+        "city": {"type": "string"}}}  # the caller's schema is not changed
+    strict = closed({"type": "object", "additionalProperties": True, "properties": {"a": {}, "b": {}}}, strict=True)
+    assert strict["additionalProperties"] is False and strict["required"] == ["a", "b"]
+    assert closed({"type": "object", "additionalProperties": True})["additionalProperties"] is True
+
+
+def test_a_json_rule_in_lark_allows_no_free_whitespace(vocab):
+    space, tok, _ = vocab
+    g = space.compile(Constraint.lark(f'start: "A:" body\nbody: {lark_json({"type": "object"})}'))
+    for text, ok in [('A:{"a": [1, 2]}', True), ('A:{\n"a": 1}', False), ('A:{"a":  1}', False),
+                     ('A:{"a":1}', False)]:
+        mask, fits = g.mask(), True
+        for t in tok.encode(text, add_special_tokens=False).ids:
+            fits = fits and bool(mask.allowed()[t])
+            if fits:
+                mask.accept(t)
+        assert (fits and mask.done) is ok, text
+
+
 # ---------------------------------------------------------------- through the generator, the CLI and the server
 
 @pytest.fixture(scope="module")
@@ -160,3 +197,35 @@ def test_generate_command_takes_a_schema_a_regex_or_a_choice(gen, tmp_path):
                          (["--json-schema", str(tmp_path / "none.json")], "does not exist")]:
         r = CliRunner().invoke(app, ["generate", art, "x", *args])
         assert r.exit_code == 2 and needle in r.output, r.output
+
+
+def test_generate_constrains_a_file_of_prompts(gen, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeft.cli import app
+
+    pet = tmp_path / "pet.json"
+    pet.write_text(json.dumps(NESTED))
+    code = {"type": "object", "additionalProperties": False, "required": ["code"],
+            "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}$"}}}
+    rows = [{"prompt": f"Pet {i}:"} for i in range(4)] + [{"id": "c", "prompt": "Code:", "json_schema": code}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = CliRunner().invoke(app, ["generate", str(gen.folder), "--input", str(src), "-o", str(out), "--json-schema",
+                                 str(pet), "-n", "200", "-t", "1", "--seed", "5", "--parallel", "3"])
+    assert r.exit_code == 0, r.output
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["index"] for g in got] == [0, 1, 2, 3, 4] and got[4]["id"] == "c"
+    for g in got[:4]:
+        if g["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(g["text"]), NESTED)
+        else:
+            assert g["text"].startswith("{") and g["completion_tokens"] == 200
+    assert got[4]["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(got[4]["text"]), code)  # the row's own schema, not the flag's
+    r = CliRunner().invoke(app, ["generate", str(gen.folder), "--input", str(src), "--regex", "[0-9]{2}", "-n", "8"])
+    assert r.exit_code == 0, r.output
+    assert all(re.fullmatch("[0-9]{2}", json.loads(line)["text"]) for line in r.stdout.splitlines()[:4])
+    src.write_text(json.dumps({"prompt": "x", "json_schema": {"type": "wat"}}) + "\n")
+    r = CliRunner().invoke(app, ["generate", str(gen.folder), "--input", str(src)])
+    assert r.exit_code == 2 and "prompt 1" in r.output and "wat" in r.output and "Traceback" not in r.output

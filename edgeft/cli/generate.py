@@ -61,14 +61,14 @@ class GenerateConfig(ChatConfig):
     chat: bool = False
     """Send the prompt as one user message through the chat template."""
     json_schema: Path | None = field(default=None, metadata=flag(panel=CONSTRAIN))
-    """Constrain the output to JSON valid under the JSON schema in this file."""
+    """Constrain the output to JSON valid under the JSON schema in this file (with --input: every prompt's)."""
     regex: str | None = field(default=None, metadata=flag(panel=CONSTRAIN))
-    """Constrain the output to match this regular expression."""
+    """Constrain the output to match this regular expression (with --input: every prompt's)."""
     choice: str | None = field(default=None, metadata=flag(panel=CONSTRAIN))
-    """Constrain the output to one of these comma-separated strings."""
+    """Constrain the output to one of these comma-separated strings (with --input: every prompt's)."""
     input: Path | None = field(default=None, metadata=flag("--input", "-i", panel=FILE))
-    """A JSONL file of prompts (strings, or objects with 'prompt' or 'messages'), generated together; one JSON
-    result per line out."""
+    """A JSONL file of prompts (strings, or objects with 'prompt' or 'messages', and optionally their own
+    'json_schema'), generated together; one JSON result per line out."""
     output: Path | None = field(default=None, metadata=flag("--output", "-o", panel=FILE))
     """With --input: write the results here, not to stdout."""
     parallel: int = field(default=8, metadata=flag(panel=FILE, min=1))
@@ -80,12 +80,6 @@ class GenerateConfig(ChatConfig):
             raise EdgeftError("give at most one of --json-schema, --regex and --choice")
         if self.input is not None and self.prompt is not None:
             raise EdgeftError("give a prompt or --input FILE, not both")
-        if self.input is not None and self.constrained:
-            raise EdgeftError("--json-schema, --regex and --choice constrain one prompt: not with --input")
-
-    @property
-    def constrained(self) -> bool:
-        return any(x is not None for x in (self.json_schema, self.regex, self.choice))
 
 
 def constraint_from_config(config: GenerateConfig):
@@ -169,7 +163,7 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
         check_output(config.output)
     if config.input is not None:
         gen = Generator.open(config.artifact, threads=config.threads)
-        return generate_file(gen, config, sampling_params(gen, sampling))
+        return generate_file(gen, config, sampling_params(gen, sampling), constraint)
     prompt = _read_stdin() if config.prompt in (None, "-") else config.prompt
     gen = Generator.open(config.artifact, threads=config.threads, check=Check.quick)
     params = sampling_params(gen, sampling)
@@ -185,7 +179,8 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
 
 
 def read_prompts(path: Path) -> list[dict]:
-    """Rows of a JSONL prompt file: each a string or an object with 'prompt' or 'messages' (other keys kept)."""
+    """Rows of a JSONL prompt file: each a string or an object with 'prompt' or 'messages' (other keys kept;
+    'json_schema', when there, an object: the row's own output schema)."""
     require_file(path, "--input")
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -199,14 +194,36 @@ def read_prompts(path: Path) -> list[dict]:
         ok = isinstance(obj, dict) and (isinstance(obj.get("prompt"), str) or isinstance(obj.get("messages"), list))
         if not ok:
             raise EdgeftError(f"{path}:{n}: expected a string or an object with 'prompt' (a string) or 'messages'")
+        if "json_schema" in obj and not isinstance(obj["json_schema"], dict):
+            raise EdgeftError(f"{path}:{n}: 'json_schema' must be a JSON schema object")
         rows.append(obj)
     if not rows:
         raise EdgeftError(f"{path} holds no prompts")
     return rows
 
 
-def generate_file(gen: "Generator", config: GenerateConfig, params: SamplingParams) -> None:
-    """Every prompt of ``config.input`` through ``Generator.generate_batch``, with a progress bar on stderr."""
+def row_grammars(gen: "Generator", rows: list[dict], constraint: Any, path: Path) -> list:
+    """Each row's compiled constraint: its own 'json_schema', else the flags' (None: free text); each
+    distinct constraint compiled once, a bad one named by its line."""
+    from edgeft.runtime import compile_for
+    from edgeft.runtime.constrain import Constraint, ConstraintError
+
+    compiled: dict[Any, Any] = {}
+    out = []
+    for n, row in enumerate(rows, 1):
+        c = Constraint.json_schema(row["json_schema"]) if "json_schema" in row else constraint
+        if c is not None and c not in compiled:
+            try:
+                compiled[c] = compile_for(gen, c)
+            except ConstraintError as exc:
+                raise EdgeftError(f"{path}, prompt {n}: {exc}" if c is not constraint else str(exc)) from None
+        out.append(None if c is None else compiled[c])
+    return out
+
+
+def generate_file(gen: "Generator", config: GenerateConfig, params: SamplingParams, constraint: Any = None) -> None:
+    """Every prompt of ``config.input`` through ``Generator.generate_batch``, with a progress bar on stderr
+    (``constraint``: the flags', for every prompt without its own 'json_schema')."""
     assert config.input is not None
     path, output = config.input, config.output
     rows = read_prompts(path)
@@ -220,9 +237,12 @@ def generate_file(gen: "Generator", config: GenerateConfig, params: SamplingPara
         else:
             prompts.append(row["prompt"])
     ids: list[str | list[int]] = [gen.encode(p) for p in prompts]
+    grammars = row_grammars(gen, rows, constraint, path)
+    masks = lambda i: [grammars[i].mask()] if grammars[i] is not None else []  # noqa: E731
     start = time.perf_counter()
     with typer.progressbar(length=len(ids), label="generating", file=sys.stderr) as bar:
-        outs = gen.generate_batch(ids, params, parallel=config.parallel, on_done=lambda i: bar.update(1))
+        outs = gen.generate_batch(ids, params, parallel=config.parallel, on_done=lambda i: bar.update(1),
+                                  processors=masks)
     seconds = time.perf_counter() - start
     buf = io.StringIO()
     for i, (row, out) in enumerate(zip(rows, outs)):

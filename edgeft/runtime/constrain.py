@@ -8,7 +8,9 @@ fresh ``GrammarMask`` per sequence, a ``LogitProcessor`` (``__call__(logits)`` p
 token the grammar forbids to ``-inf``; ``accept(token)`` advances it). When the grammar is
 complete only end-of-sequence tokens stay allowed, so a finished output ends with
 ``finish_reason`` "stop"; running out of tokens first gives "length" as usual. Sampling,
-stop strings and the batched engine see a masked row and nothing else.
+stop strings and the batched engine see a masked row and nothing else. For grammars built
+around JSON (tool calls): ``lark_json`` embeds a schema in a Lark grammar in the same fixed
+layout as ``json_schema``, and ``closed`` shuts a schema's objects to their declared keys.
 
 The engine is llguidance (MIT, a Rust wheel with no dependencies). Against the other
 candidates that install without torch it was chosen because it compiles a schema per request
@@ -107,6 +109,56 @@ class Constraint:
         if self.kind is Kind.choice:
             return llguidance.LLMatcher.grammar_from_regex("|".join(escape(o) for o in json.loads(self.source)))
         return llguidance.LLMatcher.grammar_from_lark(self.source)
+
+
+def lark_json(schema: dict) -> str:
+    """``schema`` as a Lark ``%json`` rule body, laid out as ``JSON_OPTIONS`` says (a bare ``%json``
+    would allow any run of whitespace between its tokens)."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+
+
+# Keywords whose value is one schema, a list of schemas, or a name -> schema map.
+_ONE = ("items", "additionalItems", "contains", "additionalProperties", "if", "then", "else", "unevaluatedItems")
+_MANY = ("prefixItems", "anyOf", "oneOf")
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed(schema: Any, strict: bool = False, _self: bool = True) -> Any:
+    """``schema`` with every object closed to its declared keys, unless it allows others explicitly.
+
+    An object schema (``"type": "object"``, or ``properties`` without a type) that says nothing of
+    ``additionalProperties`` (nor ``unevaluatedProperties``) gets ``additionalProperties: false``,
+    at every depth: what llama.cpp's tool grammars assume, so a small model cannot wander into
+    keys nobody declared. ``strict`` (OpenAI's ``strict: true``) closes every object, whatever it
+    says, and requires every declared property. ``allOf`` branches and ``not`` stay as they are
+    (closing them would change what the whole accepts); what the branches nest is still closed."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _ONE and isinstance(value, dict):
+            out[key] = closed(value, strict)
+        elif key in _MANY + ("allOf", "items") and isinstance(value, list):
+            out[key] = [closed(v, strict, key != "allOf") for v in value]
+        elif key in _NAMED and isinstance(value, dict):
+            out[key] = {name: closed(v, strict) for name, v in value.items()}
+        else:
+            out[key] = value
+    if not _self or not _is_object(schema) or "allOf" in schema:
+        return out
+    if strict:
+        out.pop("unevaluatedProperties", None)
+        out["additionalProperties"] = False
+        if isinstance(schema.get("properties"), dict):
+            out["required"] = list(schema["properties"])
+    elif "additionalProperties" not in schema and "unevaluatedProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
+def _is_object(schema: dict) -> bool:
+    kind = schema.get("type")
+    return kind == "object" or (isinstance(kind, list) and "object" in kind) or (kind is None and "properties" in schema)
 
 
 def escape(text: str) -> str:

@@ -709,11 +709,14 @@ def _common_prefix(a: tuple[int, ...], b: list[int], limit: int) -> int:
 
 
 def generate_batch(gen, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                   parallel: int = 8, on_done: Callable[[int], None] | None = None) -> list:
+                   parallel: int = 8, on_done: Callable[[int], None] | None = None,
+                   processors: Callable[[int], Iterable[LogitProcessor]] | None = None) -> list:
     """Every prompt (token ids) to the end, ``parallel`` at a time in one engine; ``Completion``s in order.
 
     ``params`` is one ``SamplingParams`` for all or one per prompt; ``on_done(i)`` is called
-    as prompt ``i`` finishes (a progress bar). The slots are sized to the longest request.
+    as prompt ``i`` finishes (a progress bar); ``processors(i)`` gives prompt ``i``'s own logit
+    processors (fresh ones: a grammar mask holds its sequence's state). The slots are sized to
+    the longest request.
     """
     from edgeft.runtime.generate import collect
 
@@ -746,7 +749,7 @@ def generate_batch(gen, prompts: list[list[int]], params: SamplingParams | list[
 
     try:
         for i, (ids, p) in enumerate(zip(prompts, plist)):
-            engine.submit(ids, p, receiver(i))
+            engine.submit(ids, p, receiver(i), processors=processors(i) if processors is not None else ())
         for _ in prompts:
             left.acquire()
     finally:

@@ -473,10 +473,11 @@ class Generator:
 
     def generate_batch(self, prompts: list[str | list[int]],
                        params: SamplingParams | list[SamplingParams] | None = None,
-                       parallel: int = 8, on_done=None) -> list[Completion]:
+                       parallel: int = 8, on_done=None, processors=None) -> list[Completion]:
         """Every prompt to the end, decoded together (continuous batching, ``parallel`` at a time).
 
-        One ``SamplingParams`` for all prompts or one per prompt; ``Completion``s come back in
+        One ``SamplingParams`` for all prompts or one per prompt (``processors(i)``: prompt ``i``'s
+        own logit processors, such as a grammar mask); ``Completion``s come back in
         the prompts' order, each equal to what ``generate`` gives that prompt alone (within
         float tolerance: a batched matrix product may round differently).
         """
@@ -485,7 +486,7 @@ class Generator:
         ids = [self._prompt_ids(p) for p in prompts]
         if any(not i for i in ids):
             raise EdgeftError("a prompt is empty: nothing to continue from")
-        return generate_batch(self, ids, params or SamplingParams(), parallel, on_done)
+        return generate_batch(self, ids, params or SamplingParams(), parallel, on_done, processors)
 
 
 def collect(chunks: Iterable[Chunk], prompt_tokens: int, params: SamplingParams) -> Completion:

@@ -4,7 +4,8 @@ Both run the same request through ``generation`` (tokenize, sample settings, adm
 the engine) and the same collecting or streaming loop here; what differs is one small
 protocol object per route that renders a choice, a streamed chunk and the logprobs in
 that route's JSON shape (``Completions``: text, echo, the legacy logprobs; ``Chat``: a
-message, a role chunk first, tool calls held until they can be parsed). Another
+message, a role chunk first, tool calls streamed as OpenAI's deltas as they are written:
+the call with its id and name, then its arguments fragment by fragment). Another
 generation route (Anthropic's messages, OpenAI's responses) is a module with its own
 protocol and ``ROUTES`` that reuses ``generation``. This module knows Starlette responses
 and the wire shapes; it knows nothing of slots, graphs or sampling.
@@ -41,7 +42,7 @@ class Completions:
 
     prefix = "cmpl"  # of the response's id
     parse = staticmethod(wire.parse_completion)
-    holds = False  # whether a choice's streamed text is held until it finishes (tool calls)
+    holds = False  # whether a choice's streamed text is held until it finishes (then given to closing())
 
     def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
         self.model, self.req, self.rid, self.echoes = model, req, rid, echoes
@@ -67,6 +68,10 @@ class Completions:
     def chunk(self, i: int, text: str, finish: str | None, lps: list | None = None) -> dict:
         return responses.completion_chunk(self.rid, self.model.name, text, finish, i, self.logprobs(lps))
 
+    def streamed(self, i: int, text: str, lps: list | None) -> list[dict]:
+        """The chunks one engine chunk of choice ``i`` makes while it runs (its text, its logprobs)."""
+        return [self.chunk(i, text, None, lps)] if text or lps else []
+
     def opening(self, i: int) -> list[dict]:
         echo = self.echoes[i // self.req.n]
         return [self.chunk(i, echo, None)] if echo else []
@@ -79,21 +84,27 @@ class Completions:
 
 
 class Chat(Completions):
-    """How ``/v1/chat/completions`` shows choices: an assistant message, its tool calls parsed from the text."""
+    """How ``/v1/chat/completions`` shows choices: an assistant message, its tool calls parsed from the text.
+
+    With tools offered, each streamed choice's text goes through a ``tools.CallStream``: content
+    as it comes (less what may still open a call), a call's first delta carries its index, id,
+    type and name, later ones only fragments of its arguments. A choice that made calls ends
+    with "tool_calls", unless the budget cut it ("length"): then a call it cut is left out of the
+    whole answer (streamed, the deltas already sent stay, as OpenAI's do); markup is never content."""
 
     prefix = "chatcmpl"
     parse = staticmethod(wire.parse_chat)
 
     def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
         super().__init__(model, req, rid, echoes)
-        self.holds = bool(req.tools) and req.tool_choice[0] != "none"  # stream the text once calls can be parsed
+        self.readers: dict[int, Any] = {}  # choice -> its tools.CallStream (None: no tools offered)
 
     def shape_logprobs(self, entries: list) -> dict:
         return responses.chat_logprobs(entries)
 
     def choice(self, i: int, text: str, finish: str, lps: list | None) -> dict:
-        content, calls = generation.tool_calls(self.req, text)
-        return responses.chat_choice(i, content, "tool_calls" if calls else finish, self.logprobs(lps), calls)
+        content, calls = generation.tool_calls(self.req, text, cut=finish == "length")
+        return responses.chat_choice(i, content, _finish(finish, calls), self.logprobs(lps), calls)
 
     def body(self, choices: list[dict], usage: dict) -> dict:
         return responses.chat_body(self.rid, self.model.name, "", "", usage, choices)
@@ -103,21 +114,48 @@ class Chat(Completions):
         return responses.chat_chunk(self.rid, self.model.name, delta, finish, i, self.logprobs(lps))
 
     def opening(self, i: int) -> list[dict]:
-        return [responses.chat_chunk(self.rid, self.model.name, {"role": "assistant", "content": ""}, None, i)]
+        forced = bool(self.req.tools) and self.req.tool_choice[0] in ("required", "function")  # calls, no content
+        delta = {"role": "assistant", "content": None if forced else ""}
+        return [responses.chat_chunk(self.rid, self.model.name, delta, None, i)]
+
+    def streamed(self, i: int, text: str, lps: list | None) -> list[dict]:
+        stream = self._stream(i)
+        if stream is None:
+            return super().streamed(i, text, lps)
+        deltas = [_delta(p) for p in stream.feed(text)] or ([{}] if lps else [])
+        return [responses.chat_chunk(self.rid, self.model.name, d, None, i, self.logprobs(lps) if not n else None)
+                for n, d in enumerate(deltas)]
 
     def closing(self, i: int, held: str, finish: str) -> list[dict]:
-        out = []
-        if self.holds:
-            content, calls = generation.tool_calls(self.req, held)
-            if calls:
-                out.append(responses.chat_chunk(self.rid, self.model.name, responses.tool_call_delta(calls), None, i))
-                finish = "tool_calls"
-            elif content:
-                out.append(self.chunk(i, content, None))
-        return [*out, self.chunk(i, "", finish)]
+        stream = self._stream(i)
+        if stream is None:
+            return [*([self.chunk(i, held, None)] if held else []), self.chunk(i, "", finish)]
+        pieces = stream.feed(held) + stream.finish(cut=finish == "length")
+        out = [responses.chat_chunk(self.rid, self.model.name, _delta(p), None, i) for p in pieces]
+        return [*out, self.chunk(i, "", _finish(finish, stream.calls))]
+
+    def _stream(self, i: int) -> Any:
+        if i not in self.readers:
+            self.readers[i] = generation.call_stream(self.req)
+        return self.readers[i]
 
     def usage_chunk(self, usage: dict) -> dict:
         return responses.usage_chunk(self.rid, self.model.name, True, usage)
+
+
+def _finish(finish: str, calls: list) -> str:
+    """A choice that made calls ends with "tool_calls", unless the budget cut it ("length")."""
+    return "tool_calls" if calls and finish == "stop" else finish
+
+
+def _delta(piece: Any) -> dict:
+    """A ``tools.Piece`` as a chat chunk's delta (OpenAI's incremental tool calls)."""
+    if piece.kind == "content":
+        return {"content": piece.text}
+    if piece.kind == "call":
+        return {"tool_calls": [{"index": piece.index, "id": piece.id, "type": "function",
+                                "function": {"name": piece.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": piece.index, "function": {"arguments": piece.text}}]}
 
 
 def route(protocol: type[Completions]) -> Callable:
@@ -201,8 +239,8 @@ def _step(shape: Completions, held: list[str], i: int, chunk: Any) -> list[dict]
     out = []
     if shape.holds:
         held.append(chunk.text)
-    elif chunk.text or lps:
-        out.append(shape.chunk(i, chunk.text, None, lps))
+    else:
+        out.extend(shape.streamed(i, chunk.text, lps))
     if chunk.finish_reason is not None:
         finish = chunk.finish_reason if chunk.finish_reason != "cancelled" else "length"
         out.extend(shape.closing(i, "".join(held), finish))

@@ -103,7 +103,7 @@ def jobs(model: Model, req: GenerationRequest, prompt_ids: list[list[int]], cap:
 
 
 def grammar(model: Model, req: GenerationRequest) -> Any:
-    """The request's constraint compiled for the model (a required tool call, else response_format), or None.
+    """The request's constraint compiled for the model (tool calls, with response_format as the answer's), or None.
 
     Blocking (compiling takes milliseconds, the model's first one a second or two): call it off the loop.
     A schema the engine cannot compile is a 400 naming the problem."""
@@ -112,27 +112,39 @@ def grammar(model: Model, req: GenerationRequest) -> Any:
     from edgeft.runtime.tools import Tool, ToolChoice, call_constraint
 
     choice = ToolChoice(*req.tool_choice)
+    answer, param = None, "response_format"
     try:
-        if req.tools and choice.forced:
+        if req.response_format is not None:
+            kind, schema = req.response_format
+            answer = Constraint.json_object() if kind == "json_object" else Constraint.json_schema(schema)
+        if req.tools and choice.mode != "none":
+            if answer is not None:
+                compile_for(model.front, answer)  # a bad schema is the response_format's fault, not the tools'
             param = "tools"
-            constraint = call_constraint([Tool(**t) for t in req.tools], choice, req.parallel_tool_calls)
-        elif req.response_format is not None:
-            param, (kind, schema) = "response_format", req.response_format
-            constraint = Constraint.json_object() if kind == "json_object" else Constraint.json_schema(schema)
-        else:
+            answer = call_constraint([Tool(**t) for t in req.tools], choice, req.parallel_tool_calls, answer)
+        if answer is None:
             return None
-        return compile_for(model.front, constraint)
+        return compile_for(model.front, answer)
     except ConstraintError as exc:
         raise bad(str(exc), param, "invalid_schema") from None
 
 
-def tool_calls(req: GenerationRequest, text: str) -> tuple[str | None, list[dict]]:
-    """(content, tool calls) of a chat answer: calls only when the request offered tools."""
+def tool_calls(req: GenerationRequest, text: str, cut: bool = False) -> tuple[str | None, list[dict]]:
+    """(content, tool calls) of a chat answer: calls only when the request offered tools (``cut``: by the budget)."""
     if not req.tools or req.tool_choice[0] == "none":
         return text, []
     from edgeft.runtime.tools import Tool, parse_calls
 
-    return parse_calls(text, [Tool(**t) for t in req.tools])
+    return parse_calls(text, [Tool(**t) for t in req.tools], cut)
+
+
+def call_stream(req: GenerationRequest) -> Any:
+    """A ``tools.CallStream`` for one streamed choice of a request that offered tools, else None."""
+    if not req.tools or req.tool_choice[0] == "none":
+        return None
+    from edgeft.runtime.tools import CallStream, Tool
+
+    return CallStream([Tool(**t) for t in req.tools])
 
 
 class Choice:
@@ -210,7 +222,7 @@ async def start(state: ServerState, model: Model, req: GenerationRequest) -> tup
     _check_room(state, model, req)
     prompt_ids = await asyncio.to_thread(all_prompt_ids, model, req)
     todo = jobs(model, req, prompt_ids, state.config.max_tokens)
-    constrained = req.response_format is not None or (req.tools and req.tool_choice[0] in ("required", "function"))
+    constrained = req.response_format is not None or (req.tools and req.tool_choice[0] != "none")
     compiled = await asyncio.to_thread(grammar, model, req) if constrained else None
     t_admit = time.perf_counter()
     on_first = lambda: state.metrics.first_token.observe(time.perf_counter() - t_admit, model=model.name)  # noqa: E731

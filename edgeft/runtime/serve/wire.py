@@ -52,7 +52,7 @@ class GenerationRequest:
     echo: bool = False  # completions: the prompt's text before the completion
     prompts: tuple = ()  # completions: every prompt (one choice each, times n)
     response_format: tuple[str, dict | None] | None = None  # ("json_object", None) or ("json_schema", schema)
-    tools: tuple[dict, ...] = ()  # chat: {"name", "description", "parameters"} per function
+    tools: tuple[dict, ...] = ()  # chat: {"name", "description", "parameters", "strict"} per function
     tool_choice: tuple[str, str | None] = ("none", None)  # mode ("auto", "none", "required", "function"), name
     parallel_tool_calls: bool = True
 
@@ -238,11 +238,11 @@ def parse_completion(body: dict, max_tokens_cap: int) -> GenerationRequest:
         raise bad("'prompt' must be a string, a list of token ids, or a list of those", "prompt")
     if len(prompts) > MAX_PROMPTS:
         raise bad(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
-    for name in ("response_format", "tools", "tool_choice"):
+    for name in ("tools", "tool_choice"):
         if body.get(name) is not None:
             raise bad(f"'{name}' is a /v1/chat/completions field", name)
     return GenerationRequest(prompt=prompts[0], prompts=tuple(prompts), echo=_opt_bool(body, "echo"),
-                             **_sampling(body, max_tokens_cap))
+                             response_format=_response_format(body), **_sampling(body, max_tokens_cap))
 
 
 def _text_content(i: int, content: Any) -> str:
@@ -310,7 +310,8 @@ def _tools(body: dict) -> tuple[tuple[dict, ...], tuple[str, str | None], bool]:
         if name in names:
             raise bad(f"two tools are named '{name}'", "tools")
         names.add(name)
-        out.append({"name": name, "description": str(fn.get("description") or ""), "parameters": params})
+        out.append({"name": name, "description": str(fn.get("description") or ""), "parameters": params,
+                    "strict": fn.get("strict") is True})
     choice = body.get("tool_choice")
     if choice is None:
         mode, fname = ("auto" if out else "none"), None
