@@ -62,7 +62,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import stat
 import struct
 import zipfile
@@ -542,11 +541,14 @@ def verify(folder: Path, trusted_keys: Sequence = ()) -> Manifest:
     """Check the manifest's digest (and signature, given trusted keys) and hash every file it lists.
 
     Raise ``EdgeftError`` naming the first thing that differs; never trusts a stamp."""
-    folder = Path(folder)
+    return _verified(Path(folder), trusted_keys)[0]
+
+
+def _verified(folder: Path, trusted_keys: Sequence = ()) -> tuple[Manifest, bytes]:
     manifest, d, raw = _read_folder_manifest(folder)
     check_manifest(str(folder), d, manifest, raw, trusted_keys)
     _check_files(folder, manifest)
-    return manifest
+    return manifest, raw
 
 
 def _packed_size(manifest: Manifest, raw: bytes) -> int:
@@ -565,21 +567,32 @@ def pack(folder: Path, out: Path) -> Path:
     check_apart(folder, out, "the packed file")
     if out.is_dir():
         raise EdgeftError(f"{out} is a folder: pack writes one file (choose another name)")
-    manifest, _, raw = _read_folder_manifest(folder)
-    verify(folder)
+    manifest, raw = _verified(folder)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with os_errors_as_one_line(f"cannot write {out}", out.parent, _packed_size(manifest, raw)):
         try:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 zf.writestr(_member(MANIFEST), raw)
                 for rel in sorted(manifest.files):
-                    with open(folder / rel, "rb") as src, zf.open(_member(rel), "w", force_zip64=True) as sink:
-                        shutil.copyfileobj(src, sink, _CHUNK)
+                    with zf.open(_member(rel), "w", force_zip64=True) as sink:
+                        _copy_checked(folder, rel, manifest.files[rel], sink)
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
     return out
+
+
+def _copy_checked(folder: Path, rel: str, meta: dict, sink) -> None:
+    """Copy one listed file into ``sink``, hashing what is copied: a file changed since it was verified is refused."""
+    h, n = hashlib.sha256(), 0
+    with open(folder / rel, "rb") as src:
+        while block := src.read(_CHUNK):
+            h.update(block)
+            n += len(block)
+            sink.write(block)
+    if n != meta["size"] or h.hexdigest() != meta["sha256"]:
+        raise EdgeftError(f"{folder}: {rel} changed while it was packed")
 
 
 def _member(name: str) -> zipfile.ZipInfo:
@@ -650,13 +663,13 @@ def _layout_problem(zf: zipfile.ZipFile) -> str | None:
     if sig != b"PK\x05\x06" or comment:
         return "it ends in a comment or in data after its last record"
     records_at = size - _EOCD.size
-    if count == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_offset):
-        fh.seek(size - _EOCD.size - _LOCATOR.size)
-        sig, _, records_at, _ = _LOCATOR.unpack(fh.read(_LOCATOR.size))
+    fh.seek(max(records_at - _LOCATOR.size, 0))
+    locator = fh.read(_LOCATOR.size)
+    if locator[:4] == b"PK\x06\x07" and len(locator) == _LOCATOR.size:  # zip64 end records (as zipfile reads them)
+        _, _, records_at, _ = _LOCATOR.unpack(locator)
         fh.seek(records_at)
         head = fh.read(_EOCD64.size)
-        if sig != b"PK\x06\x07" or len(head) != _EOCD64.size or records_at + _EOCD64.size + _LOCATOR.size != (
-                size - _EOCD.size):
+        if len(head) != _EOCD64.size or records_at + _EOCD64.size + _LOCATOR.size != size - _EOCD.size:
             return "its zip64 end records are not where they belong"
         sig64, rest, _, _, _, _, _, count, cd_size, cd_offset = _EOCD64.unpack(head)
         if sig64 != b"PK\x06\x06" or rest != _EOCD64.size - 12:

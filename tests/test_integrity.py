@@ -626,14 +626,18 @@ def test_a_respelled_signature_record_is_refused(signed, keys, change):
 
 # ---------------------------------------------------------------- a packed file: nothing outside its members
 
+@pytest.mark.parametrize("zip64", [False, True], ids=["zip", "zip64"])
 @pytest.mark.parametrize("change", ["prefix", "comment", "trailing", "gap", "member comment", "extra field",
                                     "deflated"])
-def test_a_packed_file_with_bytes_outside_its_members_is_refused(art, keys, tmp_path, change):
+def test_a_packed_file_with_bytes_outside_its_members_is_refused(art, keys, tmp_path, change, zip64, monkeypatch):
     import random
 
+    if zip64:  # the end records a packed file over 4 GB gets, made here with a 64-byte limit
+        monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 64)
     assert run("sign", art, "--key", keys["old"][0]).exit_code == 0
     packed = artifact.pack(art, tmp_path / "art.edgeft")
     good = packed.read_bytes()
+    assert (b"PK\x06\x06" in good[-200:]) == zip64
     bad = tmp_path / "bad.edgeft"
     if change == "prefix":  # a shell script and 100 KB of random bytes in front: zipfile still reads it
         bad.write_bytes(b"#!/bin/sh\necho hi\nexit 0\n" + random.Random(0).randbytes(100_000) + good)
@@ -667,3 +671,16 @@ def test_a_packed_file_with_bytes_outside_its_members_is_refused(art, keys, tmp_
         artifact.check_header(bad)
     assert _unpacked_dirs() == []
     assert run("verify", packed, "--trusted-key", keys["old"][1]).exit_code == 0  # the original holds
+
+
+def test_pack_refuses_a_file_changed_after_it_was_verified(art, tmp_path, monkeypatch):
+    """What is packed is what was hashed: a file rewritten between the check and the copy is refused."""
+    real = artifact._check_files
+
+    def check_then_change(folder, manifest):
+        real(folder, manifest)
+        flip_byte_keep_mtime(folder / "model.onnx")
+
+    monkeypatch.setattr(artifact, "_check_files", check_then_change)
+    one_line_refusal(run("pack", art, "-o", tmp_path / "x.edgeft"), "model.onnx changed while it was packed")
+    assert not list(tmp_path.glob("*x.edgeft*"))
