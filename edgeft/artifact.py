@@ -887,6 +887,8 @@ def check_header(path: Path | str, trusted_keys: Sequence = ()) -> Manifest:
         raise EdgeftError(f"{path} does not exist")
     if path.is_dir():
         manifest, d, raw = _read_folder_manifest(path)
+    elif not path.is_file():
+        raise EdgeftError(f"{path} is neither an artifact folder nor a packed file")
     else:
         def read():
             with _open_zip(path) as zf:
@@ -917,6 +919,8 @@ def sign(path: Path | str, private_key) -> str:
         with os_errors_as_one_line(f"cannot write {path / MANIFEST}", path, len(data)):
             atomic_write_bytes(path / MANIFEST, data)
         return d["signature"]["key_id"]
+    if not path.is_file():
+        raise EdgeftError(f"{path} is neither an artifact folder nor a packed file")
     with os_errors_as_one_line(f"cannot sign {path}", path.parent, path.stat().st_size + 1024):
         return _zip_guard(path, _sign_packed, path, private_key, sign_digest)
 

@@ -2,7 +2,11 @@
 
 A stage writes its folder under a temporary sibling name and renames it into place
 when everything is there; single files are written beside their target and replaced
-with ``os.replace``. Standard library only: the runtime uses this module too.
+with ``os.replace``. Also the checks made before writing (``check_destination``,
+``check_writable``, ``check_apart``: an output that is, holds or lies inside its source)
+and ``one_line_os_error`` / ``os_errors_as_one_line``, which turn an ``OSError`` met while
+writing, a full disk above all, into one line that says how much was needed.
+Standard library only: the runtime uses this module too.
 """
 
 from __future__ import annotations

@@ -158,3 +158,26 @@ def test_pack_keygen_sign_on_a_full_disk_are_one_line_and_change_nothing(tmp_pat
         assert packed.read_bytes() == packed_before
         assert sorted(p.name for p in disk.iterdir()) == ["art", "art.edgeft", "filler", "k.pem", "k.pem.pub"]
         assert sorted(p.name for p in art.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+
+
+def test_pack_of_the_current_folder_writes_beside_it(art, monkeypatch):
+    monkeypatch.chdir(art)
+    res = run("pack", ".")
+    assert res.exit_code == 0, res.output
+    assert artifact.verify_packed(art.parent / "art.edgeft").files
+
+
+def test_sign_and_the_serve_header_check_of_a_fifo_are_one_line(tmp_path, keys_pair):
+    """A FIFO is neither a folder nor a packed file: opening it to read would wait for a writer forever."""
+    fifo = tmp_path / "pipe.edgeft"
+    os.mkfifo(fifo)
+    one_line_refusal(run("sign", fifo, "--key", keys_pair), "neither an artifact folder nor a packed file")
+    with pytest.raises(EdgeftError, match="neither an artifact folder nor a packed file"):
+        artifact.check_header(fifo)
+
+
+@pytest.fixture
+def keys_pair(tmp_path) -> Path:
+    pytest.importorskip("cryptography")
+    assert run("keygen", tmp_path / "k.pem").exit_code == 0
+    return tmp_path / "k.pem"

@@ -100,7 +100,7 @@ def pack(config: PackConfig) -> None:
     artifact = config.artifact
     if not artifact.is_dir():
         raise EdgeftError(f"{artifact} is not an artifact folder")
-    out = config.out or artifact.with_name(artifact.name + PACK_SUFFIX)
+    out = config.out or artifact.resolve().with_name(artifact.resolve().name + PACK_SUFFIX)  # "." has no name
     if out.exists() and not config.overwrite:
         raise EdgeftError(f"{out} already exists (use --overwrite to replace it)")
     if out.suffix != PACK_SUFFIX:
