@@ -16,10 +16,11 @@ a signature is made or checked), so the runtime can import it.
 Integrity. ``manifest.json`` lists every other file with its sha256 and size (``files``)
 and carries two more fields:
 
-- ``digest``: ``sha256:<hex>`` over the manifest's canonical JSON (sorted keys, no
-  spaces, ``digest`` and ``signature`` left out), so over every file's hash too: change a
-  label, a setting or a file and the digest no longer matches. Checked at every load.
-  It catches corruption, not an attacker, who can recompute it.
+- ``digest``: ``sha256:<hex>`` over the manifest's compact JSON (keys in the file's
+  order, no spaces, ``digest`` and ``signature`` left out), so over every file's hash too:
+  change a label, a setting, the order of keys or a file and the digest no longer matches.
+  Checked at every load. It catches corruption, not an attacker, who can recompute it.
+  (Digests made before key order counted were over sorted keys; they still verify.)
 - ``signature``: ``{"algorithm": "ed25519", "key_id", "value"}``, an Ed25519 signature of
   the digest (``edgeft sign``, ``edgeft export --sign``; see ``edgeft.signing``). With
   trusted keys (``--trusted-key``, ``EDGEFT_TRUSTED_KEY``) an unsigned artifact, or one
@@ -29,9 +30,9 @@ A packed ``.edgeft`` file is a zip of the same folder; the same two fields live 
 ``manifest.json`` member. An artifact from before digests loads with a one-line warning.
 
 What a signature covers. Every byte of ``manifest.json`` when a trusted key checks it: the
-file must be exactly ``manifest_file_bytes`` of what it says (no duplicate key, other
-spacing, line end, escape or key order), the digest binds that content and every listed
-file's sha256 and size, and the signature record is three fields in one spelling. Every
+digest binds its content, key order included, and every listed file's sha256 and size; the
+file must be exactly ``manifest_file_bytes`` of that content (no duplicate key, other
+spacing, line end or escape); and the signature record is three fields in one spelling. Every
 file the runtime opens through the manifest is one of those listed files, named plainly
 inside the artifact (``check_names``), never a link, and nothing else may be in the folder.
 A packed file's members lie back to back from its first byte to its zip directory and end
@@ -82,7 +83,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PACK_SUFFIX = ".edgeft"
 DIGEST_PREFIX = "sha256:"
-_DIGEST_CONTEXT = b"edgeft-manifest-v1\n"
+_DIGEST_CONTEXT = b"edgeft-manifest-v2\n"  # over keys in the file's order
+_DIGEST_CONTEXT_SORTED = b"edgeft-manifest-v1\n"  # over sorted keys: digests made before order counted
 MAX_MANIFEST_BYTES = 16 << 20  # a packed manifest larger than this is refused before it is read
 _CHUNK = 1 << 20
 
@@ -259,26 +261,37 @@ class Manifest:
         return cls(**kw)
 
 
-def canonical_bytes(d: dict[str, Any]) -> bytes:
-    """The manifest as the digest sees it: sorted keys, no spaces, without ``digest`` and ``signature``."""
+def canonical_bytes(d: dict[str, Any], sort_keys: bool = False) -> bytes:
+    """The manifest as the digest sees it: keys in order (sorted for digests made before order counted),
+    no spaces, without ``digest`` and ``signature``."""
     body = {k: v for k, v in d.items() if k not in ("digest", "signature")}
     try:
-        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(body, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False).encode()
     except UnicodeEncodeError:
         raise EdgeftError(f"{MANIFEST} holds a string that is not valid Unicode (a lone surrogate)") from None
 
 
 def manifest_file_bytes(d: dict[str, Any]) -> bytes:
-    """``manifest.json`` as edgeft writes it: sorted keys, two-space indent, ASCII escapes, LF, a final newline.
+    """``manifest.json`` as edgeft writes it: keys in order, two-space indent, ASCII escapes, LF, a final newline.
 
     The only bytes a signed manifest may have: ``check_manifest`` refuses any other spelling of
-    the same content when it checks a signature (see ``check_manifest``)."""
-    return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
+    the same content when it checks a signature. (What every edgeft version wrote.)"""
+    return (json.dumps(d, indent=2) + "\n").encode()
 
 
 def manifest_digest(d: dict[str, Any]) -> str:
-    """``sha256:<hex>`` of a manifest dict as read from JSON (so over every file's sha256 too)."""
+    """``sha256:<hex>`` of a manifest dict as read from JSON, key order included (so over every file's sha256 too)."""
     return DIGEST_PREFIX + hashlib.sha256(_DIGEST_CONTEXT + canonical_bytes(d)).hexdigest()
+
+
+def _digest_holds(d: dict[str, Any], digest: str) -> bool:
+    """``digest`` is this manifest's: over its keys in order, or (made before order counted) over sorted keys.
+
+    Accepting both is safe under a signature: the two hash different prefixes, so a signed
+    order-covering digest never matches a sorted-keys one of reordered content."""
+    if digest == manifest_digest(d):
+        return True
+    return digest == DIGEST_PREFIX + hashlib.sha256(_DIGEST_CONTEXT_SORTED + canonical_bytes(d, True)).hexdigest()
 
 
 NAME_MAX = 255  # bytes in one part of a file name (most file systems' limit)
@@ -410,9 +423,9 @@ def check_manifest(where: str, d: dict[str, Any], manifest: Manifest, raw: bytes
 
     ``trusted_keys`` are ``edgeft.signing.TrustedKey``; with none, a signature is not checked.
     With them, ``raw`` (the file's bytes) must be exactly ``manifest_file_bytes`` of its content,
-    so no byte of a signed manifest can change: not a space, a line end, an escape, the order of
-    keys or the signature's own spelling. A manifest with no digest (written before edgeft made
-    one) passes with one warning line.
+    so no byte of a signed manifest can change: the digest covers the content and its key order,
+    this check a space, a line end or an escape, ``check_signature`` the signature's own spelling.
+    A manifest with no digest (written before edgeft made one) passes with one warning line.
     """
     if manifest.digest is None:
         if trusted_keys:
@@ -423,15 +436,14 @@ def check_manifest(where: str, d: dict[str, Any], manifest: Manifest, raw: bytes
             log.warning("warning: %s has no manifest digest (made before edgeft wrote one): its files are checked, "
                         "its manifest is not; re-export it or run edgeft sign to add one", where)
         return
-    if manifest_digest(d) != manifest.digest:
+    if not _digest_holds(d, manifest.digest):
         raise EdgeftError(f"{where}: {MANIFEST} does not match its digest (edited or corrupted)")
     if trusted_keys:
         from edgeft.signing import check_signature
 
         if raw != manifest_file_bytes(d):
-            raise EdgeftError(f"{where}: {MANIFEST} is not byte for byte as edgeft writes it (spaces, line ends, "
-                              "escapes or key order differ), so its signature cannot vouch for it; "
-                              "sign it again with edgeft sign")
+            raise EdgeftError(f"{where}: {MANIFEST} is not byte for byte as edgeft writes it (spaces, line ends "
+                              "or escapes differ), so its signature cannot vouch for it; sign it again with edgeft sign")
         check_signature(where, manifest.signature, manifest.digest, trusted_keys)
 
 
