@@ -700,3 +700,12 @@ def test_pack_refuses_a_file_changed_after_it_was_verified(art, tmp_path, monkey
     monkeypatch.setattr(artifact, "_check_files", check_then_change)
     one_line_refusal(run("pack", art, "-o", tmp_path / "x.edgeft"), "model.onnx changed while it was packed")
     assert not list(tmp_path.glob("*x.edgeft*"))
+
+
+def test_an_unchecked_key_id_is_shown_on_one_short_line(art):
+    """Without --trusted-key the signature is not checked, and its key id is whatever the file says."""
+    _edit_manifest(art, lambda d: d.update(signature={"algorithm": "ed25519", "key_id": "abc\nx: ok, FORGED" + "z" * 200,
+                                                      "value": ""}))
+    res = run("verify", art)
+    assert res.exit_code == 0 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "abc\\nx: ok, FORGED" in res.output and "z" * 100 not in res.output
