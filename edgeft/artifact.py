@@ -16,10 +16,11 @@ a signature is made or checked), so the runtime can import it.
 Integrity. ``manifest.json`` lists every other file with its sha256 and size (``files``)
 and carries two more fields:
 
-- ``digest``: ``sha256:<hex>`` over the manifest's canonical JSON (sorted keys, no
-  spaces, ``digest`` and ``signature`` left out), so over every file's hash too: change a
-  label, a setting or a file and the digest no longer matches. Checked at every load.
-  It catches corruption, not an attacker, who can recompute it.
+- ``digest``: ``sha256:<hex>`` over the manifest's compact JSON (keys in the file's
+  order, no spaces, ``digest`` and ``signature`` left out), so over every file's hash too:
+  change a label, a setting, the order of keys or a file and the digest no longer matches.
+  Checked at every load. It catches corruption, not an attacker, who can recompute it.
+  (Digests made before key order counted were over sorted keys; they still verify.)
 - ``signature``: ``{"algorithm": "ed25519", "key_id", "value"}``, an Ed25519 signature of
   the digest (``edgeft sign``, ``edgeft export --sign``; see ``edgeft.signing``). With
   trusted keys (``--trusted-key``, ``EDGEFT_TRUSTED_KEY``) an unsigned artifact, or one
@@ -27,6 +28,16 @@ and carries two more fields:
 
 A packed ``.edgeft`` file is a zip of the same folder; the same two fields live in its
 ``manifest.json`` member. An artifact from before digests loads with a one-line warning.
+
+What a signature covers. Every byte of ``manifest.json`` when a trusted key checks it: the
+digest binds its content, key order included, and every listed file's sha256 and size; the
+file must be exactly ``manifest_file_bytes`` of that content (no duplicate key, other
+spacing, line end or escape); and the signature record is three fields in one spelling. Every
+file the runtime opens through the manifest is one of those listed files, named plainly
+inside the artifact (``check_names``), never a link, and nothing else may be in the folder.
+A packed file's members lie back to back from its first byte to its zip directory and end
+record, stored, with no comment or extra field but zip64's (``_layout_problem``); the zip
+headers' own fields (dates, permission bits, versions) are not signed.
 
 ``Check.full`` hashes every byte (``edgeft verify``, ``edgeft serve`` and the Python
 API's default); ``Check.quick`` (the one-shot ``generate``, ``chat``, ``classify``)
@@ -53,6 +64,7 @@ import json
 import logging
 import os
 import stat
+import struct
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -62,7 +74,8 @@ from typing import Any
 
 from edgeft import __version__
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_dir, atomic_write_json, file_stamp, sha256_file
+from edgeft.fsutil import (atomic_dir, atomic_write_bytes, atomic_write_json, check_apart, file_stamp,
+                           os_errors_as_one_line, sha256_file)
 from edgeft.runtime.params import SamplingParams
 
 FORMAT = "edgeft-artifact"
@@ -70,7 +83,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PACK_SUFFIX = ".edgeft"
 DIGEST_PREFIX = "sha256:"
-_DIGEST_CONTEXT = b"edgeft-manifest-v1\n"
+_DIGEST_CONTEXT = b"edgeft-manifest-v2\n"  # over keys in the file's order
+_DIGEST_CONTEXT_SORTED = b"edgeft-manifest-v1\n"  # over sorted keys: digests made before order counted
 MAX_MANIFEST_BYTES = 16 << 20  # a packed manifest larger than this is refused before it is read
 _CHUNK = 1 << 20
 
@@ -247,31 +261,120 @@ class Manifest:
         return cls(**kw)
 
 
-def canonical_bytes(d: dict[str, Any]) -> bytes:
-    """The manifest as the digest sees it: sorted keys, no spaces, without ``digest`` and ``signature``."""
+def canonical_bytes(d: dict[str, Any], sort_keys: bool = False) -> bytes:
+    """The manifest as the digest sees it: keys in order (sorted for digests made before order counted),
+    no spaces, without ``digest`` and ``signature``."""
     body = {k: v for k, v in d.items() if k not in ("digest", "signature")}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(body, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise EdgeftError(f"{MANIFEST} holds a string that is not valid Unicode (a lone surrogate)") from None
+
+
+def manifest_file_bytes(d: dict[str, Any]) -> bytes:
+    """``manifest.json`` as edgeft writes it: keys in order, two-space indent, ASCII escapes, LF, a final newline.
+
+    The only bytes a signed manifest may have: ``check_manifest`` refuses any other spelling of
+    the same content when it checks a signature. (What every edgeft version wrote.)"""
+    return (json.dumps(d, indent=2) + "\n").encode()
 
 
 def manifest_digest(d: dict[str, Any]) -> str:
-    """``sha256:<hex>`` of a manifest dict as read from JSON (so over every file's sha256 too)."""
+    """``sha256:<hex>`` of a manifest dict as read from JSON, key order included (so over every file's sha256 too)."""
     return DIGEST_PREFIX + hashlib.sha256(_DIGEST_CONTEXT + canonical_bytes(d)).hexdigest()
 
 
-def _safe_name(where: str, rel: Any) -> str:
-    parts = str(rel).split("/")
-    if (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or rel == MANIFEST
-            or any(p in ("", ".", "..") for p in parts)):
-        raise EdgeftError(f"{where}: unsafe or invalid file name {str(rel)[:80]!r} in the manifest")
+def _digest_holds(d: dict[str, Any], digest: str) -> bool:
+    """``digest`` is this manifest's: over its keys in order, or (made before order counted) over sorted keys.
+
+    Accepting both is safe under a signature: the two hash different prefixes, so a signed
+    order-covering digest never matches a sorted-keys one of reordered content."""
+    if digest == manifest_digest(d):
+        return True
+    return digest == DIGEST_PREFIX + hashlib.sha256(_DIGEST_CONTEXT_SORTED + canonical_bytes(d, True)).hexdigest()
+
+
+NAME_MAX = 255  # bytes in one part of a file name (most file systems' limit)
+_NAME_FIELDS = ("graph.file", "graph.genai_config", "tokenizer.file", "tokenizer.config_file",
+                "tokenizer.chat_template")  # every file the runtime opens through the manifest
+_REQUIRED_NAMES = ("graph.file", "tokenizer.file")
+
+
+def _name_problem(rel: Any) -> str | None:
+    """Why ``rel`` is not a plain relative file name inside an artifact, or None when it is one."""
+    if not isinstance(rel, str) or not rel:
+        return "not a file name"
+    if rel.startswith("/") or "\\" in rel or ":" in rel:
+        return "not a plain relative name (absolute, or with a drive or a backslash)"
+    if any(ord(c) < 0x20 or c == "\x7f" for c in rel):
+        return "a name with a control character"
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "a name with an empty, '.' or '..' part"
+    if any(len(p.encode("utf-8", "surrogatepass")) > NAME_MAX for p in parts):
+        return f"a name with a part longer than {NAME_MAX} bytes"
+    if rel == MANIFEST:
+        return f"the manifest's own name ({MANIFEST})"
+    return None
+
+
+def _safe_name(where: str, rel: Any, what: str = "file name") -> str:
+    problem = _name_problem(rel)
+    if problem:
+        raise EdgeftError(f"{where}: the manifest's {what} {str(rel)[:80]!r} is {problem}")
     return rel
 
 
+def check_names(where: str, manifest: Manifest) -> None:
+    """The one check of every file name a manifest holds; ``parse_manifest`` makes it, so every loader does.
+
+    Each name in ``files`` is a plain relative name (no absolute path, drive, backslash, ``.``,
+    ``..`` or empty part, control character or over-long part) and no listed name is a folder of
+    another; each file the runtime opens (``graph.file``, ``graph.genai_config``, ``tokenizer.file``,
+    ``tokenizer.config_file``, ``tokenizer.chat_template``) is one of the names in ``files``, so it
+    is hashed and signed with the rest. That no listed file is a link, or under one, is checked on
+    disk (``_check_files``) and in a packed file's members (``_checked_members``)."""
+    for rel in manifest.files:
+        _safe_name(where, rel)
+    folders = {rel.rsplit("/", 1)[0] for rel in manifest.files if "/" in rel}
+    folders = {"/".join(f.split("/")[:i]) for f in folders for i in range(1, f.count("/") + 2)}
+    clash = sorted(folders & set(manifest.files))
+    if clash:
+        raise EdgeftError(f"{where}: the manifest lists {clash[0][:80]!r} both as a file and as a folder")
+    for what in _NAME_FIELDS:
+        section, attr = what.split(".")
+        rel = getattr(getattr(manifest, section), attr)
+        if rel is None and what not in _REQUIRED_NAMES:
+            continue
+        _safe_name(where, rel, what)
+        if rel not in manifest.files:
+            raise EdgeftError(f"{where}: the manifest's {what} {rel[:80]!r} is not one of its listed files")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
 def parse_manifest(where: str, raw: bytes) -> tuple[Manifest, dict[str, Any]]:
-    """A manifest and its raw dict from ``manifest.json``'s bytes; one-line errors for anything malformed."""
+    """A manifest and its raw dict from ``manifest.json``'s bytes; one-line errors for anything malformed.
+
+    A key given twice in one object is refused: JSON readers differ on which value wins."""
     try:
-        d = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise EdgeftError(f"{where}: {MANIFEST} is not valid JSON ({exc})") from None
+        d = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise EdgeftError(f"{where}: {MANIFEST} has the key {str(exc)[:80]!r} twice in one object "
+                          "(JSON readers disagree on which value counts)") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise EdgeftError(f"{where}: {MANIFEST} is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(d, dict):
         raise EdgeftError(f"{where}: {MANIFEST} is not a JSON object")
     try:
@@ -282,8 +385,7 @@ def parse_manifest(where: str, raw: bytes) -> tuple[Manifest, dict[str, Any]]:
             not isinstance(m, dict) or not isinstance(m.get("sha256"), str) or not isinstance(m.get("size"), int)
             for m in manifest.files.values()):
         raise EdgeftError(f"{where}: {MANIFEST} has a malformed files section")
-    for rel in manifest.files:
-        _safe_name(where, rel)
+    check_names(where, manifest)
     if manifest.classifier is not None:
         labels = manifest.classifier.labels
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
@@ -302,6 +404,8 @@ def read_manifest(folder: Path) -> Manifest:
 
 def _read_folder_manifest(folder: Path) -> tuple[Manifest, dict[str, Any], bytes]:
     path = folder / MANIFEST
+    if path.is_symlink():
+        raise EdgeftError(f"{folder}: its {MANIFEST} is a link (an artifact holds no links)")
     if not path.is_file():
         raise EdgeftError(f"{folder} is not an edgeft artifact (no {MANIFEST})")
     try:
@@ -314,10 +418,13 @@ def _read_folder_manifest(folder: Path) -> tuple[Manifest, dict[str, Any], bytes
 _warned: set[str] = set()
 
 
-def check_manifest(where: str, d: dict[str, Any], manifest: Manifest, trusted_keys: Sequence = ()) -> None:
-    """The manifest against its own digest, then (with trusted keys) its signature against them.
+def check_manifest(where: str, d: dict[str, Any], manifest: Manifest, raw: bytes, trusted_keys: Sequence = ()) -> None:
+    """The manifest against its own digest, then (with trusted keys) its bytes and signature against them.
 
     ``trusted_keys`` are ``edgeft.signing.TrustedKey``; with none, a signature is not checked.
+    With them, ``raw`` (the file's bytes) must be exactly ``manifest_file_bytes`` of its content,
+    so no byte of a signed manifest can change: the digest covers the content and its key order,
+    this check a space, a line end or an escape, ``check_signature`` the signature's own spelling.
     A manifest with no digest (written before edgeft made one) passes with one warning line.
     """
     if manifest.digest is None:
@@ -329,19 +436,46 @@ def check_manifest(where: str, d: dict[str, Any], manifest: Manifest, trusted_ke
             log.warning("warning: %s has no manifest digest (made before edgeft wrote one): its files are checked, "
                         "its manifest is not; re-export it or run edgeft sign to add one", where)
         return
-    if manifest_digest(d) != manifest.digest:
+    if not _digest_holds(d, manifest.digest):
         raise EdgeftError(f"{where}: {MANIFEST} does not match its digest (edited or corrupted)")
     if trusted_keys:
         from edgeft.signing import check_signature
 
+        if raw != manifest_file_bytes(d):
+            raise EdgeftError(f"{where}: {MANIFEST} is not byte for byte as edgeft writes it (spaces, line ends "
+                              "or escapes differ), so its signature cannot vouch for it; sign it again with edgeft sign")
         check_signature(where, manifest.signature, manifest.digest, trusted_keys)
 
 
-def file_hashes_names(folder: Path) -> list[str]:
-    """Every file under ``folder`` but the manifest, as sorted relative POSIX paths."""
+def _what(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "FIFO" if stat.S_ISFIFO(mode) else "special file"
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def folder_entries(folder: Path) -> dict[str, str]:
+    """Everything under ``folder``, links not followed: relative POSIX name -> 'file', 'folder', 'link',
+    'FIFO' or 'special file'. A link to a folder is listed, never entered."""
     folder = Path(folder)
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
+    out = {}
+    for root, dirs, names in os.walk(folder, onerror=_raise):
+        for name in (*dirs, *names):
+            p = Path(root, name)
+            out[p.relative_to(folder).as_posix()] = _what(os.lstat(p).st_mode)
+    return out
+
+
+def file_hashes_names(folder: Path) -> list[str]:
+    """Every regular file under ``folder`` but the manifest (links not followed), as sorted relative POSIX paths."""
+    return sorted(rel for rel, kind in folder_entries(folder).items() if kind == "file" and rel != MANIFEST)
 
 
 def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
@@ -360,55 +494,125 @@ def sealed(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
-    """Hash every file in ``folder`` and write the manifest, with its digest, last. Returns the stored manifest."""
+    """Hash every file in ``folder`` and write the manifest, with its digest, last. Returns the stored manifest.
+
+    The folder must hold only files and their folders (a link, a FIFO or an empty folder would
+    make the artifact fail ``verify``), and the manifest's file names must pass ``check_names``."""
+    folder = Path(folder)
     manifest = dataclasses.replace(manifest, files=file_hashes(folder), digest=None, signature=None)
+    check_names(str(folder), manifest)
+    _refuse_unlisted(folder, folder_entries(folder), manifest)
     d = sealed(manifest.to_dict())
-    atomic_write_json(Path(folder) / MANIFEST, d)
+    atomic_write_bytes(folder / MANIFEST, manifest_file_bytes(d))
     return dataclasses.replace(manifest, digest=d["digest"])
 
 
+def _check_listed(folder: Path, rel: str, meta: dict, entries: dict[str, str]) -> None:
+    """One listed file: a regular file, not a link nor under one, of its size and sha256."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        above = "/".join(parts[:i])
+        if entries.get(above) not in (None, "folder"):
+            raise EdgeftError(f"{folder}: {rel} is under {above}, which is a {entries[above]}, not a folder")
+    kind = entries.get(rel)
+    if kind != "file":
+        raise EdgeftError(f"{folder}: {rel} is {'missing' if kind is None else f'a {kind}, not a file'}")
+    p = folder / rel
+    if p.stat().st_size != meta["size"]:
+        raise EdgeftError(f"{folder}: {rel} has {p.stat().st_size} bytes, expected {meta['size']} (truncated?)")
+    if sha256_file(p) != meta["sha256"]:
+        raise EdgeftError(f"{folder}: {rel} does not match its checksum (modified or corrupted)")
+
+
+def _refuse_unlisted(folder: Path, entries: dict[str, str], manifest: Manifest) -> None:
+    """Anything in the folder that is neither a listed file, a folder above one, nor the manifest is refused:
+    an unlisted file, a link (dangling or not), a FIFO, a device, an empty or unused folder."""
+    wanted = {MANIFEST: "file", **{rel: "file" for rel in manifest.files}}
+    for rel in manifest.files:
+        parts = rel.split("/")
+        wanted.update({"/".join(parts[:i]): "folder" for i in range(1, len(parts))})
+    extra = sorted(rel for rel, kind in entries.items() if wanted.get(rel) != kind)
+    if extra:
+        shown = [rel if entries[rel] == "file" else f"{rel} (a {entries[rel]})" for rel in extra[:5]]
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise EdgeftError(f"{folder}: not in the manifest: {', '.join(shown)}{more}")
+
+
 def _check_files(folder: Path, manifest: Manifest) -> None:
+    """Every listed file present and intact, nothing else in the folder; an unreadable folder is one line."""
     if not manifest.files:
         raise EdgeftError(f"{folder}: manifest lists no files")
-    for rel, meta in manifest.files.items():
-        p = folder / rel
-        if p.is_symlink() or not p.is_file():
-            raise EdgeftError(f"{folder}: {rel} is {'a link' if p.is_symlink() else 'missing'}")
-        if p.stat().st_size != meta["size"]:
-            raise EdgeftError(f"{folder}: {rel} has {p.stat().st_size} bytes, expected {meta['size']} (truncated?)")
-        if sha256_file(p) != meta["sha256"]:
-            raise EdgeftError(f"{folder}: {rel} does not match its checksum (modified or corrupted)")
-    extra = set(file_hashes_names(folder)) - set(manifest.files)
-    if extra:
-        raise EdgeftError(f"{folder}: files not in the manifest: {', '.join(sorted(extra))}")
+    with os_errors_as_one_line(f"cannot check {folder}"):
+        entries = folder_entries(folder)
+        for rel, meta in manifest.files.items():
+            _check_listed(folder, rel, meta, entries)
+        _refuse_unlisted(folder, entries, manifest)
 
 
 def verify(folder: Path, trusted_keys: Sequence = ()) -> Manifest:
     """Check the manifest's digest (and signature, given trusted keys) and hash every file it lists.
 
     Raise ``EdgeftError`` naming the first thing that differs; never trusts a stamp."""
-    folder = Path(folder)
-    manifest, d, _ = _read_folder_manifest(folder)
-    check_manifest(str(folder), d, manifest, trusted_keys)
+    return _verified(Path(folder), trusted_keys)[0]
+
+
+def _verified(folder: Path, trusted_keys: Sequence = ()) -> tuple[Manifest, bytes]:
+    manifest, d, raw = _read_folder_manifest(folder)
+    check_manifest(str(folder), d, manifest, raw, trusted_keys)
     _check_files(folder, manifest)
-    return manifest
+    return manifest, raw
+
+
+def _packed_size(manifest: Manifest, raw: bytes) -> int:
+    """About how many bytes ``pack`` writes: every file, the manifest and zip headers (zip64 ones)."""
+    names = [MANIFEST, *manifest.files]
+    return (sum(m["size"] for m in manifest.files.values()) + len(raw)
+            + sum(2 * len(n.encode()) + 30 + 46 + 2 * 32 for n in names) + 22 + 76)
 
 
 def pack(folder: Path, out: Path) -> Path:
-    """Write the artifact folder as one uncompressed zip file (``.edgeft``), after verifying it."""
+    """Write the artifact folder as one uncompressed zip file (``.edgeft``), after verifying it.
+
+    Refuses an output inside the folder (it would pack itself) or that is a folder; a full disk
+    is one line that says how much was needed."""
     folder, out = Path(folder), Path(out)
-    verify(folder)
+    check_apart(folder, out, "the packed file")
+    if out.is_dir():
+        raise EdgeftError(f"{out} is a folder: pack writes one file (choose another name)")
+    manifest, raw = _verified(folder)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            zf.write(folder / MANIFEST, MANIFEST)
-            for rel in file_hashes_names(folder):
-                zf.write(folder / rel, rel)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with os_errors_as_one_line(f"cannot write {out}", out.parent, _packed_size(manifest, raw)):
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                zf.writestr(_member(MANIFEST), raw)
+                for rel in sorted(manifest.files):
+                    with zf.open(_member(rel), "w", force_zip64=True) as sink:
+                        _copy_checked(folder, rel, manifest.files[rel], sink)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out
+
+
+def _copy_checked(folder: Path, rel: str, meta: dict, sink) -> None:
+    """Copy one listed file into ``sink``, hashing what is copied: a file changed since it was verified is refused."""
+    h, n = hashlib.sha256(), 0
+    with open(folder / rel, "rb") as src:
+        while block := src.read(_CHUNK):
+            h.update(block)
+            n += len(block)
+            sink.write(block)
+    if n != meta["size"] or h.hexdigest() != meta["sha256"]:
+        raise EdgeftError(f"{folder}: {rel} changed while it was packed")
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    """A plain file member as edgeft writes it: stored, mode 0644, a fixed date (no clock in the bytes)."""
+    info = zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0))
+    info.external_attr = (stat.S_IFREG | 0o644) << 16
+    info.compress_type = zipfile.ZIP_STORED
+    return info
 
 
 def cache_root() -> Path:
@@ -426,10 +630,86 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, N
 
 
 def _open_zip(packed: Path) -> zipfile.ZipFile:
+    """The packed file opened as a zip, once its layout holds (``_layout_problem``); one line otherwise."""
     try:
-        return zipfile.ZipFile(packed)
+        zf = zipfile.ZipFile(packed)
     except (*_ZIP_ERRORS, OSError) as exc:
         raise EdgeftError(f"{packed} is not a packed edgeft artifact ({type(exc).__name__}: {exc})") from None
+    try:
+        problem = _layout_problem(zf)
+    except (*_ZIP_ERRORS, OSError, struct.error) as exc:
+        problem = f"its zip records do not read ({type(exc).__name__})"
+    if problem:
+        zf.close()
+        raise EdgeftError(f"{packed} is not laid out as edgeft packs a file: {problem}; pack the folder again")
+    return zf
+
+
+_EOCD, _EOCD64, _LOCATOR = struct.Struct("<4s4H2LH"), struct.Struct("<4sQ2H2L4Q"), struct.Struct("<4sLQL")
+_LOCAL = struct.Struct("<4s5H3L2H")
+_ZIP64_EXTRA = 0x0001
+
+
+def _only_zip64_extra(extra: bytes) -> bool:
+    """Whether an extra field holds nothing but zip64 size records (all edgeft writes)."""
+    i = 0
+    while i < len(extra):
+        if i + 4 > len(extra):
+            return False
+        tag, size = struct.unpack_from("<2H", extra, i)
+        if tag != _ZIP64_EXTRA:
+            return False
+        i += 4 + size
+    return i == len(extra)
+
+
+def _layout_problem(zf: zipfile.ZipFile) -> str | None:
+    """Why the file holds bytes outside its members, or None: members back to back from byte 0, then the
+    central directory, the (zip64) end records and nothing else: no prefix, gap, comment, trailing
+    data, extra field but zip64's, member comment, compression or data descriptor."""
+    fh = zf.fp
+    assert fh is not None
+    size = fh.seek(0, os.SEEK_END)
+    fh.seek(size - _EOCD.size)
+    sig, _, _, _, count, cd_size, cd_offset, comment = _EOCD.unpack(fh.read(_EOCD.size))
+    if sig != b"PK\x05\x06" or comment:
+        return "it ends in a comment or in data after its last record"
+    records_at = size - _EOCD.size
+    fh.seek(max(records_at - _LOCATOR.size, 0))
+    locator = fh.read(_LOCATOR.size)
+    if locator[:4] == b"PK\x06\x07" and len(locator) == _LOCATOR.size:  # zip64 end records (as zipfile reads them)
+        _, _, records_at, _ = _LOCATOR.unpack(locator)
+        fh.seek(records_at)
+        head = fh.read(_EOCD64.size)
+        if len(head) != _EOCD64.size or records_at + _EOCD64.size + _LOCATOR.size != size - _EOCD.size:
+            return "its zip64 end records are not where they belong"
+        sig64, rest, _, _, _, _, _, count, cd_size, cd_offset = _EOCD64.unpack(head)
+        if sig64 != b"PK\x06\x06" or rest != _EOCD64.size - 12:
+            return "its zip64 end record is malformed or extended"
+    if cd_offset + cd_size != records_at:
+        return "it has data before its first member or between its directory and its end"
+    infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+    if count != len(infos):
+        return f"its end record counts {count} members, its directory holds {len(infos)}"
+    at = 0
+    for info in infos:
+        if info.header_offset != at:
+            return f"{at - info.header_offset if at > info.header_offset else info.header_offset - at} bytes " \
+                   f"{'overlap' if at > info.header_offset else 'lie'} before member {info.filename[:80]!r}"
+        if info.comment or not _only_zip64_extra(info.extra) or info.flag_bits & 0x08:
+            return f"member {info.filename[:80]!r} carries a comment, an extra field or a data descriptor"
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            return f"member {info.filename[:80]!r} is compressed (edgeft packs files stored as they are)"
+        fh.seek(info.header_offset)
+        local = _LOCAL.unpack(fh.read(_LOCAL.size))
+        name_len, extra_len = local[-2:]
+        fh.seek(info.header_offset + _LOCAL.size + name_len)
+        if local[0] != b"PK\x03\x04" or not _only_zip64_extra(fh.read(extra_len)):
+            return f"member {info.filename[:80]!r} has a malformed or extended local header"
+        at = info.header_offset + _LOCAL.size + name_len + extra_len + info.compress_size
+    if at != cd_offset:
+        return f"{cd_offset - at} bytes lie between its last member and its directory"
+    return None
 
 
 def _kind(info: zipfile.ZipInfo) -> str | None:
@@ -480,8 +760,6 @@ def _checked_members(zf: zipfile.ZipFile, packed: Path, manifest: Manifest) -> l
         meta = manifest.files[name]
         if info.file_size != meta["size"]:
             raise EdgeftError(f"{packed}: member {name!r} is {info.file_size} bytes, the manifest says {meta['size']}")
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise EdgeftError(f"{packed}: member {name!r} uses an unsupported compression")
         members.append((info, meta))
     missing = sorted(set(manifest.files) - seen)
     if missing:
@@ -520,8 +798,8 @@ def verify_packed(packed: Path, trusted_keys: Sequence = ()) -> Manifest:
 
     def run() -> Manifest:
         with _open_zip(packed) as zf:
-            manifest, d, _ = _packed_manifest(zf, packed)
-            check_manifest(str(packed), d, manifest, trusted_keys)
+            manifest, d, raw = _packed_manifest(zf, packed)
+            check_manifest(str(packed), d, manifest, raw, trusted_keys)
             for info, meta in _checked_members(zf, packed, manifest):
                 _stream_member(zf, packed, info, meta)
         return manifest
@@ -572,7 +850,7 @@ def unpack(packed: Path, dest: Path | None = None, check: Check = Check.full,
     def run() -> Path:
         with _open_zip(packed) as zf:
             manifest, d, raw = _packed_manifest(zf, packed)
-            check_manifest(str(packed), d, manifest, trusted_keys)
+            check_manifest(str(packed), d, manifest, raw, trusted_keys)
             members = _checked_members(zf, packed, manifest)
             target = Path(dest) if dest is not None else (
                 cache_root() / "unpacked" / hashlib.sha256(raw).hexdigest()[:24])
@@ -580,10 +858,9 @@ def unpack(packed: Path, dest: Path | None = None, check: Check = Check.full,
                 return target
             if not (check is Check.full and _cached_copy_holds(zf, packed, members, manifest, raw, target)):
                 target.parent.mkdir(parents=True, exist_ok=True)
-                try:
+                needed = len(raw) + sum(meta["size"] for _, meta in members)
+                with os_errors_as_one_line(f"cannot unpack {packed} into {target}", target.parent, needed):
                     _unpack_into(zf, packed, members, raw, target)
-                except OSError as exc:
-                    raise EdgeftError(f"cannot unpack {packed} into {target}: {exc.strerror or exc}") from None
         _write_stamp(target, raw)
         _write_packed_stamp(packed, raw, target)
         return target
@@ -606,7 +883,7 @@ def open_artifact(path: Path | str, check: Check = Check.full, trusted_keys: Seq
     if check is Check.quick:
         return path, verify_cached(path, trusted_keys)
     manifest, d, raw = _read_folder_manifest(path)
-    check_manifest(str(path), d, manifest, trusted_keys)
+    check_manifest(str(path), d, manifest, raw, trusted_keys)
     _check_files(path, manifest)
     _write_stamp(path, raw)
     return path, manifest
@@ -621,14 +898,16 @@ def check_header(path: Path | str, trusted_keys: Sequence = ()) -> Manifest:
     if not path.exists():
         raise EdgeftError(f"{path} does not exist")
     if path.is_dir():
-        manifest, d, _ = _read_folder_manifest(path)
+        manifest, d, raw = _read_folder_manifest(path)
+    elif not path.is_file():
+        raise EdgeftError(f"{path} is neither an artifact folder nor a packed file")
     else:
         def read():
             with _open_zip(path) as zf:
-                return _packed_manifest(zf, path)[:2]
+                return _packed_manifest(zf, path)
 
-        manifest, d = _zip_guard(path, read)
-    check_manifest(str(path), d, manifest, trusted_keys)
+        manifest, d, raw = _zip_guard(path, read)
+    check_manifest(str(path), d, manifest, raw, trusted_keys)
     return manifest
 
 
@@ -643,31 +922,35 @@ def sign(path: Path | str, private_key) -> str:
     if not path.exists():
         raise EdgeftError(f"{path} does not exist")
     if path.is_dir():
-        manifest, d, _ = _read_folder_manifest(path)
-        check_manifest(str(path), d, manifest)
+        manifest, d, raw = _read_folder_manifest(path)
+        check_manifest(str(path), d, manifest, raw)
         _check_files(path, manifest)
         d = sealed(d)
         d["signature"] = sign_digest(private_key, d["digest"])
-        atomic_write_json(path / MANIFEST, d)
+        data = manifest_file_bytes(d)
+        with os_errors_as_one_line(f"cannot write {path / MANIFEST}", path, len(data)):
+            atomic_write_bytes(path / MANIFEST, data)
         return d["signature"]["key_id"]
-    return _zip_guard(path, _sign_packed, path, private_key, sign_digest)
+    if not path.is_file():
+        raise EdgeftError(f"{path} is neither an artifact folder nor a packed file")
+    with os_errors_as_one_line(f"cannot sign {path}", path.parent, path.stat().st_size + 1024):
+        return _zip_guard(path, _sign_packed, path, private_key, sign_digest)
 
 
 def _sign_packed(packed: Path, private_key, sign_digest) -> str:
+    """Rewrite the packed file with the signed manifest, every member streamed and checked again."""
     tmp = packed.with_name(f".{packed.name}.tmp-{os.getpid()}")
     try:
         with _open_zip(packed) as zin:
-            manifest, d, _ = _packed_manifest(zin, packed)
-            check_manifest(str(packed), d, manifest)
+            manifest, d, raw = _packed_manifest(zin, packed)
+            check_manifest(str(packed), d, manifest, raw)
             members = _checked_members(zin, packed, manifest)
             d = sealed(d)
             d["signature"] = sign_digest(private_key, d["digest"])
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zout:
-                zout.writestr(MANIFEST, json.dumps(d, indent=2) + "\n")
+                zout.writestr(_member(MANIFEST), manifest_file_bytes(d))
                 for info, meta in members:
-                    member = zipfile.ZipInfo(info.filename, info.date_time)
-                    member.external_attr = (stat.S_IFREG | 0o644) << 16
-                    with zout.open(member, "w", force_zip64=True) as sink:
+                    with zout.open(_member(info.filename), "w", force_zip64=True) as sink:
                         _stream_member(zin, packed, info, meta, sink)
         os.replace(tmp, packed)
     except BaseException:
@@ -683,8 +966,10 @@ def _stamp_path(target: Path, kind: str = "folder") -> Path:
     return cache_root() / "verified" / f"{key}.json"
 
 
-def _file_stats(folder: Path) -> dict[str, list[int]]:
-    return {rel: file_stamp(folder / rel) for rel in [MANIFEST, *file_hashes_names(folder)]}
+def _file_stats(folder: Path) -> dict[str, list]:
+    """A stamp of every entry: size, times, inode and device of each file; what any other entry is."""
+    return {rel: file_stamp(folder / rel) if kind == "file" else [kind]
+            for rel, kind in folder_entries(folder).items()}
 
 
 def _save_stamp(path: Path, obj: dict) -> None:
@@ -743,7 +1028,7 @@ def verify_cached(folder: Path, trusted_keys: Sequence = ()) -> Manifest:
     """
     folder = Path(folder)
     manifest, d, raw = _read_folder_manifest(folder)
-    check_manifest(str(folder), d, manifest, trusted_keys)
+    check_manifest(str(folder), d, manifest, raw, trusted_keys)
     if _stamp_ok(folder, raw):
         return manifest
     _check_files(folder, manifest)

@@ -2,7 +2,11 @@
 
 A stage writes its folder under a temporary sibling name and renames it into place
 when everything is there; single files are written beside their target and replaced
-with ``os.replace``. Standard library only: the runtime uses this module too.
+with ``os.replace``. Also the checks made before writing (``check_destination``,
+``check_writable``, ``check_apart``: an output that is, holds or lies inside its source)
+and ``one_line_os_error`` / ``os_errors_as_one_line``, which turn an ``OSError`` met while
+writing, a full disk above all, into one line that says how much was needed.
+Standard library only: the runtime uses this module too.
 """
 
 from __future__ import annotations
@@ -49,6 +53,60 @@ def check_writable(folder: Path, what: str = "the output") -> None:
             os.unlink(probe)
     except OSError as exc:
         raise EdgeftError(f"cannot write {what} in {folder}: {exc.strerror or exc}") from None
+
+
+def check_apart(source: Path, dest: Path, what: str = "the output") -> None:
+    """Refuse a ``dest`` that is ``source``, lies inside it or holds it (links resolved); call before any work.
+
+    Writing a folder's output into that folder packs or copies the output into itself, and
+    replacing a folder that holds the source destroys the source."""
+    src, out = Path(source).resolve(), Path(dest).resolve()
+    if out == src:
+        raise EdgeftError(f"{what} {dest} is {source} itself: choose another path")
+    if src in out.parents:
+        raise EdgeftError(f"{what} {dest} is inside {source}: choose a path outside it")
+    if out in src.parents:
+        raise EdgeftError(f"{what} {dest} holds {source}: choose a path that does not contain it")
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes for a person: 812 bytes, 35 KB, 1.2 MB, 3.4 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 100 * scale else f"{n / scale:.0f} {unit}"
+    return f"{n} bytes"
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (Path(path), *Path(path).parents):
+        with contextlib.suppress(OSError):
+            if p.is_dir():
+                return shutil.disk_usage(p).free
+    return None
+
+
+def one_line_os_error(exc: OSError, action: str, where: Path | None = None, needed: int | None = None) -> EdgeftError:
+    """An ``OSError`` met while doing ``action`` ("cannot write x") as the one line a user reads.
+
+    A full disk (``ENOSPC``, ``EDQUOT``) says how much was needed (when the caller knows) and how
+    much is free where it was written (``where``, else the error's file name)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        place = where if where is not None else (Path(exc.filename).parent if exc.filename else None)
+        free = _free_bytes(place) if place is not None else None
+        parts = [f"{human_size(needed)} needed" if needed is not None else "",
+                 f"{human_size(free)} free in {place}" if free is not None else ""]
+        detail = ", ".join(p for p in parts if p)
+        return EdgeftError(f"{action}: no space left on the device{f' ({detail})' if detail else ''}")
+    return EdgeftError(f"{action}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def os_errors_as_one_line(action: str, where: Path | None = None, needed: int | None = None) -> Iterator[None]:
+    """Turn any ``OSError`` in the block into ``one_line_os_error``'s ``EdgeftError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise one_line_os_error(exc, action, where, needed) from None
 
 
 def replace_dir(src: Path, dest: Path) -> None:
@@ -114,6 +172,30 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+def atomic_write_files(files: dict[Path, tuple[bytes, int]]) -> None:
+    """Write several files (``path -> (data, mode)``) so that either all are replaced or none is.
+
+    Every temporary file is written and synced before the first ``os.replace``, so a full disk
+    or an error while writing leaves every target as it was (a key pair never ends half new)."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, (data, mode) in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).parent)
+            temps.append((tmp, Path(path)))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 

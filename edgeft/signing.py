@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_write_bytes
+from edgeft.fsutil import atomic_write_files, os_errors_as_one_line
 
 ALGORITHM = "ed25519"
+FIELDS = ("algorithm", "key_id", "value")  # a signature record holds these and nothing else
 _CONTEXT = b"edgeft-artifact-signature-v1\n"  # what is signed: this prefix + the digest string
 
 
@@ -75,8 +76,8 @@ def keygen(private_path: Path, overwrite: bool = False) -> tuple[Path, Path, str
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    atomic_write_bytes(private_path, pem, mode=0o600)
-    atomic_write_bytes(public_path, pub)
+    with os_errors_as_one_line(f"cannot write the key pair {private_path}", private_path.parent, len(pem) + len(pub)):
+        atomic_write_files({private_path: (pem, 0o600), public_path: (pub, 0o644)})  # both or neither
     return private_path, public_path, key_id(_raw_public(key.public_key()))
 
 
@@ -148,12 +149,16 @@ def check_signature(where: str, signature: dict | None, digest: str, trusted: Se
                           "(edgeft sign ART --key KEY)")
     if not isinstance(signature, dict) or signature.get("algorithm") != ALGORITHM:
         raise EdgeftError(f"{where}: unknown signature algorithm (edgeft signs with {ALGORITHM})")
-    kid = str(signature.get("key_id", "?"))
-    matches = [k for k in trusted if k.id == kid]
+    if set(signature) != set(FIELDS) or not all(isinstance(v, str) for v in signature.values()):
+        raise EdgeftError(f"{where}: the signature record holds other fields than {', '.join(FIELDS)}")
+    kid = signature["key_id"][:40]
+    matches = [k for k in trusted if k.id == signature["key_id"]]
     if not matches:
-        raise EdgeftError(f"{where} is signed by key {kid}, which is not a trusted key ({ids})")
+        raise EdgeftError(f"{where} is signed by key {kid!r}, which is not a trusted key ({ids})")
     try:
-        value = base64.b64decode(str(signature.get("value", "")), validate=True)
+        value = base64.b64decode(signature["value"], validate=True)
+        if base64.b64encode(value).decode() != signature["value"]:  # one spelling only: no spare bits set
+            raise ValueError("not canonical base64")
         matches[0].key.verify(value, _CONTEXT + digest.encode())
     except (InvalidSignature, ValueError):
         raise EdgeftError(f"{where}: the signature by key {kid} does not match the manifest "

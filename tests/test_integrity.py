@@ -7,6 +7,7 @@ runtime really load it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -142,7 +143,7 @@ def _edit_manifest(folder: Path, edit) -> None:
     path = folder / "manifest.json"
     d = json.loads(path.read_text())
     edit(d)
-    path.write_text(json.dumps(d, indent=2))
+    path.write_bytes(artifact.manifest_file_bytes(d))  # as edgeft writes it: only the content differs
 
 
 def test_reversed_labels_in_the_manifest_are_refused(art):
@@ -432,3 +433,279 @@ def test_export_sign_writes_a_signed_artifact(tiny_bert_dir, tmp_path, keys):
     assert m.signature["key_id"] == load_trusted_keys([keys["old"][1]])[0].id
     with pytest.raises(EdgeftError, match="not a trusted key"):
         artifact.verify(out, load_trusted_keys([keys["new"][1]]))
+
+
+# ---------------------------------------------------------------- file names: nothing outside the artifact
+
+def _signed_by_hand(folder: Path, private: Path, edit) -> None:
+    """What a careless signer does: edit the manifest, reseal its digest and sign it, bypassing edgeft sign's checks."""
+    from edgeft.signing import load_private_key, sign_digest
+
+    path = folder / "manifest.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    d = artifact.sealed(d)
+    d["signature"] = sign_digest(load_private_key(private), d["digest"])
+    path.write_bytes(artifact.manifest_file_bytes(d))
+
+
+def test_a_signed_manifest_cannot_point_the_graph_or_tokenizer_outside(tmp_path, keys):
+    """The issue's attack: graph.file '../evil/model.onnx' (unhashed, changeable after signing), or /etc/passwd."""
+    from edgeft.runtime import serve as server
+    from edgeft.runtime.serve.metrics import Registry
+    from edgeft.signing import load_trusted_keys
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    good = make_classifier(tmp_path / "good")
+    (evil / "model.onnx").write_bytes((good / "model.onnx").read_bytes())
+    cases = {"graph": ("graph", "file", "../evil/model.onnx"), "tok": ("tokenizer", "file", "/etc/passwd"),
+             "tpl": ("tokenizer", "chat_template", "../evil/model.onnx"),
+             "cfg": ("tokenizer", "config_file", "/etc/passwd")}
+    trusted = load_trusted_keys([keys["old"][1]])
+    for name, (section, attr, value) in cases.items():
+        art = make_classifier(tmp_path / name)
+        _signed_by_hand(art, keys["old"][0], lambda d, s=section, a=attr, v=value: d[s].update({a: v}))
+        refusal = "is not a plain relative name" if value.startswith("/") else "'..'"
+        one_line_refusal(run("verify", art, "--trusted-key", keys["old"][1]), f"{section}.{attr}", refusal)
+        one_line_refusal(run("classify", art, "good"), refusal)
+        for check in artifact.Check:
+            with pytest.raises(EdgeftError, match=f"{section}.{attr}"):
+                artifact.open_artifact(art, check, trusted)
+        with pytest.raises(EdgeftError, match=refusal):
+            artifact.check_header(art, trusted)  # what serve checks before it listens
+        with pytest.raises(EdgeftError, match=refusal):
+            server.load_models(server.ServeConfig(artifacts=(art,), trusted_keys=(keys["old"][1],)), Registry())
+        one_line_refusal(run("sign", art, "--key", keys["old"][0]), refusal)  # edgeft sign will not sign it
+
+
+def test_a_name_the_runtime_opens_must_be_a_listed_file(art):
+    """tokenizer.json sits in the folder, listed; a second copy under another name is not listed: refused."""
+    (art / "tok2.json").write_bytes((art / "tokenizer.json").read_bytes())
+    _edit_manifest(art, lambda d: (d["tokenizer"].update(file="tok2.json"),
+                                   d.update(digest=artifact.manifest_digest(d))))
+    one_line_refusal(run("verify", art), "tokenizer.file 'tok2.json' is not one of its listed files")
+    with pytest.raises(EdgeftError, match="not one of its listed files"):
+        artifact.open_artifact(art, artifact.Check.quick)
+
+
+def test_a_listed_file_under_a_linked_folder_is_refused(art, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.onnx").write_bytes((art / "model.onnx").read_bytes())
+    (art / "model.onnx").unlink()
+    (art / "sub").symlink_to(outside, target_is_directory=True)
+
+    def move(d):
+        d["files"]["sub/model.onnx"] = d["files"].pop("model.onnx")
+        d["graph"]["file"] = "sub/model.onnx"
+        d["digest"] = artifact.manifest_digest(d)
+
+    _edit_manifest(art, move)
+    one_line_refusal(run("verify", art), "sub/model.onnx is under sub, which is a link")
+    with pytest.raises(EdgeftError, match="under sub, which is a link"):
+        artifact.open_artifact(art, artifact.Check.quick)
+
+
+def test_a_linked_manifest_is_refused(art, tmp_path):
+    moved = tmp_path / "elsewhere.json"
+    (art / "manifest.json").rename(moved)
+    (art / "manifest.json").symlink_to(moved)
+    one_line_refusal(run("verify", art), "manifest.json is a link")
+
+
+# ---------------------------------------------------------------- verify: nothing unlisted in the folder
+
+@pytest.mark.parametrize("thing", ["link to a folder outside", "dangling link", "FIFO", "empty folder",
+                                   "link to a listed file", "folder of an unlisted file"])
+def test_verify_refuses_unlisted_things_in_the_folder(art, tmp_path, thing):
+    if thing == "link to a folder outside":
+        (tmp_path / "outside").mkdir()
+        (art / "data").symlink_to(tmp_path / "outside", target_is_directory=True)
+        expected = "data (a link)"
+    elif thing == "dangling link":
+        (art / "gone").symlink_to(tmp_path / "nothing-here")
+        expected = "gone (a link)"
+    elif thing == "FIFO":
+        os.mkfifo(art / "pipe")
+        expected = "pipe (a FIFO)"
+    elif thing == "empty folder":
+        (art / "empty").mkdir()
+        expected = "empty (a folder)"
+    elif thing == "link to a listed file":
+        (art / "again.json").symlink_to(art / "tokenizer.json")
+        expected = "again.json (a link)"
+    else:
+        (art / "more").mkdir()
+        (art / "more" / "x.bin").write_bytes(b"x")
+        expected = "more (a folder), more/x.bin"
+    one_line_refusal(run("verify", art), "not in the manifest", expected)
+    for check in artifact.Check:
+        with pytest.raises(EdgeftError, match="not in the manifest"):
+            artifact.open_artifact(art, check)
+
+
+def test_a_quick_stamp_sees_a_link_or_fifo_added_after_it(art):
+    artifact.open_artifact(art, artifact.Check.quick)  # a stamp
+    os.mkfifo(art / "pipe")
+    with pytest.raises(EdgeftError, match=r"pipe \(a FIFO\)"):
+        artifact.open_artifact(art, artifact.Check.quick)
+
+
+# ---------------------------------------------------------------- a signed manifest: its bytes, not only its meaning
+
+@pytest.fixture
+def signed(art, keys):
+    assert run("sign", art, "--key", keys["old"][0]).exit_code == 0
+    return art
+
+
+def _raw_edit(folder: Path, change) -> None:
+    path = folder / "manifest.json"
+    path.write_bytes(change(path.read_bytes()))
+
+
+def test_edgeft_writes_and_signs_the_canonical_bytes(signed, tmp_path, keys):
+    raw = (signed / "manifest.json").read_bytes()
+    assert raw == artifact.manifest_file_bytes(json.loads(raw))
+    packed = artifact.pack(signed, tmp_path / "s.edgeft")
+    assert run("verify", packed, "--trusted-key", keys["old"][1]).exit_code == 0
+    plain = artifact.pack(make_classifier(tmp_path / "plain"), tmp_path / "plain.edgeft")
+    assert run("sign", plain, "--key", keys["old"][0]).exit_code == 0
+    with zipfile.ZipFile(plain) as zf:
+        raw = zf.read("manifest.json")
+    assert raw == artifact.manifest_file_bytes(json.loads(raw))
+
+
+def test_a_duplicate_key_before_the_real_one_is_refused(signed, keys):
+    """'"task": "embedding", ..., "task": "classification"': Python keeps the last, other readers the first."""
+    _raw_edit(signed, lambda raw: raw.replace(b"{", b'{\n  "task": "embedding",', 1))
+    one_line_refusal(run("verify", signed, "--trusted-key", keys["old"][1]), "has the key 'task' twice")
+    one_line_refusal(run("verify", signed), "has the key 'task' twice")  # no key asked for: refused all the same
+    with pytest.raises(EdgeftError, match="twice"):
+        artifact.open_artifact(signed, artifact.Check.quick)
+
+
+def test_the_digest_covers_key_order_and_older_sorted_digests_still_verify(signed, keys):
+    """Key order carries meaning (the gate's candidates in the order tried): reordering is a change."""
+    path = signed / "manifest.json"
+    d = json.loads(path.read_bytes())
+    path.write_bytes(artifact.manifest_file_bytes(dict(reversed(list(d.items())))))
+    one_line_refusal(run("verify", signed), "does not match its digest")
+    one_line_refusal(run("verify", signed, "--trusted-key", keys["old"][1]), "does not match its digest")
+    # an artifact sealed before key order counted (digest over sorted keys) verifies as before
+    legacy = {k: v for k, v in d.items() if k not in ("digest", "signature")}
+    body = json.dumps(legacy, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    legacy["digest"] = "sha256:" + hashlib.sha256(b"edgeft-manifest-v1\n" + body).hexdigest()
+    path.write_bytes(artifact.manifest_file_bytes(legacy))
+    assert artifact.verify(signed).digest == legacy["digest"]
+    legacy["files"] = dict(reversed(list(legacy["files"].items())))  # its order is not covered: still fine
+    path.write_bytes(artifact.manifest_file_bytes(legacy))
+    assert artifact.verify(signed).digest == legacy["digest"]
+
+
+@pytest.mark.parametrize("change", ["crlf", "spaces", "escape", "no final newline"])
+def test_a_signed_manifest_in_other_bytes_is_refused(signed, keys, change):
+    def respell(raw: bytes) -> bytes:
+        if change == "crlf":
+            return raw.replace(b"\n", b"\r\n")
+        if change == "spaces":
+            return raw.replace(b'": ', b'":  ', 1)
+        if change == "escape":
+            return raw.replace(b'"bert"', b'"\\u0062ert"', 1)
+        return raw.rstrip(b"\n")
+
+    _raw_edit(signed, respell)
+    assert artifact.verify(signed).digest  # the same content: the digest alone does not see it
+    one_line_refusal(run("verify", signed, "--trusted-key", keys["old"][1]), "not byte for byte as edgeft writes it")
+    assert run("sign", signed, "--key", keys["old"][0]).exit_code == 0  # signing again writes the canonical bytes
+    assert run("verify", signed, "--trusted-key", keys["old"][1]).exit_code == 0
+
+
+@pytest.mark.parametrize("change", ["extra field", "base64 spare bits"])
+def test_a_respelled_signature_record_is_refused(signed, keys, change):
+    def respell(d):
+        sig = d["signature"]
+        if change == "extra field":
+            sig["note"] = "x" * 1000
+        else:  # 64 bytes in 88 characters: the last data character has 4 spare bits
+            last = sig["value"][-3]
+            alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+            sig["value"] = sig["value"][:-3] + alphabet[alphabet.index(last) ^ 1] + "=="
+    path = signed / "manifest.json"
+    d = json.loads(path.read_text())
+    respell(d)
+    path.write_bytes(artifact.manifest_file_bytes(d))
+    assert artifact.verify(signed).digest  # the signature is outside the digest
+    one_line_refusal(run("verify", signed, "--trusted-key", keys["old"][1]), "signature")
+
+
+# ---------------------------------------------------------------- a packed file: nothing outside its members
+
+@pytest.mark.parametrize("zip64", [False, True], ids=["zip", "zip64"])
+@pytest.mark.parametrize("change", ["prefix", "comment", "trailing", "gap", "member comment", "extra field",
+                                    "deflated"])
+def test_a_packed_file_with_bytes_outside_its_members_is_refused(art, keys, tmp_path, change, zip64, monkeypatch):
+    import random
+
+    if zip64:  # the end records a packed file over 4 GB gets, made here with a 64-byte limit
+        monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 64)
+    assert run("sign", art, "--key", keys["old"][0]).exit_code == 0
+    packed = artifact.pack(art, tmp_path / "art.edgeft")
+    good = packed.read_bytes()
+    assert (b"PK\x06\x06" in good[-200:]) == zip64
+    bad = tmp_path / "bad.edgeft"
+    if change == "prefix":  # a shell script and 100 KB of random bytes in front: zipfile still reads it
+        bad.write_bytes(b"#!/bin/sh\necho hi\nexit 0\n" + random.Random(0).randbytes(100_000) + good)
+    elif change == "comment":
+        bad.write_bytes(good)
+        with zipfile.ZipFile(bad, "a") as zf:
+            zf.comment = b"c" * 18_000
+    elif change == "trailing":
+        bad.write_bytes(good + b"\0" * 64)
+    else:
+        with zipfile.ZipFile(packed) as zin, zipfile.ZipFile(bad, "w") as zout:
+            for i, info in enumerate(zin.infolist()):
+                data = zin.read(info)
+                if change == "gap" and i == 1:
+                    zout.fp.write(b"hidden" * 1000)  # bytes between two members, offsets kept right
+                    zout.start_dir = zout.fp.tell()
+                if change == "member comment" and i == 1:
+                    info.comment = b"hidden"
+                if change == "extra field" and i == 1:
+                    info.extra = b"\x99\x99" + (6).to_bytes(2, "little") + b"hidden"
+                if change == "deflated" and i == 1:
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                zout.writestr(info, data)
+    with zipfile.ZipFile(bad) as zf:  # still a zip Python reads
+        assert {i.filename for i in zf.infolist()} == {i.filename for i in zipfile.ZipFile(packed).infolist()}
+    one_line_refusal(run("verify", bad, "--trusted-key", keys["old"][1]), "not laid out as edgeft packs a file")
+    for check in artifact.Check:
+        with pytest.raises(EdgeftError, match="not laid out"):
+            artifact.open_artifact(bad, check)
+    with pytest.raises(EdgeftError, match="not laid out"):
+        artifact.check_header(bad)
+    assert _unpacked_dirs() == []
+    assert run("verify", packed, "--trusted-key", keys["old"][1]).exit_code == 0  # the original holds
+
+
+def test_pack_refuses_a_file_changed_after_it_was_verified(art, tmp_path, monkeypatch):
+    """What is packed is what was hashed: a file rewritten between the check and the copy is refused."""
+    real = artifact._check_files
+
+    def check_then_change(folder, manifest):
+        real(folder, manifest)
+        flip_byte_keep_mtime(folder / "model.onnx")
+
+    monkeypatch.setattr(artifact, "_check_files", check_then_change)
+    one_line_refusal(run("pack", art, "-o", tmp_path / "x.edgeft"), "model.onnx changed while it was packed")
+    assert not list(tmp_path.glob("*x.edgeft*"))
+
+
+def test_an_unchecked_key_id_is_shown_on_one_short_line(art):
+    """Without --trusted-key the signature is not checked, and its key id is whatever the file says."""
+    _edit_manifest(art, lambda d: d.update(signature={"algorithm": "ed25519", "key_id": "abc\nx: ok, FORGED" + "z" * 200,
+                                                      "value": ""}))
+    res = run("verify", art)
+    assert res.exit_code == 0 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "abc\\nx: ok, FORGED" in res.output and "z" * 100 not in res.output

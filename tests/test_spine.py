@@ -20,7 +20,7 @@ def _manifest() -> artifact.Manifest:
         task=artifact.Task.classification, architecture="bert",
         graph=artifact.Graph(file="model.onnx", opset=17, inputs=["input_ids", "attention_mask"],
                              outputs=["logits"], builder="torch.onnx"),
-        tokenizer=artifact.Tokenizer(), quantization={"scheme": "int8"},
+        tokenizer=artifact.Tokenizer(config_file=None), quantization={"scheme": "int8"},
         classifier=artifact.Classifier(labels=["neg", "pos"], max_length=128),
     )
 
@@ -108,6 +108,7 @@ def test_open_artifact_rechecks_after_a_change(tmp_path):
     folder = tmp_path / "art"
     folder.mkdir()
     (folder / "model.onnx").write_bytes(b"graph")
+    (folder / "tokenizer.json").write_text("{}")
     artifact.write_manifest(folder, _manifest())
     assert artifact.open_artifact(folder)[1].task is artifact.Task.classification
     assert artifact.open_artifact(folder)[1].files  # second open: from the stamp

@@ -77,11 +77,12 @@ def verify(config: VerifyConfig) -> None:
     gate = manifest.gate or {}
     state = "passed" if gate.get("passed") else ("DEGRADED" if gate.get("degraded") else "not gated")
     size = sum(meta["size"] for meta in manifest.files.values())
-    sig = manifest.signature or {}
+    sig = manifest.signature if isinstance(manifest.signature, dict) else {}
+    kid = ascii(str(sig.get("key_id", "?")))[1:-1][:40]  # unchecked without a trusted key: kept one short line
     if keys:
-        trust = f"signed by trusted key {sig.get('key_id')}"
+        trust = f"signed by trusted key {kid}"
     elif sig:
-        trust = f"signed by key {sig.get('key_id')} (not checked: give --trusted-key)"
+        trust = f"signed by key {kid} (not checked: give --trusted-key)"
     else:
         trust = "unsigned"
     digest = "digest ok" if manifest.digest else "no manifest digest (older artifact)"
@@ -99,7 +100,7 @@ def pack(config: PackConfig) -> None:
     artifact = config.artifact
     if not artifact.is_dir():
         raise EdgeftError(f"{artifact} is not an artifact folder")
-    out = config.out or artifact.with_name(artifact.name + PACK_SUFFIX)
+    out = config.out or artifact.resolve().with_name(artifact.resolve().name + PACK_SUFFIX)  # "." has no name
     if out.exists() and not config.overwrite:
         raise EdgeftError(f"{out} already exists (use --overwrite to replace it)")
     if out.suffix != PACK_SUFFIX:
