@@ -54,10 +54,13 @@ def export_classifier(model: Any, work: Path, max_length: int, output: str = "lo
     raw, out = work / "classifier" / "raw.onnx", work / "classifier" / "model.onnx"
     raw.parent.mkdir(parents=True, exist_ok=True)
     accepts = inspect.signature(model.forward).parameters
-    with_types = "token_type_ids" in accepts and getattr(model.config, "type_vocab_size", 0) > 0
+    # Segment ids only where there is more than one segment to tell apart: RoBERTa and XLM-R
+    # have one token type (type_vocab_size 1), so 0 is the only valid id and the graph goes without.
+    with_types = "token_type_ids" in accepts and (getattr(model.config, "type_vocab_size", 0) or 0) > 1
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
     seq = min(8, max_length)
-    args = tuple(torch.ones(2, seq, dtype=torch.long) for _ in names)
+    args = tuple(torch.ones(2, seq, dtype=torch.long) if n != "token_type_ids" else torch.zeros(2, seq, dtype=torch.long)
+                 for n in names)
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
     axes[output] = {0: "batch_size"} if output == "logits" else {0: "batch_size", 1: "sequence_length"}
 
