@@ -92,6 +92,51 @@ def hf_config(path: Path | str, task: Task, labels: list[str] | None, tokenizer:
     return cfg
 
 
+# Architectures that generate text: a config naming none of them is no causal LM (BERT's config maps
+# to BertLMHeadModel in transformers' causal-LM table, but a BERT encoder tuned that way is useless).
+GENERATOR_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def is_encoder(cfg: Any) -> bool:
+    """Whether a config is an encoder (BERT, RoBERTa, a sentence-transformers folder) or a
+    classifier (``...ForSequenceClassification``): neither is a model to tune as a causal LM."""
+    from edgeft.export.architectures import of_task
+
+    archs = list(getattr(cfg, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return True
+    if any(a.endswith(GENERATOR_SUFFIXES) for a in archs) or getattr(cfg, "is_decoder", False):
+        return False
+    if cfg.model_type in {a.name for a in of_task("causal-lm")}:
+        return False  # a bare decoder backbone (LlamaModel) still tunes as a causal LM
+    return bool(archs) or cfg.model_type in {a.name for a in of_task("classification")}
+
+
+def check_causal_lm(path: Path | str, model: str, data: Path, asked: bool) -> None:
+    """Refuse to tune an encoder or a classifier as a causal LM, in one line, before anything loads.
+
+    ``asked``: the user gave ``--task causal-lm``; else it was the default for data without labels.
+    """
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return  # the loader says what is wrong with the folder
+    if not is_encoder(cfg):
+        return
+    kind = f"{model} is an encoder ({cfg.model_type})" if not any(
+        a.endswith("ForSequenceClassification") for a in cfg.architectures or []) else f"{model} is a classifier"
+    if asked:
+        raise EdgeftError(f"{kind}: it does not tune as a causal LM (--task classification, with labelled data)")
+    from edgeft import data as D
+
+    columns = list(D.read_rows(data)[0].keys()) if Path(data).suffix.lower() != ".txt" else []
+    where = f"columns: {', '.join(columns)}" if columns else "plain text"
+    raise EdgeftError(f"{kind}: it tunes as a classifier, and {data} has no label column ({where}): "
+                      "name it with --label-column")
+
+
 def find_layout(model: Any) -> Layout:
     """The blocks, final norm(s), heads and embeddings of a task model (any device, meta included)."""
     import torch.nn as nn
