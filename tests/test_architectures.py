@@ -58,7 +58,8 @@ def _encoder_config(name: str):
 
 
 DECODERS = [a.name for a in of_task("causal-lm")]
-ENCODERS = [a.name for a in of_task("classification")]
+ENCODERS = [a.name for a in of_task("classification") if a.name not in DECODERS]
+DECODER_CLASSIFIERS = [a.name for a in of_task("classification") if a.name in DECODERS]
 
 
 @pytest.fixture(scope="module")
@@ -91,20 +92,23 @@ def arch_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("architectures")
 
 
-def tiny_decoder(name: str, tok, root: Path) -> Path:
-    """A tiny random ``name`` decoder saved with ``tok`` under ``root`` (once per module)."""
+def tiny_decoder(name: str, tok, root: Path, task: str = "causal-lm") -> Path:
+    """A tiny random ``name`` decoder saved with ``tok`` under ``root`` (once per module); for
+    ``task="classification"`` with a two-label score head."""
     import torch
     import transformers
 
-    folder = root / f"model-{name}"
+    folder = root / f"model-{name}-{task}"
     if folder.is_dir():
         return folder
     cls_name, extra = _decoder_config(name)
     cfg_cls = getattr(transformers, cls_name)
     base = {} if name == "gpt2" else SMALL
+    labels = {"num_labels": 2, "id2label": {0: "negative", 1: "positive"},
+              "label2id": {"negative": 0, "positive": 1}} if task == "classification" else {}
     cfg = cfg_cls(vocab_size=len(tok), **{**base, **extra}, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    arch = next(a for a in ARCHITECTURES if a.name == name)
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **labels)
+    arch = next(a for a in ARCHITECTURES if a.name == name and a.task == task)
     torch.manual_seed(0)
     model = getattr(transformers, arch.hf_class)(cfg).eval()
     model.save_pretrained(folder)
@@ -129,7 +133,7 @@ def tiny_encoder(name: str, tok, root: Path) -> Path:
     cfg = getattr(transformers, cls_name)(vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=2,
                                            id2label={0: "negative", 1: "positive"},
                                            label2id={"negative": 0, "positive": 1}, **kw)
-    arch = next(a for a in ARCHITECTURES if a.name == name)
+    arch = next(a for a in ARCHITECTURES if a.name == name and a.task == "classification")
     torch.manual_seed(0)
     getattr(transformers, arch.hf_class)(cfg).eval().save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -154,6 +158,7 @@ def test_the_table_and_the_tiny_models_name_the_same_architectures():
         assert _decoder_config(name)
     for name in ENCODERS:
         assert _encoder_config(name)
+    assert DECODER_CLASSIFIERS and set(DECODER_CLASSIFIERS) <= set(DECODERS)
     assert {a.task for a in ARCHITECTURES} == {"causal-lm", "classification"}
     table = markdown().splitlines()
     assert table[0].startswith("| model_type |") and len(table) == 2 + len(ARCHITECTURES)
@@ -235,3 +240,78 @@ def test_olmo_with_clipped_qkv_is_refused_in_one_line(bpe, tmp_path):
     with pytest.raises(EdgeftError, match=r"^cannot export an OLMo model with clip_qkv=8.0: "):
         export(ExportConfig(source=str(tmp_path / "olmo"), out=tmp_path / "a", quantize="none"), log=None)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("name", DECODER_CLASSIFIERS)
+def test_decoder_classifier_scores_the_last_real_token_batched_and_passes_the_gate(name, bpe, arch_root, sst2_csv):
+    """Texts of different lengths in one padded batch get the scores PyTorch gives each alone."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from edgeft.runtime import TextClassifier
+
+    src = tiny_decoder(name, bpe, arch_root, "classification")
+    gate = {**FAST_GATE, "eval_data": sst2_csv}
+    out = export(ExportConfig(source=str(src), out=arch_root / f"{name}-cls-fp32", quantize="none", **gate), log=None)
+    m = _manifest(out)
+    assert m["task"] == "classification" and m["graph"]["inputs"] == ["input_ids", "attention_mask"]
+    texts = ["a gorgeous, witty film", "dull and far too long, with a plot that never arrives", "it is"]
+    ref = AutoModelForSequenceClassification.from_pretrained(src).eval()
+    with torch.no_grad():  # one text at a time: no padding for transformers to find
+        want = np.stack([torch.softmax(ref(**bpe(t, return_tensors="pt")).logits[0], -1).numpy() for t in texts])
+    clf = TextClassifier.open(out, threads=1)
+    np.testing.assert_allclose(clf.predict_proba(texts), want, atol=1e-5)
+    np.testing.assert_allclose(clf.predict_proba(texts[1:2]), want[1:2], atol=1e-5)
+    # left padding too: the graph finds the last real token from the mask
+    enc = bpe(texts, return_tensors="np", padding=True)
+    left = {"input_ids": np.zeros_like(enc["input_ids"]), "attention_mask": np.zeros_like(enc["attention_mask"])}
+    for i, n in enumerate(enc["attention_mask"].sum(1)):
+        left["input_ids"][i, -n:], left["attention_mask"][i, -n:] = enc["input_ids"][i, :n], 1
+    logits = clf.session.run(["logits"], {k: v.astype(np.int64) for k, v in left.items()})[0]
+    np.testing.assert_allclose(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), want, atol=1e-5)
+
+    int8 = export(ExportConfig(source=str(src), out=arch_root / f"{name}-cls-int8", quantize="int8", **gate), log=None)
+    assert _manifest(int8)["gate"]["passed"]
+
+
+# Tuned first: the builder's fixes on a sliding-window model, an encoder without token types, and a
+# causal-LM folder tuned as a classifier (the score head is new); the rest export their base.
+TUNED = [("gemma2", "causal-lm"), ("phi3", "causal-lm"), ("roberta", "classification"), ("qwen2", "classification")]
+
+
+@pytest.mark.parametrize("name,task", TUNED)
+def test_tune_then_export_int8_then_runtime(name, task, bpe, wordpiece, arch_root, sst2_csv):
+    from edgeft.runtime import Generator, SamplingParams, TextClassifier
+    from edgeft.tune import TuneConfig, tune
+
+    src = tiny_encoder(name, wordpiece, arch_root) if name in ENCODERS else tiny_decoder(name, bpe, arch_root)
+    if task == "causal-lm":
+        data = arch_root / "verse.txt"
+        data.write_text("\n\n".join((Path(__file__).parents[1] / "demo" / "sonnets.txt").read_text().split("\n\n")[:60]))
+    else:
+        data = sst2_csv
+    run = tune(TuneConfig(model=str(src), data=data, out=arch_root / f"{name}-{task}-run", task=task, max_length=48,
+                          batch_size=8, max_steps=3, lr=3e-3, warmup=0, progress=False, threads=1, trainable_layers=1))
+    info = json.loads((Path(run) / "run.json").read_text())
+    assert info["task"] == task and info["architecture"] == name
+    out = export(ExportConfig(source=str(run), out=arch_root / f"{name}-{task}-tuned", quantize="int8", **FAST_GATE),
+                 log=None)
+    m = _manifest(out)
+    assert m["gate"]["passed"] and m["source"]["run_folder"] == str(Path(run).resolve())
+    if task == "causal-lm":
+        done = Generator.open(out, threads=1).generate("Shall I compare thee", SamplingParams(max_new_tokens=6))
+        assert done.completion_tokens >= 1
+    else:
+        probs = TextClassifier.open(out, threads=1).predict_proba(["a gorgeous, witty film", "dull"])
+        assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_a_classifier_edgeft_cannot_export_is_refused_before_tuning(tiny_gpt2_dir, sst2_csv, tmp_path):
+    from edgeft.errors import EdgeftError
+    from edgeft.tune import TuneConfig, tune
+
+    with pytest.raises(EdgeftError, match=r"^cannot export a gpt2 classifier, so it does not tune as one; "
+                                          r"supported classifiers: bert, .*qwen2"):
+        tune(TuneConfig(model=str(tiny_gpt2_dir), data=sst2_csv, out=tmp_path / "run", task="classification",
+                        progress=False, threads=1))
+    assert not list(tmp_path.iterdir())

@@ -49,6 +49,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("electra", "ElectraForSequenceClassification", "classification", TORCH),
     Architecture("deberta-v2", "DebertaV2ForSequenceClassification", "classification", TORCH, "DeBERTa-v3"),
     Architecture("modernbert", "ModernBertForSequenceClassification", "classification", TORCH),
+    # decoders with a classification head (the score layer on the last real token's hidden state);
+    # not GPT-2, whose traced graph scores other lengths than the tracing example's wrongly
+    *(Architecture(name, f"{prefix}ForSequenceClassification", "classification", TORCH,
+                   "a decoder: the score head on the last real token")
+      for name, prefix in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"),
+                           ("phi", "Phi"), ("phi3", "Phi3"), ("gemma", "Gemma"), ("gemma2", "Gemma2"),
+                           ("olmo", "Olmo"), ("nemotron", "Nemotron"), ("smollm3", "SmolLM3"))),
 )
 
 

@@ -112,17 +112,26 @@ def is_encoder(cfg: Any) -> bool:
     return bool(archs) or cfg.model_type in {a.name for a in of_task("classification")}
 
 
-def check_causal_lm(path: Path | str, model: str, data: Path, asked: bool) -> None:
-    """Refuse to tune an encoder or a classifier as a causal LM, in one line, before anything loads.
+def check_task(path: Path | str, model: str, data: Path, task: Task, asked: bool) -> None:
+    """Refuse, in one line and before anything loads, a run whose result could not be exported:
+    an encoder or a classifier tuned as a causal LM, a decoder whose classifier edgeft cannot export.
 
-    ``asked``: the user gave ``--task causal-lm``; else it was the default for data without labels.
+    ``asked``: the user gave ``--task``; else it was the default for the data.
     """
     from transformers import AutoConfig
+
+    from edgeft.export.architectures import names, of_task
 
     try:
         cfg = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError):
         return  # the loader says what is wrong with the folder
+    if task is Task.classification:
+        decoder = not is_encoder(cfg) and cfg.model_type in {a.name for a in of_task("causal-lm")}
+        if decoder and cfg.model_type not in {a.name for a in of_task("classification")}:
+            raise EdgeftError(f"cannot export a {cfg.model_type} classifier, so it does not tune as one; "
+                              f"supported classifiers: {names('classification')}")
+        return
     if not is_encoder(cfg):
         return
     kind = f"{model} is an encoder ({cfg.model_type})" if not any(

@@ -85,7 +85,7 @@ class State:
 def resolve_task(cfg: TuneConfig, model_path: Path | str | None = None) -> Task:
     """--task, else classification for labelled data; an encoder never defaults to causal-lm."""
     from edgeft import data as D
-    from edgeft.tune.model import check_causal_lm
+    from edgeft.tune.model import check_task
 
     if cfg.task is not None:
         task = cfg.task
@@ -93,8 +93,8 @@ def resolve_task(cfg: TuneConfig, model_path: Path | str | None = None) -> Task:
         D.check_file(cfg.data)
         labelled = cfg.label_column is not None or D.has_label_column(cfg.data, text_column=cfg.text_column)
         task = Task.classification if labelled and not D.is_chat_file(cfg.data) else Task.causal_lm
-    if task is Task.causal_lm and model_path is not None:
-        check_causal_lm(model_path, cfg.model, cfg.data, asked=cfg.task is not None)
+    if model_path is not None:
+        check_task(model_path, cfg.model, cfg.data, task, asked=cfg.task is not None)
     return task
 
 
