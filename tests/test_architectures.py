@@ -153,6 +153,20 @@ def _runtime_steps(folder: Path, ids: list[int], prefill: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
+PROMPTS = ["shall i compare thee", "thou art more lovely and more temperate: rough winds do shake the darling buds",
+           "so long as men can breathe or eyes can see, so long lives this, and this gives life to thee", "o"]
+
+
+def _batched_equals_alone(folder: Path) -> None:
+    """Greedy continuations decoded together (``serve --parallel``'s engine) equal each decoded alone."""
+    from edgeft.runtime import Generator, SamplingParams
+
+    gen = Generator.open(folder, threads=1)
+    params = SamplingParams(max_new_tokens=10)
+    together = gen.generate_batch(PROMPTS, params, parallel=3)
+    assert [c.token_ids for c in together] == [gen.generate(p, params).token_ids for p in PROMPTS]
+
+
 def test_the_table_and_the_tiny_models_name_the_same_architectures():
     for name in DECODERS:
         assert _decoder_config(name)
@@ -179,6 +193,7 @@ def test_decoder_fp32_equals_pytorch_and_int8_passes_the_gate(name, bpe, arch_ro
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(torch.tensor([ids])).logits[0]
     np.testing.assert_allclose(got, want.numpy(), atol=2e-4, rtol=1e-4)
+    _batched_equals_alone(out)
 
     int8 = export(ExportConfig(source=str(src), out=arch_root / f"{name}-int8", quantize="int8", **FAST_GATE),
                   log=None)
