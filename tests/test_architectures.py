@@ -330,3 +330,16 @@ def test_a_classifier_edgeft_cannot_export_is_refused_before_tuning(tiny_gpt2_di
         tune(TuneConfig(model=str(tiny_gpt2_dir), data=sst2_csv, out=tmp_path / "run", task="classification",
                         progress=False, threads=1))
     assert not list(tmp_path.iterdir())
+
+
+def test_export_help_lists_the_tested_architectures():
+    from typer.testing import CliRunner
+
+    from edgeft.cli import app
+
+    res = CliRunner().invoke(app, ["export", "--help"])
+    assert res.exit_code == 0
+    text = " ".join(res.stdout.split())
+    assert "Supported architectures" in text
+    for a in ARCHITECTURES:
+        assert a.name in text, a.name

@@ -68,6 +68,13 @@ def names(task: str) -> str:
     return ", ".join(a.name for a in of_task(task))
 
 
+def help_text() -> str:
+    """The supported architectures in a paragraph, for ``edgeft export --help``."""
+    return ("Supported architectures (each tested end to end on a tiny model): text generation: "
+            f"{names('causal-lm')}; classification: {names('classification')}. "
+            "Print the table with: python -m edgeft.export.architectures")
+
+
 def markdown() -> str:
     """The supported-architectures table, in Markdown (the README's section is generated from it)."""
     rows = ["| model_type | class | task | graph | note |", "|---|---|---|---|---|"]
