@@ -35,6 +35,7 @@ def _decoder_config(name: str):
         "phi3": ("Phi3Config", {"sliding_window": WINDOW, "original_max_position_embeddings": 256}),
         "gemma": ("GemmaConfig", {"head_dim": 16}),
         "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": WINDOW}),
+        "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": WINDOW, "sliding_window_pattern": 2}),
         "granite": ("GraniteConfig", {}),
         "olmo": ("OlmoConfig", {}),
         "nemotron": ("NemotronConfig", {"head_dim": 32, "num_attention_heads": 2, "num_key_value_heads": 2}),

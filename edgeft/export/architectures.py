@@ -35,6 +35,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("phi3", "Phi3ForCausalLM", "causal-lm", BUILDER, "Phi-3, Phi-3.5, Phi-4-mini"),
     Architecture("gemma", "GemmaForCausalLM", "causal-lm", BUILDER),
     Architecture("gemma2", "Gemma2ForCausalLM", "causal-lm", BUILDER, "sliding window on every other block"),
+    Architecture("gemma3_text", "Gemma3ForCausalLM", "causal-lm", TORCH,
+                 "Gemma 3 text models (270M, 1B); not the builder: it cannot read per-block-type rope_parameters"),
     Architecture("granite", "GraniteForCausalLM", "causal-lm", BUILDER),
     Architecture("olmo", "OlmoForCausalLM", "causal-lm", BUILDER,
                  "the builder's RMS norms replaced by OLMo's weightless layer norms"),
