@@ -290,9 +290,11 @@ def test_decoder_classifier_scores_the_last_real_token_batched_and_passes_the_ga
     assert _manifest(int8)["gate"]["passed"]
 
 
-# Tuned first: the builder's fixes on a sliding-window model, an encoder without token types, and a
-# causal-LM folder tuned as a classifier (the score head is new); the rest export their base.
-TUNED = [("gemma2", "causal-lm"), ("phi3", "causal-lm"), ("roberta", "classification"), ("qwen2", "classification")]
+# Tuned first: sliding-window models through the builder and through torch.onnx, an ungated MLP, an
+# encoder without token types, and a causal-LM folder tuned as a classifier (the score head is new);
+# the rest export their base.
+TUNED = [("gemma2", "causal-lm"), ("phi3", "causal-lm"), ("gemma3_text", "causal-lm"), ("nemotron", "causal-lm"),
+         ("roberta", "classification"), ("qwen2", "classification")]
 
 
 @pytest.mark.parametrize("name,task", TUNED)
