@@ -92,29 +92,26 @@ def hf_config(path: Path | str, task: Task, labels: list[str] | None, tokenizer:
     return cfg
 
 
-# Architectures that generate text: a config naming none of them is no causal LM (BERT's config maps
-# to BertLMHeadModel in transformers' causal-LM table, but a BERT encoder tuned that way is useless).
-GENERATOR_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# Heads only an encoder has: a config naming one is no model to tune as a causal LM.
+ENCODER_HEADS = ("ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice",
+                 "ForPreTraining", "ForNextSentencePrediction")
 
 
 def is_encoder(cfg: Any) -> bool:
-    """Whether a config is an encoder (BERT, RoBERTa, a sentence-transformers folder) or a
-    classifier (``...ForSequenceClassification``): neither is a model to tune as a causal LM."""
+    """Whether a config is an encoder (BERT, RoBERTa, a sentence-transformers folder): one of the
+    encoder types edgeft exports, or a config naming an encoder's head. transformers maps BERT's
+    config to BertLMHeadModel too, but a BERT encoder tuned as a causal LM is of no use."""
     from edgeft.export.architectures import of_task
 
+    decoders = {a.name for a in of_task("causal-lm")}
+    encoders = {a.name for a in of_task("classification")} - decoders
     archs = list(getattr(cfg, "architectures", None) or [])
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return True
-    if any(a.endswith(GENERATOR_SUFFIXES) for a in archs) or getattr(cfg, "is_decoder", False):
-        return False
-    if cfg.model_type in {a.name for a in of_task("causal-lm")}:
-        return False  # a bare decoder backbone (LlamaModel) still tunes as a causal LM
-    return bool(archs) or cfg.model_type in {a.name for a in of_task("classification")}
+    return cfg.model_type in encoders or any(a.endswith(ENCODER_HEADS) for a in archs)
 
 
 def check_task(path: Path | str, model: str, data: Path, task: Task, asked: bool) -> None:
-    """Refuse, in one line and before anything loads, a run whose result could not be exported:
-    an encoder or a classifier tuned as a causal LM, a decoder whose classifier edgeft cannot export.
+    """Refuse, in one line and before anything loads, a run whose result is of no use: an encoder or
+    a classifier tuned as a causal LM, a decoder tuned as a classifier edgeft cannot export.
 
     ``asked``: the user gave ``--task``; else it was the default for the data.
     """
@@ -132,10 +129,10 @@ def check_task(path: Path | str, model: str, data: Path, task: Task, asked: bool
             raise EdgeftError(f"cannot export a {cfg.model_type} classifier, so it does not tune as one; "
                               f"supported classifiers: {names('classification')}")
         return
-    if not is_encoder(cfg):
+    classifier = any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
+    if not (is_encoder(cfg) or classifier):
         return
-    kind = f"{model} is an encoder ({cfg.model_type})" if not any(
-        a.endswith("ForSequenceClassification") for a in cfg.architectures or []) else f"{model} is a classifier"
+    kind = f"{model} is a classifier" if classifier else f"{model} is an encoder ({cfg.model_type})"
     if asked:
         raise EdgeftError(f"{kind}: it does not tune as a causal LM (--task classification, with labelled data)")
     from edgeft import data as D
