@@ -3,7 +3,9 @@
 The names and dynamic axes are optimum's, so ``ORTModelForSequenceClassification`` can
 open the artifact. BERT-family encoders are then fused by onnxruntime's transformer
 optimizer (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization where
-its patterns match). The graph is full precision; ``edgeft.export.quantize`` narrows it.
+its patterns match). Decoders with a classification head (Llama, Qwen...) score the last
+real token of each row, found from the attention mask. The graph is full precision;
+``edgeft.export.quantize`` narrows it.
 
 This module knows torch.onnx and the optimizer; it knows nothing of labels or the gate.
 """
