@@ -1,8 +1,9 @@
 """Every architecture ``edgeft.export.architectures`` names, as a tiny random model (2 blocks,
-64 wide, the fixtures' tokenizers), through export: the fp32 graph equals PyTorch step by step
-through the runtime's KV cache (past any sliding window), int8 passes the gate; encoders' fp32
-probabilities equal PyTorch's. A few go through ``edgeft tune`` first. The table and the
-tiny configs here are checked to name the same architectures, so a new row needs a test."""
+64 wide, the fixtures' tokenizers), through export: a decoder's fp32 graph equals PyTorch step
+by step through the runtime's KV cache (past any sliding window) and decodes batched as alone,
+int8 passes the gate; classifiers' fp32 probabilities (a padded batch; a decoder's also left-
+padded) equal PyTorch's, int8 passes the gate. A few go through ``edgeft tune`` first. The table
+and the tiny configs here are checked to name the same architectures, so a new row needs a test."""
 
 from __future__ import annotations
 
