@@ -29,6 +29,11 @@ from edgeft.errors import EdgeftError
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "question", "query", "input", "prompt")
 LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "sentiment", "coarse_label", "intent")
+# A column of a two-column table whose name says nothing is taken as its labels by its values when
+# they are short and repeat (``text,topic``): at most LABEL_MAX_CHARS characters each, at least two
+# distinct ones, at most LABEL_MAX_CLASSES and at most half the rows.
+LABEL_MAX_CHARS = 40
+LABEL_MAX_CLASSES = 100
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 SUFFIXES = (*TABLE_SUFFIXES, ".txt")
 
@@ -151,22 +156,51 @@ def _pick(columns: list[str], given: str | None, candidates: tuple[str, ...], wh
 
 def detect_columns(path: Path, text_column: str | None = None, label_column: str | None = None,
                    need_label: bool = True) -> tuple[str, str | None]:
-    """The (text, label) column names of a table file, from flags or by name."""
+    """The (text, label) column names of a table file: from flags, by name, else by their values
+    (``guess_label_column``)."""
     rows = read_rows(path)
     columns = list(rows[0].keys())
-    label = _pick(columns, label_column, LABEL_COLUMNS, "label", Path(path)) if need_label else None
+    label = None
+    if need_label:
+        named = label_column is not None or any(c.lower() in LABEL_COLUMNS for c in columns)
+        label = (None if named else guess_label_column(path, text_column)) or \
+            _pick(columns, label_column, LABEL_COLUMNS, "label", Path(path))
+    if text_column is None and label is not None and len(columns) == 2:
+        text_column = next(c for c in columns if c != label)  # the one column left
     text = _pick(columns, text_column, TEXT_COLUMNS, "text", Path(path), exclude=label)
     return text, label
 
 
-def has_label_column(path: Path, label_column: str | None = None) -> bool:
-    """Whether a table file has a label column (named, or detected by name)."""
+def has_label_column(path: Path, label_column: str | None = None, text_column: str | None = None) -> bool:
+    """Whether a table file has a label column (named, detected by name, or by its values)."""
     if Path(path).suffix.lower() == ".txt":
         return False
     columns = list(read_rows(path)[0].keys())
     if label_column is not None:
         return label_column in columns
-    return any(c.lower() in LABEL_COLUMNS for c in columns)
+    return any(c.lower() in LABEL_COLUMNS for c in columns) or guess_label_column(path, text_column) is not None
+
+
+def guess_label_column(path: Path, text_column: str | None = None) -> str | None:
+    """The label column of a two-column table by its values: the one column of short values that
+    repeat (a topic, a class) beside one that does not (the text). None when that is not clear."""
+    if Path(path).suffix.lower() == ".txt":
+        return None
+    rows = read_rows(path)
+    columns = list(rows[0].keys())
+    if len(columns) != 2 or is_chat_file(path):
+        return None
+    categorical = [c for c in columns if c != text_column and _categorical([r.get(c) for r in rows])]
+    return categorical[0] if len(categorical) == 1 else None
+
+
+def _categorical(values: list[Any]) -> bool:
+    if any(v is None or isinstance(v, (dict, list)) for v in values):
+        return False
+    cells = [str(v).strip() for v in values]
+    distinct = set(cells)
+    return (all(0 < len(c) <= LABEL_MAX_CHARS for c in cells)
+            and 2 <= len(distinct) <= min(LABEL_MAX_CLASSES, len(cells) // 2))
 
 
 def _cell(row: dict[str, Any], col: str, path: Path, i: int) -> str:

@@ -135,3 +135,19 @@ def test_render_chat_without_template_falls_back(tiny_gpt2_dir):
     prompt, answer = D.render_chat(tok, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}])
     assert prompt == "### Instruction:\nQ\n\n### Response:\n"
     assert answer == "A" + tok.eos_token
+
+
+def test_a_two_column_table_with_short_repeating_values_is_labelled_by_them(tmp_path):
+    topics = ["sport", "world", "business", "tech"]
+    rows = "".join(f"headline number {i} about {topics[i % 4]} things,{topics[i % 4]}\n" for i in range(20))
+    p = _write(tmp_path / "news.csv", "text,topic\n" + rows)
+    assert D.has_label_column(p) and D.guess_label_column(p) == "topic"
+    texts, labels = D.load_classification(p)
+    assert labels[:4] == topics and texts[0] == "headline number 0 about sport things"
+    # nothing says which is the text either: the other column
+    q = _write(tmp_path / "unnamed.csv", "body,topic\n" + rows)
+    assert D.load_classification(q) == (texts, labels)
+    # values that do not repeat (an id, an answer) are no labels
+    ids = _write(tmp_path / "ids.csv", "text,ref\n" + "".join(f"some text {i},r{i}\n" for i in range(20)))
+    qa = _write(tmp_path / "qa.csv", "question,answer\n" + "".join(f"q {i}?,the answer is {i}\n" for i in range(20)))
+    assert not D.has_label_column(ids) and not D.has_label_column(qa)

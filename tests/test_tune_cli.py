@@ -95,3 +95,30 @@ def test_help_explains_freezing_and_choices():
     for needle in ("--trainable-layers", "int8|bf16|fp16|fp32", "adamw|adamw8bit", "--resume", "--untie-head",
                    "tied", "bitsandbytes LLM.int8", "OUT.partial"):
         assert needle in text, needle
+
+
+def test_an_encoder_tunes_a_text_topic_file_as_a_classifier(tiny_bert_dir, tmp_path):
+    """`topic` is no label name edgeft knows: its short repeating values make it the label column."""
+    data = tmp_path / "news.csv"
+    data.write_text("text,topic\n" + "".join(f"good fun film {i},arts\nmarkets fell {i} points,business\n"
+                                             for i in range(10)))
+    res = CliRunner().invoke(app, ["tune", "-m", str(tiny_bert_dir), "-d", str(data), "-o", str(tmp_path / "r"), *FAST])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["task"] == "classification"
+    assert json.loads((tmp_path / "r" / "labels.json").read_text())["labels"] == ["arts", "business"]
+
+
+@pytest.mark.parametrize("content, task, message", [
+    ("some prose\n\nmore prose\n", [], "is an encoder (bert): it tunes as a classifier, and "),
+    ("some prose\n\nmore prose\n", ["--task", "causal-lm"], "is an encoder (bert): it does not tune as a causal LM"),
+])
+def test_an_encoder_never_tunes_as_a_causal_lm(tiny_bert_dir, tmp_path, content, task, message):
+    data = tmp_path / "notes.txt"
+    data.write_text(content)
+    before = _tree(tmp_path)
+    res = CliRunner().invoke(app, ["tune", "-m", str(tiny_bert_dir), "-d", str(data), "-o", str(tmp_path / "r"),
+                                   *task, *FAST])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert _tree(tmp_path) == before

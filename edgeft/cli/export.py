@@ -6,10 +6,11 @@ import typer
 
 from edgeft.cli.app import app
 from edgeft.cli.options import from_config
+from edgeft.export.architectures import help_text
 from edgeft.export.config import ExportConfig
 
 
-@app.command()
+@app.command(epilog=help_text())
 @from_config(ExportConfig)
 def export(config: ExportConfig) -> None:
     """Export a tuned run or a base model to a quantized ONNX artifact, gated against PyTorch."""

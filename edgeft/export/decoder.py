@@ -4,8 +4,11 @@ Architectures onnxruntime-genai's model builder knows (the Llama family, SmolLM2
 included, Mistral, Qwen, Phi, Gemma...) go through it: a fused graph
 (GroupQueryAttention, SkipSimplifiedLayerNormalization, rotary embedding inside the
 attention op) that needs no ``position_ids``, plus the ``genai_config.json`` its own
-runtime reads. Others (GPT-2 first) go through ``torch.onnx.export`` with the same names,
-then onnxruntime's transformer optimizer where its fusions apply.
+runtime reads. Where the builder's graph differs from transformers (sliding windows it
+leaves out, norm epsilons it does not read, OLMo's norms) the graph is corrected after it.
+Others (GPT-2, SmolLM3) go through ``torch.onnx.export`` with the same names, then
+onnxruntime's transformer optimizer where its fusions apply. Which architecture takes
+which route is ``edgeft.export.architectures``'s table.
 
 The graph built here is full precision; ``edgeft.export.quantize`` narrows it. This
 module knows transformers, the builder and torch.onnx; it knows nothing of the gate.
@@ -23,26 +26,28 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
+from edgeft.export.architectures import BUILDER, TORCH, names, of_task
 from edgeft.export.graphs import add_logits_to_keep, interface, op_counts, optimize_graph, quiet_warnings
 
-# Hugging Face architecture -> model_type, for those onnxruntime-genai's builder turns into a fused graph.
-BUILDER_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3", "PhiForCausalLM": "phi", "Phi3ForCausalLM": "phi3",
-    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "GraniteForCausalLM": "granite",
-    "OlmoForCausalLM": "olmo", "NemotronForCausalLM": "nemotron", "SmolLM3ForCausalLM": "smollm3",
-}
-# The builder's options: the MLP's gate and up projections as one MatMul (then a Split), so a
-# decode step runs one weight matrix fewer per block (benchmarks/results/2026-12-03-vm-fused-mlp-avx2.md).
-BUILDER_OPTIONS = ["fuse_mlp_gate_up=true"]
-# Exported with torch.onnx (and checked against PyTorch in the tests).
-TORCH_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2"}
+# Hugging Face architecture -> model_type, by route (the table in ``edgeft.export.architectures``).
+BUILDER_ARCHITECTURES = {a.hf_class: a.name for a in of_task("causal-lm", BUILDER)}
+TORCH_ARCHITECTURES = {a.hf_class: a.name for a in of_task("causal-lm", TORCH)}
+# The builder's options. fuse_mlp_gate_up: the MLP's gate and up projections as one MatMul (then a
+# Split), so a decode step runs one weight matrix fewer per block
+# (benchmarks/results/2026-12-03-vm-fused-mlp-avx2.md); only for MLPs that have both (Nemotron's
+# has no gate: the builder then fails with an AttributeError, not a refusal).
+FUSE_GATE_UP = "fuse_mlp_gate_up=true"
+# windowed_kv_cache=false: sliding-window blocks keep a full-length cache like the others and
+# GroupQueryAttention masks the window (local_window_size). The builder's default, a cache
+# bounded to the window, is a ring the kernel indexes modulo its capacity and refuses when the
+# capacity is smaller than the window (Gemma-2: 4096); edgeft's runtime keeps one linear cache
+# per sequence, as long as the sequence, which it rewinds, grows and copies prefixes of.
+BUILDER_OPTIONS = ["windowed_kv_cache=false"]
 OPTIMIZER_TYPES = {"gpt2": "gpt2"}
 
 
 def supported() -> str:
-    names = sorted(set(BUILDER_ARCHITECTURES.values())) + sorted(set(TORCH_ARCHITECTURES.values()))
-    return ", ".join(names)
+    return names("causal-lm")
 
 
 @dataclass
@@ -70,6 +75,9 @@ class DecoderGraph:
 def check_supported(hf_config: Any) -> str:
     """'builder' or 'torch' for a decoder config; one line naming the supported ones otherwise."""
     archs = list(getattr(hf_config, "architectures", None) or [])
+    if getattr(hf_config, "model_type", None) == "olmo" and getattr(hf_config, "clip_qkv", None):
+        raise EdgeftError(f"cannot export an OLMo model with clip_qkv={hf_config.clip_qkv}: onnxruntime-genai's "
+                          "builder does not clamp the attention's q, k and v")
     if any(a in BUILDER_ARCHITECTURES for a in archs):
         return "builder"
     if any(a in TORCH_ARCHITECTURES for a in archs):
@@ -85,27 +93,41 @@ def export_decoder(model: Any, hf_dir: Path, work: Path, route: str) -> DecoderG
     The graph gets an optional ``logits_to_keep`` input (``graphs.add_logits_to_keep``) so that
     prompt prefill computes the head for the last position only.
     """
-    graph = _builder_export(hf_dir, work) if route == "builder" else _torch_export(model, work)
+    if route == "builder":
+        graph = _builder_export(hf_dir, work, _builder_options(model))
+        _match_windows(graph.path, hf_windows(model.config))
+        _match_norms(graph.path, model.config)
+    else:
+        graph = _torch_export(model, work)
     graph.logits_to_keep = add_logits_to_keep(graph.path)
     return graph
 
 
 # ---------------------------------------------------------------- onnxruntime-genai builder
 
-def _builder_export(hf_dir: Path, work: Path) -> DecoderGraph:
+def _builder_options(model: Any) -> list[str]:
+    """The builder's options for ``model``: the fused gate/up MatMul only where its MLP is gated."""
+    blocks = getattr(getattr(model, "model", None), "layers", None) or [None]
+    mlp = getattr(blocks[0], "mlp", None)
+    gated = hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj")
+    return [FUSE_GATE_UP, *BUILDER_OPTIONS] if gated else list(BUILDER_OPTIONS)
+
+
+def _builder_export(hf_dir: Path, work: Path, options: list[str]) -> DecoderGraph:
     from onnxruntime_genai.models import builder
 
     out, cache = work / "builder", work / "builder-cache"
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    tries = [options] + ([BUILDER_OPTIONS] if FUSE_GATE_UP in options else [])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        for extra in (BUILDER_OPTIONS, []):  # without the options where the builder refuses them
+        for i, extra in enumerate(tries):  # without the fused gate/up where the builder refuses it
             try:
                 opts = builder.parse_extra_options(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), extra)
                 builder.create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), **opts)
                 break
             except (NotImplementedError, ValueError) as exc:
                 shutil.rmtree(out, ignore_errors=True)
-                if not extra:
+                if i == len(tries) - 1:
                     raise EdgeftError(f"onnxruntime-genai's builder refused this model: {exc}") from None
     shutil.rmtree(cache, ignore_errors=True)
     genai = json.loads((out / "genai_config.json").read_text())
@@ -120,6 +142,88 @@ def _builder_export(hf_dir: Path, work: Path) -> DecoderGraph:
         uses_position_ids="position_ids" in inputs, kv_dtype=_kv_dtype(path),
         opset=opset, genai_config=out / "genai_config.json", fusions=op_counts(path),
     )
+
+
+# Where a config names its norms' epsilon (the builder reads ``rms_norm_eps`` only, else uses 1e-6).
+EPSILON_KEYS = ("rms_norm_eps", "layer_norm_eps", "norm_eps", "layer_norm_epsilon")
+# OLMo's norms are LayerNorms without weight or bias, epsilon 1e-5 (transformers' OlmoLayerNorm).
+OLMO_NORM_EPSILON = 1e-5
+NORM_OPS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization")
+
+
+def norm_epsilon(cfg: Any) -> float | None:
+    """The epsilon of the model's own norms, from its config."""
+    if cfg.model_type == "olmo":
+        return OLMO_NORM_EPSILON
+    return next((float(v) for k in EPSILON_KEYS if (v := getattr(cfg, k, None)) is not None), None)
+
+
+def _match_norms(path: Path, cfg: Any) -> None:
+    """Make the builder's norms normalize as the model's own do, in place.
+
+    onnxruntime-genai 0.18 reads ``rms_norm_eps`` only: Phi's ``layer_norm_eps`` and
+    Nemotron's ``norm_eps`` (1e-5) became 1e-6, a drift of up to 1e-2 in the logits of a
+    tiny random model. Its OLMo builder gives the norms unit weights but keeps the RMS norm
+    (no mean subtracted): greedy agreement 0.3-0.4 with PyTorch. The fused RMS-norm ops have
+    LayerNorm twins with the same inputs and outputs; a weightless norm's beta is 0.
+    """
+    import onnx
+    from onnx import helper
+
+    eps = norm_epsilon(cfg)
+    twins = {"SimplifiedLayerNormalization": "LayerNormalization",
+             "SkipSimplifiedLayerNormalization": "SkipLayerNormalization"} if cfg.model_type == "olmo" else {}
+    m = onnx.load(str(path), load_external_data=False)
+    changed = False
+    for n in m.graph.node:
+        if n.op_type not in NORM_OPS:
+            continue
+        if n.op_type in twins:
+            n.op_type, changed = twins[n.op_type], True
+        for a in n.attribute:
+            if a.name == "epsilon" and eps is not None and abs(a.f - eps) > 1e-3 * eps:
+                a.CopyFrom(helper.make_attribute("epsilon", eps))
+                changed = True
+    if changed:
+        onnx.save(m, str(path))
+
+
+def hf_windows(cfg: Any) -> list[int]:
+    """Each block's attention window as transformers applies it (-1: the whole context).
+
+    ``sliding_window`` with no ``layer_types`` (Mistral, Phi-3) windows every block; with
+    ``layer_types`` (Gemma-2, Qwen2) the blocks marked ``sliding_attention``.
+    """
+    window = getattr(cfg, "sliding_window", None) or -1
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * cfg.num_hidden_layers
+    return [window if t == "sliding_attention" else -1 for t in types]
+
+
+def _match_windows(path: Path, windows: list[int]) -> None:
+    """Give each block's GroupQueryAttention the window transformers applies, in place.
+
+    onnxruntime-genai 0.18 reads ``layer_types`` only, so it leaves Mistral's and Phi-3's
+    windows out (-1: past the window the graph attends to tokens PyTorch masks). With a
+    full-length cache, ``local_window_size`` W attends to the same W positions as
+    transformers' sliding window of W (checked step by step in tests/test_architectures.py).
+    """
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    attn = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    if len(attn) != len(windows):
+        if all(w == -1 for w in windows):
+            return  # no window to set, whatever attention op the builder chose
+        raise EdgeftError(f"cannot export this {len(windows)}-block model with sliding windows: onnxruntime-genai's "
+                          f"graph has {len(attn)} GroupQueryAttention nodes")
+    changed = False
+    for node, window in zip(attn, windows):
+        for a in node.attribute:
+            if a.name == "local_window_size" and a.i != window:
+                a.i, changed = window, True
+    if changed:
+        onnx.save(m, str(path))
 
 
 def _kv_dtype(path: Path) -> str:

@@ -92,6 +92,57 @@ def hf_config(path: Path | str, task: Task, labels: list[str] | None, tokenizer:
     return cfg
 
 
+# Heads only an encoder has: a config naming one is no model to tune as a causal LM.
+ENCODER_HEADS = ("ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice",
+                 "ForPreTraining", "ForNextSentencePrediction")
+
+
+def is_encoder(cfg: Any) -> bool:
+    """Whether a config is an encoder (BERT, RoBERTa, a sentence-transformers folder): one of the
+    encoder types edgeft exports, or a config naming an encoder's head. transformers maps BERT's
+    config to BertLMHeadModel too, but a BERT encoder tuned as a causal LM is of no use."""
+    from edgeft.export.architectures import of_task
+
+    decoders = {a.name for a in of_task("causal-lm")}
+    encoders = {a.name for a in of_task("classification")} - decoders
+    archs = list(getattr(cfg, "architectures", None) or [])
+    return cfg.model_type in encoders or any(a.endswith(ENCODER_HEADS) for a in archs)
+
+
+def check_task(path: Path | str, model: str, data: Path, task: Task, asked: bool) -> None:
+    """Refuse, in one line and before anything loads, a run whose result is of no use: an encoder or
+    a classifier tuned as a causal LM, a decoder tuned as a classifier edgeft cannot export.
+
+    ``asked``: the user gave ``--task``; else it was the default for the data.
+    """
+    from transformers import AutoConfig
+
+    from edgeft.export.architectures import names, of_task
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return  # the loader says what is wrong with the folder
+    if task is Task.classification:
+        decoder = not is_encoder(cfg) and cfg.model_type in {a.name for a in of_task("causal-lm")}
+        if decoder and cfg.model_type not in {a.name for a in of_task("classification")}:
+            raise EdgeftError(f"cannot export a {cfg.model_type} classifier, so it does not tune as one; "
+                              f"supported classifiers: {names('classification')}")
+        return
+    classifier = any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
+    if not (is_encoder(cfg) or classifier):
+        return
+    kind = f"{model} is a classifier" if classifier else f"{model} is an encoder ({cfg.model_type})"
+    if asked:
+        raise EdgeftError(f"{kind}: it does not tune as a causal LM (--task classification, with labelled data)")
+    from edgeft import data as D
+
+    columns = list(D.read_rows(data)[0].keys()) if Path(data).suffix.lower() != ".txt" else []
+    where = f"columns: {', '.join(columns)}" if columns else "plain text"
+    raise EdgeftError(f"{kind}: it tunes as a classifier, and {data} has no label column ({where}): "
+                      "name it with --label-column")
+
+
 def find_layout(model: Any) -> Layout:
     """The blocks, final norm(s), heads and embeddings of a task model (any device, meta included)."""
     import torch.nn as nn

@@ -83,14 +83,20 @@ class State:
 
 # ---- setup ----------------------------------------------------------------------------------
 
-def resolve_task(cfg: TuneConfig) -> Task:
-    if cfg.task is not None:
-        return cfg.task
+def resolve_task(cfg: TuneConfig, model_path: Path | str | None = None) -> Task:
+    """--task, else classification for labelled data; an encoder never defaults to causal-lm."""
     from edgeft import data as D
+    from edgeft.tune.model import check_task
 
-    D.check_file(cfg.data)
-    labelled = cfg.label_column is not None or D.has_label_column(cfg.data)
-    return Task.classification if labelled and not D.is_chat_file(cfg.data) else Task.causal_lm
+    if cfg.task is not None:
+        task = cfg.task
+    else:
+        D.check_file(cfg.data)
+        labelled = cfg.label_column is not None or D.has_label_column(cfg.data, text_column=cfg.text_column)
+        task = Task.classification if labelled and not D.is_chat_file(cfg.data) else Task.causal_lm
+    if model_path is not None:
+        check_task(model_path, cfg.model, cfg.data, task, asked=cfg.task is not None)
+    return task
 
 
 def preflight(cfg: TuneConfig) -> None:
@@ -778,7 +784,7 @@ def _tune(cfg: TuneConfig, world: World, callback: Callable[[int], None] | None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     resolved = resolve_model(cfg.model)
-    task = resolve_task(cfg)
+    task = resolve_task(cfg, resolved)
     tokenizer = load_tokenizer(resolved)
     max_length = resolve_max_length(cfg, task, max_positions(hf_config(resolved, Task.causal_lm, None, tokenizer)))
     given, cfg = cfg, dataclasses.replace(cfg.for_task(task), max_length=max_length)  # task defaults where unset
