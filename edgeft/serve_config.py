@@ -73,7 +73,13 @@ class ServeConfig:
     batch_wait_ms: float = field(default=5.0, metadata=flag(env="EDGEFT_BATCH_WAIT_MS"))
     """How long a classify request waits for others to batch with."""
     max_connections: int = field(default=512, metadata=flag(env="EDGEFT_MAX_CONNECTIONS"))
-    """Open connections at most; more get 503."""
+    """Open connections at most; past it every route but /health and /metrics answers 503."""
+    max_connections_per_client: int = field(default=64, metadata=flag(env="EDGEFT_MAX_CONNECTIONS_PER_CLIENT"))
+    """Open connections one client address may hold (0: no cap); more are answered 429 and closed. Behind a
+    reverse proxy every client has the proxy's address: raise it, or give 0."""
+    header_timeout: float = field(default=10.0, metadata=flag(env="EDGEFT_HEADER_TIMEOUT"))
+    """Seconds a client has to send a request's headers, and again its body; a slower connection is closed
+    (so idle or trickling sockets cannot hold the server). At most 3600."""
     drain_timeout: float = field(default=30.0, metadata=flag(env="EDGEFT_DRAIN_TIMEOUT"))
     """Seconds SIGTERM waits for in-flight requests."""
     log_format: LogFormat = field(default=LogFormat.text, metadata=flag(env="EDGEFT_LOG_FORMAT"))
@@ -111,6 +117,10 @@ class ServeConfig:
             raise EdgeftError(f"threads must be at least 1, got {self.threads}")
         if min(self.queue_size, self.ctx_size, self.prefix_cache, self.batch_wait_ms, self.drain_timeout) < 0:
             raise EdgeftError("queue-size, ctx-size, prefix-cache, batch-wait-ms and drain-timeout cannot be negative")
+        if self.max_connections_per_client < 0:
+            raise EdgeftError(f"--max-connections-per-client must be at least 0, got {self.max_connections_per_client}")
+        if not 0 < self.header_timeout <= 3600:  # also refuses NaN
+            raise EdgeftError(f"--header-timeout must be above 0 and at most 3600, got {self.header_timeout}")
         for name in ("api_key", "metrics_key"):
             key = getattr(self, name)
             if key is not None and not key.strip():
