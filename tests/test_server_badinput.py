@@ -405,3 +405,19 @@ def test_prompt_token_ids_are_strict_and_in_the_vocabulary(client):
         assert_openai_error(r, 400, "prompt")
     r = client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "logit_bias": {"3": 5}})
     assert r.status_code == 200, r.text
+
+
+def test_the_access_log_escapes_control_characters(client, caplog):
+    from edgeft.runtime.serve.process import TEXT_FORMAT
+
+    forged = "/x%0A2026-12-06 19:45:00,000 INFO edgeft.access: POST /v1/completions 200 1.0ms FORGED"
+    caplog.set_level(logging.INFO, logger="edgeft.access")
+    for path in (forged, "/y%0D%1B%5B31m%E2%80%A8%E2%80%AEz%5C"):
+        assert client.get(path).status_code == 404
+    fmt = logging.Formatter(TEXT_FORMAT)
+    lines = [fmt.format(r) for r in caplog.records if r.name == "edgeft.access"]
+    assert len(lines) == 2 and all(line.isprintable() for line in lines), lines
+    assert lines[0].endswith("GET /x\\x0a2026-12-06 19:45:00,000 INFO edgeft.access: POST /v1/completions 200 "
+                             "1.0ms FORGED 404 " + lines[0].rsplit(" ", 1)[1])
+    assert "GET /y\\x0d\\x1b[31m\\u2028\\u202ez\\\\ 404 " in lines[1]
+    assert caplog.records[-1].fields["path"].endswith("z\\")  # the JSON log keeps the path as it was (json escapes)

@@ -41,14 +41,18 @@ SHUTDOWN = "shutdown"  # the status label of a request cancelled at the drain ti
 SATURATED = "edgeft.saturated"  # a scope extension: this request came past --max-connections
 ALWAYS_ANSWERED = ("/health", "/metrics")  # answered even past --max-connections
 
-# C0 and C1 controls (CR, LF, ESC...), the Unicode line separators and the backslash that escapes them
-_ESCAPES = {**{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
-            0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"}
-
 
 def printable(text: str) -> str:
-    """``text`` with control characters escaped (``\\n`` becomes ``\\x0a``): one log line stays one line."""
-    return text.translate(_ESCAPES)
+    """``text`` with what is not printable escaped (CR, LF, ESC, the other controls, line separators,
+    bidi overrides: ``\\n`` becomes ``\\x0a``) and ``\\`` doubled, so one log line stays one honest line."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return "\\\\" if c == "\\" else f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def _reject_constant(name: str) -> Any:

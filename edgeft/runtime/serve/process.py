@@ -41,6 +41,7 @@ from edgeft.runtime.serve.wire import ApiError
 from edgeft.serve_config import LogFormat, ServeConfig
 
 log = logging.getLogger("edgeft.serve")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # --log-format text
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,7 +59,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(fmt: LogFormat, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt is LogFormat.json else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                         logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
