@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -597,6 +598,47 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(artifacts):
     records = [json.loads(ln) for ln in err.splitlines() if ln.strip()]  # every line is one JSON object
     assert any(r["message"].startswith("received SIGTERM") for r in records)
     assert sum(1 for r in records if r["logger"] == "edgeft.access" and r["status"] == 200) >= 4
+
+
+def test_a_request_cut_off_at_the_drain_timeout_is_a_shutdown_not_a_500(caplog):
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from edgeft.runtime.serve import ServeConfig, build_app
+    from edgeft.runtime.serve.process import make_server
+
+    entered = threading.Event()
+
+    async def hang(request):
+        entered.set()
+        await asyncio.Event().wait()  # never set: still running when the drain timeout comes
+        return Response()
+
+    cfg = ServeConfig(artifacts=("unused",), port=free_port(), drain_timeout=0.5)
+    app = build_app(cfg, lambda config, metrics: {})  # no model is needed to hold a request
+    app.router.routes.append(Route("/v1/hang", hang, methods=["POST"]))
+    server = make_server(cfg, app)
+    url = f"http://127.0.0.1:{cfg.port}"
+    thread = threading.Thread(target=server.run, daemon=True)
+    caplog.set_level(logging.INFO)
+    thread.start()
+    wait_healthy(url, timeout=30)
+    answers: list[httpx.Response] = []
+    client = threading.Thread(target=lambda: answers.append(httpx.post(url + "/v1/hang", json={}, timeout=60)))
+    client.start()
+    assert entered.wait(30)
+    server.handle_exit(signal.SIGTERM, None)  # what the signal does; uvicorn cancels the request after 0.5 s
+    thread.join(60)
+    client.join(60)
+    assert not thread.is_alive() and len(answers) == 1
+    r = answers[0]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    metrics = app.state.edgeft.metrics.render()
+    assert 'method="POST",status="shutdown"} 1' in metrics and 'status="500"' not in metrics, metrics
+    assert not any(rec.exc_info for rec in caplog.records), [rec.getMessage() for rec in caplog.records]
+    access = [rec for rec in caplog.records if rec.name == "edgeft.access"]
+    assert [rec.fields["status"] for rec in access] == ["shutdown"]
+    assert "POST /v1/hang shutdown " in access[0].getMessage()
 
 
 def test_bad_artifact_is_one_line_and_exit_2(tmp_path):

@@ -227,8 +227,8 @@ class EdgeMiddleware:
         except asyncio.CancelledError:
             if not self.state.draining:
                 raise
-            status = SHUTDOWN  # uvicorn cancels what still runs at --drain-timeout: shutdown, not a server error
             await _end_at_shutdown(send_with_id, started)
+            status = SHUTDOWN  # uvicorn cancels what still runs at --drain-timeout: shutdown, not a server error
         finally:
             self._record(scope, path, status, time.perf_counter() - t0, rid)
 

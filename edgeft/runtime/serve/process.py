@@ -206,7 +206,7 @@ def make_server(config: ServeConfig, app: Starlette) -> uvicorn.Server:
         def handle_exit(self, sig: int, frame: Any) -> None:
             state: ServerState = app.state.edgeft
             if not state.draining:
-                log.info("received %s: draining in-flight requests (up to %.0fs)",
+                log.info("received %s: draining in-flight requests (up to %gs)",
                          signal.Signals(sig).name, config.drain_timeout)
             state.draining = True
             if self.should_exit and sig == signal.SIGINT:
