@@ -699,6 +699,22 @@ def test_config_validation():
     assert ServeConfig(artifacts=("a/chat",)).host == "127.0.0.1"
     for kw in ({"artifacts": ()}, {"artifacts": ("a/m", "b/m")}, {"artifacts": ("a",), "names": ("x", "y")},
                {"artifacts": ("a",), "port": 70000}, {"artifacts": ("a",), "parallel": 0},
-               {"artifacts": ("a",), "api_key": " "}, {"artifacts": ("a",), "queue_size": -1}):
+               {"artifacts": ("a",), "api_key": " "}, {"artifacts": ("a",), "queue_size": -1},
+               {"artifacts": ("a",), "header_timeout": 0}, {"artifacts": ("a",), "header_timeout": float("nan")},
+               {"artifacts": ("a",), "header_timeout": float("inf")},
+               {"artifacts": ("a",), "max_connections_per_client": -1}):
         with pytest.raises(EdgeftError):
             ServeConfig(**kw)
+
+
+def test_serve_slots_and_waiting_line_default_from_the_machine():
+    from edgeft.runtime.serve import ServeConfig
+    from edgeft.serve_config import _machine, machine_slots
+
+    assert machine_slots(2, 8 << 30) == (8, 64)  # the serving benchmark's machine: 8 slots on 2 cores
+    assert machine_slots(4, 2 << 30) == (2, 16)  # memory bounds the slots
+    assert machine_slots(64, 512 << 30) == (32, 256)  # and 32 at most
+    assert machine_slots(0, 0) == (1, 8)
+    cfg = ServeConfig(artifacts=("a",))
+    assert (cfg.parallel, cfg.queue_size) == machine_slots(*_machine())
+    assert ServeConfig(artifacts=("a",), parallel=3, queue_size=0).parallel == 3  # given values win
