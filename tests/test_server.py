@@ -95,7 +95,8 @@ def stop(proc: subprocess.Popen, timeout: float = 30, signal_it: bool = True) ->
 def server(artifacts):
     """The CLI server, configured from environment variables, with a bearer key."""
     proc, url = start_cli_server([artifacts["chat"], artifacts["sentiment"]],
-                                 {"EDGEFT_API_KEY": KEY, "EDGEFT_BATCH_WAIT_MS": "30"})
+                                 {"EDGEFT_API_KEY": KEY, "EDGEFT_BATCH_WAIT_MS": "30",
+                                  "EDGEFT_PARALLEL": "4", "EDGEFT_QUEUE_SIZE": "16"})  # not this machine's defaults
     yield url
     rc, err = stop(proc)
     assert rc == 0, err[-2000:]
@@ -463,8 +464,8 @@ class InProcessServer:
 def test_limits_413_429_and_max_tokens_cap(artifacts):
     from edgeft.runtime.serve import ServeConfig
 
-    cfg = ServeConfig(artifacts=(artifacts["chat"],), port=free_port(), threads=1, queue_size=0,
-                      max_body_bytes=4096, max_tokens=200)
+    cfg = ServeConfig(artifacts=(artifacts["chat"],), port=free_port(), threads=1, parallel=4,
+                      queue_size=0, max_body_bytes=4096, max_tokens=200)
     with InProcessServer(cfg) as s:
         wait_healthy(s.url)
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "x" * 5000})
