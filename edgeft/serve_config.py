@@ -160,16 +160,16 @@ class ServeConfig:
             raise EdgeftError(f"threads must be at least 1, got {self.threads}")
         if min(self.queue_size, self.ctx_size, self.prefix_cache, self.batch_wait_ms, self.drain_timeout) < 0:
             raise EdgeftError("queue-size, ctx-size, prefix-cache, batch-wait-ms and drain-timeout cannot be negative")
-        if self.max_connections_per_client < 0:
-            raise EdgeftError(f"--max-connections-per-client must be at least 0, got {self.max_connections_per_client}")
-        if not 0 < self.header_timeout <= 3600:  # also refuses NaN
-            raise EdgeftError(f"--header-timeout must be above 0 and at most 3600, got {self.header_timeout}")
         for name in ("api_key", "metrics_key"):
             key = getattr(self, name)
             if key is not None and not key.strip():
                 raise EdgeftError(f"the {name.replace('_', ' ')} is empty")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
             raise EdgeftError(f"unknown log level {self.log_level!r}")
+        if self.max_connections_per_client < 0:
+            raise EdgeftError(f"--max-connections-per-client must be at least 0, got {self.max_connections_per_client}")
+        if not 0 < self.header_timeout <= 3600:  # also refuses NaN
+            raise EdgeftError(f"--header-timeout must be above 0 and at most 3600, got {self.header_timeout}")
 
     def model_names(self) -> list[str]:
         if self.names:
