@@ -116,10 +116,11 @@ class ServeConfig:
     batch_wait_ms: float = field(default=5.0, metadata=flag(env="EDGEFT_BATCH_WAIT_MS"))
     """How long a classify request waits for others to batch with."""
     max_connections: int = field(default=512, metadata=flag(env="EDGEFT_MAX_CONNECTIONS"))
-    """Open connections at most; past it every route but /health and /metrics answers 503."""
+    """Open connections at most; more get 503."""
     max_connections_per_client: int = field(default=128, metadata=flag(env="EDGEFT_MAX_CONNECTIONS_PER_CLIENT"))
     """Open connections one client address may hold (0: no cap); more are answered 429 and closed. Behind a
-    reverse proxy every client has the proxy's address: raise it to --max-connections, or give 0."""
+    reverse proxy every client has the proxy's address: raise it to --max-connections, or give 0. (Past
+    --max-connections, /health and /metrics still answer.)"""
     header_timeout: float = field(default=10.0, metadata=flag(env="EDGEFT_HEADER_TIMEOUT"))
     """Seconds a client has to send a request's headers, and again its body; a slower connection is closed
     (so idle or trickling sockets cannot hold the server). At most 3600."""
