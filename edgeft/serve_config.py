@@ -117,13 +117,6 @@ class ServeConfig:
     """How long a classify request waits for others to batch with."""
     max_connections: int = field(default=512, metadata=flag(env="EDGEFT_MAX_CONNECTIONS"))
     """Open connections at most; more get 503."""
-    max_connections_per_client: int = field(default=128, metadata=flag(env="EDGEFT_MAX_CONNECTIONS_PER_CLIENT"))
-    """Open connections one client address may hold (0: no cap); more are answered 429 and closed. Behind a
-    reverse proxy every client has the proxy's address: raise it to --max-connections, or give 0. (Past
-    --max-connections, /health and /metrics still answer.)"""
-    header_timeout: float = field(default=10.0, metadata=flag(env="EDGEFT_HEADER_TIMEOUT"))
-    """Seconds a client has to send a request's headers, and again its body; a slower connection is closed
-    (so idle or trickling sockets cannot hold the server). At most 3600."""
     drain_timeout: float = field(default=30.0, metadata=flag(env="EDGEFT_DRAIN_TIMEOUT"))
     """Seconds SIGTERM waits for in-flight requests."""
     log_format: LogFormat = field(default=LogFormat.text, metadata=flag(env="EDGEFT_LOG_FORMAT"))
@@ -135,6 +128,13 @@ class ServeConfig:
     (key rotation); env: files separated by ':'."""
     ui: bool = field(default=True, metadata=flag(env="EDGEFT_UI"))
     """Serve a page at / to try the models in a browser (it calls the /v1 routes like any client)."""
+    max_connections_per_client: int = field(default=128, metadata=flag(env="EDGEFT_MAX_CONNECTIONS_PER_CLIENT"))
+    """Open connections one client address may hold (0: no cap); more are answered 429 and closed. Behind a
+    reverse proxy every client has the proxy's address: raise it to --max-connections, or give 0. (Past
+    --max-connections, /health and /metrics still answer.)"""
+    header_timeout: float = field(default=10.0, metadata=flag(env="EDGEFT_HEADER_TIMEOUT"))
+    """Seconds a client has to send a request's headers, and again its body; a slower connection is closed
+    (so idle or trickling sockets cannot hold the server). At most 3600."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", tuple(Path(a) for a in self.artifacts))
