@@ -9,6 +9,7 @@ without the runtime extra; the server itself (``edgeft.runtime.serve``) imports 
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,48 @@ class LogFormat(str, enum.Enum):
 
     text = "text"
     json = "json"
+
+
+def machine_slots(cores: int, memory_bytes: int) -> tuple[int, int]:
+    """``--parallel`` and ``--queue-size`` for a machine with ``cores`` and ``memory_bytes``: what they default to.
+
+    Slots: four per core (a decode step is batched, so more sequences than cores keep the cores
+    busy: 8 slots on 2 cores served 3.2x one client in the serving benchmark), at most one per
+    GiB of memory (a slot's KV cache holds a whole context), 1 to 32. The waiting line: 8 per
+    slot (a waiting request holds only its prompt), so a burst is queued rather than refused.
+    """
+    parallel = max(1, min(4 * max(cores, 1), memory_bytes >> 30, 32))
+    return parallel, 8 * parallel
+
+
+def _machine() -> tuple[int, int]:
+    """The cores this process may use (affinity, cgroup quota) and its memory (RAM, cgroup limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    memory = 8 << 30  # where the system does not say
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        memory = min(memory, int(limit)) if limit.isdigit() else memory
+    except OSError:
+        pass
+    return cores, memory
+
+
+def _default_parallel() -> int:
+    return machine_slots(*_machine())[0]
+
+
+def _default_queue_size() -> int:
+    return machine_slots(*_machine())[1]
 
 
 @dataclass(frozen=True)
@@ -49,14 +92,14 @@ class ServeConfig:
     """Idle onnxruntime threads spin (on) or sleep (off). auto: $EDGEFT_SPIN (1 or 0) when set, else spin
     only when the cores a model's threads take are idle at load, besides every other model's threads and,
     with --parallel > 1, one core for the HTTP loop."""
-    parallel: int = field(default=4, metadata=flag(env="EDGEFT_PARALLEL", min=1))
+    parallel: int = field(default_factory=_default_parallel, metadata=flag(env="EDGEFT_PARALLEL", min=1))
     """Sequences decoded together per model: the KV slots of its one batching engine (llama.cpp's -np).
-    Replaces --workers (EDGEFT_WORKERS is no longer read)."""
+    Default: from this machine, 4 per core, at most 1 per GiB of memory and 32. Replaces --workers."""
     ctx_size: int = field(default=0, metadata=flag("--ctx-size", "-c", env="EDGEFT_CTX_SIZE", min=0))
     """KV cache tokens per model, shared by the slots (llama.cpp's -c); a request longer than one slot is a 400.
     0: parallel x the model's context (each slot a whole context; memory is used only as slots fill)."""
-    queue_size: int = field(default=16, metadata=flag(env="EDGEFT_QUEUE_SIZE", min=0))
-    """Sequences that may wait per model for a free slot; more get 429."""
+    queue_size: int = field(default_factory=_default_queue_size, metadata=flag(env="EDGEFT_QUEUE_SIZE", min=0))
+    """Sequences that may wait per model for a free slot; more get 429. Default: 8 x the machine's default --parallel."""
     prefix_cache: int = field(default=4, metadata=flag(env="EDGEFT_PREFIX_CACHE", min=0))
     """Recent prompt prefixes (system prompt, few-shot header) whose KV cache later requests reuse (0: off)."""
     speculate: Speculation = field(default=Speculation.auto, metadata=flag(env="EDGEFT_SPECULATE"))
@@ -85,6 +128,14 @@ class ServeConfig:
     (key rotation); env: files separated by ':'."""
     ui: bool = field(default=True, metadata=flag(env="EDGEFT_UI"))
     """Serve a page at / to try the models in a browser (it calls the /v1 routes like any client)."""
+    max_connections_per_client: int = field(default=128, metadata=flag(env="EDGEFT_MAX_CONNECTIONS_PER_CLIENT",
+                                                                                  min=0))
+    """Open connections one client address may hold (0: no cap); more are answered 429 and closed. Behind a
+    reverse proxy every client has the proxy's address: raise it to --max-connections, or give 0. (Past
+    --max-connections, /health and /metrics still answer.)"""
+    header_timeout: float = field(default=10.0, metadata=flag(env="EDGEFT_HEADER_TIMEOUT", above=0, max=3600))
+    """Seconds a client has to send a request's headers, and again its body; a slower connection is closed
+    (so idle or trickling sockets cannot hold the server)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", tuple(Path(a) for a in self.artifacts))

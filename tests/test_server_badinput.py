@@ -385,3 +385,39 @@ def test_typical_p_is_read_and_range_checked(client):
     for bad in (0, 1.5, "x", True):
         r = client.post("/v1/completions", json={"model": "chat", "prompt": "x", "typical_p": bad})
         assert_openai_error(r, 400, "typical_p")
+
+
+@pytest.mark.parametrize("route,base", [
+    ("/v1/completions", {"prompt": "Shall I"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+])
+@pytest.mark.parametrize("key", ["\u00b2", "\u0663", "1" * 5000, "", " 1", "1.0", "-1", "99999999999", "100000"])
+def test_logit_bias_token_ids_are_strict_and_in_the_vocabulary(client, route, base, key):
+    # "²" and "٣" pass str.isdigit and fail int(); 5,000 digits pass isdigit and exceed Python's int limit;
+    # 100000 is a well-formed id above the tiny model's vocabulary
+    r = client.post(route, json={**base, "max_tokens": 2, "logit_bias": {key: 1}})
+    assert_openai_error(r, 400, "logit_bias")
+
+
+def test_prompt_token_ids_are_strict_and_in_the_vocabulary(client):
+    for prompt in ([1, 2**64], [1, "2"], [1, True], [1, 10**5000 // 10**4990]):
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert_openai_error(r, 400, "prompt")
+    r = client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "logit_bias": {"3": 5}})
+    assert r.status_code == 200, r.text
+
+
+def test_the_access_log_escapes_control_characters(client, caplog):
+    from edgeft.runtime.serve.process import TEXT_FORMAT
+
+    forged = "/x%0A2026-12-06 19:45:00,000 INFO edgeft.access: POST /v1/completions 200 1.0ms FORGED"
+    caplog.set_level(logging.INFO, logger="edgeft.access")
+    for path in (forged, "/y%0D%1B%5B31m%E2%80%A8%E2%80%AEz%5C"):
+        assert client.get(path).status_code == 404
+    fmt = logging.Formatter(TEXT_FORMAT)
+    lines = [fmt.format(r) for r in caplog.records if r.name == "edgeft.access"]
+    assert len(lines) == 2 and all(line.isprintable() for line in lines), lines
+    assert lines[0].endswith("GET /x\\x0a2026-12-06 19:45:00,000 INFO edgeft.access: POST /v1/completions 200 "
+                             "1.0ms FORGED 404 " + lines[0].rsplit(" ", 1)[1])
+    assert "GET /y\\x0d\\x1b[31m\\u2028\\u202ez\\\\ 404 " in lines[1]
+    assert caplog.records[-1].fields["path"].endswith("z\\")  # the JSON log keeps the path as it was (json escapes)

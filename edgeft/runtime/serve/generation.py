@@ -23,7 +23,7 @@ from edgeft.errors import EdgeftError
 from edgeft.runtime.batching import Overloaded
 from edgeft.runtime.params import MAX_SEED, SamplingParams
 from edgeft.runtime.serve.state import Model, ServerState
-from edgeft.runtime.serve.wire import GenerationRequest, bad
+from edgeft.runtime.serve.wire import GenerationRequest, bad, check_token_ids
 
 
 def _prompt_ids(model: Model, req: GenerationRequest) -> list[int]:
@@ -42,9 +42,7 @@ def _prompt_ids(model: Model, req: GenerationRequest) -> list[int]:
             raise bad(f"the chat template refused these messages: {exc}", "messages") from None
     if isinstance(req.prompt, str):
         return model.front.encode(req.prompt)
-    vocab = model.manifest.decoder.vocab_size
-    if any(t >= vocab for t in req.prompt):
-        raise bad(f"token ids must be below the vocabulary size {vocab}", "prompt")
+    check_token_ids(req.prompt, model.manifest.decoder.vocab_size, "prompt")
     return list(req.prompt)
 
 
@@ -82,6 +80,7 @@ def _max_new(model: Model, req: GenerationRequest, n_prompt: int, cap: int) -> i
 
 def params(model: Model, req: GenerationRequest, n_prompt: int, cap: int) -> SamplingParams:
     """The request's sampling fields over the artifact's defaults over the server's ``--speculate``."""
+    check_token_ids(req.sampling.get("logit_bias") or (), model.manifest.decoder.vocab_size, "logit_bias")
     given = {"speculate": model.speculate, **req.sampling, "max_new_tokens": _max_new(model, req, n_prompt, cap)}
     try:
         return SamplingParams.over(model.manifest.generation, **given)

@@ -1,7 +1,11 @@
 """The HTTP edge every route shares: middleware, reading a body, and errors turned into answers.
 
 ``EdgeMiddleware`` gives each request an id, checks the bearer key on ``/v1`` (and
-``/metrics``), counts it in the metrics and writes one access-log line. ``api`` wraps a
+``/metrics``), answers 503 past ``--max-connections`` (except ``/health`` and ``/metrics``:
+the connection layer, ``process``, marks such a request ``SATURATED``), counts it in the
+metrics and writes one access-log line (control characters escaped, so a request cannot
+forge a line); a request still running at the drain timeout is counted and logged as
+``shutdown``, not as a 500. ``api`` wraps a
 route so that the errors a request can cause (``ApiError``, ``Overloaded``, the engine's
 ``EdgeftError``, a client that hung up) become OpenAI-style bodies, never a 500;
 ``read_json`` reads a body within its size limit. The exception handlers answer what
@@ -11,6 +15,7 @@ and the settings; it knows nothing of models, engines or the request fields.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -32,6 +37,22 @@ log = logging.getLogger("edgeft.serve")
 access_log = logging.getLogger("edgeft.access")
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": no one reads this response
+SHUTDOWN = "shutdown"  # the status label of a request cancelled at the drain timeout (not a 5xx)
+SATURATED = "edgeft.saturated"  # a scope extension: this request came past --max-connections
+ALWAYS_ANSWERED = ("/health", "/metrics")  # answered even past --max-connections
+
+
+def printable(text: str) -> str:
+    """``text`` with what is not printable escaped (CR, LF, ESC, the other controls, line separators,
+    bidi overrides: ``\\n`` becomes ``\\x0a``) and ``\\`` doubled, so one log line stays one honest line."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return "\\\\" if c == "\\" else f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def _reject_constant(name: str) -> Any:
@@ -121,7 +142,7 @@ def client_left(request: Request) -> Response:
     """A client that hung up before its body arrived: a client event, not a server error."""
     state: ServerState = request.app.state.edgeft
     state.metrics.disconnects.inc(route=state.route_label(request.url.path))
-    log.info("client left before sending its whole request on %s", request.url.path)
+    log.info("client left before sending its whole request on %s", printable(request.url.path))
     return Response(status_code=CLIENT_CLOSED)
 
 
@@ -135,7 +156,7 @@ async def _disconnected(request: Request, exc: Exception) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    log.error("internal error on %s: %s", request.url.path, exc, exc_info=exc)
+    log.error("internal error on %s: %s", printable(request.url.path), exc, exc_info=exc)
     return JSONResponse(ApiError(500, "internal server error", type="server_error").body(), status_code=500)
 
 
@@ -180,12 +201,13 @@ class EdgeMiddleware:
         t0, path = time.perf_counter(), scope["path"]
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
-        status = 500
+        status: int | str = 500
+        started = False
 
         async def send_with_id(message: dict) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
@@ -195,18 +217,44 @@ class EdgeMiddleware:
                 err = ApiError(401, refused, code="invalid_api_key")
                 response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send_with_id)
+            elif path not in ALWAYS_ANSWERED and (scope.get("extensions") or {}).get(SATURATED):
+                await error_response(ApiError(
+                    503, f"the server has {self.state.config.max_connections} connections open, its limit "
+                    "(--max-connections): retry shortly", type="server_error", code="server_busy",
+                ))(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if not self.state.draining:
+                raise
+            await _end_at_shutdown(send_with_id, started)
+            status = SHUTDOWN  # uvicorn cancels what still runs at --drain-timeout: shutdown, not a server error
         finally:
             self._record(scope, path, status, time.perf_counter() - t0, rid)
 
-    def _record(self, scope: dict, path: str, status: int, seconds: float, rid: str) -> None:
+    def _record(self, scope: dict, path: str, status: int | str, seconds: float, rid: str) -> None:
         route, method = self.state.route_label(path), scope.get("method", "")
         self.state.metrics.requests.inc(route=route, method=method, status=str(status))
         self.state.metrics.latency.observe(seconds, route=route)
-        if path in ("/health", "/metrics") and status == 200:
+        if path in ALWAYS_ANSWERED and status == 200:
             return  # probes and scrapes would drown the log
         client = scope.get("client") or ("", 0)
-        access_log.info("%s %s %d %.1fms", method, path, status, seconds * 1000, extra={"fields": {
-            "method": method, "path": path, "status": status, "ms": round(seconds * 1000, 2),
-            "request_id": rid, "client": client[0]}})
+        access_log.info("%s %s %s %.1fms", printable(method), printable(path), status, seconds * 1000,
+                        extra={"fields": {"method": method, "path": path, "status": status,
+                                          "ms": round(seconds * 1000, 2), "request_id": rid, "client": client[0]}})
+
+
+async def _end_at_shutdown(send: Callable, started: bool) -> None:
+    """Answer a request cut off by the drain timeout: a 503 body if nothing was sent yet, else end the stream."""
+    log.warning("a request was still running at the drain timeout: cancelled by shutdown")
+    try:
+        if not started:
+            err = ApiError(503, "the server shut down before this request finished (--drain-timeout)",
+                           type="server_error", code="shutting_down")
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": json.dumps(err.body()).encode()})
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except Exception:  # the connection is going away too: nothing more to tell the client
+        pass

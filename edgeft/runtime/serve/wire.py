@@ -19,6 +19,7 @@ from edgeft.runtime.params import MAX_TOP_LOGPROBS, check, wire_fields
 MAX_STOP = 16
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts per /v1/completions request
+MAX_TOKEN_ID = 2**31 - 1  # above every vocabulary; the model's own size is checked by ``check_token_ids``
 
 
 class ApiError(Exception):
@@ -154,6 +155,24 @@ def _unsupported(body: dict) -> None:
         raise bad("only 'best_of': 1 is supported", "best_of")
 
 
+def token_id(v: Any) -> int | None:
+    """A token id as the wire may give it, or None: a JSON integer, or (an object's key) a string of
+    ASCII digits, either in 0..``MAX_TOKEN_ID``. The one reader of token ids: ``str.isdigit`` takes
+    "²" and ``int`` takes 5,000 digits only to fail later, so neither is used alone."""
+    if isinstance(v, str):
+        if not (0 < len(v) <= len(str(MAX_TOKEN_ID)) and v.isascii() and v.isdigit()):
+            return None
+        v = int(v)
+    return v if is_int(v) and 0 <= v <= MAX_TOKEN_ID else None
+
+
+def check_token_ids(ids: Any, vocab: int, param: str) -> None:
+    """Refuse a token id the model's vocabulary (``vocab`` ids) does not have: one 400 naming ``param``."""
+    out = next((t for t in ids if t >= vocab), None)
+    if out is not None:
+        raise bad(f"token id {out} is outside the vocabulary: ids must be below {vocab}", param)
+
+
 def _logit_bias(body: dict) -> dict[int, float] | None:
     v = body.get("logit_bias")
     if v is None:
@@ -162,9 +181,10 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
         raise bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
     out = {}
     for k, b in v.items():
-        if not (isinstance(k, str) and k.isdigit()) or not _is_number(b) or not -100 <= b <= 100:
-            raise bad("'logit_bias' maps token ids (as strings) to numbers in [-100, 100]", "logit_bias")
-        out[int(k)] = float(b)
+        tid = token_id(k) if isinstance(k, str) else None
+        if tid is None or not _is_number(b) or not -100 <= b <= 100:
+            raise bad("'logit_bias' maps token ids (strings of digits) to numbers in [-100, 100]", "logit_bias")
+        out[tid] = float(b)
     return out
 
 
@@ -221,7 +241,7 @@ def _sampling(body: dict, max_tokens_cap: int, max_tokens_name: str = "max_token
 def _one_prompt(p: Any) -> str | list[int] | None:
     if isinstance(p, str):
         return p
-    if isinstance(p, list) and p and all(is_int(t) and t >= 0 for t in p):
+    if isinstance(p, list) and p and all(not isinstance(t, str) and token_id(t) is not None for t in p):
         return p
     return None
 
