@@ -1,4 +1,5 @@
-"""The README's current-results table, rendered from one `peers` results file.
+"""The README's generated blocks: the current-results table (from one `peers` results file) and
+the supported architectures (from ``edgeft.export.architectures``).
 
     python -m benchmarks.readme_table benchmarks/results/2026-12-04-vm-peers-avx512-offsets8.json
 
@@ -8,6 +9,9 @@ with its perplexity against fp32, decode and 512-token prefill tokens/s, and the
 rows. ``--write`` replaces the block in README.md; ``tests/test_readme.py`` checks that the
 README's block is what this prints for the file it names, so no figure there is typed by hand.
 
+Blocks between ``<!-- generated: MODULE.FUNCTION -->`` and ``<!-- /generated -->`` (in the README
+and in docs/) are that function's output; ``--write`` renders them too, and the test checks them.
+
 It knows the results schema (``benchmarks/schema.py``'s JSON) and nothing about how the
 figures were measured: the results file and its Markdown twin say that.
 """
@@ -15,6 +19,7 @@ figures were measured: the results file and its Markdown twin say that.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 from pathlib import Path
@@ -22,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BEGIN = re.compile(r"<!-- results: (?P<file>\S+) -->\n")
 END = "<!-- /results -->"
+GENERATED = re.compile(r"<!-- generated: (?P<fn>[\w.]+) -->\n(?P<body>.*?)<!-- /generated -->", re.S)
+PAGES = ("README.md", "docs/*.md")
 ISA_SHOWN = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 
 
@@ -82,6 +89,25 @@ def write(readme_path: Path = REPO / "README.md") -> None:
     readme_path.write_text(readme[:start.end()] + render(found[0]) + readme[end:])
 
 
+def generated(fn: str) -> str:
+    """What the block named ``module.function`` holds: the function's output and a final newline."""
+    module, _, name = fn.rpartition(".")
+    return getattr(importlib.import_module(module), name)().rstrip("\n") + "\n"
+
+
+def generated_blocks(text: str) -> list[tuple[str, str]]:
+    """(function name, the block's text now) for every generated block of a page."""
+    return [(m["fn"], m["body"]) for m in GENERATED.finditer(text)]
+
+
+def write_generated() -> None:
+    for page in (p for pattern in PAGES for p in sorted(REPO.glob(pattern))):
+        text = page.read_text()
+        new = GENERATED.sub(lambda m: f"<!-- generated: {m['fn']} -->\n{generated(m['fn'])}<!-- /generated -->", text)
+        if new != text:
+            page.write_text(new)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="?", type=Path, help="a results JSON (default: the one README.md names)")
@@ -89,6 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.write:
         write()
+        write_generated()
         return
     found = readme_block((REPO / "README.md").read_text())
     path = args.results or (found[0] if found else None)

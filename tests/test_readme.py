@@ -25,6 +25,14 @@ def test_results_block_is_rendered_from_the_file_it_names():
     assert block == readme_table.render(path)
 
 
+def test_generated_blocks_are_what_their_functions_print():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    blocks = [(page.name, fn, body) for page in pages for fn, body in readme_table.generated_blocks(page.read_text())]
+    assert {fn for _, fn, _ in blocks} >= {"edgeft.export.architectures.summary", "edgeft.export.architectures.markdown"}
+    for page, fn, body in blocks:
+        assert body == readme_table.generated(fn), f"{page}: {fn} (python -m benchmarks.readme_table --write)"
+
+
 def test_readme_is_one_page():
     assert len((REPO / "README.md").read_text().splitlines()) < 300
 

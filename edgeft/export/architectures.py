@@ -84,5 +84,17 @@ def markdown() -> str:
     return "\n".join(rows)
 
 
+def summary() -> str:
+    """The supported architectures by task and graph route, one bullet each (the README's short form)."""
+    decoder_classifiers = [a.name for a in ARCHITECTURES if a.task == "classification" and a.hf_class.endswith(
+        "ForSequenceClassification") and any(d.name == a.name for d in of_task("causal-lm"))]
+    encoders = [a.name for a in of_task("classification") if a.name not in decoder_classifiers]
+    lines = [f"- text generation, onnxruntime-genai's fused graph: {', '.join(a.name for a in of_task('causal-lm', BUILDER))}",
+             f"- text generation, torch.onnx: {', '.join(a.name for a in of_task('causal-lm', TORCH))}",
+             f"- classification (and embeddings), encoders: {', '.join(encoders)}",
+             f"- classification, decoders (the score head on the last real token): {', '.join(decoder_classifiers)}"]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(markdown())
