@@ -103,6 +103,7 @@ def _artifacts(ctx: Context) -> list[Path]:
     from benchmarks.cases import TUNE_FLAGS
 
     steps = 20 if ctx.quick else ctx.classifier_steps
+    prepare.ensure_model(prepare.ENCODER)
     arts = []
     for i, (name, (_s, _r, text_col, label_col)) in enumerate(DATA.items()):
         cols = (["--text-column", text_col] if text_col else []) + (["--label-column", label_col] if label_col else [])

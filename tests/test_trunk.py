@@ -83,7 +83,8 @@ def test_a_split_artifact_answers_what_the_whole_graph_does(exported, quantize, 
     m = _manifest(split)
     trunk = m["trunk"]
     assert m["format_version"] == 2 and trunk["blocks"] == 2 and m["graph"]["file"] == "top.onnx"
-    assert trunk["file"] == f"trunk-{trunk['sha256'][:16]}.onnx" and m["files"][trunk["file"]]["sha256"] == trunk["sha256"]
+    assert trunk["file"] == f"trunk-{trunk['sha256'][:16]}.onnx"
+    assert m["files"][trunk["file"]]["sha256"] == trunk["sha256"]
     assert trunk["outputs"][0].startswith("/m/bert/encoder/layer.1/")  # the hidden state entering block 2
     assert not (split / "model.onnx").exists() and _manifest(whole)["trunk"] is None
     assert m["gate"]["metrics"]["texts"] == 8  # the gate scored the split model as a whole
@@ -123,6 +124,25 @@ def test_two_runs_from_one_base_carry_one_trunk_and_share_its_session(exported, 
     packed = [_open(pa), _open(pb)]
     assert packed[0].folder != packed[1].folder and {p.trunk.session for p in packed} == {ca.trunk.session}
     assert not np.array_equal(ca.predict_proba(TEXTS), cb.predict_proba(TEXTS))
+
+
+def test_the_trunk_bytes_do_not_depend_on_the_exporting_process(runs, exported, tmp_path):
+    """Another process with another hash seed, exporting the other run: the same trunk file, byte for byte."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "other"
+    code = ("from edgeft.export import ExportConfig, export\n"
+            f"export(ExportConfig(source={str(runs[1])!r}, out={str(out)!r}, quantize='int8', int8_mode='dynamic', "
+            "allow_degraded=True, gate_texts=8, threads=1), log=None)")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONHASHSEED": "12345",
+           "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600, capture_output=True)
+    mine = exported(0, "int8")
+    name = _manifest(mine)["trunk"]["file"]
+    assert _manifest(out)["trunk"]["file"] == name and (out / name).read_bytes() == (mine / name).read_bytes()
 
 
 def _flip(path: Path) -> None:

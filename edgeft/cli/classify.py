@@ -4,8 +4,9 @@ Texts come from the command line or ``--input`` (CSV, TSV, JSONL or TXT: one tex
 line); results go to stdout or ``--output`` as JSONL (text, label, scores) or CSV (text,
 label, one probability column per label). Several artifacts (``edgeft classify A B C
 "text"...``: the leading arguments that are artifacts) answer together, each model's label
-and scores per text, the trunk that split models share run once per batch. Flags: ``ClassifyConfig``'s fields, most of them
-``TextsConfig``'s, which ``edgeft embed`` shares. Imports the runtime inside the command only.
+and scores per text, the trunk that split models share run once per batch. Flags:
+``ClassifyConfig``'s fields, most of them ``TextsConfig``'s, which ``edgeft embed`` shares.
+Imports the runtime inside the command only.
 """
 
 from __future__ import annotations

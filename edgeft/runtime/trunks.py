@@ -35,7 +35,8 @@ class SharedTrunk:
         self.dtypes = input_dtypes(self.session)
         missing = set(self.outputs) - {o.name for o in self.session.get_outputs()}
         if missing:
-            raise EdgeftError(f"{path.name}: the trunk graph lacks the output {sorted(missing)[0]!r} its manifest names")
+            raise EdgeftError(f"{path.name}: the trunk graph lacks the output {sorted(missing)[0]!r} that its "
+                              "manifest names")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The boundary tensors for one batch (``feeds``: the classifier's padded inputs)."""
