@@ -216,6 +216,55 @@ def test_classify_command_answers_several_models(exported, tmp_path):
     assert res.exit_code == 2 and "named twice" in res.output
 
 
+ENCODERS = {  # tiny random encoders of every supported family: (config class, keyword arguments)
+    "roberta": ("RobertaConfig", {"pad_token_id": 1}),
+    "distilbert": ("DistilBertConfig", {"dim": 64, "n_layers": 4, "n_heads": 4, "hidden_dim": 128}),
+    "electra": ("ElectraConfig", {"embedding_size": 64}),
+    "deberta-v2": ("DebertaV2Config", {"relative_attention": True, "position_buckets": 16, "type_vocab_size": 0,
+                                       "pos_att_type": ["p2c", "c2p"]}),
+    "modernbert": ("ModernBertConfig", {"pad_token_id": 0, "global_attn_every_n_layers": 2, "local_attention": 16}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ENCODERS))
+def test_every_supported_encoder_family_cuts_exactly(family, tmp_path):
+    """The cut on each family's graph (fused or not, fp32 and dynamic int8): trunk then top is the whole graph."""
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    from edgeft.export.classifier import export_classifier
+    from edgeft.export.quantize import load, quantize_classifier_dynamic
+    from edgeft.export.trunk import cut_graph
+
+    klass, extra = ENCODERS[family]
+    kw = {"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+          "intermediate_size": 128, "max_position_embeddings": 130, "num_labels": 2}
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(getattr(transformers, klass)(**kw | extra))
+    fp32 = export_classifier(model.eval(), tmp_path, 64).path
+    quantize_classifier_dynamic(fp32, tmp_path / "int8.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(5, 290, (3, 11)), "attention_mask": np.ones((3, 11), np.int64),
+             "token_type_ids": np.zeros((3, 11), np.int64)}
+    feeds["attention_mask"][1, 7:] = 0
+
+    def session(m):
+        return ort.InferenceSession(m if isinstance(m, str) else m.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+
+    for path in (str(fp32), str(tmp_path / "int8.onnx")):
+        whole = session(path)
+        want = whole.run(["logits"], {i.name: feeds[i.name] for i in whole.get_inputs()})[0]
+        for blocks in (1, 3):
+            cut = cut_graph(load(path), blocks)
+            trunk, top = session(cut.trunk), session(cut.top)
+            below = dict(zip(cut.outputs, trunk.run(cut.outputs, {i.name: feeds[i.name] for i in trunk.get_inputs()})))
+            got = top.run(["logits"], {n: below[n] if n in below else feeds[n] for n in cut.top_inputs})[0]
+            np.testing.assert_array_equal(got, want)
+            assert f"layer.{blocks - 1}/" in cut.outputs[0] or f"layers.{blocks - 1}/" in cut.outputs[0]
+
+
 def test_trunk_blocks_are_checked(runs, tiny_llama_dir, tmp_path):
     from edgeft.export import ExportConfig, export
 

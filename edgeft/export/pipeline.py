@@ -444,8 +444,7 @@ def _encoder_candidates(config: ExportConfig, source: Source, hf_dir: Path, grap
         tok = assemble.tokenizer_section(tokenizer, source.model.config, None, folder)
         m = manifest(tok, quant)
         if trunk_blocks:
-            log(f"splitting {name} before block {trunk_blocks}: a shared trunk and this model's top")
-            m = trunk.split(folder, m, trunk_blocks)
+            m = trunk.split(folder, m, trunk_blocks, log, asked=config.trunk_blocks is not None)
         return folder, write_manifest(folder, m)
 
     return [Candidate(n, lambda n=n: build(n)) for n in _classifier_schemes(config)]

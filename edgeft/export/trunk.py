@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,20 +63,29 @@ class Cut:
     top_inputs: list[str]
 
 
-def split(folder: Path, manifest: Manifest, blocks: int) -> Manifest:
+def split(folder: Path, manifest: Manifest, blocks: int, log: Callable[[str], None], asked: bool = True) -> Manifest:
     """Replace ``folder``'s ``model.onnx`` (and its data) by a trunk and a top cut before block ``blocks``.
 
     Returns ``manifest`` with the trunk section (format 2) and ``graph.file`` naming the top;
-    the caller writes it (``write_manifest`` hashes the new files)."""
+    the caller writes it (``write_manifest`` hashes the new files). A graph that cannot be cut
+    there is an error when the split was ``asked`` for (``--trunk-blocks``), else it stays one
+    graph, and ``log`` says why."""
     from edgeft.export.quantize import load, save
 
     src = folder / manifest.graph.file
     model = load(src)
-    cut = cut_graph(model, blocks)
-    raw = cut.trunk.SerializeToString()
-    if len(raw) > _PROTOBUF_LIMIT:
-        raise EdgeftError(f"the trunk is {len(raw) >> 20} MiB, over what one ONNX file holds: export with "
-                          "--trunk-blocks 0")
+    try:
+        cut = cut_graph(model, blocks)
+        raw = cut.trunk.SerializeToString()
+        if len(raw) > _PROTOBUF_LIMIT:
+            raise EdgeftError(f"the trunk is {len(raw) >> 20} MiB, over what one ONNX file holds: export with "
+                              "--trunk-blocks 0")
+    except EdgeftError as exc:
+        if asked:
+            raise
+        log(f"kept as one graph: {exc}")
+        return manifest
+    log(f"split before block {blocks}: a shared trunk ({len(cut.outputs)} tensor(s) across) and this model's top")
     digest = hashlib.sha256(raw).hexdigest()
     name = f"trunk-{digest[:16]}.onnx"
     (folder / name).write_bytes(raw)
@@ -109,8 +119,9 @@ def _node_block(node: Any) -> int | None:
 
 
 def boundary(model: Any, blocks: int) -> str:
-    """The hidden state entering block ``blocks`` (>= 1): block ``blocks - 1``'s tensor that the
-    nodes above read and that every other such tensor derives from."""
+    """The hidden state entering block ``blocks`` (>= 1): of block ``blocks - 1``'s tensors that the
+    nodes above read, those whose values come from the token ids (not a mask, not positions made
+    from a shape), and of these the one the others derive from (its int8 copy, its scale)."""
     graph = model.graph
     crossing = []
     for node in graph.node:
@@ -119,7 +130,8 @@ def boundary(model: Any, blocks: int) -> str:
             continue
         crossing += [t for t in node.input if t and _block(t) == blocks - 1 and t not in crossing]
     producer = _producers(graph)
-    roots = [t for t in crossing if not (_ancestor_tensors(graph, [t], producer) - {t}) & set(crossing)]
+    carriers = [t for t in crossing if _from_token_ids(graph, t, producer)]
+    roots = [t for t in carriers if not (_ancestor_tensors(graph, [t], producer) - {t}) & set(carriers)]
     if len(roots) != 1:
         raise EdgeftError(f"cannot find the hidden state entering block {blocks} in the graph "
                           f"({len(roots)} candidates): export with --trunk-blocks 0")
@@ -162,6 +174,21 @@ def cut_graph(model: Any, blocks: int) -> Cut:
                       outputs, types, "trunk")
     top = _subgraph(model, sorted(top_nodes), top_inputs, [o.name for o in graph.output], types, "top")
     return Cut(trunk, top, outputs, top_inputs)
+
+
+def _from_token_ids(graph: Any, tensor: str, producer: dict[str, int]) -> bool:
+    """Whether ``tensor``'s values depend on ``input_ids`` (a Shape or Size of it does not count)."""
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t == "input_ids":
+            return True
+        i = producer.get(t)
+        if t in seen or i is None or graph.node[i].op_type in ("Shape", "Size"):
+            continue
+        seen.add(t)
+        stack += [x for x in graph.node[i].input if x]
+    return False
 
 
 def _producers(graph: Any) -> dict[str, int]:
