@@ -5,7 +5,7 @@ and export writes them from the base's original weights (``edgeft.export.merge``
 graph's lower part is the same for every run tuned from one base. ``split`` cuts a built
 (fused, quantized) graph at the hidden state entering block K:
 
-- ``trunk-<sha256>.onnx``: the graph's inputs -> that hidden state, plus whatever else the
+- ``trunk-<sha256, 16 hex>.onnx``: the graph's inputs -> that hidden state, plus whatever else the
   upper blocks take from below (the attention mask as the fused embedding computes it);
   one self-contained file (no external data), named by the hash of its bytes;
 - ``top.onnx``: those tensors (and graph inputs the top reads itself) -> ``logits``.
