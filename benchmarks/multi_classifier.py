@@ -4,9 +4,9 @@
     BENCH_QUICK=1 python -m benchmarks.run --cases multi_classifier     # a smoke run (200 texts, few steps)
 
 Four MiniLM-L6 classifiers, each tuned top-2 of 6 over the int8 base (``edgeft tune
---trainable-layers 2``) on different data: SST-2 rows, another SST-2 slice, TREC's coarse and
-TREC's fine question labels (``../shared/data`` where present, else the repository's
-``demo/sst2_2k.csv`` and ``tests/data`` slices), exported int8 with ``--int8-mode dynamic``
+--trainable-layers 2``) on different data: SST-2 rows, another SST-2 slice, TREC's coarse
+question classes and TREC questions as about a person or not (``../shared/data`` where present,
+else the repository's ``demo/sst2_2k.csv`` and ``tests/data`` slices), exported int8 with ``--int8-mode dynamic``
 (the same quantization for all four, so their trunks, the embeddings and the four frozen
 blocks, are byte-identical: split at the default boundary, the runs' frozen count). Texts:
 1,000 SST-2 dev and TREC sentences (a quick run: 200).
@@ -41,16 +41,31 @@ DATA = {
     "sst2": (("sst2", "train.tsv"), "demo/sst2_2k.csv", None, None),
     "sst2-slice": (("sst2", "dev.tsv"), "tests/data/sst2_dev_400.tsv", None, None),
     "trec-coarse": (("trec", "train.tsv"), "tests/data/trec_test_300.tsv", "text", "coarse_label"),
-    "trec-fine": (("trec", "train.tsv"), "tests/data/trec_test_300.tsv", "text", "fine_label"),
+    "trec-person": (("trec", "train.tsv"), "tests/data/trec_test_300.tsv", None, None),  # derived: _person
 }
 
 
 def _data(name: str) -> Path:
     shared, repo, *_ = DATA[name]
     try:
-        return prepare.data_file(*shared)
+        path = prepare.data_file(*shared)
     except prepare.Unavailable:
-        return REPO / repo
+        path = REPO / repo
+    return _person(path) if name == "trec-person" else path
+
+
+def _person(trec: Path) -> Path:
+    """TREC questions labelled ``person`` (coarse class HUM) or ``other``: a binary task of its own."""
+    import csv
+
+    out = prepare.WORK / "data" / f"trec-person-{trec.stem}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(trec, encoding="utf-8") as src, open(out, "w", newline="", encoding="utf-8") as dst:
+        w = csv.writer(dst)
+        w.writerow(["text", "label"])
+        for row in csv.DictReader(src, delimiter="\t"):
+            w.writerow([row["text"], "person" if row["coarse_label"] == "HUM" else "other"])
+    return out
 
 
 def texts(n: int) -> list[str]:
