@@ -51,6 +51,8 @@ Decoder graphs follow one convention for every architecture: inputs ``input_ids`
 ``.value``. Caches are laid out ``[batch, kv_heads, sequence, head_dim]``.
 Classifier graphs take ``input_ids``, ``attention_mask`` and ``token_type_ids`` (where
 ``Classifier.uses_token_type_ids``) and return ``logits`` of shape ``[batch, labels]``.
+A split classifier (``Trunk``, format 2) holds the same graph as two files, the shared trunk
+and its own top; the runtime chains them.
 Embedding graphs take the same inputs and return ``last_hidden_state`` ``[batch, sequence,
 dim]``; the runtime pools it as ``Embedding`` says (mean or CLS, then unit length or not).
 """
@@ -79,7 +81,7 @@ from edgeft.fsutil import (atomic_dir, atomic_write_bytes, atomic_write_json, ch
 from edgeft.runtime.params import SamplingParams
 
 FORMAT = "edgeft-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this edgeft reads; 2: a split classifier (``Trunk``), which older ones refuse
 MANIFEST = "manifest.json"
 PACK_SUFFIX = ".edgeft"
 DIGEST_PREFIX = "sha256:"
@@ -167,6 +169,24 @@ class Embedding:
 
 
 @dataclass(frozen=True)
+class Trunk:
+    """A split classifier's lower part, stored beside its top (``graph.file``) and shared at load.
+
+    The trunk (embeddings and the first ``blocks`` encoder blocks) takes the graph's inputs and
+    returns ``outputs`` (the hidden state entering block ``blocks`` first); the top takes
+    ``top_inputs`` (some of those outputs, then graph inputs) and returns the graph's outputs.
+    The file is named by its content, so models tuned from one base with the same boundary and
+    quantization carry byte-identical trunks; runtimes load one session per ``sha256``.
+    """
+
+    file: str  # "trunk-<first 16 hex of sha256>.onnx", listed in ``files`` like any other
+    sha256: str  # hex digest of the file's bytes: what a runtime shares a session by
+    blocks: int
+    outputs: list[str]
+    top_inputs: list[str]
+
+
+@dataclass(frozen=True)
 class Tokenizer:
     """Tokenizer files and the special tokens the runtime needs."""
 
@@ -217,11 +237,12 @@ class Manifest:
     classifier: Classifier | None = None
     embedding: Embedding | None = None
     generation: Generation | None = None
+    trunk: Trunk | None = None  # a split classifier: graph.file is its top
     gate: dict[str, Any] = field(default_factory=dict)  # {"passed": bool, "degraded": bool, "metrics": {...}}
     source: dict[str, Any] = field(default_factory=dict)  # base name/sha256, run folder, data sha256
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"sha256", "size"}
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # 2 with a trunk section (older edgefts then say "upgrade" instead of failing)
     edgeft_version: str = __version__
     digest: str | None = None  # manifest_digest: over the canonical manifest, files' hashes included
     signature: dict[str, str] | None = None  # Ed25519 over the digest (edgeft.signing); outside the digest
@@ -233,6 +254,8 @@ class Manifest:
             raise ValueError("a classification manifest needs a classifier section")
         if self.task is Task.embedding and self.embedding is None:
             raise ValueError("an embedding manifest needs an embedding section")
+        if self.trunk is not None and (self.task is not Task.classification or self.format_version < 2):
+            raise ValueError("a trunk section belongs to a classification manifest of format 2")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -251,7 +274,8 @@ class Manifest:
                 f"({FORMAT_VERSION}): upgrade edgeft"
             )
         sections = {"graph": Graph, "tokenizer": Tokenizer, "decoder": Decoder,
-                    "classifier": Classifier, "embedding": Embedding, "generation": Generation}
+                    "classifier": Classifier, "embedding": Embedding, "generation": Generation,
+                    "trunk": Trunk}
         kw = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         for name, klass in sections.items():
             if kw.get(name) is not None:
@@ -386,6 +410,10 @@ def parse_manifest(where: str, raw: bytes) -> tuple[Manifest, dict[str, Any]]:
             for m in manifest.files.values()):
         raise EdgeftError(f"{where}: {MANIFEST} has a malformed files section")
     check_names(where, manifest)
+    trunk = manifest.trunk
+    if trunk is not None and manifest.files.get(trunk.file, {}).get("sha256") != trunk.sha256:
+        raise EdgeftError(f"{where}: the manifest's trunk {str(trunk.file)[:80]!r} is not among its files with "
+                          "that digest")
     if manifest.classifier is not None:
         labels = manifest.classifier.labels
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):

@@ -56,7 +56,8 @@ def _runtime_steps(folder: Path, ids: list[int], prefill: int) -> np.ndarray:
 def _ops(folder: Path) -> list:
     import onnx
 
-    return list(onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+    # every graph file: a classifier exported from a run is split into a trunk and a top
+    return [n for f in sorted(folder.glob("*.onnx")) for n in onnx.load(str(f), load_external_data=False).graph.node]
 
 
 def _bits(node) -> int:

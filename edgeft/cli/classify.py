@@ -2,8 +2,11 @@
 
 Texts come from the command line or ``--input`` (CSV, TSV, JSONL or TXT: one text per
 line); results go to stdout or ``--output`` as JSONL (text, label, scores) or CSV (text,
-label, one probability column per label). Flags: ``ClassifyConfig``'s fields, most of them
-``TextsConfig``'s, which ``edgeft embed`` shares. Imports the runtime inside the command only.
+label, one probability column per label). Several artifacts (``edgeft classify A B C
+"text"...``: the leading arguments that are artifacts) answer together, each model's label
+and scores per text, the trunk that split models share run once per batch. Flags:
+``ClassifyConfig``'s fields, most of them ``TextsConfig``'s, which ``edgeft embed`` shares.
+Imports the runtime inside the command only.
 """
 
 from __future__ import annotations
@@ -71,9 +74,21 @@ class ClassifyConfig(TextsConfig):
     artifact: str = field(metadata=flag(argument=True))
     """Classification artifact folder or packed .edgeft file."""
     texts: tuple[str, ...] = field(default=(), metadata=flag(argument=True))
-    """Texts to classify (or use --input)."""
+    """Texts to classify (or use --input); artifacts first are more models, answered together."""
     format: OutputFormat | None = field(default=None, metadata=flag("--format", "-f"))
     """Output format [default: from --output's suffix, else jsonl]."""
+    artifacts: tuple[str, ...] = field(default=(), metadata=flag(cli=False))
+    """Every model asked for: the first argument, then the arguments after it that are artifacts."""
+
+    def __post_init__(self) -> None:
+        texts = tuple(self.texts)
+        n = next((i for i, t in enumerate(texts) if not is_artifact(t)), len(texts))
+        models = (self.artifact, *texts[:n])
+        if len(set(models)) != len(models):
+            raise EdgeftError("an artifact is named twice")
+        object.__setattr__(self, "artifacts", models)
+        object.__setattr__(self, "texts", texts[n:])
+        super().__post_init__()
 
     @property
     def output_format(self) -> OutputFormat:
@@ -82,6 +97,15 @@ class ClassifyConfig(TextsConfig):
             return self.format
         csv_out = self.output is not None and self.output.suffix.lower() == ".csv"
         return OutputFormat.csv if csv_out else OutputFormat.jsonl
+
+
+def is_artifact(arg: str) -> bool:
+    """An argument naming an artifact folder or packed file (so a model, not a text to classify)."""
+    path = Path(arg)
+    try:
+        return (path.is_dir() and (path / "manifest.json").is_file()) or (arg.endswith(".edgeft") and path.is_file())
+    except (OSError, ValueError):  # a text too long, or with a NUL, for a path
+        return False
 
 
 TEXT_KEYS = ("text", "sentence", "input", "content")
@@ -160,22 +184,49 @@ def write_results(out, texts: list[str], results: list[dict], labels: list[str],
         w.writerow([t, r["label"], *[f"{r['scores'][lab]:.6f}" for lab in labels]])
 
 
+def write_many(out, texts: list[str], names: tuple[str, ...], labels: list[list[str]], answers: list[list[dict]],
+               fmt: OutputFormat) -> None:
+    """Several models' results: JSONL ``{"text", "models": {artifact: {"label", "scores"}}}``, or CSV
+    columns ``<artifact>:label`` and ``<artifact>:p_<label>`` per model."""
+    rows = list(zip(*answers))
+    if fmt is OutputFormat.jsonl:
+        for t, row in zip(texts, rows):
+            out.write(json.dumps({"text": t, "models": dict(zip(names, row))}, ensure_ascii=False) + "\n")
+        return
+    w = csv.writer(out)
+    w.writerow(["text", *[c for n, labs in zip(names, labels) for c in (f"{n}:label", *[f"{n}:p_{x}" for x in labs])]])
+    for t, row in zip(texts, rows):
+        w.writerow([t, *[c for r, labs in zip(row, labels)
+                         for c in (r["label"], *[f"{r['scores'][x]:.6f}" for x in labs])]])
+
+
 @app.command()
 @from_config(ClassifyConfig)
 def classify(config: ClassifyConfig) -> None:
-    """Label texts with a classification artifact: each gets its label and every label's probability."""
+    """Label texts with one or more classification artifacts: each gets its label and every label's probability."""
     from edgeft.artifact import Check
     from edgeft.runtime import TextClassifier
 
     items, output, fmt = config.items(), config.output, config.output_format
     if output:
         check_output(output)  # before loading the model
-    clf = TextClassifier.open(config.artifact, threads=config.threads, check=Check.quick)
-    results = clf.classify(items, batch_size=config.batch_size)
+    models = [TextClassifier.open(a, threads=config.threads, check=Check.quick) for a in config.artifacts]
+    if len(models) == 1:
+        results = models[0].classify(items, batch_size=config.batch_size)
+
+        def write(out) -> None:
+            write_results(out, items, results, models[0].labels, fmt)
+    else:
+        from edgeft.runtime.classify import classify_many
+
+        answers = classify_many(models, items, batch_size=config.batch_size)
+
+        def write(out) -> None:
+            write_many(out, items, config.artifacts, [m.labels for m in models], answers, fmt)
     if output:
         buf = io.StringIO()
-        write_results(buf, items, results, clf.labels, fmt)
+        write(buf)
         write_output(output, buf.getvalue().encode("utf-8"))
         typer.echo(f"{len(items)} texts classified -> {output}", err=True)
     else:
-        write_results(sys.stdout, items, results, clf.labels, fmt)
+        write(sys.stdout)

@@ -111,6 +111,11 @@ class ExportConfig:
     """Classifier: longest input in tokens (default: the run's, else 128)."""
     labels: tuple[str, ...] | None = field(default=None, metadata=flag(comma=True))
     """Classifier label names, comma-separated (default: the run's)."""
+    trunk_blocks: int | None = field(default=None, metadata=flag(min=0))
+    """Classifiers: cut the artifact before this encoder block into a trunk (embeddings and the blocks below,
+    named by its hash) and the model's own top; models tuned from one base with the same boundary and
+    quantization (--int8-mode dynamic or weight-only: best may pick either per run) carry the same trunk, which
+    the runtime loads once. Default: a run's frozen block count (a base model: one graph); 0: one graph."""
     truncation_dims: tuple[int, ...] = field(default=(), metadata=flag(comma=True, min=1))
     """Embeddings: comma-separated sizes the model was trained to be truncated to (Matryoshka); the server's
     `dimensions` takes only these."""

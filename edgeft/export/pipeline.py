@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeft.artifact import MANIFEST, Manifest, Task, write_manifest
 from edgeft.errors import EdgeftError
-from edgeft.export import assemble, gate, quantize, smooth
+from edgeft.export import assemble, gate, quantize, smooth, trunk
 from edgeft.export.config import AUTO_ORDER, ExportConfig, Int4Mode, Int8Mode, Quantize
 from edgeft.fsutil import atomic_dir, check_destination, check_space, out_of_space, refuse_overlap
 
@@ -240,6 +240,8 @@ def _check_scheme(config: ExportConfig) -> None:
             and config.quantize not in (Quantize.int8, Quantize.auto)):
         raise EdgeftError(f"--int8-mode dynamic applies to the int8 scheme (--quantize int8 or auto), "
                           f"not --quantize {config.quantize.value}")
+    if config.trunk_blocks and config.task in (Task.causal_lm, Task.embedding):
+        raise EdgeftError(f"--trunk-blocks splits classifiers; a {config.task.value} model exports as one graph")
     if config.int4_mode is Int4Mode.offset:
         what = None
         if config.quantize not in (*narrow, Quantize.auto):
@@ -516,7 +518,9 @@ def _classifier_plan(config: ExportConfig, source: Source, hf_dir: Path, work: P
         return assemble.classifier_manifest(graph, tok, quant, source.architecture, source.labels, max_length,
                                             source.provenance())
 
-    candidates = _encoder_candidates(config, source, hf_dir, graph, manifest, source.labels, work, log)
+    blocks = trunk.frozen_blocks(config.trunk_blocks, source.run.trainable_layers if source.run else None,
+                                 int(source.model.config.num_hidden_layers))
+    candidates = _encoder_candidates(config, source, hf_dir, graph, manifest, source.labels, work, log, blocks)
     return Plan(config, source, graph, source.tokenizer, candidates, max_length=max_length)
 
 
@@ -545,8 +549,9 @@ def _embedding_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Pa
 
 def _encoder_candidates(config: ExportConfig, source: Source, hf_dir: Path, graph: ClassifierGraph,
                         manifest: Callable[[Any, dict[str, Any]], Manifest], labels: list[str] | None, work: Path,
-                        log: Log) -> list[Candidate]:
-    """One candidate per int8 flavour (or fp32) of an encoder graph; ``manifest(tok, quant)`` fills the manifest."""
+                        log: Log, trunk_blocks: int = 0) -> list[Candidate]:
+    """One candidate per int8 flavour (or fp32) of an encoder graph; ``manifest(tok, quant)`` fills the manifest.
+    With ``trunk_blocks``, each is split there (``edgeft.export.trunk``) before the gate sees it."""
     tokenizer = source.tokenizer
 
     def build(name: str) -> tuple[Path, Manifest]:
@@ -566,7 +571,10 @@ def _encoder_candidates(config: ExportConfig, source: Source, hf_dir: Path, grap
             leftover.unlink()
         assemble.copy_support_files(hf_dir, folder, None, tokenizer, labels, config.to_dict())
         tok = assemble.tokenizer_section(tokenizer, source.model.config, None, folder)
-        return folder, write_manifest(folder, manifest(tok, quant))
+        m = manifest(tok, quant)
+        if trunk_blocks:
+            m = trunk.split(folder, m, trunk_blocks, log, asked=config.trunk_blocks is not None)
+        return folder, write_manifest(folder, m)
 
     return [Candidate(n, lambda n=n: build(n)) for n in _classifier_schemes(config)]
 
@@ -608,7 +616,11 @@ def pick_classifier(passing: list[Candidate], quality: str = "accuracy") -> Cand
         return None
     from edgeft.export.graphs import INT8_COMPUTE_OPS, op_counts
 
-    facts = {c.name: (sum(op_counts(c.folder / "model.onnx", INT8_COMPUTE_OPS).values()),
+    def int8_ops(c: Candidate) -> int:  # a split candidate's trunk counts too
+        return sum(sum(op_counts(f, INT8_COMPUTE_OPS).values())
+                   for f in trunk.graph_files(c.folder, getattr(c, "manifest", None)))
+
+    facts = {c.name: (int8_ops(c),
                       assemble.folder_size(c.folder), c.result.metrics[quality]) for c in passing}
     chosen = min(passing, key=lambda c: (-facts[c.name][0], facts[c.name][1], -facts[c.name][2], c.name))
     int8_ops, size, q = facts[chosen.name]

@@ -12,6 +12,12 @@ one batch then run side by side on as many Python threads as the session has cor
 inside onnxruntime. A single call keeps every core to itself. (The measurements behind
 both choices: ``benchmarks/results/design-measurements.md``.)
 
+A split artifact (``edgeft.artifact.Trunk``) runs as its trunk, loaded once per process
+and shared by every model that carries the same one (``edgeft.runtime.trunks``), then its
+own top. ``classify_many`` runs several classifiers over the same texts: the models that
+share a trunk (and a tokenizer) share each batch's trunk pass, and each runs its top on the
+result; any other model runs alone.
+
 This module knows the classifier graph convention of ``edgeft.artifact`` and nothing of
 the model's origin.
 """
@@ -28,6 +34,7 @@ from tokenizers import Tokenizer
 from edgeft.artifact import Check, Manifest, Task, open_artifact
 from edgeft.data import check_text, clip_for_tokens
 from edgeft.errors import EdgeftError
+from edgeft.runtime import trunks
 from edgeft.runtime.session import input_dtypes, open_session
 
 
@@ -78,10 +85,12 @@ class TextClassifier:
         if batch_tokens < 1:
             raise EdgeftError(f"batch_tokens must be at least 1, got {batch_tokens}")
         self.batch_tokens = batch_tokens
+        # a split artifact: the shared trunk, then this model's top (``session``)
+        self.trunk = trunks.load(self.folder, manifest.trunk, threads) if manifest.trunk is not None else None
         self.session = open_session(self.folder / manifest.graph.file, threads)
         self.threads = self.session.get_session_options().intra_op_num_threads
         self._pool: ThreadPoolExecutor | None = None
-        self.dtypes = input_dtypes(self.session)
+        self.dtypes = self._feed_dtypes()
         self._check_label_count(self._graph_scores())
         self.uses_token_type_ids = "token_type_ids" in self.dtypes
         if manifest.classifier.uses_token_type_ids and not self.uses_token_type_ids:
@@ -97,6 +106,16 @@ class TextClassifier:
         """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``)."""
         folder, manifest = open_artifact(path, check, trusted_keys)
         return cls(folder, manifest, threads, batch_tokens)
+
+    def _feed_dtypes(self) -> dict[str, type]:
+        """What the tokenized batch feeds: the graph's inputs, or the trunk's and those the top reads itself."""
+        top = input_dtypes(self.session)
+        if self.trunk is None:
+            return top
+        spec = self.manifest.trunk
+        if set(top) != set(spec.top_inputs):
+            raise EdgeftError(f"{self.folder}: the top graph's inputs are not the ones its manifest names")
+        return {**self.trunk.dtypes, **{k: v for k, v in top.items() if k not in spec.outputs}}
 
     def _graph_scores(self) -> int | None:
         """How many scores the graph's ``logits`` output gives per text, where its shape says."""
@@ -114,25 +133,37 @@ class TextClassifier:
     def _batch(self, encodings: list) -> dict[str, np.ndarray]:
         return pad_batch(encodings, self.pad_id, self.dtypes, self.uses_token_type_ids)
 
-    def predict_proba(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Probabilities [len(texts), labels] (float32), in the order of ``texts``."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if batch_size < 1:
-            raise EdgeftError(f"batch_size must be at least 1, got {batch_size}")
-        if any(not isinstance(t, str) for t in texts):
-            raise EdgeftError("every input to classify must be a string")
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+    def _logits(self, feeds: dict[str, np.ndarray], below: dict[str, np.ndarray] | None) -> np.ndarray:
+        """One batch's logits; ``below``: the trunk's outputs for these feeds, where a split model has them."""
+        if self.trunk is not None:
+            below = below if below is not None else self.trunk.run(feeds)
+            feeds = {n: below[n] if n in below else feeds[n] for n in self.manifest.trunk.top_inputs}
+        (logits,) = self.session.run(["logits"], feeds)
+        self._check_label_count(logits.shape[-1])  # a graph whose shape did not say
+        return logits
+
+    def share_key(self) -> tuple:
+        """Models with equal keys can share one trunk pass: the same trunk, tokenizer and padding."""
+        if self.trunk is None:
+            return ("alone", id(self))
+        tok = self.manifest.files.get(self.manifest.tokenizer.file, {}).get("sha256")
+        return (self.trunk.sha256, tok, self.max_length, self.pad_id, tuple(sorted(self.dtypes.items())))
+
+    def _run(self, texts: list[str], batch_size: int, tops: Sequence[TextClassifier]) -> list[np.ndarray]:
+        """Probabilities of each of ``tops`` (this model among them, or models sharing its key) over
+        ``texts``, tokenized and batched once by this model, the trunk run once per batch."""
+        out = [np.zeros((len(texts), len(m.labels)), dtype=np.float32) for m in tops]
         if not texts:
             return out
-        texts = [clip_for_tokens(check_text(t, f"input {i}"), self.max_length) for i, t in enumerate(texts)]
+        texts = [clip_for_tokens(t, self.max_length) for t in texts]
         encodings = self.tokenizer.encode_batch(texts)
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
         chunks = self._chunks(order, [len(e.ids) for e in encodings], batch_size)
 
-        def run(rows: list[int]) -> tuple[list[int], np.ndarray]:
-            (logits,) = self.session.run(["logits"], self._batch([encodings[i] for i in rows]))
-            return rows, logits
+        def run(rows: list[int]) -> tuple[list[int], list[np.ndarray]]:
+            feeds = self._batch([encodings[i] for i in rows])
+            below = self.trunk.run(feeds) if self.trunk is not None else None
+            return rows, [m._logits(feeds, below) for m in tops]
 
         if len(chunks) > 1 and self.threads > 1:
             if self._pool is None:
@@ -141,15 +172,56 @@ class TextClassifier:
         else:
             results = [run(rows) for rows in chunks]
         for rows, logits in results:
-            self._check_label_count(logits.shape[-1])  # a graph whose shape did not say
-            out[rows] = softmax(logits.astype(np.float32))
+            for probs, z in zip(out, logits):
+                probs[rows] = softmax(z.astype(np.float32))
         return out
+
+    def predict_proba(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Probabilities [len(texts), labels] (float32), in the order of ``texts``."""
+        return self._run(checked_texts(texts, batch_size), batch_size, [self])[0]
 
     def _chunks(self, order: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
         return length_chunks(order, lengths, batch_size, self.batch_tokens)
 
     def classify(self, texts: list[str], batch_size: int = 32) -> list[dict]:
         """For each text: ``{"label": best, "scores": {label: probability}}``."""
-        probs = self.predict_proba(texts, batch_size)
+        return self.results(self.predict_proba(texts, batch_size))
+
+    def results(self, probs: np.ndarray) -> list[dict]:
+        """``classify``'s answer from ``predict_proba``'s probabilities."""
         return [{"label": self.labels[int(p.argmax())], "scores": dict(zip(self.labels, map(float, p)))}
                 for p in probs]
+
+
+def checked_texts(texts: list[str] | str, batch_size: int) -> list[str]:
+    """The texts to classify as a list, each checked (one-line errors for a bad input or batch size)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if batch_size < 1:
+        raise EdgeftError(f"batch_size must be at least 1, got {batch_size}")
+    if any(not isinstance(t, str) for t in texts):
+        raise EdgeftError("every input to classify must be a string")
+    return [check_text(t, f"input {i}") for i, t in enumerate(texts)]
+
+
+def predict_proba_many(models: Sequence[TextClassifier], texts: list[str], batch_size: int = 32) -> list[np.ndarray]:
+    """Each model's ``predict_proba`` over the same ``texts``, in the order of ``models``.
+
+    Models that share a trunk and a tokenizer (``TextClassifier.share_key``) run that trunk
+    once per batch and each its own top on the result; every other model runs alone."""
+    texts = checked_texts(texts, batch_size)
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(models):
+        groups.setdefault(m.share_key(), []).append(i)
+    out: list[np.ndarray] = [np.zeros(0)] * len(models)
+    for members in groups.values():
+        lead = models[members[0]]
+        for i, probs in zip(members, lead._run(texts, batch_size, [models[i] for i in members])):
+            out[i] = probs
+    return out
+
+
+def classify_many(models: Sequence[TextClassifier], texts: list[str], batch_size: int = 32) -> list[list[dict]]:
+    """Each model's ``classify`` answer over the same ``texts`` (a list per model, in order),
+    the trunk shared models carry run once per batch (``predict_proba_many``)."""
+    return [m.results(p) for m, p in zip(models, predict_proba_many(models, texts, batch_size))]
