@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
+from edgeft.runtime import reasoning
 from edgeft.runtime.serve import generation, middleware, responses, wire
 from edgeft.runtime.serve.generation import Generation
 from edgeft.runtime.serve.state import Model, ServerState
@@ -43,8 +44,10 @@ class Completions:
     parse = staticmethod(wire.parse_completion)
     holds = False  # whether a choice's streamed text is held until it finishes (tool calls)
 
-    def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
+    def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str],
+                 phases: list | None = None) -> None:
         self.model, self.req, self.rid, self.echoes = model, req, rid, echoes
+        self.phases = phases or [None] * len(echoes) * req.n  # per choice: where a reasoning model's reply starts
 
     def logprobs(self, lps: list | None) -> dict | None:
         if lps is None:
@@ -84,22 +87,35 @@ class Chat(Completions):
     prefix = "chatcmpl"
     parse = staticmethod(wire.parse_chat)
 
-    def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
-        super().__init__(model, req, rid, echoes)
+    def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str],
+                 phases: list | None = None) -> None:
+        super().__init__(model, req, rid, echoes, phases)
         self.holds = bool(req.tools) and req.tool_choice[0] != "none"  # stream the text once calls can be parsed
+        self.splitters = [None if p is None else reasoning.Splitter(p) for p in self.phases]
 
     def shape_logprobs(self, entries: list) -> dict:
         return responses.chat_logprobs(entries)
 
     def choice(self, i: int, text: str, finish: str, lps: list | None) -> dict:
+        thought, text = (None, text) if self.phases[i] is None else reasoning.split(text, self.phases[i])
         content, calls = generation.tool_calls(self.req, text)
-        return responses.chat_choice(i, content, "tool_calls" if calls else finish, self.logprobs(lps), calls)
+        out = responses.chat_choice(i, content, "tool_calls" if calls else finish, self.logprobs(lps), calls)
+        if thought is not None:
+            out["message"]["reasoning_content"] = thought
+        return out
 
     def body(self, choices: list[dict], usage: dict) -> dict:
         return responses.chat_body(self.rid, self.model.name, "", "", usage, choices)
 
     def chunk(self, i: int, text: str, finish: str | None, lps: list | None = None) -> dict:
-        delta = {"content": text} if text else {}
+        splitter = self.splitters[i]
+        thought, text = ("", text) if splitter is None else splitter.feed(text)
+        return self._delta(i, thought, text, finish, lps)
+
+    def _delta(self, i: int, thought: str, text: str, finish: str | None, lps: list | None = None) -> dict:
+        delta = {"reasoning_content": thought} if thought else {}
+        if text:
+            delta["content"] = text
         return responses.chat_chunk(self.rid, self.model.name, delta, finish, i, self.logprobs(lps))
 
     def opening(self, i: int) -> list[dict]:
@@ -107,14 +123,23 @@ class Chat(Completions):
 
     def closing(self, i: int, held: str, finish: str) -> list[dict]:
         out = []
+        splitter = self.splitters[i]
+        if splitter is not None:  # what the splitter still holds; a held answer's thought comes out first
+            thought, rest = splitter.feed(held) if self.holds else ("", "")
+            end_thought, end_rest = splitter.finish()
+            thought, rest = thought + end_thought, rest + end_rest
+            if self.holds:
+                held = rest
+            if thought or (rest and not self.holds):
+                out.append(self._delta(i, thought, "" if self.holds else rest, None))
         if self.holds:
             content, calls = generation.tool_calls(self.req, held)
             if calls:
                 out.append(responses.chat_chunk(self.rid, self.model.name, responses.tool_call_delta(calls), None, i))
                 finish = "tool_calls"
             elif content:
-                out.append(self.chunk(i, content, None))
-        return [*out, self.chunk(i, "", finish)]
+                out.append(self._delta(i, "", content, None))
+        return [*out, self._delta(i, "", "", finish)]
 
     def usage_chunk(self, usage: dict) -> dict:
         return responses.usage_chunk(self.rid, self.model.name, True, usage)
@@ -130,7 +155,7 @@ def route(protocol: type[Completions]) -> Callable:
         model = state.model(req.model, Task.causal_lm)
         gen, prompt_ids = await generation.start(state, model, req)
         echoes = [await asyncio.to_thread(model.front.decode, ids) if req.echo else "" for ids in prompt_ids]
-        shape = protocol(model, req, responses.new_id(protocol.prefix), echoes)
+        shape = protocol(model, req, responses.new_id(protocol.prefix), echoes, gen.phases)
         n_prompt = sum(len(ids) for ids in prompt_ids)
         if req.stream:
             return StreamingResponse(_stream(state, shape, n_prompt, gen), media_type="text/event-stream",

@@ -55,6 +55,9 @@ class GenerationRequest:
     tools: tuple[dict, ...] = ()  # chat: {"name", "description", "parameters"} per function
     tool_choice: tuple[str, str | None] = ("none", None)  # mode ("auto", "none", "required", "function"), name
     parallel_tool_calls: bool = True
+    reasoning_format: str = "auto"  # chat: "none" keeps a reasoning model's thinking in the content
+    max_reasoning_tokens: int | None = None  # chat: the thinking budget (the thought is closed by force)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat: extra variables for the template
 
     @property
     def seed(self) -> int | None:
@@ -350,6 +353,27 @@ def _response_format(body: dict) -> tuple[str, dict | None] | None:
     raise bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
+RESERVED_TEMPLATE_VARS = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")
+
+
+def reasoning(body: dict) -> dict[str, Any]:
+    """``reasoning_format`` (none, auto, deepseek), ``max_reasoning_tokens`` and ``chat_template_kwargs``."""
+    from edgeft.runtime.reasoning import ReasoningFormat
+
+    fmt = body.get("reasoning_format")
+    if fmt is not None and fmt not in [f.value for f in ReasoningFormat]:
+        raise bad(f"'reasoning_format' must be one of {', '.join(f.value for f in ReasoningFormat)}, got {fmt!r}",
+                  "reasoning_format")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    taken = [k for k in kwargs or {} if k in RESERVED_TEMPLATE_VARS]
+    if taken:
+        raise bad(f"'chat_template_kwargs' may not set '{taken[0]}'", "chat_template_kwargs")
+    return dict(reasoning_format=fmt or "auto", max_reasoning_tokens=opt_int(body, "max_reasoning_tokens", 0),
+                template_kwargs=dict(kwargs or {}))
+
+
 def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
     """``POST /v1/chat/completions``: a non-empty list of {role, content} messages."""
     messages = body.get("messages")
@@ -361,4 +385,5 @@ def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
         raise bad("'echo' is a /v1/completions field", "echo")
     tools, choice, parallel = _tools(body)
     return GenerationRequest(messages=msgs, tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
-                             response_format=_response_format(body), **_sampling(body, max_tokens_cap, name, chat=True))
+                             response_format=_response_format(body), **reasoning(body),
+                             **_sampling(body, max_tokens_cap, name, chat=True))
