@@ -97,7 +97,8 @@ class Chat(Completions):
         return responses.chat_logprobs(entries)
 
     def choice(self, i: int, text: str, finish: str, lps: list | None) -> dict:
-        thought, text = (None, text) if self.phases[i] is None else reasoning.split(text, self.phases[i])
+        phase = self.phases[i]
+        thought, text = (None, text) if phase is None else reasoning.split(text, phase)
         content, calls = generation.tool_calls(self.req, text)
         out = responses.chat_choice(i, content, "tool_calls" if calls else finish, self.logprobs(lps), calls)
         if thought is not None:

@@ -59,7 +59,7 @@ def _render_chat(model: Model, req: GenerationRequest) -> str:
     if model.front.chat_template is None:
         raise bad(f"model '{model.name}' has no chat template", "chat_template_kwargs")
     tok = model.manifest.tokenizer
-    return chat.render(model.front.chat_template, req.messages, add_generation_prompt=True,
+    return chat.render(model.front.chat_template, req.messages or [], add_generation_prompt=True,
                        **{"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or "", **req.template_kwargs})
 
 
