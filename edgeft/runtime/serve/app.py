@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from edgeft.runtime.serve import completions, encoders, messages, status
+from edgeft.runtime.serve import completions, encoders, messages, responses_api, status
 from edgeft.runtime.serve.metrics import Registry
 from edgeft.runtime.serve.middleware import EXCEPTION_HANDLERS, EdgeMiddleware
 from edgeft.runtime.serve.state import Model, ServerState, load_models
@@ -31,6 +31,7 @@ FAMILIES = (
     completions,  # /v1/completions, /v1/chat/completions
     encoders,  # /v1/classify, /v1/embeddings
     messages,  # /v1/messages, /v1/messages/count_tokens (Anthropic)
+    responses_api,  # /v1/responses (OpenAI's Responses API, stateless)
 )
 
 
