@@ -49,6 +49,8 @@ def test_text_whole_and_streamed_equals_the_chat_route(client, server):
     assert [i.type for i in r.output] == ["message"] and r.store is False
     assert r.status == {"length": "incomplete", "stop": "completed"}[choice["finish_reason"]]
     assert r.usage.input_tokens == chat.json()["usage"]["prompt_tokens"]
+    count = client.responses.input_tokens.count(model="chat", instructions="Be brief.", input="Shall I compare thee")
+    assert count.input_tokens == r.usage.input_tokens
     events = list(client.responses.create(model="chat", instructions="Be brief.", max_output_tokens=12,
                                           temperature=0, stream=True, input=[
                                               {"role": "user", "content": [{"type": "input_text",

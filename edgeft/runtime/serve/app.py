@@ -31,7 +31,7 @@ FAMILIES = (
     completions,  # /v1/completions, /v1/chat/completions
     encoders,  # /v1/classify, /v1/embeddings
     messages,  # /v1/messages, /v1/messages/count_tokens (Anthropic)
-    responses_api,  # /v1/responses (OpenAI's Responses API, stateless)
+    responses_api,  # /v1/responses, /v1/responses/input_tokens (OpenAI's Responses API, stateless)
 )
 
 

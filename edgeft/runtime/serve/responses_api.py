@@ -9,13 +9,15 @@ fields. From there it is the chat's path (``generation``: the same engine, sampl
 and limits). The answer is a list of output items (``reasoning`` for a model that thinks,
 a ``message`` with its ``output_text``, ``function_call`` items), whole or as the event
 stream (``response.created``, ``response.output_item.added``, ``response.output_text.delta``,
-``response.function_call_arguments.delta``, ..., ``response.completed``). Nothing is
+``response.function_call_arguments.delta``, ..., ``response.completed``);
+``/v1/responses/input_tokens`` counts a request's prompt tokens. Nothing is
 stored: ``store`` is answered false and ``previous_response_id`` is refused. This module
 knows the Responses JSON and Starlette responses; nothing of slots or sampling.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -380,4 +382,15 @@ async def responses(request: Request) -> Response:
     return JSONResponse(await _collect(state, model, gen, reply, head, n_prompt))
 
 
-ROUTES = [Route("/v1/responses", responses, methods=["POST"])]
+@middleware.api
+async def input_tokens(request: Request) -> Response:
+    """The prompt's token count for a Responses request (OpenAI's ``responses.input_tokens.count``)."""
+    state, body = await middleware.request_body(request)
+    req = parse({**body, "max_output_tokens": None}, state.config.max_tokens)
+    model = state.model(req.model, Task.causal_lm)
+    (ids,) = await asyncio.to_thread(generation.all_prompt_ids, model, req)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": len(ids)})
+
+
+ROUTES = [Route("/v1/responses", responses, methods=["POST"]),
+          Route("/v1/responses/input_tokens", input_tokens, methods=["POST"])]
