@@ -134,7 +134,9 @@ def _tools(body: dict) -> dict:
         shaped.append({"type": "function", "function": {"name": t.get("name"), "description": t.get("description"),
                                                         "parameters": t.get("input_schema") or {}}})
     choice = body.get("tool_choice")
-    kind = choice.get("type") if isinstance(choice, dict) else choice
+    if choice is not None and not (isinstance(choice, dict) and isinstance(choice.get("type"), str)):
+        raise bad("'tool_choice' must be an object such as {\"type\": \"auto\"}")
+    kind = None if choice is None else choice["type"]
     mode: Any = {None: None, "auto": "auto", "any": "required", "none": "none"}.get(kind, kind)
     if mode == "tool":
         mode = {"type": "function", "function": {"name": choice.get("name")}}  # type: ignore[union-attr]

@@ -39,7 +39,7 @@ from edgeft.runtime.serve.wire import GenerationRequest, bad
 
 log = logging.getLogger("edgeft.serve")
 
-STATEFUL = ("previous_response_id", "conversation", "prompt")  # what a stateless server cannot honour
+STATEFUL = ("previous_response_id", "conversation")  # what a stateless server cannot honour
 
 
 # ---------------------------------------------------------------- the request
@@ -152,15 +152,17 @@ def _text_format(body: dict) -> tuple[str, dict | None] | None:
             "response_format", "text.format"), "text") from None
 
 
-def parse(body: dict, max_tokens_cap: int) -> GenerationRequest:
+def parse(body: dict, max_tokens_cap: int, count_only: bool = False) -> GenerationRequest:
     """A Responses request as the chat's ``GenerationRequest``."""
     for name in STATEFUL:
         if body.get(name) is not None:
             raise bad(f"'{name}' is not supported: this server is stateless (it stores no responses); "
                       "send the whole conversation in 'input'", name)
+    if isinstance(body.get("prompt"), dict):  # a stored prompt template, by id
+        raise bad("'prompt' (a stored prompt template) is not supported: send 'instructions' and 'input'", "prompt")
     if body.get("background"):
         raise bad("'background' responses are not supported", "background")
-    max_tokens = wire.opt_int(body, "max_output_tokens", 1)
+    max_tokens = None if count_only else wire.opt_int(body, "max_output_tokens", 1)
     if max_tokens is not None and max_tokens > max_tokens_cap:
         raise bad(f"'max_output_tokens' must be at most {max_tokens_cap} on this server, got {max_tokens}",
                   "max_output_tokens")
@@ -386,7 +388,7 @@ async def responses(request: Request) -> Response:
 async def input_tokens(request: Request) -> Response:
     """The prompt's token count for a Responses request (OpenAI's ``responses.input_tokens.count``)."""
     state, body = await middleware.request_body(request)
-    req = parse({**body, "max_output_tokens": None}, state.config.max_tokens)
+    req = parse(body, state.config.max_tokens, count_only=True)
     model = state.model(req.model, Task.causal_lm)
     (ids,) = await asyncio.to_thread(generation.all_prompt_ids, model, req)
     return JSONResponse({"object": "response.input_tokens", "input_tokens": len(ids)})
