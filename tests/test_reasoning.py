@@ -219,6 +219,7 @@ def test_thinking_switched_off_by_the_template_and_a_plain_reply(api):
     off = _chat(api, max_tokens=12, response_format={"type": "json_object"},
                 chat_template_kwargs={"enable_thinking": False})
     assert "reasoning_content" not in off["message"] and off["message"]["content"].startswith("{")
+    assert _chat(api, max_tokens=12, response_format={"type": "json_object"}, reasoning_effort="none") == off
     plain = _chat(api, max_tokens=12)  # the random model opens no thought: nothing is separated
     assert "reasoning_content" not in plain["message"] and "<think>" not in plain["message"]["content"]
     r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
@@ -230,6 +231,9 @@ def test_thinking_switched_off_by_the_template_and_a_plain_reply(api):
     r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                "max_reasoning_tokens": -1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_reasoning_tokens"
+    r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                               "reasoning_effort": "wat"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
 
 
 def test_a_required_tool_call_comes_after_the_thought(api):

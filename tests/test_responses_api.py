@@ -119,6 +119,7 @@ def test_a_reasoning_model_gives_a_reasoning_item(client):
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "text": {"format": {"type": "wat"}}}, "text"),
     ({"input": "x", "temperature": "hot"}, "temperature"),
+    ({"input": "x", "reasoning": {"effort": "wat"}}, "reasoning"),
 ])
 def test_bad_requests_are_400_with_an_openai_error_body(server, body, param):
     r = httpx.post(server + "/v1/responses", json={"model": "chat", **body})

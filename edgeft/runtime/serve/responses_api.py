@@ -177,13 +177,14 @@ def parse(body: dict, max_tokens_cap: int, count_only: bool = False) -> Generati
 
 def _reasoning(body: dict, has_tools: bool) -> dict:
     """The chat's reasoning fields (``max_reasoning_tokens``...); ``reasoning.effort`` "none" turns thinking off."""
-    out = wire.reasoning(body)
-    effort = body.get("reasoning", {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
-    if effort == "none":
-        out["max_reasoning_tokens"] = 0
-        if not has_tools:
-            out["template_kwargs"] = {"enable_thinking": False, **out["template_kwargs"]}
-    return out
+    given = body.get("reasoning")
+    if given is not None and not isinstance(given, dict):
+        raise bad("'reasoning' must be an object", "reasoning")
+    try:
+        return wire.reasoning(body, (given or {}).get("effort"), has_tools)
+    except wire.ApiError as exc:
+        param = "reasoning" if exc.param == "reasoning_effort" else exc.param
+        raise bad(exc.message.replace("'reasoning_effort'", "'reasoning.effort'"), param) from None
 
 
 # ---------------------------------------------------------------- the answer

@@ -147,7 +147,7 @@ def _unsupported(body: dict) -> None:
         if body.get(name) not in (None, False, 0):
             raise bad(f"'{name}' is not supported by this server", name)
     for name in ("function_call", "audio", "prediction",
-                 "web_search_options", "reasoning_effort"):
+                 "web_search_options"):
         if body.get(name) is not None:
             raise bad(f"'{name}' is not supported by this server", name)
     if body.get("modalities") not in (None, ["text"]):
@@ -356,8 +356,13 @@ def _response_format(body: dict) -> tuple[str, dict | None] | None:
 RESERVED_TEMPLATE_VARS = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")
 
 
-def reasoning(body: dict) -> dict[str, Any]:
-    """``reasoning_format`` (none, auto, deepseek), ``max_reasoning_tokens`` and ``chat_template_kwargs``."""
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def reasoning(body: dict, effort: Any = None, has_tools: bool = False) -> dict[str, Any]:
+    """``reasoning_format`` (none, auto, deepseek), ``max_reasoning_tokens`` and ``chat_template_kwargs``;
+    a reasoning ``effort`` of "none" turns thinking off (the template's ``enable_thinking`` when it can
+    take variables, and a budget of 0), as llama-server does; the other efforts change nothing."""
     from edgeft.runtime.reasoning import ReasoningFormat
 
     fmt = body.get("reasoning_format")
@@ -370,8 +375,16 @@ def reasoning(body: dict) -> dict[str, Any]:
     taken = [k for k in kwargs or {} if k in RESERVED_TEMPLATE_VARS]
     if taken:
         raise bad(f"'chat_template_kwargs' may not set '{taken[0]}'", "chat_template_kwargs")
-    return dict(reasoning_format=fmt or "auto", max_reasoning_tokens=opt_int(body, "max_reasoning_tokens", 0),
-                template_kwargs=dict(kwargs or {}))
+    out = dict(reasoning_format=fmt or "auto", max_reasoning_tokens=opt_int(body, "max_reasoning_tokens", 0),
+               template_kwargs=dict(kwargs or {}))
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise bad(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}",
+                  "reasoning_effort")
+    if effort == "none":
+        out["max_reasoning_tokens"] = 0
+        if not has_tools:
+            out["template_kwargs"] = {"enable_thinking": False, **out["template_kwargs"]}
+    return out
 
 
 def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
@@ -385,5 +398,6 @@ def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
         raise bad("'echo' is a /v1/completions field", "echo")
     tools, choice, parallel = _tools(body)
     return GenerationRequest(messages=msgs, tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
-                             response_format=_response_format(body), **reasoning(body),
+                             response_format=_response_format(body),
+                             **reasoning(body, body.get("reasoning_effort"), bool(tools)),
                              **_sampling(body, max_tokens_cap, name, chat=True))
