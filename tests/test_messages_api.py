@@ -160,6 +160,10 @@ def test_thinking_blocks_from_a_reasoning_model(client):
     ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}],
       "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "custom tools"),
     ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "thinking": {"type": "wat"}}, "thinking"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"name": "a b", "input_schema": {}}]}, "tools.0.name"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "tools": [CITY],
+      "tool_choice": {"type": "tool", "name": "nope"}}, "'nope'"),
 ])
 def test_bad_requests_are_400_in_anthropics_error_shape(server, body, needle):
     r = httpx.post(server + "/v1/messages", json={"model": "chat", **body}, headers={"x-api-key": KEY})

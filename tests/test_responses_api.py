@@ -116,6 +116,8 @@ def test_a_reasoning_model_gives_a_reasoning_item(client):
     ({"input": []}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "function", "name": "a b"}]}, "tools"),
+    ({"input": "x", "tools": [CITY], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "text": {"format": {"type": "wat"}}}, "text"),
     ({"input": "x", "temperature": "hot"}, "temperature"),

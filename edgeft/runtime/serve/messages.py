@@ -127,10 +127,14 @@ def _tools(body: dict) -> dict:
     if not isinstance(tools, list):
         raise bad("'tools' must be a list")
     shaped = []
-    for t in tools:
+    for i, t in enumerate(tools):
         if not isinstance(t, dict) or t.get("type") not in (None, "custom"):
             kind = t.get("type") if isinstance(t, dict) else type(t).__name__
             raise bad(f"tools: only custom tools (name, description, input_schema) are supported, got {kind!r}")
+        if not wire.tool_name_ok(t.get("name")):
+            raise bad(f"tools.{i}.name must be 1 to 64 letters, digits, _ or -")
+        if not isinstance(t.get("input_schema"), dict):
+            raise bad(f"tools.{i}.input_schema: Field required (a JSON schema object)")
         shaped.append({"type": "function", "function": {"name": t.get("name"), "description": t.get("description"),
                                                         "parameters": t.get("input_schema") or {}}})
     choice = body.get("tool_choice")
@@ -143,11 +147,7 @@ def _tools(body: dict) -> dict:
     elif mode not in (None, "auto", "required", "none"):
         raise bad("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'")
     parallel = not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)
-    try:
-        tools_, choice_, parallel_ = wire._tools({"tools": shaped, "tool_choice": mode,
-                                                  "parallel_tool_calls": parallel})
-    except wire.ApiError as exc:
-        raise bad(exc.message.replace("'function': ", "").replace("function", "tool")) from None
+    tools_, choice_, parallel_ = wire._tools({"tools": shaped, "tool_choice": mode, "parallel_tool_calls": parallel})
     return dict(tools=tools_, tool_choice=choice_, parallel_tool_calls=parallel_)
 
 

@@ -122,10 +122,12 @@ def _tools(body: dict) -> dict:
     if not isinstance(tools, list):
         raise bad("'tools' must be a list", "tools")
     shaped = []
-    for t in tools:
+    for i, t in enumerate(tools):
         if not isinstance(t, dict) or t.get("type") != "function":
             kind = t.get("type") if isinstance(t, dict) else type(t).__name__
             raise bad(f"only function tools are supported, got {kind!r}", "tools")
+        if not wire.tool_name_ok(t.get("name")):
+            raise bad(f"tools[{i}].name must be 1 to 64 letters, digits, _ or -", "tools")
         shaped.append({"type": "function", "function": {k: t.get(k) for k in ("name", "description", "parameters")
                                                         if t.get(k) is not None}})
     choice = body.get("tool_choice")

@@ -294,6 +294,11 @@ def _message(i: int, m: Any) -> dict[str, Any]:
     return out
 
 
+def tool_name_ok(name: Any) -> bool:
+    """A function name as OpenAI allows it: 1 to 64 of a-z, A-Z, 0-9, _ and -."""
+    return isinstance(name, str) and 0 < len(name) <= 64 and all(c.isalnum() or c in "_-" for c in name)
+
+
 def _tools(body: dict) -> tuple[tuple[dict, ...], tuple[str, str | None], bool]:
     """``tools``, ``tool_choice`` (mode, function name) and ``parallel_tool_calls``."""
     tools = body.get("tools")
@@ -305,7 +310,7 @@ def _tools(body: dict) -> tuple[tuple[dict, ...], tuple[str, str | None], bool]:
     for t in tools:
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+        if not tool_name_ok(name):
             raise bad("each tool must be {'type': 'function', 'function': {'name': a-z, 0-9, _ or -, ...}}", "tools")
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
