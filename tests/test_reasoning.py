@@ -136,8 +136,12 @@ def test_the_gate_closes_the_thought_at_the_budget_and_keeps_the_grammar_for_the
 
 # ---------------------------------------------------------------- a tiny Qwen3 behind the server
 
-@pytest.fixture(scope="module")
-def qwen3_art(tmp_path_factory):
+# DeepSeek-R1's way: the generation prompt opens the thought, the model only closes it.
+R1_STYLE = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+
+
+def _tiny_qwen3(root, template: str):
     """A 2-block random Qwen3 (``<think>``/``</think>`` as added tokens, as Qwen3 ships them), exported."""
     import torch
     from conftest import _bpe_tokenizer, _save
@@ -147,13 +151,19 @@ def qwen3_art(tmp_path_factory):
     tok = _bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tok.add_tokens(["<think>", "</think>"])
     tok.bos_token, tok.eos_token, tok.pad_token = None, "<|im_end|>", "<|endoftext|>"
-    tok.chat_template = QWEN3_STYLE
+    tok.chat_template = template
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    src = _save(Qwen3ForCausalLM(cfg).eval(), tok, tmp_path_factory.mktemp("tiny-qwen3"))
-    return build("qwen3", str(src), str(src.parent / "art"))
+    src = _save(Qwen3ForCausalLM(cfg).eval(), tok, root / "hf")
+    return build("qwen3", str(src), str(root / "art"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_art(tmp_path_factory):
+    """The tiny Qwen3 with the Qwen3-style template."""
+    return _tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3"), QWEN3_STYLE)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +196,7 @@ def _streamed(api, **body) -> tuple[str, str, str]:
     client = OpenAI(base_url="http://testserver/v1", api_key="x", http_client=api, max_retries=0)
     thought, content, finish = [], [], None
     for c in client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "Hi?"}],
-                                            temperature=0, stream=True, **body):
+                                            stream=True, **{"temperature": 0, **body}):
         delta = c.choices[0].delta
         thought.append((delta.model_extra or {}).get("reasoning_content") or "")
         content.append(delta.content or "")
@@ -247,3 +257,31 @@ def test_a_required_tool_call_comes_after_the_thought(api):
         assert message["tool_calls"][0]["function"]["name"] == "now"
     else:  # the tiny random model may pad the arguments until the budget ends; the call still began the answer
         assert choice["finish_reason"] == "length" and message["content"].startswith("<tool_call>{")
+
+
+SEEDED = {"temperature": 1.0, "seed": 3}
+
+
+def test_a_prompt_that_opens_the_thought_deepseek_r1_style(tmp_path_factory):
+    """The model never writes ``<think>``: the prompt did. Without a budget the random model never
+    closes the thought (all of it is reasoning); with one, ``</think>`` is forced and an answer follows."""
+    from starlette.testclient import TestClient
+
+    from edgeft.runtime.serve import ServeConfig, build_app
+
+    art = _tiny_qwen3(tmp_path_factory.mktemp("tiny-r1"), R1_STYLE)
+    with TestClient(build_app(ServeConfig(artifacts=(art,), names=("qwen",), threads=1))) as client:
+        deadline = time.time() + 60
+        while client.get("/health").status_code != 200:
+            assert time.time() < deadline, "models did not load"
+            time.sleep(0.05)
+        free = _chat(client, max_tokens=12, **SEEDED)
+        assert free["message"]["reasoning_content"] and free["message"]["content"] == ""
+        assert free["finish_reason"] == "length"
+        raw = _chat(client, max_tokens=24, max_reasoning_tokens=6, reasoning_format="none", **SEEDED)["message"]["content"]
+        assert raw.count("</think>") == 1 and "<think>" not in raw[:1]  # the prompt opened it
+        budgeted = _chat(client, max_tokens=24, max_reasoning_tokens=6, **SEEDED)["message"]
+        assert (budgeted["reasoning_content"], budgeted["content"]) == split(raw, Phase.thought)
+        assert budgeted["content"] and budgeted["reasoning_content"]
+        streamed = _streamed(client, max_tokens=24, extra_body={"max_reasoning_tokens": 6}, **SEEDED)
+        assert streamed[:2] == split(raw, Phase.thought)
