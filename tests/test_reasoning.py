@@ -278,7 +278,8 @@ def test_a_prompt_that_opens_the_thought_deepseek_r1_style(tmp_path_factory):
         free = _chat(client, max_tokens=12, **SEEDED)
         assert free["message"]["reasoning_content"] and free["message"]["content"] == ""
         assert free["finish_reason"] == "length"
-        raw = _chat(client, max_tokens=24, max_reasoning_tokens=6, reasoning_format="none", **SEEDED)["message"]["content"]
+        raw = _chat(client, max_tokens=24, max_reasoning_tokens=6, reasoning_format="none",
+                    **SEEDED)["message"]["content"]
         assert raw.count("</think>") == 1 and "<think>" not in raw[:1]  # the prompt opened it
         budgeted = _chat(client, max_tokens=24, max_reasoning_tokens=6, **SEEDED)["message"]
         assert (budgeted["reasoning_content"], budgeted["content"]) == split(raw, Phase.thought)
