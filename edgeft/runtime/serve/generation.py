@@ -3,9 +3,11 @@
 What every generation route shares, whatever its JSON shape: the prompt's token ids (a
 chat template, tools, or token ids given), the ``SamplingParams`` of each choice (the
 request's fields over the artifact's defaults over the server's, with the context checked),
-the grammar of a constrained answer, admission (429 when the slots and the waiting line are
-full) and ``Generation``: every choice submitted together, its chunks handed from the
-engine's thread to the event loop. A route module (``completions``) renders the chunks.
+the grammar of a constrained answer, a reasoning model's side (``Thinking``: where each reply
+starts, the thinking budget, the grammar held back until the thought is closed), admission
+(429 when the slots and the waiting line are full) and ``Generation``: every choice
+submitted together, its chunks handed from the engine's thread to the event loop. A route
+module (``completions``, ``messages``, ``responses_api``) renders the chunks.
 This module knows the engine's API and ``wire.GenerationRequest``; it knows nothing of
 Starlette or of how a choice is shown to the client.
 """

@@ -39,7 +39,8 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A parsed /v1/completions or /v1/chat/completions request (model and prompt still unresolved)."""
+    """A parsed /v1/completions or /v1/chat/completions request (model and prompt still unresolved);
+    /v1/messages and /v1/responses requests are translated into the chat's."""
 
     model: str | None
     prompt: str | list[int] | None = None  # completions: the first (often only) prompt
