@@ -80,6 +80,7 @@ def test_phases_from_the_prompt_and_templates_that_think():
     assert prompt_phase("<|im_start|>assistant\n<think>\n") is Phase.thought  # DeepSeek-R1 distills
     assert prompt_phase("<|im_start|>assistant\n<think>\n\n</think>\n\n") is Phase.answer  # enable_thinking false
     assert prompt_phase("<think>x</think>\nold answer<|im_end|>\n<|im_start|>assistant\n") is Phase.start
+    assert prompt_phase("what is <think>?<|im_end|>\n<|im_start|>assistant\n") is Phase.start  # a user's words
     assert template_thinks(QWEN3_STYLE) and not template_thinks("{{ messages }}") and not template_thinks(None)
 
 
@@ -232,6 +233,8 @@ def test_thinking_switched_off_by_the_template_and_a_plain_reply(api):
     assert _chat(api, max_tokens=12, response_format={"type": "json_object"}, reasoning_effort="none") == off
     plain = _chat(api, max_tokens=12)  # the random model opens no thought: nothing is separated
     assert "reasoning_content" not in plain["message"] and "<think>" not in plain["message"]["content"]
+    quoted = _chat(api, max_tokens=12, messages=[{"role": "user", "content": "What is <think>"}])
+    assert "reasoning_content" not in quoted["message"] and quoted["message"]["content"]  # the user's tag opens nothing
     r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                "reasoning_format": "wat"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_format"

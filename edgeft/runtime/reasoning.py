@@ -54,13 +54,14 @@ def template_thinks(source: str | None) -> bool:
 
 
 def prompt_phase(prompt_tail: str) -> Phase:
-    """Where the generation after a prompt (its last few tokens as text) starts."""
+    """Where the generation after a prompt (its last few tokens as text) starts: only a tag at the
+    very end counts (a ``<think>`` inside a user's message does not open a thought)."""
     opened = prompt_tail.rfind(OPEN)
     if opened < 0:
         return Phase.start
     closed = prompt_tail.find(CLOSE, opened)
     if closed < 0:
-        return Phase.thought
+        return Phase.thought if not prompt_tail[opened + len(OPEN):].strip() else Phase.start
     return Phase.answer if not prompt_tail[closed + len(CLOSE):].strip() else Phase.start
 
 
