@@ -1,7 +1,8 @@
 """``edgeft serve``: an OpenAI-compatible HTTP server over one or more artifacts.
 
 Routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (``stream: true``
-answers server-sent events), ``/v1/classify``, ``/v1/embeddings``, ``/health`` (503 until every model is
+answers server-sent events), Anthropic's ``/v1/messages`` and OpenAI's ``/v1/responses`` (the
+same generation path in other shapes), ``/v1/classify``, ``/v1/embeddings``, ``/health`` (503 until every model is
 loaded, and again while draining), ``/metrics`` (Prometheus text; behind the API key,
 or ``metrics_key``, when one is set) and, unless ``--no-ui``, a page for the browser at ``/``
 (``edgeft.runtime.ui``). A client that hangs up before its body arrives is a quiet 499
@@ -21,6 +22,9 @@ One module per concern:
 - ``state``: the served models and what the routes share (``Model``, ``load_models``, ``ServerState``);
 - ``generation``: a generation request into the engine and its chunks back (any generation route);
 - ``completions``: ``/v1/completions`` and ``/v1/chat/completions`` (one small protocol object each);
+- ``messages``: ``/v1/messages`` and its ``count_tokens`` (Anthropic's Messages API, errors in its shape);
+- ``responses_api``: ``/v1/responses`` and its ``input_tokens`` (OpenAI's Responses API, stateless);
+- ``replies``: a reply as parts (thinking, text, tool calls), for the two routes above;
 - ``encoders``: ``/v1/classify`` and ``/v1/embeddings``;
 - ``status``: ``/v1/models``, ``/health``, ``/metrics``;
 - ``wire``: the OpenAI JSON shapes (requests parsed from ``SamplingParams``' own table);

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
+from edgeft.runtime import reasoning
 from edgeft.runtime.serve import generation, middleware, responses, wire
 from edgeft.runtime.serve.generation import Generation
 from edgeft.runtime.serve.state import Model, ServerState
@@ -44,8 +45,10 @@ class Completions:
     parse = staticmethod(wire.parse_completion)
     holds = False  # whether a choice's streamed text is held until it finishes (then given to closing())
 
-    def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
+    def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str],
+                 phases: list | None = None) -> None:
         self.model, self.req, self.rid, self.echoes = model, req, rid, echoes
+        self.phases = phases or [None] * len(echoes) * req.n  # per choice: where a reasoning model's reply starts
 
     def logprobs(self, lps: list | None) -> dict | None:
         if lps is None:
@@ -95,16 +98,23 @@ class Chat(Completions):
     prefix = "chatcmpl"
     parse = staticmethod(wire.parse_chat)
 
-    def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str]) -> None:
-        super().__init__(model, req, rid, echoes)
+    def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str],
+                 phases: list | None = None) -> None:
+        super().__init__(model, req, rid, echoes, phases)
         self.readers: dict[int, Any] = {}  # choice -> its tools.CallStream (None: no tools offered)
+        self.splitters = [None if p is None else reasoning.Splitter(p) for p in self.phases]
 
     def shape_logprobs(self, entries: list) -> dict:
         return responses.chat_logprobs(entries)
 
     def choice(self, i: int, text: str, finish: str, lps: list | None) -> dict:
+        phase = self.phases[i]
+        thought, text = (None, text) if phase is None else reasoning.split(text, phase)
         content, calls = generation.tool_calls(self.req, text, cut=finish == "length")
-        return responses.chat_choice(i, content, _finish(finish, calls), self.logprobs(lps), calls)
+        out = responses.chat_choice(i, content, _finish(finish, calls), self.logprobs(lps), calls)
+        if thought is not None:
+            out["message"]["reasoning_content"] = thought
+        return out
 
     def body(self, choices: list[dict], usage: dict) -> dict:
         return responses.chat_body(self.rid, self.model.name, "", "", usage, choices)
@@ -119,20 +129,36 @@ class Chat(Completions):
         return [responses.chat_chunk(self.rid, self.model.name, delta, None, i)]
 
     def streamed(self, i: int, text: str, lps: list | None) -> list[dict]:
-        stream = self._stream(i)
-        if stream is None:
-            return super().streamed(i, text, lps)
-        deltas = [_delta(p) for p in stream.feed(text)] or ([{}] if lps else [])
-        return [responses.chat_chunk(self.rid, self.model.name, d, None, i, self.logprobs(lps) if not n else None)
-                for n, d in enumerate(deltas)]
+        splitter = self.splitters[i]
+        thought, text = ("", text) if splitter is None else splitter.feed(text)
+        return self._pieces(i, thought, text, lps)
 
     def closing(self, i: int, held: str, finish: str) -> list[dict]:
+        splitter = self.splitters[i]
+        thought, rest = ("", held) if splitter is None else splitter.feed(held)
+        if splitter is not None:  # what the splitter still holds
+            end_thought, end_rest = splitter.finish()
+            thought, rest = thought + end_thought, rest + end_rest
+        out = self._pieces(i, thought, rest, None)
         stream = self._stream(i)
         if stream is None:
-            return [*([self.chunk(i, held, None)] if held else []), self.chunk(i, "", finish)]
-        pieces = stream.feed(held) + stream.finish(cut=finish == "length")
-        out = [responses.chat_chunk(self.rid, self.model.name, _delta(p), None, i) for p in pieces]
+            return [*out, self.chunk(i, "", finish)]
+        out += [responses.chat_chunk(self.rid, self.model.name, _delta(p), None, i)
+                for p in stream.finish(cut=finish == "length")]
         return [*out, self.chunk(i, "", _finish(finish, stream.calls))]
+
+    def _pieces(self, i: int, thought: str, text: str, lps: list | None) -> list[dict]:
+        """Chunks for a piece of a choice: its thought (reasoning_content), then its answer, which goes
+        through the call reader when tools were offered; the logprobs ride on the first chunk."""
+        deltas = [{"reasoning_content": thought}] if thought else []
+        stream = self._stream(i)
+        if stream is None:
+            deltas += [{"content": text}] if text else []
+        else:
+            deltas += [_delta(p) for p in stream.feed(text)]
+        deltas = deltas or ([{}] if lps else [])
+        return [responses.chat_chunk(self.rid, self.model.name, d, None, i, self.logprobs(lps) if not n else None)
+                for n, d in enumerate(deltas)]
 
     def _stream(self, i: int) -> Any:
         if i not in self.readers:
@@ -168,7 +194,7 @@ def route(protocol: type[Completions]) -> Callable:
         model = state.model(req.model, Task.causal_lm)
         gen, prompt_ids = await generation.start(state, model, req)
         echoes = [await asyncio.to_thread(model.front.decode, ids) if req.echo else "" for ids in prompt_ids]
-        shape = protocol(model, req, responses.new_id(protocol.prefix), echoes)
+        shape = protocol(model, req, responses.new_id(protocol.prefix), echoes, gen.phases)
         n_prompt = sum(len(ids) for ids in prompt_ids)
         if req.stream:
             return StreamingResponse(_stream(state, shape, n_prompt, gen), media_type="text/event-stream",

@@ -3,9 +3,11 @@
 What every generation route shares, whatever its JSON shape: the prompt's token ids (a
 chat template, tools, or token ids given), the ``SamplingParams`` of each choice (the
 request's fields over the artifact's defaults over the server's, with the context checked),
-the grammar of a constrained answer, admission (429 when the slots and the waiting line are
-full) and ``Generation``: every choice submitted together, its chunks handed from the
-engine's thread to the event loop. A route module (``completions``) renders the chunks.
+the grammar of a constrained answer, a reasoning model's side (``Thinking``: where each reply
+starts, the thinking budget, the grammar held back until the thought is closed), admission
+(429 when the slots and the waiting line are full) and ``Generation``: every choice
+submitted together, its chunks handed from the engine's thread to the event loop. A route
+module (``completions``, ``messages``, ``responses_api``) renders the chunks.
 This module knows the engine's API and ``wire.GenerationRequest``; it knows nothing of
 Starlette or of how a choice is shown to the client.
 """
@@ -31,11 +33,13 @@ def _prompt_ids(model: Model, req: GenerationRequest) -> list[int]:
     if req.messages is not None:
         try:
             if req.tools or any(m.get("tool_calls") or m["role"] == "tool" for m in req.messages):
+                if req.template_kwargs:  # tools.render_tools passes no extra variables to the template (yet)
+                    raise bad("'chat_template_kwargs' together with tools is not supported yet", "chat_template_kwargs")
                 from edgeft.runtime.tools import Tool, ToolChoice, render_tools
 
                 return model.front.encode(render_tools(model.front, req.messages, [Tool(**t) for t in req.tools],
                                                        ToolChoice(*req.tool_choice)))
-            return model.front.encode(model.front.render_chat(req.messages))
+            return model.front.encode(_render_chat(model, req))
         except EdgeftError:
             raise
         except Exception as exc:  # a template that refuses these messages (e.g. roles out of order)
@@ -44,6 +48,19 @@ def _prompt_ids(model: Model, req: GenerationRequest) -> list[int]:
         return model.front.encode(req.prompt)
     check_token_ids(req.prompt, model.manifest.decoder.vocab_size, "prompt")
     return list(req.prompt)
+
+
+def _render_chat(model: Model, req: GenerationRequest) -> str:
+    """The chat template over the messages, with the request's ``chat_template_kwargs``."""
+    if not req.template_kwargs:
+        return model.front.render_chat(req.messages)
+    from edgeft.runtime import chat
+
+    if model.front.chat_template is None:
+        raise bad(f"model '{model.name}' has no chat template", "chat_template_kwargs")
+    tok = model.manifest.tokenizer
+    return chat.render(model.front.chat_template, req.messages or [], add_generation_prompt=True,
+                       **{"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or "", **req.template_kwargs})
 
 
 def all_prompt_ids(model: Model, req: GenerationRequest) -> list[list[int]]:
@@ -128,6 +145,37 @@ def grammar(model: Model, req: GenerationRequest) -> Any:
         raise bad(str(exc), param, "invalid_schema") from None
 
 
+class Thinking:
+    """A reasoning model's side of a chat request: where each choice starts, its budget, its gate."""
+
+    def __init__(self, model: Model, req: GenerationRequest) -> None:
+        from edgeft.runtime import reasoning
+
+        self.model, self.req = model, req
+        self.thinks = reasoning.template_thinks(model.front.chat_template)
+        self.separate = req.reasoning_format != reasoning.ReasoningFormat.none.value
+        tokenizer = model.front.tokenizer
+        self.open_ids = tokenizer.encode(reasoning.OPEN, add_special_tokens=False).ids
+        self.close_ids = tokenizer.encode(reasoning.CLOSE, add_special_tokens=False).ids
+
+    def phase(self, ids: list[int]) -> Any:
+        """Where the reply to ``ids`` starts (read from the prompt's last tokens)."""
+        from edgeft.runtime.reasoning import prompt_phase
+
+        return prompt_phase(self.model.front.tokenizer.decode(ids[-16:], skip_special_tokens=False))
+
+    def processors(self, ids: list[int], inner: list[Any]) -> list[Any]:
+        """The sequence's processors: ``inner`` (a grammar) behind a ``ThoughtGate`` when the model thinks."""
+        if not self.thinks or (not inner and self.req.max_reasoning_tokens is None):
+            return inner
+        from edgeft.runtime.detok import IncrementalDetokenizer
+        from edgeft.runtime.reasoning import ThoughtGate
+
+        detok = IncrementalDetokenizer(self.model.front.tokenizer, skip_special_tokens=False, context=ids)
+        return [ThoughtGate(self.phase(ids), detok.add, self.open_ids, self.close_ids,
+                            self.req.max_reasoning_tokens, inner, force_open=bool(inner))]
+
+
 def tool_calls(req: GenerationRequest, text: str, cut: bool = False) -> tuple[str | None, list[dict]]:
     """(content, tool calls) of a chat answer: calls only when the request offered tools (``cut``: by the budget)."""
     if not req.tools or req.tool_choice[0] == "none":
@@ -162,15 +210,20 @@ class Generation:
     """Every choice of one request (prompts x n), submitted together; ``set()`` cancels them all."""
 
     def __init__(self, model: Model, jobs: list[tuple[list[int], Any]], on_first: Callable[[], None],
-                 grammar: Any = None) -> None:
+                 grammar: Any = None, thinking: Thinking | None = None) -> None:
         self.model, self.on_first = model, on_first
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.choices = [Choice(i, self.loop, self.events) for i in range(len(jobs))]
         self.first_seen = False
+        # per choice, where a reasoning model's reply starts (None: the text is shown raw)
+        self.phases = [thinking.phase(ids) if thinking is not None and thinking.separate else None
+                       for ids, _ in jobs]
         try:
             for choice, (ids, params) in zip(self.choices, jobs):
                 masks = [grammar.mask()] if grammar is not None else []  # one per sequence: it holds its state
+                if thinking is not None:
+                    masks = thinking.processors(ids, masks)
                 choice.seq = model.engine.submit(ids, params, choice.on_chunk, processors=masks)
         except BaseException:
             self.set()
@@ -226,7 +279,7 @@ async def start(state: ServerState, model: Model, req: GenerationRequest) -> tup
     t_admit = time.perf_counter()
     on_first = lambda: state.metrics.first_token.observe(time.perf_counter() - t_admit, model=model.name)  # noqa: E731
     try:
-        gen = Generation(model, todo, on_first, compiled)
+        gen = Generation(model, todo, on_first, compiled, Thinking(model, req) if req.messages is not None else None)
     except Overloaded:
         state.metrics.rejected.inc(model=model.name)
         raise

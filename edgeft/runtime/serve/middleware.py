@@ -190,10 +190,11 @@ class EdgeMiddleware:
             return None
         if not keys:
             return None
-        token = bearer_token(headers.get(b"authorization", b""))
+        token = bearer_token(headers.get(b"authorization", b"")) or headers.get(b"x-api-key", b"").strip() or None
         # compare with every key (no early exit) so the time taken says nothing about which one was close
         ok = [hmac.compare_digest(token or b"", k) for k in keys]
-        return None if token is not None and any(ok) else f"missing or incorrect {what}: send 'Authorization: Bearer <key>'"
+        return None if token is not None and any(ok) else \
+            f"missing or incorrect {what}: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":

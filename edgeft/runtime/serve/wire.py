@@ -40,7 +40,8 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A parsed /v1/completions or /v1/chat/completions request (model and prompt still unresolved)."""
+    """A parsed /v1/completions or /v1/chat/completions request (model and prompt still unresolved);
+    /v1/messages and /v1/responses requests are translated into the chat's."""
 
     model: str | None
     prompt: str | list[int] | None = None  # completions: the first (often only) prompt
@@ -56,6 +57,9 @@ class GenerationRequest:
     tools: tuple[dict, ...] = ()  # chat: {"name", "description", "parameters", "strict"} per function
     tool_choice: tuple[str, str | None] = ("none", None)  # mode ("auto", "none", "required", "function"), name
     parallel_tool_calls: bool = True
+    reasoning_format: str = "auto"  # chat: "none" keeps a reasoning model's thinking in the content
+    max_reasoning_tokens: int | None = None  # chat: the thinking budget (the thought is closed by force)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat: extra variables for the template
 
     @property
     def seed(self) -> int | None:
@@ -145,7 +149,7 @@ def _unsupported(body: dict) -> None:
         if body.get(name) not in (None, False, 0):
             raise bad(f"'{name}' is not supported by this server", name)
     for name in ("function_call", "audio", "prediction",
-                 "web_search_options", "reasoning_effort"):
+                 "web_search_options"):
         if body.get(name) is not None:
             raise bad(f"'{name}' is not supported by this server", name)
     if body.get("modalities") not in (None, ["text"]):
@@ -311,6 +315,11 @@ def _message(i: int, m: Any) -> dict[str, Any]:
     return out
 
 
+def tool_name_ok(name: Any) -> bool:
+    """A function name as OpenAI allows it: 1 to 64 of a-z, A-Z, 0-9, _ and -."""
+    return isinstance(name, str) and 0 < len(name) <= 64 and all(c.isalnum() or c in "_-" for c in name)
+
+
 def _tools(body: dict) -> tuple[tuple[dict, ...], tuple[str, str | None], bool]:
     """``tools``, ``tool_choice`` (mode, function name) and ``parallel_tool_calls``."""
     tools = body.get("tools")
@@ -322,7 +331,7 @@ def _tools(body: dict) -> tuple[tuple[dict, ...], tuple[str, str | None], bool]:
     for t in tools:
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+        if not tool_name_ok(name):
             raise bad("each tool must be {'type': 'function', 'function': {'name': a-z, 0-9, _ or -, ...}}", "tools")
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict):
@@ -371,6 +380,40 @@ def _response_format(body: dict) -> tuple[str, dict | None] | None:
     raise bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
+RESERVED_TEMPLATE_VARS = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token")
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def reasoning(body: dict, effort: Any = None, has_tools: bool = False) -> dict[str, Any]:
+    """``reasoning_format`` (none, auto, deepseek), ``max_reasoning_tokens`` and ``chat_template_kwargs``;
+    a reasoning ``effort`` of "none" turns thinking off (the template's ``enable_thinking`` when it can
+    take variables, and a budget of 0), as llama-server does; the other efforts change nothing."""
+    from edgeft.runtime.reasoning import ReasoningFormat
+
+    fmt = body.get("reasoning_format")
+    if fmt is not None and fmt not in [f.value for f in ReasoningFormat]:
+        raise bad(f"'reasoning_format' must be one of {', '.join(f.value for f in ReasoningFormat)}, got {fmt!r}",
+                  "reasoning_format")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    taken = [k for k in kwargs or {} if k in RESERVED_TEMPLATE_VARS]
+    if taken:
+        raise bad(f"'chat_template_kwargs' may not set '{taken[0]}'", "chat_template_kwargs")
+    out = dict(reasoning_format=fmt or "auto", max_reasoning_tokens=opt_int(body, "max_reasoning_tokens", 0),
+               template_kwargs=dict(kwargs or {}))
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise bad(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}",
+                  "reasoning_effort")
+    if effort == "none":
+        out["max_reasoning_tokens"] = 0
+        if not has_tools:
+            out["template_kwargs"] = {"enable_thinking": False, **out["template_kwargs"]}
+    return out
+
+
 def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
     """``POST /v1/chat/completions``: a non-empty list of {role, content} messages."""
     messages = body.get("messages")
@@ -382,4 +425,6 @@ def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
         raise bad("'echo' is a /v1/completions field", "echo")
     tools, choice, parallel = _tools(body)
     return GenerationRequest(messages=msgs, tools=tools, tool_choice=choice, parallel_tool_calls=parallel,
-                             response_format=_response_format(body), **_sampling(body, max_tokens_cap, name, chat=True))
+                             response_format=_response_format(body),
+                             **reasoning(body, body.get("reasoning_effort"), bool(tools)),
+                             **_sampling(body, max_tokens_cap, name, chat=True))
