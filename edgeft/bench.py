@@ -50,10 +50,6 @@ class Stat:
     max: float
     n: int
 
-    @property
-    def iqr(self) -> float:
-        return self.q3 - self.q1
-
     def scaled(self, factor: float) -> "Stat":
         """The same figures multiplied by ``factor`` (for unit changes)."""
         return Stat(self.median * factor, self.q1 * factor, self.q3 * factor,

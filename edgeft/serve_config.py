@@ -15,6 +15,7 @@ from pathlib import Path
 from edgeft.errors import EdgeftError
 from edgeft.flags import check_fields, flag
 from edgeft.runtime.params import Speculation, Spin
+from edgeft.signing import TrustedKeys
 
 
 class LogFormat(str, enum.Enum):
@@ -25,7 +26,7 @@ class LogFormat(str, enum.Enum):
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(TrustedKeys):
     """Everything ``edgeft serve`` can be told (each also from an ``EDGEFT_*`` environment variable)."""
 
     artifacts: tuple[Path, ...] = field(metadata=flag(argument=True, env="EDGEFT_ARTIFACTS", show_default=False))
@@ -80,9 +81,6 @@ class ServeConfig:
     """json: one JSON object per line."""
     log_level: str = field(default="info", metadata=flag(env="EDGEFT_LOG_LEVEL"))
     """debug, info, warning or error."""
-    trusted_keys: tuple[Path, ...] = field(default=(), metadata=flag("--trusted-key", env="EDGEFT_TRUSTED_KEY"))
-    """Public key (PEM, from edgeft keygen): serve only artifacts signed by it. Repeat for several
-    (key rotation); env: files separated by ':'."""
     ui: bool = field(default=True, metadata=flag(env="EDGEFT_UI"))
     """Serve a page at / to try the models in a browser (it calls the /v1 routes like any client)."""
 

@@ -84,7 +84,7 @@ def wire_fields() -> list[tuple[str, dataclasses.Field, type]]:
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy."""
 
-    max_new_tokens: int = field(default=128, metadata=param(lo=1, wire=None, panel=SAMPLING, aliases=("-n",)))
+    max_new_tokens: int = field(default=128, metadata=param(lo=1, wire=None, panel=SAMPLING))
     """Most tokens to generate."""
     temperature: float = field(default=0.0, metadata=param("-t", lo=0, hi=2, panel=SAMPLING))
     """0 is greedy; higher is more random."""
