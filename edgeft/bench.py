@@ -369,7 +369,7 @@ def bench_artifact(config: BenchConfig) -> dict[str, Any]:
 
     threads = config.threads or os.cpu_count() or 1
     t0 = time.perf_counter()
-    model = runtime.load(config.artifact, threads=threads)
+    model = runtime.load(config.artifact, threads=threads, spin=config.spin)
     load_s = time.perf_counter() - t0
     m = model.manifest
     isa = cpu_isa()

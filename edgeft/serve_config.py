@@ -46,8 +46,8 @@ class ServeConfig(TrustedKeys):
     scraper instead of the API key."""
     threads: int | None = field(default=None, metadata=flag(env="EDGEFT_THREADS", min=1))
     """onnxruntime threads per model (default: all cores). Match the CPU limit."""
-    spin: Spin = Spin.auto
-    """Idle onnxruntime threads spin (on) or sleep (off). auto: $EDGEFT_SPIN (1 or 0) when set, else spin
+    spin: Spin = field(default=Spin.auto, metadata=flag(env="EDGEFT_SPIN"))
+    """Idle onnxruntime threads spin (on) or sleep (off); env: EDGEFT_SPIN (1, 0 or auto). auto: spin
     only when the cores a model's threads take are idle at load, besides every other model's threads and,
     with --parallel > 1, one core for the HTTP loop."""
     parallel: int = field(default=4, metadata=flag(env="EDGEFT_PARALLEL", min=1))

@@ -22,7 +22,7 @@ from typing import Any
 import typer
 
 from edgeft.errors import EdgeftError
-from edgeft.flags import Flag, field_docs, flag_of, range_text
+from edgeft.flags import Flag, enum_value, field_docs, flag_of, range_text
 
 def _unwrap(tp: Any) -> tuple[Any, bool, bool]:
     """(base type, optional, repeated) of a field annotation."""
@@ -101,6 +101,9 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
                                   show_default=show, metavar=meta.metavar)
     if repeated and meta.env and not meta.comma:
         common["callback"] = _env_list(base)
+    if _more_spellings(base):  # parsed by the Enum itself (EDGEFT_SPIN=1), shown as its choices
+        common["parser"] = functools.partial(_parse_enum, base, _option_name(f.name))
+        common["metavar"] = meta.metavar or "[" + "|".join(str(m.value) for m in base) + "]"
     if meta.argument:
         info = typer.Argument(default, **common)
     else:
@@ -114,6 +117,18 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
             common["show_default"] = False
         info = typer.Option(default, *names, **common)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation), base
+
+
+def _more_spellings(base: Any) -> bool:
+    """An Enum that accepts spellings besides its values (it defines ``_missing_``, as ``Spin`` does)."""
+    return isinstance(base, type) and issubclass(base, enum.Enum) and "_missing_" in vars(base)
+
+
+def _parse_enum(klass: type[enum.Enum], name: str, value: Any) -> Any:
+    try:
+        return enum_value(klass, value, name)
+    except EdgeftError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _split(text: str | None, f: dataclasses.Field, annotation: Any) -> Any:

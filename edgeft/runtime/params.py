@@ -44,9 +44,19 @@ class Speculation(str, enum.Enum):
 class Spin(str, enum.Enum):
     """Whether onnxruntime's idle pool threads spin between parallel sections or sleep."""
 
-    auto = "auto"  # $EDGEFT_SPIN when set, else decided when the model loads (edgeft.runtime.session.choose_spin)
+    auto = "auto"  # decided when the model loads (edgeft.runtime.session.choose_spin)
     on = "on"
     off = "off"
+
+    @classmethod
+    def _missing_(cls, value: object) -> "Spin | None":
+        """``EDGEFT_SPIN=1`` (or 0, true, false, yes, no) and any case: the spellings the variable always took."""
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return cls.on
+        if text in ("0", "false", "no", "off"):
+            return cls.off
+        return cls.auto if text in ("", "auto") else None
 
 
 def param(*names: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
