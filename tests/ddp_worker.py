@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from edgeft.artifact import use_cache_root
+from edgeft.cli.app import cache_root_from_env
 from edgeft.tune import TuneConfig, tune
 
 
@@ -17,6 +19,7 @@ class Killed(Exception):
 
 
 def main(spec_path: str) -> None:
+    use_cache_root(cache_root_from_env())  # a process boundary, as the commands are
     spec = json.loads(open(spec_path).read())
     stop = spec.pop("interrupt", None)
 

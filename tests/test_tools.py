@@ -451,7 +451,8 @@ def test_smollm2_int8_makes_a_valid_call_for_every_prompt(monkeypatch, tmp_path)
 
     if not (REAL_HOME / "models" / "smollm2-135m-instruct").is_dir():
         pytest.skip(f"smollm2-135m-instruct is not pulled under {REAL_HOME} (set EDGEFT_REAL_HOME)")
-    monkeypatch.setenv("EDGEFT_HOME", str(REAL_HOME))
+    monkeypatch.setenv("EDGEFT_HOME", str(REAL_HOME))  # for the commands
+    monkeypatch.setattr("edgeft.artifact._CACHE_ROOT", [REAL_HOME])  # for library calls
     art = export(ExportConfig(source="smollm2-135m-instruct", out=tmp_path / "smol", quantize="int8",
                               gate_texts=8, gate_prompts=2, gate_new_tokens=16), log=None)
     schemas = {t["function"]["name"]: closed(t["function"]["parameters"]) for t in REAL_TOOLS}
