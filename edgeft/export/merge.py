@@ -21,7 +21,7 @@ from typing import Any
 from edgeft.errors import EdgeftError
 from edgeft.artifact import Task
 from edgeft.export.config import ExportConfig
-from edgeft.runs import RunInfo, is_run_folder, read_run, read_run_config
+from edgeft.runs import RUN_INFO, RunInfo, is_run_folder, read_run, read_run_config
 from edgeft.tune.hf import label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers, run_base
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -62,7 +62,7 @@ def load_source(config: ExportConfig) -> Source:
     path = Path(str(config.source)).expanduser()
     if path.is_dir() and is_run_folder(path):
         return _load_run(path, config)
-    if path.is_dir() and (path / "run.json").exists():
+    if path.is_dir() and (path / RUN_INFO).exists():
         read_run(path)  # raises the run folder's own one-line error
     return _load_base(config)
 
