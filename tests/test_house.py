@@ -142,3 +142,16 @@ def test_write_run_and_summary_are_one_format(tmp_path):
 
     with pytest.raises(EdgeftError, match="cannot read"):
         runs.read_metrics(tmp_path)
+
+
+def test_no_old_spellings_remain(tmp_path):
+    """A 0.x package keeps no hidden aliases: old flag spellings (tested in test_cli_options) nor old values."""
+    from edgeft.errors import EdgeftError
+    from edgeft.flags import Flag
+    from edgeft.tune.config import TuneConfig
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\na,0\n")
+    with pytest.raises(EdgeftError, match="--task must be one of .*not 'auto'"):
+        TuneConfig(model="m", data=data, out=tmp_path / "o", task="auto")  # once the spelling of "by the data"
+    assert "aliases" not in Flag.__dataclass_fields__

@@ -175,8 +175,7 @@ class TuneConfig:
             if value is not None:
                 object.__setattr__(self, name, Path(value).expanduser().resolve())
         if self.task is not None:
-            task = None if self.task == "auto" else enum_value(Task, self.task, "--task")  # "auto": the old spelling of None
-            object.__setattr__(self, "task", task)
+            object.__setattr__(self, "task", enum_value(Task, self.task, "--task"))
         for name, enum in (("base_precision", Precision), ("optimizer", Optim),
                            ("schedule", Schedule), ("class_weights", ClassWeights), ("device", Device),
                            ("select_metric", SelectMetric), ("frozen_cache", FrozenCache), ("int8_kernel", Int8Kernel)):
