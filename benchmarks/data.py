@@ -50,12 +50,13 @@ def sonnets_split(text: str, held_out: float = 0.1) -> tuple[str, str]:
 def load_tuned_torch(path: str | Path, task: Task):
     """A model folder or a run folder -> (torch model in eval mode, tokenizer, run info or None).
 
-    A run folder is rebuilt by ``edgeft.runs.load_run``, the loader export uses (hash and
+    A run folder is rebuilt by ``edgeft.tune.hf.load_run``, the loader export uses (hash and
     shape checks included); a model folder is loaded as it is, in fp32.
     """
     import torch
 
-    from edgeft.runs import is_run_folder, load_run, load_tokenizer, model_class
+    from edgeft.runs import is_run_folder
+    from edgeft.tune.hf import load_run, load_tokenizer, model_class
 
     path = Path(path)
     if is_run_folder(path):

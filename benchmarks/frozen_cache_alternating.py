@@ -55,7 +55,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     from edgeft.models import resolve_model
-    from edgeft.runs import load_tokenizer
+    from edgeft.tune.hf import load_tokenizer
     from edgeft.tune import train as T
     from edgeft.tune.config import TuneConfig
     from edgeft.tune.model import load_for_tuning

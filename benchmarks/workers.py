@@ -42,11 +42,16 @@ def gen_generic(spec: dict, run: Runner) -> dict:
 # ---------------------------------------------------------------- generation systems
 
 
+def _spin() -> str | None:
+    """``$EDGEFT_SPIN`` (a lever the peers case sets per system): the library reads no environment."""
+    return os.environ.get("EDGEFT_SPIN")
+
+
 def gen_edgeft(spec: dict) -> dict:
     from edgeft.runtime import Generator
 
     t0 = time.perf_counter()
-    gen = Generator.open(spec["path"], threads=spec["threads"])
+    gen = Generator.open(spec["path"], threads=spec["threads"], spin=_spin())
     load_s = time.perf_counter() - t0
     return {**gen_generic(spec, edgeft_runner(gen)), "load_s": load_s, "spin": gen.spinning,
             "spin_reason": gen.spin_reason}
@@ -205,7 +210,7 @@ def _perplexity(spec: dict, encode, score) -> dict:
 def ppl_edgeft(spec: dict) -> dict:
     from edgeft.runtime import Generator
 
-    gen = Generator.open(spec["path"], threads=spec["threads"])
+    gen = Generator.open(spec["path"], threads=spec["threads"], spin=_spin())
     return _perplexity(spec, gen.encode, gen.score)
 
 
@@ -214,7 +219,7 @@ def ppl_edgeft_chunks(spec: dict) -> dict:
     from benchmarks.peer_workers import chunk_nll, held_ids, perplexity_result
     from edgeft.runtime import Generator
 
-    gen = Generator.open(spec["path"], threads=spec["threads"])
+    gen = Generator.open(spec["path"], threads=spec["threads"], spin=_spin())
     n_ctx = spec.get("n_ctx", 256)
     return perplexity_result(*chunk_nll(held_ids(spec), n_ctx, gen.score, chunks=spec.get("chunks")), n_ctx)
 
@@ -244,7 +249,8 @@ def first_token(spec: dict) -> dict:
     code = (
         "import time; t0 = time.perf_counter()\n"
         "from edgeft.runtime import Generator, SamplingParams\n"
-        "g = Generator.open(__import__('sys').argv[1], threads=int(__import__('sys').argv[2]))\n"
+        "g = Generator.open(__import__('sys').argv[1], threads=int(__import__('sys').argv[2]),"
+        " spin=__import__('os').environ.get('EDGEFT_SPIN'))\n"
         "next(iter(g.stream('Shall I compare thee', SamplingParams(max_new_tokens=1))))\n"
         "print(time.perf_counter() - t0)\n"
     )
@@ -264,7 +270,7 @@ def profile_edgeft(spec: dict) -> dict:
     from edgeft.runtime import Generator, SamplingParams
 
     prefix = os.path.join(tempfile.mkdtemp(prefix="edgeft-prof-"), "decode")
-    gen = Generator.open(spec["path"], threads=spec["threads"], profile_prefix=prefix)
+    gen = Generator.open(spec["path"], threads=spec["threads"], profile_prefix=prefix, spin=_spin())
     ids = spec["decode_prompt"]
     gen.generate(ids, SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
     t0 = time.perf_counter()

@@ -642,13 +642,20 @@ def _member(name: str) -> zipfile.ZipInfo:
     info.compress_type = zipfile.ZIP_STORED
     return info
 
+_CACHE_ROOT: list[Path] = []  # set once per process by use_cache_root (the commands: from $EDGEFT_HOME)
+
+
+def use_cache_root(path: Path | None) -> None:
+    """Make ``path`` edgeft's cache folder for this process (None: back to the default).
+
+    edgeft's commands call it once, with ``$EDGEFT_HOME`` or ``$XDG_CACHE_HOME/edgeft``
+    (``edgeft.cli.app.cache_root_from_env``): the library itself reads no environment."""
+    _CACHE_ROOT[:] = [Path(path).expanduser()] if path is not None else []
+
 
 def cache_root() -> Path:
-    """edgeft's cache folder: ``$EDGEFT_HOME``, else ``$XDG_CACHE_HOME/edgeft``, else ``~/.cache/edgeft``."""
-    if os.environ.get("EDGEFT_HOME"):
-        return Path(os.environ["EDGEFT_HOME"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edgeft"
+    """edgeft's cache folder: what ``use_cache_root`` set, else ``~/.cache/edgeft``."""
+    return _CACHE_ROOT[0] if _CACHE_ROOT else Path.home() / ".cache" / "edgeft"
 
 
 # ---- packed files: every member checked against the manifest before a byte of it is written

@@ -50,10 +50,6 @@ class Stat:
     max: float
     n: int
 
-    @property
-    def iqr(self) -> float:
-        return self.q3 - self.q1
-
     def scaled(self, factor: float) -> "Stat":
         """The same figures multiplied by ``factor`` (for unit changes)."""
         return Stat(self.median * factor, self.q1 * factor, self.q3 * factor,
@@ -373,7 +369,7 @@ def bench_artifact(config: BenchConfig) -> dict[str, Any]:
 
     threads = config.threads or os.cpu_count() or 1
     t0 = time.perf_counter()
-    model = runtime.load(config.artifact, threads=threads)
+    model = runtime.load(config.artifact, threads=threads, spin=config.spin)
     load_s = time.perf_counter() - t0
     m = model.manifest
     isa = cpu_isa()

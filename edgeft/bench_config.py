@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgeft.errors import EdgeftError
 from edgeft.flags import check_fields, flag
+from edgeft.runtime.params import Spin
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class BenchConfig:
     """Artifact folder or packed .edgeft file."""
     threads: int | None = field(default=None, metadata=flag(min=1))
     """onnxruntime threads (default: every core)."""
+    spin: Spin = field(default=Spin.auto, metadata=flag(env="EDGEFT_SPIN"))
+    """Idle onnxruntime threads spin (on) or sleep (off); auto: spin only when the cores the threads take
+    are idle at load. Env: EDGEFT_SPIN (1, 0 or auto)."""
     repeats: int = field(default=5, metadata=flag(min=1))
     """Measured runs per figure (each figure is their median)."""
     warmup: int = field(default=1, metadata=flag(min=0))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import enum
 import functools
 import inspect
 import math
@@ -40,7 +41,6 @@ class Flag:
     names: tuple[str, ...] = ()
     env: str | None = None
     panel: str | None = None
-    aliases: tuple[str, ...] = ()
     negative: str | None = None
     argument: bool = False
     metavar: str | None = None
@@ -55,7 +55,7 @@ class Flag:
     nonblank: bool = False
 
 
-def flag(*names: str, env: str | None = None, panel: str | None = None, aliases: tuple[str, ...] = (),
+def flag(*names: str, env: str | None = None, panel: str | None = None,
          negative: str | None = None, argument: bool = False, metavar: str | None = None,
          show_default: bool | str = True, blank_is_none: bool = False, cli: bool = True,
          comma: bool = False, min: float | None = None, max: float | None = None,
@@ -64,8 +64,7 @@ def flag(*names: str, env: str | None = None, panel: str | None = None, aliases:
 
     ``names``: the option's spellings (default ``--field-name``), short ones included
     (``"-m"``); ``env``: an ``EDGEFT_*`` variable that sets it; ``panel``: its ``--help``
-    section; ``aliases``: old spellings still accepted, hidden from ``--help``;
-    ``negative``: the off switch of a boolean (``--fp32-activations``; default ``--no-x``);
+    section; ``negative``: the off switch of a boolean (``--fp32-activations``; default ``--no-x``);
     ``argument``: positional instead of an option; ``show_default``: False, or the text to
     show; ``blank_is_none``: an empty value (``EDGEFT_API_KEY=``) means unset; ``cli=False``:
     not on the command line at all; ``comma``: a tuple given as one comma-separated value.
@@ -74,8 +73,17 @@ def flag(*names: str, env: str | None = None, panel: str | None = None, aliases:
     inclusive, ``above``/``below`` exclusive; ``nonblank``: a string (or each one) has text.
     A float must be finite whether or not a range is given (see ``check_fields``).
     """
-    return {KEY: Flag(names, env, panel, tuple(aliases), negative, argument, metavar, show_default,
+    return {KEY: Flag(names, env, panel, negative, argument, metavar, show_default,
                       blank_is_none, cli, comma, min, max, above, below, nonblank)}
+
+
+def enum_value(klass: type[enum.Enum], value: Any, name: str) -> Any:
+    """``value`` (a member or its value) as a member of ``klass``; else one line naming flag ``name``."""
+    try:
+        return klass(value.value if isinstance(value, enum.Enum) else value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in klass)
+        raise EdgeftError(f"{name} must be one of {allowed}, not {value!r}") from None
 
 
 def flag_of(f: dataclasses.Field) -> Flag:

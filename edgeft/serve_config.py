@@ -16,6 +16,7 @@ from pathlib import Path
 from edgeft.errors import EdgeftError
 from edgeft.flags import check_fields, flag
 from edgeft.runtime.params import Speculation, Spin
+from edgeft.signing import TrustedKeys
 
 
 class LogFormat(str, enum.Enum):
@@ -68,7 +69,7 @@ def _default_queue_size() -> int:
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(TrustedKeys):
     """Everything ``edgeft serve`` can be told (each also from an ``EDGEFT_*`` environment variable)."""
 
     artifacts: tuple[Path, ...] = field(metadata=flag(argument=True, env="EDGEFT_ARTIFACTS", show_default=False))
@@ -88,8 +89,8 @@ class ServeConfig:
     scraper instead of the API key."""
     threads: int | None = field(default=None, metadata=flag(env="EDGEFT_THREADS", min=1))
     """onnxruntime threads per model (default: all cores). Match the CPU limit."""
-    spin: Spin = Spin.auto
-    """Idle onnxruntime threads spin (on) or sleep (off). auto: $EDGEFT_SPIN (1 or 0) when set, else spin
+    spin: Spin = field(default=Spin.auto, metadata=flag(env="EDGEFT_SPIN"))
+    """Idle onnxruntime threads spin (on) or sleep (off); env: EDGEFT_SPIN (1, 0 or auto). auto: spin
     only when the cores a model's threads take are idle at load, besides every other model's threads and,
     with --parallel > 1, one core for the HTTP loop."""
     parallel: int = field(default_factory=_default_parallel, metadata=flag(env="EDGEFT_PARALLEL", min=1))
@@ -123,9 +124,6 @@ class ServeConfig:
     """json: one JSON object per line."""
     log_level: str = field(default="info", metadata=flag(env="EDGEFT_LOG_LEVEL"))
     """debug, info, warning or error."""
-    trusted_keys: tuple[Path, ...] = field(default=(), metadata=flag("--trusted-key", env="EDGEFT_TRUSTED_KEY"))
-    """Public key (PEM, from edgeft keygen): serve only artifacts signed by it. Repeat for several
-    (key rotation); env: files separated by ':'."""
     ui: bool = field(default=True, metadata=flag(env="EDGEFT_UI"))
     """Serve a page at / to try the models in a browser (it calls the /v1 routes like any client)."""
     max_connections_per_client: int = field(default=128, metadata=flag(env="EDGEFT_MAX_CONNECTIONS_PER_CLIENT",

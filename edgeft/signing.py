@@ -17,18 +17,27 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
+from edgeft.flags import flag
 from edgeft.fsutil import atomic_write_files, os_errors_as_one_line
 
 ALGORITHM = "ed25519"
 FIELDS = ("algorithm", "key_id", "value")  # a signature record holds these and nothing else
 _CONTEXT = b"edgeft-artifact-signature-v1\n"  # what is signed: this prefix + the digest string
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrustedKeys:
+    """The one declaration of ``--trusted-key``, for the configs of the commands that check signatures."""
+
+    trusted_keys: tuple[Path, ...] = field(default=(), metadata=flag("--trusted-key", env="EDGEFT_TRUSTED_KEY"))
+    """Public key (PEM, from edgeft keygen): accept only artifacts signed by it. Repeat for several (key
+    rotation). Env: EDGEFT_TRUSTED_KEY, files separated by ':'."""
 
 
 def _crypto():
@@ -121,14 +130,6 @@ def load_trusted_keys(paths: Iterable[Path]) -> list[TrustedKey]:
             raise EdgeftError(f"{path} is not an Ed25519 public key")
         keys.append(TrustedKey(key_id(_raw_public(key)), Path(path), key))
     return keys
-
-
-def trusted_keys_from_env(paths: Sequence[Path] = ()) -> list[Path]:
-    """``paths`` when given, else ``$EDGEFT_TRUSTED_KEY`` (public key files separated by ``os.pathsep``)."""
-    if paths:
-        return [Path(p) for p in paths]
-    env = os.environ.get("EDGEFT_TRUSTED_KEY", "")
-    return [Path(p) for p in env.split(os.pathsep) if p.strip()]
 
 
 def sign_digest(private_key, digest: str) -> dict[str, str]:

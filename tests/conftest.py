@@ -30,7 +30,12 @@ CHATML = (
 
 @pytest.fixture(autouse=True)
 def _edgeft_home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDGEFT_HOME", str(tmp_path_factory.mktemp("edgeft-home")))
+    """A fresh cache folder per test: for the commands (``$EDGEFT_HOME``) and for library calls."""
+    from edgeft import artifact
+
+    home = tmp_path_factory.mktemp("edgeft-home")
+    monkeypatch.setenv("EDGEFT_HOME", str(home))
+    monkeypatch.setattr(artifact, "_CACHE_ROOT", [home])
 
 
 @pytest.fixture(scope="session")

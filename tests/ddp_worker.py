@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import sys
 
+from edgeft.artifact import use_cache_root
+from edgeft.cli.app import cache_root_from_env
 from edgeft.tune import TuneConfig, tune
+from edgeft.tune.distributed import leave
 
 
 class Killed(Exception):
@@ -17,6 +20,7 @@ class Killed(Exception):
 
 
 def main(spec_path: str) -> None:
+    use_cache_root(cache_root_from_env())  # a process boundary, as the commands are
     spec = json.loads(open(spec_path).read())
     stop = spec.pop("interrupt", None)
 
@@ -27,7 +31,8 @@ def main(spec_path: str) -> None:
     try:
         tune(TuneConfig(**spec), callback=callback)
     except Killed:
-        sys.exit(3)
+        leave(3)
+    leave(0)  # as ``edgeft tune`` does under torchrun
 
 
 if __name__ == "__main__":

@@ -175,12 +175,12 @@ def test_tune_cuts_huge_rows_before_tokenizing(tiny_bert_dir):
 # ---------------------------------------------------------------- generate
 
 def test_generate_with_a_negative_seed_is_one_line(llama_art):
-    one_line_error(run("generate", llama_art, "Shall I", "--seed", -1, "-t", 1, "-n", 2), "seed")
+    one_line_error(run("generate", llama_art, "Shall I", "--seed", -1, "-t", 1, "--max-new-tokens", 2), "seed")
 
 
 def test_a_non_utf8_prompt_argument_is_one_line(llama_art, bert_art):
     env = {**os.environ, "LC_ALL": "C.UTF-8"}
-    for cmd in (["generate", str(llama_art), b"caf\xe9 \xff", "-n", "2"], ["classify", str(bert_art), b"\xff\xfe"]):
+    for cmd in (["generate", str(llama_art), b"caf\xe9 \xff", "--max-new-tokens", "2"], ["classify", str(bert_art), b"\xff\xfe"]):
         r = subprocess.run([*CLI, *cmd], capture_output=True, timeout=120, env=env)
         err = r.stderr.decode("utf-8", "replace")
         lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -189,7 +189,7 @@ def test_a_non_utf8_prompt_argument_is_one_line(llama_art, bert_art):
 
 
 def test_a_non_utf8_prompt_on_stdin_is_one_line(llama_art):
-    res = run("generate", llama_art, "-n", 2, input=b"caf\xe9\n")
+    res = run("generate", llama_art, "--max-new-tokens", 2, input=b"caf\xe9\n")
     one_line_error(res, "stdin", "not UTF-8")
 
 
@@ -238,7 +238,7 @@ def test_an_output_that_is_its_input_is_refused_before_it_is_touched(bert_art, l
     one_line_error(run("embed", bert_art, "--input", texts, "-o", texts), "is --input itself")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('"Once upon"\n')
-    one_line_error(run("generate", llama_art, "--input", prompts, "-o", prompts, "-n", "2"), "is --input itself")
+    one_line_error(run("generate", llama_art, "--input", prompts, "-o", prompts, "--max-new-tokens", "2"), "is --input itself")
     assert texts.read_text() == "a fine film\n" and prompts.read_text() == '"Once upon"\n'
 
 
@@ -247,7 +247,7 @@ def test_an_output_that_is_a_folder_is_one_line(bert_art, llama_art, tmp_path):
     prompts.write_text('"Once upon"\n')
     folder = tmp_path / "results"
     folder.mkdir()
-    one_line_error(run("generate", llama_art, "--input", prompts, "-o", folder, "-n", "2"),
+    one_line_error(run("generate", llama_art, "--input", prompts, "-o", folder, "--max-new-tokens", "2"),
                    f"--output {folder} is a folder")
     one_line_error(run("classify", bert_art, "a fine film", "-o", folder), f"--output {folder} is a folder")
 
@@ -255,7 +255,7 @@ def test_an_output_that_is_a_folder_is_one_line(bert_art, llama_art, tmp_path):
 def test_a_json_schema_nested_thousands_deep_is_one_line(llama_art, tmp_path):
     schema = tmp_path / "deep.json"
     schema.write_text('{"type": "object", "properties": {"a": ' * 3000 + "{}" + "}}" * 3000)
-    one_line_error(run("generate", llama_art, "hi", "--json-schema", schema, "-n", "2"), "nests too deeply")
+    one_line_error(run("generate", llama_art, "hi", "--json-schema", schema, "--max-new-tokens", "2"), "nests too deeply")
 
 
 def test_results_onto_a_full_disk_are_one_line_saying_what_was_needed(bert_art, full_dir):

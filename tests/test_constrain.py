@@ -185,7 +185,7 @@ def test_generate_command_takes_a_schema_a_regex_or_a_choice(gen, tmp_path):
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps(NESTED))
     art = str(gen.folder)
-    r = CliRunner().invoke(app, ["generate", art, "A pet:", "--json-schema", str(schema), "-n", "200", "-t", "1",
+    r = CliRunner().invoke(app, ["generate", art, "A pet:", "--json-schema", str(schema), "--max-new-tokens", "200", "-t", "1",
                                  "--seed", "3", "--threads", "1"])
     assert r.exit_code == 0, r.output
     jsonschema.validate(json.loads(r.stdout.strip()), NESTED)
@@ -212,7 +212,7 @@ def test_generate_constrains_a_file_of_prompts(gen, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     r = CliRunner().invoke(app, ["generate", str(gen.folder), "--input", str(src), "-o", str(out), "--json-schema",
-                                 str(pet), "-n", "200", "-t", "1", "--seed", "5", "--parallel", "3"])
+                                 str(pet), "--max-new-tokens", "200", "-t", "1", "--seed", "5", "--parallel", "3"])
     assert r.exit_code == 0, r.output
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["index"] for g in got] == [0, 1, 2, 3, 4] and got[4]["id"] == "c"
@@ -223,7 +223,7 @@ def test_generate_constrains_a_file_of_prompts(gen, tmp_path):
             assert g["text"].startswith("{") and g["completion_tokens"] == 200
     assert got[4]["finish_reason"] == "stop"
     jsonschema.validate(json.loads(got[4]["text"]), code)  # the row's own schema, not the flag's
-    r = CliRunner().invoke(app, ["generate", str(gen.folder), "--input", str(src), "--regex", "[0-9]{2}", "-n", "8"])
+    r = CliRunner().invoke(app, ["generate", str(gen.folder), "--input", str(src), "--regex", "[0-9]{2}", "--max-new-tokens", "8"])
     assert r.exit_code == 0, r.output
     assert all(re.fullmatch("[0-9]{2}", json.loads(line)["text"]) for line in r.stdout.splitlines()[:4])
     src.write_text(json.dumps({"prompt": "x", "json_schema": {"type": "wat"}}) + "\n")

@@ -18,7 +18,8 @@ HOME = Path(os.environ.get("EDGEFT_REAL_HOME", "/tmp/edgeft-home"))
 def real_home(monkeypatch):
     if not (HOME / "models" / "smollm2-135m-instruct").is_dir():
         pytest.skip(f"smollm2-135m-instruct is not pulled under {HOME} (set EDGEFT_REAL_HOME)")
-    monkeypatch.setenv("EDGEFT_HOME", str(HOME))
+    monkeypatch.setenv("EDGEFT_HOME", str(HOME))  # for the commands
+    monkeypatch.setattr("edgeft.artifact._CACHE_ROOT", [HOME])  # for library calls
 
 
 def test_smollm2_int8_is_fused_small_and_passes_the_gate(real_home, tmp_path, shared_data):

@@ -1,4 +1,4 @@
-"""The one run loader (``edgeft.runs.load_run``): merges what a run trained, refuses what does not fit.
+"""The one run loader (``edgeft.tune.hf.load_run``): merges what a run trained, refuses what does not fit.
 
 Tune's checks, export and the benchmarks' PyTorch reference all rebuild a run through it,
 so its checks (base weights hash, trained names and shapes) hold for every caller.
@@ -11,7 +11,8 @@ import shutil
 import pytest
 
 from edgeft.errors import EdgeftError
-from edgeft.runs import RunInfo, load_run, write_run_info
+from edgeft.runs import RunInfo, write_run_info
+from edgeft.tune.hf import load_run
 
 
 def _run(tmp_path, base, trained, untied=False, sha=None):

@@ -14,21 +14,21 @@ PROMPT = "shall i compare thee to a summer's day"
 
 
 def test_generate_streams_the_same_text_as_the_api(llama_art):
-    res = run("generate", llama_art, PROMPT, "-n", 12, "-t", 0.9, "--seed", 4, "--stats")
+    res = run("generate", llama_art, PROMPT, "--max-new-tokens", 12, "-t", 0.9, "--seed", 4, "--stats")
     assert res.exit_code == 0, res.output
     want = Generator.open(llama_art).generate(PROMPT, SamplingParams(max_new_tokens=12, temperature=0.9, seed=4))
     assert want.text in res.stdout
     assert "12 generated" in res.stderr and "tok/s" in res.stderr
-    piped = run("generate", llama_art, "-n", 12, "-t", 0.9, "--seed", 4, input=PROMPT)
+    piped = run("generate", llama_art, "--max-new-tokens", 12, "-t", 0.9, "--seed", 4, input=PROMPT)
     assert piped.exit_code == 0 and want.text in piped.stdout
 
 
 def test_generate_chat_and_errors(llama_art, bert_art, tmp_path):
     gen = Generator.open(llama_art)
-    res = run("generate", llama_art, "hello", "--chat", "-n", 6)
+    res = run("generate", llama_art, "hello", "--chat", "--max-new-tokens", 6)
     want = gen.generate(gen.render_chat([{"role": "user", "content": "hello"}]), SamplingParams(max_new_tokens=6))
     assert res.exit_code == 0 and want.text in res.stdout
-    bad = run("generate", llama_art, "x " * 300, "-n", 20)
+    bad = run("generate", llama_art, "x " * 300, "--max-new-tokens", 20)
     assert bad.exit_code == 2 and "context" in bad.output and "Traceback" not in bad.output
     assert run("generate", bert_art, "x").exit_code == 2
     assert run("generate", tmp_path / "nothing", "x").exit_code == 2
@@ -36,7 +36,7 @@ def test_generate_chat_and_errors(llama_art, bert_art, tmp_path):
 
 
 def test_chat_is_multi_turn_with_reset(llama_art):
-    res = run("chat", llama_art, "-n", 5, "-t", 1, "--seed", 3, input="hello\nhow are you?\n/reset\nagain\n/exit\n")
+    res = run("chat", llama_art, "--max-new-tokens", 5, "-t", 1, "--seed", 3, input="hello\nhow are you?\n/reset\nagain\n/exit\n")
     assert res.exit_code == 0, res.output
     assert res.stdout.count("assistant> ") == 3
     assert "[conversation reset]" in res.stderr
@@ -90,7 +90,7 @@ def test_generate_a_file_of_prompts_as_one_batch(llama_art, tmp_path):
     src = tmp_path / "prompts.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out.jsonl"
-    res = run("generate", llama_art, "--input", src, "-o", out, "-n", 10, "-t", 0.7, "--seed", 2, "--parallel", 3)
+    res = run("generate", llama_art, "--input", src, "-o", out, "--max-new-tokens", 10, "-t", 0.7, "--seed", 2, "--parallel", 3)
     assert res.exit_code == 0, res.output
     assert "4 prompts" in res.stderr and "generating" in res.stderr
     got = [json.loads(ln) for ln in out.read_text().splitlines()]
@@ -111,7 +111,7 @@ def test_generate_a_file_of_prompts_as_one_batch(llama_art, tmp_path):
 def test_generate_takes_typical_p(llama_art):
     outs = set()
     for seed in (1, 2, 3):
-        res = run("generate", llama_art, PROMPT, "-n", 8, "-t", 1, "--seed", seed, "--typical-p", 1e-6)
+        res = run("generate", llama_art, PROMPT, "--max-new-tokens", 8, "-t", 1, "--seed", seed, "--typical-p", 1e-6)
         assert res.exit_code == 0, res.output
         outs.add(res.stdout)
     assert len(outs) == 1  # one candidate per step: the seed no longer matters

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from runtime_artifacts import build
 
-from edgeft.errors import EdgeftError
 from edgeft.runtime import session
 from edgeft.runtime.session import Cores, choose_spin, resolve_spin
 from edgeft.runtime.params import Spin
@@ -25,18 +24,37 @@ def test_spin_only_on_idle_cores(cores, threads, reserve, spins):
     assert choose_spin(threads, reserve, cores)[0] is spins
 
 
-def test_explicit_setting_then_env_then_machine(monkeypatch):
+def test_explicit_setting_else_machine_and_the_library_reads_no_environment(monkeypatch):
     monkeypatch.setattr(session, "machine_cores", lambda: Cores(2, 2.0))
-    monkeypatch.delenv("EDGEFT_SPIN", raising=False)
+    monkeypatch.setenv("EDGEFT_SPIN", "1")  # read by the commands' --spin, not by the library
+    monkeypatch.setenv("EDGEFT_THREADS", "7")
     assert resolve_spin(None, 2)[0] is False  # auto on a busy machine
+    assert resolve_spin(Spin.auto, 2)[0] is False
     assert resolve_spin(Spin.on, 2) == (True, "--spin on")
-    monkeypatch.setenv("EDGEFT_SPIN", "1")
-    assert resolve_spin(Spin.auto, 2)[0] is True
-    assert resolve_spin(Spin.off, 2)[0] is False  # the flag wins over the env
     assert resolve_spin(False, 2)[0] is False
-    monkeypatch.setenv("EDGEFT_SPIN", "sometimes")
-    with pytest.raises(EdgeftError, match="EDGEFT_SPIN"):
-        resolve_spin(None, 2)
+    assert session.default_threads() != 7
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "classify", "embed", "bench", "serve"])
+def test_edgeft_spin_and_threads_reach_the_commands_config(command, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import edgeft.cli.options as O
+    from edgeft.cli import app
+
+    seen: list = []
+    monkeypatch.setattr(O, "_run", lambda fn, kwargs: seen.append(kwargs.get("config")))
+    args = [command, str(tmp_path), *(["hi"] if command in ("classify", "embed") else [])]
+    for value, want in (("1", Spin.on), ("0", Spin.off), ("auto", Spin.auto), ("on", Spin.on)):
+        res = CliRunner().invoke(app, args, env={"EDGEFT_SPIN": value, "EDGEFT_THREADS": "3"})
+        assert res.exit_code == 0, res.output
+        assert seen[-1].spin is want
+        if command != "bench":
+            assert seen[-1].threads == 3
+    assert CliRunner().invoke(app, [*args, "--spin", "off"], env={"EDGEFT_SPIN": "1"}).exit_code == 0
+    assert seen[-1].spin is Spin.off  # the flag wins over the variable
+    res = CliRunner().invoke(app, args, env={"EDGEFT_SPIN": "sometimes"})
+    assert res.exit_code == 2 and "EDGEFT_SPIN" in res.output and "Traceback" not in res.output
 
 
 def test_busy_cores_exclude_our_own_work(monkeypatch):

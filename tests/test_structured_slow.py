@@ -24,7 +24,8 @@ NAMES = ["Ada", "Alan", "Grace", "Linus", "Marie", "Isaac", "Rosalind", "Niels",
 def _home(monkeypatch, name: str) -> None:
     if not (HOME / "models" / name).is_dir():
         pytest.skip(f"{name} is not pulled under {HOME} (set EDGEFT_REAL_HOME)")
-    monkeypatch.setenv("EDGEFT_HOME", str(HOME))
+    monkeypatch.setenv("EDGEFT_HOME", str(HOME))  # for the commands
+    monkeypatch.setattr("edgeft.artifact._CACHE_ROOT", [HOME])  # for library calls
 
 
 def test_smollm2_fills_a_schema_on_every_prompt(monkeypatch, tmp_path):

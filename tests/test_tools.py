@@ -215,7 +215,7 @@ def test_strict_and_the_answer_format_under_auto(gen):
     assert not fits(call_constraint([Tool("f", "", open_, strict=True)], ToolChoice("required"), False), extra)
     assert fits(call_constraint([Tool("f", "", open_, strict=True)], ToolChoice("required"), False),
                 '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>')
-    from edgeft.runtime.serve.wire import parse_chat
+    from edgeft.runtime.serve.chat_wire import parse_chat
 
     req = parse_chat({"messages": [{"role": "user", "content": "x"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": open_, "strict": True}},
@@ -453,7 +453,8 @@ def test_smollm2_int8_never_breaks_a_tool_call(monkeypatch, tmp_path):
 
     if not (REAL_HOME / "models" / "smollm2-135m-instruct").is_dir():
         pytest.skip(f"smollm2-135m-instruct is not pulled under {REAL_HOME} (set EDGEFT_REAL_HOME)")
-    monkeypatch.setenv("EDGEFT_HOME", str(REAL_HOME))
+    monkeypatch.setenv("EDGEFT_HOME", str(REAL_HOME))  # for the commands
+    monkeypatch.setattr("edgeft.artifact._CACHE_ROOT", [REAL_HOME])  # for library calls
     art = export(ExportConfig(source="smollm2-135m-instruct", out=tmp_path / "smol", quantize="int8",
                               gate_texts=8, gate_prompts=2, gate_new_tokens=16), log=None)
     schemas = {t["function"]["name"]: closed(t["function"]["parameters"]) for t in REAL_TOOLS}

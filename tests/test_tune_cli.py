@@ -64,7 +64,7 @@ def _bad_cases(tmp_path, model_dir):
         "missing file": (["-m", str(model_dir), "-d", str(tmp_path / "nope.csv"), "-o", str(tmp_path / "out")],
                          "does not exist"),
         "empty file": (["-m", str(model_dir), "-d", str(empty), "-o", str(tmp_path / "out")], "is empty"),
-        "missing column": ([*base, "--label-col", "sentiment"], "no column 'sentiment'"),
+        "missing column": ([*base, "--label-column", "sentiment"], "no column 'sentiment'"),
         "unknown label": ([*base, "--eval-data", str(odd_eval)], "unknown label 'meh'"),
         "unknown model": (["-m", "no-such-model", "-d", str(good), "-o", str(tmp_path / "out")], "unknown model"),
         "model folder without config": (["-m", str(tmp_path), "-d", str(good), "-o", str(tmp_path / "out")],

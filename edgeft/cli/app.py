@@ -2,11 +2,15 @@
 
 This is the one place an ``EdgeftError`` becomes what the user sees: ``Error: <message>``
 as one line on stderr and its exit code (2), for every command, whether ``edgeft`` runs
-from the console script or a test invokes ``app`` with typer's ``CliRunner``.
+from the console script or a test invokes ``app`` with typer's ``CliRunner``. It is also
+where the process-wide setting no flag carries is read: the cache folder (``$EDGEFT_HOME``),
+handed to ``edgeft.artifact.use_cache_root`` before any command runs.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -15,10 +19,21 @@ from typer.core import TyperCommand, TyperGroup
 from edgeft.errors import EdgeftError
 
 
+def cache_root_from_env() -> Path:
+    """edgeft's cache folder as the process environment names it: ``$EDGEFT_HOME``, else
+    ``$XDG_CACHE_HOME/edgeft``, else ``~/.cache/edgeft`` (read here, at the command boundary)."""
+    if os.environ.get("EDGEFT_HOME"):
+        return Path(os.environ["EDGEFT_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeft"
+
+
 class EdgeftGroup(TyperGroup):
     """The command group: runs the chosen command and maps ``EdgeftError`` to one line and its exit code."""
 
     def invoke(self, ctx: Any) -> Any:
+        from edgeft.artifact import use_cache_root
+
+        use_cache_root(cache_root_from_env())
         try:
             return super().invoke(ctx)
         except EdgeftError as exc:

@@ -16,17 +16,15 @@ import typer
 from edgeft.cli.app import app
 from edgeft.cli.options import from_config
 from edgeft.flags import flag
+from edgeft.signing import TrustedKeys
 
 
 @dataclass(frozen=True)
-class VerifyConfig:
+class VerifyConfig(TrustedKeys):
     """``edgeft verify``."""
 
     artifact: Path = field(metadata=flag(argument=True))
     """Artifact folder or packed .edgeft file."""
-    trusted_keys: tuple[Path, ...] = field(default=(), metadata=flag("--trusted-key", env="EDGEFT_TRUSTED_KEY"))
-    """Public key (PEM, from edgeft keygen) whose signature the artifact must carry; repeat for several (key
-    rotation). Env: EDGEFT_TRUSTED_KEY, files separated by ':'."""
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def chat(config: ChatConfig, sampling: dict[str, Any]) -> None:
     from edgeft.runtime.generate import PromptCache
     from edgeft.runtime.speculate import SpecCounts
 
-    gen = Generator.open(config.artifact, threads=config.threads, check=Check.quick)
+    gen = Generator.open(config.artifact, threads=config.threads, check=Check.quick, spin=config.spin)
     if gen.chat_template is None:
         raise EdgeftError(f"{config.artifact} has no chat template: use `edgeft generate` for plain prompts")
     params = sampling_params(gen, sampling)

@@ -26,6 +26,7 @@ from edgeft.cli.options import from_config
 from edgeft.errors import EdgeftError
 from edgeft.flags import check_fields, flag
 from edgeft.fsutil import check_writable, refuse_overlap, require_file, write_output
+from edgeft.runtime.params import Spin
 
 
 class OutputFormat(str, enum.Enum):
@@ -51,8 +52,11 @@ class TextsConfig:
     """Write results here instead of stdout."""
     batch_size: int = field(default=32, metadata=flag(min=1))
     """Texts per onnxruntime call."""
-    threads: int | None = field(default=None, metadata=flag(min=1))
+    threads: int | None = field(default=None, metadata=flag(env="EDGEFT_THREADS", min=1))
     """onnxruntime threads [default: all usable cores]."""
+    spin: Spin = field(default=Spin.auto, metadata=flag(env="EDGEFT_SPIN"))
+    """Idle onnxruntime threads spin (on) or sleep (off); auto: spin only when the cores the threads take
+    are idle at load. Env: EDGEFT_SPIN (1, 0 or auto)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "texts", tuple(self.texts))
@@ -210,7 +214,7 @@ def classify(config: ClassifyConfig) -> None:
     items, output, fmt = config.items(), config.output, config.output_format
     if output:
         check_output(output)  # before loading the model
-    models = [TextClassifier.open(a, threads=config.threads, check=Check.quick) for a in config.artifacts]
+    models = [TextClassifier.open(a, threads=config.threads, check=Check.quick, spin=config.spin) for a in config.artifacts]
     if len(models) == 1:
         results = models[0].classify(items, batch_size=config.batch_size)
 

@@ -49,7 +49,7 @@ def embed(config: EmbedConfig) -> None:
     items, output = config.items(), config.output
     if output is not None:
         check_output(output)  # before loading the model
-    emb = TextEmbedder.open(config.artifact, threads=config.threads)
+    emb = TextEmbedder.open(config.artifact, threads=config.threads, spin=config.spin)
     vectors = emb.embed(items, batch_size=config.batch_size)
     if output is None:
         write_jsonl(sys.stdout, items, vectors)

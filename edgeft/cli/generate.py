@@ -25,7 +25,7 @@ from edgeft.cli.options import from_config
 from edgeft.errors import EdgeftError
 from edgeft.flags import check_fields, flag
 from edgeft.fsutil import refuse_overlap, require_file, write_output
-from edgeft.runtime.params import SamplingParams
+from edgeft.runtime.params import SamplingParams, Spin
 
 if TYPE_CHECKING:
     from edgeft.runtime import Generator
@@ -43,8 +43,11 @@ class ChatConfig:
     """Artifact folder or packed .edgeft file (from `edgeft export`)."""
     system: str | None = None
     """A system message that starts the conversation (generate: with --chat)."""
-    threads: int | None = field(default=None, metadata=flag(min=1))
-    """onnxruntime threads [default: all usable cores, or $EDGEFT_THREADS]."""
+    threads: int | None = field(default=None, metadata=flag(env="EDGEFT_THREADS", min=1))
+    """onnxruntime threads [default: all usable cores]."""
+    spin: Spin = field(default=Spin.auto, metadata=flag(env="EDGEFT_SPIN"))
+    """Idle onnxruntime threads spin (on) or sleep (off); auto: spin only when the cores the threads take
+    are idle at load. Env: EDGEFT_SPIN (1, 0 or auto)."""
     stats: bool = False
     """Print token counts, tokens/s and the draft acceptance rate to stderr at the end (chat: of each reply)."""
 
@@ -162,10 +165,10 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
             refuse_overlap(config.output, config.input, "--output", "--input")
         check_output(config.output)
     if config.input is not None:
-        gen = Generator.open(config.artifact, threads=config.threads)
+        gen = Generator.open(config.artifact, threads=config.threads, spin=config.spin)
         return generate_file(gen, config, sampling_params(gen, sampling), constraint)
     prompt = _read_stdin() if config.prompt in (None, "-") else config.prompt
-    gen = Generator.open(config.artifact, threads=config.threads, check=Check.quick)
+    gen = Generator.open(config.artifact, threads=config.threads, check=Check.quick, spin=config.spin)
     params = sampling_params(gen, sampling)
     if config.chat:
         system = [{"role": "system", "content": config.system}] if config.system else []

@@ -3,8 +3,7 @@
 ``@from_config(ServeConfig)`` under ``@app.command()`` gives the command one option per
 field: the field's type (``X | None`` optional, tuples repeatable, Enums as choices), its
 default, its attribute docstring as the help text, and what ``edgeft.flags.flag`` adds
-(short names, an ``EDGEFT_*`` variable, a help panel, a ``--x/--off`` pair, hidden old
-spellings). The command's own parameters (arguments and CLI-only flags) come first; the
+(short names, an ``EDGEFT_*`` variable, a help panel, a ``--x/--off`` pair). The command's own parameters (arguments and CLI-only flags) come first; the
 function is called with them and ``config=`` the config built from the rest, so a bad
 value fails in the config's own validation. Imports nothing heavy.
 """
@@ -23,10 +22,7 @@ from typing import Any
 import typer
 
 from edgeft.errors import EdgeftError
-from edgeft.flags import Flag, field_docs, flag_of, range_text
-
-_ALIAS = "__alias"
-
+from edgeft.flags import Flag, enum_value, field_docs, flag_of, range_text
 
 def _unwrap(tp: Any) -> tuple[Any, bool, bool]:
     """(base type, optional, repeated) of a field annotation."""
@@ -105,6 +101,9 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
                                   show_default=show, metavar=meta.metavar)
     if repeated and meta.env and not meta.comma:
         common["callback"] = _env_list(base)
+    if _more_spellings(base):  # parsed by the Enum itself (EDGEFT_SPIN=1), shown as its choices
+        common["parser"] = functools.partial(_parse_enum, base, _option_name(f.name))
+        common["metavar"] = meta.metavar or "[" + "|".join(str(m.value) for m in base) + "]"
     if meta.argument:
         info = typer.Argument(default, **common)
     else:
@@ -120,16 +119,16 @@ def _param(f: dataclasses.Field, hints: dict[str, Any], docs: dict[str, str],
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation), base
 
 
-def _alias_params(f: dataclasses.Field, annotation: Any) -> list[inspect.Parameter]:
-    meta = flag_of(f)
-    out = []
-    for i, alias in enumerate(meta.aliases):
-        ann = annotation if typing.get_origin(annotation) is list or annotation is bool else annotation | None
-        default: Any = [] if typing.get_origin(annotation) is list else (False if annotation is bool else None)
-        names = [alias]
-        out.append(inspect.Parameter(f"{f.name}{_ALIAS}{i}", inspect.Parameter.KEYWORD_ONLY,
-                                     default=typer.Option(default, *names, hidden=True), annotation=ann))
-    return out
+def _more_spellings(base: Any) -> bool:
+    """An Enum that accepts spellings besides its values (it defines ``_missing_``, as ``Spin`` does)."""
+    return isinstance(base, type) and issubclass(base, enum.Enum) and "_missing_" in vars(base)
+
+
+def _parse_enum(klass: type[enum.Enum], name: str, value: Any) -> Any:
+    try:
+        return enum_value(klass, value, name)
+    except EdgeftError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _split(text: str | None, f: dataclasses.Field, annotation: Any) -> Any:
@@ -183,34 +182,11 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
         own_hints = typing.get_type_hints(fn)
         kept = [p.replace(annotation=own_hints.get(p.name, p.annotation))
                 for p in own.parameters.values() if p.name != into]
-        params, annotations = [], {p.name: p.annotation for p in kept}
-        for f in fields:
-            p, _base = _param(f, hints, docs, over)
-            params.append(p)
-            annotations[p.name] = p.annotation
-            for a in _alias_params(f, p.annotation):
-                params.append(a)
-                annotations[a.name] = a.annotation
-        by_name = {f.name: f for f in fields}
+        params = [_param(f, hints, docs, over)[0] for f in fields]
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
-            values: dict[str, Any] = {}
-            for name, f in by_name.items():
-                value = kwargs.pop(name)
-                for i, alias in enumerate(flag_of(f).aliases):
-                    old = kwargs.pop(f"{name}{_ALIAS}{i}")
-                    if old not in (None, [], False):
-                        if value not in (None, [], *(() if over else (f.default,))):
-                            raise EdgeftError(f"{alias} is the old spelling of {_option_name(name)}: give one")
-                        value = old
-                if flag_of(f).blank_is_none and isinstance(value, str) and not value.strip():
-                    value = None
-                if flag_of(f).comma:
-                    value = _split(value, f, hints[name])
-                if isinstance(value, list) or (value is None and flag_of(f).env and _unwrap(hints[name])[2]):
-                    value = tuple(value or ())  # an env list of empty items only: typer hands None
-                values[name] = value
+            values = {f.name: _field_value(f, kwargs.pop(f.name), hints[f.name]) for f in fields}
             if extra is not None:
                 values.update(extra(dict(kwargs)))
             if over is not None:
@@ -218,7 +194,7 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
             return _run(fn, {**kwargs, into: config_cls(**values)})
 
         command.__signature__ = inspect.Signature([*kept, *params])  # type: ignore[attr-defined]
-        command.__annotations__ = annotations
+        command.__annotations__ = {p.name: p.annotation for p in (*kept, *params)}
         del command.__wrapped__  # typer must read the signature above, not fn's
         # what the flags come from, outermost last (tests check --help against these fields)
         sources = [*getattr(fn, "edgeft_configs", []), Source(config_cls, skip, into, over)]
@@ -226,6 +202,18 @@ def from_config(config_cls: type, skip: tuple[str, ...] = (), extra: Callable[[d
         return command
 
     return wrap
+
+
+def _field_value(f: dataclasses.Field, value: Any, annotation: Any) -> Any:
+    """What typer handed for field ``f`` as the config takes it: blanks as None, comma lists and lists as tuples."""
+    meta = flag_of(f)
+    if meta.blank_is_none and isinstance(value, str) and not value.strip():
+        value = None
+    if meta.comma:
+        value = _split(value, f, annotation)
+    if isinstance(value, list) or (value is None and meta.env and _unwrap(annotation)[2]):
+        value = tuple(value or ())  # an env list of empty items only: typer hands None
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

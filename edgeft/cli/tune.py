@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from edgeft.artifact import Task
+from edgeft import runs
 from edgeft.cli.app import app
 from edgeft.cli.options import from_config
 from edgeft.tune.config import TuneConfig
@@ -31,24 +29,11 @@ def tune(config: TuneConfig) -> None:
     Data-parallel on several processes or machines: start it with torchrun (see the README).
     """
     from edgeft.tune import tune as run_tune
-    from edgeft.tune.distributed import is_main
+    from edgeft.tune.distributed import World, is_main, leave
 
     folder = run_tune(config)
     if is_main():  # under torchrun every process returns here; one summary
-        typer.echo(_summary(folder))
+        typer.echo(runs.summary(folder))
+    if World.from_env().size > 1:  # the run folder is complete: skip a teardown that can abort a rank
+        leave(0)
 
-
-def _summary(folder: Path) -> str:
-    import json
-
-    m = json.loads((folder / "metrics.json").read_text())
-    before, after = m.get("before") or {}, m.get("after") or {}
-    if Task(m["task"]) is Task.classification:
-        figures = (f"accuracy {before.get('accuracy', 0):.4f} -> {after.get('accuracy', 0):.4f}, "
-                   f"macro F1 {before.get('macro_f1', 0):.4f} -> {after.get('macro_f1', 0):.4f}")
-    else:
-        figures = f"perplexity {before.get('perplexity', 0):.2f} -> {after.get('perplexity', 0):.2f}"
-    line = (f"{folder}: {figures} (best step {m['best_step']} of {m['steps']} by {m.get('select_metric', 'accuracy')}, "
-            f"{m['train_seconds']:.0f}s)")
-    warnings = m.get("warnings") or []
-    return line + "".join(f"; WARNING: {w}" for w in warnings)

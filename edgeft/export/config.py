@@ -15,7 +15,7 @@ from typing import Any
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
-from edgeft.flags import check_fields, flag
+from edgeft.flags import check_fields, enum_value, flag
 
 
 class Quantize(str, enum.Enum):
@@ -136,11 +136,11 @@ class ExportConfig:
             object.__setattr__(self, "sign_key", Path(self.sign_key))
             if not self.sign_key.is_file():
                 raise EdgeftError(f"--sign {self.sign_key} is not a file")
-        object.__setattr__(self, "quantize", _enum(Quantize, self.quantize, "--quantize"))
-        object.__setattr__(self, "int8_mode", _enum(Int8Mode, self.int8_mode, "--int8-mode"))
-        object.__setattr__(self, "int4_mode", _enum(Int4Mode, self.int4_mode, "--int4-mode"))
+        object.__setattr__(self, "quantize", enum_value(Quantize, self.quantize, "--quantize"))
+        object.__setattr__(self, "int8_mode", enum_value(Int8Mode, self.int8_mode, "--int8-mode"))
+        object.__setattr__(self, "int4_mode", enum_value(Int4Mode, self.int4_mode, "--int4-mode"))
         if self.task is not None:
-            object.__setattr__(self, "task", _enum(Task, self.task, "--task"))
+            object.__setattr__(self, "task", enum_value(Task, self.task, "--task"))
         if self.eval_data is not None:
             object.__setattr__(self, "eval_data", Path(self.eval_data))
             if not self.eval_data.is_file():
@@ -165,10 +165,3 @@ class ExportConfig:
                 d[k] = list(v)
         return d
 
-
-def _enum(klass: type[enum.Enum], value: Any, flag: str) -> Any:
-    try:
-        return klass(value.value if isinstance(value, enum.Enum) else value)
-    except ValueError:
-        allowed = ", ".join(m.value for m in klass)
-        raise EdgeftError(f"{flag} must be one of {allowed}, not {value!r}") from None

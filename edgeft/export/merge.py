@@ -7,7 +7,7 @@ a Hugging Face folder or a hub id is loaded as it is. The result, ``Source``, al
 carries what the manifest records about origin (base name and hash, run folder, data
 hashes) and the tokenizer, loaded once.
 
-A run folder is rebuilt by ``edgeft.runs.load_run`` (the one loader, with its hash and
+A run folder is rebuilt by ``edgeft.tune.hf.load_run`` (the one loader, with its hash and
 shape checks). This module knows transformers and the run folder contract; it knows
 nothing of ONNX.
 """
@@ -21,8 +21,8 @@ from typing import Any
 from edgeft.errors import EdgeftError
 from edgeft.artifact import Task
 from edgeft.export.config import ExportConfig
-from edgeft.runs import (RunInfo, is_run_folder, label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers,
-                         read_run, read_run_config, run_base)
+from edgeft.runs import RUN_INFO, RunInfo, is_run_folder, read_run, read_run_config
+from edgeft.tune.hf import label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers, run_base
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
@@ -62,7 +62,7 @@ def load_source(config: ExportConfig) -> Source:
     path = Path(str(config.source)).expanduser()
     if path.is_dir() and is_run_folder(path):
         return _load_run(path, config)
-    if path.is_dir() and (path / "run.json").exists():
+    if path.is_dir() and (path / RUN_INFO).exists():
         read_run(path)  # raises the run folder's own one-line error
     return _load_base(config)
 

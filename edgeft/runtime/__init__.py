@@ -43,8 +43,8 @@ def load(path: str | Path, threads: int | None = None, check: Check | None = Non
     """Open an artifact folder or packed file as a ``Generator``, ``TextClassifier`` or ``TextEmbedder``.
 
     Every byte is hashed unless ``check`` is ``Check.quick``; ``trusted_keys``
-    (``edgeft.signing.load_trusted_keys``) demand a signature by one of them. ``spin`` and
-    ``reserve``: a generator's thread policy (``edgeft.runtime.session.resolve_spin``)."""
+    (``edgeft.signing.load_trusted_keys``) demand a signature by one of them. ``spin`` (every
+    model's) and ``reserve`` (a generator's): the thread policy (``edgeft.runtime.session.resolve_spin``)."""
     from edgeft.artifact import Check, Task, open_artifact
     from edgeft.runtime.classify import TextClassifier
     from edgeft.runtime.embed import TextEmbedder
@@ -54,5 +54,5 @@ def load(path: str | Path, threads: int | None = None, check: Check | None = Non
     if manifest.task is Task.causal_lm:
         return Generator(folder, manifest, threads, spin=spin, reserve=reserve)
     if manifest.task is Task.embedding:
-        return TextEmbedder(folder, manifest, threads)
-    return TextClassifier(folder, manifest, threads)
+        return TextEmbedder(folder, manifest, threads, spin=spin)
+    return TextClassifier(folder, manifest, threads, spin=spin)

@@ -35,6 +35,7 @@ from edgeft.artifact import Check, Manifest, Task, open_artifact
 from edgeft.data import check_text, clip_for_tokens
 from edgeft.errors import EdgeftError
 from edgeft.runtime import trunks
+from edgeft.runtime.params import Spin
 from edgeft.runtime.session import input_dtypes, open_session
 
 
@@ -76,7 +77,7 @@ class TextClassifier:
     """A classification artifact: texts in, label probabilities out."""
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None,
-                 batch_tokens: int = 128) -> None:
+                 batch_tokens: int = 128, spin: Spin | bool | None = None) -> None:
         if manifest.task is not Task.classification:
             raise EdgeftError(f"{folder} is a {manifest.task.value} artifact, not a classifier")
         self.folder, self.manifest = Path(folder), manifest
@@ -86,8 +87,9 @@ class TextClassifier:
             raise EdgeftError(f"batch_tokens must be at least 1, got {batch_tokens}")
         self.batch_tokens = batch_tokens
         # a split artifact: the shared trunk, then this model's top (``session``)
-        self.trunk = trunks.load(self.folder, manifest.trunk, threads) if manifest.trunk is not None else None
-        self.session = open_session(self.folder / manifest.graph.file, threads)
+        self.trunk = (trunks.load(self.folder, manifest.trunk, threads, spin) if manifest.trunk is not None
+                      else None)
+        self.session = open_session(self.folder / manifest.graph.file, threads, spin=spin)
         self.threads = self.session.get_session_options().intra_op_num_threads
         self._pool: ThreadPoolExecutor | None = None
         self.dtypes = self._feed_dtypes()
@@ -102,10 +104,12 @@ class TextClassifier:
 
     @classmethod
     def open(cls, path: str | Path, threads: int | None = None, batch_tokens: int = 128,
-             check: Check = Check.full, trusted_keys: Sequence = ()) -> "TextClassifier":
-        """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``)."""
+             check: Check = Check.full, trusted_keys: Sequence = (), spin: Spin | bool | None = None) -> "TextClassifier":
+        """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``).
+
+        ``spin``: the thread policy (``edgeft.runtime.session.resolve_spin``)."""
         folder, manifest = open_artifact(path, check, trusted_keys)
-        return cls(folder, manifest, threads, batch_tokens)
+        return cls(folder, manifest, threads, batch_tokens, spin=spin)
 
     def _feed_dtypes(self) -> dict[str, type]:
         """What the tokenized batch feeds: the graph's inputs, or the trunk's and those the top reads itself."""

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from edgeft.artifact import Check, Manifest, Pooling, Task, open_artifact
 from edgeft.errors import EdgeftError
 from edgeft.runtime.classify import length_chunks, pad_batch
+from edgeft.runtime.params import Spin
 from edgeft.runtime.session import input_dtypes, open_session
 
 
@@ -52,14 +53,14 @@ class TextEmbedder:
     """An embedding artifact: texts (or token ids) in, one vector per input out."""
 
     def __init__(self, folder: Path, manifest: Manifest, threads: int | None = None,
-                 batch_tokens: int = 128) -> None:
+                 batch_tokens: int = 128, spin: Spin | bool | None = None) -> None:
         if manifest.task is not Task.embedding:
             raise EdgeftError(f"{folder} is a {manifest.task.value} artifact, not an embedding model")
         if batch_tokens < 1:
             raise EdgeftError(f"batch_tokens must be at least 1, got {batch_tokens}")
         self.folder, self.manifest, self.spec = Path(folder), manifest, manifest.embedding
         self.dim, self.max_length, self.batch_tokens = self.spec.dim, self.spec.max_length, batch_tokens
-        self.session = open_session(self.folder / manifest.graph.file, threads)
+        self.session = open_session(self.folder / manifest.graph.file, threads, spin=spin)
         self.threads = self.session.get_session_options().intra_op_num_threads
         self._pool: ThreadPoolExecutor | None = None
         self.dtypes = input_dtypes(self.session)
@@ -72,10 +73,12 @@ class TextEmbedder:
 
     @classmethod
     def open(cls, path: str | Path, threads: int | None = None, batch_tokens: int = 128,
-             check: Check = Check.full, trusted_keys: Sequence = ()) -> "TextEmbedder":
-        """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``)."""
+             check: Check = Check.full, trusted_keys: Sequence = (), spin: Spin | bool | None = None) -> "TextEmbedder":
+        """Open an artifact folder or packed ``.edgeft`` file, checked (``edgeft.artifact.open_artifact``).
+
+        ``spin``: the thread policy (``edgeft.runtime.session.resolve_spin``)."""
         folder, manifest = open_artifact(path, check, trusted_keys)
-        return cls(folder, manifest, threads, batch_tokens)
+        return cls(folder, manifest, threads, batch_tokens, spin=spin)
 
     def check_ids(self, items: list) -> None:
         """Raise ``EdgeftError`` for an input that is neither a string nor a usable token-id list."""

@@ -335,7 +335,7 @@ class Generator:
         self.tokenizer = Tokenizer.from_file(str(self.folder / manifest.tokenizer.file))
         self.decoder = manifest.decoder
         threads = threads or default_threads()
-        # spinning or sleeping pool threads: an explicit Spin, $EDGEFT_SPIN, else what the machine shows now
+        # spinning or sleeping pool threads: an explicit Spin, else what the machine shows now
         self.spinning, self.spin_reason = resolve_spin(spin, threads, reserve)
         session = open_session(self.folder / manifest.graph.file, threads, spin=self.spinning,
                                profile_prefix=profile_prefix)

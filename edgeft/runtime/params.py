@@ -44,9 +44,19 @@ class Speculation(str, enum.Enum):
 class Spin(str, enum.Enum):
     """Whether onnxruntime's idle pool threads spin between parallel sections or sleep."""
 
-    auto = "auto"  # $EDGEFT_SPIN when set, else decided when the model loads (edgeft.runtime.session.choose_spin)
+    auto = "auto"  # decided when the model loads (edgeft.runtime.session.choose_spin)
     on = "on"
     off = "off"
+
+    @classmethod
+    def _missing_(cls, value: object) -> "Spin | None":
+        """``EDGEFT_SPIN=1`` (or 0, true, false, yes, no) and any case: the spellings the variable always took."""
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return cls.on
+        if text in ("0", "false", "no", "off"):
+            return cls.off
+        return cls.auto if text in ("", "auto") else None
 
 
 def param(*names: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -84,7 +94,7 @@ def wire_fields() -> list[tuple[str, dataclasses.Field, type]]:
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy."""
 
-    max_new_tokens: int = field(default=128, metadata=param(lo=1, wire=None, panel=SAMPLING, aliases=("-n",)))
+    max_new_tokens: int = field(default=128, metadata=param(lo=1, wire=None, panel=SAMPLING))
     """Most tokens to generate."""
     temperature: float = field(default=0.0, metadata=param("-t", lo=0, hi=2, panel=SAMPLING))
     """0 is greedy; higher is more random."""

@@ -60,8 +60,6 @@ class Sampler:
         for proc in self.chain:
             proc.accept(token)
 
-    observe = accept  # the name the single-sequence loop used
-
     def process(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` [vocab] (float32, may be modified in place) through the chain."""
         for proc in self.chain:

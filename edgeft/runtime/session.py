@@ -31,29 +31,13 @@ ONNX_TO_NUMPY = {
 
 
 def default_threads() -> int:
-    """Threads for one session: ``$EDGEFT_THREADS``, else the cores this process may use."""
-    env = os.environ.get("EDGEFT_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise EdgeftError(f"EDGEFT_THREADS must be a whole number, got {env!r}") from None
+    """Threads for one session when none are given: the cores this process may use.
+
+    (``EDGEFT_THREADS`` is read where a command's flags are, ``--threads``, not here.)"""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
-
-
-def default_spin() -> Spin:
-    """``$EDGEFT_SPIN``: 1/on spins, 0/off sleeps, unset or auto decides at load (``choose_spin``)."""
-    env = os.environ.get("EDGEFT_SPIN", "").strip().lower()
-    if env in ("", "auto"):
-        return Spin.auto
-    if env in ("1", "true", "yes", "on"):
-        return Spin.on
-    if env in ("0", "false", "no", "off"):
-        return Spin.off
-    raise EdgeftError(f"EDGEFT_SPIN must be 1, 0 or auto, got {env!r}")
 
 
 @dataclass(frozen=True)
@@ -86,14 +70,13 @@ def choose_spin(threads: int, reserve: float = 0.0, cores: Cores | None = None) 
 
 
 def resolve_spin(spin: Spin | bool | None, threads: int, reserve: float = 0.0) -> tuple[bool, str]:
-    """The spin setting for one session: an explicit one, else ``$EDGEFT_SPIN``, else ``choose_spin``."""
+    """The spin setting for one session: an explicit one, else (None or auto) ``choose_spin``.
+
+    (``EDGEFT_SPIN`` is read where a command's flags are, ``--spin``, not here.)"""
     if isinstance(spin, bool):
         return spin, "set by the caller"
     policy = Spin(spin) if spin is not None else Spin.auto
     if policy is Spin.auto:
-        policy = default_spin()
-        if policy is not Spin.auto:
-            return policy is Spin.on, f"EDGEFT_SPIN={os.environ.get('EDGEFT_SPIN')}"
         return choose_spin(threads, reserve)
     return policy is Spin.on, f"--spin {policy.value}"
 
@@ -180,8 +163,8 @@ def session_options(threads: int | None = None, inter_op_threads: int = 1, spin:
                     reserve: float = 0.0, profile_prefix: str | None = None) -> ort.SessionOptions:
     """Options for one CPU session; ``threads`` is the intra-op pool (None: all usable cores).
 
-    ``spin``: True/False, a ``Spin`` policy, or None (``$EDGEFT_SPIN``, else decided from the
-    machine, ``resolve_spin``; ``reserve`` cores are kept for other work of the caller's)."""
+    ``spin``: True/False, a ``Spin`` policy, or None (decided from the machine, ``resolve_spin``;
+    ``reserve`` cores are kept for other work of the caller's)."""
     if threads is not None and threads < 1:
         raise EdgeftError(f"threads must be at least 1, got {threads}")
     so = ort.SessionOptions()

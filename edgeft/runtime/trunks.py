@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,9 +30,9 @@ from edgeft.runtime.session import input_dtypes, open_session
 class SharedTrunk:
     """A loaded trunk: graph inputs in, the boundary tensors (``outputs``) out."""
 
-    def __init__(self, path: Path, spec: Trunk, threads: int | None) -> None:
+    def __init__(self, path: Path, spec: Trunk, threads: int | None, spin: Any = None) -> None:
         self.sha256, self.blocks, self.outputs = spec.sha256, spec.blocks, list(spec.outputs)
-        self.session = open_session(path, threads)
+        self.session = open_session(path, threads, spin=spin)
         self.dtypes = input_dtypes(self.session)
         missing = set(self.outputs) - {o.name for o in self.session.get_outputs()}
         if missing:
@@ -48,15 +49,15 @@ _LOADED: weakref.WeakValueDictionary[str, SharedTrunk] = weakref.WeakValueDictio
 _LOCK = threading.Lock()
 
 
-def load(folder: Path, spec: Trunk, threads: int | None = None) -> SharedTrunk:
+def load(folder: Path, spec: Trunk, threads: int | None = None, spin: Any = None) -> SharedTrunk:
     """The process's session for the trunk ``spec`` names, opened from ``folder`` if none is loaded.
 
     ``folder`` is an artifact already checked against its manifest. A session loaded for an
-    earlier model keeps that model's thread count."""
+    earlier model keeps that model's thread count and spin policy."""
     with _LOCK:
         trunk = _LOADED.get(spec.sha256)
         if trunk is None:
-            trunk = SharedTrunk(Path(folder) / spec.file, spec, threads)
+            trunk = SharedTrunk(Path(folder) / spec.file, spec, threads, spin)
             _LOADED[spec.sha256] = trunk
         elif trunk.outputs != list(spec.outputs):
             raise EdgeftError(f"{folder}: its manifest names other outputs for trunk {spec.sha256[:16]} than the "

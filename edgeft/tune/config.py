@@ -15,7 +15,7 @@ from typing import Any
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
-from edgeft.flags import check_fields, flag
+from edgeft.flags import check_fields, enum_value, flag
 
 
 class Precision(str, Enum):
@@ -89,9 +89,9 @@ class TuneConfig:
     """Evaluation data; without it a seeded held-out split of --data."""
     eval_fraction: float = field(default=0.1, metadata=flag(panel=DATA, above=0, below=1))
     """Held-out fraction when there is no --eval-data."""
-    text_column: str | None = field(default=None, metadata=flag(panel=DATA, aliases=("--text-col",)))
+    text_column: str | None = field(default=None, metadata=flag(panel=DATA))
     """Text column (default: detected by name)."""
-    label_column: str | None = field(default=None, metadata=flag(panel=DATA, aliases=("--label-col",)))
+    label_column: str | None = field(default=None, metadata=flag(panel=DATA))
     """Label column (default: detected by name)."""
     max_length: int | None = field(default=None, metadata=flag(panel=DATA, min=8))
     """Tokens per example or text block (default: 128 for classification, 256 for causal-lm); longer text is
@@ -175,12 +175,11 @@ class TuneConfig:
             if value is not None:
                 object.__setattr__(self, name, Path(value).expanduser().resolve())
         if self.task is not None:
-            task = None if self.task == "auto" else _enum(Task, self.task, "task")  # "auto": the old spelling of None
-            object.__setattr__(self, "task", task)
+            object.__setattr__(self, "task", enum_value(Task, self.task, "--task"))
         for name, enum in (("base_precision", Precision), ("optimizer", Optim),
                            ("schedule", Schedule), ("class_weights", ClassWeights), ("device", Device),
                            ("select_metric", SelectMetric), ("frozen_cache", FrozenCache), ("int8_kernel", Int8Kernel)):
-            object.__setattr__(self, name, _enum(enum, getattr(self, name), name))
+            object.__setattr__(self, name, enum_value(enum, getattr(self, name), "--" + name.replace("_", "-")))
         check_fields(self)
         self._validate()
 
@@ -200,11 +199,6 @@ class TuneConfig:
     def partial(self) -> Path:
         """Where an unfinished run lives (checkpoints included) until it is complete."""
         return self.out.with_name(self.out.name + ".partial")
-
-    @property
-    def kept_cache(self) -> Path:
-        """Where ``--keep-cache`` leaves the frozen cache of a finished run."""
-        return self.out.with_name(self.out.name + ".frozen-cache")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -233,10 +227,3 @@ def task_defaults(task: Task) -> dict[str, Any]:
         return {"max_length": 128, "lr": 1e-4, "batch_size": 32}
     return {"max_length": 256, "lr": 1e-4, "batch_size": 16}
 
-
-def _enum(enum: type[Enum], value: Any, name: str) -> Enum:
-    try:
-        return enum(value.value if isinstance(value, Enum) else value)
-    except ValueError:
-        allowed = ", ".join(e.value for e in enum)
-        raise EdgeftError(f"{name.replace('_', '-')}: {value!r} is not one of {allowed}") from None

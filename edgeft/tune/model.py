@@ -27,8 +27,8 @@ from typing import Any
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
-from edgeft.runs import label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers
-from edgeft.runs import untie as _untie
+from edgeft.tune.hf import label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers
+from edgeft.tune.hf import untie as _untie
 
 
 @dataclass(frozen=True)
@@ -323,6 +323,6 @@ def frozen_linear_kinds(loaded: Loaded) -> dict[str, str]:
 
 
 def load_tuned(run_dir: Path, dtype: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of a finished run, rebuilt by ``edgeft.runs.load_run`` (checks and benchmarks)."""
+    """(model, tokenizer) of a finished run, rebuilt by ``edgeft.tune.hf.load_run`` (checks and benchmarks)."""
     loaded = load_run(run_dir, dtype=dtype)
     return loaded.model, loaded.tokenizer

@@ -47,9 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import (atomic_dir, atomic_write_bytes, atomic_write_json, check_writable, out_of_space,
+from edgeft.fsutil import (atomic_dir, atomic_write_json, check_writable, out_of_space,
                            refuse_overlap, sha256_file)
-from edgeft.runs import TRAINED, RunInfo, read_run_config, write_run_info
+from edgeft import runs
+from edgeft.runs import RunInfo, read_run_config
 from edgeft.tune import dataset as DS
 from edgeft.tune import distributed, frozen
 from edgeft.tune import metrics as M
@@ -485,7 +486,7 @@ def _checkpoint(partial: Path, loaded: Any, optimizer: Any, state: State, best: 
                 ranks: list[dict[str, Any]] | None) -> None:
     try:
         save_checkpoint(partial, loaded, optimizer, state, best, ranks)
-        _write_log(partial, state.log)
+        runs.write_log(partial, state.log)
     except Exception as exc:
         full = out_of_space(exc, partial, "a checkpoint", checkpoint_bytes(loaded, best))
         if full is not None:
@@ -599,10 +600,6 @@ def _eval_line(step: int, m: dict[str, Any]) -> str:
 
 # ---- the run folder -------------------------------------------------------------------------
 
-def _write_log(folder: Path, log: list[dict[str, Any]]) -> None:
-    atomic_write_bytes(folder / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log).encode())
-
-
 def plot_loss(log: list[dict[str, Any]], path: Path) -> None:
     """Train loss per step and eval loss at each evaluation, as a PNG."""
     import matplotlib
@@ -668,18 +665,12 @@ def write_run(cfg: TuneConfig, loaded: Any, prep: DS.Prepared, state: State, pla
     resolved_cfg = cfg.to_dict() | {"task": prep.task.value, "max_length": max_length, "data_kind": prep.kind,
                                     "total_steps": plan.total_steps, "trainable_modules": loaded.trainable_modules,
                                     "resume": False, "overwrite": False}
+    metrics = build_metrics(cfg, loaded, prep, state, plan) | {"frozen_cache": cached} | (extra or {})
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
-        save_file(tensors, str(tmp / TRAINED), metadata={"format": "pt"})
-        write_run_info(tmp, info)
-        atomic_write_json(tmp / "config.json", resolved_cfg)
+        save_file(tensors, str(tmp / runs.TRAINED), metadata={"format": "pt"})
+        runs.write_run(tmp, info, resolved_cfg, metrics, state.log)
         loaded.tokenizer.save_pretrained(str(tmp))
-        if prep.labels:
-            atomic_write_json(tmp / "labels.json", {"labels": prep.labels,
-                                                    "label2id": {n: i for i, n in enumerate(prep.labels)}})
-        atomic_write_json(tmp / "metrics.json", build_metrics(cfg, loaded, prep, state, plan)
-                          | {"frozen_cache": cached} | (extra or {}))
-        _write_log(tmp, state.log)
-        plot_loss(state.log, tmp / "loss.png")
+        plot_loss(state.log, tmp / runs.LOSS_PLOT)
     shutil.rmtree(cfg.partial, ignore_errors=True)
     return cfg.out
 
@@ -711,7 +702,7 @@ def _open_partial(cfg: TuneConfig, world: World) -> Path:
         if not cfg.resume:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            atomic_write_json(partial / "config.json", cfg.to_dict())
+            atomic_write_json(partial / runs.CONFIG, cfg.to_dict())
         frozen.drop_other_shards(partial, world.size)
 
     distributed.on_main(world, make)

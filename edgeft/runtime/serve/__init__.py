@@ -23,11 +23,13 @@ One module per concern:
 - ``generation``: a generation request into the engine and its chunks back (any generation route);
 - ``completions``: ``/v1/completions`` and ``/v1/chat/completions`` (one small protocol object each);
 - ``messages``: ``/v1/messages`` and its ``count_tokens`` (Anthropic's Messages API, errors in its shape);
-- ``responses_api``: ``/v1/responses`` and its ``input_tokens`` (OpenAI's Responses API, stateless);
+- ``responses_api``: ``/v1/responses`` and its ``input_tokens`` (OpenAI's Responses API, stateless;
+  its requests parsed in ``responses_wire``);
 - ``replies``: a reply as parts (thinking, text, tool calls), for the two routes above;
 - ``encoders``: ``/v1/classify`` and ``/v1/embeddings``;
 - ``status``: ``/v1/models``, ``/health``, ``/metrics``;
-- ``wire``: the OpenAI JSON shapes (requests parsed from ``SamplingParams``' own table);
+- ``wire``: the OpenAI JSON shapes (requests parsed from ``SamplingParams``' own table; ``chat_wire``:
+  messages, tools, reasoning settings and ``parse_chat``);
 - ``metrics``: the Prometheus registry and the engine events that feed it.
 
 The package knows HTTP (Starlette, uvicorn), the settings and the engines' agreed API

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
 from edgeft.runtime import reasoning
-from edgeft.runtime.serve import generation, middleware, responses, wire
+from edgeft.runtime.serve import chat_wire, generation, middleware, responses, wire
 from edgeft.runtime.serve.generation import Generation
 from edgeft.runtime.serve.state import Model, ServerState
 from edgeft.runtime.serve.wire import GenerationRequest
@@ -96,7 +96,7 @@ class Chat(Completions):
     whole answer (streamed, the deltas already sent stay, as OpenAI's do); markup is never content."""
 
     prefix = "chatcmpl"
-    parse = staticmethod(wire.parse_chat)
+    parse = staticmethod(chat_wire.parse_chat)
 
     def __init__(self, model: Model, req: GenerationRequest, rid: str, echoes: list[str],
                  phases: list | None = None) -> None:

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
-from edgeft.runtime.serve import generation, middleware, wire
+from edgeft.runtime.serve import chat_wire, generation, middleware, wire
 from edgeft.runtime.serve.generation import Generation
 from edgeft.runtime.serve.replies import THINKING, Reply
 from edgeft.runtime.serve.state import Model, ServerState
@@ -131,7 +131,7 @@ def _tools(body: dict) -> dict:
         if not isinstance(t, dict) or t.get("type") not in (None, "custom"):
             kind = t.get("type") if isinstance(t, dict) else type(t).__name__
             raise bad(f"tools: only custom tools (name, description, input_schema) are supported, got {kind!r}")
-        if not wire.tool_name_ok(t.get("name")):
+        if not chat_wire.tool_name_ok(t.get("name")):
             raise bad(f"tools.{i}.name must be 1 to 64 letters, digits, _ or -")
         if not isinstance(t.get("input_schema"), dict):
             raise bad(f"tools.{i}.input_schema: Field required (a JSON schema object)")
@@ -147,7 +147,7 @@ def _tools(body: dict) -> dict:
     elif mode not in (None, "auto", "required", "none"):
         raise bad("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'")
     parallel = not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True)
-    tools_, choice_, parallel_ = wire._tools({"tools": shaped, "tool_choice": mode, "parallel_tool_calls": parallel})
+    tools_, choice_, parallel_ = chat_wire.tools({"tools": shaped, "tool_choice": mode, "parallel_tool_calls": parallel})
     return dict(tools=tools_, tool_choice=choice_, parallel_tool_calls=parallel_)
 
 
