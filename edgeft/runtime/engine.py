@@ -335,6 +335,10 @@ class SingleSlots(PaddedBatch):
 
 
 def make_slots(eng: KVDecoder, slots: int, slot_len: int, kind: str | None = None):
+    if eng.trunk is not None:
+        raise EdgeftError("this artifact is split into a shared trunk and a top (--trunk-blocks): the batching "
+                          "engine does not run split decoders yet; use one sequence at a time, or export without "
+                          "--trunk-blocks")
     kind = kind or batching_kind(eng)
     cls = {"slots": SharedSlots, "padded": PaddedBatch, "none": SingleSlots}.get(kind)
     if cls is None:

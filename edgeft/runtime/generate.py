@@ -19,6 +19,11 @@ lets a conversation's next turn reuse the keys and values of the tokens it repea
 prompt-lookup draft (``edgeft.runtime.speculate``) is verified as a short prefill of the
 pending token and the draft; the rejected tail is then rewound out of the cache.
 
+A split artifact (``edgeft.artifact.Trunk``) runs as two graphs per call: the trunk (shared
+with every model tuned from the same base, ``edgeft.runtime.trunks``) holds the embeddings,
+blocks 0..K-1 and their caches; the top, the blocks above, the head and their caches. Each
+part has its own I/O binding; the tensors that cross pass as OrtValues, never copied.
+
 ``KVDecoder`` knows token ids and logits only; ``Generator`` adds the tokenizer, chat
 template, sampling, stop strings and incremental detokenization. Nothing here imports
 torch or transformers.
@@ -89,15 +94,37 @@ class Completion:
 # --------------------------------------------------------------------------- the engine
 
 
-class KVDecoder:
-    """Drives one decoder graph: ``start`` a cache, ``prefill`` a prompt, ``step`` one token."""
+@dataclass
+class Part:
+    """One graph of a decoder: all of it, or a split artifact's trunk or top."""
 
-    def __init__(self, session: ort.InferenceSession, decoder: Decoder, share_buffer: bool) -> None:
+    session: ort.InferenceSession
+    inputs: set[str]
+    layers: list[tuple[str, str, str, str]]  # past key, past value, present key, present value
+    sends: list[str]  # tensors the next part reads (a trunk's boundary); empty for the last part
+
+    def output_names(self, last: bool) -> list[str]:
+        """Bound outputs in binding order (a rebound name keeps its place): presents, sends, logits."""
+        return [n for _, _, ok, ov in self.layers for n in (ok, ov)] + self.sends + (["logits"] if last else [])
+
+
+class KVDecoder:
+    """Drives one decoder graph: ``start`` a cache, ``prefill`` a prompt, ``step`` one token.
+
+    With ``trunk`` (a split artifact's shared trunk, ``edgeft.runtime.trunks.SharedTrunk``),
+    ``session`` is the top: the trunk runs first on every call and owns the caches of its
+    ``blocks`` lowest layers."""
+
+    def __init__(self, session: ort.InferenceSession, decoder: Decoder, share_buffer: bool, trunk=None) -> None:
         self.session = session
         self.decoder = decoder
+        self.trunk = trunk
         names = [i.name for i in session.get_inputs()]
+        top_inputs = set(names)
+        if trunk is not None:
+            names += [i.name for i in trunk.session.get_inputs()]
         self.inputs = set(names)
-        dtypes = input_dtypes(session)
+        dtypes = {**input_dtypes(session), **(trunk.dtypes if trunk is not None else {})}
         self.ids_dtype = dtypes["input_ids"]
         self.mask_dtype = dtypes.get("attention_mask", np.int64)
         self.pos_dtype = dtypes.get("position_ids", np.int64)
@@ -108,6 +135,15 @@ class KVDecoder:
         missing = [n for layer in self.layers for n in layer[:2] if n not in self.inputs]
         if missing or "input_ids" not in self.inputs:
             raise EdgeftError(f"the decoder graph lacks inputs the manifest names: {', '.join(missing[:3]) or 'input_ids'}")
+        if trunk is None:
+            self.parts = [Part(session, top_inputs, self.layers, [])]
+        else:
+            below = {i.name for i in trunk.session.get_inputs()}
+            k = trunk.blocks
+            self.parts = [Part(trunk.session, below, self.layers[:k], list(trunk.outputs)),
+                          Part(session, top_inputs, self.layers[k:], [])]
+            if any(n not in below for layer in self.layers[:k] for n in layer[:2]) or set(trunk.outputs) - top_inputs:
+                raise EdgeftError(f"the trunk and top graphs do not meet at block {k} as the manifest says")
         self.kv_dtype = dtypes[self.layers[0][0]]
         self.logits_dtype = output_dtypes(session)["logits"]
         self.share_buffer = share_buffer
@@ -135,7 +171,10 @@ class DecodeState:
         self.eng = eng
         self.capacity = capacity
         self.length = 0  # tokens already in the cache
-        self.io = eng.session.io_binding()
+        self.ios = [part.session.io_binding() for part in eng.parts]
+        self.io = self.ios[-1]  # the part that computes the logits
+        self._io_of = {name: io for part, io in zip(eng.parts, self.ios)
+                       for name in part.output_names(part is eng.parts[-1])}
         self.mask = np.ones((1, capacity), dtype=eng.mask_dtype)
         self.positions = np.arange(capacity, dtype=eng.pos_dtype)[None, :]
         self.token = np.zeros((1, 1), dtype=eng.ids_dtype)
@@ -149,19 +188,28 @@ class DecodeState:
             for (pk, pv, ok, ov), k, v in zip(eng.layers, self.cache[0::2], self.cache[1::2]):
                 for name_in, name_out, buf in ((pk, ok, k), (pv, ov, v)):
                     self._bind_in(name_in, buf, buf.shape)
-                    self.io.bind_output(name_out, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                    self._bind_out(name_out, buf)
         else:
             empty = np.zeros((1, d.num_kv_heads, 0, d.head_dim), dtype=eng.kv_dtype)
             self.cache = [empty]
             for pk, pv, ok, ov in eng.layers:
                 self._bind_in(pk, empty, empty.shape)
                 self._bind_in(pv, empty, empty.shape)
-                self.io.bind_output(ok, "cpu")
-                self.io.bind_output(ov, "cpu")
+                self._io_of[ok].bind_output(ok, "cpu")
+                self._io_of[ov].bind_output(ov, "cpu")
+        for part, io in zip(eng.parts, self.ios):
+            for name in part.sends:
+                io.bind_output(name, "cpu")
         self.io.bind_output("logits", "cpu")
 
     def _bind_in(self, name: str, arr: np.ndarray, shape, offset: int = 0) -> None:
-        self.io.bind_input(name, "cpu", 0, arr.dtype, list(shape), arr.ctypes.data + offset * arr.itemsize)
+        """Bind ``arr`` as the input ``name`` of every part that reads it."""
+        for part, io in zip(self.eng.parts, self.ios):
+            if name in part.inputs:
+                io.bind_input(name, "cpu", 0, arr.dtype, list(shape), arr.ctypes.data + offset * arr.itemsize)
+
+    def _bind_out(self, name: str, buf: np.ndarray) -> None:
+        self._io_of[name].bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
 
     def _run(self, n: int) -> None:
         """Run the graph on ``n`` new tokens already bound as input_ids."""
@@ -173,16 +221,23 @@ class DecodeState:
             self._bind_in("attention_mask", self.mask, (1, total))
         if eng.uses_positions:
             self._bind_in("position_ids", self.positions, (1, n), offset=self.length)
-        eng.session.run_with_iobinding(self.io)
+        outs: dict[str, ort.OrtValue] = {}
+        for i, (part, io) in enumerate(zip(eng.parts, self.ios)):
+            part.session.run_with_iobinding(io)
+            if part.sends or not eng.share_buffer:
+                outs.update(zip(part.output_names(i == len(self.ios) - 1), io.get_outputs()))
+            for name in part.sends:  # the boundary, straight into the next part; allocated afresh next run
+                self.ios[i + 1].bind_ortvalue_input(name, outs[name])
+                io.bind_output(name, "cpu")
         self.length = total
         if not eng.share_buffer:  # the new presents become the next pasts, as OrtValues
-            outs = dict(zip(self._output_names(), self.io.get_outputs()))
             self.pasts = [outs[name] for _, _, ok, ov in eng.layers for name in (ok, ov)]
             for pk, pv, ok, ov in eng.layers:
-                self.io.bind_ortvalue_input(pk, outs[ok])
-                self.io.bind_ortvalue_input(pv, outs[ov])
-                self.io.bind_output(ok, "cpu")  # unallocated again: the next present is one longer
-                self.io.bind_output(ov, "cpu")
+                io = self._io_of[ok]
+                io.bind_ortvalue_input(pk, outs[ok])
+                io.bind_ortvalue_input(pv, outs[ov])
+                io.bind_output(ok, "cpu")  # unallocated again: the next present is one longer
+                io.bind_output(ov, "cpu")
 
     def rewind(self, length: int) -> None:
         """Forget every cached token after the first ``length`` (to reuse a shared prefix)."""
@@ -210,12 +265,12 @@ class DecodeState:
                     grown[:, :, :n] = buf[:, :, :n]
                     self.cache.append(grown)
                     self._bind_in(name_in, grown, grown.shape)
-                    self.io.bind_output(name_out, "cpu", 0, grown.dtype, list(grown.shape), grown.ctypes.data)
+                    self._bind_out(name_out, grown)
         self.capacity = capacity
 
     def _output_names(self) -> list[str]:
-        """Bound outputs in binding order (a rebound name keeps its place): presents, then logits."""
-        return [n for _, _, ok, ov in self.eng.layers for n in (ok, ov)] + ["logits"]
+        """The last part's bound outputs in binding order (a rebound name keeps its place)."""
+        return self.eng.parts[-1].output_names(True)
 
     def prefill(self, ids: list[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Feed prompt tokens; return the last position's logits [vocab] (or every position's).
@@ -339,7 +394,12 @@ class Generator:
         self.spinning, self.spin_reason = resolve_spin(spin, threads, reserve)
         session = open_session(self.folder / manifest.graph.file, threads, spin=self.spinning,
                                profile_prefix=profile_prefix)
-        self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest))
+        shared = None
+        if manifest.trunk is not None:  # one session per trunk digest in this process
+            from edgeft.runtime import trunks
+
+            shared = trunks.load(self.folder, manifest.trunk, threads)
+        self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest), shared)
         tok = manifest.tokenizer
         self.eos_ids = frozenset(tok.eos_token_ids) or self._token_ids(tok.eos_token)
         self.bos_id = self.tokenizer.token_to_id(tok.bos_token) if tok.bos_token else None
