@@ -1,0 +1,166 @@
+"""One base, many tuned decoders: a split decoder artifact (trunk + top) and the shared trunk at load.
+
+The tiny llama (4 blocks, tied embeddings) is exported whole and with ``--trunk-blocks``: the
+split artifact must give the unsplit one's logits (prompt, cache steps) and greedy tokens. Two
+tiny tune runs from the same base (top 2 blocks trained, different data and seeds) exported
+with ``--trunk-blocks 2`` carry byte-identical trunks that load as one onnxruntime session, and
+a changed trunk byte is refused. gpt2's torch.onnx graph is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeft.errors import EdgeftError
+
+PROMPT = "Shall I compare thee to a summer's day"
+VERSES = ["Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n",
+          "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date.\n"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, tmp_path_factory) -> list[Path]:
+    """Two runs from the same base: the top 2 of 4 blocks trained, on different text with different seeds."""
+    from edgeft.tune import TuneConfig, tune
+
+    root = tmp_path_factory.mktemp("decoder-trunk-runs")
+    out = []
+    for i, verse in enumerate(VERSES):
+        data = root / f"verse{i}.txt"
+        data.write_text(verse * 30)
+        out.append(Path(tune(TuneConfig(model=str(tiny_llama_dir), data=data, out=root / f"run{i}", max_length=32,
+                                        batch_size=8, max_steps=4, lr=3e-3, warmup=0, progress=False, threads=1,
+                                        trainable_layers=2, seed=i))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``exported(source, quantize, trunk_blocks=None)``: the artifact folder, exported once."""
+    from edgeft.export import ExportConfig, export
+
+    root, done = tmp_path_factory.mktemp("decoder-trunk-arts"), {}
+
+    def get(source: Path, quantize: str, blocks: int | None = None) -> Path:
+        key = (str(source), quantize, blocks)
+        if key not in done:
+            out = root / f"a{len(done)}-{quantize}-{blocks}"
+            done[key] = Path(export(ExportConfig(source=str(source), out=out, quantize=quantize, trunk_blocks=blocks,
+                                                 allow_degraded=True, gate_texts=8, gate_new_tokens=8, threads=1),
+                                    log=None))
+        return done[key]
+
+    return get
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _open(folder: Path):
+    from edgeft.runtime import Generator
+
+    return Generator.open(folder, threads=1)
+
+
+def _steps(gen, ids: list[int], tokens: list[int]) -> np.ndarray:
+    """The logits after the prompt, then after each of ``tokens`` fed one by one through the cache."""
+    state = gen.engine.start(len(ids) + len(tokens) + 1)
+    rows = [state.prefill(ids)]
+    rows += [state.step(t) for t in tokens]
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_split_base_equals_unsplit(tiny_llama_dir, exported, blocks):
+    """fp32: the split artifact gives the unsplit one's logits (within 1e-4) and greedy tokens, token for token."""
+    from edgeft.runtime import SamplingParams
+
+    whole, split = exported(tiny_llama_dir, "none"), exported(tiny_llama_dir, "none", blocks)
+    m = _manifest(split)
+    trunk = m["trunk"]
+    assert m["graph"]["file"] == "top.onnx" and m["graph"]["genai_config"] is None and m["format_version"] == 2
+    assert trunk["blocks"] == blocks and trunk["file"] == f"trunk-{trunk['sha256'][:16]}.onnx"
+    assert trunk["file"] in m["files"] and not (split / "model.onnx").exists()
+    assert not (split / "genai_config.json").exists() and m["gate"]["passed"]
+    assert "trunk" not in _manifest(whole) or _manifest(whole)["trunk"] is None  # the default: one graph
+    assert (whole / "model.onnx").exists()
+
+    a, b = _open(whole), _open(split)
+    assert b.engine.trunk is not None and b.engine.trunk.blocks == blocks
+    ids = a.encode(PROMPT)
+    np.testing.assert_allclose(b.score(ids), a.score(ids), atol=1e-4, rtol=0)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    want = a.generate(ids, greedy).token_ids
+    assert b.generate(ids, greedy).token_ids == want
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    assert b.generate(ids, sampled).token_ids == a.generate(ids, sampled).token_ids
+    fed = [3, 17, 42, 5, 99, 8]  # varied tokens: every step's cache read in both parts, not one repeated token
+    np.testing.assert_allclose(_steps(b, ids, fed), _steps(a, ids, fed), atol=1e-4, rtol=0)
+
+
+def test_split_run_equals_unsplit_int8(runs, exported):
+    """A tuned run, int8, cut at its freeze boundary: the same logits and greedy tokens as its unsplit artifact."""
+    from edgeft.runtime import SamplingParams
+
+    whole, split = exported(runs[0], "int8"), exported(runs[0], "int8", 2)
+    a, b = _open(whole), _open(split)
+    ids = a.encode(PROMPT)
+    np.testing.assert_allclose(b.score(ids), a.score(ids), atol=1e-4, rtol=0)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    assert b.generate(ids, greedy).token_ids == a.generate(ids, greedy).token_ids
+
+
+def test_two_runs_share_one_trunk_session(runs, exported):
+    """Two runs from one base: byte-identical trunks, one onnxruntime session, their own tops."""
+    from edgeft.runtime import trunks
+
+    first, second = exported(runs[0], "none", 2), exported(runs[1], "none", 2)
+    t1, t2 = _manifest(first)["trunk"], _manifest(second)["trunk"]
+    assert t1["sha256"] == t2["sha256"]
+    assert _manifest(first)["files"]["top.onnx"]["sha256"] != _manifest(second)["files"]["top.onnx"]["sha256"]
+    a, b = _open(first), _open(second)
+    assert a.engine.parts[0].session is b.engine.parts[0].session
+    assert a.engine.session is not b.engine.session
+    assert trunks.loaded()[t1["sha256"]] is a.engine.trunk
+    ids = a.encode(PROMPT)
+    assert np.abs(a.score(ids) - b.score(ids)).max() > 1e-3  # the tops differ: each model answers as itself
+    whole = _open(exported(runs[1], "none"))
+    np.testing.assert_allclose(b.score(ids), whole.score(ids), atol=1e-4, rtol=0)
+
+
+def test_changed_trunk_byte_is_refused(runs, exported, tmp_path):
+    """A trunk with one byte changed is refused, even while a session for its digest is loaded."""
+    good = exported(runs[0], "none", 2)
+    loaded = _open(good)  # holds the trunk's session in this process
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    name = _manifest(bad)["trunk"]["file"]
+    raw = bytearray((bad / name).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (bad / name).write_bytes(bytes(raw))
+    with pytest.raises(EdgeftError, match="trunk-"):
+        _open(bad)
+    assert loaded.engine.trunk is not None
+
+
+def test_trunk_above_the_frozen_blocks_is_refused(runs, exported):
+    with pytest.raises(EdgeftError, match="above the run's 2 frozen blocks"):
+        exported(runs[0], "none", 3)
+
+
+def test_batching_engine_refuses_split(tiny_llama_dir, exported):
+    gen = _open(exported(tiny_llama_dir, "none", 1))
+    with pytest.raises(EdgeftError, match="split decoders"):
+        gen.generate_batch(["a", "b"])
+
+
+def test_gpt2_graph_is_refused(tiny_gpt2_dir, exported):
+    """gpt2 exports through torch.onnx (no builder block names): --trunk-blocks says so in one line."""
+    with pytest.raises(EdgeftError, match="onnxruntime-genai builder"):
+        exported(tiny_gpt2_dir, "none", 1)
