@@ -154,10 +154,20 @@ def test_trunk_above_the_frozen_blocks_is_refused(runs, exported):
         exported(runs[0], "none", 3)
 
 
-def test_batching_engine_refuses_split(tiny_llama_dir, exported):
-    gen = _open(exported(tiny_llama_dir, "none", 1))
-    with pytest.raises(EdgeftError, match="split decoders"):
-        gen.generate_batch(["a", "b"])
+def test_batching_engine_runs_split(runs, exported):
+    """The batching engine (slots, prefix reuse, speculation) over a split artifact: each prompt gets what the
+    unsplit artifact's engine gives it, and what the split one gives it alone."""
+    from edgeft.runtime import SamplingParams
+
+    whole, split = _open(exported(runs[0], "none")), _open(exported(runs[0], "none", 2))
+    prompts = [PROMPT, "Rough winds do shake", PROMPT + " thou art", "summer"]
+    params = [SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_new_tokens=7, temperature=0.9, seed=3, ignore_eos=True),
+              SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True, speculate="on"),
+              SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)]
+    got = [c.token_ids for c in split.generate_batch(prompts, params, parallel=3)]
+    assert got == [c.token_ids for c in whole.generate_batch(prompts, params, parallel=3)]
+    assert got == [split.generate(p, q).token_ids for p, q in zip(prompts, params)]
 
 
 def test_gpt2_graph_is_refused(tiny_gpt2_dir, exported):

@@ -108,6 +108,44 @@ class Part:
         return [n for _, _, ok, ov in self.layers for n in (ok, ov)] + self.sends + (["logits"] if last else [])
 
 
+class ChainedBinding:
+    """An I/O binding over a split decoder's parts, used as one: an input goes to every part that
+    reads it, an output to the part that makes it; ``run`` runs the parts in order, each part's
+    ``sends`` bound as OrtValues into the next; ``get_outputs`` are the last part's."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        self.parts = parts
+        self.ios = [part.session.io_binding() for part in parts]
+        self.out_of = {name: i for i, part in enumerate(parts) for name in part.output_names(True)}
+        self.bound: list[list[str]] = [[] for _ in parts]  # each part's outputs in binding order
+        for part in parts:
+            for name in part.sends:
+                self.bind_output(name, "cpu")
+
+    def bind_input(self, name: str, *args) -> None:
+        for part, io in zip(self.parts, self.ios):
+            if name in part.inputs:
+                io.bind_input(name, *args)
+
+    def bind_output(self, name: str, *args) -> None:
+        i = self.out_of[name]
+        self.ios[i].bind_output(name, *args)
+        if name not in self.bound[i]:  # a rebound name keeps its place
+            self.bound[i].append(name)
+
+    def get_outputs(self) -> list[ort.OrtValue]:
+        return self.ios[-1].get_outputs()
+
+    def run(self) -> None:
+        for i, (part, io) in enumerate(zip(self.parts, self.ios)):
+            part.session.run_with_iobinding(io)
+            if part.sends:
+                outs = dict(zip(self.bound[i], io.get_outputs()))
+                for name in part.sends:
+                    self.ios[i + 1].bind_ortvalue_input(name, outs[name])
+                    io.bind_output(name, "cpu")  # allocated afresh next run (its length changes)
+
+
 class KVDecoder:
     """Drives one decoder graph: ``start`` a cache, ``prefill`` a prompt, ``step`` one token.
 
@@ -153,7 +191,18 @@ class KVDecoder:
         if self.keep and self.keep not in overridable | self.inputs:
             raise EdgeftError(f"the decoder graph lacks the {self.keep} input the manifest names")
 
-    def bind_keep(self, io: ort.IOBinding, last_only: bool) -> None:
+    def io_binding(self):
+        """A binding for one call of the whole model: the session's own, or one over a split model's parts."""
+        return self.session.io_binding() if self.trunk is None else ChainedBinding(self.parts)
+
+    def run(self, io) -> None:
+        """Run the model on ``io`` (from ``io_binding``)."""
+        if self.trunk is None:
+            self.session.run_with_iobinding(io)
+        else:
+            io.run()
+
+    def bind_keep(self, io, last_only: bool) -> None:
         """Ask ``io``'s next run for the last position's logits only, or for every position's."""
         if self.keep:
             arr = _KEEP_LAST if last_only else _KEEP_ALL
