@@ -182,6 +182,8 @@ class KVDecoder:
                           Part(session, top_inputs, self.layers[k:], [])]
             if any(n not in below for layer in self.layers[:k] for n in layer[:2]) or set(trunk.outputs) - top_inputs:
                 raise EdgeftError(f"the trunk and top graphs do not meet at block {k} as the manifest says")
+            if not share_buffer:
+                raise EdgeftError("a split decoder runs on the builder's graph, whose past and present share one buffer")
         self.kv_dtype = dtypes[self.layers[0][0]]
         self.logits_dtype = output_dtypes(session)["logits"]
         self.share_buffer = share_buffer
@@ -220,10 +222,7 @@ class DecodeState:
         self.eng = eng
         self.capacity = capacity
         self.length = 0  # tokens already in the cache
-        self.ios = [part.session.io_binding() for part in eng.parts]
-        self.io = self.ios[-1]  # the part that computes the logits
-        self._io_of = {name: io for part, io in zip(eng.parts, self.ios)
-                       for name in part.output_names(part is eng.parts[-1])}
+        self.io = eng.io_binding()  # over the trunk and the top, for a split model
         self.mask = np.ones((1, capacity), dtype=eng.mask_dtype)
         self.positions = np.arange(capacity, dtype=eng.pos_dtype)[None, :]
         self.token = np.zeros((1, 1), dtype=eng.ids_dtype)
@@ -237,28 +236,19 @@ class DecodeState:
             for (pk, pv, ok, ov), k, v in zip(eng.layers, self.cache[0::2], self.cache[1::2]):
                 for name_in, name_out, buf in ((pk, ok, k), (pv, ov, v)):
                     self._bind_in(name_in, buf, buf.shape)
-                    self._bind_out(name_out, buf)
+                    self.io.bind_output(name_out, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         else:
             empty = np.zeros((1, d.num_kv_heads, 0, d.head_dim), dtype=eng.kv_dtype)
             self.cache = [empty]
             for pk, pv, ok, ov in eng.layers:
                 self._bind_in(pk, empty, empty.shape)
                 self._bind_in(pv, empty, empty.shape)
-                self._io_of[ok].bind_output(ok, "cpu")
-                self._io_of[ov].bind_output(ov, "cpu")
-        for part, io in zip(eng.parts, self.ios):
-            for name in part.sends:
-                io.bind_output(name, "cpu")
+                self.io.bind_output(ok, "cpu")
+                self.io.bind_output(ov, "cpu")
         self.io.bind_output("logits", "cpu")
 
     def _bind_in(self, name: str, arr: np.ndarray, shape, offset: int = 0) -> None:
-        """Bind ``arr`` as the input ``name`` of every part that reads it."""
-        for part, io in zip(self.eng.parts, self.ios):
-            if name in part.inputs:
-                io.bind_input(name, "cpu", 0, arr.dtype, list(shape), arr.ctypes.data + offset * arr.itemsize)
-
-    def _bind_out(self, name: str, buf: np.ndarray) -> None:
-        self._io_of[name].bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        self.io.bind_input(name, "cpu", 0, arr.dtype, list(shape), arr.ctypes.data + offset * arr.itemsize)
 
     def _run(self, n: int) -> None:
         """Run the graph on ``n`` new tokens already bound as input_ids."""
@@ -270,23 +260,16 @@ class DecodeState:
             self._bind_in("attention_mask", self.mask, (1, total))
         if eng.uses_positions:
             self._bind_in("position_ids", self.positions, (1, n), offset=self.length)
-        outs: dict[str, ort.OrtValue] = {}
-        for i, (part, io) in enumerate(zip(eng.parts, self.ios)):
-            part.session.run_with_iobinding(io)
-            if part.sends or not eng.share_buffer:
-                outs.update(zip(part.output_names(i == len(self.ios) - 1), io.get_outputs()))
-            for name in part.sends:  # the boundary, straight into the next part; allocated afresh next run
-                self.ios[i + 1].bind_ortvalue_input(name, outs[name])
-                io.bind_output(name, "cpu")
+        eng.run(self.io)
         self.length = total
         if not eng.share_buffer:  # the new presents become the next pasts, as OrtValues
+            outs = dict(zip(self._output_names(), self.io.get_outputs()))
             self.pasts = [outs[name] for _, _, ok, ov in eng.layers for name in (ok, ov)]
             for pk, pv, ok, ov in eng.layers:
-                io = self._io_of[ok]
-                io.bind_ortvalue_input(pk, outs[ok])
-                io.bind_ortvalue_input(pv, outs[ov])
-                io.bind_output(ok, "cpu")  # unallocated again: the next present is one longer
-                io.bind_output(ov, "cpu")
+                self.io.bind_ortvalue_input(pk, outs[ok])
+                self.io.bind_ortvalue_input(pv, outs[ov])
+                self.io.bind_output(ok, "cpu")  # unallocated again: the next present is one longer
+                self.io.bind_output(ov, "cpu")
 
     def rewind(self, length: int) -> None:
         """Forget every cached token after the first ``length`` (to reuse a shared prefix)."""
@@ -314,12 +297,12 @@ class DecodeState:
                     grown[:, :, :n] = buf[:, :, :n]
                     self.cache.append(grown)
                     self._bind_in(name_in, grown, grown.shape)
-                    self._bind_out(name_out, grown)
+                    self.io.bind_output(name_out, "cpu", 0, grown.dtype, list(grown.shape), grown.ctypes.data)
         self.capacity = capacity
 
     def _output_names(self) -> list[str]:
-        """The last part's bound outputs in binding order (a rebound name keeps its place)."""
-        return self.eng.parts[-1].output_names(True)
+        """Bound outputs in binding order (a rebound name keeps its place): presents, then logits."""
+        return [n for _, _, ok, ov in self.eng.layers for n in (ok, ov)] + ["logits"]
 
     def prefill(self, ids: list[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Feed prompt tokens; return the last position's logits [vocab] (or every position's).
@@ -344,9 +327,7 @@ class DecodeState:
         return np.concatenate(rows) if all_logits else logits[0, -1].astype(np.float32)
 
     def _logits_output(self) -> np.ndarray:
-        outs = self.io.get_outputs()
-        names = self._output_names()
-        return outs[names.index("logits")].numpy()
+        return self.io.get_outputs()[-1].numpy()  # logits are bound last
 
     def step(self, token: int) -> np.ndarray:
         """Feed one generated token; return the next position's logits [vocab] (float32)."""
