@@ -104,11 +104,28 @@ def test_split_base_equals_unsplit(tiny_llama_dir, exported, blocks):
     np.testing.assert_allclose(_steps(b, ids, fed), _steps(a, ids, fed), atol=1e-4, rtol=0)
 
 
+def test_split_reuses_a_conversation_cache(tiny_llama_dir, exported):
+    """A PromptCache over a split model (rewound and grown in both parts) gives the unsplit model's tokens."""
+    from edgeft.runtime import SamplingParams
+    from edgeft.runtime.generate import PromptCache, collect
+
+    a, b = _open(exported(tiny_llama_dir, "none")), _open(exported(tiny_llama_dir, "none", 1))
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    turns = [PROMPT, PROMPT + " thou art more lovely", PROMPT + " and more temperate, rough winds do shake"]
+    got = {}
+    for gen in (a, b):
+        cache = PromptCache()
+        got[gen] = [collect(gen.stream(t, params, cache=cache), 0, params).token_ids for t in turns]
+        assert cache.reused > 0
+    assert got[b] == got[a]
+
+
 def test_split_run_equals_unsplit_int8(runs, exported):
     """A tuned run, int8, cut at its freeze boundary: the same logits and greedy tokens as its unsplit artifact."""
     from edgeft.runtime import SamplingParams
 
     whole, split = exported(runs[0], "int8"), exported(runs[0], "int8", 2)
+    assert _manifest(whole)["trunk"] is None and (whole / "model.onnx").exists()  # a decoder splits only when asked
     a, b = _open(whole), _open(split)
     ids = a.encode(PROMPT)
     np.testing.assert_allclose(b.score(ids), a.score(ids), atol=1e-4, rtol=0)
