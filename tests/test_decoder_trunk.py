@@ -191,3 +191,33 @@ def test_gpt2_graph_is_refused(tiny_gpt2_dir, exported):
     """gpt2 exports through torch.onnx (no builder block names): --trunk-blocks says so in one line."""
     with pytest.raises(EdgeftError, match="onnxruntime-genai builder"):
         exported(tiny_gpt2_dir, "none", 1)
+
+
+def _initializers(path: Path) -> set[str]:
+    import onnx
+
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
+def test_head_copies(tiny_llama_dir, exported, tmp_path):
+    """Tied (the base): the trunk's embedding and the top's head read their own copy of the one matrix. Untied
+    and trained (--untie-head): the trunk holds the embedding alone, the top the trained head alone."""
+    from edgeft.tune import TuneConfig, tune
+
+    tied = exported(tiny_llama_dir, "int8", 2)
+    trunk_file = tied / _manifest(tied)["trunk"]["file"]
+    assert any(n.startswith("lm_head.") for n in _initializers(trunk_file))  # the builder's embedding reads it
+    assert any(n.startswith("lm_head.") for n in _initializers(tied / "top.onnx"))
+
+    data = tmp_path / "verse.txt"
+    data.write_text(VERSES[0] * 30)
+    run = tune(TuneConfig(model=str(tiny_llama_dir), data=data, out=tmp_path / "run", max_length=32, batch_size=8,
+                          max_steps=4, lr=3e-3, warmup=0, progress=False, threads=1, trainable_layers=2,
+                          untie_head=True))
+    whole, split = exported(run, "int8"), exported(run, "int8", 2)
+    below = _initializers(split / _manifest(split)["trunk"]["file"])
+    assert not any(n.startswith("lm_head.") for n in below) and any("embed_tokens" in n for n in below)
+    assert not any("embed_tokens" in n for n in _initializers(split / "top.onnx"))
+    a, b = _open(whole), _open(split)
+    ids = a.encode(PROMPT)
+    np.testing.assert_allclose(b.score(ids), a.score(ids), atol=1e-4, rtol=0)
