@@ -51,8 +51,9 @@ Decoder graphs follow one convention for every architecture: inputs ``input_ids`
 ``.value``. Caches are laid out ``[batch, kv_heads, sequence, head_dim]``.
 Classifier graphs take ``input_ids``, ``attention_mask`` and ``token_type_ids`` (where
 ``Classifier.uses_token_type_ids``) and return ``logits`` of shape ``[batch, labels]``.
-A split classifier (``Trunk``, format 2) holds the same graph as two files, the shared trunk
-and its own top; the runtime chains them.
+A split classifier or decoder (``Trunk``, format 2) holds the same graph as two files, the
+shared trunk and its own top; the runtime chains them. A split decoder's trunk holds the
+caches of blocks 0..``Trunk.blocks``-1 (their past/present names), its top those above.
 Embedding graphs take the same inputs and return ``last_hidden_state`` ``[batch, sequence,
 dim]``; the runtime pools it as ``Embedding`` says (mean or CLS, then unit length or not).
 """
@@ -170,9 +171,9 @@ class Embedding:
 
 @dataclass(frozen=True)
 class Trunk:
-    """A split classifier's lower part, stored beside its top (``graph.file``) and shared at load.
+    """A split classifier's or decoder's lower part, stored beside its top (``graph.file``) and shared at load.
 
-    The trunk (embeddings and the first ``blocks`` encoder blocks) takes the graph's inputs and
+    The trunk (embeddings and the first ``blocks`` blocks, with their KV caches for a decoder) takes the graph's inputs and
     returns ``outputs`` (the hidden state entering block ``blocks`` first); the top takes
     ``top_inputs`` (some of those outputs, then graph inputs) and returns the graph's outputs.
     The file is named by its content, so models tuned from one base with the same boundary and
@@ -237,7 +238,7 @@ class Manifest:
     classifier: Classifier | None = None
     embedding: Embedding | None = None
     generation: Generation | None = None
-    trunk: Trunk | None = None  # a split classifier: graph.file is its top
+    trunk: Trunk | None = None  # a split classifier or decoder: graph.file is its top
     gate: dict[str, Any] = field(default_factory=dict)  # {"passed": bool, "degraded": bool, "metrics": {...}}
     source: dict[str, Any] = field(default_factory=dict)  # base name/sha256, run folder, data sha256
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"sha256", "size"}
@@ -254,8 +255,8 @@ class Manifest:
             raise ValueError("a classification manifest needs a classifier section")
         if self.task is Task.embedding and self.embedding is None:
             raise ValueError("an embedding manifest needs an embedding section")
-        if self.trunk is not None and (self.task is not Task.classification or self.format_version < 2):
-            raise ValueError("a trunk section belongs to a classification manifest of format 2")
+        if self.trunk is not None and (self.task is Task.embedding or self.format_version < 2):
+            raise ValueError("a trunk section belongs to a classification or causal-lm manifest of format 2")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

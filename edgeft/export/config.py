@@ -115,7 +115,9 @@ class ExportConfig:
     """Classifiers: cut the artifact before this encoder block into a trunk (embeddings and the blocks below,
     named by its hash) and the model's own top; models tuned from one base with the same boundary and
     quantization (--int8-mode dynamic or weight-only: best may pick either per run) carry the same trunk, which
-    the runtime loads once. Default: a run's frozen block count (a base model: one graph); 0: one graph."""
+    the runtime loads once. Default: a run's frozen block count (a base model: one graph); 0: one graph.
+    Decoders (onnxruntime-genai builder graphs, not gpt2's) are cut only when asked: the trunk holds blocks
+    0..K-1 and their KV cache, the top the blocks above, the final norm and the head."""
     truncation_dims: tuple[int, ...] = field(default=(), metadata=flag(comma=True, min=1))
     """Embeddings: comma-separated sizes the model was trained to be truncated to (Matryoshka); the server's
     `dimensions` takes only these."""

@@ -240,8 +240,8 @@ def _check_scheme(config: ExportConfig) -> None:
             and config.quantize not in (Quantize.int8, Quantize.auto)):
         raise EdgeftError(f"--int8-mode dynamic applies to the int8 scheme (--quantize int8 or auto), "
                           f"not --quantize {config.quantize.value}")
-    if config.trunk_blocks and config.task in (Task.causal_lm, Task.embedding):
-        raise EdgeftError(f"--trunk-blocks splits classifiers; a {config.task.value} model exports as one graph")
+    if config.trunk_blocks and config.task is Task.embedding:
+        raise EdgeftError("--trunk-blocks splits classifiers and decoders; an embedding model exports as one graph")
     if config.int4_mode is Int4Mode.offset:
         what = None
         if config.quantize not in (*narrow, Quantize.auto):
@@ -318,6 +318,9 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
         raise EdgeftError(f"--context-length {config.context_length} is longer than the model's "
                           f"{graph.context_length} positions")
     gen = assemble.generation_section(getattr(source.model, "generation_config", None))
+    # a decoder is cut only when asked (--trunk-blocks K), never at the run's frozen count by default
+    blocks = 0 if config.trunk_blocks is None else trunk.frozen_blocks(
+        config.trunk_blocks, source.run.trainable_layers if source.run else None, graph.num_layers)
 
     def build(scheme: Quantize, name: str | None = None, widths: dict[str, int] | None = None,
               search: dict[str, Any] | None = None) -> tuple[Path, Manifest]:
@@ -348,6 +351,8 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
                                          getattr(source.model, "generation_config", None), folder)
         manifest = assemble.decoder_manifest(graph, tok, gen, quant, source.architecture, config.context_length,
                                              source.provenance())
+        if blocks:
+            manifest = trunk.split_decoder(folder, manifest, blocks, log)
         return folder, write_manifest(folder, manifest)
 
     search = _Search(config, source, graph, log)

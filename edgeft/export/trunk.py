@@ -266,3 +266,117 @@ def _subgraph(model: Any, nodes: list[int], inputs: list[str], outputs: list[str
     for p in model.metadata_props:
         out.metadata_props.add(key=p.key, value=p.value)
     return out
+
+
+# ---------------------------------------------------------------- decoders
+
+# A decoder block's scope in the onnxruntime-genai builder's names (``/model/layers.3/attn/...``).
+# The final norm is ``/model/layers.{num_layers}/final_norm_layernorm``: above every boundary.
+_KV_LAYER = re.compile(r"\.(\d+)\.(?:key|value)$")
+
+
+def split_decoder(folder: Path, manifest: Manifest, blocks: int, log: Callable[[str], None]) -> Manifest:
+    """Replace a decoder artifact's graph in ``folder`` by a trunk (embeddings, blocks 0..``blocks``-1
+    and their KV cache) and a top (the blocks above, the final norm, the head and their KV cache).
+
+    Only the onnxruntime-genai builder's graph is cut (its blocks are named ``layers.N``);
+    ``genai_config.json`` is dropped, since onnxruntime-genai's own loop drives one graph.
+    Returns ``manifest`` with the trunk section; the caller writes it."""
+    from edgeft.export.quantize import load, save
+
+    dec = manifest.decoder
+    if dec is None or manifest.graph.builder != "onnxruntime-genai":
+        raise EdgeftError(f"--trunk-blocks splits the onnxruntime-genai builder's decoder graphs; this "
+                          f"{manifest.architecture} graph ({manifest.graph.builder}) exports as one: drop --trunk-blocks")
+    if not 0 < blocks < dec.num_layers + 1:
+        raise EdgeftError(f"--trunk-blocks must be between 1 and the model's {dec.num_layers} blocks, not {blocks}")
+    src = folder / manifest.graph.file
+    cut = cut_decoder(load(src), blocks)
+    raw = cut.trunk.SerializeToString()
+    if len(raw) > _PROTOBUF_LIMIT:
+        raise EdgeftError(f"the trunk is {len(raw) >> 20} MiB, over what one ONNX file holds: export with a "
+                          "lower --trunk-blocks")
+    log(f"split before block {blocks}: a shared trunk (blocks 0-{blocks - 1}, {len(cut.outputs)} tensor(s) "
+        "across) and this model's top")
+    digest = hashlib.sha256(raw).hexdigest()
+    name = f"trunk-{digest[:16]}.onnx"
+    (folder / name).write_bytes(raw)
+    save(cut.top, folder / TOP_FILE)
+    src.unlink()
+    src.with_name(src.name + ".data").unlink(missing_ok=True)
+    if manifest.graph.genai_config:
+        (folder / manifest.graph.genai_config).unlink(missing_ok=True)
+    section = Trunk(file=name, sha256=digest, blocks=blocks, outputs=cut.outputs, top_inputs=cut.top_inputs)
+    graph = dataclasses.replace(manifest.graph, file=TOP_FILE, genai_config=None)
+    return dataclasses.replace(manifest, graph=graph, trunk=section, format_version=TRUNK_FORMAT_VERSION)
+
+
+def _kv_layer(name: str) -> int | None:
+    found = _KV_LAYER.search(name)
+    return int(found.group(1)) if found and name.startswith(("past_key_values.", "present.")) else None
+
+
+def cut_decoder(model: Any, blocks: int) -> Cut:
+    """Cut a decoder graph before block ``blocks``.
+
+    The trunk computes what blocks 0..``blocks``-1 produce (their ``present`` caches too) from
+    ``input_ids`` and their ``past`` caches; the top reads the tensors that cross (in the
+    builder's graph block K-1's MLP output and residual sum, which the next block's fused
+    SkipSimplifiedLayerNormalization adds) and its own caches. Nodes that depend only on the
+    attention mask or positions (the mask's sequence lengths) and constants are in both parts,
+    never passed across."""
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    graph_inputs = [i.name for i in graph.input]
+    data_inputs = [n for n in graph_inputs if n not in inits]
+    below = {n for n in data_inputs if n == "input_ids" or ((k := _kv_layer(n)) is not None and k < blocks)}
+    shared = {n for n in data_inputs if n in ("attention_mask", "position_ids")}
+    above = set(graph_inputs) - below - shared  # its caches, and logits_to_keep (an input with a default)
+    trunk_outputs = [o.name for o in graph.output if (k := _kv_layer(o.name)) is not None and k < blocks]
+    top_outputs = [o.name for o in graph.output if o.name not in trunk_outputs]
+    producer = _producers(graph)
+    # what each node's values depend on, among the graph's inputs (the graph is in topological order)
+    needs: dict[str, set[str]] = {n: {n} for n in graph_inputs}
+    node_needs: list[set[str]] = []
+    for n in graph.node:
+        got = set().union(*(needs.get(x, set()) for x in n.input if x))
+        node_needs.append(got)
+        for o in n.output:
+            needs[o] = got
+    both = {i for i, got in enumerate(node_needs) if got <= shared}
+    targets = trunk_outputs + [o for n in graph.node if (b := _node_block(n)) is not None and b < blocks
+                               for o in n.output if o]
+    trunk_nodes = _ancestor_nodes(graph, targets, producer)
+    for i in trunk_nodes:
+        n = graph.node[i]
+        if (b := _node_block(n)) is not None and b >= blocks or node_needs[i] & (above - inits):
+            raise EdgeftError(f"the graph's node {n.name!r} (above block {blocks}) feeds the blocks below it: "
+                              "it cannot be cut there")
+    top_nodes, crossing, seen = set(), [], set()
+    stack = list(top_outputs)
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in producer:
+            continue
+        seen.add(t)
+        i = producer[t]
+        if i in trunk_nodes and i not in both:
+            crossing.append(t)
+            continue
+        top_nodes.add(i)
+        stack += [x for x in graph.node[i].input if x]
+    read = _reads(graph, top_nodes)
+    if read & below:
+        raise EdgeftError(f"the blocks above {blocks} read {sorted(read & below)[0]!r} themselves: the graph "
+                          "cannot be cut there")
+    order = {t: k for k, t in enumerate(o for n in graph.node for o in n.output)}
+    outputs = sorted(set(crossing), key=order.__getitem__)
+    if not outputs:
+        raise EdgeftError(f"nothing crosses from the blocks below {blocks} to the top: the graph cannot be cut there")
+    top_inputs = outputs + [n for n in graph_inputs if n in read]
+    trunk_reads = _reads(graph, trunk_nodes)
+    types = _types(model, outputs)
+    trunk = _subgraph(model, sorted(trunk_nodes), [n for n in graph_inputs if n in trunk_reads and n not in inits],
+                      outputs + trunk_outputs, types, "trunk")
+    top = _subgraph(model, sorted(top_nodes), top_inputs, top_outputs, types, "top")
+    return Cut(trunk, top, outputs, top_inputs)

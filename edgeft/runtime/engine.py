@@ -96,7 +96,7 @@ class SharedSlots:
         self.row_items = d.num_kv_heads * slot_len * d.head_dim  # elements per slot in one buffer
         self.ids = np.zeros((slots, 1), dtype=eng.ids_dtype)
         self.logits = np.empty((slots, 1, eng.vocab), dtype=eng.logits_dtype)
-        self.io = eng.session.io_binding()
+        self.io = eng.io_binding()
         self.idle_lengths: dict[int, int] = {}  # slot -> tokens it holds, for slots in a call's span
         self._bound_span = 0
 
@@ -114,7 +114,7 @@ class SharedSlots:
     def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
         """Write ``ids`` at positions ``start..`` of ``slot``; the last position's logits [vocab]."""
         eng, n = self.eng, ids.size
-        io = eng.session.io_binding()
+        io = eng.io_binding()
         self._bind_cache(io, slot, 1)
         chunk = np.ascontiguousarray(ids.reshape(1, n).astype(eng.ids_dtype, copy=False))
         mask = np.ones((1, start + n), dtype=eng.mask_dtype)
@@ -126,7 +126,7 @@ class SharedSlots:
             self._bind_array(io, "position_ids", pos)
         eng.bind_keep(io, last_only=True)
         io.bind_output("logits", "cpu")
-        eng.session.run_with_iobinding(io)
+        eng.run(io)
         out = io.get_outputs()[-1].numpy()  # logits are bound last
         return out[0, -1].astype(np.float32)
 
@@ -157,7 +157,7 @@ class SharedSlots:
         pos = lengths.astype(eng.pos_dtype).reshape(span, 1)  # bound by address: kept alive for the run
         if eng.uses_positions:
             self._bind_array(io, "position_ids", pos)
-        eng.session.run_with_iobinding(io)
+        eng.run(io)
         return self.logits[[s for s, _, _ in rows], 0].astype(np.float32)
 
     def verify(self, slot: int, ids: list[int], start: int) -> np.ndarray:
@@ -167,7 +167,7 @@ class SharedSlots:
         past only for a batch of one.
         """
         eng, n = self.eng, len(ids)
-        io = eng.session.io_binding()
+        io = eng.io_binding()
         self._bind_cache(io, slot, 1)
         # bound by address: the arrays must live until the run is over
         chunk = np.asarray(ids, dtype=eng.ids_dtype).reshape(1, n)
@@ -180,7 +180,7 @@ class SharedSlots:
             self._bind_array(io, "position_ids", pos)
         eng.bind_keep(io, last_only=False)
         io.bind_output("logits", "cpu")
-        eng.session.run_with_iobinding(io)
+        eng.run(io)
         return io.get_outputs()[-1].numpy()[0].astype(np.float32)  # logits are bound last
 
     def trim(self, slot: int, length: int) -> None:
@@ -336,6 +336,8 @@ class SingleSlots(PaddedBatch):
 
 def make_slots(eng: KVDecoder, slots: int, slot_len: int, kind: str | None = None):
     kind = kind or batching_kind(eng)
+    if eng.trunk is not None and kind != "slots":
+        raise EdgeftError(f"a split decoder (a shared trunk and a top) batches in slots, not {kind!r}")
     cls = {"slots": SharedSlots, "padded": PaddedBatch, "none": SingleSlots}.get(kind)
     if cls is None:
         raise EdgeftError(f"unknown batching kind {kind!r}: slots, padded or none")

@@ -19,6 +19,11 @@ lets a conversation's next turn reuse the keys and values of the tokens it repea
 prompt-lookup draft (``edgeft.runtime.speculate``) is verified as a short prefill of the
 pending token and the draft; the rejected tail is then rewound out of the cache.
 
+A split artifact (``edgeft.artifact.Trunk``) runs as two graphs per call: the trunk (shared
+with every model tuned from the same base, ``edgeft.runtime.trunks``) holds the embeddings,
+blocks 0..K-1 and their caches; the top, the blocks above, the head and their caches. Each
+part has its own I/O binding; the tensors that cross pass as OrtValues, never copied.
+
 ``KVDecoder`` knows token ids and logits only; ``Generator`` adds the tokenizer, chat
 template, sampling, stop strings and incremental detokenization. Nothing here imports
 torch or transformers.
@@ -89,15 +94,75 @@ class Completion:
 # --------------------------------------------------------------------------- the engine
 
 
-class KVDecoder:
-    """Drives one decoder graph: ``start`` a cache, ``prefill`` a prompt, ``step`` one token."""
+@dataclass
+class Part:
+    """One graph of a decoder: all of it, or a split artifact's trunk or top."""
 
-    def __init__(self, session: ort.InferenceSession, decoder: Decoder, share_buffer: bool) -> None:
+    session: ort.InferenceSession
+    inputs: set[str]
+    layers: list[tuple[str, str, str, str]]  # past key, past value, present key, present value
+    sends: list[str]  # tensors the next part reads (a trunk's boundary); empty for the last part
+
+    def output_names(self, last: bool) -> list[str]:
+        """Bound outputs in binding order (a rebound name keeps its place): presents, sends, logits."""
+        return [n for _, _, ok, ov in self.layers for n in (ok, ov)] + self.sends + (["logits"] if last else [])
+
+
+class ChainedBinding:
+    """An I/O binding over a split decoder's parts, used as one: an input goes to every part that
+    reads it, an output to the part that makes it; ``run`` runs the parts in order, each part's
+    ``sends`` bound as OrtValues into the next; ``get_outputs`` are the last part's."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        self.parts = parts
+        self.ios = [part.session.io_binding() for part in parts]
+        self.out_of = {name: i for i, part in enumerate(parts) for name in part.output_names(True)}
+        self.bound: list[list[str]] = [[] for _ in parts]  # each part's outputs in binding order
+        for part in parts:
+            for name in part.sends:
+                self.bind_output(name, "cpu")
+
+    def bind_input(self, name: str, *args) -> None:
+        for part, io in zip(self.parts, self.ios):
+            if name in part.inputs:
+                io.bind_input(name, *args)
+
+    def bind_output(self, name: str, *args) -> None:
+        i = self.out_of[name]
+        self.ios[i].bind_output(name, *args)
+        if name not in self.bound[i]:  # a rebound name keeps its place
+            self.bound[i].append(name)
+
+    def get_outputs(self) -> list[ort.OrtValue]:
+        return self.ios[-1].get_outputs()
+
+    def run(self) -> None:
+        for i, (part, io) in enumerate(zip(self.parts, self.ios)):
+            part.session.run_with_iobinding(io)
+            if part.sends:
+                outs = dict(zip(self.bound[i], io.get_outputs()))
+                for name in part.sends:
+                    self.ios[i + 1].bind_ortvalue_input(name, outs[name])
+                    io.bind_output(name, "cpu")  # allocated afresh next run (its length changes)
+
+
+class KVDecoder:
+    """Drives one decoder graph: ``start`` a cache, ``prefill`` a prompt, ``step`` one token.
+
+    With ``trunk`` (a split artifact's shared trunk, ``edgeft.runtime.trunks.SharedTrunk``),
+    ``session`` is the top: the trunk runs first on every call and owns the caches of its
+    ``blocks`` lowest layers."""
+
+    def __init__(self, session: ort.InferenceSession, decoder: Decoder, share_buffer: bool, trunk=None) -> None:
         self.session = session
         self.decoder = decoder
+        self.trunk = trunk
         names = [i.name for i in session.get_inputs()]
+        top_inputs = set(names)
+        if trunk is not None:
+            names += [i.name for i in trunk.session.get_inputs()]
         self.inputs = set(names)
-        dtypes = input_dtypes(session)
+        dtypes = {**input_dtypes(session), **(trunk.dtypes if trunk is not None else {})}
         self.ids_dtype = dtypes["input_ids"]
         self.mask_dtype = dtypes.get("attention_mask", np.int64)
         self.pos_dtype = dtypes.get("position_ids", np.int64)
@@ -108,6 +173,17 @@ class KVDecoder:
         missing = [n for layer in self.layers for n in layer[:2] if n not in self.inputs]
         if missing or "input_ids" not in self.inputs:
             raise EdgeftError(f"the decoder graph lacks inputs the manifest names: {', '.join(missing[:3]) or 'input_ids'}")
+        if trunk is None:
+            self.parts = [Part(session, top_inputs, self.layers, [])]
+        else:
+            below = {i.name for i in trunk.session.get_inputs()}
+            k = trunk.blocks
+            self.parts = [Part(trunk.session, below, self.layers[:k], list(trunk.outputs)),
+                          Part(session, top_inputs, self.layers[k:], [])]
+            if any(n not in below for layer in self.layers[:k] for n in layer[:2]) or set(trunk.outputs) - top_inputs:
+                raise EdgeftError(f"the trunk and top graphs do not meet at block {k} as the manifest says")
+            if not share_buffer:
+                raise EdgeftError("a split decoder runs on the builder's graph, whose past and present share one buffer")
         self.kv_dtype = dtypes[self.layers[0][0]]
         self.logits_dtype = output_dtypes(session)["logits"]
         self.share_buffer = share_buffer
@@ -117,7 +193,18 @@ class KVDecoder:
         if self.keep and self.keep not in overridable | self.inputs:
             raise EdgeftError(f"the decoder graph lacks the {self.keep} input the manifest names")
 
-    def bind_keep(self, io: ort.IOBinding, last_only: bool) -> None:
+    def io_binding(self):
+        """A binding for one call of the whole model: the session's own, or one over a split model's parts."""
+        return self.session.io_binding() if self.trunk is None else ChainedBinding(self.parts)
+
+    def run(self, io) -> None:
+        """Run the model on ``io`` (from ``io_binding``)."""
+        if self.trunk is None:
+            self.session.run_with_iobinding(io)
+        else:
+            io.run()
+
+    def bind_keep(self, io, last_only: bool) -> None:
         """Ask ``io``'s next run for the last position's logits only, or for every position's."""
         if self.keep:
             arr = _KEEP_LAST if last_only else _KEEP_ALL
@@ -135,7 +222,7 @@ class DecodeState:
         self.eng = eng
         self.capacity = capacity
         self.length = 0  # tokens already in the cache
-        self.io = eng.session.io_binding()
+        self.io = eng.io_binding()  # over the trunk and the top, for a split model
         self.mask = np.ones((1, capacity), dtype=eng.mask_dtype)
         self.positions = np.arange(capacity, dtype=eng.pos_dtype)[None, :]
         self.token = np.zeros((1, 1), dtype=eng.ids_dtype)
@@ -173,7 +260,7 @@ class DecodeState:
             self._bind_in("attention_mask", self.mask, (1, total))
         if eng.uses_positions:
             self._bind_in("position_ids", self.positions, (1, n), offset=self.length)
-        eng.session.run_with_iobinding(self.io)
+        eng.run(self.io)
         self.length = total
         if not eng.share_buffer:  # the new presents become the next pasts, as OrtValues
             outs = dict(zip(self._output_names(), self.io.get_outputs()))
@@ -240,9 +327,7 @@ class DecodeState:
         return np.concatenate(rows) if all_logits else logits[0, -1].astype(np.float32)
 
     def _logits_output(self) -> np.ndarray:
-        outs = self.io.get_outputs()
-        names = self._output_names()
-        return outs[names.index("logits")].numpy()
+        return self.io.get_outputs()[-1].numpy()  # logits are bound last
 
     def step(self, token: int) -> np.ndarray:
         """Feed one generated token; return the next position's logits [vocab] (float32)."""
@@ -339,7 +424,12 @@ class Generator:
         self.spinning, self.spin_reason = resolve_spin(spin, threads, reserve)
         session = open_session(self.folder / manifest.graph.file, threads, spin=self.spinning,
                                profile_prefix=profile_prefix)
-        self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest))
+        shared = None
+        if manifest.trunk is not None:  # one session per trunk digest in this process
+            from edgeft.runtime import trunks
+
+            shared = trunks.load(self.folder, manifest.trunk, threads)
+        self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest), shared)
         tok = manifest.tokenizer
         self.eos_ids = frozenset(tok.eos_token_ids) or self._token_ids(tok.eos_token)
         self.bos_id = self.tokenizer.token_to_id(tok.bos_token) if tok.bos_token else None

@@ -1,0 +1,223 @@
+"""One base, many tuned decoders: a split decoder artifact (trunk + top) and the shared trunk at load.
+
+The tiny llama (4 blocks, tied embeddings) is exported whole and with ``--trunk-blocks``: the
+split artifact must give the unsplit one's logits (prompt, cache steps) and greedy tokens. Two
+tiny tune runs from the same base (top 2 blocks trained, different data and seeds) exported
+with ``--trunk-blocks 2`` carry byte-identical trunks that load as one onnxruntime session, and
+a changed trunk byte is refused. gpt2's torch.onnx graph is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeft.errors import EdgeftError
+
+PROMPT = "Shall I compare thee to a summer's day"
+VERSES = ["Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n",
+          "Rough winds do shake the darling buds of May,\nAnd summer's lease hath all too short a date.\n"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, tmp_path_factory) -> list[Path]:
+    """Two runs from the same base: the top 2 of 4 blocks trained, on different text with different seeds."""
+    from edgeft.tune import TuneConfig, tune
+
+    root = tmp_path_factory.mktemp("decoder-trunk-runs")
+    out = []
+    for i, verse in enumerate(VERSES):
+        data = root / f"verse{i}.txt"
+        data.write_text(verse * 30)
+        out.append(Path(tune(TuneConfig(model=str(tiny_llama_dir), data=data, out=root / f"run{i}", max_length=32,
+                                        batch_size=8, max_steps=4, lr=3e-3, warmup=0, progress=False, threads=1,
+                                        trainable_layers=2, seed=i))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``exported(source, quantize, trunk_blocks=None)``: the artifact folder, exported once."""
+    from edgeft.export import ExportConfig, export
+
+    root, done = tmp_path_factory.mktemp("decoder-trunk-arts"), {}
+
+    def get(source: Path, quantize: str, blocks: int | None = None) -> Path:
+        key = (str(source), quantize, blocks)
+        if key not in done:
+            out = root / f"a{len(done)}-{quantize}-{blocks}"
+            done[key] = Path(export(ExportConfig(source=str(source), out=out, quantize=quantize, trunk_blocks=blocks,
+                                                 allow_degraded=True, gate_texts=8, gate_new_tokens=8, threads=1),
+                                    log=None))
+        return done[key]
+
+    return get
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _open(folder: Path):
+    from edgeft.runtime import Generator
+
+    return Generator.open(folder, threads=1)
+
+
+def _steps(gen, ids: list[int], tokens: list[int]) -> np.ndarray:
+    """The logits after the prompt, then after each of ``tokens`` fed one by one through the cache."""
+    state = gen.engine.start(len(ids) + len(tokens) + 1)
+    rows = [state.prefill(ids)]
+    rows += [state.step(t) for t in tokens]
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_split_base_equals_unsplit(tiny_llama_dir, exported, blocks):
+    """fp32: the split artifact gives the unsplit one's logits (within 1e-4) and greedy tokens, token for token."""
+    from edgeft.runtime import SamplingParams
+
+    whole, split = exported(tiny_llama_dir, "none"), exported(tiny_llama_dir, "none", blocks)
+    m = _manifest(split)
+    trunk = m["trunk"]
+    assert m["graph"]["file"] == "top.onnx" and m["graph"]["genai_config"] is None and m["format_version"] == 2
+    assert trunk["blocks"] == blocks and trunk["file"] == f"trunk-{trunk['sha256'][:16]}.onnx"
+    assert trunk["file"] in m["files"] and not (split / "model.onnx").exists()
+    assert not (split / "genai_config.json").exists() and m["gate"]["passed"]
+    assert "trunk" not in _manifest(whole) or _manifest(whole)["trunk"] is None  # the default: one graph
+    assert (whole / "model.onnx").exists()
+
+    a, b = _open(whole), _open(split)
+    assert b.engine.trunk is not None and b.engine.trunk.blocks == blocks
+    ids = a.encode(PROMPT)
+    np.testing.assert_allclose(b.score(ids), a.score(ids), atol=1e-4, rtol=0)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    want = a.generate(ids, greedy).token_ids
+    assert b.generate(ids, greedy).token_ids == want
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    assert b.generate(ids, sampled).token_ids == a.generate(ids, sampled).token_ids
+    fed = [3, 17, 42, 5, 99, 8]  # varied tokens: every step's cache read in both parts, not one repeated token
+    np.testing.assert_allclose(_steps(b, ids, fed), _steps(a, ids, fed), atol=1e-4, rtol=0)
+
+
+def test_split_reuses_a_conversation_cache(tiny_llama_dir, exported):
+    """A PromptCache over a split model (rewound and grown in both parts) gives the unsplit model's tokens."""
+    from edgeft.runtime import SamplingParams
+    from edgeft.runtime.generate import PromptCache, collect
+
+    a, b = _open(exported(tiny_llama_dir, "none")), _open(exported(tiny_llama_dir, "none", 1))
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    turns = [PROMPT, PROMPT + " thou art more lovely", PROMPT + " and more temperate, rough winds do shake"]
+    got = {}
+    for gen in (a, b):
+        cache = PromptCache()
+        got[gen] = [collect(gen.stream(t, params, cache=cache), 0, params).token_ids for t in turns]
+        assert cache.reused > 0
+    assert got[b] == got[a]
+
+
+def test_split_run_equals_unsplit_int8(runs, exported):
+    """A tuned run, int8, cut at its freeze boundary: the same logits and greedy tokens as its unsplit artifact."""
+    from edgeft.runtime import SamplingParams
+
+    whole, split = exported(runs[0], "int8"), exported(runs[0], "int8", 2)
+    assert _manifest(whole)["trunk"] is None and (whole / "model.onnx").exists()  # a decoder splits only when asked
+    a, b = _open(whole), _open(split)
+    ids = a.encode(PROMPT)
+    np.testing.assert_allclose(b.score(ids), a.score(ids), atol=1e-4, rtol=0)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    assert b.generate(ids, greedy).token_ids == a.generate(ids, greedy).token_ids
+
+
+def test_two_runs_share_one_trunk_session(runs, exported):
+    """Two runs from one base: byte-identical trunks, one onnxruntime session, their own tops."""
+    from edgeft.runtime import trunks
+
+    first, second = exported(runs[0], "none", 2), exported(runs[1], "none", 2)
+    t1, t2 = _manifest(first)["trunk"], _manifest(second)["trunk"]
+    assert t1["sha256"] == t2["sha256"]
+    assert _manifest(first)["files"]["top.onnx"]["sha256"] != _manifest(second)["files"]["top.onnx"]["sha256"]
+    a, b = _open(first), _open(second)
+    assert a.engine.parts[0].session is b.engine.parts[0].session
+    assert a.engine.session is not b.engine.session
+    assert trunks.loaded()[t1["sha256"]] is a.engine.trunk
+    ids = a.encode(PROMPT)
+    assert np.abs(a.score(ids) - b.score(ids)).max() > 1e-3  # the tops differ: each model answers as itself
+    whole = _open(exported(runs[1], "none"))
+    np.testing.assert_allclose(b.score(ids), whole.score(ids), atol=1e-4, rtol=0)
+
+
+def test_changed_trunk_byte_is_refused(runs, exported, tmp_path):
+    """A trunk with one byte changed is refused, even while a session for its digest is loaded."""
+    good = exported(runs[0], "none", 2)
+    loaded = _open(good)  # holds the trunk's session in this process
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    name = _manifest(bad)["trunk"]["file"]
+    raw = bytearray((bad / name).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (bad / name).write_bytes(bytes(raw))
+    with pytest.raises(EdgeftError, match="trunk-"):
+        _open(bad)
+    assert loaded.engine.trunk is not None
+
+
+def test_trunk_above_the_frozen_blocks_is_refused(runs, exported):
+    with pytest.raises(EdgeftError, match="above the run's 2 frozen blocks"):
+        exported(runs[0], "none", 3)
+
+
+def test_batching_engine_runs_split(runs, exported):
+    """The batching engine (slots, prefix reuse, speculation) over a split artifact: each prompt gets what the
+    unsplit artifact's engine gives it, and what the split one gives it alone."""
+    from edgeft.runtime import SamplingParams
+
+    whole, split = _open(exported(runs[0], "none")), _open(exported(runs[0], "none", 2))
+    prompts = [PROMPT, "Rough winds do shake", PROMPT + " thou art", "summer"]
+    params = [SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_new_tokens=7, temperature=0.9, seed=3, ignore_eos=True),
+              SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True, speculate="on"),
+              SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True)]
+    got = [c.token_ids for c in split.generate_batch(prompts, params, parallel=3)]
+    assert got == [c.token_ids for c in whole.generate_batch(prompts, params, parallel=3)]
+    assert got == [split.generate(p, q).token_ids for p, q in zip(prompts, params)]
+
+
+def test_gpt2_graph_is_refused(tiny_gpt2_dir, exported):
+    """gpt2 exports through torch.onnx (no builder block names): --trunk-blocks says so in one line."""
+    with pytest.raises(EdgeftError, match="onnxruntime-genai builder"):
+        exported(tiny_gpt2_dir, "none", 1)
+
+
+def _initializers(path: Path) -> set[str]:
+    import onnx
+
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
+def test_head_copies(tiny_llama_dir, exported, tmp_path):
+    """Tied (the base): the trunk's embedding and the top's head read their own copy of the one matrix. Untied
+    and trained (--untie-head): the trunk holds the embedding alone, the top the trained head alone."""
+    from edgeft.tune import TuneConfig, tune
+
+    tied = exported(tiny_llama_dir, "int8", 2)
+    trunk_file = tied / _manifest(tied)["trunk"]["file"]
+    assert any(n.startswith("lm_head.") for n in _initializers(trunk_file))  # the builder's embedding reads it
+    assert any(n.startswith("lm_head.") for n in _initializers(tied / "top.onnx"))
+
+    data = tmp_path / "verse.txt"
+    data.write_text(VERSES[0] * 30)
+    run = tune(TuneConfig(model=str(tiny_llama_dir), data=data, out=tmp_path / "run", max_length=32, batch_size=8,
+                          max_steps=4, lr=3e-3, warmup=0, progress=False, threads=1, trainable_layers=2,
+                          untie_head=True))
+    whole, split = exported(run, "int8"), exported(run, "int8", 2)
+    below = _initializers(split / _manifest(split)["trunk"]["file"])
+    assert not any(n.startswith("lm_head.") for n in below) and any("embed_tokens" in n for n in below)
+    assert not any("embed_tokens" in n for n in _initializers(split / "top.onnx"))
+    a, b = _open(whole), _open(split)
+    ids = a.encode(PROMPT)
+    np.testing.assert_allclose(b.score(ids), a.score(ids), atol=1e-4, rtol=0)
