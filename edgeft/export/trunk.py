@@ -316,6 +316,40 @@ def _kv_layer(name: str) -> int | None:
     return int(found.group(1)) if found and name.startswith(("past_key_values.", "present.")) else None
 
 
+def _input_needs(graph: Any, graph_inputs: list[str]) -> list[set[str]]:
+    """For each node (in the graph's topological order), the graph inputs its values depend on."""
+    needs: dict[str, set[str]] = {n: {n} for n in graph_inputs}
+    node_needs: list[set[str]] = []
+    for n in graph.node:
+        got = set().union(*(needs.get(x, set()) for x in n.input if x))
+        node_needs.append(got)
+        for o in n.output:
+            needs[o] = got
+    return node_needs
+
+
+def _top_walk(graph: Any, top_outputs: list[str], producer: dict[str, int], trunk_only: set[int]
+              ) -> tuple[set[int], list[str]]:
+    """(the top's nodes, the tensors that cross): walk up from the top's outputs, stopping at nodes
+    only the trunk computes."""
+    top_nodes: set[int] = set()
+    crossing: list[str] = []
+    seen: set[str] = set()
+    stack = list(top_outputs)
+    while stack:
+        t = stack.pop()
+        if t in seen or t not in producer:
+            continue
+        seen.add(t)
+        i = producer[t]
+        if i in trunk_only:
+            crossing.append(t)
+            continue
+        top_nodes.add(i)
+        stack += [x for x in graph.node[i].input if x]
+    return top_nodes, crossing
+
+
 def cut_decoder(model: Any, blocks: int) -> Cut:
     """Cut a decoder graph before block ``blocks``.
 
@@ -335,14 +369,7 @@ def cut_decoder(model: Any, blocks: int) -> Cut:
     trunk_outputs = [o.name for o in graph.output if (k := _kv_layer(o.name)) is not None and k < blocks]
     top_outputs = [o.name for o in graph.output if o.name not in trunk_outputs]
     producer = _producers(graph)
-    # what each node's values depend on, among the graph's inputs (the graph is in topological order)
-    needs: dict[str, set[str]] = {n: {n} for n in graph_inputs}
-    node_needs: list[set[str]] = []
-    for n in graph.node:
-        got = set().union(*(needs.get(x, set()) for x in n.input if x))
-        node_needs.append(got)
-        for o in n.output:
-            needs[o] = got
+    node_needs = _input_needs(graph, graph_inputs)
     both = {i for i, got in enumerate(node_needs) if got <= shared}
     targets = trunk_outputs + [o for n in graph.node if (b := _node_block(n)) is not None and b < blocks
                                for o in n.output if o]
@@ -352,19 +379,7 @@ def cut_decoder(model: Any, blocks: int) -> Cut:
         if (b := _node_block(n)) is not None and b >= blocks or node_needs[i] & (above - inits):
             raise EdgeftError(f"the graph's node {n.name!r} (above block {blocks}) feeds the blocks below it: "
                               "it cannot be cut there")
-    top_nodes, crossing, seen = set(), [], set()
-    stack = list(top_outputs)
-    while stack:
-        t = stack.pop()
-        if t in seen or t not in producer:
-            continue
-        seen.add(t)
-        i = producer[t]
-        if i in trunk_nodes and i not in both:
-            crossing.append(t)
-            continue
-        top_nodes.add(i)
-        stack += [x for x in graph.node[i].input if x]
+    top_nodes, crossing = _top_walk(graph, top_outputs, producer, trunk_nodes - both)
     read = _reads(graph, top_nodes)
     if read & below:
         raise EdgeftError(f"the blocks above {blocks} read {sorted(read & below)[0]!r} themselves: the graph "
