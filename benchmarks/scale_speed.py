@@ -162,7 +162,7 @@ def _watched(cmds: list[list[str]], log: Path, env: dict[str, str] | None = None
                 raise RuntimeError(f"{Path(cmd[1] if cmd[0] == sys.executable else cmd[0]).name} exited "
                                    f"{res.returncode}: {tail[:200]} (log: {log})")
     return {"seconds": time.perf_counter() - t0,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "export_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
 def _export_edgeft(spec: dict[str, Any]) -> dict[str, Any]:
@@ -184,21 +184,25 @@ def convert_deps() -> Path:
     return dest
 
 
-def _export_gguf(spec: dict[str, Any]) -> dict[str, Any]:
-    """``convert_hf_to_gguf.py --outtype f32`` (once per shape, cached) then ``llama-quantize`` to the type."""
-    src, f32, out = Path(spec["source"]), Path(spec["f32"]), Path(spec["out"])
+def _convert_gguf(spec: dict[str, Any]) -> dict[str, Any]:
+    """``convert_hf_to_gguf.py --outtype f32``: the HF folder as an fp32 GGUF (once per shape)."""
+    src, f32 = Path(spec["source"]), Path(spec["out"])
+    f32.parent.mkdir(parents=True, exist_ok=True)
     # the converter's own gguf package (not the venv's), and what it imports that the project does not ship
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), str(convert_deps())])}
-    cmds = []
-    if not f32.is_file():
-        cmds.append([sys.executable, str(src / "convert_hf_to_gguf.py"), spec["model"], "--outtype", "f32",
-                     "--outfile", str(f32)])
-    cmds.append([str(Path(spec["bin"]) / "llama-quantize"), str(f32), str(out) + ".partial", spec["type"],
-                 str(spec["threads"])])
-    got = _watched(cmds, Path(spec["log"]), env)
+    got = _watched([[sys.executable, str(src / "convert_hf_to_gguf.py"), spec["model"], "--outtype", "f32",
+                     "--outfile", str(f32) + ".partial"]], Path(spec["log"]), env)
+    os.replace(str(f32) + ".partial", f32)
+    return {**got, "bytes": _size(f32)}
+
+
+def _quantize_gguf(spec: dict[str, Any]) -> dict[str, Any]:
+    """``llama-quantize`` of the fp32 GGUF to the type."""
+    out = Path(spec["out"])
+    got = _watched([[str(Path(spec["bin"]) / "llama-quantize"), spec["f32"], str(out) + ".partial", spec["type"],
+                     str(spec["threads"])]], Path(spec["log"]))
     os.replace(str(out) + ".partial", out)
-    return {**got, "bytes": _size(out), "converted": len(cmds) == 2,
-            "command": f"convert_hf_to_gguf.py --outtype f32, llama-quantize {spec['type']}"}
+    return {**got, "bytes": _size(out)}
 
 
 # ---- timing one system (a worker each) ----------------------------------------------------------
@@ -213,7 +217,7 @@ def _edgeft_speed(spec: dict[str, Any]) -> dict[str, Any]:
     fig = bench_generation(run, short, {PREFILL: spec["prefill_prompt"]}, n, spec["repeats"])
     deep = bench_generation(run, spec["deep_prompt"], {}, n, spec["repeats"])
     return {"decode_tps": fig.decode_tps.median, "prefill_tps": fig.prefill_tps[PREFILL].median,
-            "decode_deep_tps": deep.decode_tps.median, "peak_rss_mib": peak_rss_mib(),
+            "decode_deep_tps": deep.decode_tps.median, "system_peak_mib": peak_rss_mib(),
             "spin": getattr(gen, "spinning", None)}
 
 
@@ -227,7 +231,7 @@ def _llama_speed(spec: dict[str, Any]) -> dict[str, Any]:
     if res.returncode:
         raise RuntimeError(f"llama-bench exited {res.returncode}: {res.stderr.strip()[-300:]}")
     return {**llama_rows(json.loads(res.stdout)), "command": " ".join(["llama-bench", *cmd[1:]]),
-            "peak_rss_mib": _child_peak_mib()}
+            "system_peak_mib": _child_peak_mib()}
 
 
 def llama_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -245,15 +249,18 @@ def llama_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """One step in a worker process of its own: ``model``, ``export``, ``gguf``, ``edgeft`` or ``llama``."""
+    """One step in a worker process of its own: ``model``, ``export``, ``convert``, ``quantize``, ``edgeft``
+    or ``llama``."""
     step = spec["step"]
     if step == "model":
         folder = model_folder(spec["shape"], Path(spec["root"]))
         return {"folder": str(folder), "fp32_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors"))}
     if step == "export":
         return _export_edgeft(spec)
-    if step == "gguf":
-        return _export_gguf(spec)
+    if step == "convert":
+        return _convert_gguf(spec)
+    if step == "quantize":
+        return _quantize_gguf(spec)
     return (_edgeft_speed if step == "edgeft" else _llama_speed)(spec)
 
 
@@ -327,16 +334,22 @@ def case(ctx: Context) -> None:
                 gate = record_gate(ctx, CASE, f"{shape} {system}", out)
                 _export_rows(ctx, shape, system, got, f"`{got['command']}`; {gate} (meaningless on random weights)")
                 systems.append({"system": system, "step": "edgeft", "path": str(out)})
-        for t in GGUF_TYPES if source is not None and bin_dir is not None else ():
+        f32 = root / "gguf" / f"{shape}.F32.gguf"
+        conv = None if source is None or bin_dir is None else _made(
+            ctx, shape, "llama.cpp F32", f32, dict(step="convert", model=str(model), source=str(source), out=str(f32),
+                                                   log=str(prepare.WORK / "logs" / f"{CASE}-convert-{shape}.log")))
+        for t in GGUF_TYPES if conv is not None else ():
             system, out = f"llama.cpp {t}", root / "gguf" / f"{shape}.{t}.gguf"
             got = _made(ctx, shape, system, out,
-                        dict(step="gguf", model=str(model), source=str(source), bin=str(bin_dir), type=t,
-                             f32=str(root / "gguf" / f"{shape}.F32.gguf"), out=str(out),
-                             log=str(prepare.WORK / "logs" / f"{CASE}-gguf-{out.name}.log")))
-            if got is not None:
-                note = got["command"] + (" (this run converted the f32 GGUF too)" if got.get("converted") else
-                                         " (the f32 GGUF was converted earlier: conversion not in these figures)")
-                _export_rows(ctx, shape, system, got, note)
+                        dict(step="quantize", bin=str(bin_dir), type=t, f32=str(f32), out=str(out),
+                             log=str(prepare.WORK / "logs" / f"{CASE}-quantize-{out.name}.log")))
+            if got is not None and conv is not None:
+                whole = {"bytes": got["bytes"], "seconds": conv["seconds"] + got["seconds"],
+                         "export_peak_rss_mib": max(conv["export_peak_rss_mib"], got["export_peak_rss_mib"])}
+                note = (f"convert_hf_to_gguf.py --outtype f32 ({conv['seconds']:.0f} s, "
+                        f"{conv['export_peak_rss_mib']:.0f} MiB) then llama-quantize {t} ({got['seconds']:.0f} s, "
+                        f"{got['export_peak_rss_mib']:.0f} MiB): export time and peak are of both")
+                _export_rows(ctx, shape, system, whole, note)
                 systems.append({"system": system, "step": "llama", "path": str(out)})
         per: dict[str, dict[str, list[float]]] = {s["system"]: {} for s in systems}
         bandwidth: list[float] = []
@@ -359,7 +372,7 @@ def case(ctx: Context) -> None:
                     ctx.res.skip(CASE, f"{shape} {s['system']}", str(exc))
                     failed.add(s["system"])
                     continue
-                for key in ("decode_tps", "decode_deep_tps", "prefill_tps", "peak_rss_mib"):
+                for key in ("decode_tps", "decode_deep_tps", "prefill_tps", "system_peak_mib"):
                     if key in got:
                         per[s["system"]].setdefault(key, []).append(got[key])
         _speed_rows(ctx, shape, systems, per, bandwidth, depth, new_tokens, _range)
@@ -381,7 +394,7 @@ def _export_rows(ctx: Context, shape: str, system: str, got: dict[str, Any], not
     name = f"{shape} {system}"
     ctx.add(CASE, name, "artifact_mib", got["bytes"] / 2**20, "MiB", higher=False, note=note)
     ctx.add(CASE, name, "export_s", got["seconds"], "s", higher=False)
-    ctx.add(CASE, name, "export_peak_rss_mib", got["peak_rss_mib"], "MiB", higher=False,
+    ctx.add(CASE, name, "export_peak_rss_mib", got["export_peak_rss_mib"], "MiB", higher=False,
             note="ru_maxrss of the largest export process (the converter or the quantizer for GGUF)")
 
 
@@ -402,7 +415,8 @@ def _speed_rows(ctx: Context, shape: str, systems: list[dict[str, Any]], per: di
                     context=depth)
         if fig.get("prefill_tps"):
             ctx.add(CASE, full, "prefill_tps", rng(fig["prefill_tps"]), "tok/s", prompt_tokens=PREFILL)
-        ctx.add(CASE, full, "peak_mib", max(fig["peak_rss_mib"]), "MiB", higher=False)
+        ctx.add(CASE, full, "peak_mib", max(fig["system_peak_mib"]), "MiB", higher=False,
+                note="the timing process's ru_maxrss (llama.cpp: llama-bench's)")
         nbytes = weights_bytes_per_token(Path(s["path"]))
         if nbytes:
             ctx.add(CASE, full, "weight_mib", nbytes / 2**20, "MiB/token", higher=False)
