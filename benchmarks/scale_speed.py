@@ -24,6 +24,10 @@ bandwidth limit (read bandwidth / bytes of weights per token), bytes of weights 
 and the export's wall time and peak RSS (``ru_maxrss`` of the export process: ``edgeft export``, or
 ``convert_hf_to_gguf.py`` then ``llama-quantize``).
 
+Each system keeps its own default KV cache: fp32 for edgeft, f16 for llama.cpp (``llama-bench``'s default
+``-ctk f16``). At 4,096 tokens of context edgeft's cache therefore reads twice the bytes llama.cpp's does.
+``results/2026-12-06-kv-cache-int8.md`` covers the 8-bit cache.
+
 Quality on random weights is meaningless (every system predicts noise), so nothing here is gated on
 it: the artifacts are exported with ``--allow-degraded`` and their gates are recorded only as facts.
 The speed comparison is fair because both sides compute the same shapes on the same grids.
