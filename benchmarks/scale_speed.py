@@ -432,5 +432,6 @@ def _speed_rows(ctx: Context, shape: str, systems: list[dict[str, Any]], per: di
                                 ("decode_ratio", "decode_deep_tps", {"context": depth}),
                                 ("prefill_ratio", "prefill_tps", {"prompt_tokens": PREFILL})):
         for mine, (value, peer) in ratios({n: m.get(key, 0.0) for n, m in medians.items()}).items():
-            ctx.add(CASE, f"{shape} {mine}", metric, value, "x", note=f"against {peer}, the faster at these bits",
-                    against=peer, **params)
+            ctx.add(CASE, f"{shape} {mine}", metric, value, "x", note=f"{shape} {mine} {metric} "
+                    f"({', '.join(f'{k}={v}' for k, v in params.items())}): against {peer}, the faster at these bits",
+                    **params)
