@@ -520,9 +520,11 @@ def test_classifier_fp32_matches_pytorch_and_int8_picks_a_measured_flavour(work,
     int8 = _export(bert_run, work / "bert-int8", "int8")
     g = _manifest(int8)["gate"]
     assert set(g["candidates"]) == {"int8-dynamic", "int8-weight-only"}
-    assert g["passed"] and g["chosen"] in g["candidates"] and g["chosen_because"].startswith("rule: ")
-    if all(c["passed"] for c in g["candidates"].values()):
-        assert g["chosen"] == "int8-dynamic"  # its matmuls run on int8 activations
+    assert g["passed"] and g["chosen"] in g["candidates"] and g["chosen_because"].startswith(("rule: ", "measured: "))
+    if all(c["passed"] for c in g["candidates"].values()):  # both timed on this CPU, the timings recorded
+        assert "per batch (median of 5 alternating rounds)" in g["chosen_because"]
+        if g["chosen_because"].startswith("rule: "):  # no clear winner on this machine
+            assert g["chosen"] == "int8-dynamic"  # its matmuls run on int8 activations
     assert _manifest(int8)["quantization"]["method"] == g["chosen"].removeprefix("int8-")
     assert g["metrics"]["label_agreement"] >= 0.97 and g["metrics"]["texts"] == 12
     lo, hi = g["metrics"]["accuracy_drop_ci95"]  # the drop's uncertainty and the rule are in the manifest
@@ -684,6 +686,53 @@ def test_classifier_pick_is_a_rule_on_the_graphs_not_a_timing(tmp_path):
     assert pick_classifier([small, same]) is same and pick_classifier([same, small]) is same
     assert pick_classifier([weight_only]).why.endswith("(the only candidate that passed)")
     assert pick_classifier([]) is None
+
+
+def test_classifier_pick_follows_a_clear_measurement_else_the_rule(tmp_path):
+    from types import SimpleNamespace as NS
+
+    from edgeft.export.pipeline import pick_classifier
+
+    def cand(name, ops, size):
+        return NS(name=name, folder=_graph_folder(tmp_path / name, ops, size), why="",
+                  result=NS(metrics={"accuracy": 0.8, "ms_per_text": 1.0}))
+
+    def timer(per_round):  # a fixed list of seconds per candidate, one per round; the calls in order
+        calls, seen = [], {}
+
+        def t(c):
+            calls.append(c.name)
+            seen[c.name] = seen.get(c.name, -1) + 1
+            return per_round[c.name][seen[c.name]]
+        return t, calls
+
+    dynamic = cand("int8-dynamic", ["MatMulInteger"] * 4, 2000)  # the rule's choice: int8 activations
+    weight_only = cand("int8-weight-only", ["MatMulNBits"] * 4, 1000)
+    # weight-only clearly faster in the median (one slow outlier round does not matter): it is chosen
+    t, calls = timer({"int8-dynamic": [10, 10, 10, 9, 11], "int8-weight-only": [8, 50, 8, 8, 8]})
+    chosen = pick_classifier([dynamic, weight_only], timer=t, rounds=5, isa="AVX-512 (VNNI, BF16, AMX)")
+    assert chosen is weight_only and chosen.why.startswith("measured: ")
+    assert "int8-weight-only 8000.00 ms, int8-dynamic 10000.00 ms" in chosen.why and "20.0% faster" in chosen.why
+    assert "AVX-512 (VNNI, BF16, AMX)" in chosen.why and "rule: " in chosen.why
+    # every round times each candidate once, the order rotated round by round
+    assert calls == ["int8-dynamic", "int8-weight-only", "int8-weight-only", "int8-dynamic"] * 2 + \
+        ["int8-dynamic", "int8-weight-only"]
+    # faster, but within the 10% margin: the rule stands, with the timings recorded
+    t, _ = timer({"int8-dynamic": [10] * 5, "int8-weight-only": [9.5] * 5})
+    chosen = pick_classifier([weight_only, dynamic], timer=t, rounds=5)
+    assert chosen is dynamic and chosen.why.startswith("rule: ") and chosen.why.endswith("the rule stands")
+    assert "5.0% faster" in chosen.why and "int8-weight-only 9500.00 ms" in chosen.why
+    # the rule's choice is the fastest: kept
+    t, _ = timer({"int8-dynamic": [5] * 3, "int8-weight-only": [9] * 3})
+    assert pick_classifier([weight_only, dynamic], timer=t, rounds=3) is dynamic
+    # a timer that fails leaves the rule standing, and says so
+    def broken(c):
+        raise RuntimeError("no session")
+    chosen = pick_classifier([weight_only, dynamic], timer=broken)
+    assert chosen is dynamic and "speed check failed (RuntimeError: no session)" in chosen.why
+    # one candidate: nothing to compare, nothing timed
+    t, calls = timer({})
+    assert pick_classifier([weight_only], timer=t) is weight_only and calls == []
 
 
 

@@ -232,8 +232,68 @@ def _kv_dtype(path: Path) -> str:
     m = onnx.load(str(path), load_external_data=False)
     for i in m.graph.input:
         if i.name.startswith("past_key_values"):
-            return {1: "float32", 10: "float16", 16: "bfloat16"}.get(i.type.tensor_type.elem_type, "float32")
+            return {1: "float32", 3: "int8", 10: "float16", 16: "bfloat16"}.get(i.type.tensor_type.elem_type, "float32")
     return "float32"
+
+
+# ---------------------------------------------------------------- 8-bit KV cache
+
+KV_SCALE_INPUTS = (12, 13)  # GroupQueryAttention's k_scale and v_scale input slots (onnxruntime 1.2x-1.3x)
+
+
+def kv_cache_scales(path: Path, feeds: list[dict], num_layers: int, headroom: float = 1.0) -> dict[str, Any]:
+    """Static per-channel scales of each layer's key and value cache, from the fp32 graph at ``path`` run on
+    ``feeds`` (``smooth.decoder_feeds``): the largest |value| a channel of a KV head held over every
+    calibration position (keys after rotary, as the cache stores them) x ``headroom`` / 127, shaped
+    ``[kv_heads, 1, head_dim]`` as onnxruntime's CPU GroupQueryAttention reads a PER_CHANNEL scale.
+    Returns ``{"present.{i}.key": scale, ...}``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    names = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    peak: dict[str, Any] = {}
+    for feed in feeds:
+        for name, x in zip(names, sess.run(names, feed)):
+            m = np.abs(x).max(axis=(0, 2))  # [kv_heads, head_dim]
+            peak[name] = m if name not in peak else np.maximum(peak[name], m)
+    # a channel that was always zero keeps a tiny scale rather than a zero one (no division by zero)
+    return {n: (np.maximum(m, 1e-6) * headroom / 127.0).astype(np.float32)[:, None, :] for n, m in peak.items()}
+
+
+def int8_kv_cache(path: Path, scales: dict[str, Any]) -> int:
+    """Rewrite the decoder graph at ``path`` in place to keep an 8-bit KV cache: every GroupQueryAttention
+    stores its past/present as int8 with the static per-channel ``scales`` (``kv_cache_scales``), and the
+    graph's past/present tensors become int8. onnxruntime's CPU kernel quantizes the new keys and values
+    into the cache and reads it back at its scales. Returns the attention nodes changed; a graph without
+    GroupQueryAttention (the torch.onnx route) cannot: one clear error."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    attn = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+    if not attn:
+        raise EdgeftError("an 8-bit KV cache needs onnxruntime's GroupQueryAttention, which this decoder graph "
+                          "(exported by torch.onnx) does not use")
+    for value in list(m.graph.input) + list(m.graph.output):
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.INT8
+    for node in attn:
+        present_k, present_v = node.output[1], node.output[2]
+        slots = list(node.input) + [""] * (max(KV_SCALE_INPUTS) + 1 - len(node.input))
+        for slot, present in zip(KV_SCALE_INPUTS, (present_k, present_v)):
+            name = f"{present}.scale"
+            m.graph.initializer.append(numpy_helper.from_array(scales[present], name))
+            slots[slot] = name
+        del node.input[:]
+        node.input.extend(slots)
+        keep = [a for a in node.attribute if a.name not in ("k_quant_type", "v_quant_type", "kv_cache_bit_width")]
+        del node.attribute[:]
+        node.attribute.extend(keep + [helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                                      helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                                      helper.make_attribute("kv_cache_bit_width", 8)])
+    onnx.save(m, str(path))
+    return len(attn)
 
 
 # ---------------------------------------------------------------- torch.onnx

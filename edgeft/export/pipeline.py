@@ -599,23 +599,41 @@ def _run_gate(plan: Plan, log: Log) -> Gated:
             c.result = gate.embedding_gate(c.ensure_built().folder, ref, evals, config)
             _unseal(c)
             _say(c, log)
-        return Gated(pick_classifier([c for c in candidates if c.result.passed], "mean_cosine"), evals, ref)
+        passing = [c for c in candidates if c.result.passed]
+        return Gated(pick_classifier(passing, "mean_cosine", classifier_timer(evals, config.threads, embedding=True),
+                                     isa=_machine_isa()), evals, ref)
     ref = gate.classifier_reference(source.model, tokenizer_json, evals, source.labels, plan.max_length)
     for c in candidates:
         c.result = gate.classifier_gate(c.ensure_built().folder, ref, evals, config)
         _unseal(c)
         _say(c, log)
-    return Gated(pick_classifier([c for c in candidates if c.result.passed]), evals, ref)
+    passing = [c for c in candidates if c.result.passed]
+    return Gated(pick_classifier(passing, timer=classifier_timer(evals, config.threads), isa=_machine_isa()),
+                 evals, ref)
 
 
-def pick_classifier(passing: list[Candidate], quality: str = "accuracy") -> Candidate | None:
-    """Of the encoder candidates that passed the gate (all within its budget), choose by a rule
-    that does not depend on how busy the export machine is; the reason goes in ``why``.
+SPEED_ROUNDS = 5  # alternating rounds of the classifier speed check
+SPEED_BATCH = 32  # texts per timed call (the batch a server or a classify run uses)
+SPEED_MARGIN = 0.10  # the fastest must beat the rule's choice by this share of its time to overrule it
+
+
+def pick_classifier(passing: list[Candidate], quality: str = "accuracy",
+                    timer: Callable[[Candidate], float] | None = None, rounds: int = SPEED_ROUNDS,
+                    margin: float = SPEED_MARGIN, isa: str = "") -> Candidate | None:
+    """Of the encoder candidates that passed the gate (all within its budget), choose the fastest
+    on this machine when the measurement is clear, else by a rule; the reason goes in ``why``.
 
     The rule, in order: the most matrix products computed on int8 activations (integer GEMM,
     as dynamic int8 does; weight-only int8 dequantizes its weights and multiplies in fp32,
-    which is slower on CPUs), then the fewest bytes, then the higher ``quality`` metric,
+    which is slower on most CPUs), then the fewest bytes, then the higher ``quality`` metric,
     then the name. The ms/text the gate measured is recorded, not used.
+
+    With a ``timer`` (seconds for one fixed batch through a candidate) and two or more
+    candidates, each is timed once per round for ``rounds`` rounds, the order rotated every
+    round, and its median kept: the fastest replaces the rule's choice only when it is at least
+    ``margin`` faster (a share of the rule's choice's time), so noise on a busy machine leaves
+    the rule standing. A timer that fails leaves the rule standing too. ``isa`` (the CPU's
+    instruction sets, ``edgeft.bench.isa_summary``) is recorded with the timings.
     """
     if not passing:
         return None
@@ -631,10 +649,84 @@ def pick_classifier(passing: list[Candidate], quality: str = "accuracy") -> Cand
     int8_ops, size, q = facts[chosen.name]
     others = "; ".join(f"{n}: {f[0]} int8 matmuls, {f[1]} bytes, {quality} {f[2]:.4f}"
                        for n, f in sorted(facts.items()) if n != chosen.name)
-    chosen.why = (f"rule: most int8-activation matmuls, then fewest bytes, then highest {quality}; "
-                  f"{chosen.name}: {int8_ops} int8 matmuls, {size} bytes, {quality} {q:.4f}"
-                  + (f" (passed too: {others})" if others else " (the only candidate that passed)"))
-    return chosen
+    rule = (f"rule: most int8-activation matmuls, then fewest bytes, then highest {quality}; "
+            f"{chosen.name}: {int8_ops} int8 matmuls, {size} bytes, {quality} {q:.4f}"
+            + (f" (passed too: {others})" if others else " (the only candidate that passed)"))
+    chosen.why = rule
+    if timer is None or len(passing) < 2:
+        return chosen
+    try:
+        medians = time_candidates(passing, timer, rounds)
+    except Exception as exc:  # noqa: BLE001 - a failed measurement must not fail the export: the rule stands
+        chosen.why = f"{rule}; the speed check failed ({type(exc).__name__}: {exc}), so the rule stands"
+        return chosen
+    speed, gain = speed_verdict(medians, chosen.name, margin)
+    timings = ", ".join(f"{n} {1000 * s:.2f} ms" for n, s in sorted(medians.items(), key=lambda kv: kv[1]))
+    measured = (f"measured on this CPU ({isa or 'instruction sets unknown'}): {timings} per batch "
+                f"(median of {rounds} alternating rounds); the fastest is {100 * gain:.1f}% faster than "
+                f"the rule's choice {chosen.name} (margin {100 * margin:.0f}%)")
+    if speed == chosen.name:
+        chosen.why = f"{rule}; {measured}: the rule stands"
+        return chosen
+    winner = next(c for c in passing if c.name == speed)
+    winner.why = f"measured: {speed} is the fastest by more than the margin; {measured}; the rule alone: {rule}"
+    return winner
+
+
+def time_candidates(passing: list[Candidate], timer: Callable[[Candidate], float],
+                    rounds: int) -> dict[str, float]:
+    """Each candidate's median seconds over ``rounds`` alternating rounds (the order rotated each round)."""
+    import statistics
+
+    times: dict[str, list[float]] = {c.name: [] for c in passing}
+    for r in range(rounds):
+        k = r % len(passing)
+        for c in passing[k:] + passing[:k]:
+            times[c.name].append(float(timer(c)))
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def speed_verdict(medians: dict[str, float], rule_choice: str, margin: float) -> tuple[str, float]:
+    """(the candidate to keep, how much faster the fastest is than the rule's choice, as a share of its time).
+
+    The fastest is kept only when it beats ``rule_choice`` by at least ``margin``; else the rule's."""
+    fastest = min(medians, key=lambda n: (medians[n], n))
+    base = medians[rule_choice]
+    gain = (base - medians[fastest]) / base if base > 0 else 0.0
+    return (fastest if fastest != rule_choice and gain >= margin else rule_choice), gain
+
+
+def classifier_timer(evals: gate.EvalSet, threads: int | None,
+                     embedding: bool = False) -> Callable[[Candidate], float]:
+    """Seconds for one batch of ``SPEED_BATCH`` gate texts through a candidate's runtime (sessions kept open)."""
+    texts = [evals.texts[i % len(evals.texts)] for i in range(SPEED_BATCH)] if evals.texts else ["a"] * SPEED_BATCH
+    open_: dict[str, Callable[[list[str]], Any]] = {}
+
+    def timer(c: Candidate) -> float:
+        if c.name not in open_:
+            from edgeft.runtime import TextClassifier, TextEmbedder
+
+            write_manifest(c.folder, c.manifest)  # the runtime opens artifacts; the gate unsealed this one
+            try:
+                if embedding:
+                    open_[c.name] = TextEmbedder.open(c.folder, threads=threads).embed
+                else:
+                    open_[c.name] = TextClassifier.open(c.folder, threads=threads).predict_proba
+            finally:
+                _unseal(c)
+            open_[c.name](texts)  # warm up before timing
+        run = open_[c.name]
+        start = time.perf_counter()
+        run(texts)
+        return time.perf_counter() - start
+
+    return timer
+
+
+def _machine_isa() -> str:
+    from edgeft.bench import cpu_isa, isa_summary
+
+    return isa_summary(cpu_isa())
 
 
 def _gate_decoders(plan: Plan, evals: gate.EvalSet, log: Log) -> Gated:
