@@ -38,6 +38,20 @@ _PROTOBUF_LIMIT = (2 << 30) - (64 << 20)  # a trunk is one file: protobuf's 2 Gi
 _LAYER = re.compile(r"/layers?\.(\d+)/")
 
 
+
+def _write_parts(folder: Path, raw: bytes, cut: Cut, src: Path) -> tuple[str, str]:
+    """Write the trunk (named by its content) and the top beside each other, remove the whole graph
+    ``src`` (and its data file); return the trunk's file name and sha256."""
+    from edgeft.export.quantize import save
+
+    digest = hashlib.sha256(raw).hexdigest()
+    name = f"trunk-{digest[:16]}.onnx"
+    (folder / name).write_bytes(raw)
+    save(cut.top, folder / TOP_FILE)
+    src.unlink()
+    src.with_name(src.name + ".data").unlink(missing_ok=True)
+    return name, digest
+
 def frozen_blocks(asked: int | None, trained: int | None, num_layers: int) -> int:
     """The boundary to cut at: ``asked`` (``--trunk-blocks``), else the run's frozen count; 0: no split.
 
@@ -70,7 +84,7 @@ def split(folder: Path, manifest: Manifest, blocks: int, log: Callable[[str], No
     the caller writes it (``write_manifest`` hashes the new files). A graph that cannot be cut
     there is an error when the split was ``asked`` for (``--trunk-blocks``), else it stays one
     graph, and ``log`` says why."""
-    from edgeft.export.quantize import load, save
+    from edgeft.export.quantize import load
 
     src = folder / manifest.graph.file
     model = load(src)
@@ -86,12 +100,7 @@ def split(folder: Path, manifest: Manifest, blocks: int, log: Callable[[str], No
         log(f"kept as one graph: {exc}")
         return manifest
     log(f"split before block {blocks}: a shared trunk ({len(cut.outputs)} tensor(s) across) and this model's top")
-    digest = hashlib.sha256(raw).hexdigest()
-    name = f"trunk-{digest[:16]}.onnx"
-    (folder / name).write_bytes(raw)
-    save(cut.top, folder / TOP_FILE)
-    src.unlink()
-    src.with_name(src.name + ".data").unlink(missing_ok=True)
+    name, digest = _write_parts(folder, raw, cut, src)
     section = Trunk(file=name, sha256=digest, blocks=blocks, outputs=cut.outputs, top_inputs=cut.top_inputs)
     return dataclasses.replace(manifest, graph=dataclasses.replace(manifest.graph, file=TOP_FILE), trunk=section,
                                format_version=TRUNK_FORMAT_VERSION)
@@ -282,7 +291,7 @@ def split_decoder(folder: Path, manifest: Manifest, blocks: int, log: Callable[[
     Only the onnxruntime-genai builder's graph is cut (its blocks are named ``layers.N``);
     ``genai_config.json`` is dropped, since onnxruntime-genai's own loop drives one graph.
     Returns ``manifest`` with the trunk section; the caller writes it."""
-    from edgeft.export.quantize import load, save
+    from edgeft.export.quantize import load
 
     dec = manifest.decoder
     if dec is None or manifest.graph.builder != "onnxruntime-genai":
@@ -298,12 +307,7 @@ def split_decoder(folder: Path, manifest: Manifest, blocks: int, log: Callable[[
                           "lower --trunk-blocks")
     log(f"split before block {blocks}: a shared trunk (blocks 0-{blocks - 1}, {len(cut.outputs)} tensor(s) "
         "across) and this model's top")
-    digest = hashlib.sha256(raw).hexdigest()
-    name = f"trunk-{digest[:16]}.onnx"
-    (folder / name).write_bytes(raw)
-    save(cut.top, folder / TOP_FILE)
-    src.unlink()
-    src.with_name(src.name + ".data").unlink(missing_ok=True)
+    name, digest = _write_parts(folder, raw, cut, src)
     if manifest.graph.genai_config:
         (folder / manifest.graph.genai_config).unlink(missing_ok=True)
     section = Trunk(file=name, sha256=digest, blocks=blocks, outputs=cut.outputs, top_inputs=cut.top_inputs)
