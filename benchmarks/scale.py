@@ -22,10 +22,6 @@ weight plus one fp32 scale per output row); goal: 8-bit peak <= fp32 peak - 0.7 
 from __future__ import annotations
 
 import json
-import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,3 +129,138 @@ def random_model(shape: str, folder: Path) -> Path:
     _tokenizer(tmp)
     tmp.rename(folder)
     return folder
+
+
+# ---- one process watched: peak RSS, by phase, and scratch disk ---------------------------
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS")), 0)
+    except OSError:
+        return 0
+
+
+def _tree_bytes(folder: Path, pattern: str) -> int:
+    total = 0
+    for top in folder.glob(pattern):
+        for p in [top] if top.is_file() else top.rglob("*"):
+            try:
+                total += p.stat().st_size if p.is_file() else 0
+            except OSError:
+                pass
+    return total
+
+
+def watch(cmd: list[str], scratch: tuple[Path, str] | None = None, env: dict[str, str] | None = None,
+          interval: float = 0.25) -> dict[str, Any]:
+    """Run ``cmd`` in a child; its peak RSS (``ru_maxrss``, exact), the sampled peak of each phase (a phase
+    starts at a stderr line), and the largest bytes under ``scratch`` (folder, glob) seen while it ran."""
+    import resource
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    phases: list[dict[str, Any]] = [{"phase": "start", "peak_rss_mib": 0.0}]
+    lines: list[str] = []
+    scratch_peak = [0]
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            text = line.strip()
+            if text and not text.startswith(("gate: PyTorch", "gate: artifact")) and "%|" not in text:
+                phases.append({"phase": text[:120], "peak_rss_mib": 0.0})
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        rss = _rss(proc.pid) / 2**20
+        phases[-1]["peak_rss_mib"] = max(phases[-1]["peak_rss_mib"], round(rss, 1))
+        if scratch is not None:
+            scratch_peak[0] = max(scratch_peak[0], _tree_bytes(*scratch))
+        time.sleep(interval)
+    reader.join(timeout=10)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux; the largest child so far
+    return {"rc": proc.returncode, "peak_rss_mib": round(peak, 1), "phases": [p for p in phases if p["peak_rss_mib"]],
+            "scratch_peak_mb": round(scratch_peak[0] / 1e6, 1), "tail": lines[-5:]}
+
+
+# ---- the case ------------------------------------------------------------------------------
+
+def frozen_saving(shape: str, trained: int = 2) -> dict[str, int]:
+    """Bytes of the frozen blocks' Linear weights in fp32 and as int8 rows (+ an fp32 scale per row)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config(shape)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg)
+    fp32 = int8 = 0
+    for i, block in enumerate(model.model.layers):
+        if i >= cfg.num_hidden_layers - trained:
+            continue
+        for m in block.modules():
+            if isinstance(m, __import__("torch").nn.Linear):
+                fp32 += m.weight.numel() * 4
+                int8 += m.weight.numel() + m.out_features * 4
+    return {"fp32": fp32, "int8": int8, "saving": fp32 - int8}
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One ``edgeft tune`` of a shape over one base, watched (in a worker process of its own)."""
+    import os
+
+    folder = random_model(spec["shape"], Path(spec["models"]) / spec["shape"])
+    out = Path(spec["models"]) / f"run-{spec['shape']}-{spec['precision']}"
+    cmd = [*prepare.edgeft_cmd(), "tune", "-m", str(folder), "-d", str(prepare.REPO / "demo" / "sonnets.txt"),
+           "-o", str(out), "--overwrite", "--no-progress", *TUNE_ARGS, "--base-precision", spec["precision"]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 2))}
+    got = watch(cmd, env=env)
+    got["command"] = " ".join(["edgeft", *cmd[len(prepare.edgeft_cmd()):]])
+    got["load_1m"] = os.getloadavg()[0]
+    return got
+
+
+def shapes() -> list[str]:
+    import os
+
+    return [s for s in os.environ.get("BENCH_SCALE_SHAPES", "qwen2.5-0.5b,llama-3.2-1b").split(",") if s]
+
+
+def case(ctx: Context) -> None:
+    import os
+
+    from edgeft.bench import summarize
+
+    skip_fp32 = set(os.environ.get("BENCH_SCALE_SKIP_FP32", "").split(","))
+    models = prepare.WORK / "scale"
+    load = [os.getloadavg()[0]]
+    for shape in shapes():
+        theory = frozen_saving(shape)
+        ctx.add(CASE, shape, "theoretical_saving_mib", theory["saving"] / 2**20, "MiB", higher=True,
+                note="frozen blocks' Linear weights: fp32 bytes minus int8 rows and fp32 row scales")
+        peaks: dict[str, float] = {}
+        for prec in ("int8", "fp32"):
+            system = f"{shape} {prec} base"
+            if prec == "fp32" and shape in skip_fp32:
+                ctx.res.skip(CASE, system, "BENCH_SCALE_SKIP_FP32: does not fit this machine's memory")
+                continue
+            got = ctx.measure("scale", timeout=7200, shape=shape, precision=prec, models=str(models))
+            load.append(got["load_1m"])
+            if got["rc"]:
+                ctx.res.skip(CASE, system, f"edgeft tune exited {got['rc']}: {(got['tail'] or ['?'])[-1][:200]}")
+                continue
+            peaks[prec] = got["peak_rss_mib"]
+            ctx.add(CASE, system, "peak_rss_mib", got["peak_rss_mib"], "MiB", higher=False,
+                    note=f"ru_maxrss of `{got['command']}`")
+            for p in got["phases"]:
+                ctx.add(CASE, system, "phase_peak_rss_mib", p["peak_rss_mib"], "MiB", higher=False,
+                        phase=p["phase"], note="sampled every 0.25 s from the stderr line that starts it")
+        if len(peaks) == 2:
+            saved = peaks["fp32"] - peaks["int8"]
+            ctx.add(CASE, shape, "saving_share_of_theory", saved / (theory["saving"] / 2**20), "share", higher=True,
+                    note="(fp32 peak - int8 peak) / theoretical saving; goal >= 0.7")
+    ctx.add(CASE, "machine", "load_1m", summarize(load), "load", higher=False)
+
