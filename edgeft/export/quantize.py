@@ -4,7 +4,9 @@ Decoders get weight-only block quantization: every MatMul with a constant weight
 ``MatMulNBits`` (8 or 4 bits, selectable block size, int8 activations on CPU), and the
 token embedding becomes ``GatherBlockQuantized`` at the same width, sharing the head's
 quantized matrix when the model ties them. 8-bit blocks are symmetric; 4-bit blocks have
-a zero point (asymmetric), except the head, whose matrix the embedding may share.
+a zero point (asymmetric), except the head, whose matrix the embedding may share. The 8-bit
+blocks are made one weight at a time from the fp32 graph's external file (``_int8_pass``, with
+onnxruntime's own kernel), so the fp32 weights of an 8-bit MatMul are never all in memory.
 
 With ``--int4-mode offset`` the 4-bit blocks are instead stored as llama.cpp's Q4_1 stores
 them, ``offset + scale * q`` with a float offset per block (``offset_pass``: onnxruntime's 4-bit

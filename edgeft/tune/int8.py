@@ -3,9 +3,10 @@
 ``load`` builds the task model with weightless parameters (``accelerate.init_empty_weights``;
 buffers such as rotary frequencies are computed as usual), puts an ``Int8Linear`` in place of
 every frozen Linear (GPT-2's Conv1D too), then reads the safetensors checkpoint one tensor at a
-time. A frozen Linear's weight is read into memory and quantized at once, to int8 with one fp32
-scale per output row (absmax / 127, the weight format of bitsandbytes' LLM.int8), and its
-full-precision copy dropped; the trained blocks and heads are read into memory in fp32; the
+time. A frozen Linear's weight is mapped from the file and quantized a block of rows at a time into
+int8 rows allocated once, with one fp32 scale per output row (absmax / 127, the weight format of
+bitsandbytes' LLM.int8), and the map dropped (whole-matrix fp32 temporaries, freed, would stay in
+the C heap); the trained blocks and heads are read into memory in fp32; the
 frozen tensors kept as they are (embeddings, frozen norms) stay mapped from the file, as the
 fp32 base's do, so embedding rows no batch touches take no memory. A head the
 checkpoint lacks (a new classifier) is initialized by the model's own ``_init_weights`` after the
