@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -60,6 +60,9 @@ DROP_CEILING_FACTOR = 3.0
 BOOTSTRAP_RESAMPLES = 2000
 SIGNIFICANCE = 0.05
 MAX_TEXT_TOKENS = 128
+# A causal LM's gate scores at least this many tokens: a run whose held-out split is one short text gets
+# texts of its training part added (``_at_least``), and the gate's line says so.
+MIN_GATE_TOKENS = 1024
 NGRAM = 4
 
 
@@ -127,15 +130,61 @@ def eval_set(config: ExportConfig, task: Task, run_config: dict[str, Any], token
         idx = _spread(len(texts), limit)
         return EvalSet([texts[i] for i in idx], [got[i] for i in idx], origin=str(path), sha256=digest)
     if data.is_chat_file(path):
-        pairs = [data.render_chat(tokenizer, m) for m in split(data.load_chat(path))]
+        rows = data.load_chat(path)
+        pairs = [data.render_chat(tokenizer, m) for m in split(rows)]
         idx = _spread(len(pairs), limit)
         texts = [pairs[i][0] + pairs[i][1] for i in idx]
         prompts = [pairs[i][0] for i in idx[:config.gate_prompts]]
-        return EvalSet(texts, prompts=prompts, whole_prompts=True, origin=str(path), sha256=digest)
-    texts = split(data.load_texts(path, run_config.get("text_column")))
+
+        def trained() -> list[str]:  # rendered only when the held-out texts are too few
+            return [p + a for p, a in (data.render_chat(tokenizer, m) for m in _rest(rows, split))]
+
+        texts, origin = _at_least(texts, trained if from_training else None, tokenizer, str(path))
+        return EvalSet(texts, prompts=prompts, whole_prompts=True, origin=origin, sha256=digest)
+    rows = data.load_texts(path, run_config.get("text_column"))
+    texts = split(rows)
     idx = _spread(len(texts), limit)
     texts = [texts[i] for i in idx]
-    return EvalSet(texts, prompts=texts[:config.gate_prompts], origin=str(path), sha256=digest)
+    prompts = texts[:config.gate_prompts]
+    texts, origin = _at_least(texts, (lambda: _rest(rows, split)) if from_training else None, tokenizer, str(path))
+    return EvalSet(texts, prompts=prompts, origin=origin, sha256=digest)
+
+
+def _rest(items: list[Any], split: Any) -> list[Any]:
+    """The items of the training file that its held-out split does not hold (those tune trained on)."""
+    held = split(list(range(len(items))))
+    return [x for i, x in enumerate(items) if i not in set(held)]
+
+
+def _tokens(tokenizer: Any, text: str) -> int:
+    return min(MAX_TEXT_TOKENS, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+
+def _at_least(texts: list[str], more: Callable[[], list[str]] | None, tokenizer: Any,
+              origin: str) -> tuple[list[str], str]:
+    """A causal LM's scored texts topped up to ``MIN_GATE_TOKENS`` (each counted up to ``MAX_TEXT_TOKENS``).
+
+    When the held-out texts carry fewer tokens, texts of the training part of the file (``more()``: the
+    gate compares the artifact with PyTorch on them, which is no less fair for tune having seen them) are
+    added, spread over it, and the origin says so; without such texts it says how few were scored.
+    """
+    if tokenizer is None:
+        return texts, origin
+    have = sum(_tokens(tokenizer, t) for t in texts)
+    if have >= MIN_GATE_TOKENS:
+        return texts, origin
+    held = f"{len(texts)} held-out text{'s' * (len(texts) != 1)}, {have} tokens"
+    extra = more() if more is not None else []
+    added: list[str] = []
+    for i in sorted(range(len(extra)), key=lambda i: (i * 0.6180339887) % 1.0):  # spread over the file
+        added.append(extra[i])
+        have += _tokens(tokenizer, extra[i])
+        if have >= MIN_GATE_TOKENS:
+            break
+    if not added:
+        return texts, f"{origin}; only {held}, under the gate's minimum of {MIN_GATE_TOKENS}"
+    return texts + added, (f"{origin}; {held}, under the gate's minimum of {MIN_GATE_TOKENS}: "
+                           f"{len(added)} training text{'s' * (len(added) != 1)} added, {have} tokens in all")
 
 
 def calibration_texts(config: ExportConfig, task: Task, run_config: dict[str, Any], tokenizer: Any,

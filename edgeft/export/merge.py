@@ -145,8 +145,22 @@ def _load_run(run_dir: Path, config: ExportConfig) -> Source:
 
 
 def save_hf_folder(source: Source, folder: Path) -> Path:
-    """Write the merged model as a plain Hugging Face folder (what the genai builder reads)."""
+    """Write the merged model as a plain Hugging Face folder (what the genai builder reads).
+
+    ``source.model`` is then the same model mapped from that folder: the merged copy (the trained
+    tensors and every page of the base the save read) is dropped, so the graph export and the
+    quantizers do not run beside a resident fp32 model; the gate's PyTorch pass pages it back in.
+    """
+    import gc
+
+    import torch
+
     folder.mkdir(parents=True, exist_ok=True)
     source.model.save_pretrained(folder, safe_serialization=True)
     source.tokenizer.save_pretrained(folder)
+    cls = type(source.model)
+    source.model = None
+    gc.collect()
+    with quiet_transformers():
+        source.model = cls.from_pretrained(folder, dtype=torch.float32).eval()
     return folder

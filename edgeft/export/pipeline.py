@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import gc
 import glob
 import os
 import shutil
@@ -314,6 +315,7 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
     tokenizer = source.tokenizer
     log("exporting the decoder graph (fp32)")
     graph = export_decoder(source.model, hf_dir, work, route)
+    gc.collect()  # the builder's model is a reference cycle: until collected it keeps every page of hf/ it read
     if config.context_length and config.context_length > graph.context_length:
         raise EdgeftError(f"--context-length {config.context_length} is longer than the model's "
                           f"{graph.context_length} positions")

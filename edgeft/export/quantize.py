@@ -4,7 +4,9 @@ Decoders get weight-only block quantization: every MatMul with a constant weight
 ``MatMulNBits`` (8 or 4 bits, selectable block size, int8 activations on CPU), and the
 token embedding becomes ``GatherBlockQuantized`` at the same width, sharing the head's
 quantized matrix when the model ties them. 8-bit blocks are symmetric; 4-bit blocks have
-a zero point (asymmetric), except the head, whose matrix the embedding may share.
+a zero point (asymmetric), except the head, whose matrix the embedding may share. The 8-bit
+blocks are made one weight at a time from the fp32 graph's external file (``_int8_pass``, with
+onnxruntime's own kernel), so the fp32 weights of an 8-bit MatMul are never all in memory.
 
 With ``--int4-mode offset`` the 4-bit blocks are instead stored as llama.cpp's Q4_1 stores
 them, ``offset + scale * q`` with a float offset per block (``offset_pass``: onnxruntime's 4-bit
@@ -31,6 +33,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +41,7 @@ from edgeft.export.config import Quantize
 
 _BLOCK_RE = re.compile(r"(?:^|[./_])(?:layers|layer|h|blocks|block)[._/](\d+)(?:[./_]|$)")
 EXTERNAL_DATA_THRESHOLD = 1024
+QUANT_ROWS = 2**18  # fp32 values of a weight quantized at a time by the 8-bit pass (1 MiB)
 
 
 _MLP_IN_RE = re.compile(r"(?:gate_proj|up_proj|gate_up|c_fc|fc1|dense_h_to_4h|intermediate[./_]dense|[./_]w[13][./_])")
@@ -83,6 +87,43 @@ def load(path: Path):
     import onnx
 
     return onnx.load(str(path), load_external_data=True)
+
+
+def load_graph(path: Path):
+    """The graph at ``path`` with its external tensors left in their file (``materialize`` reads them)."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _external(t) -> bool:
+    from onnx import TensorProto
+
+    return t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
+
+
+def materialize(model, base: Path, keep: set[str] = frozenset()) -> None:
+    """Read into the graph every external tensor but those named in ``keep`` (what ``onnx.load`` does for all)."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for t in model.graph.initializer:
+        if _external(t) and t.name not in keep:
+            load_external_data_for_tensor(t, str(base))
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
+
+
+def _weight(t, base: Path) -> np.ndarray:
+    """An fp32 initializer as an array: mapped from its external file (pages dropped with the map), or its bytes."""
+    from onnx import numpy_helper
+
+    if not _external(t):
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    shape = tuple(int(d) for d in t.dims)
+    return np.memmap(base / info["location"], dtype=np.float32, mode="r", offset=int(info.get("offset", 0)),
+                     shape=shape)
 
 
 def save(model, path: Path) -> None:
@@ -201,6 +242,28 @@ def bits_for(group: str, scheme: Quantize, num_layers: int, mlp_in: bool = False
     raise ValueError(f"no fixed widths for {scheme}")
 
 
+def _width_plan(targets: list, scheme: Quantize, num_layers: int, widths: dict[str, int] | None,
+                q4_1_head: Any = None) -> dict[str, int]:
+    """MatMul node -> 4 or 8 bits: the scheme's fixed widths, or ``widths`` (nodes not named: 8);
+    ``q4_1_head``: the head kept at 8 bits (llama.cpp's Q4_1 layout, with the embedding sharing it)."""
+    if widths is None:
+        plan = {t.node: bits_for(t.group, scheme, num_layers, t.mlp_in) for t in targets}
+    else:
+        plan = {t.node: widths.get(t.node, 8) for t in targets}
+    if q4_1_head is not None:
+        plan[q4_1_head.node] = 8
+    return plan
+
+
+def _read_once(model: Any, targets: list) -> set[str]:
+    """The weights of ``targets`` that no other node reads (so a pass may read them from the file itself)."""
+    read_by: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            read_by[i] = read_by.get(i, 0) + 1
+    return {t.weight for t in targets if read_by.get(t.weight) == 1}
+
+
 def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, num_layers: int,
                      vocab_size: int, int8_activations: bool = True,
                      widths: dict[str, int] | None = None, int4_offsets: bool = False) -> QuantReport:
@@ -215,21 +278,20 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
     (sharing its matrix), and stays at 8 bits when they are not.
     """
     _quiet()
-    model = load(src)
+    base = Path(src).parent
+    model = load_graph(src)
+    materialize(model, base, keep={i for n in model.graph.node if n.op_type == "MatMul" for i in n.input[1:2]})
     gemm_to_matmul(model)
     targets = matmul_targets(model, vocab_size)
-    if widths is None:
-        plan = {t.node: bits_for(t.group, scheme, num_layers, t.mlp_in) for t in targets}
-    else:
-        plan = {t.node: widths.get(t.node, 8) for t in targets}
     head = next((t for t in targets if t.group == "head"), None)
+    plan = _width_plan(targets, scheme, num_layers, widths, head if int4_offsets else None)
     level = 4 if int8_activations else 1
-    if int4_offsets and head is not None:
-        plan[head.node] = 8  # llama.cpp's Q4_1 layout: the head (and the embedding sharing it) at 8 bits
     four = [n for n, b in plan.items() if b == 4]
     eight = [n for n, b in plan.items() if b == 8]
+    # the 8-bit weights stay in their file until the 8-bit pass reads them one at a time; the rest is read now
+    materialize(model, base, keep=_read_once(model, [t for t in targets if t.node in eight]))
     if int4_offsets:
-        model = _nbits_pass(model, eight, [n for n in plan if n not in eight], 8, block_size, level, True)
+        model = _int8_pass(model, base, eight, block_size, level)
         model = offset_pass(model, four, block_size, level)  # after the 8-bit pass: it quantizes its own
         emb_bits = 8
         shared = _quantize_embedding(model, emb_bits, block_size, head, 8)
@@ -240,11 +302,16 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
                   (4, True, [head.node] if head is not None and plan[head.node] == 4 else []),
                   (8, True, eight)]
         for bits, symmetric, nodes in passes:
-            model = _nbits_pass(model, nodes, [n for n in plan if n not in nodes], bits, block_size, level, symmetric)
+            if bits == 8:
+                model = _int8_pass(model, base, nodes, block_size, level)
+            else:
+                model = _nbits_pass(model, nodes, [n for n in plan if n not in nodes], bits, block_size, level,
+                                    symmetric)
         emb_bits = (bits_for("embeddings", scheme, num_layers) if widths is None
                     else _searched_embedding_bits(model, head, plan))
         shared = _quantize_embedding(model, emb_bits, block_size, head, plan.get(head.node, 0) if head else 0)
     _drop_unused_initializers(model)
+    materialize(model, base)  # anything still in the source's file (none when every MatMul was quantized)
     save(model, dest)
     return QuantReport(scheme=scheme.value, block_size=block_size,
                        groups=_group_widths(targets, plan, emb_bits, num_layers),
@@ -294,6 +361,22 @@ def _ranks(model) -> dict[str, int]:
             if v.type.tensor_type.HasField("shape")}
 
 
+def _blocksum_nodes(x: str, out: str, base: str, k: int, nb: int, block_size: int, rank3: bool,
+                    const: Any) -> list:
+    """Nodes computing ``out``, the sums of ``x``'s blocks of ``block_size`` along its last axis (K)."""
+    from onnx import helper
+
+    if k % block_size == 0 and rank3:  # [b, s, K] -> [b, s, blocks, block] -> sum
+        shape = const(f"blocksums_{k}_shape", np.array([0, 0, nb, block_size], np.int64))
+        axes = const("blocksums_axes", np.array([-1], np.int64))
+        return [helper.make_node("Reshape", [x, shape], [f"{base}_blocked"], name=f"{base}_Blocked"),
+                helper.make_node("ReduceSum", [f"{base}_blocked", axes], [out], keepdims=0,
+                                 name=f"{base}_BlockSums")]
+    # any rank, or a padded last block: x @ E, E a 0/1 [K, blocks] matrix
+    e = const(f"blocksums_{k}x{nb}_E", (np.arange(k)[:, None] // block_size == np.arange(nb)[None, :]).astype(np.float32))
+    return [helper.make_node("MatMul", [x, e], [out], name=f"{base}_BlockSums")]
+
+
 def offset_pass(model, nodes: list[str], block_size: int, level: int = 4, offset_bits: int | None = 8):
     """Replace each named MatMul by 4-bit ``MatMulNBits`` plus its blocks' float offsets; the model.
 
@@ -339,16 +422,7 @@ def offset_pass(model, nodes: list[str], block_size: int, level: int = 4, offset
             numpy_helper.from_array(np.ascontiguousarray((offsets + 8.0 * scales).T), names["o"])])
         if x not in sums:
             sums[x] = f"{base}_blocksums"
-            if k % block_size == 0 and rank.get(x) == 3:  # [b, s, K] -> [b, s, blocks, block] -> sum
-                shape = const(f"blocksums_{k}_shape", np.array([0, 0, nb, block_size], np.int64))
-                axes = const("blocksums_axes", np.array([-1], np.int64))
-                out.extend([helper.make_node("Reshape", [x, shape], [f"{base}_blocked"], name=f"{base}_Blocked"),
-                            helper.make_node("ReduceSum", [f"{base}_blocked", axes], [sums[x]], keepdims=0,
-                                             name=f"{base}_BlockSums")])
-            else:  # any rank, or a padded last block: x @ E, E a 0/1 [K, blocks] matrix
-                e = const(f"blocksums_{k}x{nb}_E",
-                          (np.arange(k)[:, None] // block_size == np.arange(nb)[None, :]).astype(np.float32))
-                out.append(helper.make_node("MatMul", [x, e], [sums[x]], name=f"{base}_BlockSums"))
+            out.extend(_blocksum_nodes(x, sums[x], base, k, nb, block_size, rank.get(x) == 3, const))
         y = node.output[0]
         out.extend([
             helper.make_node("MatMulNBits", [x, names["q"], names["s"]], [f"{y}_scaled"],
@@ -359,16 +433,73 @@ def offset_pass(model, nodes: list[str], block_size: int, level: int = 4, offset
     model.graph.ClearField("node")
     model.graph.node.extend(out)
     _ensure_domains(model)
-    if offset_bits is not None:
-        offsets = [n.name for n in out if n.name.endswith("_Offsets")]
-        rest = [n.name for n in out if n.op_type == "MatMul" and n.name not in offsets]
-        model = _nbits_pass(model, offsets, rest, offset_bits, 32, level, True)
-    return model
+    return model if offset_bits is None else _offsets_at(model, out, offset_bits, level)
+
+
+def _offsets_at(model, nodes: list, bits: int, level: int):
+    """The offsets' small matmuls (``*_Offsets``) stored at ``bits`` (symmetric blocks of 32)."""
+    offsets = [n.name for n in nodes if n.name.endswith("_Offsets")]
+    rest = [n.name for n in nodes if n.op_type == "MatMul" and n.name not in offsets]
+    return _nbits_pass(model, offsets, rest, bits, 32, level, True)
 
 
 def _searched_embedding_bits(model, head: MatMulTarget | None, plan: dict[str, int]) -> int:
     _, _, tied = _embedding_gather(model, head.weight if head else None)
     return plan[head.node] if tied and head is not None else 8
+
+
+def _int8_pass(model, base: Path, include: list[str], block_size: int, level: int = 4):
+    """8-bit symmetric ``MatMulNBits`` for the MatMuls ``include``, one weight at a time and a block of columns
+    at a time, read from the weights' external file where they still are: the graph never holds their fp32
+    bytes. Numbers and layout are onnxruntime's own (its ``quantize_matmul_8bits`` kernel, which
+    ``MatMulNBitsQuantizer`` calls): ``[N, K/block, block]`` bytes and ``[N, K/block]`` scales."""
+    from onnx import helper, numpy_helper
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+    if not include:
+        return model
+    inits, wanted = _inits(model), set(include)
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    nodes, drop = [], set()
+    for node in model.graph.node:
+        if node.name not in wanted:
+            nodes.append(node)
+            continue
+        t = inits[node.input[1]]
+        w = _weight(t, base)  # [K, N]
+        k, n = w.shape
+        nb = -(-k // block_size)
+        packed = np.zeros((n, nb, block_size), np.uint8)
+        scales = np.zeros((n, nb), np.float32)
+        step = max(1, QUANT_ROWS // max(1, k))
+        for c in range(0, n, step):  # a block of output columns at a time
+            cols = min(step, n - c)
+            chunk = np.zeros((nb * block_size, cols), np.float32)
+            chunk[:k] = w[:, c:c + cols]
+            part, sc = np.zeros((cols, nb, block_size), np.uint8), np.zeros((cols, nb), np.float32)
+            quantize_matmul_8bits(part, chunk, sc, np.zeros((cols, nb), np.uint8), block_size, cols, k,
+                                  True)
+            packed[c:c + cols], scales[c:c + cols] = part, sc
+        del w
+        qname, sname = f"{t.name}_Q8", f"{t.name}_scales"
+        model.graph.initializer.extend([numpy_helper.from_array(packed, qname), numpy_helper.from_array(scales, sname)])
+        attrs = {"K": k, "N": n, "bits": 8, "block_size": block_size} | ({"accuracy_level": level} if level else {})
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], qname, sname], list(node.output),
+                                      name=f"{node.name}_Q8", domain="com.microsoft", **attrs))
+        if readers.get(t.name, 0) == 1:
+            drop.add(t.name)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    if drop:
+        keep = [t for t in model.graph.initializer if t.name not in drop]
+        model.graph.ClearField("initializer")
+        model.graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
 
 
 def _nbits_pass(model, include: list[str], exclude: list[str], bits: int, block_size: int, level: int = 4,

@@ -3,9 +3,10 @@
 ``load`` builds the task model with weightless parameters (``accelerate.init_empty_weights``;
 buffers such as rotary frequencies are computed as usual), puts an ``Int8Linear`` in place of
 every frozen Linear (GPT-2's Conv1D too), then reads the safetensors checkpoint one tensor at a
-time. A frozen Linear's weight is read into memory and quantized at once, to int8 with one fp32
-scale per output row (absmax / 127, the weight format of bitsandbytes' LLM.int8), and its
-full-precision copy dropped; the trained blocks and heads are read into memory in fp32; the
+time. A frozen Linear's weight is mapped from the file and quantized a block of rows at a time into
+int8 rows allocated once, with one fp32 scale per output row (absmax / 127, the weight format of
+bitsandbytes' LLM.int8), and the map dropped (whole-matrix fp32 temporaries, freed, would stay in
+the C heap); the trained blocks and heads are read into memory in fp32; the
 frozen tensors kept as they are (embeddings, frozen norms) stay mapped from the file, as the
 fp32 base's do, so embedding rows no batch touches take no memory. A head the
 checkpoint lacks (a new classifier) is initialized by the model's own ``_init_weights`` after the
@@ -38,6 +39,7 @@ from edgeft.errors import EdgeftError
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+QUANT_BLOCK = 2**20  # bytes of fp32 rows quantized at a time (Int8Linear.put)
 
 
 # ---- the int8 layer -------------------------------------------------------------------
@@ -85,13 +87,24 @@ class Int8Linear(nn.Module):
         return cls(rows, cols, module.bias is not None, transposed=True)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        """Take the checkpoint's ``weight`` (quantized here) or ``bias``."""
+        """Take the checkpoint's ``weight`` (quantized here, a block of rows at a time) or ``bias``.
+
+        The weight is best given mapped from the file: its pages are read once, then dropped with the
+        map. The int8 rows are allocated once and filled block by block, so the full-precision
+        temporaries are a block's (``QUANT_BLOCK`` bytes), never a whole matrix's: freed matrices
+        would stay in the C heap (glibc serves allocations up to 32 MB from it once a large one was
+        freed, and does not give it back), which kept about the fp32 model's size resident.
+        """
         if name == "weight":
-            w = tensor.to(torch.float32)
-            q, self.scale = quantize_rows(w.t() if self.transposed else w)
-            self.weight = nn.Parameter(q, requires_grad=False)
+            rows = tensor.t() if self.transposed else tensor
+            q = torch.empty(rows.shape, dtype=torch.int8)
+            scale = torch.empty(rows.shape[0], dtype=torch.float32)
+            step = max(1, QUANT_BLOCK // max(1, 4 * rows.shape[1]))
+            for i in range(0, rows.shape[0], step):
+                q[i:i + step], scale[i:i + step] = quantize_rows(rows[i:i + step].to(torch.float32))
+            self.weight, self.scale = nn.Parameter(q, requires_grad=False), scale
         else:
-            self.bias = nn.Parameter(tensor.to(torch.float32), requires_grad=False)
+            self.bias = nn.Parameter(tensor.to(torch.float32, copy=True), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _DequantMatmul.apply(x, self.weight, self.scale)
@@ -168,10 +181,10 @@ def _swap_frozen_linears(model: nn.Module, keep: list[str]) -> None:
 
 
 def _mapped(model: nn.Module, key: str, keep: list[str]) -> bool:
-    """Whether a tensor can stay mapped from the file: frozen and kept as it is (embeddings, frozen norms);
-    one stored in another dtype is converted to fp32, so its map goes once it is read."""
-    owner = key.rpartition(".")[0]
-    return not _inside(owner, keep) and not isinstance(model.get_submodule(owner), Int8Linear)
+    """Whether a tensor is read mapped from the file: every frozen one. Kept as it is (embeddings, frozen
+    norms), it stays mapped; a frozen Linear's is quantized from the map (which then goes), and one stored
+    in another dtype is converted to fp32, so its map goes once it is read."""
+    return not _inside(key.rpartition(".")[0], keep)
 
 
 def _put(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
