@@ -201,8 +201,15 @@ def test_only_artifacts_under_a_model_dir_load(pair, tmp_path):
         assert r.status_code == 400 and r.json()["error"]["code"] == "artifact_not_found"
         r = c.post("/v1/models/load", json={"model": "b"}, headers=AUTH)  # the path defaults to the name
         assert r.status_code == 400 and "no artifact 'b'" in r.json()["error"]["message"]
-        for body in ({}, {"model": 3}, {"model": "b", "path": 4}, {"model": ""}):
-            assert c.post("/v1/models/load", json=body, headers=AUTH).status_code == 400, body
+        for body in ({}, {"model": 3}, {"model": "b", "path": 4}, {"model": ""}, {"model": None}, {"model": ["b"]},
+                     {"model": "b\n"}, {"model": "b", "path": ""}, {"model": "b", "path": "x\x00y"},
+                     {"model": "b", "path": "x" * 5000}, {"model": "b", "path": ["b"]}):
+            for route in ("load", "unload"):
+                r = c.post(f"/v1/models/{route}", json=body, headers=AUTH)
+                assert r.status_code in (400, 404) and "error" in r.json(), (route, body, r.text)
+        for raw in (b"", b"[]", b"{", b'"b"'):
+            r = c.post("/v1/models/load", content=raw, headers={**AUTH, "content-type": "application/json"})
+            assert r.status_code == 400, raw
         shutil.copytree(b, allowed / "b")
         assert c.post("/v1/models/load", json={"model": "b"}, headers=AUTH).status_code == 200
         assert set(c.app.state.edgeft.models) == {"a", "b"}

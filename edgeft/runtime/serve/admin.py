@@ -56,11 +56,15 @@ def allowed_path(dirs: tuple[Path, ...], value: str) -> Path:
     given = Path(value)
     candidates = [given] if given.is_absolute() else [root / given for root in roots]
     for candidate in candidates:
-        real = candidate.resolve()  # symlinks and '..' followed: where the bytes really are
+        try:
+            real = candidate.resolve()  # symlinks and '..' followed: where the bytes really are
+            found = real.exists()
+        except (OSError, ValueError):  # a NUL byte, a name too long, a link loop
+            raise bad(f"'path' is not a usable file name: {value[:200]!r}", "path") from None
         if not any(real != root and real.is_relative_to(root) for root in roots):
             raise ApiError(403, f"'{value}' is not under a --model-dir of this server", type="permission_error",
                            code="path_not_allowed", param="path")
-        if real.exists():
+        if found:
             return real
     raise bad(f"no artifact '{value}' under --model-dir", "path", "artifact_not_found")
 
