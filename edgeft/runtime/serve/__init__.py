@@ -27,6 +27,7 @@ One module per concern:
 - ``replies``: a reply as parts (thinking, text, tool calls), for the two routes above;
 - ``encoders``: ``/v1/classify`` and ``/v1/embeddings``;
 - ``status``: ``/v1/models``, ``/health``, ``/metrics``;
+- ``admin``: ``/v1/models/load`` and ``/v1/models/unload`` (with ``--api-key``, artifacts under ``--model-dir``);
 - ``wire``: the OpenAI JSON shapes (requests parsed from ``SamplingParams``' own table);
 - ``metrics``: the Prometheus registry and the engine events that feed it.
 
