@@ -19,11 +19,18 @@ Two worker processes, each measuring one side alone (its own resident memory):
 Figures: seconds per pass (median of repeats after a warm-up), resident memory after loading
 and after the passes (VmRSS) and the peak. Goals (issue 29): four with ``classify_many`` at
 most 2.2x one alone (four one after another: ~4x); memory of four against one is reported.
+
+Two more workers time loading the second model (what ``POST /v1/models/load`` does: open it,
+every byte checked): ``add`` into a process that already holds the first (its trunk session
+reused), ``alone`` into a process that holds nothing. Both first open one session of the first
+model's top graph and drop it, so neither pays onnxruntime's one-time start-up. Figures: seconds
+and the VmRSS the load added, one load each; goal (issue 29): ``add`` < 0.3x ``alone`` in both.
 """
 
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +40,8 @@ if TYPE_CHECKING:
     from benchmarks.cases import Context
 
 CASE = "multi_classifier"
+ADD, ALONE = "load one more model, trunk already loaded", "load that model alone"
+GOAL_ADD = 0.3
 ONE, MANY, SEQ = "one MiniLM classifier", "four, classify_many (one trunk pass)", "four, one after another"
 GOAL_TIME = 2.2
 REPO = prepare.REPO
@@ -86,8 +95,29 @@ def _vm_rss_mib() -> float:
     return float("nan")
 
 
+def measure_load(spec: dict) -> dict:
+    """Seconds and resident memory to open the second model, with the first held (``add``) or alone."""
+    import onnxruntime as ort
+
+    from edgeft.artifact import read_manifest
+    from edgeft.runtime import TextClassifier
+
+    first, second = spec["paths"][:2]
+    warm = ort.InferenceSession(str(Path(first) / read_manifest(Path(first)).graph.file),
+                                providers=["CPUExecutionProvider"])
+    del warm  # onnxruntime's start-up paid on both sides alike
+    held = [TextClassifier.open(first, threads=spec["threads"])] if spec["side"] == "add" else []
+    rss, t0 = _vm_rss_mib(), time.perf_counter()
+    model = TextClassifier.open(second, threads=spec["threads"])
+    seconds, added = time.perf_counter() - t0, _vm_rss_mib() - rss
+    shared = bool(held) and model.trunk is held[0].trunk
+    return {"seconds": seconds, "rss_added_mib": added, "shared_session": shared}
+
+
 def measure(spec: dict) -> dict:
-    """One side (``spec["side"]``: one or four) in this worker process: load, then timed passes."""
+    """One side (``spec["side"]``: one, four, add or alone) in this worker process."""
+    if spec["side"] in ("add", "alone"):
+        return measure_load(spec)
     from edgeft.bench import peak_rss_mib, summarize, timeit
     from edgeft.runtime import TextClassifier
     from edgeft.runtime.classify import classify_many
@@ -144,6 +174,8 @@ def case(ctx: Context) -> None:
     try:
         one = ctx.measure(CASE, side="one", **spec)
         four = ctx.measure(CASE, side="four", **spec)
+        add = ctx.measure(CASE, side="add", **spec)
+        alone = ctx.measure(CASE, side="alone", **spec)
     except (WorkerFailed, subprocess.TimeoutExpired) as exc:
         raise prepare.Unavailable(str(exc)) from None
     note = (f"{CASE}: {four['texts']} texts, batch 32, {ctx.threads} threads; four MiniLM-L6 top-2 runs "
@@ -166,3 +198,15 @@ def case(ctx: Context) -> None:
     loaded_four = four["loaded_rss_mib"] - four["base_rss_mib"]
     ctx.add(CASE, MANY, "load_rss_vs_one", loaded_four / max(loaded_one, 1e-9), "x", higher=False,
             note="memory the loading itself added (VmRSS after opening the models less before)")
+    _add_load(ctx, add, alone)
+
+
+def _add_load(ctx: Context, add: dict, alone: dict) -> None:
+    note = (f"one load each, every byte checked; trunk session reused: {add['shared_session']}")
+    for system, r in ((ADD, add), (ALONE, alone)):
+        ctx.add(CASE, system, "load_seconds", r["seconds"], "s", higher=False, note=note if r is add else "")
+        ctx.add(CASE, system, "load_rss_added_mib", r["rss_added_mib"], "MiB", higher=False)
+    ctx.add(CASE, ADD, "load_time_vs_alone", add["seconds"] / max(alone["seconds"], 1e-9), "x", higher=False,
+            note=f"goal < {GOAL_ADD}x loading it alone")
+    ctx.add(CASE, ADD, "load_rss_vs_alone", add["rss_added_mib"] / max(alone["rss_added_mib"], 1e-9), "x",
+            higher=False, note=f"goal < {GOAL_ADD}x loading it alone")

@@ -134,11 +134,15 @@ class ServeConfig(TrustedKeys):
     header_timeout: float = field(default=10.0, metadata=flag(env="EDGEFT_HEADER_TIMEOUT", above=0, max=3600))
     """Seconds a client has to send a request's headers, and again its body; a slower connection is closed
     (so idle or trickling sockets cannot hold the server)."""
+    model_dirs: tuple[Path, ...] = field(default=(), metadata=flag("--model-dir", env="EDGEFT_MODEL_DIR"))
+    """Folder whose artifacts may be loaded into the running server (POST /v1/models/load, needs --api-key;
+    unload: POST /v1/models/unload). Repeat for several; env: folders separated by ':'."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", tuple(Path(a) for a in self.artifacts))
         object.__setattr__(self, "names", tuple(self.names))
         object.__setattr__(self, "trusted_keys", tuple(Path(k) for k in self.trusted_keys))
+        object.__setattr__(self, "model_dirs", tuple(Path(d) for d in self.model_dirs))
         try:
             object.__setattr__(self, "speculate", Speculation(self.speculate))
         except ValueError:

@@ -271,7 +271,9 @@ BASE = {"model": None, "prompt": "Shall I compare", "messages": [{"role": "user"
 
 
 def post_routes(app) -> list[str]:
-    return sorted(r.path for r in app.routes if isinstance(r, Route) and "POST" in (r.methods or ()))
+    """The POST routes a body can be sent to here (loading models needs --api-key: tests/test_trunk_serve.py)."""
+    return sorted(r.path for r in app.routes if isinstance(r, Route) and "POST" in (r.methods or ())
+                  and r.path not in ("/v1/models/load", "/v1/models/unload"))
 
 
 def get_routes(app) -> list[str]:

@@ -86,6 +86,21 @@ def verify(config: VerifyConfig) -> None:
     digest = "digest ok" if manifest.digest else "no manifest digest (older artifact)"
     typer.echo(f"{artifact}: ok, {len(manifest.files)} files, {size / 1e6:.1f} MB; {manifest.task.value} "
                f"{manifest.architecture}, {manifest.quantization.get('scheme', '?')}, gate {state}; {digest}, {trust}")
+    if manifest.trunk is not None:
+        typer.echo(trunk_line(manifest))
+
+
+def trunk_line(manifest) -> str:
+    """What a split artifact shares: its trunk's digest and boundary, and the size of each part."""
+    t = manifest.trunk
+
+    def mb(*names: str) -> str:
+        return f"{sum(int(manifest.files.get(n, {}).get('size', 0)) for n in names) / 1e6:.1f} MB"
+
+    top = [n for n in manifest.files if n == manifest.graph.file or n.startswith(manifest.graph.file + ".")]
+    return (f"  trunk {t.sha256} ({t.file}, {mb(t.file)}): the embeddings and the first {t.blocks} blocks, "
+            f"loaded once for every model that carries this digest; top {manifest.graph.file} ({mb(*top)}): "
+            "this model's own")
 
 
 @app.command()

@@ -30,6 +30,7 @@ One module per concern:
 - ``status``: ``/v1/models``, ``/health``, ``/metrics``;
 - ``wire``: the OpenAI JSON shapes (requests parsed from ``SamplingParams``' own table; ``chat_wire``:
   messages, tools, reasoning settings and ``parse_chat``);
+- ``admin``: ``/v1/models/load`` and ``/v1/models/unload`` (with ``--api-key``, artifacts under ``--model-dir``);
 - ``metrics``: the Prometheus registry and the engine events that feed it.
 
 The package knows HTTP (Starlette, uvicorn), the settings and the engines' agreed API

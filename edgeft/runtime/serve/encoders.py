@@ -83,10 +83,27 @@ def parse_embeddings(body: dict, max_inputs: int) -> EmbeddingsRequest:
 @api
 async def classify(request: Request) -> Response:
     state, body = await middleware.request_body(request)
+    if isinstance(body.get("model"), list):
+        return await classify_models(state, body)
     req = parse_classify(body, state.config.max_inputs)
     model = state.model(req.model, Task.classification)
     results = await model.batcher.classify(req.texts)
     return JSONResponse(responses.classify_body(model.name, results))
+
+
+async def classify_models(state: Any, body: dict) -> Response:
+    """``"model": [names]``: every model over the same inputs, as ``{"results": {name: its own answer}}``;
+    the models that share a trunk run it once per batch (``classify_many``, off the event loop)."""
+    from edgeft.runtime.classify import classify_many
+
+    names = body["model"]
+    if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise bad("'model' must be a model name or a non-empty list of distinct names", "model")
+    req = parse_classify({**body, "model": None}, state.config.max_inputs)
+    models = [state.model(n, Task.classification) for n in names]
+    answers = await state.run_many(classify_many, [m.front for m in models], req.texts, state.config.batch_size)
+    return JSONResponse({"object": "list", "model": names,
+                         "results": {m.name: responses.classify_body(m.name, a) for m, a in zip(models, answers)}})
 
 
 @api

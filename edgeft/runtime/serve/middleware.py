@@ -224,7 +224,8 @@ class EdgeMiddleware:
                     "(--max-connections): retry shortly", type="server_error", code="server_busy",
                 ))(scope, receive, send_with_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                with self.state.hold():  # the models it uses count it in flight (unloading waits for it)
+                    await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             if not self.state.draining:
                 raise

@@ -1,7 +1,8 @@
 """``/v1/models``, ``/v1/models/{model}``, ``/health`` and ``/metrics``: what is served and how it goes.
 
 ``/health`` answers 503 while the models load, when loading failed and while draining, so
-load balancers send work only to a ready server; ``/metrics`` is the Prometheus text of
+load balancers send work only to a ready server; a split classifier's entry in ``/v1/models``
+names its trunk (digest, boundary) and the served models that share it; ``/metrics`` is the Prometheus text of
 ``ServerState.metrics``. This module knows Starlette and ``ServerState``; nothing else.
 """
 
@@ -20,7 +21,7 @@ from edgeft.runtime.serve.wire import ApiError
 async def list_models(request: Request) -> Response:
     state: ServerState = request.app.state.edgeft
     state.check_serving()
-    return JSONResponse({"object": "list", "data": [m.info() for m in state.models.values()]})
+    return JSONResponse({"object": "list", "data": [m.info(state.shared_with(m)) for m in state.models.values()]})
 
 
 @api
@@ -30,7 +31,8 @@ async def get_model(request: Request) -> Response:
     name = request.path_params["model"]
     if name not in state.models:
         raise ApiError(404, f"the model '{name}' is not served here", param="model", code="model_not_found")
-    return JSONResponse(state.models[name].info())
+    m = state.models[name]
+    return JSONResponse(m.info(state.shared_with(m)))
 
 
 async def health(request: Request) -> Response:
