@@ -155,3 +155,30 @@ def test_kv_cache_int8_on_a_torch_onnx_decoder_is_one_line(tiny_gpt2_dir, tmp_pa
                             **GATE), log=None)
     assert "--kv-cache int8 needs an onnxruntime-genai builder graph" in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "gpt2").exists()
+
+
+def test_a_split_decoder_keeps_its_int8_cache_in_both_parts(int8_pair, tiny_llama_dir, tmp_path):
+    _, whole = int8_pair
+    art = export(ExportConfig(source=str(tiny_llama_dir), out=tmp_path / "split", quantize="int8", kv_cache="int8",
+                              trunk_blocks=2, **GATE), log=None)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["decoder"]["kv_dtype"] == "int8" and m["gate"]["passed"]
+    gen = Generator.open(art)
+    assert gen.engine.trunk is not None and gen.engine.kv_dtype == np.int8
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, speculate="off")
+    prompt = list(range(5, 45))
+    assert gen.generate(prompt, params).token_ids == Generator.open(whole).generate(prompt, params).token_ids
+    engine = Engine(gen, parallel=1, ctx_size=128)
+    try:
+        got, done = [], threading.Event()
+
+        def on_chunk(chunk):
+            got.append(chunk if isinstance(chunk, BaseException) else chunk.token_id)
+            if isinstance(chunk, BaseException) or chunk.finish_reason is not None:
+                done.set()
+
+        engine.submit(prompt, params, on_chunk, [])
+        assert done.wait(120)
+    finally:
+        engine.close()
+    assert [t for t in got if t is not None] == gen.generate(prompt, params).token_ids
