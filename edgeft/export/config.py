@@ -45,6 +45,13 @@ class Int4Mode(str, enum.Enum):
     zero_point = "zero-point"  # w = scale * (q - z), an integer zero point per block (MatMulNBits alone)
 
 
+class KVCache(str, enum.Enum):
+    """How a decoder's KV cache is stored."""
+
+    float32 = "float32"
+    int8 = "int8"  # static per-channel scales from held-out texts (onnxruntime's CPU GroupQueryAttention)
+
+
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 # Smallest first: what ``auto`` tries, in order.
@@ -86,6 +93,10 @@ class ExportConfig:
     """Decoders' 4-bit blocks: zero-point (an integer zero point per block: onnxruntime's 4-bit kernel alone)
     or offset (a float offset per block, the min/max grid of llama.cpp's Q4_1, offsets stored 8-bit, and the
     head at 8 bits as in Q4_1 files; closer to the model, but four small extra ops per matmul)."""
+    kv_cache: KVCache = field(default=KVCache.float32, metadata=flag("--kv-cache"))
+    """Decoders: the KV cache's storage, float32 or int8 (a quarter of the bytes each decode step reads at long
+    contexts; per-channel scales measured on held-out texts, and the gate judges each candidate with it, as it
+    judges the weights). Only onnxruntime-genai builder graphs (llama, qwen2, ...) can; gpt2's cannot."""
     max_accuracy_drop: float = field(default=1.0, metadata=flag(min=0))
     """Gate (classifiers): accuracy drop budget, in points; a drop over it fails when significant (McNemar
     p < 0.05), over 3x it always."""
@@ -141,6 +152,7 @@ class ExportConfig:
         object.__setattr__(self, "quantize", enum_value(Quantize, self.quantize, "--quantize"))
         object.__setattr__(self, "int8_mode", enum_value(Int8Mode, self.int8_mode, "--int8-mode"))
         object.__setattr__(self, "int4_mode", enum_value(Int4Mode, self.int4_mode, "--int4-mode"))
+        object.__setattr__(self, "kv_cache", enum_value(KVCache, self.kv_cache, "--kv-cache"))
         if self.task is not None:
             object.__setattr__(self, "task", enum_value(Task, self.task, "--task"))
         if self.eval_data is not None:

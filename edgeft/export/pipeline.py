@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from edgeft.artifact import MANIFEST, Manifest, Task, write_manifest
 from edgeft.errors import EdgeftError
 from edgeft.export import assemble, gate, quantize, smooth, trunk
-from edgeft.export.config import AUTO_ORDER, ExportConfig, Int4Mode, Int8Mode, Quantize
+from edgeft.export.config import AUTO_ORDER, ExportConfig, Int4Mode, Int8Mode, KVCache, Quantize
 from edgeft.fsutil import atomic_dir, check_destination, check_space, out_of_space, refuse_overlap
 
 if TYPE_CHECKING:
@@ -241,6 +241,8 @@ def _check_scheme(config: ExportConfig) -> None:
             and config.quantize not in (Quantize.int8, Quantize.auto)):
         raise EdgeftError(f"--int8-mode dynamic applies to the int8 scheme (--quantize int8 or auto), "
                           f"not --quantize {config.quantize.value}")
+    if config.kv_cache is KVCache.int8 and config.task in (Task.classification, Task.embedding):
+        raise EdgeftError("--kv-cache int8 applies to decoders; an encoder keeps no KV cache")
     if config.trunk_blocks and config.task is Task.embedding:
         raise EdgeftError("--trunk-blocks splits classifiers and decoders; an embedding model exports as one graph")
     if config.int4_mode is Int4Mode.offset:
@@ -265,6 +267,9 @@ def _export(config: ExportConfig, work: Path, log: Log, need: Need) -> Path:
     source = load_source(config)
     _check_scheme(dataclasses.replace(config, task=source.task))
     route = _check_architecture(source)
+    if source.task is Task.causal_lm and config.kv_cache is KVCache.int8 and route != "builder":
+        raise EdgeftError(f"--kv-cache int8 needs an onnxruntime-genai builder graph (llama, qwen2, ...); "
+                          f"{source.architecture} exports through torch.onnx, whose cache stays float32")
     _torch_threads(config, source.model)
     need.bytes = work_bytes(config, sum(p.numel() for p in source.model.parameters()))
     check_space(work, need.bytes, f"the export of {config.out}")  # before anything large is written
@@ -310,7 +315,7 @@ def _decoder_schemes(config: ExportConfig) -> list[Quantize]:
 
 
 def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path, log: Log, route: str) -> Plan:
-    from edgeft.export.decoder import export_decoder
+    from edgeft.export.decoder import export_decoder, int8_kv_cache
 
     tokenizer = source.tokenizer
     log("exporting the decoder graph (fp32)")
@@ -323,6 +328,7 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
     # a decoder is cut only when asked (--trunk-blocks K), never at the run's frozen count by default
     blocks = 0 if config.trunk_blocks is None else trunk.frozen_blocks(
         config.trunk_blocks, source.run.trainable_layers if source.run else None, graph.num_layers)
+    kv_scales = _kv_scales(config, source, graph, log)
 
     def build(scheme: Quantize, name: str | None = None, widths: dict[str, int] | None = None,
               search: dict[str, Any] | None = None) -> tuple[Path, Manifest]:
@@ -347,20 +353,36 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
                                               widths, config.int4_mode is Int4Mode.offset).to_dict()
             if search is not None:
                 quant["search"] = search
+        if kv_scales is not None:  # before the gate, which judges the cache with the weights
+            int8_kv_cache(folder / "model.onnx", kv_scales)
         assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict(),
                                     config.context_length)
         tok = assemble.tokenizer_section(tokenizer, source.model.config,
                                          getattr(source.model, "generation_config", None), folder)
-        manifest = assemble.decoder_manifest(graph, tok, gen, quant, source.architecture, config.context_length,
+        manifest = assemble.decoder_manifest(kv_graph, tok, gen, quant, source.architecture, config.context_length,
                                              source.provenance())
         if blocks:
             manifest = trunk.split_decoder(folder, manifest, blocks, log)
         return folder, write_manifest(folder, manifest)
 
+    kv_graph = graph if kv_scales is None else dataclasses.replace(graph, kv_dtype="int8")
     search = _Search(config, source, graph, log)
     candidates = [_searched_candidate(search, build, 1, None) if s is Quantize.searched
                   else Candidate(s.value, lambda s=s: build(s)) for s in _decoder_schemes(config)]
     return Plan(config, source, graph, tokenizer, candidates)
+
+
+def _kv_scales(config: ExportConfig, source: Source, graph: Any, log: Log) -> dict[str, Any] | None:
+    """--kv-cache int8: the cache's per-channel scales, measured on the fp32 graph over the calibration ids
+    of the dynamic int8 scheme (None: a float32 cache)."""
+    from edgeft.export.decoder import kv_cache_scales
+
+    if config.kv_cache is not KVCache.int8:
+        return None
+    ids, origin = _calibration_ids(config, source)
+    log(f"measuring the KV cache's range for an int8 cache on {sum(len(c) for c in ids)} tokens ({origin})")
+    feeds = smooth.decoder_feeds(graph.inputs, ids, graph.num_kv_heads, graph.head_dim, graph.kv_dtype)
+    return kv_cache_scales(graph.path, feeds, graph.num_layers)
 
 
 # Calibration of the dynamic int8 scheme: this many held-out tokens, in prompts of at most CALIBRATION_CHUNK.

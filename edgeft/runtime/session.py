@@ -26,6 +26,7 @@ ONNX_TO_NUMPY = {
     "tensor(double)": np.float64,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,  # an 8-bit KV cache (--kv-cache int8)
     "tensor(bool)": np.bool_,
 }
 
