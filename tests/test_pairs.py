@@ -187,3 +187,75 @@ def test_classify_cli_reads_pairs(pair_art, tmp_path):
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in res.output.splitlines() if x.strip()]
     np.testing.assert_allclose([r["scores"]["1"] for r in rows], want[:, 1], atol=1e-6)
+
+
+# ---- serving: /v1/classify pairs and /v1/rerank ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def http(pair_art, bert_art):
+    import httpx
+
+    from test_server import KEY, start_cli_server, stop
+
+    proc, url = start_cli_server([pair_art, bert_art], {"EDGEFT_API_KEY": KEY, "EDGEFT_MAX_INPUTS": "8",
+                                                        "EDGEFT_BATCH_WAIT_MS": "5"},
+                                 ["--name", "rel", "--name", "sentiment"])
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+    rc, err = stop(proc)
+    assert rc == 0, err[-2000:]
+
+
+def test_classify_route_takes_pairs(http, pair_art):
+    from edgeft.runtime import TextClassifier
+
+    pairs = [(a, b) for a, b, _ in _pair_rows()[:5]]
+    want = TextClassifier.open(pair_art, threads=1).predict_proba(pairs)
+    got = http.post("/v1/classify", json={"model": "rel", "input": [list(p) for p in pairs]})
+    assert got.status_code == 200, got.text
+    np.testing.assert_allclose([d["scores"]["1"] for d in got.json()["data"]], want[:, 1], atol=1e-6)
+    refused = http.post("/v1/classify", json={"model": "sentiment", "input": [["a", "b"]]})
+    assert refused.status_code == 400 and "not a pair classifier" in refused.json()["error"]["message"]
+
+
+def test_rerank_is_sorted_and_agrees_with_classify(http):
+    query = _pair_rows()[0][0]
+    docs = [b for _, b, _ in _pair_rows()[:7]]
+    got = http.post("/v1/rerank", json={"model": "rel", "query": query, "documents": docs})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert body["model"] == "rel" and body["usage"]["total_tokens"] > 0
+    scores = [r["relevance_score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True) and sorted(r["index"] for r in body["results"]) == list(range(7))
+    assert all("document" not in r for r in body["results"])
+    cls = http.post("/v1/classify", json={"model": "rel", "input": [[query, d] for d in docs]}).json()["data"]
+    np.testing.assert_allclose(scores, [cls[r["index"]]["scores"]["1"] for r in body["results"]], atol=1e-6)
+    top = http.post("/v1/rerank", json={"query": query, "documents": [{"text": d} for d in docs], "top_n": 2,
+                                        "return_documents": True, "model": "rel"}).json()["results"]
+    assert [r["index"] for r in top] == [r["index"] for r in body["results"][:2]]
+    assert top[0]["document"] == {"text": docs[top[0]["index"]]}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "rel", "documents": ["a"]}, "query"),
+    ({"model": "rel", "query": "q"}, "documents"),
+    ({"model": "rel", "query": "q", "documents": []}, "documents"),
+    ({"model": "rel", "query": "q", "documents": [1]}, "documents"),
+    ({"model": "rel", "query": "q", "documents": ["d"] * 9}, "documents"),  # over EDGEFT_MAX_INPUTS
+    ({"model": "rel", "query": "q", "documents": ["d"], "top_n": 0}, "top_n"),
+    ({"model": "rel", "query": "q", "documents": ["d"], "return_documents": "yes"}, "return_documents"),
+    ({"model": "sentiment", "query": "q", "documents": ["d"]}, "model"),  # not a pair classifier
+])
+def test_bad_rerank_requests_are_400(http, body, param):
+    got = http.post("/v1/rerank", json=body)
+    assert got.status_code == 400, got.text
+    assert got.json()["error"]["param"] == param
+    if body["model"] == "sentiment":
+        assert "'sentiment' is not a pair classifier" in got.json()["error"]["message"]
+
+
+def test_rerank_needs_the_key(http):
+    import httpx
+
+    got = httpx.post(str(http.base_url) + "/v1/rerank", json={"model": "rel", "query": "q", "documents": ["d"]})
+    assert got.status_code == 401

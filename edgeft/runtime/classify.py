@@ -145,6 +145,10 @@ class TextClassifier:
         column = self.relevance_index()
         return self.predict_proba(list(pairs), batch_size)[:, column]
 
+    def count_tokens(self, items: Sequence[Input]) -> int:
+        """How many tokens the model reads for ``items`` (a request's usage)."""
+        return sum(len(e.ids) for e in self._encode(list(items)))
+
     def _encode(self, items: list[Input]) -> list:
         if self.pairs is None and any(not isinstance(t, str) for t in items):
             raise EdgeftError(f"model {self.name!r} is not a pair classifier: give it texts, not pairs")
