@@ -147,6 +147,35 @@ def test_runtime_pair_probabilities_equal_pytorch(pair_run, pair_art):
     np.testing.assert_allclose(clf.relevance(pairs), got[:, 1])
 
 
+def test_a_decoder_classifier_reads_pairs_through_the_template(tiny_llama_dir, tmp_path):
+    """A llama classifier has no pair encoding: tune, the manifest, the gate and the runtime all join a
+    pair as ``text \\n---\\n text_pair``, and the runtime equals PyTorch on that text."""
+    import torch
+
+    from edgeft import data
+    from edgeft.export import ExportConfig, export
+    from edgeft.export.merge import load_source
+    from edgeft.runtime import TextClassifier
+    from edgeft.tune import TuneConfig, tune
+
+    run_dir = tune(TuneConfig(model=str(tiny_llama_dir), data=_write_pairs(tmp_path / "p.csv", ("premise", "hypothesis",
+                                                                                                  "label")),
+                              out=tmp_path / "run", max_length=48, batch_size=8, max_steps=2, lr=3e-3, warmup=0,
+                              progress=False, threads=1, trainable_layers=1))
+    art = export(ExportConfig(source=str(run_dir), out=tmp_path / "art", quantize="none", allow_degraded=True,
+                              gate_texts=8, threads=1), log=None)
+    man = json.loads((Path(art) / "manifest.json").read_text())
+    assert man["classifier"]["pairs"] == {"template": data.PAIR_TEMPLATE, "relevant_label": "1"}
+    pairs = [(a, b) for a, b, _ in _pair_rows()[:4]]
+    got = TextClassifier.open(art, threads=1).predict_proba(pairs)
+    source = load_source(ExportConfig(source=str(run_dir), out=tmp_path / "unused"))
+    with torch.no_grad():
+        want = [torch.softmax(source.model(**source.tokenizer(data.pair_text(p), return_tensors="pt",
+                                                               truncation=True, max_length=48)).logits, -1)[0].numpy()
+                for p in pairs]
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-5)
+
+
 def test_a_text_classifier_refuses_pairs(bert_art):
     from edgeft.errors import EdgeftError
     from edgeft.runtime import TextClassifier
