@@ -1,6 +1,8 @@
 """Training and evaluation examples as token ids, and the seeded order they are fed in.
 
-An example is ``(input_ids, target)``: for classification the target is a class id;
+An example is ``(input_ids, target)``: for classification the target is a class id (a
+pair of texts is the tokenizer's pair encoding, its ``PairIds`` carrying the token type ids,
+or one text through ``edgeft.data.PAIR_TEMPLATE`` for a decoder);
 for causal LM it is a list of labels (``-100`` where no loss is taken: the prompt of
 an instruction row, padding). Plain text is joined with the end-of-text token and cut
 into blocks of ``max_length`` tokens. Instruction and chat rows are rendered with the
