@@ -288,6 +288,8 @@ class Manifest:
         d["task"] = self.task.value
         if self.embedding is not None:
             d["embedding"]["pooling"] = self.embedding.pooling.value
+        if self.classifier is not None and self.classifier.pairs is None:
+            del d["classifier"]["pairs"]  # a text classifier's section stays as it was
         return d
 
     @classmethod
