@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--negatives", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--trainable-layers", type=int, default=2, help="top blocks trained (MiniLM has 6)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -94,7 +95,7 @@ def main() -> None:
 
     run = tune(TuneConfig(model=args.model, data=args.work / "pairs.csv", out=args.work / "run", overwrite=True,
                           max_length=args.max_length, batch_size=16, max_steps=args.steps, threads=args.threads,
-                          seed=args.seed, progress=False))
+                          seed=args.seed, trainable_layers=args.trainable_layers, progress=False))
     reranker = export(ExportConfig(source=str(run), out=args.work / "reranker", quantize="int8", overwrite=True,
                                    allow_degraded=True,
                                    threads=args.threads), log=None)
@@ -113,7 +114,7 @@ def main() -> None:
         "data": str(source.relative_to(REPO.parent) if source.is_relative_to(REPO.parent) else source),
         "model": args.model, "train_instructions": len(train), "train_pairs": n_pairs,
         "held_out_instructions": len(held), "candidates_per_query": len(answers),
-        "tune": {"steps": args.steps, "max_length": args.max_length, "batch_size": 16, "negatives": args.negatives},
+        "tune": {"steps": args.steps, "trainable_layers": args.trainable_layers, "max_length": args.max_length, "batch_size": 16, "negatives": args.negatives},
         "reranker": {**figures(rel), "artifact": "int8", "gate": manifest["gate"].get("metrics", {})},
         "embedding_cosine": {**figures(cos), "artifact": "int8"},
         "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
