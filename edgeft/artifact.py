@@ -146,12 +146,38 @@ class Decoder:
 
 
 @dataclass(frozen=True)
+class PairInput:
+    """A classifier of text pairs (NLI, duplicates, relevance): how a pair reaches the graph.
+
+    ``template`` None: the tokenizer's pair encoding (``[CLS] a [SEP] b [SEP]``, token type ids);
+    else one text, ``{text}`` and ``{text_pair}`` filled in (a decoder classifier).
+    ``relevant_label``: the label whose probability is a pair's relevance (``/v1/rerank``);
+    None with a single-logit head (relevance: its sigmoid) or when no label says it."""
+
+    template: str | None = None
+    relevant_label: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("template", "relevant_label"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise ValueError(f"classifier.pairs.{name} must be a string or null")
+
+
+@dataclass(frozen=True)
 class Classifier:
     """How to drive a classifier graph, and what its outputs mean."""
 
     labels: list[str]
     max_length: int
     uses_token_type_ids: bool = False
+    pairs: PairInput | None = None  # a pair classifier: it reads (text, text_pair)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pairs, dict):
+            known = {f.name for f in dataclasses.fields(PairInput)}
+            object.__setattr__(self, "pairs", PairInput(**{k: v for k, v in self.pairs.items() if k in known}))
+        elif not isinstance(self.pairs, (PairInput, type(None))):
+            raise ValueError("classifier.pairs must be an object or null")
 
 
 @dataclass(frozen=True)
@@ -263,6 +289,8 @@ class Manifest:
         d["task"] = self.task.value
         if self.embedding is not None:
             d["embedding"]["pooling"] = self.embedding.pooling.value
+        if self.classifier is not None and self.classifier.pairs is None:
+            del d["classifier"]["pairs"]  # a text classifier's section stays as it was
         return d
 
     @classmethod

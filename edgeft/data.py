@@ -2,7 +2,9 @@
 
 Shared by ``edgeft tune`` and export's gate. Three shapes come out of a file:
 
-- classification: ``load_classification(path) -> (texts, labels)``, labels as strings;
+- classification: ``load_classification(path) -> (texts, labels)``, labels as strings; a
+  text is a string, or a ``(text, text_pair)`` pair where the table has two text columns
+  (``PAIR_COLUMNS`` by name, or ``--text-column A --pair-column B``): NLI, duplicates, relevance;
 - plain text: ``load_texts(path) -> list[str]`` (a .txt file splits on blank lines, so a
   poem or a paragraph stays whole; a table gives its text column);
 - instruction or chat rows: ``load_chat(path) -> list[list[message]]`` where a row is
@@ -34,10 +36,17 @@ LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "sentiment", 
 # distinct ones, at most LABEL_MAX_CLASSES and at most half the rows.
 LABEL_MAX_CHARS = 40
 LABEL_MAX_CLASSES = 100
+# Two text columns a pair classifier reads (NLI, duplicate detection, relevance), found by name.
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "answer"),
+                ("query", "passage"), ("text", "text_pair"))
+# How a decoder classifier (no pair encoding of its own) reads a pair: the text, a separator line, the pair.
+PAIR_TEMPLATE = "{text}\n---\n{text_pair}"
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 SUFFIXES = (*TABLE_SUFFIXES, ".txt")
 
 Message = dict[str, str]
+Pair = tuple[str, str]
+Input = str | Pair  # what a classifier reads: one text, or a (text, text_pair) pair
 
 # No token of a real tokenizer spans more characters than this (WordPiece's longest word is
 # 100 characters; longer ones become one [UNK]), so the first ``n * CHARS_PER_TOKEN`` characters
@@ -210,15 +219,70 @@ def _cell(row: dict[str, Any], col: str, path: Path, i: int) -> str:
     return str(value).strip()
 
 
-def load_classification(path: Path, text_column: str | None = None,
-                        label_column: str | None = None) -> tuple[list[str], list[str]]:
-    """Texts and their labels (as strings) from a table file."""
+def load_classification(path: Path, text_column: str | None = None, label_column: str | None = None,
+                        pair_column: str | None = None) -> tuple[list[Input], list[str]]:
+    """Texts (or ``(text, text_pair)`` pairs, see ``detect_pair_columns``) and their labels
+    (as strings) from a table file."""
     path = Path(path)
-    text, label = detect_columns(path, text_column, label_column, need_label=True)
+    pair = detect_pair_columns(path, text_column, pair_column)
     rows = read_rows(path)
-    texts = [_cell(r, text, path, i) for i, r in enumerate(rows)]
+    texts: list[Input]
+    if pair is not None:
+        _, label = detect_columns(path, pair[0], label_column, need_label=True)
+        if label in pair:
+            raise EdgeftError(f"{path}: the label column {label!r} is also a text column; name it with --label-column")
+        texts = [(_cell(r, pair[0], path, i), _cell(r, pair[1], path, i)) for i, r in enumerate(rows)]
+    else:
+        text, label = detect_columns(path, text_column, label_column, need_label=True)
+        texts = [_cell(r, text, path, i) for i, r in enumerate(rows)]
     labels = [_cell(r, label, path, i) for i, r in enumerate(rows)]
     return texts, labels
+
+
+def detect_pair_columns(path: Path, text_column: str | None = None, pair_column: str | None = None
+                        ) -> tuple[str, str] | None:
+    """The (text, pair) column names of a pair table, or None when it is not one.
+
+    ``pair_column`` names the second text column (``text_column`` the first, else it is found
+    by name); without it a pair is two columns named as in ``PAIR_COLUMNS``."""
+    rows = read_rows(path)
+    columns = list(rows[0].keys())
+    if pair_column is not None:
+        if pair_column not in columns:
+            raise EdgeftError(f"{path}: no column {pair_column!r} (columns: {', '.join(columns)})")
+        first = _pick(columns, text_column, TEXT_COLUMNS, "text", Path(path), exclude=pair_column)
+        if first == pair_column:
+            raise EdgeftError(f"{path}: the text and pair columns are both {pair_column!r}")
+        return first, pair_column
+    lower = {c.lower(): c for c in columns}
+    for a, b in PAIR_COLUMNS:
+        if a in lower and b in lower and text_column in (None, lower[a]):
+            return lower[a], lower[b]
+    return None
+
+
+def uses_pair_template(tokenizer: Any) -> bool:
+    """Whether pairs reach this model as one text (``PAIR_TEMPLATE``): a tokenizer without a
+    separator token (a decoder's) has no pair encoding of its own."""
+    return getattr(tokenizer, "sep_token_id", None) is None
+
+
+# Label names that say "relevant" (or "the same", "follows") in pair data, most specific first.
+RELEVANT_LABELS = ("relevant", "duplicate", "entailment", "positive", "match", "similar", "yes", "true", "1")
+
+
+def relevant_label(labels: list[str]) -> str | None:
+    """The label of a pair classifier whose probability is a pair's relevance, by its name; None
+    for a single-logit head or when no name says it."""
+    lower = {str(n).lower(): n for n in labels}
+    if len(labels) < 2:
+        return None
+    return next((lower[n] for n in RELEVANT_LABELS if n in lower), None)
+
+
+def pair_text(item: Input, template: str = PAIR_TEMPLATE) -> str:
+    """One string for a model without a pair encoding: a pair through ``template``, a text as it is."""
+    return item if isinstance(item, str) else template.format(text=item[0], text_pair=item[1])
 
 
 def split_paragraphs(text: str) -> list[str]:

@@ -111,7 +111,7 @@ class ServeConfig(TrustedKeys):
     max_body_bytes: int = field(default=1 << 20, metadata=flag(env="EDGEFT_MAX_BODY_BYTES", min=1))
     """Largest request body; larger gets 413."""
     max_inputs: int = field(default=256, metadata=flag(env="EDGEFT_MAX_INPUTS", min=1))
-    """Texts per /v1/classify or /v1/embeddings request."""
+    """Texts per /v1/classify or /v1/embeddings request, and documents per /v1/rerank request."""
     batch_size: int = field(default=32, metadata=flag(env="EDGEFT_BATCH_SIZE", min=1))
     """Most texts per classifier run."""
     batch_wait_ms: float = field(default=5.0, metadata=flag(env="EDGEFT_BATCH_WAIT_MS", min=0, max=60_000))

@@ -267,7 +267,8 @@ def _wrap(v, seen, prefix):
 
 # One body that every POST route accepts (each reads what it needs): the fields' seed values.
 BASE = {"model": None, "prompt": "Shall I compare", "messages": [{"role": "user", "content": "Hello"}],
-        "input": "a fine film", "max_tokens": 2, "stream_options": {"include_usage": True}}
+        "input": "a fine film", "max_tokens": 2, "stream_options": {"include_usage": True},
+        "query": "a fine film", "documents": ["a fine film", {"text": "a dull one"}]}
 
 
 def post_routes(app) -> list[str]:
@@ -296,7 +297,9 @@ def fields_read(app, client, monkeypatch, route: str) -> list[str]:
         r = client.post(route, json={k: v for k, v in BASE.items() if v is not None})
     finally:
         monkeypatch.setattr(server, "read_json", real)
-    assert r.status_code == 200, (route, r.text)
+    # /v1/rerank reads the whole body, then refuses the served text classifier (no pair classifier here)
+    refused = route == "/v1/rerank" and r.status_code == 400 and r.json()["error"]["code"] == "not_a_reranker"
+    assert r.status_code == 200 or refused, (route, r.text)
     return sorted(seen)
 
 

@@ -1,7 +1,8 @@
 """``edgeft classify``: label texts with a classification artifact.
 
 Texts come from the command line or ``--input`` (CSV, TSV, JSONL or TXT: one text per
-line); results go to stdout or ``--output`` as JSONL (text, label, scores) or CSV (text,
+line); a pair classifier reads pairs (JSONL ``{"text": ..., "text_pair": ...}``, or two CSV
+columns: ``--text-column A --pair-column B``); results go to stdout or ``--output`` as JSONL (text, label, scores) or CSV (text,
 label, one probability column per label). Several artifacts (``edgeft classify A B C
 "text"...``: the leading arguments that are artifacts) answer together, each model's label
 and scores per text, the trunk that split models share run once per batch. Flags:
@@ -18,6 +19,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -81,6 +83,8 @@ class ClassifyConfig(TextsConfig):
     """Texts to classify (or use --input); artifacts first are more models, answered together."""
     format: OutputFormat | None = field(default=None, metadata=flag("--format", "-f"))
     """Output format [default: from --output's suffix, else jsonl]."""
+    pair_column: str | None = None
+    """The CSV column or JSONL key holding each text's pair, for a pair classifier [default: text_pair in JSONL]."""
     artifacts: tuple[str, ...] = field(default=(), metadata=flag(cli=False))
     """Every model asked for: the first argument, then the arguments after it that are artifacts."""
 
@@ -93,6 +97,15 @@ class ClassifyConfig(TextsConfig):
         object.__setattr__(self, "artifacts", models)
         object.__setattr__(self, "texts", texts[n:])
         super().__post_init__()
+
+    def items(self) -> list:
+        """The texts, or (text, text_pair) pairs, to classify."""
+        if self.input is None:
+            if self.pair_column:
+                raise EdgeftError("--pair-column reads pairs from --input")
+            return list(self.texts)
+        pairs = read_pairs(self.input, self.text_column, self.pair_column)
+        return pairs if pairs is not None else read_texts(self.input, self.text_column)
 
     @property
     def output_format(self) -> OutputFormat:
@@ -170,6 +183,60 @@ def _read_texts(path: Path, text_column: str | None) -> list[str]:
     raise EdgeftError(f"{path}: unknown input format {suffix!r} (use .csv, .tsv, .jsonl or .txt)")
 
 
+PAIR_KEY = "text_pair"
+
+
+def read_pairs(path: Path, text_column: str | None, pair_column: str | None) -> list[tuple[str, str]] | None:
+    """(text, text_pair) pairs from a CSV/TSV with --pair-column, or a JSONL file whose objects carry
+    ``text_pair`` (or the --pair-column key); None when the file holds single texts."""
+    from edgeft.data import read_text
+
+    require_file(path, "--input")
+    suffix, raw = path.suffix.lower(), read_text(path)
+    if suffix in (".csv", ".tsv"):
+        if pair_column is None:
+            return None
+        try:
+            rows = list(csv.DictReader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ","))
+        except csv.Error as exc:
+            raise EdgeftError(f"{path}: not a readable {suffix[1:].upper()} file ({exc})") from None
+        if not rows:
+            raise EdgeftError(f"{path} holds no texts to classify")
+        pair = _text_key(list(rows[0].keys()), pair_column, path)
+        key = _text_key([k for k in rows[0].keys() if k != pair], text_column, path)
+        return [(r[key] or "", r[pair] or "") for r in rows]
+    if suffix not in (".jsonl", ".json"):
+        if pair_column is not None:
+            raise EdgeftError(f"{path}: --pair-column reads a CSV, TSV or JSONL file")
+        return None
+    objs = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if line.strip():
+            try:
+                objs.append((n, json.loads(line)))
+            except json.JSONDecodeError:
+                raise EdgeftError(f"{path}:{n} is not a JSON line") from None
+    wanted = pair_column or PAIR_KEY
+    if not objs or not any(isinstance(o, dict) and wanted in o for _, o in objs):
+        if pair_column is not None:
+            raise EdgeftError(f"{path}: no object has the key {pair_column!r}")
+        return None
+    out = []
+    for n, o in objs:
+        if not isinstance(o, dict) or not isinstance(o.get(wanted), str):
+            raise EdgeftError(f"{path}:{n}: expected an object with a string {wanted!r} (a pair's second text)")
+        text = o.get(_text_key([k for k in o if k != wanted], text_column, path))
+        if not isinstance(text, str):
+            raise EdgeftError(f"{path}:{n}: the text must be a string")
+        out.append((text, o[wanted]))
+    return out
+
+
+def _row(t: Any) -> dict[str, str]:
+    """A result row's input columns: ``text``, and ``text_pair`` for a pair."""
+    return {"text": t} if isinstance(t, str) else {"text": t[0], PAIR_KEY: t[1]}
+
+
 def check_output(output: Path) -> None:
     """Refuse, before any work, an --output that is a folder or lies where nothing can be written."""
     if output.is_dir():
@@ -177,30 +244,32 @@ def check_output(output: Path) -> None:
     check_writable(output.parent, "the results")
 
 
-def write_results(out, texts: list[str], results: list[dict], labels: list[str], fmt: OutputFormat) -> None:
+def write_results(out, texts: list, results: list[dict], labels: list[str], fmt: OutputFormat) -> None:
     if fmt is OutputFormat.jsonl:
         for t, r in zip(texts, results):
-            out.write(json.dumps({"text": t, "label": r["label"], "scores": r["scores"]}, ensure_ascii=False) + "\n")
+            out.write(json.dumps({**_row(t), "label": r["label"], "scores": r["scores"]}, ensure_ascii=False) + "\n")
         return
     w = csv.writer(out)
-    w.writerow(["text", "label", *[f"p_{lab}" for lab in labels]])
+    heads = list(_row(texts[0])) if texts else ["text"]
+    w.writerow([*heads, "label", *[f"p_{lab}" for lab in labels]])
     for t, r in zip(texts, results):
-        w.writerow([t, r["label"], *[f"{r['scores'][lab]:.6f}" for lab in labels]])
+        w.writerow([*_row(t).values(), r["label"], *[f"{r['scores'][lab]:.6f}" for lab in labels]])
 
 
-def write_many(out, texts: list[str], names: tuple[str, ...], labels: list[list[str]], answers: list[list[dict]],
+def write_many(out, texts: list, names: tuple[str, ...], labels: list[list[str]], answers: list[list[dict]],
                fmt: OutputFormat) -> None:
     """Several models' results: JSONL ``{"text", "models": {artifact: {"label", "scores"}}}``, or CSV
     columns ``<artifact>:label`` and ``<artifact>:p_<label>`` per model."""
     rows = list(zip(*answers))
     if fmt is OutputFormat.jsonl:
         for t, row in zip(texts, rows):
-            out.write(json.dumps({"text": t, "models": dict(zip(names, row))}, ensure_ascii=False) + "\n")
+            out.write(json.dumps({**_row(t), "models": dict(zip(names, row))}, ensure_ascii=False) + "\n")
         return
     w = csv.writer(out)
-    w.writerow(["text", *[c for n, labs in zip(names, labels) for c in (f"{n}:label", *[f"{n}:p_{x}" for x in labs])]])
+    heads = list(_row(texts[0])) if texts else ["text"]
+    w.writerow([*heads, *[c for n, labs in zip(names, labels) for c in (f"{n}:label", *[f"{n}:p_{x}" for x in labs])]])
     for t, row in zip(texts, rows):
-        w.writerow([t, *[c for r, labs in zip(row, labels)
+        w.writerow([*_row(t).values(), *[c for r, labs in zip(row, labels)
                          for c in (r["label"], *[f"{r['scores'][x]:.6f}" for x in labs])]])
 
 

@@ -70,7 +70,7 @@ NGRAM = 4
 class EvalSet:
     """Held-out data for the gate: texts (and labels for classifiers), plus prompts."""
 
-    texts: list[str]
+    texts: list[Any]  # strings, or (text, text_pair) pairs for a pair classifier
     labels: list[str] | None = None
     prompts: list[str] = field(default_factory=list)
     whole_prompts: bool = False  # chat prompts are kept whole (their end is the assistant's turn)
@@ -122,7 +122,8 @@ def eval_set(config: ExportConfig, task: Task, run_config: dict[str, Any], token
         texts = split(data.load_texts(path, run_config.get("text_column")))
         return EvalSet([texts[i] for i in _spread(len(texts), limit)], origin=str(path), sha256=digest)
     if task is Task.classification:
-        texts, got = data.load_classification(path, run_config.get("text_column"), run_config.get("label_column"))
+        texts, got = data.load_classification(path, run_config.get("text_column"), run_config.get("label_column"),
+                                              run_config.get("pair_column"))
         texts, got = (list(x) for x in zip(*split(list(zip(texts, got, strict=True))), strict=True))
         unknown = sorted(set(got) - set(labels or []))
         if unknown:
@@ -198,8 +199,16 @@ def calibration_texts(config: ExportConfig, task: Task, run_config: dict[str, An
 
     full = eval_set(dataclasses.replace(config, gate_texts=10**9), task, run_config, tokenizer, None)
     scored = set(evals.texts)
-    rest = [t for t in full.texts if t not in scored]
-    return (rest, False) if rest else (list(evals.texts), True)
+    rest = [data.pair_text(t) for t in full.texts if t not in scored]  # a pair as one text
+    return (rest, False) if rest else ([data.pair_text(t) for t in evals.texts], True)
+
+
+def pair_columns(config: ExportConfig, run_config: dict[str, Any]) -> tuple[str, str] | None:
+    """The (text, pair) columns of the gate's data where it holds pairs: the classifier then reads pairs."""
+    path, _ = _eval_path(config, run_config)
+    if path is None or path.suffix.lower() == ".txt":
+        return None
+    return data.detect_pair_columns(path, run_config.get("text_column"), run_config.get("pair_column"))
 
 
 def _eval_path(config: ExportConfig, run_config: dict[str, Any]) -> tuple[Path | None, bool]:
@@ -337,15 +346,18 @@ def _lm_failures(m: dict[str, float], c: ExportConfig) -> list[str]:
 # ---------------------------------------------------------------- classification
 
 def classifier_reference(model: Any, tokenizer_json: Path, evals: EvalSet, labels: list[str],
-                         max_length: int) -> Reference:
-    """PyTorch's probabilities on the eval texts, tokenized exactly as the runtime does."""
+                         max_length: int, template: str | None = None) -> Reference:
+    """PyTorch's probabilities on the eval texts (or pairs: ``template`` as in the manifest),
+    tokenized exactly as the runtime does."""
     import torch
     from tokenizers import Tokenizer
+
+    from edgeft.runtime.classify import encode_inputs
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_padding()
     tok.enable_truncation(max_length)
-    encs = tok.encode_batch([data.clip_for_tokens(t, max_length) for t in evals.texts])
+    encs = encode_inputs(tok, list(evals.texts), max_length, template)
     import inspect
 
     types = "token_type_ids" in inspect.signature(model.forward).parameters
@@ -355,7 +367,8 @@ def classifier_reference(model: Any, tokenizer_json: Path, evals: EvalSet, label
             kw = {"input_ids": torch.tensor([e.ids]), "attention_mask": torch.ones(1, len(e.ids), dtype=torch.long)}
             if types:
                 kw["token_type_ids"] = torch.tensor([e.type_ids])
-            probs.append(torch.softmax(model(**kw).logits.float(), -1)[0].numpy())
+            logits = model(**kw).logits.float()  # one logit: its sigmoid, as the runtime reads it
+            probs.append((torch.sigmoid(logits) if logits.shape[-1] == 1 else torch.softmax(logits, -1))[0].numpy())
     probs = np.stack(probs)
     metrics = {"accuracy": _accuracy(probs, evals.labels, labels)}
     return Reference(metrics=metrics, probs=probs)

@@ -542,15 +542,29 @@ def _classifier_plan(config: ExportConfig, source: Source, hf_dir: Path, work: P
     max_length = source.max_length or 128
     log("exporting the classifier graph (fp32)")
     graph = export_classifier(source.model, work, max_length)
+    pairs = _pair_input(config, source)
 
     def manifest(tok, quant) -> Manifest:
-        return assemble.classifier_manifest(graph, tok, quant, source.architecture, source.labels, max_length,
+        made = assemble.classifier_manifest(graph, tok, quant, source.architecture, source.labels, max_length,
                                             source.provenance())
+        return made if pairs is None else dataclasses.replace(
+            made, classifier=dataclasses.replace(made.classifier, pairs=pairs))
 
     blocks = trunk.frozen_blocks(config.trunk_blocks, source.run.trainable_layers if source.run else None,
                                  int(source.model.config.num_hidden_layers))
     candidates = _encoder_candidates(config, source, hf_dir, graph, manifest, source.labels, work, log, blocks)
     return Plan(config, source, graph, source.tokenizer, candidates, max_length=max_length)
+
+
+def _pair_input(config: ExportConfig, source: Source) -> Any:
+    """The manifest's ``PairInput`` where the classifier was tuned on (and is gated on) text pairs."""
+    from edgeft import data
+    from edgeft.artifact import PairInput
+
+    if gate.pair_columns(config, source.run_config) is None:
+        return None
+    template = data.PAIR_TEMPLATE if data.uses_pair_template(source.tokenizer) else None
+    return PairInput(template=template, relevant_label=data.relevant_label(list(source.labels)))
 
 
 def _embedding_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path, log: Log) -> Plan:
@@ -626,7 +640,10 @@ def _run_gate(plan: Plan, log: Log) -> Gated:
         passing = [c for c in candidates if c.result.passed]
         return Gated(pick_classifier(passing, "mean_cosine", classifier_timer(evals, config.threads, embedding=True),
                                      isa=_machine_isa()), evals, ref)
-    ref = gate.classifier_reference(source.model, tokenizer_json, evals, source.labels, plan.max_length)
+    built = candidates[0].ensure_built().manifest
+    pairs = built.classifier.pairs if built is not None and built.classifier is not None else None
+    ref = gate.classifier_reference(source.model, tokenizer_json, evals, source.labels, plan.max_length,
+                                    pairs.template if pairs else None)
     for c in candidates:
         c.result = gate.classifier_gate(c.ensure_built().folder, ref, evals, config)
         _unseal(c)

@@ -18,6 +18,12 @@ own top. ``classify_many`` runs several classifiers over the same texts: the mod
 share a trunk (and a tokenizer) share each batch's trunk pass, and each runs its top on the
 result; any other model runs alone.
 
+A pair classifier (``Classifier.pairs`` in its manifest: NLI, duplicates, relevance) reads
+``(text, text_pair)`` pairs: through the tokenizer's pair encoding (token type ids where the
+graph takes them), or as one text through the manifest's template (a decoder). ``relevance``
+is what ``/v1/rerank`` sorts by: the probability of the relevant label, or the sigmoid of a
+single-logit head (whose one "probability" is that sigmoid everywhere here).
+
 This module knows the classifier graph convention of ``edgeft.artifact`` and nothing of
 the model's origin.
 """
@@ -32,7 +38,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edgeft.artifact import Check, Manifest, Task, open_artifact
-from edgeft.data import check_text, clip_for_tokens
+from edgeft.data import Input, check_text, clip_for_tokens, pair_text
 from edgeft.errors import EdgeftError
 from edgeft.runtime import trunks
 from edgeft.runtime.params import Spin
@@ -42,6 +48,24 @@ from edgeft.runtime.session import input_dtypes, open_session
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def scores(z: np.ndarray) -> np.ndarray:
+    """Logits to probabilities: softmax over labels, or the sigmoid of a single-logit head."""
+    if z.shape[-1] == 1:
+        return 1.0 / (1.0 + np.exp(-z))
+    return softmax(z)
+
+
+def encode_inputs(tokenizer: Tokenizer, items: list[Input], max_length: int, template: str | None = None) -> list:
+    """Encodings of texts and ``(text, text_pair)`` pairs as a classifier reads them: each part cut
+    by characters first (``clip_for_tokens``), a pair through the tokenizer's pair encoding, or as
+    one text through ``template`` (a decoder). ``tokenizer`` truncates to ``max_length``."""
+    if template is not None:
+        return tokenizer.encode_batch([clip_for_tokens(pair_text(t, template), max_length) for t in items])
+    return tokenizer.encode_batch([clip_for_tokens(t, max_length) if isinstance(t, str)
+                                   else (clip_for_tokens(t[0], max_length), clip_for_tokens(t[1], max_length))
+                                   for t in items])
 
 
 def pad_batch(encodings: list, pad_id: int, dtypes: dict[str, type], with_types: bool) -> dict[str, np.ndarray]:
@@ -101,6 +125,36 @@ class TextClassifier:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
         self.pad_id = manifest.tokenizer.pad_token_id or 0
+        self.pairs = manifest.classifier.pairs  # None: texts only
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def relevance_index(self) -> int:
+        """The column of ``predict_proba`` that is a pair's relevance; one clear error where there is none."""
+        if self.pairs is None:
+            raise EdgeftError(f"model {self.name!r} is not a pair classifier: it cannot rank documents")
+        if len(self.labels) == 1:
+            return 0
+        if self.pairs.relevant_label not in self.labels:
+            raise EdgeftError(f"model {self.name!r} has no label that means relevant (labels: "
+                              f"{', '.join(self.labels)})")
+        return self.labels.index(self.pairs.relevant_label)
+
+    def relevance(self, pairs: list[tuple[str, str]], batch_size: int = 32) -> np.ndarray:
+        """Each (query, document) pair's relevance score (``relevance_index``), in order."""
+        column = self.relevance_index()
+        return self.predict_proba(list(pairs), batch_size)[:, column]
+
+    def count_tokens(self, items: Sequence[Input]) -> int:
+        """How many tokens the model reads for ``items`` (a request's usage)."""
+        return sum(len(e.ids) for e in self._encode(list(items)))
+
+    def _encode(self, items: list[Input]) -> list:
+        if self.pairs is None and any(not isinstance(t, str) for t in items):
+            raise EdgeftError(f"model {self.name!r} is not a pair classifier: give it texts, not pairs")
+        return encode_inputs(self.tokenizer, items, self.max_length, self.pairs.template if self.pairs else None)
 
     @classmethod
     def open(cls, path: str | Path, threads: int | None = None, batch_tokens: int = 128,
@@ -151,16 +205,16 @@ class TextClassifier:
         if self.trunk is None:
             return ("alone", id(self))
         tok = self.manifest.files.get(self.manifest.tokenizer.file, {}).get("sha256")
-        return (self.trunk.sha256, tok, self.max_length, self.pad_id, tuple(sorted(self.dtypes.items())))
+        pairs = None if self.pairs is None else ("pairs", self.pairs.template)
+        return (self.trunk.sha256, tok, self.max_length, self.pad_id, tuple(sorted(self.dtypes.items())), pairs)
 
-    def _run(self, texts: list[str], batch_size: int, tops: Sequence[TextClassifier]) -> list[np.ndarray]:
+    def _run(self, texts: list[Input], batch_size: int, tops: Sequence[TextClassifier]) -> list[np.ndarray]:
         """Probabilities of each of ``tops`` (this model among them, or models sharing its key) over
         ``texts``, tokenized and batched once by this model, the trunk run once per batch."""
         out = [np.zeros((len(texts), len(m.labels)), dtype=np.float32) for m in tops]
         if not texts:
             return out
-        texts = [clip_for_tokens(t, self.max_length) for t in texts]
-        encodings = self.tokenizer.encode_batch(texts)
+        encodings = self._encode(texts)
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
         chunks = self._chunks(order, [len(e.ids) for e in encodings], batch_size)
 
@@ -177,17 +231,18 @@ class TextClassifier:
             results = [run(rows) for rows in chunks]
         for rows, logits in results:
             for probs, z in zip(out, logits):
-                probs[rows] = softmax(z.astype(np.float32))
+                probs[rows] = scores(z.astype(np.float32))
         return out
 
-    def predict_proba(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Probabilities [len(texts), labels] (float32), in the order of ``texts``."""
+    def predict_proba(self, texts: Sequence[Input], batch_size: int = 32) -> np.ndarray:
+        """Probabilities [len(texts), labels] (float32), in the order of ``texts`` (texts, or
+        ``(text, text_pair)`` pairs for a pair classifier)."""
         return self._run(checked_texts(texts, batch_size), batch_size, [self])[0]
 
     def _chunks(self, order: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
         return length_chunks(order, lengths, batch_size, self.batch_tokens)
 
-    def classify(self, texts: list[str], batch_size: int = 32) -> list[dict]:
+    def classify(self, texts: Sequence[Input], batch_size: int = 32) -> list[dict]:
         """For each text: ``{"label": best, "scores": {label: probability}}``."""
         return self.results(self.predict_proba(texts, batch_size))
 
@@ -197,18 +252,25 @@ class TextClassifier:
                 for p in probs]
 
 
-def checked_texts(texts: list[str] | str, batch_size: int) -> list[str]:
-    """The texts to classify as a list, each checked (one-line errors for a bad input or batch size)."""
+def checked_texts(texts: Sequence[Input] | str, batch_size: int) -> list[Input]:
+    """The texts (or pairs of two texts) to classify as a list, each checked (one-line errors for a
+    bad input or batch size)."""
     if isinstance(texts, str):
         texts = [texts]
     if batch_size < 1:
         raise EdgeftError(f"batch_size must be at least 1, got {batch_size}")
-    if any(not isinstance(t, str) for t in texts):
-        raise EdgeftError("every input to classify must be a string")
-    return [check_text(t, f"input {i}") for i, t in enumerate(texts)]
+    out: list[Input] = []
+    for i, t in enumerate(texts):
+        if isinstance(t, str):
+            out.append(check_text(t, f"input {i}"))
+        elif isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t):
+            out.append((check_text(t[0], f"input {i}"), check_text(t[1], f"input {i}'s pair")))
+        else:
+            raise EdgeftError("every input to classify must be a string or a pair of two strings")
+    return out
 
 
-def predict_proba_many(models: Sequence[TextClassifier], texts: list[str], batch_size: int = 32) -> list[np.ndarray]:
+def predict_proba_many(models: Sequence[TextClassifier], texts: Sequence[Input], batch_size: int = 32) -> list[np.ndarray]:
     """Each model's ``predict_proba`` over the same ``texts``, in the order of ``models``.
 
     Models that share a trunk and a tokenizer (``TextClassifier.share_key``) run that trunk
@@ -225,7 +287,7 @@ def predict_proba_many(models: Sequence[TextClassifier], texts: list[str], batch
     return out
 
 
-def classify_many(models: Sequence[TextClassifier], texts: list[str], batch_size: int = 32) -> list[list[dict]]:
+def classify_many(models: Sequence[TextClassifier], texts: Sequence[Input], batch_size: int = 32) -> list[list[dict]]:
     """Each model's ``classify`` answer over the same ``texts`` (a list per model, in order),
     the trunk shared models carry run once per batch (``predict_proba_many``)."""
     return [m.results(p) for m, p in zip(models, predict_proba_many(models, texts, batch_size))]

@@ -93,6 +93,9 @@ class TuneConfig:
     """Text column (default: detected by name)."""
     label_column: str | None = field(default=None, metadata=flag(panel=DATA))
     """Label column (default: detected by name)."""
+    pair_column: str | None = field(default=None, metadata=flag(panel=DATA))
+    """Second text column of a pair classifier (NLI, duplicates, relevance); default: a pair found by name
+    (sentence1/sentence2, premise/hypothesis, question/answer, query/passage, text/text_pair)."""
     max_length: int | None = field(default=None, metadata=flag(panel=DATA, min=8))
     """Tokens per example or text block (default: 128 for classification, 256 for causal-lm); longer text is
     truncated with one warning."""

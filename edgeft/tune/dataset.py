@@ -1,6 +1,8 @@
 """Training and evaluation examples as token ids, and the seeded order they are fed in.
 
-An example is ``(input_ids, target)``: for classification the target is a class id;
+An example is ``(input_ids, target)``: for classification the target is a class id (a
+pair of texts is the tokenizer's pair encoding, its ``PairIds`` carrying the token type ids,
+or one text through ``edgeft.data.PAIR_TEMPLATE`` for a decoder);
 for causal LM it is a list of labels (``-100`` where no loss is taken: the prompt of
 an instruction row, padding). Plain text is joined with the end-of-text token and cut
 into blocks of ``max_length`` tokens. Instruction and chat rows are rendered with the
@@ -26,6 +28,13 @@ from edgeft.errors import EdgeftError
 
 IGNORE = -100
 Example = tuple[list[int], Any]
+
+
+class PairIds(list):
+    """The token ids of a pair's encoding, with its ``type_ids`` (0 for the text, 1 for the pair)
+    where the tokenizer gives them: ``collate`` feeds them as ``token_type_ids``."""
+
+    type_ids: list[int] | None = None
 
 
 @dataclass
@@ -65,14 +74,45 @@ def _encode(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[lis
     return ids, cut
 
 
+def _encode_pairs(tokenizer: Any, pairs: list[D.Pair], max_length: int) -> tuple[list[list[int]], int]:
+    """The tokenizer's pair encoding (``[CLS] a [SEP] b [SEP]`` and token type ids for BERT), cut
+    longest-first to ``max_length`` as the runtime's tokenizer cuts it."""
+    if D.uses_pair_template(tokenizer):
+        return _encode(tokenizer, [D.pair_text(p) for p in pairs], max_length)
+    firsts = [D.clip_for_tokens(a, max_length) for a, _ in pairs]
+    seconds = [D.clip_for_tokens(b, max_length) for _, b in pairs]
+    whole = tokenizer(firsts, seconds, add_special_tokens=True, truncation=False, return_token_type_ids=True)
+    cut = sum(len(x) > max_length for x in whole["input_ids"])
+    enc = tokenizer(firsts, seconds, add_special_tokens=True, truncation="longest_first", max_length=max_length,
+                    return_token_type_ids=True) if cut else whole
+    types = enc.get("token_type_ids")
+    out = []
+    for i, ids in enumerate(enc["input_ids"]):
+        x = PairIds(ids)
+        x.type_ids = list(types[i]) if types is not None else None
+        out.append(x)
+    return out, cut
+
+
+def encode_inputs(tokenizer: Any, items: list[D.Input], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids of texts or of ``(text, text_pair)`` pairs (all of one kind), and how many were cut."""
+    if items and not isinstance(items[0], str):
+        return _encode_pairs(tokenizer, items, max_length)  # type: ignore[arg-type]
+    return _encode(tokenizer, items, max_length)  # type: ignore[arg-type]
+
+
 def prepare_classification(tokenizer: Any, train_path: Path, eval_path: Path | None, fraction: float,
-                           seed: int, max_length: int, text_column: str | None, label_column: str | None) -> Prepared:
-    texts, labels = D.load_classification(train_path, text_column, label_column)
+                           seed: int, max_length: int, text_column: str | None, label_column: str | None,
+                           pair_column: str | None = None) -> Prepared:
+    texts, labels = D.load_classification(train_path, text_column, label_column, pair_column)
     rows = list(zip(texts, labels, strict=True))
     if eval_path is None:
         rows, held = D.held_out_split(rows, fraction, seed, str(train_path))
     else:
-        e_texts, e_labels = D.load_classification(eval_path, text_column, label_column)
+        e_texts, e_labels = D.load_classification(eval_path, text_column, label_column, pair_column)
+        if isinstance(e_texts[0], str) != isinstance(texts[0], str):
+            raise EdgeftError(f"{eval_path}: the eval data must be pairs when the training data is, and texts "
+                              "when it is texts")
         held = list(zip(e_texts, e_labels, strict=True))
     names = label_names([lab for _, lab in rows])
     if len(names) < 2:
@@ -81,8 +121,8 @@ def prepare_classification(tokenizer: Any, train_path: Path, eval_path: Path | N
     if unknown:
         raise EdgeftError(f"unknown label {unknown[0]!r} in the eval data (train labels: {', '.join(names)})")
     index = {n: i for i, n in enumerate(names)}
-    tr_ids, cut1 = _encode(tokenizer, [t for t, _ in rows], max_length)
-    ev_ids, cut2 = _encode(tokenizer, [t for t, _ in held], max_length)
+    tr_ids, cut1 = encode_inputs(tokenizer, [t for t, _ in rows], max_length)
+    ev_ids, cut2 = encode_inputs(tokenizer, [t for t, _ in held], max_length)
     return Prepared(Task.classification, list(zip(tr_ids, [index[lab] for _, lab in rows], strict=True)),
                     list(zip(ev_ids, [index[lab] for _, lab in held], strict=True)), names, "classification",
                     truncated=cut1 + cut2, total=len(tr_ids) + len(ev_ids))
@@ -206,19 +246,27 @@ def micro_batch(examples: list[Example], batch_size: int, seed: int, index: int,
 
 
 def collate(batch: list[Example], pad_id: int, task: Task) -> dict[str, Any]:
-    """Right-padded tensors: input_ids, attention_mask and labels."""
+    """Right-padded tensors: input_ids, attention_mask, labels (and token_type_ids for encoded pairs)."""
     import torch
 
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    types = torch.zeros((len(batch), width), dtype=torch.long)
+    with_types = False
     for r, (x, _) in enumerate(batch):
         ids[r, :len(x)] = torch.tensor(x)
         mask[r, :len(x)] = 1
+        if getattr(x, "type_ids", None) is not None:
+            types[r, :len(x)] = torch.tensor(x.type_ids)  # type: ignore[attr-defined]
+            with_types = True
     if task is Task.classification:
         labels = torch.tensor([y for _, y in batch], dtype=torch.long)
     else:
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
         for r, (_, y) in enumerate(batch):
             labels[r, :len(y)] = torch.tensor(y)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if with_types:
+        out["token_type_ids"] = types
+    return out

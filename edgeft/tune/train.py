@@ -138,7 +138,7 @@ def resolve_max_length(cfg: TuneConfig, task: Task, positions: int | None) -> in
 def prepare_data(cfg: TuneConfig, task: Task, tokenizer: Any, max_length: int, quiet: bool = False) -> DS.Prepared:
     if task is Task.classification:
         prep = DS.prepare_classification(tokenizer, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
-                                         max_length, cfg.text_column, cfg.label_column)
+                                         max_length, cfg.text_column, cfg.label_column, cfg.pair_column)
     else:
         prep = DS.prepare_causal(tokenizer, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
                                  max_length, cfg.text_column)
@@ -160,7 +160,15 @@ def _autocast(loaded: Any) -> Any:
 
 
 def _forward(model: Any, batch: dict[str, Any]) -> Any:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    pair = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch and _takes_types(model) else {}
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **pair).logits.float()
+
+
+def _takes_types(model: Any) -> bool:
+    """Whether the model reads token type ids (BERT does; a pair's second text is type 1)."""
+    import inspect
+
+    return "token_type_ids" in inspect.signature(model.forward).parameters
 
 
 def _summed_loss(logits: Any, labels: Any, task: Task, weights: Any = None) -> Any:

@@ -26,7 +26,7 @@ One module per concern:
 - ``responses_api``: ``/v1/responses`` and its ``input_tokens`` (OpenAI's Responses API, stateless;
   its requests parsed in ``responses_wire``);
 - ``replies``: a reply as parts (thinking, text, tool calls), for the two routes above;
-- ``encoders``: ``/v1/classify`` and ``/v1/embeddings``;
+- ``encoders``: ``/v1/classify`` and ``/v1/embeddings``; ``rerank``: ``/v1/rerank`` over a pair classifier;
 - ``status``: ``/v1/models``, ``/health``, ``/metrics``;
 - ``wire``: the OpenAI JSON shapes (requests parsed from ``SamplingParams``' own table; ``chat_wire``:
   messages, tools, reasoning settings and ``parse_chat``);

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from edgeft.runtime.serve import admin, completions, encoders, messages, responses_api, status
+from edgeft.runtime.serve import admin, completions, encoders, messages, rerank, responses_api, status
 from edgeft.runtime.serve.metrics import Registry
 from edgeft.runtime.serve.middleware import EXCEPTION_HANDLERS, EdgeMiddleware
 from edgeft.runtime.serve.state import Model, ServerState, load_models
@@ -30,6 +30,7 @@ FAMILIES = (
     status,  # /health, /metrics, /v1/models
     completions,  # /v1/completions, /v1/chat/completions
     encoders,  # /v1/classify, /v1/embeddings
+    rerank,  # /v1/rerank (a pair classifier)
     messages,  # /v1/messages, /v1/messages/count_tokens (Anthropic)
     responses_api,  # /v1/responses, /v1/responses/input_tokens (OpenAI's Responses API, stateless)
     admin,  # /v1/models/load, /v1/models/unload (with --api-key, artifacts under --model-dir)

@@ -1,7 +1,8 @@
 """``/v1/classify`` and ``/v1/embeddings``: the encoder routes, batched across requests.
 
 A request's texts join other requests' in the model's ``ClassifyBatcher`` (one classifier
-or embedder run for many); the answer is each text's label and scores, or its vector
+or embedder run for many); a pair classifier's inputs are ``[text, text_pair]`` pairs. The
+answer is each text's (or pair's) label and scores, or its vector
 (float or base64, truncated to ``dimensions`` when the model was trained for it). This
 module knows Starlette and the wire shapes; it knows nothing of graphs or tokenizers
 beyond the embedder's ``check_ids`` and ``truncate``.
@@ -26,8 +27,12 @@ from edgeft.runtime.serve.wire import bad, is_int, model_name, opt_int
 @dataclass(frozen=True)
 class ClassifyRequest:
     model: str | None
-    texts: list[str]
+    texts: list  # strings, or (text, text_pair) pairs
     single: bool  # the input was one string, not a list
+
+
+def _pair(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)
 
 
 @dataclass(frozen=True)
@@ -39,15 +44,17 @@ class EmbeddingsRequest:
 
 
 def parse_classify(body: dict, max_inputs: int) -> ClassifyRequest:
-    """``POST /v1/classify``: ``{"model", "input": str | [str]}``."""
+    """``POST /v1/classify``: ``{"model", "input": str | [str] | [[text, text_pair], ...]}``."""
     value = body.get("input")
     single = isinstance(value, str)
     texts = [value] if single else value
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise bad("'input' must be a string or a non-empty list of strings", "input")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) or _pair(t) for t in texts):
+        raise bad("'input' must be a string, a non-empty list of strings, or a list of [text, text_pair] pairs",
+                  "input")
     if len(texts) > max_inputs:
         raise bad(f"at most {max_inputs} inputs per request, got {len(texts)}", "input")
-    return ClassifyRequest(model=model_name(body), texts=texts, single=single)
+    return ClassifyRequest(model=model_name(body), texts=[t if isinstance(t, str) else tuple(t) for t in texts],
+                           single=single)
 
 
 def _token_list(v: Any) -> bool:
@@ -87,6 +94,8 @@ async def classify(request: Request) -> Response:
         return await classify_models(state, body)
     req = parse_classify(body, state.config.max_inputs)
     model = state.model(req.model, Task.classification)
+    if getattr(model.front, "pairs", None) is None and any(not isinstance(t, str) for t in req.texts):
+        raise bad(f"'{model.name}' is not a pair classifier: give it texts, not [text, text_pair] pairs", "input")
     results = await model.batcher.classify(req.texts)
     return JSONResponse(responses.classify_body(model.name, results))
 

@@ -65,6 +65,7 @@ class Model:
             d["context_length"] = self.manifest.decoder.context_length
         if self.manifest.classifier is not None:
             d["labels"] = list(self.manifest.classifier.labels)
+            d["pairs"] = self.manifest.classifier.pairs is not None  # a pair classifier: /v1/rerank serves it
         if self.manifest.embedding is not None:
             d["dimensions"] = self.manifest.embedding.dim
         d["manifest"] = manifest_card(self.manifest, self.signature_checked)

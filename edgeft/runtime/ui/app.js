@@ -1,4 +1,5 @@
-// edgeft's browser page: chat, classify and embed against this server's own /v1 routes.
+// edgeft's browser page: chat, classify, rerank and embed against this server's own /v1 routes.
+// A reasoning model's thinking (reasoning_content) is shown apart from its answer, collapsed.
 // Everything shown that comes from a model or the server is set as text (textContent,
 // createElement), never parsed as markup. The API key, when the server wants one, is asked
 // once and kept in this tab's sessionStorage.
@@ -154,6 +155,7 @@ function fillPicker() {
   const select = $("model");
   select.replaceChildren();
   const groups = { chat: "Chat", classify: "Classify", embed: "Embed" };
+  $("tab-rerank").hidden = !state.models.some((m) => viewsOf(m).includes("rerank"));
   for (const [view, label] of Object.entries(groups)) {
     const models = state.models.filter((m) => viewOf(m) === view);
     $("tab-" + view).hidden = models.length === 0;
@@ -164,10 +166,18 @@ function fillPicker() {
   }
 }
 
-function pick(id) {
+// The views a model serves: a classifier also ranks documents (/v1/rerank) where it reads pairs;
+// a server that does not say (no "pairs" in /v1/models) lets the rerank view try every classifier.
+function viewsOf(model) {
+  const view = viewOf(model);
+  return view === "classify" && model.pairs !== false ? [view, "rerank"] : [view];
+}
+
+function pick(id, wanted) {
   const model = state.models.find((m) => m.id === id);
   if (!model) return;
-  const view = viewOf(model);
+  const views = viewsOf(model);
+  const view = views.includes(wanted) ? wanted : views.includes(state.view) ? state.view : views[0];
   if (state.model && state.model.id !== model.id && view === "chat") resetChat();
   state.model = model;
   $("model").value = model.id;
@@ -186,9 +196,10 @@ function showView(view) {
 }
 
 function chooseTab(view) {
-  if (state.model && viewOf(state.model) === view) return;
-  const first = state.models.find((m) => viewOf(m) === view);
-  if (first) pick(first.id);
+  if (state.model && viewsOf(state.model).includes(view)) { showView(view); return; }
+  const fits = state.models.filter((m) => viewsOf(m).includes(view));
+  const first = fits.find((m) => m.pairs === true) || fits[0];
+  if (first) pick(first.id, view);
 }
 
 function tabKeys(event) {
@@ -356,11 +367,21 @@ async function sendChat(event) {
   // Text goes into one text node, at most once per frame: a fast model must not freeze the page.
   const textNode = document.createTextNode("");
   answer.body.append(textNode);
+  // A reasoning model's thinking goes into its own collapsed block above the answer.
+  let thinking = null, thoughtNode = null, thought = "", pendingThought = "";
+  const thinkingBlock = () => {
+    if (thinking) return;
+    thoughtNode = document.createTextNode("");
+    thinking = el("details", { class: "thinking" }, el("summary", { text: "Thinking…" }),
+      el("div", { class: "thought" }, thoughtNode));
+    answer.item.insertBefore(thinking, answer.body);
+  };
   let pending = "", scheduled = false;
   const flush = () => {
     scheduled = false;
-    if (!pending) return;
+    if (!pending && !pendingThought) return;
     const follow = nearBottom();
+    if (pendingThought) { thinkingBlock(); thoughtNode.appendData(pendingThought); pendingThought = ""; }
     textNode.appendData(pending);
     pending = "";
     followBottom(follow);
@@ -378,6 +399,14 @@ async function sendChat(event) {
       if (event.error) throw new Error(event.error.message || "generation failed");
       if (event.usage) usage = event.usage;
       for (const choice of event.choices || []) {
+        const reasoning = choice.delta && choice.delta.reasoning_content;
+        if (reasoning) {
+          tLast = performance.now();
+          if (tFirst === null) tFirst = tLast;
+          thought += reasoning;
+          pendingThought += reasoning;
+          if (!scheduled) { scheduled = true; requestAnimationFrame(flush); }
+        }
         const piece = choice.delta && choice.delta.content;
         if (piece) {
           tLast = performance.now();
@@ -399,11 +428,12 @@ async function sendChat(event) {
     }
   } finally {
     flush();
+    if (thinking) thinking.firstChild.textContent = "Thought (" + thought.length + " characters)";
     answer.item.classList.remove("streaming");
     state.controller = null;
     setBusy(false);
     if (content) state.history.push({ role: "assistant", content });
-    else if (ending !== "error") answer.body.textContent = "(no text)";
+    else if (ending !== "error") answer.body.textContent = thought ? "(no answer after the thinking)" : "(no text)";
     const tokens = usage ? usage.completion_tokens : chunks;
     $("chat-stats").textContent = stats(tokens, t0, tFirst, tLast, ending);
     $("prompt").focus();
@@ -475,6 +505,36 @@ async function runClassify(event) {
   }
 }
 
+// ------------------------------------------------------------------ rerank
+
+async function runRerank(event) {
+  event.preventDefault();
+  const query = $("rerank-query").value.trim();
+  const documents = $("rerank-docs").value.split("\n").map((s) => s.trim()).filter((s) => s.length > 0);
+  if (!query || !documents.length || !state.model) return;
+  const results = $("rerank-results");
+  $("rerank-run").disabled = true;
+  try {
+    const response = await api("/v1/rerank", { json: { model: state.model.id, query, documents } });
+    const body = await response.json();
+    results.replaceChildren();
+    for (const item of body.results || []) {
+      const p = Number(item.relevance_score);
+      const fill = el("span", { class: "fill" });
+      fill.style.width = Math.max(0, Math.min(100, 100 * p)) + "%";
+      results.append(el("li", { class: "card result ranked" },
+        el("p", { class: "text", text: documents[item.index] !== undefined ? documents[item.index] : "" }),
+        el("p", { class: "label" }, el("span", { class: "chip", text: "#" + (item.index + 1) }),
+          " relevance " + p.toFixed(3)),
+        el("span", { class: "track wide", "aria-hidden": "true" }, fill)));
+    }
+  } catch (err) {
+    results.replaceChildren(el("li", { class: "card error", text: err.message }));
+  } finally {
+    $("rerank-run").disabled = false;
+  }
+}
+
 // ------------------------------------------------------------------ embed
 
 function cosine(a, b) {
@@ -523,6 +583,10 @@ async function start() {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); $("classify-form").requestSubmit(); }
   });
   $("embed-form").addEventListener("submit", runEmbed);
+  $("rerank-form").addEventListener("submit", runRerank);
+  $("rerank-docs").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); $("rerank-form").requestSubmit(); }
+  });
   $("model").addEventListener("change", (e) => pick(e.target.value));
   for (const tab of document.querySelectorAll('[role="tab"]')) {
     tab.addEventListener("click", () => chooseTab(tab.dataset.view));
