@@ -109,6 +109,6 @@ def test_serve_reserves_the_other_models_and_the_event_loop(tmp_path):
     from edgeft.runtime.serve.state import _spin_reserve
 
     one = ServeConfig(artifacts=(tmp_path,), threads=2, parallel=1)
-    assert _spin_reserve(one) == 0
-    assert _spin_reserve(ServeConfig(artifacts=(tmp_path,), threads=2, parallel=4)) == 1
-    assert _spin_reserve(ServeConfig(artifacts=(tmp_path, tmp_path / "b"), threads=2, parallel=4)) == 3
+    assert _spin_reserve(one, others=0) == 0
+    assert _spin_reserve(ServeConfig(artifacts=(tmp_path,), threads=2, parallel=4), others=0) == 1
+    assert _spin_reserve(ServeConfig(artifacts=(tmp_path, tmp_path / "b"), threads=2, parallel=4), others=1) == 3
