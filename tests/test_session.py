@@ -112,3 +112,15 @@ def test_serve_reserves_the_other_models_and_the_event_loop(tmp_path):
     assert _spin_reserve(one, others=0) == 0
     assert _spin_reserve(ServeConfig(artifacts=(tmp_path,), threads=2, parallel=4), others=0) == 1
     assert _spin_reserve(ServeConfig(artifacts=(tmp_path, tmp_path / "b"), threads=2, parallel=4), others=1) == 3
+
+
+def test_a_split_artifacts_parts_sleep_unless_told_to_spin():
+    """Its trunk and top take turns on every call: auto sleeps; an explicit setting stands."""
+    from edgeft.runtime.session import SPLIT_SLEEPS
+
+    idle = Cores(usable=64.0, busy=0.0)
+    assert choose_spin(2, cores=idle)[0]  # a whole-graph session on idle cores would spin
+    assert resolve_spin(None, 2, split=True) == (False, SPLIT_SLEEPS)
+    assert resolve_spin(Spin.auto, 2, split=True) == (False, SPLIT_SLEEPS)
+    assert resolve_spin(Spin.on, 2, split=True)[0] is True
+    assert resolve_spin(True, 2, split=True)[0] is True

@@ -42,7 +42,7 @@ from edgeft.data import Input, check_text, clip_for_tokens, pair_text
 from edgeft.errors import EdgeftError
 from edgeft.runtime import trunks
 from edgeft.runtime.params import Spin
-from edgeft.runtime.session import input_dtypes, open_session
+from edgeft.runtime.session import default_threads, input_dtypes, open_session, resolve_spin
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -111,6 +111,8 @@ class TextClassifier:
             raise EdgeftError(f"batch_tokens must be at least 1, got {batch_tokens}")
         self.batch_tokens = batch_tokens
         # a split artifact: the shared trunk, then this model's top (``session``)
+        if manifest.trunk is not None:  # its trunk and top take turns: auto means sleep (resolve_spin)
+            spin = resolve_spin(spin, threads or default_threads(), split=True)[0]
         self.trunk = (trunks.load(self.folder, manifest.trunk, threads, spin) if manifest.trunk is not None
                       else None)
         self.session = open_session(self.folder / manifest.graph.file, threads, spin=spin)

@@ -421,14 +421,14 @@ class Generator:
         self.decoder = manifest.decoder
         threads = threads or default_threads()
         # spinning or sleeping pool threads: an explicit Spin, else what the machine shows now
-        self.spinning, self.spin_reason = resolve_spin(spin, threads, reserve)
+        self.spinning, self.spin_reason = resolve_spin(spin, threads, reserve, split=manifest.trunk is not None)
         session = open_session(self.folder / manifest.graph.file, threads, spin=self.spinning,
                                profile_prefix=profile_prefix)
         shared = None
         if manifest.trunk is not None:  # one session per trunk digest in this process
             from edgeft.runtime import trunks
 
-            shared = trunks.load(self.folder, manifest.trunk, threads)
+            shared = trunks.load(self.folder, manifest.trunk, threads, self.spinning)
         self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest), shared)
         tok = manifest.tokenizer
         self.eos_ids = frozenset(tok.eos_token_ids) or self._token_ids(tok.eos_token)

@@ -70,15 +70,22 @@ def choose_spin(threads: int, reserve: float = 0.0, cores: Cores | None = None) 
     return spin, why
 
 
-def resolve_spin(spin: Spin | bool | None, threads: int, reserve: float = 0.0) -> tuple[bool, str]:
+SPLIT_SLEEPS = "a split artifact's trunk and top take turns on every call: a spinning pool would hold the cores the other needs"
+
+
+def resolve_spin(spin: Spin | bool | None, threads: int, reserve: float = 0.0,
+                 split: bool = False) -> tuple[bool, str]:
     """The spin setting for one session: an explicit one, else (None or auto) ``choose_spin``.
 
+    ``split``: the session is one part of a split artifact (``edgeft.runtime.trunks``), whose trunk
+    and top run one after the other on every call: then auto sleeps (an idle spinning pool of one
+    part steals the cores the other part needs: benchmarks/results/2026-12-06-multi-classifier.md).
     (``EDGEFT_SPIN`` is read where a command's flags are, ``--spin``, not here.)"""
     if isinstance(spin, bool):
         return spin, "set by the caller"
     policy = Spin(spin) if spin is not None else Spin.auto
     if policy is Spin.auto:
-        return choose_spin(threads, reserve)
+        return (False, SPLIT_SLEEPS) if split else choose_spin(threads, reserve)
     return policy is Spin.on, f"--spin {policy.value}"
 
 
