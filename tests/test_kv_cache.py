@@ -14,6 +14,7 @@ from edgeft.errors import EdgeftError
 from edgeft.export import ExportConfig, decoder, export, smooth
 from edgeft.runtime import Generator, SamplingParams
 from edgeft.runtime.engine import Engine
+from test_engine import Tap  # the logits-keeping processor the engine tests use
 
 GATE = {"gate_prompts": 4, "gate_new_tokens": 12, "gate_texts": 12, "threads": 1, "progress": False}
 
@@ -79,20 +80,6 @@ def int8_pair(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("kv")
     return tuple(export(ExportConfig(source=str(tiny_llama_dir), out=root / kv, quantize="int8", kv_cache=kv, **GATE),
                         log=None) for kv in ("float32", "int8"))
-
-
-class Tap:
-    """A processor that keeps a copy of every row of logits its sequence is given."""
-
-    def __init__(self) -> None:
-        self.rows: list[np.ndarray] = []
-
-    def __call__(self, logits):
-        self.rows.append(logits.copy())
-        return logits
-
-    def accept(self, token):
-        pass
 
 
 def test_export_kv_cache_int8_passes_the_gate_with_an_int8_cache(int8_pair):

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
-from edgeft.runtime.serve import chat_wire, generation, middleware, wire
+from edgeft.runtime.serve import chat_wire, generation, middleware, replies, wire
 from edgeft.runtime.serve.generation import Generation
 from edgeft.runtime.serve.replies import THINKING, Reply
 from edgeft.runtime.serve.state import Model, ServerState
@@ -233,17 +233,7 @@ def _message(rid: str, model: Model, content: list[dict], reply: Reply | None, n
 
 
 async def _collect(state: ServerState, model: Model, gen: Generation, reply: Reply, rid: str, n_prompt: int) -> dict:
-    parts: list[tuple[str, str]] = []
-    n = 0
-    try:
-        async for items in gen.events_until_done():
-            for _, chunk in items:
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                n += chunk.token_id is not None
-                parts += reply.feed(chunk)
-    finally:
-        generation.finish(state, model, gen, n)
+    parts, n = await replies.collect(state, model, gen, reply)
     parts += reply.end()
     content: list[dict] = []
     for kind, text in parts:  # consecutive parts of one kind make one block

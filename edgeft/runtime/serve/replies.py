@@ -67,3 +67,20 @@ class Reply:
         text = decode(self.tokens)
         found = [(text.find(s), s) for s in stops if s in text]
         return min(found)[1] if found else stops[0]
+
+
+async def collect(state: Any, model: Any, gen: Any, reply: Reply) -> tuple[list[tuple[str, str]], int]:
+    """The parts ``reply`` makes of a whole (not streamed) generation, before its ``end()``, and the
+    tokens generated; the generation is finished (slot, metrics) whatever happens."""
+    parts: list[tuple[str, str]] = []
+    n = 0
+    try:
+        async for items in gen.events_until_done():
+            for _, chunk in items:
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                n += chunk.token_id is not None
+                parts += reply.feed(chunk)
+    finally:
+        generation.finish(state, model, gen, n)
+    return parts, n

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from edgeft.artifact import Task
 from edgeft.errors import EdgeftError
-from edgeft.runtime.serve import generation, middleware, responses_wire
+from edgeft.runtime.serve import generation, middleware, replies, responses_wire
 from edgeft.runtime.serve.generation import Generation
 from edgeft.runtime.serve.replies import THINKING, Reply
 from edgeft.runtime.serve.state import Model, ServerState
@@ -157,17 +157,10 @@ def _thought_tokens(model: Model, output: Output) -> int:
 
 async def _collect(state: ServerState, model: Model, gen: Generation, reply: Reply, head: dict,
                    n_prompt: int) -> dict:
-    output, n = Output(stream=False), 0
-    try:
-        async for items in gen.events_until_done():
-            for _, chunk in items:
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                n += chunk.token_id is not None
-                for kind, text in reply.feed(chunk):
-                    output.part(kind, text)
-    finally:
-        generation.finish(state, model, gen, n)
+    output = Output(stream=False)
+    parts, n = await replies.collect(state, model, gen, reply)
+    for kind, text in parts:
+        output.part(kind, text)
     output.end(reply, reply.end())
     return {**head, "status": _status(reply), "output": output.items,
             "incomplete_details": {"reason": "max_output_tokens"} if _status(reply) == "incomplete" else None,
