@@ -514,6 +514,13 @@ def case_peers(ctx: Context) -> None:
     run(ctx)
 
 
+def case_peers_classification(ctx: Context) -> None:
+    """The classification half of ``peers`` alone: edgeft's MiniLM classifier against OpenVINO and CTranslate2."""
+    from benchmarks.peer_case import classification_peers
+
+    classification_peers(ctx)
+
+
 def module_case(module: str) -> Callable[[Context], None]:
     """The case a module of its own defines as ``case(ctx)``, imported when it runs."""
     def run(ctx: Context) -> None:
@@ -534,6 +541,7 @@ CASES: dict[str, Callable[[Context], None]] = {
     "tuning": case_tuning,
     "footprint": case_footprint,
     "peers": case_peers,
+    "peers_classification": case_peers_classification,
     # the cases of one question each, run by name (`--cases NAME`), not by a plain `make bench`
     **{name: module_case(name) for name in (
         "tune_minilm_sst2", "tune_smollm2_sonnets", "export_quality", "server_overhead", "frozen_cache",
