@@ -89,7 +89,7 @@ def test_sonnets_are_whole_paragraphs():
     assert all(len(s.splitlines()) >= 2 for s in sonnets[5:50])
     # one sonnet apiece: the line of one space between sonnets 39 and 40 is a blank line too
     assert max(len(s.splitlines()) for s in sonnets) <= 15
-    assert [s for s in sonnets if s.startswith("Take all my loves")] and not [s for s in sonnets if "Take all my" in s[1:]]
+    assert [s for s in sonnets if s.startswith("Take all my loves")] and not [s for s in sonnets if "\nTake all my loves" in s]
 
 
 def test_a_line_of_spaces_is_a_blank_line(tmp_path):
@@ -242,3 +242,19 @@ def test_classify_reads_pairs_from_a_text_pair_column_of_any_table(tmp_path):
     with pytest.raises(EdgeftError, match="plain text") as e:
         _classify_reads(_write(tmp_path / "t.txt", "a\n"), pair_column="b")
     assert "\n" not in str(e.value)
+
+
+def test_csv_rows_are_read_as_csv_not_as_lines(tmp_path):
+    p = tmp_path / "u.csv"
+    p.write_text('text,label\n"one\u2028two",a\nplain\x0cfeed,b\n', encoding="utf-8")  # line separators in cells
+    assert D.load_classification(p) == (["one\u2028two", "plain\x0cfeed"], ["a", "b"])
+    assert _classify_reads(p) == D.load_texts(p) == ["one\u2028two", "plain\x0cfeed"]
+    trailing = _write(tmp_path / "trailing.csv", "text,label\nhi,a,\nbye,b,\n")  # empty fields past the header
+    assert D.load_classification(trailing) == (["hi", "bye"], ["a", "b"])
+    for first in (True, False):  # an unquoted comma shifted the label ("world"), or was a traceback
+        rows = ["hello, world,pos", "ok,neg"]
+        p = _write(tmp_path / f"comma{first}.csv", "text,label\n" + "\n".join(rows if first else rows[::-1]) + "\n")
+        for read in (D.load_classification, D.load_texts, _classify_reads):
+            with pytest.raises(EdgeftError, match=f"row {1 if first else 2} has more fields than the header") as e:
+                read(p)
+            assert "\n" not in str(e.value)
