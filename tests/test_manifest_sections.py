@@ -131,13 +131,14 @@ def test_unknown_keys_are_dropped_as_in_every_section_and_a_wrong_type_is_one_li
 
 def test_the_int4_grid_is_one_spelling_from_the_flag_to_the_manifest(tmp_path, monkeypatch):
     import edgeft.export as E
+    from test_cli_options import _help
     from test_quantize_stream import _graph
 
     from edgeft.export import quantize
     from edgeft.export.config import Quantize
 
     assert [g.value for g in Int4Grid] == ["zero-point", "float-offset"]
-    assert "[zero-point|float-offset]" in run("export", "--help").output
+    assert "--int4-mode [zero-point|float-offset]" in _help("export")
     src, _ = _graph(tmp_path)
     seen = []
     monkeypatch.setattr(E, "export", lambda config: seen.append(config) or tmp_path)
