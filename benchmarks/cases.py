@@ -99,11 +99,11 @@ def lm_artifact(ctx: Context, quant: str, source: str | None = None, tag: str = 
         extra = (["--task", "causal-lm", "--eval-data", str(prepare.data_file("instruct", "alpaca_small_2k.json"))]
                  if source == prepare.LM else [])
         # "int8-dynamic": the int8 scheme with --int8-mode dynamic (smoothed, int8 activations a scale per row)
-        # "int4-offset" / "mixed-offset": 4-bit blocks with a float offset each (--int4-mode offset)
+        # "int4-offset" / "mixed-offset": 4-bit blocks with a float offset each (--int4-mode float-offset)
         if quant == "int8-dynamic":
             q, more = "int8", ["--int8-mode", "dynamic"]
         elif quant.endswith("-offset"):
-            q, more = quant.removesuffix("-offset"), ["--int4-mode", "offset"]
+            q, more = quant.removesuffix("-offset"), ["--int4-mode", "float-offset"]
         else:
             q, more = quant, []
         ctx.cache[key] = prepare.ensure_exported(f"smollm2-{tag}-{quant}", source, q, extra + more)
