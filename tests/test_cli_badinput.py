@@ -312,3 +312,9 @@ def test_tune_into_a_folder_that_holds_its_data_is_refused(tiny_bert_dir, tmp_pa
     one_line_error(run("tune", "-m", tiny_bert_dir, "-d", data, "-o", tmp_path / "x", "--eval-data",
                        tmp_path / "x.partial" / "e.csv", "--resume"), "the work folder", "contains --eval-data")
     assert data.exists()
+
+
+def test_a_generate_input_file_not_utf8_is_one_line(llama_art, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    one_line_error(run("generate", llama_art, "--input", prompts, "--max-new-tokens", 2), "is not UTF-8 text")

@@ -184,9 +184,11 @@ def generate(config: GenerateConfig, sampling: dict[str, Any]) -> None:
 def read_prompts(path: Path) -> list[dict]:
     """Rows of a JSONL prompt file: each a string or an object with 'prompt' or 'messages' (other keys kept;
     'json_schema', when there, an object: the row's own output schema)."""
+    from edgeft.data import read_text
+
     require_file(path, "--input")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
