@@ -4,7 +4,10 @@ The tiny llama (4 blocks, tied embeddings) is exported whole and with ``--trunk-
 split artifact must give the unsplit one's logits (prompt, cache steps) and greedy tokens. Two
 tiny tune runs from the same base (top 2 blocks trained, different data and seeds) exported
 with ``--trunk-blocks 2`` carry byte-identical trunks that load as one onnxruntime session, and
-a changed trunk byte is refused. gpt2's torch.onnx graph is refused in one line.
+a changed trunk byte is refused. gpt2's torch.onnx graph is refused in one line. Their engines
+(``batch_trunk``) share one trunk call per decode step, each sequence getting what it gets alone,
+also while a model joins or leaves mid-sequence (the group's thread is held at a chosen step by a
+hook, so "mid-sequence" is a state, never a race).
 """
 
 from __future__ import annotations
@@ -285,8 +288,8 @@ def test_one_trunk_call_per_step_for_two_models_each_row_as_alone(runs, exported
         sampled = SamplingParams(max_new_tokens=NEW, temperature=0.9, seed=5, ignore_eos=True, speculate="off")
         with _between_steps(group):  # all four admitted and prefilled in one iteration
             jobs = [Run(ea, a.encode(PROMPT), greedy).submit(), Run(eb, b.encode(PROMPT), greedy).submit(),
-                    Run(eb, b.encode("Rough winds do shake"), sampled).submit(), Run(ea, a.encode("summer"), greedy)]
-            jobs[3].submit()
+                    Run(eb, b.encode("Rough winds do shake"), sampled).submit(),
+                    Run(ea, a.encode("summer"), greedy).submit()]
         _wait(jobs)
         assert len(calls) == 4 + (NEW - 1)  # a prefill each, then one trunk call per step for every row
         assert group.steps == NEW - 1 and ea.stats.steps == eb.stats.steps == NEW - 1
@@ -294,7 +297,8 @@ def test_one_trunk_call_per_step_for_two_models_each_row_as_alone(runs, exported
             assert len(job.tokens) == NEW
             _check_alone(gen, job)
         assert jobs[2].tokens == b.generate(jobs[2].ids, sampled).token_ids  # a seeded sampler draws the same
-        assert jobs[0].tokens != jobs[1].tokens  # one prompt, two models: each answers as itself
+        # one prompt, two models: a grouped step's rows went each through its own model's top
+        assert np.abs(jobs[0].tap.rows[1] - jobs[1].tap.rows[1]).max() > 1e-3
     finally:
         ea.close()
         eb.close()
@@ -376,7 +380,7 @@ def test_models_join_and_leave_the_group_mid_sequence_and_lose_nothing(runs, exp
         gates[20][1].set()
         leaving.join(60)
         _wait([job])
-        assert group.members == [ea] and group.pool[0].shape[0] == 3 and group.steps > 0
+        assert group.members == [ea] and group.pool == [] and ea.kv.rows is None and group.steps > 0  # alone again
         assert len(job.tokens) == 30 and job.chunks[-1].finish_reason == "length"
         _check_alone(a, job)
         _check_alone(b, short)

@@ -10,15 +10,17 @@ its own rows with its own KV slots. Drafted rows are verified afterwards, each i
 own, as an engine alone does them.
 
 The trunk's KV caches of every member are one pool: per trunk layer one
-``[rows, kv_heads, slot_len, head_dim]`` buffer, each engine a contiguous block of rows (its
-slots, seen by its ``SharedSlots`` as views); each top's caches stay its engine's own. A row of
-the trunk call that is not decoding (a free slot, a slot still prefilling or one whose draft is
-verified next) writes one key where that slot's own next write goes anyway, as in one engine.
+``[rows, kv_heads, slot_len, head_dim]`` buffer with as many rows as the members have slots. A
+sequence's trunk caches take the lowest free row when it first writes (``PooledSlots``), so the
+rows in use stay packed at the start of the pool whichever models they belong to, and one trunk
+call spans them; each top's caches stay its engine's own slots. A row of a call that is not
+decoding (a free one, one still prefilling or one whose draft is verified next) writes one key
+where that row's own next write goes anyway, as in one engine.
 
 Per request nothing changes: a row's trunk and top read the same token, position and cache as
 alone (a batched matrix product may round differently, within float tolerance); prefix reuse,
-speculation, constraints and sampling stay each engine's. A step with rows of one model runs that
-engine's own decode call, and a group of one engine runs exactly the engine's own steps.
+speculation, constraints and sampling stay each engine's. A group of one engine keeps its trunk
+caches in its own slots and runs exactly the engine's own steps.
 
 Engines join and leave (a model loaded or unloaded while serving) between iterations, on the
 group's thread: the pool is laid out afresh and the cached tokens of the sequences in flight are
@@ -30,6 +32,7 @@ This module knows engines, slots and graph bindings; it knows nothing of HTTP, t
 from __future__ import annotations
 
 import collections
+import heapq
 import threading
 import time
 import weakref
@@ -39,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from edgeft.errors import EdgeftError
+from edgeft.runtime.kvslots import SharedSlots
 
 
 def _bind(io, name: str, arr: np.ndarray) -> None:
@@ -61,32 +65,82 @@ def _feeds(eng, lengths: np.ndarray) -> dict[str, np.ndarray]:
             "position_ids": lengths.astype(eng.pos_dtype).reshape(-1, 1)}
 
 
+class PooledSlots(SharedSlots):
+    """A group member's slots: the top's caches are its own; the trunk's, while the group has several
+    members, are the group's pool, at the row the group lends each slot (``rows``, None while alone)."""
+
+    def __init__(self, eng, slots: int, slot_len: int, group: "TrunkGroup") -> None:
+        super().__init__(eng, slots, slot_len)
+        self.group = group
+        self.entries = 2 * eng.trunk.blocks  # the trunk's buffers come first in ``cache``: a key, a value per layer
+        self.rows: dict[int, int] | None = None
+
+    def at(self, j: int, slot: int) -> int:
+        """Where ``slot`` lives in cache buffer ``j`` (a pool row is lent on the slot's first write)."""
+        if self.rows is None or j >= self.entries:
+            return slot
+        if slot not in self.rows:
+            self.rows[slot] = heapq.heappop(self.group.free)
+        return self.rows[slot]
+
+    def _bind_cache(self, io, first: int, rows: int) -> None:
+        if self.rows is None:
+            return super()._bind_cache(io, first, rows)
+        assert rows == 1, "pooled slots are bound one at a time; the group decodes them together"
+        for i, ((pk, pv, ok, ov), k, v) in enumerate(zip(self.eng.layers, self.cache[0::2], self.cache[1::2])):
+            for name_in, name_out, buf in ((pk, ok, k), (pv, ov, v)):
+                ptr = buf.ctypes.data + self.at(2 * i, first) * self.row_items * buf.itemsize
+                shape = [1, *buf.shape[1:]]
+                io.bind_input(name_in, "cpu", 0, buf.dtype, shape, ptr)
+                io.bind_output(name_out, "cpu", 0, buf.dtype, shape, ptr)
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        for j, buf in enumerate(self.cache):
+            buf[self.at(j, dst), :, :n] = buf[self.at(j, src), :, :n]
+
+    def export(self, slot: int, n: int) -> list[np.ndarray]:
+        return [buf[self.at(j, slot), :, :n].copy() for j, buf in enumerate(self.cache)]
+
+    def load(self, slot: int, kv: list[np.ndarray]) -> None:
+        n = kv[0].shape[1]
+        for j, (buf, part) in enumerate(zip(self.cache, kv)):
+            buf[self.at(j, slot), :, :n] = part
+
+    def release(self, slot: int) -> None:
+        if self.rows is not None and slot in self.rows:
+            heapq.heappush(self.group.free, self.rows.pop(slot))
+
+
 class TrunkGroup:
     """The engines of the split models that share one trunk and one slot length, driven by one thread."""
 
     def __init__(self, sha256: str, slot_len: int) -> None:
         self.sha256, self.slot_len = sha256, slot_len
         self.cond = threading.Condition()  # every member engine's own condition
-        self.members: list[Any] = []  # engines, in pool order
-        self.base: dict[Any, int] = {}  # engine -> its first row in the pool
-        self.pool: list[np.ndarray] = []  # the trunk layers' caches (key, value per layer), every member's slots
-        self.steps = 0  # trunk calls that carried the rows of several models
+        self.members: list[Any] = []
+        self.pool: list[np.ndarray] = []  # the trunk layers' caches (key, value per layer) while pooled
+        self.free: list[int] = []  # the pool's free rows (a heap)
+        self.steps = 0  # trunk calls made for the members together
         self._changes: collections.deque[tuple[Callable[[], None], threading.Event, list]] = collections.deque()
         self._thread: threading.Thread | None = None
 
     # ---- joining and leaving (any thread)
 
     def join(self, engine) -> None:
-        """Drive ``engine`` (a split model's, in slots of this group's length) from the next iteration on."""
+        """Drive ``engine`` (a new split model's, in slots of this group's length) from the next iteration on."""
         kv = engine.kv
         if kv.kind != "slots" or kv.slot_len != self.slot_len or kv.eng.trunk.sha256 != self.sha256:
             raise EdgeftError("an engine joins the trunk group of its own trunk and slot length only")
-        self._change(lambda: self._layout([*self.members, engine]))
+
+        def go() -> None:
+            engine.kv = PooledSlots(kv.eng, engine.parallel, self.slot_len, self)
+            self._layout([*self.members, engine])
+        self._change(go)
 
     def leave(self, engine) -> None:
         """Stop driving ``engine``: its sequences still running get a final "cancelled" chunk."""
         def go() -> None:
-            if engine in self.base:
+            if engine in self.members:
                 engine._cancel_all()
                 self._layout([m for m in self.members if m is not engine])
         self._change(go)
@@ -111,27 +165,28 @@ class TrunkGroup:
             raise error[0]
 
     def _layout(self, members: list) -> None:
-        """Lay the pool out for ``members``, copying the cached tokens of every sequence in flight."""
+        """Put the members' trunk caches in one pool (several members) or each in its own slots (one),
+        copying the cached tokens of every sequence in flight."""
+        pooled = len(members) > 1
+        shapes = [(buf.shape[1:], buf.dtype) for buf in members[0].kv.cache[:members[0].kv.entries]] if members else []
         rows = sum(m.parallel for m in members)
-        kv = members[0].kv if members else None
-        pool = [np.zeros((rows, *buf.shape[1:]), dtype=buf.dtype) for buf in kv.cache[:self._entries(kv)]] \
-            if kv is not None else []
-        base, bases = 0, {}
+        pool = [np.zeros((rows, *shape), dtype=dtype) for shape, dtype in shapes] if pooled else []
+        free = list(range(rows)) if pooled else []
         for m in members:
-            views = [buf[base:base + m.parallel] for buf in pool]
-            for slot, seq in m._active.items():
-                for old, new in zip(m.kv.cache, views):
-                    new[slot, :, :seq.length] = old[slot, :, :seq.length]
-            m.kv.cache[:len(views)] = views
-            m.kv._bound_span = 0  # its decode binding points at the old buffers
-            bases[m] = base
-            base += m.parallel
-        self.pool, self.members, self.base = pool, members, bases
-
-    @staticmethod
-    def _entries(kv) -> int:
-        """How many of an engine's cache buffers are the trunk's (a key and a value per trunk layer)."""
-        return 2 * kv.eng.trunk.blocks
+            kv = m.kv
+            bufs = pool or [np.zeros((m.parallel, *shape), dtype=dtype) for shape, dtype in shapes]
+            lent: dict[int, int] | None = {} if pooled else None
+            for slot, seq in sorted(m._active.items()):
+                if seq.length == 0:
+                    continue  # nothing written yet: a row is lent on its first write
+                at = heapq.heappop(free) if lent is not None else slot
+                if lent is not None:
+                    lent[slot] = at
+                for j, new in enumerate(bufs):
+                    new[at, :, :seq.length] = kv.cache[j][kv.at(j, slot), :, :seq.length]
+            kv.cache[:kv.entries], kv.rows = bufs, lent
+            kv._bound_span = 0  # its decode binding points at the old buffers
+        self.pool, self.free, self.members = pool, free, members
 
     # ---- the group's thread
 
@@ -175,34 +230,44 @@ class TrunkGroup:
         batch = sum(len(r) for r in rows.values())
         plans = {m: m._plan(r, batch) for m, r in rows.items()}
         plain = {m: p for m, (_, p) in plans.items() if p}
-        if len(plain) > 1:
+        if len(members) > 1 and plain:
             logits = self._decode_together(plain)
-        else:  # one model's rows: its engine's own call
+        else:  # alone: the engine's own call
             logits = {m: m.kv.decode(m.decode_rows(p)) for m, p in plain.items()}
         for m, (drafts, p) in plans.items():
             m._advance(rows[m], drafts, p, logits.get(m))
 
     def _decode_together(self, plain: dict) -> dict:
-        """One trunk call over the pool's rows up to the last decoding one, then each model's top on its rows."""
-        span = max(self.base[m] + p[-1].slot for m, p in plain.items()) + 1
-        lengths = np.zeros(span, dtype=np.int64)
-        for m in self.members:  # idle rows write where their slot's next write goes anyway
-            for slot, seq in m._active.items():
-                if self.base[m] + slot < span:
-                    lengths[self.base[m] + slot] = min(seq.length, self.slot_len - 1)
+        """One trunk call over the pool's rows up to the last decoding one, then each model's top on its slots."""
+        span = max(m.kv.rows[s.slot] for m, p in plain.items() for s in p) + 1
+        lengths = np.zeros(span, dtype=np.int64)  # a free row writes at 0, a lent one where it writes next anyway
+        for m in self.members:
+            for slot, row in m.kv.rows.items():
+                if row < span and (seq := m._active.get(slot)) is not None:
+                    lengths[row] = min(seq.length, self.slot_len - 1)
         first = next(iter(plain))
         ids = np.zeros((span, 1), dtype=first.kv.eng.ids_dtype)
         for m, p in plain.items():
             for s in p:
-                ids[self.base[m] + s.slot, 0], lengths[self.base[m] + s.slot] = s.next_token, s.length
+                ids[m.kv.rows[s.slot], 0], lengths[m.kv.rows[s.slot]] = s.next_token, s.length
         sends = self._run_trunk(first.kv.eng, ids, lengths)
-        out = {}
-        for m, p in plain.items():
-            lo, n = self.base[m], p[-1].slot + 1
-            out[m] = self._run_top(m.kv, {k: v[lo:lo + n] for k, v in sends.items()}, lengths[lo:lo + n],
-                                   [s.slot for s in p])
+        out = {m: self._run_top(m.kv, *self._top_rows(m, p, sends), [s.slot for s in p]) for m, p in plain.items()}
         self.steps += 1
         return out
+
+    def _top_rows(self, m, plain: list, sends: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The inputs and lengths of ``m``'s top call over its slots up to its last decoding one: a decoding
+        slot's rows of the trunk's output; an idle slot's (zeros) only write where its next write goes anyway."""
+        n = plain[-1].slot + 1
+        lengths = np.array([min(seq.length, self.slot_len - 1) if (seq := m._active.get(s)) is not None else 0
+                            for s in range(n)], dtype=np.int64)
+        slots, rows = [s.slot for s in plain], [m.kv.rows[s.slot] for s in plain]
+        lengths[slots] = [s.length for s in plain]
+        picked = {}
+        for name, arr in sends.items():
+            picked[name] = np.zeros((n, *arr.shape[1:]), dtype=arr.dtype)
+            picked[name][slots] = arr[rows]
+        return picked, lengths
 
     def _run_trunk(self, eng, ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
         part = eng.parts[0]
@@ -222,11 +287,11 @@ class TrunkGroup:
         eng = kv.eng
         part = eng.parts[1]
         io = part.session.io_binding()
-        feeds = {**{k: np.ascontiguousarray(v) for k, v in sends.items()}, **_feeds(eng, lengths)}
+        feeds = {**sends, **_feeds(eng, lengths)}  # bound by address: alive until the run is over
         for name, arr in feeds.items():
             if name in part.inputs:
                 _bind(io, name, arr)
-        _bind_cache(io, part.layers, kv.cache[self._entries(kv):], len(lengths))
+        _bind_cache(io, part.layers, kv.cache[kv.entries:], len(lengths))
         logits = np.empty((len(lengths), 1, eng.vocab), dtype=eng.logits_dtype)
         io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
         part.session.run_with_iobinding(io)
