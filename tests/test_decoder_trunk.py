@@ -315,11 +315,12 @@ def test_a_model_alone_in_its_group_runs_its_own_steps(runs, exported, monkeypat
     a, b = _open(exported(runs[0], "none", 2)), _open(exported(runs[1], "none", 2))
     ea = _group_engine(a)
     try:
-        calls = _count_runs(a.engine.trunk.session, monkeypatch)
+        calls, together = _count_runs(a.engine.trunk.session, monkeypatch), ea.group.steps
         greedy = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, speculate="off")
         job = Run(ea, a.encode(PROMPT), greedy).submit()
         _wait([job])
-        assert ea.group.steps == 0 and len(calls) == 1 + (NEW - 1) and ea.stats.steps == NEW - 1
+        assert ea.group.members == [ea] and ea.kv.rows is None  # its trunk caches in its own slots
+        assert ea.group.steps == together and len(calls) == 1 + (NEW - 1) and ea.stats.steps == NEW - 1
         _check_alone(a, job)
         eb = _group_engine(b)
         try:
