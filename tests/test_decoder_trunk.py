@@ -278,7 +278,7 @@ def test_one_trunk_call_per_step_for_two_models_each_row_as_alone(runs, exported
     from edgeft.runtime import SamplingParams
 
     a, b = _open(exported(runs[0], "none", 2)), _open(exported(runs[1], "none", 2))
-    ea, eb = _group_engine(a), _group_engine(b)
+    ea, eb = _group_engine(a, parallel=3), _group_engine(b, parallel=3)
     try:
         group = ea.group
         assert group is not None and eb.group is group and group.members == [ea, eb]
@@ -286,12 +286,16 @@ def test_one_trunk_call_per_step_for_two_models_each_row_as_alone(runs, exported
         calls = _count_runs(a.engine.trunk.session, monkeypatch)
         greedy = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, speculate="off")
         sampled = SamplingParams(max_new_tokens=NEW, temperature=0.9, seed=5, ignore_eos=True, speculate="off")
+        lent: list[list[int]] = []
         with _between_steps(group):  # all four admitted and prefilled in one iteration
-            jobs = [Run(ea, a.encode(PROMPT), greedy).submit(), Run(eb, b.encode(PROMPT), greedy).submit(),
+            jobs = [Run(ea, a.encode(PROMPT), greedy, after={2: lambda r: lent.append(
+                        sorted([*ea.kv.rows.values(), *eb.kv.rows.values()]))}).submit(),
+                    Run(eb, b.encode(PROMPT), greedy).submit(),
                     Run(eb, b.encode("Rough winds do shake"), sampled).submit(),
                     Run(ea, a.encode("summer"), greedy).submit()]
         _wait(jobs)
         assert len(calls) == 4 + (NEW - 1)  # a prefill each, then one trunk call per step for every row
+        assert lent == [[0, 1, 2, 3]]  # the rows in use are packed whichever model holds them: one call spans 4
         assert group.steps == NEW - 1 and ea.stats.steps == eb.stats.steps == NEW - 1
         for job, gen in zip(jobs, (a, b, b, a)):
             assert len(job.tokens) == NEW
