@@ -78,7 +78,7 @@ def drift(path: Path, n_prompts: int, new_tokens: int, threads: int | None = Non
         batch_rows = engine.stats.batched_rows / max(engine.stats.steps, 1)
     finally:
         engine.close()
-    out = {"artifact": str(path), "quantization": gen.manifest.quantization.get("scheme"),
+    out = {"artifact": str(path), "quantization": gen.manifest.quantization.scheme,
            "batching": gen.decoder.batching, "prompts": n_prompts, "prompt_lengths": [len(p) for p in prompts],
            "new_tokens": new_tokens, "mean_rows_per_decode_step": batch_rows}
     # against the same sequence decoded alone, one token per step (what Generator.stream does)

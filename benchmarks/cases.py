@@ -99,11 +99,11 @@ def lm_artifact(ctx: Context, quant: str, source: str | None = None, tag: str = 
         extra = (["--task", "causal-lm", "--eval-data", str(prepare.data_file("instruct", "alpaca_small_2k.json"))]
                  if source == prepare.LM else [])
         # "int8-dynamic": the int8 scheme with --int8-mode dynamic (smoothed, int8 activations a scale per row)
-        # "int4-offset" / "mixed-offset": 4-bit blocks with a float offset each (--int4-mode offset)
+        # "int4-offset" / "mixed-offset": 4-bit blocks with a float offset each (--int4-mode float-offset)
         if quant == "int8-dynamic":
             q, more = "int8", ["--int8-mode", "dynamic"]
         elif quant.endswith("-offset"):
-            q, more = quant.removesuffix("-offset"), ["--int4-mode", "offset"]
+            q, more = quant.removesuffix("-offset"), ["--int4-mode", "float-offset"]
         else:
             q, more = quant, []
         ctx.cache[key] = prepare.ensure_exported(f"smollm2-{tag}-{quant}", source, q, extra + more)
@@ -514,6 +514,13 @@ def case_peers(ctx: Context) -> None:
     run(ctx)
 
 
+def case_peers_classification(ctx: Context) -> None:
+    """The classification half of ``peers`` alone: edgeft's MiniLM classifier against OpenVINO and CTranslate2."""
+    from benchmarks.peer_case import classification_peers
+
+    classification_peers(ctx)
+
+
 def module_case(module: str) -> Callable[[Context], None]:
     """The case a module of its own defines as ``case(ctx)``, imported when it runs."""
     def run(ctx: Context) -> None:
@@ -534,6 +541,7 @@ CASES: dict[str, Callable[[Context], None]] = {
     "tuning": case_tuning,
     "footprint": case_footprint,
     "peers": case_peers,
+    "peers_classification": case_peers_classification,
     # the cases of one question each, run by name (`--cases NAME`), not by a plain `make bench`
     **{name: module_case(name) for name in (
         "tune_minilm_sst2", "tune_smollm2_sonnets", "export_quality", "server_overhead", "frozen_cache",

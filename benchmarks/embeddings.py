@@ -63,7 +63,7 @@ def measure(spec: dict) -> dict:
     theirs = st.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=False)
     cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
     one = texts[:200]
-    return {"texts": len(texts), "quantization": emb.manifest.quantization.get("scheme"),
+    return {"texts": len(texts), "quantization": emb.manifest.quantization.scheme,
             "sentence_transformers": sentence_transformers.__version__,
             "cosine": {"mean": float(cos.mean()), "min": float(cos.min()), "p01": float(np.percentile(cos, 1))},
             "rates": {EDGEFT_EMB: {1: rate(lambda b: emb.embed(b, batch_size=1), one, 1),

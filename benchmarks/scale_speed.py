@@ -67,10 +67,17 @@ PREFILL = 512
 EDGEFT_SYSTEMS = {  # system -> edgeft export arguments
     "edgeft int8": ["-q", "int8", "--block-size", "32"],
     "edgeft int4": ["-q", "int4", "--block-size", "32", "--int4-mode", "zero-point"],
+    # the integer-GEMM prompt path: per-channel int8 weights, int8 activations on a scale per row
+    # (``DynamicQuantizeMatMul``: onnxruntime's u8s8 kernels, VNNI or AMX where the CPU has them)
+    "edgeft int8-dynamic": ["-q", "int8", "--int8-mode", "dynamic"],
 }
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 # (edgeft system, llama.cpp systems at the same bits): its ratio is against the fastest of them
-PAIRS = (("edgeft int8", ("llama.cpp Q8_0",)), ("edgeft int4", ("llama.cpp Q4_0", "llama.cpp Q4_K_M")))
+PAIRS = (("edgeft int8", ("llama.cpp Q8_0",)), ("edgeft int4", ("llama.cpp Q4_0", "llama.cpp Q4_K_M")),
+         ("edgeft int8-dynamic", ("llama.cpp Q8_0",)))
+# edgeft against itself: the integer-GEMM prompt path over today's weight-only int8 (goal: prefill >= 2x at
+# unchanged decode on a VNNI or AMX CPU)
+OWN_PAIRS = (("edgeft int8-dynamic", ("edgeft int8",)),)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json")
 
@@ -434,4 +441,8 @@ def _speed_rows(ctx: Context, shape: str, systems: list[dict[str, Any]], per: di
         for mine, (value, peer) in ratios({n: m.get(key, 0.0) for n, m in medians.items()}).items():
             ctx.add(CASE, f"{shape} {mine}", metric, value, "x", note=f"{shape} {mine} {metric} "
                     f"({', '.join(f'{k}={v}' for k, v in params.items())}): against {peer}, the faster at these bits",
+                    **params)
+        for mine, (value, peer) in ratios({n: m.get(key, 0.0) for n, m in medians.items()}, OWN_PAIRS).items():
+            ctx.add(CASE, f"{shape} {mine}", f"{metric}_vs_weight_only", value, "x",
+                    note=f"{shape} {mine} {metric} ({', '.join(f'{k}={v}' for k, v in params.items())}) over {peer}",
                     **params)

@@ -13,6 +13,17 @@ before an artifact is used; it knows nothing of torch, transformers or onnxrunti
 (standard library only, plus ``edgeft.signing``, which imports ``cryptography`` only when
 a signature is made or checked), so the runtime can import it.
 
+Sections. Every part of a manifest is a frozen dataclass declared here (``Graph``, ``Tokenizer``,
+``Quantization``, ``Decoder``, ``Classifier``, ``Embedding``, ``Generation``, ``Trunk``, ``Gate``
+and ``Provenance``, the ``source`` section): these classes are the contract, the one place a
+field's name, type and default are written. The export builds them, and the runtime, the
+commands and the benchmarks read their attributes, never the JSON's keys. ``Manifest.from_dict``
+drops keys a section does not know (what a newer edgeft added) and ``to_dict`` writes fields in
+the order declared, so a manifest the export wrote reads back to the same dict. ``Gate`` and
+``Provenance`` are None when absent, written ``{}`` as before they were typed. ``Generation``
+holds the sampling defaults the runtime's ``SamplingParams`` takes; ``Int4Grid`` is the 4-bit
+grid's one spelling, from ``--int4-mode`` to ``quantization.int4_grid``.
+
 Integrity. ``manifest.json`` lists every other file with its sha256 and size (``files``)
 and carries two more fields:
 
@@ -79,7 +90,6 @@ from edgeft import __version__
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import (atomic_dir, atomic_write_bytes, atomic_write_json, check_apart, file_stamp,
                            os_errors_as_one_line, sha256_file)
-from edgeft.runtime.params import SamplingParams
 
 FORMAT = "edgeft-artifact"
 FORMAT_VERSION = 2  # the newest this edgeft reads; 2: a split classifier (``Trunk``), which older ones refuse
@@ -229,13 +239,96 @@ class Tokenizer:
 
 @dataclass(frozen=True)
 class Generation:
-    """Default sampling settings for a decoder artifact (each overridable per request; unset: the runtime's)."""
+    """Default sampling settings for a decoder artifact, each overridable per request.
 
-    max_new_tokens: int = SamplingParams.max_new_tokens
-    temperature: float = SamplingParams.temperature
-    top_k: int = SamplingParams.top_k
-    top_p: float = SamplingParams.top_p
-    repetition_penalty: float = SamplingParams.repetition_penalty
+    These defaults are the runtime's own: ``edgeft.runtime.params.SamplingParams`` reads its
+    defaults for these fields from here, so an artifact without the section samples as one
+    whose section holds them."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # greedy
+    top_k: int = 0  # off
+    top_p: float = 1.0  # off
+    repetition_penalty: float = 1.0  # off
+
+
+class Int4Grid(str, enum.Enum):
+    """How a decoder's 4-bit blocks are stored: ``--int4-mode`` and ``quantization.int4_grid``, one spelling."""
+
+    zero_point = "zero-point"  # w = scale * (q - z), an integer zero point per block (MatMulNBits alone)
+    float_offset = "float-offset"  # w = offset + scale * q, a float offset per block (llama.cpp's Q4_1 grid)
+
+    @classmethod
+    def _missing_(cls, value: object) -> "Int4Grid | None":
+        """The flag's spelling before it took the manifest's: a one-line error naming the new one."""
+        if value == "offset":
+            raise EdgeftError("--int4-mode offset is now spelled float-offset (as the manifest's int4_grid is)")
+        return None
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What the export stored at which width (``edgeft.export.quantize`` and ``smooth`` fill it).
+
+    Every field has a default, as this section was a free dict before it was typed: a manifest
+    missing a key still loads. The last three are written only when set."""
+
+    scheme: str | None = None  # the scheme kept: none, int8, int4, mixed, searched (None: not recorded)
+    method: str = "weight-only"  # weight-only, dynamic, dynamic-smoothed, or none
+    block_size: int | None = None
+    groups: dict[str, str] = field(default_factory=dict)  # tensor group -> width: {"blocks.0": "int8", ...}
+    tied_embeddings_shared: bool = False  # the token embedding reads the head's quantized matrix
+    activations: str = "fp32"  # what the quantized matmuls compute on: int8, int8-per-row or fp32
+    int4_grid: Int4Grid | None = None  # with 4-bit blocks: their grid
+    calibration: dict[str, Any] | None = None  # dynamic int8 decoders: {"tokens", "texts", "alpha"}
+    search: dict[str, Any] | None = None  # searched: the sensitivity pass's record (edgeft.export.pipeline)
+
+    def __post_init__(self) -> None:
+        if self.int4_grid is not None:
+            object.__setattr__(self, "int4_grid", Int4Grid(getattr(self.int4_grid, "value", self.int4_grid)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("int4_grid", "calibration", "search"):
+            if d[name] is None:
+                del d[name]
+        if self.int4_grid is not None:
+            d["int4_grid"] = self.int4_grid.value
+        return d
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What the export's gate measured against PyTorch and why it kept this candidate.
+
+    ``Manifest.gate`` is None (written ``{}``) before the gate has run. Every field has a default,
+    as this section was a free dict before it was typed. The figures are records for people:
+    their keys depend on the task (``edgeft.export.gate``)."""
+
+    passed: bool = False
+    degraded: bool = False  # written though it failed (--allow-degraded)
+    chosen: str | None = None  # the candidate kept: int8, int4, int8-dynamic, ...
+    chosen_because: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)  # the kept candidate's figures
+    reference: dict[str, Any] = field(default_factory=dict)  # PyTorch's figures on the same texts
+    failures: list[str] = field(default_factory=list)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    eval_data: str | None = None  # where the held-out texts came from
+    eval_sha256: str | None = None
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> passed, metrics, failures, bytes
+    runtime: str = "edgeft.runtime"  # what ran the candidates
+    export_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the model came from: the manifest's ``source`` section (None, written ``{}``: not recorded)."""
+
+    base_model: str | None = None  # the base's name as given to tune or export
+    base_sha256: str | None = None
+    run_folder: str | None = None  # the tune run merged in, if any
+    data_sha256: dict[str, str] = field(default_factory=dict)  # the run's data files' hashes
+    trainable_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,14 +352,14 @@ class Manifest:
     architecture: str  # the Hugging Face model_type: llama, gpt2, bert...
     graph: Graph
     tokenizer: Tokenizer
-    quantization: dict[str, Any]  # {"scheme": "int8", "groups": {"blocks": "int8", ...}, ...}
+    quantization: Quantization
     decoder: Decoder | None = None
     classifier: Classifier | None = None
     embedding: Embedding | None = None
     generation: Generation | None = None
     trunk: Trunk | None = None  # a split classifier or decoder: graph.file is its top
-    gate: dict[str, Any] = field(default_factory=dict)  # {"passed": bool, "degraded": bool, "metrics": {...}}
-    source: dict[str, Any] = field(default_factory=dict)  # base name/sha256, run folder, data sha256
+    gate: Gate | None = None  # None before the gate ran (written {})
+    source: Provenance | None = None  # None: not recorded (written {})
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"sha256", "size"}
     format: str = FORMAT
     format_version: int = 1  # 2 with a trunk section (older edgefts then say "upgrade" instead of failing)
@@ -291,6 +384,9 @@ class Manifest:
             d["embedding"]["pooling"] = self.embedding.pooling.value
         if self.classifier is not None and self.classifier.pairs is None:
             del d["classifier"]["pairs"]  # a text classifier's section stays as it was
+        d["quantization"] = self.quantization.to_dict()
+        d["gate"] = dataclasses.asdict(self.gate) if self.gate is not None else {}
+        d["source"] = dataclasses.asdict(self.source) if self.source is not None else {}
         return d
 
     @classmethod
@@ -302,12 +398,14 @@ class Manifest:
                 f"artifact format {d['format_version']} is newer than this edgeft reads "
                 f"({FORMAT_VERSION}): upgrade edgeft"
             )
-        sections = {"graph": Graph, "tokenizer": Tokenizer, "decoder": Decoder,
+        sections = {"graph": Graph, "tokenizer": Tokenizer, "quantization": Quantization, "decoder": Decoder,
                     "classifier": Classifier, "embedding": Embedding, "generation": Generation,
-                    "trunk": Trunk}
+                    "trunk": Trunk, "gate": Gate, "source": Provenance}
         kw = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         for name, klass in sections.items():
-            if kw.get(name) is not None:
+            if name in ("gate", "source") and kw.get(name) == {}:
+                kw[name] = None  # not gated, or not recorded: what ``to_dict`` writes as {}
+            elif kw.get(name) is not None:
                 known = {f.name for f in dataclasses.fields(klass)}
                 kw[name] = klass(**{k: v for k, v in kw[name].items() if k in known})
         kw["task"] = Task(kw["task"])

@@ -374,7 +374,7 @@ def bench_artifact(config: BenchConfig) -> dict[str, Any]:
     m = model.manifest
     isa = cpu_isa()
     out: dict[str, Any] = {"artifact": str(config.artifact), "task": m.task.value, "threads": threads,
-                           "quantization": m.quantization.get("scheme"), "load_s": load_s,
+                           "quantization": m.quantization.scheme, "load_s": load_s,
                            "repeats": config.repeats, "cpu": cpu_name(), "isa": isa, "isa_summary": isa_summary(isa)}
     if m.task is Task.causal_lm:
         out["spin"], out["spin_reason"] = model.spinning, model.spin_reason

@@ -1,26 +1,30 @@
-"""Reading training and evaluation data: CSV, TSV, JSONL, JSON lists and plain text.
-
-Shared by ``edgeft tune`` and export's gate. Three shapes come out of a file:
+"""The one reader of data files (CSV, TSV, JSONL, JSON lists, TXT) that ``tune --data/--eval-data``, export's
+gate (``--eval-data``) and ``classify/embed --input`` share, so a file means the same to each. Three shapes:
 
 - classification: ``load_classification(path) -> (texts, labels)``, labels as strings; a
   text is a string, or a ``(text, text_pair)`` pair where the table has two text columns
   (``PAIR_COLUMNS`` by name, or ``--text-column A --pair-column B``): NLI, duplicates, relevance;
-- plain text: ``load_texts(path) -> list[str]`` (a .txt file splits on blank lines, so a
-  poem or a paragraph stays whole; a table gives its text column);
+- texts: ``load_texts(path) -> list[str]`` (``load_inputs``: pairs where ``--pair-column`` names a
+  second column or one is named ``text_pair``). A .txt file holds texts separated by blank lines
+  (empty or only spaces), so a poem stays whole; without a blank line, one text per line, kept as it
+  is. A table (.csv/.tsv with a header row, .jsonl an object per line, .json a list of objects) gives
+  ``--text-column``, else the first of ``TEXT_COLUMNS`` it has (case ignored), each cell stripped, an
+  empty one an error; a .jsonl/.json row that is a string is a text (its column ``text``);
 - instruction or chat rows: ``load_chat(path) -> list[list[message]]`` where a row is
   ``{"messages": [{"role", "content"}, ...]}``, alpaca's ``instruction``/``input``/``output``
   or ``prompt``/``completion`` (``response``); ``render_chat`` turns one into a
   ``(prompt, answer)`` pair of strings through a chat template.
 
-Columns are taken from flags or detected by name. Every problem a user can cause
-(missing or empty file, missing column, unknown format) is an ``EdgeftError``.
-This module knows nothing of models or torch; rendering only calls the tokenizer it is given.
+Every problem a user can cause (missing or empty file, no such column, bad JSON, unknown format) is one
+line (``EdgeftError``). Knows nothing of models or torch; rendering only calls the tokenizer it is given.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import io
+import itertools
 import json
 import random
 import sys
@@ -94,7 +98,7 @@ def check_file(path: Path) -> Path:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a table file (CSV, TSV, JSONL or a JSON list of objects); treat them as read-only."""
+    """The rows of a table file (CSV, TSV, JSONL, a JSON list; a string row is ``{"text": row}``); read-only."""
     path = check_file(path)
     st = path.stat()
     return _read_rows(path, st.st_mtime_ns, st.st_size)
@@ -110,21 +114,25 @@ def _read_rows(path: Path, mtime_ns: int, size: int) -> list[dict[str, Any]]:
         csv.field_size_limit(sys.maxsize)
         dialect = "excel-tab" if suffix == ".tsv" else "excel"
         try:
-            rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+            rows = list(csv.DictReader(io.StringIO(text, newline=""), dialect=dialect))
         except csv.Error as exc:
             raise EdgeftError(f"{path}: not a readable {suffix[1:].upper()} file ({exc})") from None
+        extra = next((i for i, r in enumerate(rows) if any(str(v).strip() for v in r.pop(None, ()))), None)
+        if extra is not None:  # empty fields past the header (trailing separators) are dropped
+            raise EdgeftError(f"{path}: row {extra + 1} has more fields than the header (quote texts with separators)")
     elif suffix == ".jsonl":
         rows = [_json(line, path, i + 1) for i, line in enumerate(text.splitlines()) if line.strip()]
     else:
-        rows = _json(text, path, None)
+        rows = _json(text, path, None, hint=" (a .json file holds one list; one object per line is .jsonl)")
         if isinstance(rows, dict) and isinstance(rows.get("data"), list):
             rows = rows["data"]
         if not isinstance(rows, list):
             raise EdgeftError(f"{path}: a .json data file must hold a list of objects")
     if not rows:
         raise EdgeftError(f"data file {path} has no rows")
+    rows = [{"text": r} if isinstance(r, str) else r for r in rows]
     if not all(isinstance(r, dict) for r in rows):
-        raise EdgeftError(f"{path}: every row must be an object with named fields")
+        raise EdgeftError(f"{path}: every row must be an object with named fields (or a string: a text)")
     return rows
 
 
@@ -141,12 +149,12 @@ def read_text(path: Path) -> str:
     return text
 
 
-def _json(text: str, path: Path, line: int | None) -> Any:
+def _json(text: str, path: Path, line: int | None, hint: str = "") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         where = f"line {line}" if line else f"line {e.lineno}"
-        raise EdgeftError(f"{path}: invalid JSON at {where}: {e.msg}") from None
+        raise EdgeftError(f"{path}: invalid JSON at {where}: {e.msg}{hint * (e.msg == 'Extra data')}") from None
 
 
 def _pick(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str, path: Path,
@@ -286,21 +294,33 @@ def pair_text(item: Input, template: str = PAIR_TEMPLATE) -> str:
 
 
 def split_paragraphs(text: str) -> list[str]:
-    """Blank-line separated paragraphs (a whole poem, a speech); lines if there are no blank lines."""
-    paras = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n")]
-    paras = [p for p in paras if p.strip()]
-    if len(paras) == 1:
-        paras = [ln for ln in paras[0].splitlines() if ln.strip()]
-    return paras
+    """Texts between blank lines (empty or only spaces: a whole poem); lines, kept as they are, if none."""
+    paras = ["\n".join(g) for blank, g in itertools.groupby(text.splitlines(), lambda ln: not ln.strip()) if not blank]
+    return paras[0].split("\n") if len(paras) == 1 else paras
 
 
 def load_texts(path: Path, text_column: str | None = None) -> list[str]:
-    """Plain texts: paragraphs of a .txt file, or the text column of a table."""
+    """Texts: a .txt file's paragraphs (or lines), or a table's text column."""
     path = check_file(path)
     if path.suffix.lower() == ".txt":
-        return split_paragraphs(read_text(path))
-    text, _ = detect_columns(path, text_column, None, need_label=False)
-    return [_cell(r, text, path, i) for i, r in enumerate(read_rows(path))]
+        texts = split_paragraphs(read_text(path))
+    else:
+        text, _ = detect_columns(path, text_column, None, need_label=False)
+        texts = [_cell(r, text, path, i) for i, r in enumerate(read_rows(path))]
+    if not texts:
+        raise EdgeftError(f"data file {path} holds no texts")
+    return texts
+
+
+def load_inputs(path: Path, text_column: str | None = None, pair_column: str | None = None) -> list[Input]:
+    """A classifier's input: (text, text_pair) pairs by ``pair_column`` or a ``text_pair`` column, else texts."""
+    if pair_column is None and Path(path).suffix.lower() != ".txt":
+        pair_column = next((c for c in read_rows(path)[0] if c.lower() == "text_pair"), None)
+    if pair_column is None:
+        return list(load_texts(path, text_column))
+    pair = detect_pair_columns(path, text_column, pair_column)  # a .txt file: "not a table", one line
+    assert pair is not None  # a named pair column always gives one
+    return [(_cell(r, pair[0], path, i), _cell(r, pair[1], path, i)) for i, r in enumerate(read_rows(path))]
 
 
 # ---- instruction and chat rows -------------------------------------------------------------

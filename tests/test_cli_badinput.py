@@ -120,12 +120,17 @@ def test_classify_input_not_utf8_is_one_line(bert_art, tmp_path):
         one_line_error(run("classify", bert_art, "--input", f), "not UTF-8", str(f))
 
 
-@pytest.mark.parametrize("name,content", [("empty.csv", ""), ("header.csv", "text\n"), ("header.tsv", "text\tid\n"),
-                                          ("blank.txt", "\n  \n"), ("empty.jsonl", "\n")])
-def test_classify_input_with_no_texts_is_one_line(bert_art, tmp_path, name, content):
+@pytest.mark.parametrize("name,content,says", [
+    ("empty.csv", "", "is empty"), ("header.csv", "text\n", "has no rows"), ("header.tsv", "text\tid\n", "has no rows"),
+    ("blank.txt", "\n  \n", "is empty"), ("empty.jsonl", "\n", "is empty"),
+    ("emptycell.csv", "text\nfine\n\"\"\n", "row 2 has no value in column 'text'"),
+    ("bad.jsonl", '"fine"\n{oops\n', "invalid JSON at line 2"), ("nocolumn.csv", "id,body\n1,hi\n", "--text-column")])
+def test_classify_input_with_no_texts_is_one_line(bert_art, tmp_path, name, content, says):
+    """The errors of ``edgeft.data``, the reader tune and export share (tests/test_data.py has them all)."""
     f = tmp_path / name
     f.write_text(content)
-    one_line_error(run("classify", bert_art, "--input", f), "no texts", str(f))
+    one_line_error(run("classify", bert_art, "--input", f), says, str(f))
+    one_line_error(run("embed", bert_art, "--input", f), says, str(f))
 
 
 def test_classify_output_into_a_read_only_folder_is_one_line(bert_art, readonly_dir):

@@ -87,6 +87,14 @@ def test_sonnets_are_whole_paragraphs():
     sonnets = D.load_texts(Path(__file__).resolve().parents[1] / "demo" / "sonnets.txt")
     assert len(sonnets) > 100
     assert all(len(s.splitlines()) >= 2 for s in sonnets[5:50])
+    # one sonnet apiece: the line of one space between sonnets 39 and 40 is a blank line too
+    assert max(len(s.splitlines()) for s in sonnets) <= 15
+    assert [s for s in sonnets if s.startswith("Take all my loves")] and not [s for s in sonnets if "\nTake all my loves" in s]
+
+
+def test_a_line_of_spaces_is_a_blank_line(tmp_path):
+    p = _write(tmp_path / "t.txt", "a\nb\n \t \nc\r\nd\r\n\r\n")
+    assert D.load_texts(p) == ["a\nb", "c\nd"]
 
 
 def test_alpaca_rows_become_messages(test_data):
@@ -151,3 +159,102 @@ def test_a_two_column_table_with_short_repeating_values_is_labelled_by_them(tmp_
     ids = _write(tmp_path / "ids.csv", "text,ref\n" + "".join(f"some text {i},r{i}\n" for i in range(20)))
     qa = _write(tmp_path / "qa.csv", "question,answer\n" + "".join(f"q {i}?,the answer is {i}\n" for i in range(20)))
     assert not D.has_label_column(ids) and not D.has_label_column(qa)
+
+
+# ---- one reader: tune --data, export --eval-data and classify/embed --input read a file alike ----
+
+def _classify_reads(path: Path, **flags) -> list:
+    from edgeft.cli.classify import ClassifyConfig
+
+    return ClassifyConfig(artifact="unused", input=path, **flags).items()
+
+
+def _embed_reads(path: Path, **flags) -> list:
+    from edgeft.cli.embed import EmbedConfig
+
+    return EmbedConfig(artifact="unused", input=path, **flags).items()
+
+
+@pytest.mark.parametrize("name, content, want", [
+    ("paragraphs.txt", "one\ntwo\n\nthree\n", ["one\ntwo", "three"]),
+    ("lines.txt", "a\n  b, indented\nc\n", ["a", "  b, indented", "c"]),
+    ("reviews.csv", 'id,review\n1," padded "\n2,"a, b"\n', ["padded", "a, b"]),
+    ("upper.tsv", "Text\tid\nhello\t1\nbye\t2\n", ["hello", "bye"]),
+    ("strings.jsonl", '"first"\n\n"second"\n', ["first", "second"]),
+    ("objects.jsonl", '{"sentence": "x"}\n{"sentence": "y"}\n', ["x", "y"]),
+    ("list.json", '[{"content": "p"},\n {"content": "q"}]\n', ["p", "q"]),
+])
+def test_tune_export_classify_and_embed_read_a_file_alike(tmp_path, name, content, want):
+    p = _write(tmp_path / name, content)
+    assert D.load_texts(p) == want  # tune --data (causal LM), export --eval-data
+    assert _classify_reads(p) == want
+    assert _embed_reads(p) == want
+
+
+@pytest.mark.parametrize("column", D.TEXT_COLUMNS)
+def test_every_text_column_name_works_for_tune_and_classify(tmp_path, column):
+    p = _write(tmp_path / "t.csv", f"id,{column}\n1,hello\n2,bye\n")
+    assert D.load_texts(p) == _classify_reads(p) == ["hello", "bye"]
+
+
+def test_the_text_column_names_are_listed_alike_in_help_and_docs():
+    from edgeft.cli.classify import ClassifyConfig
+    from edgeft.flags import field_docs
+
+    names = ", ".join(D.TEXT_COLUMNS)
+    assert names in " ".join(field_docs(ClassifyConfig)["text_column"].split())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "tune.md").read_text()
+    assert names in " ".join(docs.split())
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.txt", None, "does not exist"),
+    ("empty.jsonl", "\n", "is empty"),
+    ("header.csv", "text\n", "has no rows"),
+    ("nocolumn.csv", "id,body\n1,hi\n", "name it with --text-column"),
+    ("emptycell.csv", 'text\nfine\n""\n', "row 2 has no value in column 'text'"),
+    ("bad.jsonl", '{"text": "a"}\n{oops\n', "invalid JSON at line 2"),
+    ("lines.json", '{"text": "a"}\n{"text": "b"}\n', "one object per line is .jsonl"),
+    ("numbers.jsonl", "1\n2\n", "every row must be an object"),
+    ("texts.parquet", "x", "unknown data format"),
+])
+def test_bad_text_files_are_the_same_one_line_error_everywhere(tmp_path, name, content, message):
+    p = tmp_path / name
+    if content is not None:
+        p.write_text(content)
+    for read in (D.load_texts, _classify_reads, _embed_reads):
+        with pytest.raises(EdgeftError, match=message) as e:
+            read(p)
+        assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+def test_classify_reads_pairs_from_a_text_pair_column_of_any_table(tmp_path):
+    want = [("q1", "d1"), ("q2", "d2")]
+    table = _write(tmp_path / "p.csv", "text,text_pair\nq1,d1\nq2,d2\n")
+    lines = _write(tmp_path / "p.jsonl", "".join(json.dumps({"text": a, "text_pair": b}) + "\n" for a, b in want))
+    named = _write(tmp_path / "n.tsv", "q\tdoc\nq1\td1\nq2\td2\n")
+    assert _classify_reads(table) == _classify_reads(lines) == D.load_inputs(table) == want
+    assert _classify_reads(named, text_column="q", pair_column="doc") == want
+    assert _embed_reads(table) == ["q1", "q2"]  # embed reads texts
+    qa = _write(tmp_path / "qa.csv", "question,answer\nq1,d1\nq2,d2\n")
+    assert _classify_reads(qa) == ["q1", "q2"]  # pairs by name are tune's: classify needs --pair-column
+    assert _classify_reads(qa, pair_column="answer") == want
+    with pytest.raises(EdgeftError, match="plain text") as e:
+        _classify_reads(_write(tmp_path / "t.txt", "a\n"), pair_column="b")
+    assert "\n" not in str(e.value)
+
+
+def test_csv_rows_are_read_as_csv_not_as_lines(tmp_path):
+    p = tmp_path / "u.csv"
+    p.write_text('text,label\n"one\u2028two",a\nplain\x0cfeed,b\n', encoding="utf-8")  # line separators in cells
+    assert D.load_classification(p) == (["one\u2028two", "plain\x0cfeed"], ["a", "b"])
+    assert _classify_reads(p) == D.load_texts(p) == ["one\u2028two", "plain\x0cfeed"]
+    trailing = _write(tmp_path / "trailing.csv", "text,label\nhi,a,\nbye,b,\n")  # empty fields past the header
+    assert D.load_classification(trailing) == (["hi", "bye"], ["a", "b"])
+    for first in (True, False):  # an unquoted comma shifted the label ("world"), or was a traceback
+        rows = ["hello, world,pos", "ok,neg"]
+        p = _write(tmp_path / f"comma{first}.csv", "text,label\n" + "\n".join(rows if first else rows[::-1]) + "\n")
+        for read in (D.load_classification, D.load_texts, _classify_reads):
+            with pytest.raises(EdgeftError, match=f"row {1 if first else 2} has more fields than the header") as e:
+                read(p)
+            assert "\n" not in str(e.value)

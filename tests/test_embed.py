@@ -141,10 +141,10 @@ def test_export_records_pooling_and_gates_cosine(artifact):
     assert m.task.value == "embedding" and m.embedding.pooling.value == "mean" and m.embedding.normalize
     assert m.embedding.dim == 64 and m.embedding.max_length == 48 and m.embedding.truncation_dims == [32]
     assert m.graph.outputs == ["last_hidden_state"]
-    assert m.gate["passed"] and m.gate["metrics"]["mean_cosine"] >= 0.99
-    assert m.gate["thresholds"] == {"min_mean_cosine": 0.99}
-    assert m.gate["eval_data"].endswith("sst2_2k.csv") and m.gate["metrics"]["texts"] == 64
-    assert set(m.gate["candidates"]) == {"int8-dynamic", "int8-weight-only"}
+    assert m.gate.passed and m.gate.metrics["mean_cosine"] >= 0.99
+    assert m.gate.thresholds == {"min_mean_cosine": 0.99}
+    assert m.gate.eval_data.endswith("sst2_2k.csv") and m.gate.metrics["texts"] == 64
+    assert set(m.gate.candidates) == {"int8-dynamic", "int8-weight-only"}
 
 
 def test_embedder_matches_pytorch_in_any_batch(artifact, st_dir):
@@ -281,7 +281,7 @@ def test_a_classifier_run_exports_its_tuned_encoder_as_embeddings(tmp_path, st_d
                               progress=False), log=None)
     emb = TextEmbedder.open(out, threads=1)
     assert emb.manifest.embedding.max_length == 40 and emb.manifest.embedding.pooling.value == "mean"
-    assert emb.manifest.gate["passed"] and emb.manifest.gate["metrics"]["mean_cosine"] > 0.999
+    assert emb.manifest.gate.passed and emb.manifest.gate.metrics["mean_cosine"] > 0.999
     base = _torch_mean_pooled(st_dir, TEXTS, 40)
     assert (emb.embed(TEXTS) * base).sum(1).mean() < 0.95  # the tuned block changed the vectors
     with pytest.raises(EdgeftError, match="classification run"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_manifest_sections import assert_reads_back
 from typer.testing import CliRunner
 
 from edgeft.artifact import verify
@@ -30,7 +31,8 @@ def _export(source, out, quantize="int8", **kw) -> Path:
 
 
 def _manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
+    """The manifest's JSON; its typed ``Manifest`` must write the same bytes (the sections' round trip)."""
+    return assert_reads_back(folder)
 
 
 def _torch_logits(model_dir, ids, **load):
@@ -263,8 +265,8 @@ def test_int4_offset_mode_is_refused_without_4bit_blocks(work, tiny_llama_dir, b
     for source, scheme, said in ((tiny_llama_dir, "int8", "not --quantize int8"),
                                  (bert_run, "auto", "not a classification model")):
         out = work / f"refused-offset-{scheme}"
-        with pytest.raises(EdgeftError, match=f"--int4-mode offset applies .*{said}"):
-            _export(source, out, scheme, int4_mode="offset")
+        with pytest.raises(EdgeftError, match=f"--int4-mode float-offset applies .*{said}"):
+            _export(source, out, scheme, int4_mode="float-offset")
         assert not out.exists()
 
 
@@ -284,7 +286,7 @@ def test_int4_offset_export_holds_a_q41_model_with_an_8bit_head(work, tiny_llama
     for f in tiny_llama_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
             shutil.copy(f, src / f.name)
-    offset = _export(src, work / "llama-int4-offset", "int4", int4_mode="offset", int8_activations=False,
+    offset = _export(src, work / "llama-int4-offset", "int4", int4_mode="float-offset", int8_activations=False,
                      allow_degraded=True)
     plain = _export(src, work / "llama-int4-zero", "int4", int8_activations=False, allow_degraded=True)
     q = _manifest(offset)["quantization"]

@@ -58,7 +58,7 @@ def make_classifier(folder: Path, labels=LABELS, n_out: int = 3) -> Path:
         task=artifact.Task.classification, architecture="bert",
         graph=artifact.Graph(file="model.onnx", opset=17, inputs=["input_ids", "attention_mask"],
                              outputs=["logits"], builder="torch.onnx"),
-        tokenizer=artifact.Tokenizer(config_file=None, pad_token_id=0), quantization={"scheme": "none"},
+        tokenizer=artifact.Tokenizer(config_file=None, pad_token_id=0), quantization=artifact.Quantization(scheme="none"),
         classifier=artifact.Classifier(labels=list(labels), max_length=16)))
     return folder
 

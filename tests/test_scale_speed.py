@@ -23,7 +23,10 @@ def test_the_smoke_shape_is_a_consistent_llama_and_the_systems_share_grids():
     assert tiny["num_attention_heads"] * tiny["head_dim"] == tiny["hidden_size"] == 256
     assert tiny["num_hidden_layers"] == 2 and tiny["max_position_embeddings"] >= scale_speed.DEPTH + 64
     assert scale_speed.CONTEXT >= scale_speed.DEPTH * 2
-    for args in scale_speed.EDGEFT_SYSTEMS.values():  # blocks of 32, as Q8_0 / Q4_0 have
+    for args in scale_speed.EDGEFT_SYSTEMS.values():  # weight-only blocks of 32, as Q8_0 / Q4_0 have
+        if "dynamic" in args:  # the integer-GEMM path: per-channel int8, compared with edgeft int8 too
+            assert args[args.index("-q") + 1] == "int8"
+            continue
         assert args[args.index("--block-size") + 1] == "32"
     peers = {p for _, ps in scale_speed.PAIRS for p in ps}
     assert peers == {f"llama.cpp {t}" for t in scale_speed.GGUF_TYPES}

@@ -20,7 +20,7 @@ def _manifest() -> artifact.Manifest:
         task=artifact.Task.classification, architecture="bert",
         graph=artifact.Graph(file="model.onnx", opset=17, inputs=["input_ids", "attention_mask"],
                              outputs=["logits"], builder="torch.onnx"),
-        tokenizer=artifact.Tokenizer(config_file=None), quantization={"scheme": "int8"},
+        tokenizer=artifact.Tokenizer(config_file=None), quantization=artifact.Quantization(scheme="int8"),
         classifier=artifact.Classifier(labels=["neg", "pos"], max_length=128),
     )
 

@@ -170,11 +170,11 @@ def test_models_list_what_the_manifest_says(http, artifacts, signing_key):
     for name, path in artifacts.items():
         manifest, card = read_manifest(path), models[name]["manifest"]
         assert card["architecture"] == manifest.architecture
-        assert card["base_model"] == manifest.source["base_model"]
-        assert card["quantization"] == manifest.quantization["scheme"]
+        assert card["base_model"] == manifest.source.base_model
+        assert card["quantization"] == manifest.quantization.scheme
         assert card["size_bytes"] == sum(f["size"] for f in manifest.files.values()) > 0
-        assert card["gate"]["passed"] == manifest.gate["passed"]
-        assert card["gate"]["metrics"] == manifest.gate["metrics"]
+        assert card["gate"]["passed"] == manifest.gate.passed
+        assert card["gate"]["metrics"] == manifest.gate.metrics
         assert card["digest"] == manifest.digest and card["digest"].startswith("sha256:")
         assert card["signed_by"] == signing_key[1] and card["signature_checked"] is True
     assert models["sentiment"]["labels"] == ["negative", "positive"] and models["vectors"]["dimensions"] == 64

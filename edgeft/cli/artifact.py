@@ -72,8 +72,8 @@ def verify(config: VerifyConfig) -> None:
         raise EdgeftError(f"{artifact} does not exist")
     keys = load_trusted_keys(config.trusted_keys) if config.trusted_keys else []
     manifest = verify_packed(artifact, keys) if artifact.is_file() else verify_folder(artifact, keys)
-    gate = manifest.gate or {}
-    state = "passed" if gate.get("passed") else ("DEGRADED" if gate.get("degraded") else "not gated")
+    gate = manifest.gate
+    state = "passed" if gate and gate.passed else ("DEGRADED" if gate and gate.degraded else "not gated")
     size = sum(meta["size"] for meta in manifest.files.values())
     sig = manifest.signature if isinstance(manifest.signature, dict) else {}
     kid = ascii(str(sig.get("key_id", "?")))[1:-1][:40]  # unchecked without a trusted key: kept one short line
@@ -85,7 +85,7 @@ def verify(config: VerifyConfig) -> None:
         trust = "unsigned"
     digest = "digest ok" if manifest.digest else "no manifest digest (older artifact)"
     typer.echo(f"{artifact}: ok, {len(manifest.files)} files, {size / 1e6:.1f} MB; {manifest.task.value} "
-               f"{manifest.architecture}, {manifest.quantization.get('scheme', '?')}, gate {state}; {digest}, {trust}")
+               f"{manifest.architecture}, {manifest.quantization.scheme or '?'}, gate {state}; {digest}, {trust}")
     if manifest.trunk is not None:
         typer.echo(trunk_line(manifest))
 

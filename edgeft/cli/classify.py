@@ -1,13 +1,14 @@
 """``edgeft classify``: label texts with a classification artifact.
 
-Texts come from the command line or ``--input`` (CSV, TSV, JSONL or TXT: one text per
-line); a pair classifier reads pairs (JSONL ``{"text": ..., "text_pair": ...}``, or two CSV
-columns: ``--text-column A --pair-column B``); results go to stdout or ``--output`` as JSONL (text, label, scores) or CSV (text,
-label, one probability column per label). Several artifacts (``edgeft classify A B C
-"text"...``: the leading arguments that are artifacts) answer together, each model's label
-and scores per text, the trunk that split models share run once per batch. Flags:
-``ClassifyConfig``'s fields, most of them ``TextsConfig``'s, which ``edgeft embed`` shares.
-Imports the runtime inside the command only.
+Texts come from the command line or ``--input``, read by ``edgeft.data`` as ``edgeft tune`` reads
+them (its docstring has the one rule: a .txt file's texts are separated by blank lines, else one per
+line; a table's text column is ``--text-column`` or found by name); a pair classifier reads pairs
+(a ``text_pair`` column, or ``--text-column A --pair-column B``); results go to stdout or ``--output``
+as JSONL (text, label, scores) or CSV (text, label, one probability column per label). Several
+artifacts (``edgeft classify A B C "text"...``: the leading arguments that are artifacts) answer
+together, each model's label and scores per text, the trunk that split models share run once per
+batch. Flags: ``ClassifyConfig``'s fields, most of them ``TextsConfig``'s, which ``edgeft embed``
+shares. Imports the runtime inside the command only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import typer
 
 from edgeft.cli.app import app
 from edgeft.cli.options import from_config
+from edgeft.data import load_inputs, load_texts
 from edgeft.errors import EdgeftError
 from edgeft.flags import check_fields, flag
 from edgeft.fsutil import check_writable, refuse_overlap, require_file, write_output
@@ -47,9 +49,11 @@ class TextsConfig:
     texts: tuple[str, ...] = field(default=(), metadata=flag(argument=True))
     """Texts (or use --input)."""
     input: Path | None = field(default=None, metadata=flag("--input", "-i"))
-    """A file of texts: .csv/.tsv (header), .jsonl or .txt."""
+    """A file of texts, read as tune reads --data: .csv/.tsv (header row), .jsonl, .json (a list) or .txt
+    (texts separated by blank lines; without a blank line, one text per line)."""
     text_column: str | None = None
-    """The CSV column or JSONL key holding the text [default: text]."""
+    """The column (JSON key) holding the text [default: the first found of text, sentence, content,
+    review, document, question, query, input, prompt]."""
     output: Path | None = field(default=None, metadata=flag("--output", "-o"))
     """Write results here instead of stdout."""
     batch_size: int = field(default=32, metadata=flag(min=1))
@@ -70,7 +74,7 @@ class TextsConfig:
 
     def items(self) -> list[str]:
         """The texts to work on: from the command line or read from --input."""
-        return read_texts(self.input, self.text_column) if self.input else list(self.texts)
+        return read_inputs(self.input, self.text_column) if self.input else list(self.texts)
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class ClassifyConfig(TextsConfig):
     format: OutputFormat | None = field(default=None, metadata=flag("--format", "-f"))
     """Output format [default: from --output's suffix, else jsonl]."""
     pair_column: str | None = None
-    """The CSV column or JSONL key holding each text's pair, for a pair classifier [default: text_pair in JSONL]."""
+    """The column (JSON key) holding each text's pair, for a pair classifier [default: a text_pair column]."""
     artifacts: tuple[str, ...] = field(default=(), metadata=flag(cli=False))
     """Every model asked for: the first argument, then the arguments after it that are artifacts."""
 
@@ -104,8 +108,7 @@ class ClassifyConfig(TextsConfig):
             if self.pair_column:
                 raise EdgeftError("--pair-column reads pairs from --input")
             return list(self.texts)
-        pairs = read_pairs(self.input, self.text_column, self.pair_column)
-        return pairs if pairs is not None else read_texts(self.input, self.text_column)
+        return read_inputs(self.input, self.text_column, self.pair_column, pairs=True)
 
     @property
     def output_format(self) -> OutputFormat:
@@ -125,111 +128,14 @@ def is_artifact(arg: str) -> bool:
         return False
 
 
-TEXT_KEYS = ("text", "sentence", "input", "content")
-
-
-def _text_key(keys: list[str], wanted: str | None, source: Path) -> str:
-    if wanted:
-        if wanted not in keys:
-            raise EdgeftError(f"{source}: no column {wanted!r} (columns: {', '.join(keys)})")
-        return wanted
-    for k in TEXT_KEYS:
-        if k in keys:
-            return k
-    raise EdgeftError(f"{source}: no text column among {', '.join(keys)}: name it with --text-column")
-
-
-def read_texts(path: Path, text_column: str | None = None) -> list[str]:
-    """Texts from a CSV/TSV (header row), JSONL (objects or strings) or TXT file; none is an error."""
-    texts = _read_texts(path, text_column)
-    if not texts:
-        raise EdgeftError(f"{path} holds no texts to classify")
-    return texts
-
-
-def _read_texts(path: Path, text_column: str | None) -> list[str]:
-    from edgeft.data import read_text
-
+def read_inputs(path: Path, text_column: str | None, pair_column: str | None = None, pairs: bool = False) -> list:
+    """The texts of --input (``edgeft.data.load_texts``: the reader ``edgeft tune`` uses), or with
+    ``pairs`` a pair classifier's texts or pairs (``edgeft.data.load_inputs``)."""
     require_file(path, "--input")
-    suffix = path.suffix.lower()
-    raw = read_text(path)
-    if suffix in (".csv", ".tsv"):
-        try:
-            rows = list(csv.DictReader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ","))
-        except csv.Error as exc:
-            raise EdgeftError(f"{path}: not a readable {suffix[1:].upper()} file ({exc})") from None
-        if not rows:
-            return []
-        key = _text_key(list(rows[0].keys()), text_column, path)
-        return [r[key] or "" for r in rows]
-    if suffix in (".jsonl", ".json"):
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise EdgeftError(f"{path}:{n} is not a JSON line") from None
-            if isinstance(obj, str):
-                texts.append(obj)
-            elif isinstance(obj, dict):
-                texts.append(str(obj[_text_key(list(obj), text_column, path)]))
-            else:
-                raise EdgeftError(f"{path}:{n}: expected an object or a string")
-        return texts
-    if suffix in (".txt", ""):
-        return [ln for ln in raw.splitlines() if ln.strip()]
-    raise EdgeftError(f"{path}: unknown input format {suffix!r} (use .csv, .tsv, .jsonl or .txt)")
+    return load_inputs(path, text_column, pair_column) if pairs else load_texts(path, text_column)
 
 
 PAIR_KEY = "text_pair"
-
-
-def read_pairs(path: Path, text_column: str | None, pair_column: str | None) -> list[tuple[str, str]] | None:
-    """(text, text_pair) pairs from a CSV/TSV with --pair-column, or a JSONL file whose objects carry
-    ``text_pair`` (or the --pair-column key); None when the file holds single texts."""
-    from edgeft.data import read_text
-
-    require_file(path, "--input")
-    suffix, raw = path.suffix.lower(), read_text(path)
-    if suffix in (".csv", ".tsv"):
-        if pair_column is None:
-            return None
-        try:
-            rows = list(csv.DictReader(io.StringIO(raw), delimiter="\t" if suffix == ".tsv" else ","))
-        except csv.Error as exc:
-            raise EdgeftError(f"{path}: not a readable {suffix[1:].upper()} file ({exc})") from None
-        if not rows:
-            raise EdgeftError(f"{path} holds no texts to classify")
-        pair = _text_key(list(rows[0].keys()), pair_column, path)
-        key = _text_key([k for k in rows[0].keys() if k != pair], text_column, path)
-        return [(r[key] or "", r[pair] or "") for r in rows]
-    if suffix not in (".jsonl", ".json"):
-        if pair_column is not None:
-            raise EdgeftError(f"{path}: --pair-column reads a CSV, TSV or JSONL file")
-        return None
-    objs = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if line.strip():
-            try:
-                objs.append((n, json.loads(line)))
-            except json.JSONDecodeError:
-                raise EdgeftError(f"{path}:{n} is not a JSON line") from None
-    wanted = pair_column or PAIR_KEY
-    if not objs or not any(isinstance(o, dict) and wanted in o for _, o in objs):
-        if pair_column is not None:
-            raise EdgeftError(f"{path}: no object has the key {pair_column!r}")
-        return None
-    out = []
-    for n, o in objs:
-        if not isinstance(o, dict) or not isinstance(o.get(wanted), str):
-            raise EdgeftError(f"{path}:{n}: expected an object with a string {wanted!r} (a pair's second text)")
-        text = o.get(_text_key([k for k in o if k != wanted], text_column, path))
-        if not isinstance(text, str):
-            raise EdgeftError(f"{path}:{n}: the text must be a string")
-        out.append((text, o[wanted]))
-    return out
 
 
 def _row(t: Any) -> dict[str, str]:

@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgeft.artifact import Batching, Classifier, Decoder, Embedding, Generation, Graph, Manifest, Task, Tokenizer
+from edgeft.artifact import (Batching, Classifier, Decoder, Embedding, Generation, Graph, Manifest, Provenance,
+                             Quantization, Task, Tokenizer)
 from edgeft.fsutil import atomic_write_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -86,8 +87,8 @@ def generation_section(generation_config: Any) -> Generation:
                       repetition_penalty=float(g.repetition_penalty or 1.0))
 
 
-def decoder_manifest(graph: Any, tok: Tokenizer, gen: Generation, quant: dict[str, Any], architecture: str,
-                     context_length: int | None, source: dict[str, Any]) -> Manifest:
+def decoder_manifest(graph: Any, tok: Tokenizer, gen: Generation, quant: Quantization, architecture: str,
+                     context_length: int | None, source: Provenance) -> Manifest:
     n = graph.num_layers
     return Manifest(
         task=Task.causal_lm, architecture=architecture,
@@ -112,8 +113,8 @@ def _batching(graph: Any) -> Batching:
     return Batching.none
 
 
-def classifier_manifest(graph: Any, tok: Tokenizer, quant: dict[str, Any], architecture: str, labels: list[str],
-                        max_length: int, source: dict[str, Any]) -> Manifest:
+def classifier_manifest(graph: Any, tok: Tokenizer, quant: Quantization, architecture: str, labels: list[str],
+                        max_length: int, source: Provenance) -> Manifest:
     return Manifest(
         task=Task.classification, architecture=architecture,
         graph=Graph(file="model.onnx", opset=graph.opset, inputs=graph.inputs, outputs=graph.outputs,
@@ -124,8 +125,8 @@ def classifier_manifest(graph: Any, tok: Tokenizer, quant: dict[str, Any], archi
     )
 
 
-def embedding_manifest(graph: Any, tok: Tokenizer, quant: dict[str, Any], architecture: str, spec: Embedding,
-                       source: dict[str, Any]) -> Manifest:
+def embedding_manifest(graph: Any, tok: Tokenizer, quant: Quantization, architecture: str, spec: Embedding,
+                       source: Provenance) -> Manifest:
     return Manifest(
         task=Task.embedding, architecture=architecture,
         graph=Graph(file="model.onnx", opset=graph.opset, inputs=graph.inputs, outputs=graph.outputs,

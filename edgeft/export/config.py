@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeft.artifact import Task
+from edgeft.artifact import Int4Grid, Task
 from edgeft.errors import EdgeftError
 from edgeft.flags import check_fields, enum_value, flag
 
@@ -36,13 +36,6 @@ class Int8Mode(str, enum.Enum):
     best = "best"
     dynamic = "dynamic"  # int8 weights and activations (DynamicQuantizeMatMul / MatMulInteger)
     weight_only = "weight-only"  # int8 weights, fp32 activations (MatMulNBits)
-
-
-class Int4Mode(str, enum.Enum):
-    """How a decoder's 4-bit blocks are stored (int4, mixed, searched, auto)."""
-
-    offset = "offset"  # w = offset + scale * q, a float offset per block (llama.cpp's Q4_1 grid)
-    zero_point = "zero-point"  # w = scale * (q - z), an integer zero point per block (MatMulNBits alone)
 
 
 class KVCache(str, enum.Enum):
@@ -89,9 +82,9 @@ class ExportConfig:
     activations, then the smaller; the reason goes in the manifest). Decoders, for the int8 scheme:
     weight-only (what best gives) or dynamic (smoothed per-channel, int8 activations on a scale per row,
     integer GEMM: faster prompt prefill, calibrated on held-out texts)."""
-    int4_mode: Int4Mode = Int4Mode.zero_point
+    int4_mode: Int4Grid = Int4Grid.zero_point
     """Decoders' 4-bit blocks: zero-point (an integer zero point per block: onnxruntime's 4-bit kernel alone)
-    or offset (a float offset per block, the min/max grid of llama.cpp's Q4_1, offsets stored 8-bit, and the
+    or float-offset (a float offset per block, the min/max grid of llama.cpp's Q4_1, offsets stored 8-bit, and the
     head at 8 bits as in Q4_1 files; closer to the model, but four small extra ops per matmul)."""
     kv_cache: KVCache = field(default=KVCache.float32, metadata=flag("--kv-cache"))
     """Decoders: the KV cache's storage, float32 or int8 (a quarter of the bytes each decode step reads at long
@@ -151,7 +144,7 @@ class ExportConfig:
                 raise EdgeftError(f"--sign {self.sign_key} is not a file")
         object.__setattr__(self, "quantize", enum_value(Quantize, self.quantize, "--quantize"))
         object.__setattr__(self, "int8_mode", enum_value(Int8Mode, self.int8_mode, "--int8-mode"))
-        object.__setattr__(self, "int4_mode", enum_value(Int4Mode, self.int4_mode, "--int4-mode"))
+        object.__setattr__(self, "int4_mode", enum_value(Int4Grid, self.int4_mode, "--int4-mode"))
         object.__setattr__(self, "kv_cache", enum_value(KVCache, self.kv_cache, "--kv-cache"))
         if self.task is not None:
             object.__setattr__(self, "task", enum_value(Task, self.task, "--task"))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
-from edgeft.artifact import Task
+from edgeft.artifact import Provenance, Task
 from edgeft.export.config import ExportConfig
 from edgeft.runs import RUN_INFO, RunInfo, is_run_folder, read_run, read_run_config
 from edgeft.tune.hf import label_kwargs, load_run, load_tokenizer, model_class, quiet_transformers, run_base
@@ -47,14 +47,12 @@ class Source:
     run_config: dict[str, Any] = field(default_factory=dict)
     base_dir: Path | str | None = None  # the base model's folder (sentence-transformers' pooling files)
 
-    def provenance(self) -> dict[str, Any]:
-        return {
-            "base_model": self.base_name,
-            "base_sha256": self.base_sha256,
-            "run_folder": str(self.run_dir.resolve()) if self.run_dir else None,
-            "data_sha256": dict(self.data_sha256),
-            "trainable_layers": self.run.trainable_layers if self.run else 0,
-        }
+    def provenance(self) -> Provenance:
+        """The manifest's ``source`` section."""
+        return Provenance(base_model=self.base_name, base_sha256=self.base_sha256,
+                          run_folder=str(self.run_dir.resolve()) if self.run_dir else None,
+                          data_sha256=dict(self.data_sha256),
+                          trainable_layers=self.run.trainable_layers if self.run else 0)
 
 
 def load_source(config: ExportConfig) -> Source:

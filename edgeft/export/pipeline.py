@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeft.artifact import MANIFEST, Manifest, Task, write_manifest
+from edgeft.artifact import MANIFEST, Gate, Int4Grid, Manifest, Quantization, Task, write_manifest
 from edgeft.errors import EdgeftError
 from edgeft.export import assemble, gate, quantize, smooth, trunk
-from edgeft.export.config import AUTO_ORDER, ExportConfig, Int4Mode, Int8Mode, KVCache, Quantize
+from edgeft.export.config import AUTO_ORDER, ExportConfig, Int8Mode, KVCache, Quantize
 from edgeft.fsutil import atomic_dir, check_destination, check_space, out_of_space, refuse_overlap
 
 if TYPE_CHECKING:
@@ -245,14 +245,14 @@ def _check_scheme(config: ExportConfig) -> None:
         raise EdgeftError("--kv-cache int8 applies to decoders; an encoder keeps no KV cache")
     if config.trunk_blocks and config.task is Task.embedding:
         raise EdgeftError("--trunk-blocks splits classifiers and decoders; an embedding model exports as one graph")
-    if config.int4_mode is Int4Mode.offset:
+    if config.int4_mode is Int4Grid.float_offset:
         what = None
         if config.quantize not in (*narrow, Quantize.auto):
             what = f"--quantize {config.quantize.value}"
         elif config.task is not None and config.task is not Task.causal_lm:
             what = f"a {config.task.value} model"
         if what:
-            raise EdgeftError(f"--int4-mode offset applies to a decoder's 4-bit blocks (--quantize int4, mixed, "
+            raise EdgeftError(f"--int4-mode float-offset applies to a decoder's 4-bit blocks (--quantize int4, mixed, "
                               f"searched or auto), not {what}")
     if config.task is Task.causal_lm and config.int8_mode is Int8Mode.dynamic and not config.int8_activations:
         raise EdgeftError("--int8-mode dynamic computes on int8 activations: drop --fp32-activations, or use "
@@ -336,23 +336,22 @@ def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path
         folder.mkdir()
         if scheme is Quantize.none:
             assemble.copy_graph(graph.path, folder)
-            quant = quantize.QuantReport(scheme="none", groups={"all": "fp32"}, method="none").to_dict()
+            quant = Quantization(scheme="none", groups={"all": "fp32"}, method="none")
         elif scheme is Quantize.int8 and config.int8_mode is Int8Mode.dynamic:
             log("quantizing: int8, dynamic (smoothed, a scale per row)")
             ids, origin = _calibration_ids(config, source)
             feeds = smooth.decoder_feeds(graph.inputs, ids, graph.num_kv_heads, graph.head_dim, graph.kv_dtype)
             quant = smooth.quantize_decoder_dynamic(graph.path, folder / "model.onnx", graph.vocab_size,
                                                     graph.num_layers, config.block_size, feeds,
-                                                    config.threads).to_dict()
-            quant["calibration"] = {"tokens": int(sum(len(c) for c in ids)), "texts": origin,
-                                    "alpha": smooth.ALPHA}
+                                                    config.threads)
+            quant = dataclasses.replace(quant, calibration={"tokens": int(sum(len(c) for c in ids)), "texts": origin,
+                                                            "alpha": smooth.ALPHA})
         else:
             log(f"quantizing: {name or scheme.value} (block size {config.block_size})")
             quant = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
                                               graph.num_layers, graph.vocab_size, config.int8_activations,
-                                              widths, config.int4_mode is Int4Mode.offset).to_dict()
-            if search is not None:
-                quant["search"] = search
+                                              widths, config.int4_mode)
+            quant = dataclasses.replace(quant, search=search)
         if kv_scales is not None:  # before the gate, which judges the cache with the weights
             int8_kv_cache(folder / "model.onnx", kv_scales)
         assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict(),
@@ -591,7 +590,7 @@ def _embedding_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Pa
 
 
 def _encoder_candidates(config: ExportConfig, source: Source, hf_dir: Path, graph: ClassifierGraph,
-                        manifest: Callable[[Any, dict[str, Any]], Manifest], labels: list[str] | None, work: Path,
+                        manifest: Callable[[Any, Quantization], Manifest], labels: list[str] | None, work: Path,
                         log: Log, trunk_blocks: int = 0) -> list[Candidate]:
     """One candidate per int8 flavour (or fp32) of an encoder graph; ``manifest(tok, quant)`` fills the manifest.
     With ``trunk_blocks``, each is split there (``edgeft.export.trunk``) before the gate sees it."""
@@ -602,14 +601,14 @@ def _encoder_candidates(config: ExportConfig, source: Source, hf_dir: Path, grap
         folder.mkdir()
         if name == "none":
             assemble.copy_graph(graph.path, folder)
-            quant = quantize.QuantReport(scheme="none", groups={"all": "fp32"}, method="none").to_dict()
+            quant = Quantization(scheme="none", groups={"all": "fp32"}, method="none")
         elif name == "int8-dynamic":
             log("quantizing: int8 dynamic")
-            quant = quantize.quantize_classifier_dynamic(graph.path, folder / "model.onnx").to_dict()
+            quant = quantize.quantize_classifier_dynamic(graph.path, folder / "model.onnx")
         else:
             log(f"quantizing: int8 weight-only (block size {config.block_size})")
             quant = quantize.quantize_classifier_weight_only(graph.path, folder / "model.onnx",
-                                                            config.block_size).to_dict()
+                                                            config.block_size)
         for leftover in folder.glob("dynamic-tmp.onnx*"):
             leftover.unlink()
         assemble.copy_support_files(hf_dir, folder, None, tokenizer, labels, config.to_dict())
@@ -825,22 +824,13 @@ def _publish(plan: Plan, gated: Gated, seconds: float, log: Log) -> Path:
         log("gate failed; writing anyway (--allow-degraded), marked degraded in the manifest")
     task = chosen.manifest.task
     evals, ref = gated.evals, gated.reference
-    record = {
-        "passed": not degraded,
-        "degraded": degraded,
-        "chosen": chosen.name,
-        "chosen_because": chosen.why,
-        "metrics": chosen.result.metrics,
-        "reference": ref.metrics,
-        "failures": chosen.result.failures,
-        "thresholds": gate.thresholds(config, task),
-        "eval_data": evals.origin,
-        "eval_sha256": evals.sha256,
-        "candidates": {c.name: {**c.result.to_dict(), "bytes": assemble.folder_size(c.folder)}
-                       for c in candidates if c.result is not None},
-        "runtime": "edgeft.runtime",
-        "export_seconds": round(seconds, 2),
-    }
+    record = Gate(
+        passed=not degraded, degraded=degraded, chosen=chosen.name, chosen_because=chosen.why,
+        metrics=chosen.result.metrics, reference=ref.metrics, failures=chosen.result.failures,
+        thresholds=gate.thresholds(config, task), eval_data=evals.origin, eval_sha256=evals.sha256,
+        candidates={c.name: {**c.result.to_dict(), "bytes": assemble.folder_size(c.folder)}
+                    for c in candidates if c.result is not None},
+        runtime="edgeft.runtime", export_seconds=round(seconds, 2))
     manifest = dataclasses.replace(chosen.manifest, gate=record)
     with atomic_dir(config.out, overwrite=config.overwrite) as tmp:
         for item in chosen.folder.iterdir():

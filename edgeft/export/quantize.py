@@ -8,7 +8,7 @@ a zero point (asymmetric), except the head, whose matrix the embedding may share
 blocks are made one weight at a time from the fp32 graph's external file (``_int8_pass``, with
 onnxruntime's own kernel), so the fp32 weights of an 8-bit MatMul are never all in memory.
 
-With ``--int4-mode offset`` the 4-bit blocks are instead stored as llama.cpp's Q4_1 stores
+With ``--int4-mode float-offset`` the 4-bit blocks are instead stored as llama.cpp's Q4_1 stores
 them, ``offset + scale * q`` with a float offset per block (``offset_pass``: onnxruntime's 4-bit
 kernel plus a small 8-bit matmul of the input's block sums with the offsets), and the head stays
 at 8 bits.
@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeft.artifact import Int4Grid, Quantization
 from edgeft.export.config import Quantize
 
 _BLOCK_RE = re.compile(r"(?:^|[./_])(?:layers|layer|h|blocks|block)[._/](\d+)(?:[./_]|$)")
@@ -55,25 +56,6 @@ class MatMulTarget:
     weight: str
     group: str  # "head", "block.N" or "other"
     mlp_in: bool = False  # an MLP input projection (gate/up, fc1, c_fc): the least sensitive to 4 bits
-
-
-@dataclass
-class QuantReport:
-    """What ended up at which width: the manifest's ``quantization`` section."""
-
-    scheme: str
-    block_size: int | None = None
-    groups: dict[str, str] = field(default_factory=dict)
-    method: str = "weight-only"
-    tied_embeddings_shared: bool = False
-    activations: str = "fp32"  # what MatMulNBits computes with: "int8" (accuracy_level 4) or "fp32"
-    int4_grid: str | None = None  # 4-bit blocks: "zero-point" (integer) or "float-offset"; None without any
-
-    def to_dict(self) -> dict:
-        return {"scheme": self.scheme, "method": self.method, "block_size": self.block_size,
-                "groups": dict(self.groups), "tied_embeddings_shared": self.tied_embeddings_shared,
-                "activations": self.activations,
-                **({"int4_grid": self.int4_grid} if self.int4_grid else {})}
 
 
 def _quiet() -> None:
@@ -266,10 +248,12 @@ def _read_once(model: Any, targets: list) -> set[str]:
 
 def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, num_layers: int,
                      vocab_size: int, int8_activations: bool = True,
-                     widths: dict[str, int] | None = None, int4_offsets: bool = False) -> QuantReport:
-    """Quantize a decoder graph's weights; write ``dest`` (+ ``.data``); say what went where.
+                     widths: dict[str, int] | None = None,
+                     int4_grid: Int4Grid = Int4Grid.zero_point) -> Quantization:
+    """Quantize a decoder graph's weights; write ``dest`` (+ ``.data``); say what went where (the manifest's
+    ``quantization`` section).
 
-    ``int4_offsets``: 4-bit blocks take a float offset each (``offset_pass``) instead of an
+    ``int4_grid`` float-offset: 4-bit blocks take a float offset each (``offset_pass``) instead of an
     integer zero point, and the head stays at 8 bits, shared with the embedding (the layout of
     llama.cpp's Q4_1 files, whose head and embedding are Q8_0).
 
@@ -284,13 +268,14 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
     gemm_to_matmul(model)
     targets = matmul_targets(model, vocab_size)
     head = next((t for t in targets if t.group == "head"), None)
-    plan = _width_plan(targets, scheme, num_layers, widths, head if int4_offsets else None)
+    offsets = int4_grid is Int4Grid.float_offset
+    plan = _width_plan(targets, scheme, num_layers, widths, head if offsets else None)
     level = 4 if int8_activations else 1
     four = [n for n, b in plan.items() if b == 4]
     eight = [n for n, b in plan.items() if b == 8]
     # the 8-bit weights stay in their file until the 8-bit pass reads them one at a time; the rest is read now
     materialize(model, base, keep=_read_once(model, [t for t in targets if t.node in eight]))
-    if int4_offsets:
+    if offsets:
         model = _int8_pass(model, base, eight, block_size, level)
         model = offset_pass(model, four, block_size, level)  # after the 8-bit pass: it quantizes its own
         emb_bits = 8
@@ -313,10 +298,10 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
     _drop_unused_initializers(model)
     materialize(model, base)  # anything still in the source's file (none when every MatMul was quantized)
     save(model, dest)
-    return QuantReport(scheme=scheme.value, block_size=block_size,
+    return Quantization(scheme=scheme.value, block_size=block_size,
                        groups=_group_widths(targets, plan, emb_bits, num_layers),
                        tied_embeddings_shared=shared, activations="int8" if int8_activations else "fp32",
-                       int4_grid=("float-offset" if int4_offsets else "zero-point") if four else None)
+                       int4_grid=int4_grid if four else None)
 
 
 def offset_grid(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -679,7 +664,7 @@ def _drop_unused_initializers(model) -> None:
 
 # ---------------------------------------------------------------- classifiers
 
-def quantize_classifier_dynamic(src: Path, dest: Path) -> QuantReport:
+def quantize_classifier_dynamic(src: Path, dest: Path) -> Quantization:
     """int8 weights and activations (per-channel), computed in int8 at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -691,11 +676,11 @@ def quantize_classifier_dynamic(src: Path, dest: Path) -> QuantReport:
                                    "DefaultTensorType": 1})  # fused ops defeat shape inference: float
     model = load(tmp)
     save(model, dest)
-    return QuantReport(scheme="int8", method="dynamic", block_size=None, groups=_classifier_groups(model),
+    return Quantization(scheme="int8", method="dynamic", block_size=None, groups=_classifier_groups(model),
                        activations="int8")
 
 
-def quantize_classifier_weight_only(src: Path, dest: Path, block_size: int) -> QuantReport:
+def quantize_classifier_weight_only(src: Path, dest: Path, block_size: int) -> Quantization:
     """int8 weights (MatMulNBits), fp32 activations."""
     _quiet()
     model = load(src)
@@ -704,7 +689,7 @@ def quantize_classifier_weight_only(src: Path, dest: Path, block_size: int) -> Q
     model = _nbits_pass(model, [t.node for t in targets], [], 8, block_size, 1)
     _drop_unused_initializers(model)
     save(model, dest)
-    return QuantReport(scheme="int8", method="weight-only", block_size=block_size, groups=_classifier_groups(model))
+    return Quantization(scheme="int8", method="weight-only", block_size=block_size, groups=_classifier_groups(model))
 
 
 def _classifier_groups(model) -> dict[str, str]:

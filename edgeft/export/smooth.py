@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.export.quantize import (MatMulTarget, QuantReport, _drop_unused_initializers, _group_widths, _inits,
-                                    _producers, _quantize_embedding, _quiet, gemm_to_matmul, load, matmul_targets,
-                                    save)
+from edgeft.artifact import Quantization
+from edgeft.export.quantize import (MatMulTarget, _drop_unused_initializers, _group_widths, _inits, _producers,
+                                    _quantize_embedding, _quiet, gemm_to_matmul, load, matmul_targets, save)
 
 ALPHA = 0.5  # SmoothQuant's migration strength (0.75 and 0.9 were worse on SmolLM2: results/dynamic_int8.md)
 EPS = 1e-6
@@ -238,7 +238,7 @@ def rewrite(model, vocab_size: int, feeds: Sequence[dict], threads: int | None =
 
 
 def quantize_decoder_dynamic(src: Path, dest: Path, vocab_size: int, num_layers: int, block_size: int,
-                             feeds: Sequence[dict], threads: int | None = None) -> QuantReport:
+                             feeds: Sequence[dict], threads: int | None = None) -> Quantization:
     """The fp32 decoder graph at ``src`` -> smoothed, row-scaled dynamic int8 at ``dest``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -266,7 +266,7 @@ def quantize_decoder_dynamic(src: Path, dest: Path, vocab_size: int, num_layers:
     for p in (tmp_in, tmp_out):
         p.unlink(missing_ok=True)
         p.with_name(p.name + ".data").unlink(missing_ok=True)
-    return QuantReport(scheme="int8", method="dynamic-smoothed", block_size=block_size,
+    return Quantization(scheme="int8", method="dynamic-smoothed", block_size=block_size,
                        groups=_group_widths(targets, {t.node: 8 for t in targets}, 8, num_layers),
                        activations="int8-per-row")
 

@@ -8,9 +8,14 @@ runs it on construction and the server's request parser (``edgeft.runtime.serve.
 runs it on each field it reads, so a range is declared once. A new sampling setting is
 one field here (plus where the runtime applies it).
 
-Standard library only (no numpy, no onnxruntime), so ``edgeft --help`` and the artifact
-manifest can import it on an install without the runtime extra; it knows nothing of
-graphs, tokenizers or HTTP.
+The defaults of the fields an artifact may set (``max_new_tokens``, ``temperature``,
+``top_k``, ``top_p``, ``repetition_penalty``) are the manifest's: ``edgeft.artifact.Generation``
+declares them and this table reads them from there (never the reverse), and ``over`` puts an
+artifact's own section under what a request gives.
+
+Standard library only, plus the manifest (no numpy, no onnxruntime), so ``edgeft --help``
+imports it on an install without the runtime extra; it knows nothing of graphs, tokenizers
+or HTTP.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from edgeft.artifact import Generation
 from edgeft.errors import EdgeftError
 from edgeft.flags import field_problem, flag
 
@@ -94,20 +100,22 @@ def wire_fields() -> list[tuple[str, dataclasses.Field, type]]:
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy."""
 
-    max_new_tokens: int = field(default=128, metadata=param(lo=1, wire=None, panel=SAMPLING))
+    max_new_tokens: int = field(default=Generation.max_new_tokens,
+                                metadata=param(lo=1, wire=None, panel=SAMPLING))
     """Most tokens to generate."""
-    temperature: float = field(default=0.0, metadata=param("-t", lo=0, hi=2, panel=SAMPLING))
+    temperature: float = field(default=Generation.temperature, metadata=param("-t", lo=0, hi=2, panel=SAMPLING))
     """0 is greedy; higher is more random."""
-    top_k: int = field(default=0, metadata=param(lo=0, panel=SAMPLING))
+    top_k: int = field(default=Generation.top_k, metadata=param(lo=0, panel=SAMPLING))
     """Sample only among the k most likely tokens (0: off)."""
-    top_p: float = field(default=1.0, metadata=param(lo=0, hi=1, lo_open=True, panel=SAMPLING))
+    top_p: float = field(default=Generation.top_p, metadata=param(lo=0, hi=1, lo_open=True, panel=SAMPLING))
     """Sample only among the most likely tokens holding this much probability (1: off)."""
     min_p: float = field(default=0.0, metadata=param(lo=0, hi=1, cli=False))
     """Drop tokens whose probability is below min_p times the most likely one's (0: off)."""
     typical_p: float = field(default=1.0, metadata=param(lo=0, hi=1, lo_open=True, panel=SAMPLING))
     """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, holding this much
     probability (1: off)."""
-    repetition_penalty: float = field(default=1.0, metadata=param(lo=0, hi=10, lo_open=True, panel=SAMPLING))
+    repetition_penalty: float = field(default=Generation.repetition_penalty,
+                                      metadata=param(lo=0, hi=10, lo_open=True, panel=SAMPLING))
     """Above 1 discourages repeating tokens of the context (1: off)."""
     presence_penalty: float = field(default=0.0, metadata=param(lo=-2, hi=2, cli=False))
     """Subtracted from the logit of every token generated at least once (OpenAI's, -2..2)."""
@@ -154,10 +162,10 @@ class SamplingParams:
             raise EdgeftError("stop strings must be non-empty strings")
 
     @classmethod
-    def over(cls, defaults: Any, **given: Any) -> "SamplingParams":
+    def over(cls, defaults: Generation | None, **given: Any) -> "SamplingParams":
         """``given`` values (None: not given) over an artifact's ``manifest.generation`` defaults.
 
-        ``defaults`` may be None (an artifact without them): then the class defaults apply.
+        ``defaults`` may be None (an artifact without them): then ``Generation``'s own apply.
         """
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in dataclasses.asdict(defaults).items() if k in names} if defaults else {}

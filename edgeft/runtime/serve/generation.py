@@ -80,7 +80,7 @@ def _max_new(model: Model, req: GenerationRequest, n_prompt: int, cap: int) -> i
     room = ctx - n_prompt
     if req.max_tokens is None:
         defaults = model.manifest.generation
-        max_new = max(1, min(defaults.max_new_tokens if defaults else 128, cap, room,
+        max_new = max(1, min(defaults.max_new_tokens if defaults else SamplingParams.max_new_tokens, cap, room,
                              model.engine.slot_len - n_prompt))
     elif req.max_tokens > room:
         raise bad(f"This model's maximum context length is {ctx} tokens. However, you requested "

@@ -90,12 +90,14 @@ class Model:
 
 def manifest_card(manifest: Any, signature_checked: bool = False) -> dict[str, Any]:
     """What a user needs to trust a model: base, quantization, size, the gate's verdict and figures, signer."""
-    gate = {k: v for k, v in (manifest.gate or {}).items() if k in ("passed", "degraded", "metrics", "failures")}
+    g = manifest.gate
+    gate = {} if g is None else {"passed": g.passed, "degraded": g.degraded, "metrics": g.metrics,
+                                 "failures": g.failures}
     signature = manifest.signature or {}
     return {
         "architecture": manifest.architecture,
-        "base_model": (manifest.source or {}).get("base_model"),
-        "quantization": (manifest.quantization or {}).get("scheme"),
+        "base_model": manifest.source.base_model if manifest.source is not None else None,
+        "quantization": manifest.quantization.scheme,
         "size_bytes": sum(int(f.get("size", 0)) for f in (manifest.files or {}).values()),
         "gate": gate,
         "digest": manifest.digest,
