@@ -4,13 +4,19 @@ The tiny llama (4 blocks, tied embeddings) is exported whole and with ``--trunk-
 split artifact must give the unsplit one's logits (prompt, cache steps) and greedy tokens. Two
 tiny tune runs from the same base (top 2 blocks trained, different data and seeds) exported
 with ``--trunk-blocks 2`` carry byte-identical trunks that load as one onnxruntime session, and
-a changed trunk byte is refused. gpt2's torch.onnx graph is refused in one line.
+a changed trunk byte is refused. gpt2's torch.onnx graph is refused in one line. Their engines
+(``batch_trunk``) share one trunk call per decode step, each sequence getting what it gets alone,
+also while a model joins or leaves mid-sequence (the group's thread is held at a chosen step by a
+hook, so "mid-sequence" is a state, never a race).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +227,249 @@ def test_head_copies(tiny_llama_dir, exported, tmp_path):
     a, b = _open(whole), _open(split)
     ids = a.encode(PROMPT)
     np.testing.assert_allclose(b.score(ids), a.score(ids), atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- one trunk step for several models
+
+
+NEW = 8  # tokens each sequence of the group tests generates
+
+
+def _group_engine(gen, parallel: int = 2):
+    from edgeft.runtime.engine import Engine
+
+    return Engine(gen, parallel=parallel, ctx_size=parallel * 96, batch_trunk=True)
+
+
+@contextlib.contextmanager
+def _between_steps(group):
+    """The group's thread waits between two iterations while the block runs (so what it submits is
+    admitted in one iteration)."""
+    inside, go = threading.Event(), threading.Event()
+    t = threading.Thread(target=group._change, args=(lambda: (inside.set(), go.wait(60)),), daemon=True)
+    t.start()
+    assert inside.wait(60)
+    try:
+        yield
+    finally:
+        go.set()
+        t.join(60)
+
+
+def _count_runs(session, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = session.run_with_iobinding
+    monkeypatch.setattr(session, "run_with_iobinding", lambda io, *a: calls.append(1) or real(io, *a))
+    return calls
+
+
+def _until(condition) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_one_trunk_call_per_step_for_two_models_each_row_as_alone(runs, exported, monkeypatch):
+    """Two models on one trunk in one group: every decode step runs the trunk once for both models'
+    rows; each sequence's logits are its model's alone (1e-4) and its greedy tokens too."""
+    from test_engine import Run, _check_alone, _wait
+
+    from edgeft.runtime import SamplingParams
+
+    a, b = _open(exported(runs[0], "none", 2)), _open(exported(runs[1], "none", 2))
+    ea, eb = _group_engine(a, parallel=3), _group_engine(b, parallel=3)
+    try:
+        group = ea.group
+        assert group is not None and eb.group is group and group.members == [ea, eb]
+        assert group.pool[0].shape[0] == ea.parallel + eb.parallel  # one pool of trunk slots for both
+        calls = _count_runs(a.engine.trunk.session, monkeypatch)
+        greedy = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, speculate="off")
+        sampled = SamplingParams(max_new_tokens=NEW, temperature=0.9, seed=5, ignore_eos=True, speculate="off")
+        lent: list[list[int]] = []
+        with _between_steps(group):  # all four admitted and prefilled in one iteration
+            jobs = [Run(ea, a.encode(PROMPT), greedy, after={2: lambda r: lent.append(
+                        sorted([*ea.kv.rows.values(), *eb.kv.rows.values()]))}).submit(),
+                    Run(eb, b.encode(PROMPT), greedy).submit(),
+                    Run(eb, b.encode("Rough winds do shake"), sampled).submit(),
+                    Run(ea, a.encode("summer"), greedy).submit()]
+        _wait(jobs)
+        assert len(calls) == 4 + (NEW - 1)  # a prefill each, then one trunk call per step for every row
+        assert lent == [[0, 1, 2, 3]]  # the rows in use are packed whichever model holds them: one call spans 4
+        assert group.steps == NEW - 1 and ea.stats.steps == eb.stats.steps == NEW - 1
+        for job, gen in zip(jobs, (a, b, b, a)):
+            assert len(job.tokens) == NEW
+            _check_alone(gen, job)
+        assert jobs[2].tokens == b.generate(jobs[2].ids, sampled).token_ids  # a seeded sampler draws the same
+        # one prompt, two models: a grouped step's rows went each through its own model's top
+        assert np.abs(jobs[0].tap.rows[1] - jobs[1].tap.rows[1]).max() > 1e-3
+    finally:
+        ea.close()
+        eb.close()
+    assert group.members == [] and group.pool == []
+
+
+def test_a_model_alone_in_its_group_runs_its_own_steps(runs, exported, monkeypatch):
+    """A group of one engine: its own decode call each step (no group call), the tokens it gets alone;
+    prefix reuse and speculation still work beside another model."""
+    from test_engine import Run, _check_alone, _wait
+
+    from edgeft.runtime import SamplingParams
+
+    a, b = _open(exported(runs[0], "none", 2)), _open(exported(runs[1], "none", 2))
+    ea = _group_engine(a)
+    try:
+        calls, together = _count_runs(a.engine.trunk.session, monkeypatch), ea.group.steps
+        greedy = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, speculate="off")
+        job = Run(ea, a.encode(PROMPT), greedy).submit()
+        _wait([job])
+        assert ea.group.members == [ea] and ea.kv.rows is None  # its trunk caches in its own slots
+        assert ea.group.steps == together and len(calls) == 1 + (NEW - 1) and ea.stats.steps == NEW - 1
+        _check_alone(a, job)
+        eb = _group_engine(b)
+        try:
+            head = b.encode(PROMPT + " thou art more lovely and more temperate")
+            spec = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, speculate="on")
+            first = Run(eb, head, greedy).submit()
+            _wait([first])
+            jobs = [Run(ea, a.encode(PROMPT), spec).submit(), Run(eb, head + b.encode(" rough winds"), spec).submit()]
+            _wait(jobs)
+            assert eb.stats.reused > 0  # the second prompt of b started from the first's cached keys
+            for job, gen in zip([first, *jobs], (b, a, b)):
+                _check_alone(gen, job)
+                assert job.tokens == gen.generate(job.ids, job.params).token_ids
+        finally:
+            eb.close()
+    finally:
+        ea.close()
+
+
+def test_models_join_and_leave_the_group_mid_sequence_and_lose_nothing(runs, exported):
+    """``b`` joins while a sequence of ``a`` is at its 3rd token and leaves at its 20th: the pool is laid out
+    afresh each time, and every sequence gets what it gets alone."""
+    from test_engine import Run, _check_alone, _wait
+
+    from edgeft.runtime import SamplingParams
+
+    a, b = _open(exported(runs[0], "none", 2)), _open(exported(runs[1], "none", 2))
+    ea = _group_engine(a, parallel=3)
+    group, gates = ea.group, {n: (threading.Event(), threading.Event()) for n in (3, 4, 20)}
+
+    def gate(n):
+        def wait(run):
+            gates[n][0].set()
+            assert gates[n][1].wait(60)
+        return wait
+
+    long = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True, speculate="off")
+    job = Run(ea, a.encode(PROMPT), long, after={n: gate(n) for n in gates}).submit()
+    try:
+        assert gates[3][0].wait(60)  # a's sequence holds the group's thread at its 3rd token
+        made: dict = {}
+        joining = threading.Thread(target=lambda: made.setdefault("eb", _group_engine(b)), daemon=True)
+        joining.start()
+        _until(lambda: len(group._changes) == 1)  # b waits to join between two iterations
+        gates[3][1].set()
+        assert gates[4][0].wait(60)  # the next iteration: b has joined
+        joining.join(60)
+        eb = made["eb"]
+        assert group.members == [ea, eb] and group.pool[0].shape[0] == 3 + 2
+        short = Run(eb, b.encode("Rough winds do shake"), SamplingParams(max_new_tokens=6, temperature=0.0,
+                                                                           ignore_eos=True)).submit()
+        gates[4][1].set()
+        _wait([short])  # done long before a's 20th token
+        assert gates[20][0].wait(60)
+        leaving = threading.Thread(target=eb.close, daemon=True)
+        leaving.start()
+        _until(lambda: len(group._changes) == 1)
+        gates[20][1].set()
+        leaving.join(60)
+        _wait([job])
+        assert group.members == [ea] and group.pool == [] and ea.kv.rows is None and group.steps > 0  # alone again
+        assert len(job.tokens) == 30 and job.chunks[-1].finish_reason == "length"
+        _check_alone(a, job)
+        _check_alone(b, short)
+    finally:
+        for g in gates.values():
+            g[1].set()
+        ea.close()
+
+
+def _gated(engine, monkeypatch, at: int):
+    """Hold the group's thread after ``engine``'s ``at``-th decode step until the returned event is set;
+    the first returned event says it is held."""
+    held, go, count = threading.Event(), threading.Event(), [0]
+    real = engine._advance
+
+    def advance(*args):
+        real(*args)
+        count[0] += 1
+        if count[0] == at:
+            held.set()
+            assert go.wait(120)
+
+    monkeypatch.setattr(engine, "_advance", advance)
+    return held, go
+
+
+def test_serve_loads_and_unloads_a_model_on_the_trunk_under_load(runs, exported, monkeypatch):
+    """Through the server: ``b`` is loaded while a request of ``a`` is mid-sequence, and unloaded while
+    requests of both run; every request gets what its model gives it alone, and none is lost."""
+    from starlette.testclient import TestClient
+
+    from edgeft.runtime import SamplingParams
+    from edgeft.runtime.serve import ServeConfig, build_app
+
+    fa, fb = exported(runs[0], "none", 2), exported(runs[1], "none", 2)
+    alone = {m: _open(f) for m, f in (("a", fa), ("b", fb))}
+    key = {"Authorization": "Bearer k"}
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+    def complete(c, model):
+        return c.post("/v1/completions", json={**body, "model": model}, headers=key)
+
+    def want(model):
+        return alone[model].generate(PROMPT, SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)).text
+
+    def in_thread(fn, *args):
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.setdefault("r", fn(*args)), daemon=True)
+        t.start()
+        return t, out
+
+    config = ServeConfig(artifacts=(fa,), names=("a",), threads=1, parallel=2, api_key="k", model_dirs=(fa.parent,))
+    with TestClient(build_app(config), raise_server_exceptions=False) as c:
+        _until(lambda: c.get("/health").status_code == 200)
+        state = c.app.state.edgeft
+        group = state.models["a"].engine.group
+        assert group is not None and group.members == [state.models["a"].engine]
+        held, go = _gated(state.models["a"].engine, monkeypatch, 3)
+        first, got_first = in_thread(complete, c, "a")
+        assert held.wait(120)  # a's request is mid-sequence, the group's thread held after its 3rd step
+        loading, loaded = in_thread(lambda: c.post("/v1/models/load", json={"model": "b", "path": fb.name},
+                                                   headers=key))
+        _until(lambda: len(group._changes) == 1)  # b's engine waits to join between two iterations
+        go.set()
+        for t in (first, loading):
+            t.join(120)
+        assert loaded["r"].status_code == 200, loaded["r"].text
+        assert got_first["r"].status_code == 200 and got_first["r"].json()["choices"][0]["text"] == want("a")
+        eb = state.models["b"].engine
+        assert group.members == [state.models["a"].engine, eb]
+        both = [in_thread(complete, c, m) for m in ("a", "b", "a", "b")]
+        for t, _ in both:
+            t.join(120)
+        for (_, out), m in zip(both, "abab"):
+            assert out["r"].status_code == 200 and out["r"].json()["choices"][0]["text"] == want(m)
+        held, go = _gated(eb, monkeypatch, 2)
+        running = [in_thread(complete, c, m) for m in ("b", "a")]
+        assert held.wait(120)
+        unloading, unloaded = in_thread(lambda: c.post("/v1/models/unload", json={"model": "b"}, headers=key))
+        _until(lambda: "b" not in state.models)  # new requests no longer reach b; b's request still runs
+        go.set()
+        for t in (*[t for t, _ in running], unloading):
+            t.join(120)
+        assert unloaded["r"].status_code == 200
+        for (_, out), m in zip(running, "ba"):
+            assert out["r"].status_code == 200 and out["r"].json()["choices"][0]["text"] == want(m)
+        assert group.members == [state.models["a"].engine] and complete(c, "a").json()["choices"][0]["text"] == want("a")

@@ -14,21 +14,14 @@ tokens shared between them, as llama.cpp's ``-np`` / ``-c``) and one thread that
 4. each sequence's own ``SequenceOutput`` (sampler, seed, stop strings, budget) turns its
    row of logits into a ``Chunk``; a finished or cancelled sequence frees its slot at once.
 
-How a batch shares one graph call depends on the graph family (``KVSlots``):
-
-- the onnxruntime-genai builder's GroupQueryAttention graph: the cache is one buffer per
-  layer of ``[slots, kv_heads, slot_len, head_dim]``, bound as past and present; a row's
-  ``attention_mask`` holds as many ones as that row has tokens, so each row attends to and
-  writes at its own length (GQA's per-row ``seqlens_k``). A prompt is prefilled into its
-  slot through a view of that slot alone.
-- the torch.onnx graph (GPT-2), whose presents are past + new: the batch is left-padded to
-  the longest row, with the padding masked out and explicit position ids; it is rebuilt
-  only when a sequence joins or leaves.
-- any other graph: one sequence per decode step (``batching = "none"``).
+How a batch shares one graph call depends on the graph family (``edgeft.runtime.kvslots``: GQA
+slots, a left-padded batch, or one sequence at a time).
 
 A shared-prefix cache (``PrefixCache``) keeps the keys and values of recent prompts' first
 tokens (by token ids) so a later prompt that starts the same way copies them into its slot
-instead of computing them again.
+instead of computing them again. With ``batch_trunk``, the engines of split models that share a
+trunk are driven by one thread that runs one trunk call for all their rows
+(``edgeft.runtime.trunk_group``).
 
 This module knows token ids, logits, slots and threads; it knows nothing of HTTP or of the
 OpenAI wire format. Nothing here imports torch.
@@ -45,10 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeft.artifact import Batching
 from edgeft.errors import EdgeftError
 from edgeft.runtime.batching import Overloaded
-from edgeft.runtime.generate import Chunk, ContextLengthError, DecodeState, KVDecoder, SequenceOutput
+from edgeft.runtime.generate import Chunk, ContextLengthError, SequenceOutput
+from edgeft.runtime.kvslots import SharedSlots, make_slots
 from edgeft.runtime.processors import LogitProcessor
 from edgeft.runtime.sampling import SamplingParams
 
@@ -65,285 +58,6 @@ class EngineEvent(enum.Enum):
     batch = "batch"  # rows advanced by one batched decode step
     drafted = "drafted"  # prompt-lookup draft tokens one verification step checked
     accepted = "accepted"  # of those, the tokens the model agreed with
-
-
-
-
-# --------------------------------------------------------------------------- KV slots per graph family
-
-
-def batching_kind(eng: KVDecoder) -> str:
-    """How this graph batches: the manifest's ``decoder.batching``, else inferred from the graph."""
-    if eng.decoder.batching:
-        return Batching(eng.decoder.batching).value
-    if eng.share_buffer:
-        return "slots"
-    if "attention_mask" in eng.inputs and eng.uses_positions:
-        return "padded"
-    return "none"
-
-
-class SharedSlots:
-    """GQA graphs: one ``[slots, kv_heads, slot_len, head_dim]`` buffer per layer, past = present."""
-
-    kind = "slots"
-
-    def __init__(self, eng: KVDecoder, slots: int, slot_len: int) -> None:
-        self.eng, self.slots, self.slot_len = eng, slots, slot_len
-        d = eng.decoder
-        shape = (slots, d.num_kv_heads, slot_len, d.head_dim)
-        self.cache = [np.zeros(shape, dtype=eng.kv_dtype) for _ in range(2 * d.num_layers)]
-        self.row_items = d.num_kv_heads * slot_len * d.head_dim  # elements per slot in one buffer
-        self.ids = np.zeros((slots, 1), dtype=eng.ids_dtype)
-        self.logits = np.empty((slots, 1, eng.vocab), dtype=eng.logits_dtype)
-        self.io = eng.io_binding()
-        self.idle_lengths: dict[int, int] = {}  # slot -> tokens it holds, for slots in a call's span
-        self._bound_span = 0
-
-    def _bind_cache(self, io, first: int, rows: int) -> None:
-        for (pk, pv, ok, ov), k, v in zip(self.eng.layers, self.cache[0::2], self.cache[1::2]):
-            for name_in, name_out, buf in ((pk, ok, k), (pv, ov, v)):
-                ptr = buf.ctypes.data + first * self.row_items * buf.itemsize
-                shape = [rows, *buf.shape[1:]]
-                io.bind_input(name_in, "cpu", 0, buf.dtype, shape, ptr)
-                io.bind_output(name_out, "cpu", 0, buf.dtype, shape, ptr)
-
-    def _bind_array(self, io, name: str, arr: np.ndarray) -> None:
-        io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-
-    def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
-        """Write ``ids`` at positions ``start..`` of ``slot``; the last position's logits [vocab]."""
-        eng, n = self.eng, ids.size
-        io = eng.io_binding()
-        self._bind_cache(io, slot, 1)
-        chunk = np.ascontiguousarray(ids.reshape(1, n).astype(eng.ids_dtype, copy=False))
-        mask = np.ones((1, start + n), dtype=eng.mask_dtype)
-        self._bind_array(io, "input_ids", chunk)
-        if "attention_mask" in eng.inputs:
-            self._bind_array(io, "attention_mask", mask)
-        pos = np.arange(start, start + n, dtype=eng.pos_dtype)[None, :]  # bound by address: kept alive
-        if eng.uses_positions:
-            self._bind_array(io, "position_ids", pos)
-        eng.bind_keep(io, last_only=True)
-        io.bind_output("logits", "cpu")
-        eng.run(io)
-        out = io.get_outputs()[-1].numpy()  # logits are bound last
-        return out[0, -1].astype(np.float32)
-
-    def decode(self, rows: list[tuple[int, int, int]]) -> np.ndarray:
-        """One token for each ``(slot, token, length)``; their next logits [len(rows), vocab].
-
-        The call covers slots ``0..max(slot)``: a slot in that range that is not decoding
-        gets a one-token row whose key/value lands where its own next write goes anyway.
-        """
-        eng = self.eng
-        span = max(s for s, _, _ in rows) + 1
-        lengths = np.zeros(span, dtype=np.int64)
-        for s in range(span):
-            lengths[s] = self._idle_length(s)
-        self.ids[:span] = 0
-        for s, tok, length in rows:
-            self.ids[s, 0], lengths[s] = tok, length
-        total = int(lengths.max()) + 1
-        mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(eng.mask_dtype)
-        io = self.io
-        if span != self._bound_span:  # the cache views stay bound while the span is unchanged
-            self._bind_cache(io, 0, span)
-            io.bind_input("input_ids", "cpu", 0, self.ids.dtype, [span, 1], self.ids.ctypes.data)
-            io.bind_output("logits", "cpu", 0, self.logits.dtype, [span, 1, eng.vocab], self.logits.ctypes.data)
-            self._bound_span = span
-        if "attention_mask" in eng.inputs:
-            self._bind_array(io, "attention_mask", mask)
-        pos = lengths.astype(eng.pos_dtype).reshape(span, 1)  # bound by address: kept alive for the run
-        if eng.uses_positions:
-            self._bind_array(io, "position_ids", pos)
-        eng.run(io)
-        return self.logits[[s for s, _, _ in rows], 0].astype(np.float32)
-
-    def verify(self, slot: int, ids: list[int], start: int) -> np.ndarray:
-        """Write ``ids`` at positions ``start..`` of ``slot`` alone; every position's logits [len(ids), vocab].
-
-        One slot per call: onnxruntime's GroupQueryAttention takes several new tokens with a
-        past only for a batch of one.
-        """
-        eng, n = self.eng, len(ids)
-        io = eng.io_binding()
-        self._bind_cache(io, slot, 1)
-        # bound by address: the arrays must live until the run is over
-        chunk = np.asarray(ids, dtype=eng.ids_dtype).reshape(1, n)
-        mask = np.ones((1, start + n), dtype=eng.mask_dtype)
-        pos = np.arange(start, start + n, dtype=eng.pos_dtype)[None, :]
-        self._bind_array(io, "input_ids", chunk)
-        if "attention_mask" in eng.inputs:
-            self._bind_array(io, "attention_mask", mask)
-        if eng.uses_positions:
-            self._bind_array(io, "position_ids", pos)
-        eng.bind_keep(io, last_only=False)
-        io.bind_output("logits", "cpu")
-        eng.run(io)
-        return io.get_outputs()[-1].numpy()[0].astype(np.float32)  # logits are bound last
-
-    def trim(self, slot: int, length: int) -> None:
-        """Keep the first ``length`` positions of ``slot`` (the rest is overwritten by later writes)."""
-
-    def _idle_length(self, slot: int) -> int:
-        return min(self.idle_lengths.get(slot, 0), self.slot_len - 1)
-
-    def copy(self, src: int, dst: int, n: int) -> None:
-        """Copy the first ``n`` cached positions of slot ``src`` into slot ``dst``."""
-        for buf in self.cache:
-            buf[dst, :, :n] = buf[src, :, :n]
-
-    def export(self, slot: int, n: int) -> list[np.ndarray]:
-        return [buf[slot, :, :n].copy() for buf in self.cache]
-
-    def load(self, slot: int, kv: list[np.ndarray]) -> None:
-        n = kv[0].shape[1]
-        for buf, part in zip(self.cache, kv):
-            buf[slot, :, :n] = part
-
-    def release(self, slot: int) -> None:
-        pass
-
-
-class PaddedBatch:
-    """torch.onnx graphs: per-sequence caches for prefill, one left-padded batch for decode steps."""
-
-    kind = "padded"
-
-    def __init__(self, eng: KVDecoder, slots: int, slot_len: int) -> None:
-        self.eng, self.slots, self.slot_len = eng, slots, slot_len
-        self.states: dict[int, DecodeState] = {}  # slot -> its own cache (until it joins a batch)
-        self.members: list[int] = []  # slots in the batch, in row order
-        self.lengths: dict[int, int] = {}
-        self.past: list = []  # per layer k, v: [rows, heads, width, head_dim]
-        self.width = 0
-        self.io = eng.session.io_binding()
-
-    def prefill(self, slot: int, ids: np.ndarray, start: int) -> np.ndarray:
-        if start == 0 or slot not in self.states:
-            self._leave(slot)
-            self.states[slot] = self.eng.start(self.slot_len)
-        state = self.states[slot]
-        state.rewind(start)
-        logits = state.prefill(ids)
-        self.lengths[slot] = state.length
-        return logits
-
-    def _kv_of(self, slot: int) -> list[np.ndarray]:
-        """Slot's cache as arrays [1, heads, length, head_dim], wherever it lives now."""
-        n = self.lengths[slot]
-        if slot in self.states:
-            st = self.states[slot]
-            return [v.numpy()[:, :, :n] if hasattr(v, "numpy") else v[:, :, :n] for v in st.pasts]
-        row = self.members.index(slot)
-        return [p[row:row + 1, :, self.width - n:] for p in self._past_arrays()]
-
-    def _past_arrays(self) -> list[np.ndarray]:
-        self.past = [p.numpy() if hasattr(p, "numpy") else p for p in self.past]
-        return self.past
-
-    def _rebuild(self, slots: list[int]) -> None:
-        kvs = {s: self._kv_of(s) for s in slots}
-        width = max(self.lengths[s] for s in slots)
-        d = self.eng.decoder
-        past = []
-        for j in range(2 * d.num_layers):
-            arr = np.zeros((len(slots), d.num_kv_heads, width, d.head_dim), dtype=self.eng.kv_dtype)
-            for r, s in enumerate(slots):
-                n = self.lengths[s]
-                arr[r, :, width - n:] = kvs[s][j][0]
-            past.append(arr)
-        for s in slots:
-            self.states.pop(s, None)
-        self.members, self.past, self.width = list(slots), past, width
-
-    def _leave(self, slot: int) -> None:
-        if slot in self.members:
-            keep = [s for s in self.members if s != slot]
-            if keep:
-                self._rebuild(keep)
-            else:
-                self.members, self.past, self.width = [], [], 0
-        self.states.pop(slot, None)
-
-    def decode(self, rows: list[tuple[int, int, int]]) -> np.ndarray:
-        eng = self.eng
-        slots = [s for s, _, _ in rows]
-        if slots != self.members:
-            self._rebuild(slots)
-        n, width = len(slots), self.width
-        ids = np.array([[t] for _, t, _ in rows], dtype=eng.ids_dtype)
-        lengths = np.array([self.lengths[s] for s in slots])
-        mask = (np.arange(width + 1)[None, :] >= (width - lengths)[:, None]).astype(eng.mask_dtype)
-        pos = lengths.astype(eng.pos_dtype).reshape(n, 1)
-        io = self.io
-        for name, arr in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
-            io.bind_cpu_input(name, arr)
-        for (pk, pv, ok, ov), k, v in zip(eng.layers, self.past[0::2], self.past[1::2]):
-            for name, val in ((pk, k), (pv, v)):
-                if isinstance(val, np.ndarray):
-                    io.bind_cpu_input(name, val)
-                else:
-                    io.bind_ortvalue_input(name, val)
-            io.bind_output(ok, "cpu")
-            io.bind_output(ov, "cpu")
-        io.bind_output("logits", "cpu")
-        eng.session.run_with_iobinding(io)
-        outs = io.get_outputs()
-        names = [nm for _, _, ok, ov in eng.layers for nm in (ok, ov)] + ["logits"]
-        by = dict(zip(names, outs))
-        self.past = [by[nm] for _, _, ok, ov in eng.layers for nm in (ok, ov)]
-        self.width = width + 1
-        for s in slots:
-            self.lengths[s] += 1
-        return by["logits"].numpy()[:, -1].astype(np.float32)
-
-    def copy(self, src: int, dst: int, n: int) -> None:
-        raise NotImplementedError
-
-    def release(self, slot: int) -> None:
-        self._leave(slot)
-        self.lengths.pop(slot, None)
-
-
-class SingleSlots(PaddedBatch):
-    """A graph that cannot batch: each sequence decoded alone, one after another."""
-
-    kind = "none"
-
-    def decode(self, rows: list[tuple[int, int, int]]) -> np.ndarray:
-        out = []
-        for s, tok, _ in rows:
-            state = self.states[s]
-            out.append(state.step(tok))
-            self.lengths[s] = state.length
-        return np.stack(out)
-
-    def verify(self, slot: int, ids: list[int], start: int) -> np.ndarray:
-        """``ids`` through the slot's own cache; every position's logits [len(ids), vocab]."""
-        out = self.states[slot].prefill(ids, all_logits=True)
-        self.lengths[slot] = self.states[slot].length
-        return out
-
-    def trim(self, slot: int, length: int) -> None:
-        self.states[slot].rewind(length)
-        self.lengths[slot] = length
-
-    def _leave(self, slot: int) -> None:
-        self.states.pop(slot, None)
-
-
-def make_slots(eng: KVDecoder, slots: int, slot_len: int, kind: str | None = None):
-    kind = kind or batching_kind(eng)
-    if eng.trunk is not None and kind != "slots":
-        raise EdgeftError(f"a split decoder (a shared trunk and a top) batches in slots, not {kind!r}")
-    cls = {"slots": SharedSlots, "padded": PaddedBatch, "none": SingleSlots}.get(kind)
-    if cls is None:
-        raise EdgeftError(f"unknown batching kind {kind!r}: slots, padded or none")
-    if kind == "slots" and not eng.share_buffer:
-        raise EdgeftError("slot batching needs a graph whose past and present share one buffer")
-    return cls(eng, slots, slot_len)
 
 
 # --------------------------------------------------------------------------- sequences
@@ -430,11 +144,13 @@ class Engine:
     call fails, the sequences in flight get the exception instead of a last chunk. It must
     not block. ``observe`` (optional) receives ``(EngineEvent, value)`` pairs for metrics, on
     the engine's thread (and ``waiting`` on the submitting one); it must not block either.
+    With ``batch_trunk``, a split model's engine has no thread of its own: its trunk's group
+    (``edgeft.runtime.trunk_group``) drives it beside the other models on that trunk.
     """
 
     def __init__(self, gen, parallel: int = 4, ctx_size: int = 0, queue_size: int = 16,
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET, prefix_cache: int = 4, batching: str | None = None,
-                 observe: Callable[[EngineEvent, float], None] | None = None) -> None:
+                 observe: Callable[[EngineEvent, float], None] | None = None, batch_trunk: bool = False) -> None:
         if parallel < 1:
             raise EdgeftError(f"parallel must be at least 1, got {parallel}")
         if queue_size < 0 or prefill_budget < 1:
@@ -453,11 +169,19 @@ class Engine:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: dict[int, Sequence] = {}
         self._free = list(range(parallel))
-        self._cond = threading.Condition()
+        self.group = None  # the TrunkGroup whose thread drives this engine (a split model with batch_trunk)
+        if batch_trunk and gen.engine.trunk is not None:
+            from edgeft.runtime.trunk_group import group_for
+
+            self.group = group_for(self)
+        self._cond = self.group.cond if self.group is not None else threading.Condition()
         self._closed = False
         self._rate: collections.deque[tuple[float, int]] = collections.deque()
-        self._thread = threading.Thread(target=self._loop, name="edgeft-engine", daemon=True)
-        self._thread.start()
+        if self.group is not None:
+            self.group.join(self)
+        else:
+            self._thread = threading.Thread(target=self._loop, name="edgeft-engine", daemon=True)
+            self._thread.start()
 
     @property
     def kind(self) -> str:
@@ -508,13 +232,16 @@ class Engine:
             self._cond.notify()
 
     def close(self) -> None:
-        """Stop the thread; sequences still running get a final "cancelled" chunk."""
+        """Stop the thread (or leave the trunk group); sequences still running get a final "cancelled" chunk."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join()
+            self._cond.notify_all()
+        if self.group is not None:
+            self.group.leave(self)
+        else:
+            self._thread.join()
 
-    # ---- the engine's thread
+    # ---- the engine's thread (or its trunk group's)
 
     def _loop(self) -> None:
         while True:
@@ -523,16 +250,27 @@ class Engine:
                     self._cond.wait()
                 if self._closed:
                     break
-                self._admit()
             t0 = time.perf_counter()
+            self._prepare()
             try:
-                self._drop_cancelled()
-                self._prefill_some()
                 self._decode_step()
             except Exception as exc:  # a broken graph call: every sequence in flight gets the error
                 self._fail_all(exc)
             self.stats.busy_s += time.perf_counter() - t0
             self._report()
+        self._cancel_all()
+
+    def _prepare(self) -> None:
+        """An iteration up to its decode step: admit, drop the cancelled, prefill some prompt tokens."""
+        with self._cond:
+            self._admit()
+        try:
+            self._drop_cancelled()
+            self._prefill_some()
+        except Exception as exc:  # a broken graph call: every sequence in flight gets the error
+            self._fail_all(exc)
+
+    def _cancel_all(self) -> None:
         for seq in [*self._active.values(), *self._waiting]:
             self._finish(seq, Chunk("", None, "cancelled"))
 
@@ -633,30 +371,45 @@ class Engine:
             self.kv.idle_lengths = {s.slot: s.length for s in self._active.values()}
 
     def _decode_step(self) -> None:
+        rows = self._decodable()
+        if rows:
+            drafts, plain = self._plan(rows, len(rows))
+            # plain rows first: their idle rows write where the drafted slots' verification writes next
+            self._advance(rows, drafts, plain, self.kv.decode(self.decode_rows(plain)) if plain else None)
+
+    def _decodable(self) -> list[Sequence]:
+        """The sequences with a token to feed, by slot."""
         rows = [s for s in self._active.values() if s.next_token is not None and not s.done and not s.cancelled]
-        if not rows:
-            return
-        rows.sort(key=lambda s: s.slot)
+        return sorted(rows, key=lambda s: s.slot)
+
+    @staticmethod
+    def decode_rows(plain: list[Sequence]) -> list[tuple[int, int, int]]:
+        return [(s.slot, s.next_token, s.length) for s in plain]
+
+    def _plan(self, rows: list[Sequence], batch: int) -> tuple[dict[int, list[int]], list[Sequence]]:
+        """The drafts to verify (``batch``: the rows the step decodes in all) and the rows decoded plainly."""
         if isinstance(self.kv, SharedSlots):
             self.kv.idle_lengths = {s.slot: s.length for s in self._active.values()}
-        drafts = self._drafts(rows)
-        plain = [s for s in rows if s.slot not in drafts]
-        if plain:  # first: its idle rows write where the drafted slots' verification writes next
-            logits = self.kv.decode([(s.slot, s.next_token, s.length) for s in plain])
+        drafts = self._drafts(rows, batch)
+        return drafts, [s for s in rows if s.slot not in drafts]
+
+    def _advance(self, rows: list[Sequence], drafts: dict[int, list[int]], plain: list[Sequence],
+                 logits: np.ndarray | None) -> None:
+        """After the plain rows' decode call (``logits``): verify the drafts, hand out every row's tokens."""
         self.stats.steps += 1
         self.stats.batched_rows += len(rows)
         self.stats.last_batch = len(rows)
         self.observe(EngineEvent.batch, len(rows))
         verified = [(s, self.kv.verify(s.slot, [s.next_token, *drafts[s.slot]], s.length)) for s in rows
                     if s.slot in drafts]
-        for seq, row in zip(plain, logits if plain else ()):
+        for seq, row in zip(plain, logits if logits is not None else ()):
             seq.length += 1
             seq.next_token = None
             self._emit(seq, row)
         for seq, rows_ in verified:
             self._verified(seq, rows_, drafts[seq.slot])
 
-    def _drafts(self, rows: list[Sequence]) -> dict[int, list[int]]:
+    def _drafts(self, rows: list[Sequence], batch: int) -> dict[int, list[int]]:
         """Prompt-lookup drafts of the rows that have one and for which one pays, by slot.
 
         A drafted row is verified in a call of its own (onnxruntime's attention takes several
@@ -669,7 +422,7 @@ class Engine:
             return {}
         out = {}
         for s in rows:
-            if s.out.spec.pays(len(rows)) and (d := s.out.draft(self.slot_len - s.length - 1)):
+            if s.out.spec.pays(batch) and (d := s.out.draft(self.slot_len - s.length - 1)):
                 out[s.slot] = d
         return out
 

@@ -2,7 +2,8 @@
 
 ``load_models`` opens every artifact (hashing every byte, checking signatures with
 ``--trusted-key``) and gives each generation model one continuous-batching ``Engine``
-and each classifier or embedder a ``ClassifyBatcher``. ``ServerState`` holds the
+(split models on one trunk are stepped together: ``edgeft.runtime.trunk_group``) and each
+classifier or embedder a ``ClassifyBatcher``. ``ServerState`` holds the
 settings, the metrics, the models once loaded and the lifecycle flags (ready, draining,
 failed); ``add_model`` and ``remove_model`` change the served models while it serves (the
 dict is replaced, never changed in place, so a request that already looked a model up keeps
@@ -121,7 +122,7 @@ def _model(config: ServeConfig, metrics: Registry, name: str, first: Any) -> Mod
     task = first.manifest.task
     if task is Task.causal_lm:
         engine = Engine(first, parallel=config.parallel, ctx_size=config.ctx_size, queue_size=config.queue_size,
-                        prefix_cache=config.prefix_cache, observe=engine_observer(metrics, name))
+                        prefix_cache=config.prefix_cache, observe=engine_observer(metrics, name), batch_trunk=True)
         metrics.slots.set(config.parallel, model=name)
         return Model(name, task, first.manifest, first, engine=engine, speculate=config.speculate.value)
     method = "embed_rows" if task is Task.embedding else "classify"
