@@ -26,6 +26,7 @@ calibration ids come from the caller.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from edgeft.artifact import Quantization
 from edgeft.export.quantize import (MatMulTarget, _drop_unused_initializers, _group_widths, _inits, _producers,
                                     _quantize_embedding, _quiet, gemm_to_matmul, load, matmul_targets, save)
 
+INLINE_LIMIT = 1 << 30  # bytes of weights up to which calibration hands onnxruntime the model in memory
 ALPHA = 0.5  # SmoothQuant's migration strength (0.75 and 0.9 were worse on SmolLM2: results/dynamic_int8.md)
 EPS = 1e-6
 _NORMS = {"SimplifiedLayerNormalization": (1, None), "LayerNormalization": (1, 2),
@@ -128,8 +130,12 @@ def _up_side(mul, inits, made_by, read_by) -> tuple[str, tuple[int, int]] | None
     return None
 
 
-def calibrate(model, tensors: Sequence[str], feeds: Sequence[dict], threads: int | None = None) -> dict[str, np.ndarray]:
-    """Largest magnitude per channel (last axis) of each of ``tensors`` over the runs ``feeds``."""
+def calibrate(model, tensors: Sequence[str], feeds: Sequence[dict], threads: int | None = None,
+              work: Path | None = None) -> dict[str, np.ndarray]:
+    """Largest magnitude per channel (last axis) of each of ``tensors`` over the runs ``feeds``.
+
+    A model over ``INLINE_LIMIT`` bytes of weights (a 1B decoder in fp32) is written to a scratch folder
+    under ``work`` for the session, since protobuf serializes at most 2 GB in one piece."""
     import onnx
     import onnxruntime as ort
 
@@ -143,14 +149,21 @@ def calibrate(model, tensors: Sequence[str], feeds: Sequence[dict], threads: int
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    out: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        values = dict(zip(names, session.run(None, feed)))
-        for t in tensors:
-            v = np.abs(values[t].reshape(-1, values[t].shape[-1])).max(0)
-            out[t] = v if t not in out else np.maximum(out[t], v)
+    with tempfile.TemporaryDirectory(prefix="calibrate-", dir=work) as tmp:
+        if sum(len(t.raw_data) for t in m.graph.initializer) < INLINE_LIMIT:
+            session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        else:  # protobuf cannot serialize 2 GB: the copy goes to disk with its weights beside it
+            save(m, Path(tmp) / "calibrate.onnx")
+            del m
+            session = ort.InferenceSession(str(Path(tmp) / "calibrate.onnx"), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        out: dict[str, np.ndarray] = {}
+        for feed in feeds:
+            values = dict(zip(names, session.run(None, feed)))
+            for t in tensors:
+                v = np.abs(values[t].reshape(-1, values[t].shape[-1])).max(0)
+                out[t] = v if t not in out else np.maximum(out[t], v)
+        del session
     return out
 
 
@@ -222,7 +235,7 @@ def per_row(model, targets: Sequence[str]) -> int:
 
 
 def rewrite(model, vocab_size: int, feeds: Sequence[dict], threads: int | None = None,
-            alpha: float = ALPHA) -> tuple[list[MatMulTarget], dict[str, int]]:
+            alpha: float = ALPHA, work: Path | None = None) -> tuple[list[MatMulTarget], dict[str, int]]:
     """Smooth and row-scale ``model`` in place (still fp32); the target MatMuls and what was done.
 
     The targets' node names and weights are those the quantizer will see (the rewrite renames
@@ -231,7 +244,7 @@ def rewrite(model, vocab_size: int, feeds: Sequence[dict], threads: int | None =
     targets = matmul_targets(model, vocab_size)
     names = [t.node for t in targets]
     found = sites(model, names)
-    amax = calibrate(model, [s.tensor for s in found], feeds, threads) if found else {}
+    amax = calibrate(model, [s.tensor for s in found], feeds, threads, work) if found else {}
     smoothed = smooth(model, found, amax, alpha)
     rows = per_row(model, names)
     return targets, {"matmuls": len(targets), "smoothed_inputs": smoothed, "row_scaled_inputs": rows}
@@ -244,7 +257,7 @@ def quantize_decoder_dynamic(src: Path, dest: Path, vocab_size: int, num_layers:
 
     _quiet()
     model = load(src)
-    targets, _ = rewrite(model, vocab_size, feeds, threads)
+    targets, _ = rewrite(model, vocab_size, feeds, threads, work=Path(dest).parent)
     head = next((t for t in targets if t.group == "head"), None)
     tmp_in, tmp_out = Path(dest).with_name("smoothed-tmp.onnx"), Path(dest).with_name("dynamic-tmp.onnx")
     save(model, tmp_in)
