@@ -134,36 +134,43 @@ def calibrate(model, tensors: Sequence[str], feeds: Sequence[dict], threads: int
               work: Path | None = None) -> dict[str, np.ndarray]:
     """Largest magnitude per channel (last axis) of each of ``tensors`` over the runs ``feeds``.
 
-    A model over ``INLINE_LIMIT`` bytes of weights (a 1B decoder in fp32) is written to a scratch folder
-    under ``work`` for the session, since protobuf serializes at most 2 GB in one piece."""
+    ``model`` is given the tensors as outputs for the runs and left as it came. One over
+    ``INLINE_LIMIT`` bytes of weights (a 1B decoder in fp32) goes to a scratch folder under ``work``
+    for the session (protobuf serializes at most 2 GB in one piece) and is read back after it, so
+    its weights are held once at a time, not copied."""
     import onnx
     import onnxruntime as ort
+    from onnx.external_data_helper import load_external_data_for_model
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    before = len(model.graph.output)
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in tensors if t not in have)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    inline = sum(len(t.raw_data) for t in model.graph.initializer) < INLINE_LIMIT
+    out: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="calibrate-", dir=work) as tmp:
-        if sum(len(t.raw_data) for t in m.graph.initializer) < INLINE_LIMIT:
-            session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        else:  # protobuf cannot serialize 2 GB: the copy goes to disk with its weights beside it
-            save(m, Path(tmp) / "calibrate.onnx")
-            del m
-            session = ort.InferenceSession(str(Path(tmp) / "calibrate.onnx"), opts, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        out: dict[str, np.ndarray] = {}
-        for feed in feeds:
-            values = dict(zip(names, session.run(None, feed)))
-            for t in tensors:
-                v = np.abs(values[t].reshape(-1, values[t].shape[-1])).max(0)
-                out[t] = v if t not in out else np.maximum(out[t], v)
-        del session
+        try:
+            if inline:
+                session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            else:
+                save(model, Path(tmp) / "calibrate.onnx")  # moves the weights out of ``model`` into the file
+                session = ort.InferenceSession(str(Path(tmp) / "calibrate.onnx"), opts,
+                                               providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+            for feed in feeds:
+                values = dict(zip(names, session.run(None, feed)))
+                for t in tensors:
+                    v = np.abs(values[t].reshape(-1, values[t].shape[-1])).max(0)
+                    out[t] = v if t not in out else np.maximum(out[t], v)
+            del session
+        finally:
+            if not inline:
+                load_external_data_for_model(model, tmp)
+            del model.graph.output[before:]
     return out
 
 
