@@ -111,9 +111,10 @@ def _sst2(row: dict[str, str]) -> dict[str, str]:
     return {"text": row["sentence"], "label": "positive" if row["label"] == "1" else "negative"}
 
 
-# name: (what it is, its paragraphs or rows); a list of dicts is written as JSON (chat rows)
-DATASETS: dict[str, tuple[str, Callable[[], list]]] = {
-    "sonnets": ("Shakespeare's sonnets (the suite's 90% tuning split)", lambda: None),
+# name: (what it is, its paragraphs or rows: a list of dicts is written as JSON chat rows; None: the suite's
+# sonnets tuning file, ``cases.sonnet_files``)
+DATASETS: dict[str, tuple[str, Callable[[], list] | None]] = {
+    "sonnets": ("Shakespeare's sonnets (the suite's 90% tuning split)", None),
     "plays": ("tiny-shakespeare, its first 200 kB", _plays),
     "alpaca": ("Alpaca instructions as chat rows (loss on the answer)", lambda: _alpaca(0)),
     "alpaca-answers": ("Alpaca answers as prose", lambda: render(_alpaca(1000), "{output}")),
@@ -132,17 +133,20 @@ def data_file(name: str) -> Path:
     """The tuning file of data set ``name``, written once under work/data."""
     from benchmarks.cases import sonnet_files
 
-    if name == "sonnets":
+    make = DATASETS[name][1]
+    if make is None:
         return sonnet_files()[0]
-    items = DATASETS[name][1]()
+    made = [p for p in (prepare.WORK / "data" / f"multi-decoder-{name}{ext}" for ext in (".json", ".txt"))
+            if p.is_file()]
+    if made:
+        return made[0]
+    items = make()
     if items and isinstance(items[0], dict):
         path = prepare.WORK / "data" / f"multi-decoder-{name}.json"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(items))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(items))
         return path
-    path = prepare.WORK / "data" / f"multi-decoder-{name}.txt"
-    return path if path.is_file() else write_paragraphs(path, items)
+    return write_paragraphs(prepare.WORK / "data" / f"multi-decoder-{name}.txt", items)
 
 
 def model_count(ctx: Context) -> int:
@@ -439,7 +443,7 @@ def case(ctx: Context) -> None:
     except (WorkerFailed, subprocess.TimeoutExpired) as exc:
         raise prepare.Unavailable(str(exc)) from None
     note = (f"{CASE}: {n} SmolLM2-135M-Instruct runs tuned top-{TOP} for {STEPS} steps (short: quality is not the "
-            f"point) on {', '.join(names(n))}; exported split at --trunk-blocks {TRUNK_BLOCKS}: "
+            f"point) on {'; '.join(f'{k}: {DATASETS[k][0]}' for k in names(n))}; exported split at --trunk-blocks {TRUNK_BLOCKS}: "
             f"{len(_digests(arts['int8']))} distinct int8 trunk(s), {len(_digests(arts['fp32']))} fp32; "
             f"edgeft serve --parallel {NP} --ctx-size {NP * SLOT} --speculate off --threads {ctx.threads}; "
             f"threads as the servers chose: {serve['spin']}")

@@ -186,3 +186,29 @@ def test_multi_decoder_is_a_case_of_the_suite():
 
     assert md.CASE in cases.CASES and md.CASE not in cases.DEFAULT_CASES
     assert md.TRUNK_BLOCKS + md.TOP == md.LAYERS and len(md.DATASETS) == 8
+
+
+def test_multi_decoder_case_runs_alone_on_tiny_split_decoders(work, tiny_llama_dir, monkeypatch):
+    import benchmarks.multi_decoder as md
+
+    monkeypatch.setattr(prepare, "LM", str(tiny_llama_dir))
+    monkeypatch.setattr(prepare, "ensure_model", lambda name: Path(name))
+    monkeypatch.setattr(prepare, "data_file", _tiny_data)
+    monkeypatch.setattr(md, "TOP", 2)  # the tiny llama's 4 blocks: top 2 tuned, the trunk the 2 below
+    monkeypatch.setattr(md, "TRUNK_BLOCKS", 2)
+    monkeypatch.setattr(md, "STEPS", 2)
+    monkeypatch.setenv("BENCH_MULTI_MODELS", "2")
+    monkeypatch.setenv("BENCH_WORK", str(work))  # the workers' servers log there too
+    res = run.run_suite([md.CASE], quick=True, threads=1)
+    assert not res.skipped, res.skipped
+    arts = sorted((work / "artifacts").iterdir())
+    assert len(arts) == 4 and len(md._digests([a for a in arts if a.name.endswith("int8")])) == 1
+    fp32 = "fp32, served together against each alone"
+    assert res.find("greedy_text_equal", fp32).median == 1.0
+    assert res.find("max_logprob_gap", fp32).median < md.GOAL_EXACT
+    assert res.find("greedy_text_equal", "int8, served together against each alone") is not None
+    for metric, system in (("rss_vs_one_warm", md.EIGHT), ("tps_vs_one", md.EIGHT), ("aggregate_tps", md.ONE),
+                           ("load_rss_vs_alone", md.ADD), ("load_seconds", md.ALONE)):
+        assert res.find(metric, system) is not None, (metric, system)
+    assert "(trunk shared with 1 of them)" in res.find("load_seconds", md.ADD).note
+    assert "another trunk, shared with 0" in res.find("load_seconds", md.ADD).note

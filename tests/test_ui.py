@@ -471,6 +471,8 @@ def test_the_picker_and_the_card_say_which_models_share_a_trunk(page, artifacts,
     assert options["mood"] == f"mood · shares trunk {sha[:8]} with season"
     assert options["season"] == f"season · shares trunk {sha[:8]} with mood"
     assert [options[n] for n in ("parrot", "sentiment", "vectors")] == ["parrot", "sentiment", "vectors"]
+    many = d.execute_script("return trunkShared({trunk: {sha256: 'ab'.repeat(32), shared_with: ['a', 'b', 'c', 'd']}}, 3)")
+    assert many == "shares trunk abababab with a, b and 2 more"  # eight models sharing one trunk stay short
     Select(by_id(d, "model")).select_by_value("season")
     wait_for(lambda: by_id(d, "view-classify").is_displayed(), what="the classify view")
     facts = {row.find_element("css selector", "dt").get_attribute("textContent"):
