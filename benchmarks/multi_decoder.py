@@ -288,15 +288,17 @@ def served_logprobs(choice: dict) -> dict:
 
 
 def logprob_gap(served: dict, alone: dict) -> float:
-    """The largest absolute difference between two outputs' log-probabilities (chosen and top alternatives);
-    infinite where they do not line up (other lengths: other tokens)."""
+    """The largest absolute difference between two outputs' log-probabilities: the chosen tokens', and each
+    top alternative served against the nearest of the artifact's (the served top is keyed by text, so two
+    tokens that read alike keep one value); infinite where they do not line up (other lengths: other tokens)."""
     if len(served["token_logprobs"]) != len(alone["token_logprobs"]) or len(served["top"]) != len(alone["top"]):
         return float("inf")
     gaps = [abs(a - b) for a, b in zip(served["token_logprobs"], alone["token_logprobs"])]
     for s, a in zip(served["top"], alone["top"]):
-        if len(s) != len(a):  # two tokens with one text collapse into one key of the served dict
-            s, a = s[:min(len(s), len(a))], a[:min(len(s), len(a))]
-        gaps += [abs(x - y) for x, y in zip(s, a)]
+        if len(s) == len(a):
+            gaps += [abs(x - y) for x, y in zip(s, a)]
+        elif a:
+            gaps += [min(abs(x - y) for y in a) for x in s]
     return max(gaps, default=0.0)
 
 

@@ -173,6 +173,11 @@ def test_multi_decoder_compares_served_logprobs_with_the_artifact_alone():
                                 for i, lp in enumerate(alone_lps)])
     served = served_logprobs({"text": "abc", "logprobs": wire})
     assert served["text"] == "abc" and logprob_gap(served, alone) == 0.0
+    # two alternatives that read alike share one key of the wire's dict: the other values still match
+    alike = completion_logprobs([("x", lp.logprob, [("same" if k < 2 else f"t{t}", v) for k, (t, v) in enumerate(lp.top)])
+                                 for lp in alone_lps])
+    collapsed = served_logprobs({"text": "xxx", "logprobs": alike})
+    assert [len(t) for t in collapsed["top"]] == [4, 4, 4] and logprob_gap(collapsed, alone) == 0.0
     moved = [token_logprob(r + rng.normal(scale=1e-3, size=r.shape).astype("float32"), int(r.argmax()), 5)
              for r in rows]
     wire = completion_logprobs([("x", lp.logprob, [(f"t{t}", v) for t, v in lp.top]) for lp in moved])
