@@ -1,7 +1,10 @@
 """Case ``multi_decoder``: eight SmolLM2 decoders tuned from one base, served together over one shared trunk.
 
-    python -m benchmarks.run --cases multi_decoder                  # eight models (tuning and exports cached)
+    python -m benchmarks.run --cases multi_decoder                  # eight models; tuning and exports cached
     BENCH_QUICK=1 python -m benchmarks.run --cases multi_decoder    # a smoke run: three models, 16 tokens, 2 rounds
+
+The first run tunes 8 runs and makes 16 gated exports (on 2 cores under a load average of 5-11:
+3-7 min a tune, 6-10 min an export); the measuring itself is three workers of a few minutes each.
 
 Eight SmolLM2-135M-Instruct runs, each ``edgeft tune -n 4`` (top 4 of 30 blocks over the int8
 base) on a different data set from ``../shared/data`` (``DATASETS``: the sonnets, tiny-shakespeare,
