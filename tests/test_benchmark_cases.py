@@ -141,3 +141,79 @@ def test_the_profile_worker_profiles_through_the_runtime_option(llama_art):
     r = profile_edgeft({"path": str(llama_art), "threads": 1, "new_tokens": 6, "decode_prompt": [5, 6, 7, 8]})
     assert r["tokens"] == 6 and r["runs"] == 6 and r["run_s"] > 0  # every decode step of the timed run
     assert r["kernel_s"] and all(t >= 0 for t in r["kernel_s"].values())
+
+
+def test_multi_decoder_renders_each_row_as_one_text_edgeft_reads_back(tmp_path):
+    from benchmarks.multi_decoder import render, write_paragraphs
+
+    from edgeft.data import load_texts
+
+    rows = [{"text": "Who wrote\n\nHamlet ?", "coarse_label": "HUM"}, {"text": "  ", "coarse_label": "LOC"},
+            {"text": "Where is Rome ?", "coarse_label": "LOC"}]
+    paras = render(rows, "Question: {text}\nAnswer type: {coarse_label}")
+    assert paras == ["Question: Who wrote Hamlet ?\nAnswer type: HUM", "Question: \nAnswer type: LOC",
+                     "Question: Where is Rome ?\nAnswer type: LOC"]
+    assert load_texts(write_paragraphs(tmp_path / "trec.txt", paras)) == paras  # one tuning text per row
+
+
+def test_multi_decoder_compares_served_logprobs_with_the_artifact_alone():
+    import numpy as np
+    from benchmarks.multi_decoder import logprob_gap, served_logprobs
+
+    from edgeft.runtime.sampling import token_logprob
+    from edgeft.runtime.serve.responses import completion_logprobs
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(3, 40)).astype("float32")
+    alone_lps = [token_logprob(r, int(r.argmax()), 5) for r in rows]
+    alone = {"text": "abc", "token_logprobs": [lp.logprob for lp in alone_lps],
+             "top": [[v for _, v in lp.top] for lp in alone_lps]}
+    # what /v1/completions sends for the same tokens: texts for ids, the top alternatives as a dict
+    wire = completion_logprobs([(chr(97 + i), lp.logprob, [(f"t{t}", v) for t, v in lp.top])
+                                for i, lp in enumerate(alone_lps)])
+    served = served_logprobs({"text": "abc", "logprobs": wire})
+    assert served["text"] == "abc" and logprob_gap(served, alone) == 0.0
+    # two alternatives that read alike share one key of the wire's dict: the other values still match
+    alike = completion_logprobs([("x", lp.logprob, [("same" if k < 2 else f"t{t}", v) for k, (t, v) in enumerate(lp.top)])
+                                 for lp in alone_lps])
+    collapsed = served_logprobs({"text": "xxx", "logprobs": alike})
+    assert [len(t) for t in collapsed["top"]] == [4, 4, 4] and logprob_gap(collapsed, alone) == 0.0
+    moved = [token_logprob(r + rng.normal(scale=1e-3, size=r.shape).astype("float32"), int(r.argmax()), 5)
+             for r in rows]
+    wire = completion_logprobs([("x", lp.logprob, [(f"t{t}", v) for t, v in lp.top]) for lp in moved])
+    gap = logprob_gap(served_logprobs({"text": "xxx", "logprobs": wire}), alone)
+    assert 1e-5 < gap < 1e-2
+    assert logprob_gap({**served, "token_logprobs": served["token_logprobs"][:2]}, alone) == float("inf")
+
+
+def test_multi_decoder_is_a_case_of_the_suite():
+    import benchmarks.multi_decoder as md
+
+    assert md.CASE in cases.CASES and md.CASE not in cases.DEFAULT_CASES
+    assert md.TRUNK_BLOCKS + md.TOP == md.LAYERS and len(md.DATASETS) == 8
+
+
+def test_multi_decoder_case_runs_alone_on_tiny_split_decoders(work, tiny_llama_dir, monkeypatch):
+    import benchmarks.multi_decoder as md
+
+    monkeypatch.setattr(prepare, "LM", str(tiny_llama_dir))
+    monkeypatch.setattr(prepare, "ensure_model", lambda name: Path(name))
+    monkeypatch.setattr(prepare, "data_file", _tiny_data)
+    monkeypatch.setattr(md, "TOP", 2)  # the tiny llama's 4 blocks: top 2 tuned, the trunk the 2 below
+    monkeypatch.setattr(md, "TRUNK_BLOCKS", 2)
+    monkeypatch.setattr(md, "STEPS", 2)
+    monkeypatch.setenv("BENCH_MULTI_MODELS", "2")
+    monkeypatch.setenv("BENCH_WORK", str(work))  # the workers' servers log there too
+    res = run.run_suite([md.CASE], quick=True, threads=1)
+    assert not res.skipped, res.skipped
+    arts = sorted((work / "artifacts").iterdir())
+    assert len(arts) == 4 and len(md._digests([a for a in arts if a.name.endswith("int8")])) == 1
+    fp32 = "fp32, served together against each alone"
+    assert res.find("greedy_text_equal", fp32).median == 1.0
+    assert res.find("max_logprob_gap", fp32).median < md.GOAL_EXACT
+    assert res.find("greedy_text_equal", "int8, served together against each alone") is not None
+    for metric, system in (("rss_vs_one_warm", md.EIGHT), ("tps_vs_one", md.EIGHT), ("aggregate_tps", md.ONE),
+                           ("load_rss_vs_alone", md.ADD), ("load_seconds", md.ALONE)):
+        assert res.find(metric, system) is not None, (metric, system)
+    assert "(trunk shared with 1 of them)" in res.find("load_seconds", md.ADD).note
+    assert "another trunk, shared with 0" in res.find("load_seconds", md.ADD).note

@@ -473,3 +473,19 @@ def test_serve_loads_and_unloads_a_model_on_the_trunk_under_load(runs, exported,
         for (_, out), m in zip(running, "ba"):
             assert out["r"].status_code == 200 and out["r"].json()["choices"][0]["text"] == want(m)
         assert group.members == [state.models["a"].engine] and complete(c, "a").json()["choices"][0]["text"] == want("a")
+
+
+def test_trunk_bytes_leave_out_the_builders_local_version_stamp():
+    """The genai builder stamps producer_version with the git HEAD of whatever repository holds the venv:
+    two exports of one base made at different commits must still write byte-identical trunks."""
+    from onnx import TensorProto, helper
+
+    from edgeft.export.trunk import _subgraph
+
+    def built(stamp: str):
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io[:1], io[1:])
+        return helper.make_model(graph, producer_name="onnxruntime-genai", producer_version=stamp)
+
+    a, b = (_subgraph(built(s), [0], ["x"], ["y"], {}, "trunk") for s in ("0.18.0+3ceb79c", "0.18.0+e1b1a34"))
+    assert a.SerializeToString() == b.SerializeToString() and a.producer_version == "0.18.0"

@@ -1,12 +1,13 @@
 """The browser page at ``GET /`` of ``edgeft serve``, driven in Debian's Chromium with Selenium.
 
-The real CLI server runs on loopback with a bearer key and a trusted signing key over three
+The real CLI server runs on loopback with a bearer key and a trusted signing key over five
 tiny signed artifacts: a "parrot" llama whose weights are set by hand so that, whatever the
 prompt, it says the same five pieces in a loop (one of them ``<img src=x onerror=alert(1)>``),
-the 4-block BERT sentiment classifier, and the same BERT as a mean-pooled embedding model. The
+the 4-block BERT sentiment classifier, the same BERT as a mean-pooled embedding model, and two
+classifiers tuned from it and split at their freeze boundary (``test_trunk``'s: one trunk). The
 page is driven like a user would: type the key into the dialog, chat (streamed text, stats,
 history sent), stop a long generation (the server's in-flight count drops to zero), classify
-two texts, compare two texts' embeddings. Screenshots of each view (wide and phone, light and
+two texts, compare two texts' embeddings, read which models share a trunk. Screenshots of each view (wide and phone, light and
 dark) go to ``$EDGEFT_UI_SCREENSHOTS`` or the test's temporary folder.
 
 The browser tests are skipped, with the reason, where chromium, chromedriver or selenium are
@@ -16,6 +17,7 @@ fail); the route, --no-ui and /v1/models checks need no browser.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -25,6 +27,7 @@ import httpx
 import pytest
 
 from test_server import KEY, free_port, metric, start_cli_server, stop, wait_healthy, InProcessServer
+from test_trunk import exported, runs  # noqa: F401  (fixtures, used by name)
 
 REPO = Path(__file__).resolve().parents[1]
 PIECES = ["Sure: ", "<img src=x onerror=alert(1)>", " is markup, ", "<b>bold</b>", " too. "]
@@ -90,7 +93,7 @@ def parrot_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, parrot_dir, tiny_bert_dir) -> dict[str, Path]:
+def artifacts(tmp_path_factory, parrot_dir, tiny_bert_dir, exported) -> dict[str, Path]:  # noqa: F811
     from test_embed import _st_folder
 
     from edgeft.export import ExportConfig, export
@@ -104,7 +107,10 @@ def artifacts(tmp_path_factory, parrot_dir, tiny_bert_dir) -> dict[str, Path]:
     st_dir = _st_folder(tiny_bert_dir, tmp_path_factory.mktemp("ui-st") / "tiny-st")
     vectors = export(ExportConfig(source=str(st_dir), out=out / "vectors", gate_texts=16,
                                   eval_data=REPO / "demo" / "sst2_2k.csv", progress=False), log=None)
-    return {"parrot": Path(parrot), "sentiment": Path(sentiment), "vectors": Path(vectors)}
+    # two classifiers tuned from one base, split at their freeze boundary (test_trunk's): one trunk, two tops
+    mood, season = (Path(shutil.copytree(exported(i, "int8"), out / name)) for i, name in enumerate(("mood", "season")))
+    return {"parrot": Path(parrot), "sentiment": Path(sentiment), "vectors": Path(vectors), "mood": mood,
+            "season": season}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +127,7 @@ def signing_key(tmp_path_factory, artifacts) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def server(artifacts, signing_key):
-    proc, url = start_cli_server([artifacts["parrot"], artifacts["sentiment"], artifacts["vectors"]],
+    proc, url = start_cli_server([artifacts[n] for n in ("parrot", "sentiment", "vectors", "mood", "season")],
                                  {"EDGEFT_API_KEY": KEY, "EDGEFT_MAX_TOKENS": "8000",
                                   "EDGEFT_TRUSTED_KEY": str(signing_key[0]),
                                   # the parrot repeats itself: drafts would finish its 8,000 tokens
@@ -178,6 +184,19 @@ def test_models_list_what_the_manifest_says(http, artifacts, signing_key):
         assert card["digest"] == manifest.digest and card["digest"].startswith("sha256:")
         assert card["signed_by"] == signing_key[1] and card["signature_checked"] is True
     assert models["sentiment"]["labels"] == ["negative", "positive"] and models["vectors"]["dimensions"] == 64
+
+
+def _trunk(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())["trunk"]
+
+
+def test_models_list_which_models_share_a_trunk(http, artifacts):
+    sha = _trunk(artifacts["mood"])["sha256"]
+    assert _trunk(artifacts["season"])["sha256"] == sha  # byte-identical trunks: one session in the server
+    models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert models["mood"]["trunk"]["shared_with"] == ["season"] and models["season"]["trunk"]["shared_with"] == ["mood"]
+    assert models["mood"]["trunk"]["sha256"] == sha and models["mood"]["trunk"]["blocks"] == 2
+    assert not {"trunk"} & (set(models["sentiment"]) | set(models["parrot"]) | set(models["vectors"]))
 
 
 def test_no_ui_turns_the_page_off(artifacts, signing_key):
@@ -440,3 +459,28 @@ def test_embed_tab_shows_the_cosine_similarity_of_two_texts(page, artifacts, sho
     shot(d, shots / "embed-phone-dark.png")
     phone(d, False)
     dark(d, False)
+
+
+@browser
+def test_the_picker_and_the_card_say_which_models_share_a_trunk(page, artifacts, shots):
+    from selenium.webdriver.support.ui import Select
+
+    d = page
+    sha = _trunk(artifacts["mood"])["sha256"]
+    options = {o.get_attribute("value"): o.get_attribute("textContent") for o in css(d, "#model option")}
+    assert options["mood"] == f"mood · shares trunk {sha[:8]} with season"
+    assert options["season"] == f"season · shares trunk {sha[:8]} with mood"
+    assert [options[n] for n in ("parrot", "sentiment", "vectors")] == ["parrot", "sentiment", "vectors"]
+    many = d.execute_script("return trunkShared({trunk: {sha256: 'ab'.repeat(32), shared_with: ['a', 'b', 'c', 'd']}}, 3)")
+    assert many == "shares trunk abababab with a, b and 2 more"  # eight models sharing one trunk stay short
+    Select(by_id(d, "model")).select_by_value("season")
+    wait_for(lambda: by_id(d, "view-classify").is_displayed(), what="the classify view")
+    facts = {row.find_element("css selector", "dt").get_attribute("textContent"):
+             row.find_element("css selector", "dd").get_attribute("textContent") for row in css(d, "#model-facts .fact")}
+    assert facts["Trunk"] == f"{sha[:16]} (embeddings and 2 blocks), shared with mood"
+    assert "trunk shared with 1 other" in by_id(d, "model-summary").get_attribute("textContent")
+    shot(d, shots / "trunk-card.png")
+    Select(by_id(d, "model")).select_by_value("sentiment")
+    wait_for(lambda: "negative, positive" in by_id(d, "model-facts").text, what="the sentiment card")
+    assert "Trunk" not in [dt.get_attribute("textContent") for dt in css(d, "#model-facts dt")]
+    assert "trunk" not in by_id(d, "model-summary").get_attribute("textContent")

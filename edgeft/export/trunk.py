@@ -270,8 +270,9 @@ def _subgraph(model: Any, nodes: list[int], inputs: list[str], outputs: list[str
     sub = helper.make_graph(kept, name, [info(t) for t in inputs], [info(t) for t in outputs],
                             initializer=[t for t in graph.initializer if t.name in reads],
                             value_info=[v for v in graph.value_info if v.name in made and v.name not in outputs])
+    # not the builder's "+<git HEAD of the repository around the venv>": bytes from base, boundary, quantization only
     out = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version,
-                            producer_name=model.producer_name, producer_version=model.producer_version)
+                            producer_name=model.producer_name, producer_version=model.producer_version.split("+")[0])
     for p in model.metadata_props:
         out.metadata_props.add(key=p.key, value=p.value)
     return out

@@ -2,7 +2,8 @@
 // A reasoning model's thinking (reasoning_content) is shown apart from its answer, collapsed.
 // Everything shown that comes from a model or the server is set as text (textContent,
 // createElement), never parsed as markup. The API key, when the server wants one, is asked
-// once and kept in this tab's sessionStorage.
+// once and kept in this tab's sessionStorage. The model list and card say which served models
+// share a trunk (split artifacts tuned from one base run its embeddings and lower blocks once).
 "use strict";
 
 const KEY_STORE = "edgeft.apiKey";
@@ -161,9 +162,33 @@ function fillPicker() {
     $("tab-" + view).hidden = models.length === 0;
     if (!models.length) continue;
     const group = el("optgroup", { label });
-    for (const m of models) group.append(el("option", { value: m.id, text: m.id }));
+    for (const m of models) {
+      const shared = trunkShared(m, 3);
+      group.append(el("option", { value: m.id, text: shared ? m.id + " · " + shared : m.id, title: trunkFact(m) || "" }));
+    }
     select.append(group);
   }
+}
+
+// A split model's trunk (its base's embeddings and frozen blocks, one session for every served model that
+// carries the same bytes), as /v1/models describes it: "shares trunk 1a2b3c4d with x, y", naming at most
+// `most` others (the rest counted), or null where the model has no trunk or shares it with none.
+function trunkShared(model, most = Infinity) {
+  const t = model.trunk;
+  const others = t && Array.isArray(t.shared_with) ? t.shared_with : [];
+  if (!others.length || typeof t.sha256 !== "string") return null;
+  const named = others.length <= most ? others.join(", ")
+    : others.slice(0, most - 1).join(", ") + " and " + (others.length - most + 1) + " more";
+  return "shares trunk " + t.sha256.slice(0, 8) + " with " + named;
+}
+
+// The model card's line on the trunk: its digest, its boundary and every model it is shared with.
+function trunkFact(model) {
+  const t = model.trunk;
+  if (!t || typeof t.sha256 !== "string") return null;
+  const others = Array.isArray(t.shared_with) ? t.shared_with : [];
+  const what = t.sha256.slice(0, 16) + (typeof t.blocks === "number" ? " (embeddings and " + t.blocks + " blocks)" : "");
+  return what + (others.length ? ", shared with " + others.join(", ") : ", not shared with another model served here");
 }
 
 // The views a model serves: a classifier also ranks documents (/v1/rerank) where it reads pairs;
@@ -262,6 +287,7 @@ function showCard(model) {
     ["Gate", gateSummary(card.gate, model.task)],
     ["Signed by", !card.signed_by ? "not signed" : "key " + card.signed_by +
       (card.signature_checked ? " (verified by this server)" : " (not checked: serve has no --trusted-key)")],
+    ["Trunk", trunkFact(model)],
     ["Digest", card.digest ? card.digest.slice(0, 23) + "…" : null],
   ];
   const dl = $("model-facts");
@@ -270,12 +296,15 @@ function showCard(model) {
     if (value === null || value === undefined || value === "") continue;
     const row = el("div", { class: "fact" }, el("dt", { text: name }), el("dd", { text: String(value) }));
     if (name === "Gate") row.dataset.verdict = card.gate && card.gate.passed ? "passed" : "failed";
-    if (["Gate", "Base model", "Signed by", "Digest"].includes(name)) row.classList.add("wide");
+    if (["Gate", "Base model", "Signed by", "Trunk", "Digest"].includes(name)) row.classList.add("wide");
     dl.append(row);
   }
   const verdict = card.gate && card.gate.passed !== undefined ? (card.gate.passed ? "gate passed" : "gate failed") : null;
   const brief = [card.quantization, formatBytes(card.size_bytes), verdict,
-    card.signed_by ? (card.signature_checked ? "signature verified" : "signed") : null];
+    card.signed_by ? (card.signature_checked ? "signature verified" : "signed") : null,
+    model.trunk && model.trunk.shared_with && model.trunk.shared_with.length
+      ? "trunk shared with " + model.trunk.shared_with.length + " other" + (model.trunk.shared_with.length > 1 ? "s" : "")
+      : null];
   $("model-summary").textContent = brief.filter(Boolean).join(" · ");
   const box = $("model-card");
   if (box.hidden) {  // open where there is room for it; a phone shows the one-line summary
