@@ -193,6 +193,7 @@ def test_multi_decoder_is_a_case_of_the_suite():
     assert md.TRUNK_BLOCKS + md.TOP == md.LAYERS and len(md.DATASETS) == 8
 
 
+@pytest.mark.slow  # tunes, exports and serves several models: minutes on 2 cores
 def test_multi_decoder_case_runs_alone_on_tiny_split_decoders(work, tiny_llama_dir, monkeypatch):
     import benchmarks.multi_decoder as md
 
