@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --cases multi_decoder                  # eight models; tuning and exports cached
     BENCH_QUICK=1 python -m benchmarks.run --cases multi_decoder    # a smoke run: three models, 16 tokens, 2 rounds
+    BENCH_PREPARE_ONLY=1 python -m benchmarks.run --cases multi_decoder   # tune and export only (cached for the run)
 
 The first run tunes 8 runs and makes 16 gated exports (on 2 cores under a load average of 5-11:
 3-7 min a tune, 6-10 min an export); the measuring itself is three workers of a few minutes each.
@@ -441,6 +442,8 @@ def case(ctx: Context) -> None:
     for folders in arts.values():
         for a in folders:
             record_gate(ctx, CASE, a.name, a)
+    if os.environ.get("BENCH_PREPARE_ONLY"):  # tune and export now (a loaded machine is fine), measure later
+        return
     spec = {"names": names(n), "int8": [str(a) for a in arts["int8"]], "fp32": [str(a) for a in arts["fp32"]],
             "per_client": 1 if ctx.quick else 2, "new_tokens": 16 if ctx.quick else 64,
             "rounds": 2 if ctx.quick else max(ctx.repeats, 3), "prompts": 2 if ctx.quick else 4,
