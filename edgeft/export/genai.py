@@ -121,8 +121,13 @@ def _lazy_initializers(original: Any) -> Any:
 def handed_over(model: Any) -> Iterator[list[str]]:
     """Within: the builder reads ``model`` (not its folder's weights) and fuses weights when saving them.
     Yields the list of folders the builder asked its loader for (empty: it never loaded a model)."""
-    from onnxruntime_genai.models.builders import base
+    import sys
 
+    from onnxruntime_genai.models import builder
+
+    # the builder imports its classes as the top-level ``builders`` package (its folder on sys.path): the
+    # module to change is the one its model classes come from
+    base = sys.modules[next(c for c in builder.LlamaModel.__mro__ if c.__name__ == "Model").__module__]
     asked: list[str] = []
 
     def load_weights(self: Any, input_path: str) -> Any:
