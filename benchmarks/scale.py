@@ -238,7 +238,9 @@ def measure_export(spec: dict[str, Any]) -> dict[str, Any]:
     import shutil
 
     models = Path(spec["models"])
-    run, out = models / f"run-{spec['shape']}-int8", models / f"export-{spec['shape']}-{spec['scheme']}"
+    out = models / f"export-{spec['shape']}-{spec['scheme']}"
+    # the 8-bit run (the case), or the base itself (``source="base"``: the same export without the merge)
+    run = models / (spec["shape"] if spec.get("source") == "base" else f"run-{spec['shape']}-int8")
     cmd = export_cmd(run, out, spec["scheme"])
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 2))}
     got = watch(cmd, scratch=(out.parent, f".{out.name}.work-*"), env=env)

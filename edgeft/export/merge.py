@@ -163,8 +163,19 @@ def remap(source: Source, config: ExportConfig) -> None:
     """Replace ``source.model`` by the same model loaded afresh (the base's weights mapped from their files,
     the run's trained tensors merged in), dropping every page of it a pass read: the graph export and the
     gate's PyTorch pass read all of it, and what follows them should not run beside it."""
+    source.model = None
+    give_back_memory()
+    source.model = load_source(config).model
+
+
+def give_back_memory() -> None:
+    """Collect garbage and hand the heap memory it frees back to the system: glibc keeps freed blocks under
+    its mapping threshold (up to 32 MB once larger ones were freed) for reuse, resident, until trimmed."""
+    import ctypes
     import gc
 
-    source.model = None
     gc.collect()
-    source.model = load_source(config).model
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: glibc's; absent elsewhere
+    except (OSError, AttributeError):
+        pass

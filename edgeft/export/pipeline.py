@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import gc
 import glob
 import os
 import shutil
@@ -774,7 +773,7 @@ def _machine_isa() -> str:
 def _gate_decoders(plan: Plan, evals: gate.EvalSet, log: Log) -> Gated:
     from edgeft.runtime import Generator
 
-    from edgeft.export.merge import remap
+    from edgeft.export.merge import give_back_memory, remap
 
     config, candidates = plan.config, plan.candidates
     first = Generator.open(candidates[0].ensure_built().folder, threads=config.threads)
@@ -782,7 +781,7 @@ def _gate_decoders(plan: Plan, evals: gate.EvalSet, log: Log) -> Gated:
     # the runtime's token ids, then its session closed: the PyTorch pass does not run beside it
     encoded = {t: first.encode(t) for t in {*evals.texts, *evals.prompts}}
     del first
-    gc.collect()
+    give_back_memory()
     ref = gate.lm_reference(plan.source.model, encoded.__getitem__, evals, config, eos)
     remap(plan.source, config)  # nor the artifact's gate beside every page of the PyTorch model
     i = 0
