@@ -45,7 +45,7 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak resident size starts again from here
 before = status("VmRSS")
 decoder._builder_export(model, hf, work, decoder._builder_options(model))
-print(json.dumps({"grown": status("VmHWM") - before, "before": before,
+print(json.dumps({"grown": status("VmHWM") - before, "before": before, "after": status("VmRSS"),
                   "fp32": sum(p.numel() * 4 for p in model.parameters()),
                   "hf": sorted(p.name for p in hf.iterdir())}))
 '''
@@ -74,9 +74,11 @@ def _build(model_dir: Path, out: Path, handed: bool) -> Path:
     return decoder._builder_export(model, hf, out, decoder._builder_options(model)).path.parent
 
 
-def test_builder_handed_the_model_writes_the_same_graph(tiny_llama_dir, tmp_path):
-    old = _build(tiny_llama_dir, tmp_path / "folder", handed=False)
-    new = _build(tiny_llama_dir, tmp_path / "handed", handed=True)
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "mid_llama"])  # weights under 1 MiB, and over (paged out)
+def test_builder_handed_the_model_writes_the_same_graph(model, tmp_path, request):
+    model_dir = request.getfixturevalue(model)
+    old = _build(model_dir, tmp_path / "folder", handed=False)
+    new = _build(model_dir, tmp_path / "handed", handed=True)
     assert (new / "model.onnx.data").read_bytes() == (old / "model.onnx.data").read_bytes()
     assert (new / "model.onnx").read_bytes() == (old / "model.onnx").read_bytes()
     assert json.loads((new / "genai_config.json").read_text()) == json.loads((old / "genai_config.json").read_text())
@@ -98,6 +100,8 @@ def test_builder_adds_little_to_the_model_it_reads(mid_llama, tmp_path):  # noqa
     # builder grew 0.8x with every fused weight held, 1.8x reading the folder). Handed the model and fusing
     # each weight as it is written, it adds one fused weight at a time and its graph (0.2x).
     assert got["grown"] <= 0.35 * got["fp32"], got
+    # and each weight's pages, mapped from the model's file, were given back once written
+    assert got["after"] <= got["before"] - 0.5 * got["fp32"], got
 
 
 def test_work_folder_holds_no_fp32_copy_of_the_model(mid_llama, tmp_path, monkeypatch):  # noqa: F811

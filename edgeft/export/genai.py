@@ -10,8 +10,10 @@ saved: about two thirds of a block's weights, for every block at once.
 - the builder's loader returns ``model`` (the folder then needs its configs and tokenizer only);
 - ``torch.cat`` of two or more 2-D parameters along rows, as the builder's base module calls it, gives a
   ``Fused`` that concatenates them only when read;
-- an initializer made from a ``Fused`` is the builder's own lazy initializer, read when the graph is
-  saved, one tensor at a time.
+- an initializer made from a ``Fused`` (or from a weight of 1 MiB or more) is the builder's own lazy
+  initializer, read when the graph is saved, one tensor at a time; once a weight is copied out for writing,
+  the kernel is asked to reclaim its pages (``page_out``): pages mapped from the weights file leave the
+  process, so the build does not end holding every page of the model.
 The bytes written are the same (the same concatenation, the same transpose, at save time instead of at
 build time). The internals named here are onnxruntime-genai 0.18's (``builders.base``); this module knows
 nothing of edgeft's corrections to the graph or of quantization.
@@ -94,21 +96,58 @@ def _fusing_torch() -> types.ModuleType:
     return FusingTorch("torch")
 
 
+PAGE = 4096
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages (clean file pages leave the process; data is kept)
+PAGED_OUT = 1 << 20  # weights of at least this many bytes give their pages back once copied for writing
+
+
+def page_out(tensors: tuple) -> None:
+    """Ask the kernel to reclaim the pages of ``tensors`` (whole pages inside each one's bytes). Pages mapped
+    from a weights file and never written are dropped from the process (read again from the file if touched
+    again); others stay where they are: nothing is lost. A no-op where ``madvise`` is not there."""
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    for t in tensors:
+        start = t.data_ptr()
+        lo, hi = -(-start // PAGE) * PAGE, (start + t.numel() * t.element_size()) // PAGE * PAGE
+        if hi > lo:
+            madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_PAGEOUT)
+
+
+def _written(tensor: Any, dtype: Any, name: str) -> Any:
+    """What the builder's lazy initializer gives when the graph is saved (the tensor cast to ``dtype``, as a
+    ``TorchTensor``), copied out first so that the pages of the weights it came from can go (``page_out``)."""
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    parts = tensor.parts if isinstance(tensor, Fused) else (tensor,)
+    t = (tensor.tensor() if isinstance(tensor, Fused) else tensor).detach().to(dtype)
+    copy = t.contiguous()
+    if any(copy.data_ptr() == p.data_ptr() for p in parts):
+        copy = copy.clone()
+    page_out(parts)
+    return TorchTensor(copy, name=name)
+
+
 def _lazy_initializers(original: Any) -> Any:
-    """The builder's ``make_initializer``, with a ``Fused`` registered as the lazy, cast initializer it would
-    have made from the concatenated tensor (read when the graph is saved)."""
+    """The builder's ``make_initializer``, with a ``Fused`` or a large weight registered as the lazy, cast
+    initializer it would have made (read when the graph is saved), which gives its pages back once read."""
+    import torch
 
     def make_initializer(self: Any, tensor: Any, /, name: str, *, to: Any = None, raw: bool = False) -> None:
-        if not isinstance(tensor, Fused):
+        large = isinstance(tensor, torch.Tensor) and tensor.numel() * tensor.element_size() >= PAGED_OUT
+        if not isinstance(tensor, Fused) and not (large and to is not None and not raw):
             return original(self, tensor, name, to=to, raw=raw)
         if to is None or raw:
             return original(self, tensor.tensor(), name, to=to, raw=raw)
         import onnx_ir as ir
-        from onnx_ir.tensor_adapters import TorchTensor, to_torch_dtype
+        from onnx_ir.tensor_adapters import to_torch_dtype
 
         dtype = to_torch_dtype(to)
-        lazy = ir.LazyTensor(lambda: TorchTensor(tensor.tensor().to(dtype), name=name), dtype=to,
-                             shape=ir.Shape(tensor.shape), name=name)
+        lazy = ir.LazyTensor(lambda: _written(tensor, dtype, name), dtype=to, shape=ir.Shape(tensor.shape), name=name)
         value = self.make_value(name, lazy.dtype, lazy.shape)
         value.const_value = lazy
         self.model.graph.register_initializer(value)
