@@ -510,10 +510,7 @@ def _block_pass(model, base: Path, include: list[str], block_size: int, level: i
             drop.add(t.name)
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
-    if drop:
-        keep = [t for t in model.graph.initializer if t.name not in drop]
-        model.graph.ClearField("initializer")
-        model.graph.initializer.extend(keep)
+    remove_initializers(model, drop)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
@@ -688,10 +685,16 @@ def _drop_unused_initializers(model) -> None:
         model.graph.node.extend(live)
     used = {i for n in model.graph.node for i in n.input}
     used |= {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    if len(keep) != len(model.graph.initializer):
-        model.graph.ClearField("initializer")
-        model.graph.initializer.extend(keep)
+    remove_initializers(model, {t.name for t in model.graph.initializer if t.name not in used})
+
+
+def remove_initializers(model, names: set[str]) -> None:
+    """Delete the initializers named ``names`` in place. Rebuilding the list instead (clear, then extend with
+    the kept ones) copies every kept tensor's bytes, and protobuf's arena keeps the cleared copies until the
+    whole model is freed: each rebuild held the quantized model once more."""
+    inits = model.graph.initializer
+    for i in reversed([i for i, t in enumerate(inits) if t.name in names]):
+        del inits[i]
 
 
 # ---------------------------------------------------------------- classifiers
