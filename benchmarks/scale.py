@@ -19,6 +19,13 @@ weight plus one fp32 scale per output row); goal: 8-bit peak <= fp32 peak - 0.7 
 ``BENCH_SCALE_STEPS=8`` tunes more steps for the seconds-per-step ratio (8-bit over fp32 base: the
 steps after the first, wall time; goal <= 1.15, valid on a quiet machine only).
 ``BENCH_SCALE_SKIP_FP32=llama-3.2-3b`` leaves out the fp32 run of a shape that does not fit the machine.
+
+The 8-bit run of each shape is then exported (``edgeft export RUN -o OUT -q SCHEME --allow-degraded``, the
+schemes in ``BENCH_SCALE_EXPORT``, default ``int8,int4``; random weights may fail the gate, which is not what
+is measured), each in its own process: its peak RSS (``ru_maxrss``), the sampled peak of each phase, and
+the scratch disk (the largest size of the export's ``.OUT.work-*`` folder seen), each also as a ratio to
+the model's fp32 bytes. Goals: peak <= 1.3x and scratch <= 1.5x the fp32 bytes.
+``BENCH_SCALE_EXPORT=`` (empty) leaves the exports out.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                                            original_max_position_embeddings=8192, rope_type="llama3")),
 }
 TUNE_ARGS = ["-n", "2", "--max-steps", "4", "--max-length", "256", "--batch-size", "4"]
+EXPORT_GOALS = {"peak": 1.3, "scratch": 1.5}  # x the model's fp32 bytes
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -216,10 +224,43 @@ def frozen_saving(shape: str, trained: int = 2) -> dict[str, int]:
     return {"fp32": fp32, "int8": int8, "saving": fp32 - int8}
 
 
+def fp32_bytes(folder: Path) -> int:
+    """The model's weights in fp32 bytes (``random_model`` records them as the index's ``total_size``)."""
+    return int(json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"])
+
+
+def export_cmd(run: Path, out: Path, scheme: str) -> list[str]:
+    return [*prepare.edgeft_cmd(), "export", str(run), "-o", str(out), "-q", scheme, "--overwrite",
+            "--allow-degraded", "--no-progress"]
+
+
+def measure_export(spec: dict[str, Any]) -> dict[str, Any]:
+    """One ``edgeft export`` of a shape's 8-bit run, watched: peak RSS, by phase, and the work folder's size."""
+    import os
+    import shutil
+
+    models = Path(spec["models"])
+    out = models / f"export-{spec['shape']}-{spec['scheme']}"
+    # the 8-bit run (the case), or the base itself (``source="base"``: the same export without the merge)
+    run = models / (spec["shape"] if spec.get("source") == "base" else f"run-{spec['shape']}-int8")
+    cmd = export_cmd(run, out, spec["scheme"])
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 2))}
+    got = watch(cmd, scratch=(out.parent, f".{out.name}.work-*"), env=env)
+    got["command"] = " ".join(["edgeft", *cmd[len(prepare.edgeft_cmd()):]])
+    got["load_1m"] = os.getloadavg()[0]
+    got["fp32_bytes"] = fp32_bytes(models / spec["shape"])
+    got["artifact_mb"] = round(_tree_bytes(out.parent, out.name) / 1e6, 1)
+    shutil.rmtree(out, ignore_errors=True)  # the disk is the next run's
+    return got
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """One ``edgeft tune`` of a shape over one base, watched (in a worker process of its own)."""
+    """One ``edgeft tune`` of a shape over one base, watched (in a worker process of its own); with
+    ``step="export"``, one export of its 8-bit run (``measure_export``)."""
     import os
 
+    if spec.get("step") == "export":
+        return measure_export(spec)
     folder = random_model(spec["shape"], Path(spec["models"]) / spec["shape"])
     out = Path(spec["models"]) / f"run-{spec['shape']}-{spec['precision']}"
     cmd = [*prepare.edgeft_cmd(), "tune", "-m", str(folder), "-d", str(prepare.REPO / "demo" / "sonnets.txt"),
@@ -240,6 +281,32 @@ def step_seconds(log: Path) -> list[float]:
         return []
     steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     return [e["seconds"] for e in steps if "seconds" in e and "eval" not in e][1:]
+
+
+def export_schemes() -> list[str]:
+    import os
+
+    return [s for s in os.environ.get("BENCH_SCALE_EXPORT", "int8,int4").split(",") if s]
+
+
+def _export_rows(ctx: Context, shape: str, models: Path, load: list[float]) -> None:
+    """Export the shape's 8-bit run once per scheme; peak RSS and scratch, as MiB/MB and x the fp32 bytes."""
+    for scheme in export_schemes():
+        system = f"{shape} export -q {scheme}"
+        got = ctx.measure("scale", timeout=7200, step="export", shape=shape, scheme=scheme, models=str(models))
+        load.append(got["load_1m"])
+        fp32 = got["fp32_bytes"]
+        note = f"`{got['command']}` (exit {got['rc']}); the model's fp32 bytes: {fp32 / 1e6:,.0f} MB"
+        ctx.add(CASE, system, "export_peak_rss_mib", got["peak_rss_mib"], "MiB", higher=False, note=note)
+        ctx.add(CASE, system, "export_peak_x_fp32", got["peak_rss_mib"] * 2**20 / fp32, "x", higher=False,
+                note=f"peak RSS / fp32 bytes; goal <= {EXPORT_GOALS['peak']}")
+        ctx.add(CASE, system, "export_scratch_mb", got["scratch_peak_mb"], "MB", higher=False,
+                note="largest .OUT.work-* folder seen (sampled every 0.25 s)")
+        ctx.add(CASE, system, "export_scratch_x_fp32", got["scratch_peak_mb"] * 1e6 / fp32, "x", higher=False,
+                note=f"scratch / fp32 bytes; goal <= {EXPORT_GOALS['scratch']}")
+        for p in got["phases"]:
+            ctx.add(CASE, system, "phase_peak_rss_mib", p["peak_rss_mib"], "MiB", higher=False,
+                    phase=p["phase"], note="sampled every 0.25 s from the stderr line that starts it")
 
 
 def shapes() -> list[str]:
@@ -285,6 +352,8 @@ def case(ctx: Context) -> None:
             for p in got["phases"]:
                 ctx.add(CASE, system, "phase_peak_rss_mib", p["peak_rss_mib"], "MiB", higher=False,
                         phase=p["phase"], note="sampled every 0.25 s from the stderr line that starts it")
+        if "int8" in peaks:
+            _export_rows(ctx, shape, models, load)
         if len(peaks) == 2:
             saved = peaks["fp32"] - peaks["int8"]
             ctx.add(CASE, shape, "saving_share_of_theory", saved / (theory["saving"] / 2**20), "share", higher=True,

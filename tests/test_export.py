@@ -812,4 +812,4 @@ def test_export_refuses_early_when_the_disk_cannot_hold_it(work, tiny_llama_dir,
                                           r"[0-9.]+ MB, 0\.0 MB is free$"):
         _export(tiny_llama_dir, work / "llama-full", "int8")
     assert not (work / "llama-full").exists() and not [p for p in work.iterdir() if p.name.startswith(".llama-full")]
-    assert pipeline.work_bytes(ExportConfig(source="s", out=work / "x"), 1_000_000) > 8_000_000
+    assert pipeline.work_bytes(ExportConfig(source="s", out=work / "x"), 1_000_000) > 4_000_000  # the fp32 graph

@@ -87,14 +87,15 @@ def check_supported(hf_config: Any) -> str:
 
 
 def export_decoder(model: Any, hf_dir: Path, work: Path, route: str) -> DecoderGraph:
-    """Export the fp32 decoder saved at ``hf_dir`` (and loaded as ``model``) into ``work``.
+    """Export the fp32 decoder ``model`` into ``work``; ``hf_dir`` holds its configs and tokenizer files (the
+    builder reads them there, and its weights from ``model``: ``edgeft.export.genai``).
 
     ``route`` is what ``check_supported`` said of the model's config: "builder" or "torch".
     The graph gets an optional ``logits_to_keep`` input (``graphs.add_logits_to_keep``) so that
     prompt prefill computes the head for the last position only.
     """
     if route == "builder":
-        graph = _builder_export(hf_dir, work, _builder_options(model))
+        graph = _builder_export(model, hf_dir, work, _builder_options(model))
         _match_windows(graph.path, hf_windows(model.config))
         _match_norms(graph.path, model.config)
     else:
@@ -113,13 +114,16 @@ def _builder_options(model: Any) -> list[str]:
     return [FUSE_GATE_UP, *BUILDER_OPTIONS] if gated else list(BUILDER_OPTIONS)
 
 
-def _builder_export(hf_dir: Path, work: Path, options: list[str]) -> DecoderGraph:
+def _builder_export(model: Any, hf_dir: Path, work: Path, options: list[str]) -> DecoderGraph:
     from onnxruntime_genai.models import builder
+
+    from edgeft.export.genai import handed_over
 
     out, cache = work / "builder", work / "builder-cache"
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     tries = [options] + ([BUILDER_OPTIONS] if FUSE_GATE_UP in options else [])
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            handed_over(model) as asked:
         for i, extra in enumerate(tries):  # without the fused gate/up where the builder refuses it
             try:
                 opts = builder.parse_extra_options(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), extra)
@@ -130,6 +134,8 @@ def _builder_export(hf_dir: Path, work: Path, options: list[str]) -> DecoderGrap
                 if i == len(tries) - 1:
                     raise EdgeftError(f"onnxruntime-genai's builder refused this model: {exc}") from None
     shutil.rmtree(cache, ignore_errors=True)
+    if not asked:  # a builder class with a loader of its own would have read the (weightless) folder
+        raise RuntimeError("onnxruntime-genai's builder did not load the model handed to it")
     genai = json.loads((out / "genai_config.json").read_text())
     dec = genai["model"]["decoder"]
     path = out / dec.get("filename", "model.onnx")

@@ -142,23 +142,38 @@ def _load_run(run_dir: Path, config: ExportConfig) -> Source:
                   run_config=read_run_config(run_dir), base_dir=run_base(run_dir, info))
 
 
-def save_hf_folder(source: Source, folder: Path) -> Path:
-    """Write the merged model as a plain Hugging Face folder (what the genai builder reads).
+def save_hf_configs(source: Source, folder: Path) -> Path:
+    """Write the model's ``config.json`` (and ``generation_config.json``) and the tokenizer files into
+    ``folder``, as ``save_pretrained`` writes them, but no weights: the genai builder reads its weights from
+    ``source.model`` (``edgeft.export.genai``), and the artifact ships these files."""
+    model = source.model
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.dtype = str(model.dtype).split(".")[1]  # what save_pretrained records
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    source.tokenizer.save_pretrained(folder)
+    return folder
 
-    ``source.model`` is then the same model mapped from that folder: the merged copy (the trained
-    tensors and every page of the base the save read) is dropped, so the graph export and the
-    quantizers do not run beside a resident fp32 model; the gate's PyTorch pass pages it back in.
-    """
+
+def remap(source: Source, config: ExportConfig) -> None:
+    """Replace ``source.model`` by the same model loaded afresh (the base's weights mapped from their files,
+    the run's trained tensors merged in), dropping every page of it a pass read: the graph export and the
+    gate's PyTorch pass read all of it, and what follows them should not run beside it."""
+    source.model = None
+    give_back_memory()
+    source.model = load_source(config).model
+
+
+def give_back_memory() -> None:
+    """Collect garbage and hand the heap memory it frees back to the system: glibc keeps freed blocks under
+    its mapping threshold (up to 32 MB once larger ones were freed) for reuse, resident, until trimmed."""
+    import ctypes
     import gc
 
-    import torch
-
-    folder.mkdir(parents=True, exist_ok=True)
-    source.model.save_pretrained(folder, safe_serialization=True)
-    source.tokenizer.save_pretrained(folder)
-    cls = type(source.model)
-    source.model = None
     gc.collect()
-    with quiet_transformers():
-        source.model = cls.from_pretrained(folder, dtype=torch.float32).eval()
-    return folder
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: glibc's; absent elsewhere
+    except (OSError, AttributeError):
+        pass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import gc
 import glob
 import os
 import shutil
@@ -200,9 +199,9 @@ SCHEME_BYTES = {Quantize.none: 4.0, Quantize.int8: 1.1, Quantize.mixed: 0.9, Qua
 
 
 def work_bytes(config: ExportConfig, params: int) -> int:
-    """About what an export of ``params`` weights writes before its first gate: the fp32 Hugging Face
-    folder, the fp32 ONNX graph and the first (smallest) candidate."""
-    return int(params * (4 + 4 + SCHEME_BYTES[config.quantize]))
+    """About what an export of ``params`` weights writes before its first gate: the fp32 ONNX graph and the
+    first (smallest) candidate (the Hugging Face folder beside them holds configs and tokenizer files only)."""
+    return int(params * (4 + SCHEME_BYTES[config.quantize]))
 
 
 def _unseal(c: Candidate) -> None:
@@ -260,7 +259,7 @@ def _check_scheme(config: ExportConfig) -> None:
 
 
 def _export(config: ExportConfig, work: Path, log: Log, need: Need) -> Path:
-    from edgeft.export.merge import load_source, save_hf_folder
+    from edgeft.export.merge import load_source, save_hf_configs
 
     t0 = time.perf_counter()
     log(f"loading {config.source}")
@@ -273,7 +272,7 @@ def _export(config: ExportConfig, work: Path, log: Log, need: Need) -> Path:
     _torch_threads(config, source.model)
     need.bytes = work_bytes(config, sum(p.numel() for p in source.model.parameters()))
     check_space(work, need.bytes, f"the export of {config.out}")  # before anything large is written
-    hf_dir = save_hf_folder(source, work / "hf")
+    hf_dir = save_hf_configs(source, work / "hf")
     if source.task is Task.causal_lm:
         plan = _decoder_plan(config, source, hf_dir, work, log, route)
     elif source.task is Task.embedding:
@@ -316,11 +315,12 @@ def _decoder_schemes(config: ExportConfig) -> list[Quantize]:
 
 def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path, log: Log, route: str) -> Plan:
     from edgeft.export.decoder import export_decoder, int8_kv_cache
+    from edgeft.export.merge import remap
 
     tokenizer = source.tokenizer
     log("exporting the decoder graph (fp32)")
     graph = export_decoder(source.model, hf_dir, work, route)
-    gc.collect()  # the builder's model is a reference cycle: until collected it keeps every page of hf/ it read
+    remap(source, config)  # the export read every page of the model: what follows runs beside a fresh map
     if config.context_length and config.context_length > graph.context_length:
         raise EdgeftError(f"--context-length {config.context_length} is longer than the model's "
                           f"{graph.context_length} positions")
@@ -772,10 +772,17 @@ def _machine_isa() -> str:
 def _gate_decoders(plan: Plan, evals: gate.EvalSet, log: Log) -> Gated:
     from edgeft.runtime import Generator
 
+    from edgeft.export.merge import give_back_memory, remap
+
     config, candidates = plan.config, plan.candidates
     first = Generator.open(candidates[0].ensure_built().folder, threads=config.threads)
     eos = set(first.eos_ids)
-    ref = gate.lm_reference(plan.source.model, first.encode, evals, config, eos)
+    # the runtime's token ids, then its session closed: the PyTorch pass does not run beside it
+    encoded = {t: first.encode(t) for t in {*evals.texts, *evals.prompts}}
+    del first
+    give_back_memory()
+    ref = gate.lm_reference(plan.source.model, encoded.__getitem__, evals, config, eos)
+    remap(plan.source, config)  # nor the artifact's gate beside every page of the PyTorch model
     i = 0
     while i < len(candidates):  # candidates are ordered smallest first; a failed one may add a narrower try
         c = candidates[i]

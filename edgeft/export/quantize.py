@@ -5,8 +5,8 @@ Decoders get weight-only block quantization: every MatMul with a constant weight
 token embedding becomes ``GatherBlockQuantized`` at the same width, sharing the head's
 quantized matrix when the model ties them. 8-bit blocks are symmetric; 4-bit blocks have
 a zero point (asymmetric), except the head, whose matrix the embedding may share. The 8-bit
-blocks are made one weight at a time from the fp32 graph's external file (``_int8_pass``, with
-onnxruntime's own kernel), so the fp32 weights of an 8-bit MatMul are never all in memory.
+and 4-bit blocks are made one weight at a time from the fp32 graph's external file (``_block_pass``,
+with onnxruntime's own kernels), so the fp32 weights of the MatMuls are never all in memory.
 
 With ``--int4-mode float-offset`` the 4-bit blocks are instead stored as llama.cpp's Q4_1 stores
 them, ``offset + scale * q`` with a float offset per block (``offset_pass``: onnxruntime's 4-bit
@@ -273,8 +273,10 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
     level = 4 if int8_activations else 1
     four = [n for n, b in plan.items() if b == 4]
     eight = [n for n, b in plan.items() if b == 8]
-    # the 8-bit weights stay in their file until the 8-bit pass reads them one at a time; the rest is read now
-    materialize(model, base, keep=_read_once(model, [t for t in targets if t.node in eight]))
+    # the weights of the 8- and 4-bit passes stay in their file until the pass reads them one at a time (the
+    # float-offset 4-bit grid reads its weights into the graph); the rest is read now
+    streamed = eight if offsets else eight + four
+    materialize(model, base, keep=_read_once(model, [t for t in targets if t.node in streamed]))
     if offsets:
         model = _int8_pass(model, base, eight, block_size, level)
         model = offset_pass(model, four, block_size, level)  # after the 8-bit pass: it quantizes its own
@@ -287,11 +289,7 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
                   (4, True, [head.node] if head is not None and plan[head.node] == 4 else []),
                   (8, True, eight)]
         for bits, symmetric, nodes in passes:
-            if bits == 8:
-                model = _int8_pass(model, base, nodes, block_size, level)
-            else:
-                model = _nbits_pass(model, nodes, [n for n in plan if n not in nodes], bits, block_size, level,
-                                    symmetric)
+            model = _block_pass(model, base, nodes, block_size, level, bits, symmetric)
         emb_bits = (bits_for("embeddings", scheme, num_layers) if widths is None
                     else _searched_embedding_bits(model, head, plan))
         shared = _quantize_embedding(model, emb_bits, block_size, head, plan.get(head.node, 0) if head else 0)
@@ -434,12 +432,40 @@ def _searched_embedding_bits(model, head: MatMulTarget | None, plan: dict[str, i
 
 
 def _int8_pass(model, base: Path, include: list[str], block_size: int, level: int = 4):
-    """8-bit symmetric ``MatMulNBits`` for the MatMuls ``include``, one weight at a time and a block of columns
-    at a time, read from the weights' external file where they still are: the graph never holds their fp32
-    bytes. Numbers and layout are onnxruntime's own (its ``quantize_matmul_8bits`` kernel, which
-    ``MatMulNBitsQuantizer`` calls): ``[N, K/block, block]`` bytes and ``[N, K/block]`` scales."""
+    return _block_pass(model, base, include, block_size, level, 8, True)
+
+
+def _columns(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> tuple[np.ndarray, ...]:
+    """``w`` ([K, N], mapped) quantized by onnxruntime's own kernel a block of output columns at a time:
+    ``[N, K/block, block * bits / 8]`` bytes, ``[N, K/block]`` scales and the packed zero points."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    kernel = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+    k, n = w.shape
+    nb, per_byte = -(-k // block_size), 8 // bits
+    blob, zwidth = block_size // per_byte, -(-nb // per_byte)
+    packed, scales = np.zeros((n, nb, blob), np.uint8), np.zeros((n, nb), np.float32)
+    zeros = np.zeros((n, zwidth), np.uint8)
+    step = max(1, QUANT_ROWS // max(1, k))
+    for c in range(0, n, step):
+        cols = min(step, n - c)
+        chunk = np.zeros((nb * block_size, cols), np.float32)
+        chunk[:k] = w[:, c:c + cols]
+        part, sc, zp = np.zeros((cols, nb, blob), np.uint8), np.zeros((cols, nb), np.float32), \
+            np.zeros((cols, zwidth), np.uint8)
+        kernel(part, chunk, sc, zp, block_size, cols, k, symmetric)
+        packed[c:c + cols], scales[c:c + cols], zeros[c:c + cols] = part, sc, zp
+    return packed, scales, zeros
+
+
+def _block_pass(model, base: Path, include: list[str], block_size: int, level: int = 4, bits: int = 8,
+                symmetric: bool = True):
+    """``bits``-bit ``MatMulNBits`` (8 or 4) for the MatMuls ``include``, one weight at a time and a block of
+    columns at a time, read from the weights' external file where they still are: the graph never holds
+    their fp32 bytes. Numbers, layout and names are onnxruntime's own (its ``quantize_matmul_8bits`` and
+    ``quantize_matmul_4bits`` kernels, which ``MatMulNBitsQuantizer`` calls): ``[N, K/block, blob]`` bytes,
+    ``[N, K/block]`` scales, and packed zero points where the blocks are not symmetric."""
     from onnx import helper, numpy_helper
-    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
 
     if not include:
         return model
@@ -456,32 +482,20 @@ def _int8_pass(model, base: Path, include: list[str], block_size: int, level: in
         t = inits[node.input[1]]
         w = _weight(t, base)  # [K, N]
         k, n = w.shape
-        nb = -(-k // block_size)
-        packed = np.zeros((n, nb, block_size), np.uint8)
-        scales = np.zeros((n, nb), np.float32)
-        step = max(1, QUANT_ROWS // max(1, k))
-        for c in range(0, n, step):  # a block of output columns at a time
-            cols = min(step, n - c)
-            chunk = np.zeros((nb * block_size, cols), np.float32)
-            chunk[:k] = w[:, c:c + cols]
-            part, sc = np.zeros((cols, nb, block_size), np.uint8), np.zeros((cols, nb), np.float32)
-            quantize_matmul_8bits(part, chunk, sc, np.zeros((cols, nb), np.uint8), block_size, cols, k,
-                                  True)
-            packed[c:c + cols], scales[c:c + cols] = part, sc
+        packed, scales, zeros = _columns(w, bits, block_size, symmetric)
         del w
-        qname, sname = f"{t.name}_Q8", f"{t.name}_scales"
-        model.graph.initializer.extend([numpy_helper.from_array(packed, qname), numpy_helper.from_array(scales, sname)])
-        attrs = {"K": k, "N": n, "bits": 8, "block_size": block_size} | ({"accuracy_level": level} if level else {})
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], qname, sname], list(node.output),
-                                      name=f"{node.name}_Q8", domain="com.microsoft", **attrs))
+        made = [numpy_helper.from_array(packed, f"{t.name}_Q{bits}"), numpy_helper.from_array(scales, f"{t.name}_scales")]
+        if not symmetric:
+            made.append(numpy_helper.from_array(zeros, f"{t.name}_zero_points"))
+        model.graph.initializer.extend(made)
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block_size} | ({"accuracy_level": level} if level else {})
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *(m.name for m in made)], list(node.output),
+                                      name=f"{node.name}_Q{bits}", domain="com.microsoft", **attrs))
         if readers.get(t.name, 0) == 1:
             drop.add(t.name)
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
-    if drop:
-        keep = [t for t in model.graph.initializer if t.name not in drop]
-        model.graph.ClearField("initializer")
-        model.graph.initializer.extend(keep)
+    remove_initializers(model, drop)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
@@ -656,10 +670,16 @@ def _drop_unused_initializers(model) -> None:
         model.graph.node.extend(live)
     used = {i for n in model.graph.node for i in n.input}
     used |= {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    if len(keep) != len(model.graph.initializer):
-        model.graph.ClearField("initializer")
-        model.graph.initializer.extend(keep)
+    remove_initializers(model, {t.name for t in model.graph.initializer if t.name not in used})
+
+
+def remove_initializers(model, names: set[str]) -> None:
+    """Delete the initializers named ``names`` in place. Rebuilding the list instead (clear, then extend with
+    the kept ones) copies every kept tensor's bytes, and protobuf's arena keeps the cleared copies until the
+    whole model is freed: each rebuild held the quantized model once more."""
+    inits = model.graph.initializer
+    for i in reversed([i for i, t in enumerate(inits) if t.name in names]):
+        del inits[i]
 
 
 # ---------------------------------------------------------------- classifiers
