@@ -3,6 +3,7 @@
     python -m benchmarks.run --cases multi_decoder                  # eight models; tuning and exports cached
     BENCH_QUICK=1 python -m benchmarks.run --cases multi_decoder    # a smoke run: three models, 16 tokens, 2 rounds
     BENCH_PREPARE_ONLY=1 python -m benchmarks.run --cases multi_decoder   # tune and export only (cached for the run)
+    BENCH_MULTI_EXACT=3 python -m benchmarks.run --cases multi_decoder    # fp32 exports (the exactness check) for 3
 
 The first run tunes 8 runs and makes 16 gated exports (on 2 cores under a load average of 5-11:
 3-7 min a tune, 6-10 min an export); the measuring itself is three workers of a few minutes each.
@@ -158,8 +159,8 @@ def model_count(ctx: Context) -> int:
     return max(2, min(len(DATASETS), int(os.environ.get("BENCH_MULTI_MODELS") or (3 if ctx.quick else 8))))
 
 
-def model_artifacts(ctx: Context, i: int) -> dict[str, Path]:
-    """Data set ``i``'s run, exported split int8 and fp32: {"int8": folder, "fp32": folder} (cached)."""
+def model_artifacts(ctx: Context, i: int, fp32: bool = True) -> dict[str, Path]:
+    """Data set ``i``'s run, exported split int8 and (``fp32``) fp32: {"int8": folder, "fp32": folder} (cached)."""
     name = list(DATASETS)[i]
     tag = f"smollm2-{name}-top{TOP}-{STEPS}"
     run = prepare.ensure_tuned(tag, [
@@ -169,14 +170,16 @@ def model_artifacts(ctx: Context, i: int) -> dict[str, Path]:
         "--threads", str(ctx.threads), "--no-progress", "--seed", str(i)])
     return {q: prepare.ensure_exported(f"{tag}-split{TRUNK_BLOCKS}-{q}", run, q, [
         "--trunk-blocks", str(TRUNK_BLOCKS), "--gate-texts", "8", "--threads", str(ctx.threads), "--no-progress"])
-        for q in ("int8", "fp32")}
+        for q in ("int8", "fp32") if q == "int8" or fp32}
 
 
 def artifacts(ctx: Context, n: int) -> dict[str, list[Path]]:
-    """The first ``n`` data sets' artifacts: {"int8": [...], "fp32": [...]} (cached)."""
+    """The first ``n`` data sets' artifacts: {"int8": [...], "fp32": [...]} (cached); fp32 for the first
+    ``BENCH_MULTI_EXACT`` of them only (default all: the exactness check serves those together)."""
     prepare.ensure_model(prepare.LM)
-    made = [model_artifacts(ctx, i) for i in range(n)]
-    return {q: [m[q] for m in made] for q in ("int8", "fp32")}
+    exact = max(2, int(os.environ.get("BENCH_MULTI_EXACT") or n))
+    made = [model_artifacts(ctx, i, fp32=i < exact) for i in range(n)]
+    return {q: [m[q] for m in made if q in m] for q in ("int8", "fp32")}
 
 
 # ---------------------------------------------------------------- servers and clients
