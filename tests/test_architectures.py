@@ -318,8 +318,10 @@ def test_tune_then_export_int8_then_runtime(name, task, bpe, wordpiece, arch_roo
     m = _manifest(out)
     assert m["gate"]["passed"] and m["source"]["run_folder"] == str(Path(run).resolve())
     if task == "causal-lm":
-        done = Generator.open(out, threads=1).generate("Shall I compare thee", SamplingParams(max_new_tokens=6))
-        assert done.completion_tokens >= 1
+        # ignore_eos: a tuned random model may well pick EOS first; what is asserted is that the runtime decodes
+        done = Generator.open(out, threads=1).generate("Shall I compare thee",
+                                                       SamplingParams(max_new_tokens=6, ignore_eos=True))
+        assert done.completion_tokens == 6
     else:
         probs = TextClassifier.open(out, threads=1).predict_proba(["a gorgeous, witty film", "dull"])
         assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
