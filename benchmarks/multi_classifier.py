@@ -201,15 +201,16 @@ def case(ctx: Context) -> None:
     loaded_four = four["loaded_rss_mib"] - four["base_rss_mib"]
     ctx.add(CASE, MANY, "load_rss_vs_one", loaded_four / max(loaded_one, 1e-9), "x", higher=False,
             note="memory the loading itself added (VmRSS after opening the models less before)")
-    _add_load(ctx, add, alone)
+    load_rows(ctx, CASE, add, alone, f"one load each, every byte checked; trunk session reused: {add['shared_session']}")
 
 
-def _add_load(ctx: Context, add: dict, alone: dict) -> None:
-    note = (f"one load each, every byte checked; trunk session reused: {add['shared_session']}")
+def load_rows(ctx: Context, case: str, add: dict, alone: dict, note: str) -> None:
+    """One more model loaded beside its trunk against loading it alone: seconds and memory added, and the
+    ratios (goal < ``GOAL_ADD``); ``add`` and ``alone`` hold ``seconds`` and ``rss_added_mib``."""
     for system, r in ((ADD, add), (ALONE, alone)):
-        ctx.add(CASE, system, "load_seconds", r["seconds"], "s", higher=False, note=note if r is add else "")
-        ctx.add(CASE, system, "load_rss_added_mib", r["rss_added_mib"], "MiB", higher=False)
-    ctx.add(CASE, ADD, "load_time_vs_alone", add["seconds"] / max(alone["seconds"], 1e-9), "x", higher=False,
+        ctx.add(case, system, "load_seconds", r["seconds"], "s", higher=False, note=note if r is add else "")
+        ctx.add(case, system, "load_rss_added_mib", r["rss_added_mib"], "MiB", higher=False)
+    ctx.add(case, ADD, "load_time_vs_alone", add["seconds"] / max(alone["seconds"], 1e-9), "x", higher=False,
             note=f"goal < {GOAL_ADD}x loading it alone")
-    ctx.add(CASE, ADD, "load_rss_vs_alone", add["rss_added_mib"] / max(alone["rss_added_mib"], 1e-9), "x",
+    ctx.add(case, ADD, "load_rss_vs_alone", add["rss_added_mib"] / max(alone["rss_added_mib"], 1e-9), "x",
             higher=False, note=f"goal < {GOAL_ADD}x loading it alone")
