@@ -164,7 +164,7 @@ def _tree_bytes(folder: Path, pattern: str) -> int:
 
 def watch(cmd: list[str], scratch: tuple[Path, str] | None = None, env: dict[str, str] | None = None,
           interval: float = 0.25) -> dict[str, Any]:
-    """Run ``cmd`` in a child; its peak RSS (its own ``ru_maxrss`` from ``wait4``: ``RUSAGE_CHILDREN`` is the
+    """Run ``cmd`` in a child; its peak RSS (its own ``ru_maxrss`` from ``wait4``, or the sampled peak where larger: ``RUSAGE_CHILDREN`` is the
     largest of every child the process ever waited for, which read 356 MiB in a suite worker), the sampled
     peak of each phase (a phase starts at a stderr line), and the largest bytes under ``scratch`` (folder,
     glob) seen while it ran."""
@@ -198,7 +198,9 @@ def watch(cmd: list[str], scratch: tuple[Path, str] | None = None, env: dict[str
         time.sleep(interval)
     proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=10)
-    peak = usage.ru_maxrss / 1024  # KiB on Linux
+    # ru_maxrss (KiB on Linux), or the sampled peak where that is larger: in a suite worker wait4 read less than
+    # the sampled RSS of the same child (1,885 against 3,491 MiB for a tune, 353 for exports of 2-5 GiB)
+    peak = max([usage.ru_maxrss / 1024, *(p["peak_rss_mib"] for p in phases)])
     return {"rc": proc.returncode, "peak_rss_mib": round(peak, 1), "phases": [p for p in phases if p["peak_rss_mib"]],
             "scratch_peak_mb": round(scratch_peak[0] / 1e6, 1), "tail": lines[-5:]}
 
@@ -295,9 +297,6 @@ def _export_rows(ctx: Context, shape: str, models: Path, load: list[float]) -> N
         system = f"{shape} export -q {scheme}"
         got = ctx.measure("scale", timeout=7200, step="export", shape=shape, scheme=scheme, models=str(models))
         load.append(got["load_1m"])
-        # the larger of ru_maxrss and the sampled phases (a suite worker's wait4 read 353 MiB for exports
-        # sampled at 2,262-4,833 MiB, 2026-12-07)
-        got["peak_rss_mib"] = max([got["peak_rss_mib"], *(p["peak_rss_mib"] for p in got["phases"])])
         fp32 = got["fp32_bytes"]
         note = f"`{got['command']}` (exit {got['rc']}); the model's fp32 bytes: {fp32 / 1e6:,.0f} MB"
         ctx.add(CASE, system, "export_peak_rss_mib", got["peak_rss_mib"], "MiB", higher=False, note=note)
@@ -342,9 +341,6 @@ def case(ctx: Context) -> None:
             if got["rc"]:
                 ctx.res.skip(CASE, system, f"edgeft tune exited {got['rc']}: {(got['tail'] or ['?'])[-1][:200]}")
                 continue
-            # ru_maxrss, or the sampled peak where that is larger (a suite worker's wait4 read less than the
-            # sampled RSS of the same child: 1,885 against 3,491 MiB, 2026-12-07)
-            got["peak_rss_mib"] = max([got["peak_rss_mib"], *(p["peak_rss_mib"] for p in got["phases"])])
             peaks[prec] = got["peak_rss_mib"]
             if got.get("step_seconds"):
                 steps.setdefault(prec, []).extend(got["step_seconds"])
