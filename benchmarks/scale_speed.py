@@ -24,6 +24,11 @@ bandwidth limit (read bandwidth / bytes of weights per token), bytes of weights 
 and the export's wall time and peak RSS (``ru_maxrss`` of the export process: ``edgeft export``, or
 ``convert_hf_to_gguf.py`` then ``llama-quantize``).
 
+``BENCH_SCALE_SYSTEMS`` (comma-separated system names, e.g. ``edgeft int8,llama.cpp Q8_0``) runs only those
+(a 3B ``int8-dynamic`` export needs more memory than a 24 GiB machine has). Two systems run only when named
+there: ``edgeft int8 kv8`` (``-q int8 --kv-cache int8``: the 8-bit KV cache) and ``llama.cpp Q8_0 kv8``
+(the Q8_0 file with ``-ctk q8_0 -ctv q8_0 -fa 1``), the pair for decode at depth with 8-bit caches.
+
 Each system keeps its own default KV cache: fp32 for edgeft, f16 for llama.cpp (``llama-bench``'s default
 ``-ctk f16``). At 4,096 tokens of context edgeft's cache therefore reads twice the bytes llama.cpp's does.
 ``results/2026-12-06-kv-cache-int8.md`` covers the 8-bit cache.
@@ -70,11 +75,15 @@ EDGEFT_SYSTEMS = {  # system -> edgeft export arguments
     # the integer-GEMM prompt path: per-channel int8 weights, int8 activations on a scale per row
     # (``DynamicQuantizeMatMul``: onnxruntime's u8s8 kernels, VNNI or AMX where the CPU has them)
     "edgeft int8-dynamic": ["-q", "int8", "--int8-mode", "dynamic"],
+    "edgeft int8 kv8": ["-q", "int8", "--block-size", "32", "--kv-cache", "int8"],
 }
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
+# llama.cpp systems that reuse another's file with other llama-bench flags: system -> (type, flags)
+LLAMA_VARIANTS = {"llama.cpp Q8_0 kv8": ("Q8_0", ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "1"])}
+OPT_IN = ("edgeft int8 kv8", "llama.cpp Q8_0 kv8")  # run only when BENCH_SCALE_SYSTEMS names them
 # (edgeft system, llama.cpp systems at the same bits): its ratio is against the fastest of them
 PAIRS = (("edgeft int8", ("llama.cpp Q8_0",)), ("edgeft int4", ("llama.cpp Q4_0", "llama.cpp Q4_K_M")),
-         ("edgeft int8-dynamic", ("llama.cpp Q8_0",)))
+         ("edgeft int8-dynamic", ("llama.cpp Q8_0",)), ("edgeft int8 kv8", ("llama.cpp Q8_0 kv8",)))
 # edgeft against itself: the integer-GEMM prompt path over today's weight-only int8 (goal: prefill >= 2x at
 # unchanged decode on a VNNI or AMX CPU)
 OWN_PAIRS = (("edgeft int8-dynamic", ("edgeft int8",)),)
@@ -91,6 +100,14 @@ def shapes(value: str | None = None) -> list[str]:
         raise Unavailable(f"BENCH_SCALE_SHAPES: unknown shape {', '.join(unknown) or '(none given)'}; "
                           f"known: {', '.join(REAL_SHAPES + tuple(TINY))}")
     return names
+
+
+def wanted(system: str) -> bool:
+    """Whether ``system`` runs: named in ``BENCH_SCALE_SYSTEMS`` when that is set, else every system but the
+    opt-in ones."""
+    raw = os.environ.get("BENCH_SCALE_SYSTEMS", "")
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    return system in names if names else system not in OPT_IN
 
 
 def ratios(decode: dict[str, float], pairs: tuple = PAIRS) -> dict[str, tuple[float, str]]:
@@ -235,13 +252,19 @@ def _edgeft_speed(spec: dict[str, Any]) -> dict[str, Any]:
 def _llama_speed(spec: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.peer_workers import _child_peak_mib
 
-    cmd = [str(Path(spec["bin"]) / "llama-bench"), "-m", spec["path"], "-t", str(spec["threads"]),
-           "-p", str(PREFILL), "-n", str(spec["new_tokens"]), "-d", f"0,{spec['depth']}",
-           "-r", str(spec["repeats"]), "-o", "json"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"llama-bench exited {res.returncode}: {res.stderr.strip()[-300:]}")
-    return {**llama_rows(json.loads(res.stdout)), "command": " ".join(["llama-bench", *cmd[1:]]),
+    base = [str(Path(spec["bin"]) / "llama-bench"), "-m", spec["path"], "-t", str(spec["threads"]),
+            "-r", str(spec["repeats"]), "-o", "json", *spec.get("flags", [])]
+    n = str(spec["new_tokens"])
+    # two runs: prefill and decode from an empty context, then decode alone at depth (one run with
+    # ``-d 0,DEPTH`` would also time a prefill at depth, which nothing here reports)
+    rows: list[dict[str, Any]] = []
+    cmds = [[*base, "-p", str(PREFILL), "-n", n, "-d", "0"], [*base, "-p", "0", "-n", n, "-d", str(spec["depth"])]]
+    for cmd in cmds:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"llama-bench exited {res.returncode}: {res.stderr.strip()[-300:]}")
+        rows += json.loads(res.stdout)
+    return {**llama_rows(rows), "command": " ; ".join(" ".join(["llama-bench", *c[1:]]) for c in cmds),
             "system_peak_mib": _child_peak_mib()}
 
 
@@ -337,6 +360,8 @@ def case(ctx: Context) -> None:
             continue
         systems: list[dict[str, Any]] = []  # {system, step, path}
         for system, args in EDGEFT_SYSTEMS.items():
+            if not wanted(system):
+                continue
             out = root / "artifacts" / f"{shape}-{system.split()[-1]}"
             got = _made(ctx, shape, system, out / "manifest.json",
                         dict(step="export", model=str(model), args=args, out=str(out),
@@ -345,23 +370,8 @@ def case(ctx: Context) -> None:
                 gate = record_gate(ctx, CASE, f"{shape} {system}", out)
                 _export_rows(ctx, shape, system, got, f"`{got['command']}`; {gate} (meaningless on random weights)")
                 systems.append({"system": system, "step": "edgeft", "path": str(out)})
-        f32 = root / "gguf" / f"{shape}.F32.gguf"
-        conv = None if source is None or bin_dir is None else _made(
-            ctx, shape, "llama.cpp F32", f32, dict(step="convert", model=str(model), source=str(source), out=str(f32),
-                                                   log=str(prepare.WORK / "logs" / f"{CASE}-convert-{shape}.log")))
-        for t in GGUF_TYPES if conv is not None else ():
-            system, out = f"llama.cpp {t}", root / "gguf" / f"{shape}.{t}.gguf"
-            got = _made(ctx, shape, system, out,
-                        dict(step="quantize", bin=str(bin_dir), type=t, f32=str(f32), out=str(out),
-                             log=str(prepare.WORK / "logs" / f"{CASE}-quantize-{out.name}.log")))
-            if got is not None and conv is not None:
-                whole = {"bytes": got["bytes"], "seconds": conv["seconds"] + got["seconds"],
-                         "export_peak_rss_mib": max(conv["export_peak_rss_mib"], got["export_peak_rss_mib"])}
-                note = (f"convert_hf_to_gguf.py --outtype f32 ({conv['seconds']:.0f} s, "
-                        f"{conv['export_peak_rss_mib']:.0f} MiB) then llama-quantize {t} ({got['seconds']:.0f} s, "
-                        f"{got['export_peak_rss_mib']:.0f} MiB): export time and peak are of both")
-                _export_rows(ctx, shape, system, whole, note)
-                systems.append({"system": system, "step": "llama", "path": str(out)})
+        if source is not None and bin_dir is not None:
+            systems += _gguf_systems(ctx, shape, model, root, source, bin_dir)
         per: dict[str, dict[str, list[float]]] = {s["system"]: {} for s in systems}
         bandwidth: list[float] = []
         failed: set[str] = set()
@@ -378,7 +388,8 @@ def case(ctx: Context) -> None:
                 load.append(os.getloadavg()[0])
                 try:
                     got = ctx.measure(CASE, timeout=3 * 3600, step=s["step"], path=s["path"], bin=str(bin_dir),
-                                      depth=depth, new_tokens=new_tokens, repeats=repeats, **prompts)
+                                      depth=depth, new_tokens=new_tokens, repeats=repeats,
+                                      flags=s.get("flags", []), **prompts)
                 except (WorkerFailed, subprocess.TimeoutExpired) as exc:
                     ctx.res.skip(CASE, f"{shape} {s['system']}", str(exc))
                     failed.add(s["system"])
@@ -399,6 +410,41 @@ def case(ctx: Context) -> None:
         ctx.res.notes.append(llamacpp.build_note(llama))
     if load:
         ctx.add(CASE, "machine", "load_1m", summarize(load), "load", higher=False)
+
+
+def _gguf_systems(ctx: Context, shape: str, model: Path, root: Path, source: Path,
+                  bin_dir: Path) -> list[dict[str, Any]]:
+    """llama.cpp's files of ``shape`` (converted to an fp32 GGUF once, then quantized per type; the fp32 file
+    is removed once every type wanted is made, and not converted again while they are there), their export
+    rows, and the systems that time them."""
+    types = {t: [v for v, (vt, _) in LLAMA_VARIANTS.items() if vt == t and wanted(v)] for t in GGUF_TYPES}
+    types = {t: v for t, v in types.items() if wanted(f"llama.cpp {t}") or v}
+    outs = {t: root / "gguf" / f"{shape}.{t}.gguf" for t in types}
+    f32 = root / "gguf" / f"{shape}.F32.gguf"
+    made = bool(outs) and all(o.exists() for o in outs.values())
+    conv = _made(ctx, shape, "llama.cpp F32", next(iter(outs.values())) if made else f32,
+                 dict(step="convert", model=str(model), source=str(source), out=str(f32),
+                      log=str(prepare.WORK / "logs" / f"{CASE}-convert-{shape}.log")))
+    systems: list[dict[str, Any]] = []
+    for t, variants in types.items() if conv is not None else ():
+        system, out = f"llama.cpp {t}", outs[t]
+        got = _made(ctx, shape, system, out,
+                    dict(step="quantize", bin=str(bin_dir), type=t, f32=str(f32), out=str(out),
+                         log=str(prepare.WORK / "logs" / f"{CASE}-quantize-{out.name}.log")))
+        if got is None or conv is None:
+            continue
+        whole = {"bytes": got["bytes"], "seconds": conv["seconds"] + got["seconds"],
+                 "export_peak_rss_mib": max(conv["export_peak_rss_mib"], got["export_peak_rss_mib"])}
+        note = (f"convert_hf_to_gguf.py --outtype f32 ({conv['seconds']:.0f} s, "
+                f"{conv['export_peak_rss_mib']:.0f} MiB) then llama-quantize {t} ({got['seconds']:.0f} s, "
+                f"{got['export_peak_rss_mib']:.0f} MiB): export time and peak are of both")
+        _export_rows(ctx, shape, system, whole, note)
+        if wanted(system):
+            systems.append({"system": system, "step": "llama", "path": str(out)})
+        systems += [{"system": v, "step": "llama", "path": str(out), "flags": LLAMA_VARIANTS[v][1]} for v in variants]
+    if outs and all(o.exists() for o in outs.values()):
+        f32.unlink(missing_ok=True)  # as large as the model: only the quantizer reads it
+    return systems
 
 
 def _export_rows(ctx: Context, shape: str, system: str, got: dict[str, Any], note: str) -> None:

@@ -29,7 +29,18 @@ def test_the_smoke_shape_is_a_consistent_llama_and_the_systems_share_grids():
             continue
         assert args[args.index("--block-size") + 1] == "32"
     peers = {p for _, ps in scale_speed.PAIRS for p in ps}
-    assert peers == {f"llama.cpp {t}" for t in scale_speed.GGUF_TYPES}
+    assert peers == {f"llama.cpp {t}" for t in scale_speed.GGUF_TYPES} | set(scale_speed.LLAMA_VARIANTS)
+    assert {t for t, _ in scale_speed.LLAMA_VARIANTS.values()} <= set(scale_speed.GGUF_TYPES)
+
+
+def test_systems_are_all_but_the_opt_in_ones_unless_named(monkeypatch):
+    every = [*scale_speed.EDGEFT_SYSTEMS, *(f"llama.cpp {t}" for t in scale_speed.GGUF_TYPES),
+             *scale_speed.LLAMA_VARIANTS]
+    monkeypatch.delenv("BENCH_SCALE_SYSTEMS", raising=False)
+    assert [s for s in every if scale_speed.wanted(s)] == [s for s in every if s not in scale_speed.OPT_IN]
+    assert "edgeft int8 kv8" in scale_speed.OPT_IN and "llama.cpp Q8_0 kv8" in scale_speed.OPT_IN
+    monkeypatch.setenv("BENCH_SCALE_SYSTEMS", "edgeft int8, llama.cpp Q8_0 kv8,")
+    assert [s for s in every if scale_speed.wanted(s)] == ["edgeft int8", "llama.cpp Q8_0 kv8"]
 
 
 def test_llama_bench_rows_give_decode_at_both_depths_and_prefill():
