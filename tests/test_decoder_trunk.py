@@ -7,7 +7,9 @@ with ``--trunk-blocks 2`` carry byte-identical trunks that load as one onnxrunti
 a changed trunk byte is refused. gpt2's torch.onnx graph is refused in one line. Their engines
 (``batch_trunk``) share one trunk call per decode step, each sequence getting what it gets alone,
 also while a model joins or leaves mid-sequence (the group's thread is held at a chosen step by a
-hook, so "mid-sequence" is a state, never a race).
+hook, so "mid-sequence" is a state, never a race). The group's trunk KV pool is one ``parallel`` of
+rows whatever the number of models: more requests than rows wait their turn, oldest first, and a
+member holds only its top's caches.
 """
 
 from __future__ import annotations
@@ -545,6 +547,8 @@ def test_serve_loads_and_unloads_a_model_on_the_trunk_under_load(runs, exported,
         assert got_first["r"].status_code == 200 and got_first["r"].json()["choices"][0]["text"] == want("a")
         eb = state.models["b"].engine
         assert group.members == [state.models["a"].engine, eb]
+        assert len(group.pool[0]) == config.parallel  # one --parallel of trunk rows for both; b holds only its top's
+        assert all(own is shared for own, shared in zip(eb.kv.cache[:eb.kv.entries], group.pool))
         both = [in_thread(complete, c, m) for m in ("a", "b", "a", "b")]
         for t, _ in both:
             t.join(120)

@@ -1,7 +1,8 @@
 """KV slots per graph family: how the batching engine's sequences share one decoder graph call.
 
 - the onnxruntime-genai builder's GroupQueryAttention graph (``SharedSlots``): the cache is one
-  buffer per layer of ``[slots, kv_heads, slot_len, head_dim]``, bound as past and present; a
+  buffer per layer of ``[slots, kv_heads, slot_len, head_dim]`` (a zeroed mapping of its own: pages
+  are committed as slots fill, ``zeroed``), bound as past and present; a
   row's ``attention_mask`` holds as many ones as that row has tokens, so each row attends to and
   writes at its own length (GQA's per-row ``seqlens_k``). A prompt is prefilled into its slot
   through a view of that slot alone.
