@@ -94,7 +94,8 @@ class ServeConfig(TrustedKeys):
     only when the cores a model's threads take are idle at load, besides every other model's threads and,
     with --parallel > 1, one core for the HTTP loop."""
     parallel: int = field(default_factory=_default_parallel, metadata=flag(env="EDGEFT_PARALLEL", min=1))
-    """Sequences decoded together per model: the KV slots of its one batching engine (llama.cpp's -np).
+    """Sequences decoded together per model: the KV slots of its one batching engine (llama.cpp's -np);
+    decoders split on one trunk share one --parallel between them (docs/serve.md).
     Default: from this machine, 4 per core, at most 1 per GiB of memory and 32. Replaces --workers."""
     ctx_size: int = field(default=0, metadata=flag("--ctx-size", "-c", env="EDGEFT_CTX_SIZE", min=0))
     """KV cache tokens per model, shared by the slots (llama.cpp's -c); a request longer than one slot is a 400.

@@ -7,7 +7,9 @@ with ``--trunk-blocks 2`` carry byte-identical trunks that load as one onnxrunti
 a changed trunk byte is refused. gpt2's torch.onnx graph is refused in one line. Their engines
 (``batch_trunk``) share one trunk call per decode step, each sequence getting what it gets alone,
 also while a model joins or leaves mid-sequence (the group's thread is held at a chosen step by a
-hook, so "mid-sequence" is a state, never a race).
+hook, so "mid-sequence" is a state, never a race). The group's trunk KV pool is one ``parallel`` of
+rows whatever the number of models: more requests than rows wait their turn, oldest first, and a
+member holds only its top's caches.
 """
 
 from __future__ import annotations
@@ -278,11 +280,11 @@ def test_one_trunk_call_per_step_for_two_models_each_row_as_alone(runs, exported
     from edgeft.runtime import SamplingParams
 
     a, b = _open(exported(runs[0], "none", 2)), _open(exported(runs[1], "none", 2))
-    ea, eb = _group_engine(a, parallel=3), _group_engine(b, parallel=3)
+    ea, eb = _group_engine(a, parallel=4), _group_engine(b, parallel=4)
     try:
         group = ea.group
         assert group is not None and eb.group is group and group.members == [ea, eb]
-        assert group.pool[0].shape[0] == ea.parallel + eb.parallel  # one pool of trunk slots for both
+        assert group.pool[0].shape[0] == 4  # one pool of trunk rows for both: one parallel of them
         calls = _count_runs(a.engine.trunk.session, monkeypatch)
         greedy = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, speculate="off")
         sampled = SamplingParams(max_new_tokens=NEW, temperature=0.9, seed=5, ignore_eos=True, speculate="off")
@@ -373,7 +375,7 @@ def test_models_join_and_leave_the_group_mid_sequence_and_lose_nothing(runs, exp
         assert gates[4][0].wait(60)  # the next iteration: b has joined
         joining.join(60)
         eb = made["eb"]
-        assert group.members == [ea, eb] and group.pool[0].shape[0] == 3 + 2
+        assert group.members == [ea, eb] and group.pool[0].shape[0] == 3  # one parallel of rows: the larger member's
         short = Run(eb, b.encode("Rough winds do shake"), SamplingParams(max_new_tokens=6, temperature=0.0,
                                                                            ignore_eos=True)).submit()
         gates[4][1].set()
@@ -393,6 +395,95 @@ def test_models_join_and_leave_the_group_mid_sequence_and_lose_nothing(runs, exp
         for g in gates.values():
             g[1].set()
         ea.close()
+
+
+def _trunk_row_bytes(gen, slot_len: int) -> int:
+    """Bytes of one pool row: a key and a value per trunk layer, each ``[kv_heads, slot_len, head_dim]``."""
+    d = gen.decoder
+    return 2 * gen.engine.trunk.blocks * d.num_kv_heads * slot_len * d.head_dim * np.dtype(gen.engine.kv_dtype).itemsize
+
+
+def test_more_requests_than_pool_rows_wait_in_order_and_each_gets_its_own_text(runs, exported, monkeypatch):
+    """Three models of parallel 2 share a pool of 2 rows: seven requests submitted together (the group's thread
+    held) are admitted oldest first, two at a time, the rest waiting in their engines' lines; each finishes
+    with the tokens its model gives it alone."""
+    from test_engine import Run, _check_alone, _wait
+
+    from edgeft.runtime import SamplingParams
+
+    gens = [_open(exported(runs[0], "none", 2)), _open(exported(runs[1], "none", 2)),
+            _open(exported(runs[0], "none", 2))]  # a third model: the first's top, a session of its own
+    engines = [_group_engine(g) for g in gens]
+    group = engines[0].group
+    try:
+        assert group.members == engines and len(group.pool[0]) == 2
+        seen: list[tuple[set, int]] = []  # per decode step: the sequences holding rows, how many wait
+        real = group._decode_step
+
+        def step(members):
+            seen.append(({s for m in members for s in m._active.values()}, sum(len(m._waiting) for m in members)))
+            real(members)
+
+        monkeypatch.setattr(group, "_decode_step", step)
+        greedy = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, speculate="off")
+        sampled = SamplingParams(max_new_tokens=NEW, temperature=0.9, seed=11, ignore_eos=True, speculate="off")
+        asks = [(2, PROMPT, greedy), (1, "Rough winds do shake", sampled), (0, "summer", greedy),
+                (1, PROMPT, greedy), (0, PROMPT + " thou art", sampled), (2, "Rough winds", greedy),
+                (0, "Shall I", greedy)]
+        with _between_steps(group):  # all seven wait before the group's next iteration
+            jobs = [Run(engines[i], gens[i].encode(text), p).submit() for i, text, p in asks]
+        _wait(jobs)
+        assert seen[0] == ({jobs[0].seq, jobs[1].seq}, 5)  # the two oldest took the two rows; five waited
+        assert all(len(held) == 2 for held, waiting in seen if waiting)  # a freed row is taken at once
+        assert max(len(held) for held, _ in seen) == 2 and seen[-1][1] == 0
+        for job, (i, _, p) in zip(jobs, asks):
+            assert len(job.tokens) == NEW and job.chunks[-1].finish_reason == "length"
+            assert job.tokens == gens[i].generate(job.ids, p).token_ids
+            _check_alone(gens[i], job)
+        assert sorted(group.free) == [0, 1] and all(e.kv.rows == {} for e in engines)  # every row given back
+    finally:
+        for e in engines:
+            e.close()
+
+
+def test_the_pool_is_one_parallel_of_rows_and_a_member_holds_only_its_top(runs, exported):
+    """The pool's buffers are 2 rows (parallel 2) however many members; a member's trunk caches are the pool's
+    buffers, its own only its top's; one more member keeps the pool as it is; down to one member, it runs alone
+    again in trunk slots of its own, and gets what it gets alone."""
+    from test_engine import Run, _check_alone, _wait
+
+    from edgeft.runtime import SamplingParams
+
+    a, b = _open(exported(runs[0], "none", 2)), _open(exported(runs[1], "none", 2))
+    ea = _group_engine(a)
+    group, slot_len = ea.group, ea.slot_len
+    row, entries = _trunk_row_bytes(a, slot_len), 2 * a.engine.trunk.blocks
+    top = 2 * (a.decoder.num_layers - a.engine.trunk.blocks) * row // entries  # a top slot's bytes
+    assert ea.kv.rows is None and sum(buf.nbytes for buf in ea.kv.cache[:entries]) == 2 * row  # alone: its own
+    others = [_group_engine(b), _group_engine(_open(exported(runs[0], "none", 2)))]
+    try:
+        pool = group.pool
+        assert sum(buf.nbytes for buf in pool) == 2 * row and len(pool) == entries
+        for e in (ea, *others):
+            assert all(own is shared for own, shared in zip(e.kv.cache[:entries], pool))  # no trunk slot of its own
+            assert sum(buf.nbytes for buf in e.kv.cache[entries:]) == e.parallel * top
+        more = _group_engine(b)
+        assert group.pool is pool and len(group.members) == 4  # one more model: its top's caches only
+        more.close()
+        for e in others:
+            e.close()
+        assert group.members == [ea] and group.pool == [] and ea.kv.rows is None  # one member: alone again
+        assert sum(buf.nbytes for buf in ea.kv.cache[:entries]) == 2 * row
+        assert not any(own is shared for own in ea.kv.cache[:entries] for shared in pool)
+        steps = group.steps
+        greedy = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, speculate="off")
+        job = Run(ea, a.encode(PROMPT), greedy).submit()
+        _wait([job])
+        assert group.steps == steps and ea.stats.steps == NEW - 1  # its own decode calls, none of the group's
+        _check_alone(a, job)
+    finally:
+        for e in (ea, *others):
+            e.close()
 
 
 def _gated(engine, monkeypatch, at: int):
@@ -456,6 +547,8 @@ def test_serve_loads_and_unloads_a_model_on_the_trunk_under_load(runs, exported,
         assert got_first["r"].status_code == 200 and got_first["r"].json()["choices"][0]["text"] == want("a")
         eb = state.models["b"].engine
         assert group.members == [state.models["a"].engine, eb]
+        assert len(group.pool[0]) == config.parallel  # one --parallel of trunk rows for both; b holds only its top's
+        assert all(own is shared for own, shared in zip(eb.kv.cache[:eb.kv.entries], group.pool))
         both = [in_thread(complete, c, m) for m in ("a", "b", "a", "b")]
         for t, _ in both:
             t.join(120)

@@ -289,16 +289,24 @@ class Engine:
             self.observe(EngineEvent.tokens_per_second, 0.0)
 
     def _admit(self) -> None:
-        while self._waiting and self._free:
-            seq = self._waiting.popleft()
-            if seq.cancelled:
-                continue
-            seq.slot = self._free.pop(0)
-            seq.admitted = time.perf_counter()
-            self.observe(EngineEvent.queue_wait, seq.admitted - seq.submitted)
-            self._active[seq.slot] = seq
-            seq.out = SequenceOutput(self.gen, seq.ids, seq.params, seq.processors)
-            self._reuse_prefix(seq)
+        while self._admit_one():
+            pass
+
+    def _admit_one(self) -> bool:
+        """The first waiting sequence into the lowest free slot; False when none waits, no slot is free, or
+        the slots cannot take it yet (a trunk group's pool has no free row: it waits, in order)."""
+        while self._waiting and self._free and self._waiting[0].cancelled:
+            self._waiting.popleft()
+        if not self._waiting or not self._free or not self.kv.take(self._free[0]):
+            return False
+        seq = self._waiting.popleft()
+        seq.slot = self._free.pop(0)
+        seq.admitted = time.perf_counter()
+        self.observe(EngineEvent.queue_wait, seq.admitted - seq.submitted)
+        self._active[seq.slot] = seq
+        seq.out = SequenceOutput(self.gen, seq.ids, seq.params, seq.processors)
+        self._reuse_prefix(seq)
+        return True
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         kv = self.prefixes.longest(seq.ids)

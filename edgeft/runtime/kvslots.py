@@ -1,7 +1,8 @@
 """KV slots per graph family: how the batching engine's sequences share one decoder graph call.
 
 - the onnxruntime-genai builder's GroupQueryAttention graph (``SharedSlots``): the cache is one
-  buffer per layer of ``[slots, kv_heads, slot_len, head_dim]``, bound as past and present; a
+  buffer per layer of ``[slots, kv_heads, slot_len, head_dim]`` (a zeroed mapping of its own: pages
+  are committed as slots fill, ``zeroed``), bound as past and present; a
   row's ``attention_mask`` holds as many ones as that row has tokens, so each row attends to and
   writes at its own length (GQA's per-row ``seqlens_k``). A prompt is prefilled into its slot
   through a view of that slot alone.
@@ -15,6 +16,8 @@ when, is the engine's (``edgeft.runtime.engine``). Nothing here imports torch.
 """
 
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -34,16 +37,27 @@ def batching_kind(eng: KVDecoder) -> str:
     return "none"
 
 
+def zeroed(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros in an anonymous mapping of their own: memory is committed only where written, and given back
+    to the system when the array goes (``np.zeros`` may reuse freed heap memory, clearing, so committing,
+    every page of it at once)."""
+    count = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize)), dtype=dtype,
+                         count=count).reshape(shape)
+
+
 class SharedSlots:
-    """GQA graphs: one ``[slots, kv_heads, slot_len, head_dim]`` buffer per layer, past = present."""
+    """GQA graphs: one ``[slots, kv_heads, slot_len, head_dim]`` buffer per layer, past = present.
+
+    ``cache``: the buffers to use (a key, a value per layer), e.g. another ``SharedSlots``'s; fresh by default."""
 
     kind = "slots"
 
-    def __init__(self, eng: KVDecoder, slots: int, slot_len: int) -> None:
+    def __init__(self, eng: KVDecoder, slots: int, slot_len: int, cache: list[np.ndarray] | None = None) -> None:
         self.eng, self.slots, self.slot_len = eng, slots, slot_len
         d = eng.decoder
         shape = (slots, d.num_kv_heads, slot_len, d.head_dim)
-        self.cache = [np.zeros(shape, dtype=eng.kv_dtype) for _ in range(2 * d.num_layers)]
+        self.cache = cache if cache is not None else [zeroed(shape, eng.kv_dtype) for _ in range(2 * d.num_layers)]
         self.row_items = d.num_kv_heads * slot_len * d.head_dim  # elements per slot in one buffer
         self.ids = np.zeros((slots, 1), dtype=eng.ids_dtype)
         self.logits = np.empty((slots, 1, eng.vocab), dtype=eng.logits_dtype)
@@ -153,6 +167,10 @@ class SharedSlots:
         for buf, part in zip(self.cache, kv):
             buf[slot, :, :n] = part
 
+    def take(self, slot: int) -> bool:
+        """Claim what ``slot`` needs to hold a sequence (False: nothing free, the sequence waits): here, the slot."""
+        return True
+
     def release(self, slot: int) -> None:
         pass
 
@@ -252,6 +270,9 @@ class PaddedBatch:
 
     def copy(self, src: int, dst: int, n: int) -> None:
         raise NotImplementedError
+
+    def take(self, slot: int) -> bool:
+        return True
 
     def release(self, slot: int) -> None:
         self._leave(slot)

@@ -9,22 +9,29 @@ every row of every model, its boundary tensors are split by model, and each mode
 its own rows with its own KV slots. Drafted rows are verified afterwards, each in a call of its
 own, as an engine alone does them.
 
-The trunk's KV caches of every member are one pool: per trunk layer one
-``[rows, kv_heads, slot_len, head_dim]`` buffer with as many rows as the members have slots. A
-sequence's trunk caches take the lowest free row when it first writes (``PooledSlots``), so the
-rows in use stay packed at the start of the pool whichever models they belong to, and one trunk
-call spans them; each top's caches stay its engine's own slots. A row of a call that is not
-decoding (a free one, one still prefilling or one whose draft is verified next) writes one key
-where that row's own next write goes anyway, as in one engine.
+While the group has several members, their trunk KV caches are one pool: per trunk layer one
+``[rows, kv_heads, slot_len, head_dim]`` buffer of one ``parallel`` of rows (the largest member's; in a
+server every model's ``--parallel``), not a row per member slot: the models on a trunk share one batch
+budget, as one model's sequences share its slots. A sequence takes the lowest free row when it is
+admitted (``PooledSlots.take``), so the rows in use stay packed at the start of the pool whichever
+models they belong to, and one trunk call spans them; with no row free it waits in its engine's line
+(a freed row goes to the member whose first waiting sequence is the oldest), never refused for it: each engine's
+line and its limit stay as they are. An engine in the group holds no trunk caches of its own, only its
+top's, in its own ``parallel`` slots, so one more model on a trunk costs its top. A row of a call that
+is not decoding (a free one, one still prefilling or one whose draft is verified next) writes one key
+where that row's own next write goes anyway, as in one engine. Every cache buffer is a zeroed mapping
+of its own (``kvslots.zeroed``): memory is committed as rows fill and given back when a layout drops it.
 
 Per request nothing changes: a row's trunk and top read the same token, position and cache as
 alone (a batched matrix product may round differently, within float tolerance); prefix reuse,
 speculation, constraints and sampling stay each engine's. A group of one engine keeps its trunk
-caches in its own slots and runs exactly the engine's own steps.
+caches in its own slots and runs exactly the engine's own steps (and admits as the engine alone does).
 
 Engines join and leave (a model loaded or unloaded while serving) between iterations, on the
-group's thread: the pool is laid out afresh and the cached tokens of the sequences in flight are
-copied, so a request running across a load or an unload goes on unchanged.
+group's thread: from one member to two the pool is made and the cached tokens of the sequences in
+flight are copied into it, from two to one they are copied back into the last member's own slots, and
+between several the pool stays as it is (a leaving member's rows are freed), so a request running across
+a load or an unload goes on unchanged.
 
 This module knows engines, slots and graph bindings; it knows nothing of HTTP, text or sampling.
 """
@@ -42,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from edgeft.errors import EdgeftError
-from edgeft.runtime.kvslots import SharedSlots
+from edgeft.runtime.kvslots import SharedSlots, zeroed
 
 
 def _bind(io, name: str, arr: np.ndarray) -> None:
@@ -67,21 +74,27 @@ def _feeds(eng, lengths: np.ndarray) -> dict[str, np.ndarray]:
 
 class PooledSlots(SharedSlots):
     """A group member's slots: the top's caches are its own; the trunk's, while the group has several
-    members, are the group's pool, at the row the group lends each slot (``rows``, None while alone)."""
+    members, are the group's pool, at the row the group lent each slot when it took a sequence (``rows``,
+    None while alone: then the trunk's caches are its own slots too)."""
 
-    def __init__(self, eng, slots: int, slot_len: int, group: "TrunkGroup") -> None:
-        super().__init__(eng, slots, slot_len)
+    def __init__(self, eng, slots: int, slot_len: int, group: "TrunkGroup", cache: list[np.ndarray]) -> None:
+        super().__init__(eng, slots, slot_len, cache)
         self.group = group
         self.entries = 2 * eng.trunk.blocks  # the trunk's buffers come first in ``cache``: a key, a value per layer
         self.rows: dict[int, int] | None = None
 
+    def take(self, slot: int) -> bool:
+        """Lend ``slot`` the pool's lowest free row (False when none is free: its sequence waits)."""
+        if self.rows is None:
+            return True
+        if not self.group.free:
+            return False
+        self.rows[slot] = heapq.heappop(self.group.free)
+        return True
+
     def at(self, j: int, slot: int) -> int:
-        """Where ``slot`` lives in cache buffer ``j`` (a pool row is lent on the slot's first write)."""
-        if self.rows is None or j >= self.entries:
-            return slot
-        if slot not in self.rows:
-            self.rows[slot] = heapq.heappop(self.group.free)
-        return self.rows[slot]
+        """Where ``slot`` lives in cache buffer ``j``."""
+        return slot if self.rows is None or j >= self.entries else self.rows[slot]
 
     def _bind_cache(self, io, first: int, rows: int) -> None:
         if self.rows is None:
@@ -119,7 +132,7 @@ class TrunkGroup:
         self.cond = threading.Condition()  # every member engine's own condition
         self.members: list[Any] = []
         self.pool: list[np.ndarray] = []  # the trunk layers' caches (key, value per layer) while pooled
-        self.free: list[int] = []  # the pool's free rows (a heap)
+        self.free: list[int] = []  # the pool's rows no sequence holds (a heap)
         self.steps = 0  # trunk calls made for the members together
         self._changes: collections.deque[tuple[Callable[[], None], threading.Event, list]] = collections.deque()
         self._thread: threading.Thread | None = None
@@ -133,7 +146,7 @@ class TrunkGroup:
             raise EdgeftError("an engine joins the trunk group of its own trunk and slot length only")
 
         def go() -> None:
-            engine.kv = PooledSlots(kv.eng, engine.parallel, self.slot_len, self)
+            engine.kv = PooledSlots(kv.eng, engine.parallel, self.slot_len, self, kv.cache)
             self._layout([*self.members, engine])
         self._change(go)
 
@@ -166,27 +179,55 @@ class TrunkGroup:
 
     def _layout(self, members: list) -> None:
         """Put the members' trunk caches in one pool (several members) or each in its own slots (one),
-        copying the cached tokens of every sequence in flight."""
-        pooled = len(members) > 1
-        shapes = [(buf.shape[1:], buf.dtype) for buf in members[0].kv.cache[:members[0].kv.entries]] if members else []
-        rows = sum(m.parallel for m in members)
-        pool = [np.zeros((rows, *shape), dtype=dtype) for shape, dtype in shapes] if pooled else []
-        free = list(range(rows)) if pooled else []
+        copying the cached tokens of every sequence in flight; a pool of the size wanted stays as it is."""
+        pool = self._pool_for(members)
+        kept = bool(pool) and pool is self.pool
+        free = list(self.free) if kept else list(range(len(pool[0]) if pool else 0))
+        heapq.heapify(free)
         for m in members:
             kv = m.kv
-            bufs = pool or [np.zeros((m.parallel, *shape), dtype=dtype) for shape, dtype in shapes]
-            lent: dict[int, int] | None = {} if pooled else None
+            trunk = kv.cache[:kv.entries]
+            if pool:
+                bufs = pool
+            elif kv.rows is None:
+                continue  # alone in its own slots already: unchanged
+            else:
+                bufs = [zeroed((m.parallel, *b.shape[1:]), b.dtype) for b in trunk]
+            if bufs[0] is trunk[0]:
+                continue  # in this pool already: its rows stay where they are
+            lent: dict[int, int] | None = {} if pool else None
             for slot, seq in sorted(m._active.items()):
-                if seq.length == 0:
-                    continue  # nothing written yet: a row is lent on its first write
                 at = heapq.heappop(free) if lent is not None else slot
                 if lent is not None:
                     lent[slot] = at
                 for j, new in enumerate(bufs):
-                    new[at, :, :seq.length] = kv.cache[j][kv.at(j, slot), :, :seq.length]
+                    new[at, :, :seq.length] = trunk[j][kv.at(j, slot), :, :seq.length]
             kv.cache[:kv.entries], kv.rows = bufs, lent
             kv._bound_span = 0  # its decode binding points at the old buffers
         self.pool, self.free, self.members = pool, free, members
+
+    def _pool_for(self, members: list) -> list[np.ndarray]:
+        """The trunk caches of several ``members``: one ``--parallel`` of rows (the largest member's), or as many
+        as they have sequences in flight if more (the pool held now, when its size is that); none for one member."""
+        if len(members) < 2:
+            return []
+        rows = max(max(m.parallel for m in members), sum(len(m._active) for m in members))
+        if self.pool and len(self.pool[0]) == rows:
+            return self.pool
+        first = members[0].kv
+        return [zeroed((rows, *b.shape[1:]), b.dtype) for b in first.cache[:first.entries]]
+
+    def _admit(self, members: list) -> None:
+        """While the pool has a free row, the member whose first waiting sequence is the oldest admits it; the
+        others wait in their engines' lines (each member's own admission then finds no row left)."""
+        with self.cond:
+            while self.free:
+                ready = [m for m in members if m._waiting and m._free]
+                if not ready:
+                    return
+                oldest = min(ready, key=lambda m: m._waiting[0].submitted)
+                if not oldest._admit_one() and oldest._waiting:
+                    return
 
     # ---- the group's thread
 
@@ -213,6 +254,8 @@ class TrunkGroup:
     def _iterate(self) -> None:
         members = list(self.members)
         t0 = time.perf_counter()
+        if len(members) > 1:
+            self._admit(members)
         for m in members:
             m._prepare()
         try:

@@ -5,7 +5,8 @@ artifact (folder or packed file) to load, absolute or relative to a ``--model-di
 default the model's name there. Only with ``--api-key`` (the middleware checks the key on
 ``/v1``) and only for artifacts under a ``--model-dir``: anything else is a 403. A load is
 checked like a startup load (every byte, the signature with ``--trusted-key``) and a trunk
-already loaded is reused, so adding a model tuned from a served base costs its top only.
+already loaded is reused, so adding a model tuned from a served base costs its top only (its weights
+and its KV slots: the trunk's KV pool is the served models' already, ``edgeft.runtime.trunk_group``).
 Unloading stops routing new requests to the model, waits for those in flight (up to
 ``--drain-timeout``, else a 409 and the model stays), then closes its engine or batcher.
 One load or unload runs at a time. This module knows Starlette, the settings and

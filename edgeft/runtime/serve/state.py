@@ -1,9 +1,10 @@
 """The served models and what the routes share: ``Model``, ``load_models``, ``ServerState``.
 
 ``load_models`` opens every artifact (hashing every byte, checking signatures with
-``--trusted-key``) and gives each generation model one continuous-batching ``Engine``
-(split models on one trunk are stepped together: ``edgeft.runtime.trunk_group``) and each
-classifier or embedder a ``ClassifyBatcher``. ``ServerState`` holds the
+``--trusted-key``) and gives each generation model one continuous-batching ``Engine`` of
+``--parallel`` slots (split models on one trunk are stepped together, their trunk's KV cache one
+pool of ``--parallel`` rows for all of them: ``edgeft.runtime.trunk_group``) and each classifier or
+embedder a ``ClassifyBatcher``. ``ServerState`` holds the
 settings, the metrics, the models once loaded and the lifecycle flags (ready, draining,
 failed); ``add_model`` and ``remove_model`` change the served models while it serves (the
 dict is replaced, never changed in place, so a request that already looked a model up keeps
