@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import io
 import os
@@ -80,6 +81,8 @@ def instrument(clock: Clock, engine, prof: list) -> None:
     clock.wrap(engine.gen.engine, "run", "ort")
     clock.wrap(engine.kv, "decode", "decode")
     clock.wrap(engine.kv, "prefill", "prefill")
+    if hasattr(engine.kv, "verify"):
+        clock.wrap(engine.kv, "verify", "verify")
     loop_body = engine._decode_step
     prepare = engine._prepare
     report = engine._report
@@ -139,6 +142,45 @@ async def run_once(engine, gen, rows: int, new: int, params) -> float:
     return time.perf_counter() - t0
 
 
+async def clients(engine, gen, rows: int, per: int, new: int, params) -> float:
+    """As the serving benchmark: ``rows`` clients, each sending ``per`` requests back to back, a new prompt each."""
+    from benchmarks.serving import prompts
+    from edgeft.runtime.serve.generation import Choice
+
+    loop = asyncio.get_running_loop()
+    texts = prompts(rows * per)
+
+    async def client(i: int) -> None:
+        for k in range(per):
+            events: asyncio.Queue = asyncio.Queue()
+            c = Choice(0, loop, events)
+            c.seq = engine.submit(gen.encode(texts[i * per + k]), params, c.on_chunk)
+            while True:
+                _, chunk = await events.get()
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                if chunk.finish_reason is not None:
+                    break
+    t0 = time.perf_counter()
+    await asyncio.gather(*[client(i) for i in range(rows)])
+    return time.perf_counter() - t0
+
+
+def serving_shares(clock: Clock) -> str:
+    """Where the engine thread's time went over a back-to-back run: prefill, decode, verify calls and the rest."""
+    tot = collections.Counter()
+    for it in clock.steps:
+        tot.update({k: it.get(k, 0.0) for k in ("prefill", "decode", "verify", "advance", "deliver")})
+        tot["total"] += it.get("prepare", 0.0) + it.get("step", 0.0) + it.get("report", 0.0)
+    clock.steps.clear()
+    t = tot["total"] or 1.0
+    rest = t - tot["prefill"] - tot["decode"] - tot["verify"]
+    return (f"prefill calls {100 * tot['prefill'] / t:.1f}%, decode calls {100 * tot['decode'] / t:.1f}%, "
+            f"verify calls {100 * tot['verify'] / t:.1f}%, everything else {100 * rest / t:.1f}% "
+            f"(of which sampling/detok/stops {100 * tot['advance'] / t:.1f}%, handing chunks over "
+            f"{100 * tot['deliver'] / t:.1f}%)")
+
+
 def build(artifact: Path, rows: int, spin):
     """A Generator and Engine as ``edgeft serve --parallel rows`` builds them."""
     from edgeft.runtime import load
@@ -158,7 +200,9 @@ def summarize(clock: Clock, rows: int) -> dict[str, float]:
     med = {k: statistics.median(s[k] for s in steady) for k in keys} if steady else {}
     tot = sum(s["total"] for s in steady) or 1.0
     shares = {k: sum(s[k] for s in steady) / tot for k in keys[1:]}
-    return {"steps": len(steady), **{f"ms_{k}": 1e3 * v for k, v in med.items()}, **{f"share_{k}": v for k, v in shares.items()}}
+    tail = {"ms_deliver_p90": 1e3 * statistics.quantiles([s["deliver"] for s in steady], n=10)[-1]} if len(steady) > 1 else {}
+    return {"steps": len(steady), **{f"ms_{k}": 1e3 * v for k, v in med.items()}, **tail,
+            **{f"share_{k}": v for k, v in shares.items()}}
 
 
 def report_line(label: str, s: dict[str, float]) -> str:
@@ -166,6 +210,7 @@ def report_line(label: str, s: dict[str, float]) -> str:
              f"outside onnxruntime {100 * (1 - s.get('share_ort', 0)):.1f}%"]
     parts += [f"{k} {s.get('ms_' + k, 0):.3f} ms ({100 * s.get('share_' + k, 0):.1f}%)"
               for k in ("decode_rest", "sample", "detok", "advance_rest", "deliver", "other")]
+    parts.append(f"deliver p90 {s.get('ms_deliver_p90', 0):.3f} ms")
     return "; ".join(parts)
 
 
@@ -177,6 +222,10 @@ def main() -> None:
     ap.add_argument("--mode", choices=["greedy", "sample", "both"], default="both")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--spin", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--serving", type=int, default=0, metavar="N",
+                    help="instead: each of --rows clients sends N requests back to back (the serving benchmark's "
+                         "prompts, greedy, speculation as the server's default)")
+    ap.add_argument("--speculate", choices=["auto", "on", "off"], default="auto", help="with --serving")
     ap.add_argument("--cprofile", type=int, default=0, help="also print the top N functions by own time")
     a = ap.parse_args()
     from edgeft.runtime.params import SamplingParams, Spin
@@ -190,6 +239,10 @@ def main() -> None:
         print(f"rows {rows}: threads spin={gen.spinning} ({gen.spin_reason})")
         prof: list = []
         instrument(clock, engine, prof)
+        if a.serving:
+            serve_runs(a, engine, gen, rows, clock)
+            engine.close()
+            continue
         for mode in modes:
             params = SamplingParams(max_new_tokens=a.new, ignore_eos=True, speculate="off",
                                     **({"temperature": 0.0} if mode == "greedy" else {"temperature": 1.0, "seed": 7}))
@@ -207,6 +260,19 @@ def main() -> None:
                     print(out.getvalue())
                     prof.clear()
         engine.close()
+
+
+def serve_runs(a, engine, gen, rows: int, clock: Clock) -> None:
+    from edgeft.runtime.params import SamplingParams
+
+    params = SamplingParams(max_new_tokens=a.new, ignore_eos=True, temperature=0.0, speculate=a.speculate)
+    for r in range(a.repeat):
+        cpu0 = time.process_time()
+        wall = asyncio.run(clients(engine, gen, rows, a.serving, a.new, params))
+        cpu = time.process_time() - cpu0
+        n = rows * a.serving * a.new
+        print(f"rows {rows} serving run {r}: {n} tokens, {n / wall:.1f} tok/s, process CPU "
+              f"{1e3 * cpu / n:.2f} ms per token; engine thread: {serving_shares(clock)}")
 
 
 if __name__ == "__main__":
