@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 
+from edgeft.runtime.serve import generation
 from edgeft.runtime.serve.generation import Choice, mailbox
 
 
@@ -59,3 +62,14 @@ def test_posting_to_a_closed_loop_is_ignored():
     choice.on_chunk("late")  # the client is gone: nothing raises on the engine thread
     choice.on_chunk("later")
     assert queue.empty()
+
+
+def test_a_closed_loop_and_its_mailbox_are_not_kept_alive():
+    loop = asyncio.new_event_loop()
+    Choice(0, loop, asyncio.Queue())
+    assert loop in generation._MAILBOXES
+    gone = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert gone() is None  # nothing of the mailbox holds the loop (its entry went with it)

@@ -204,7 +204,7 @@ class Mailbox:
     burst join it. Every queue gets its items in the order they were posted."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self._loop = weakref.ref(loop)  # weak: the mailbox is the value of a weak dict keyed by the loop
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, Any]] = []
 
@@ -212,9 +212,10 @@ class Mailbox:
         with self._lock:
             first = not self._items
             self._items.append((queue, item))
-        if first:
+        loop = self._loop()
+        if first and loop is not None:
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
-                self.loop.call_soon_threadsafe(self._drain)
+                loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:  # the loop
         with self._lock:
