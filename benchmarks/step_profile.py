@@ -1,6 +1,6 @@
 """Where a batched decode step spends its time: onnxruntime's own call against everything around it.
 
-    EDGEFT_HOME=/tmp/edgeft-home python -m benchmarks.step_profile                      # 8 rows and 1, greedy and sampled
+    python -m benchmarks.step_profile                      # 8 rows and 1 in turn, greedy and sampled; the ratio
     python -m benchmarks.step_profile --rows 8 --mode greedy --repeat 3 --cprofile 20   # and the top 20 of cProfile
 
 Builds what ``edgeft serve`` builds for a generation model (``edgeft.runtime.load`` with the
@@ -14,10 +14,12 @@ the rest of ``SequenceOutput.advance``, the chunk handed to the loop (``on_chunk
 left (planning, metrics, locks). Only steady iterations count: every row decoding, no prefill.
 The instrumentation wraps methods of this process's classes; it changes nothing in edgeft.
 
-Each run also prints the process's CPU time per generated token (every thread's, onnxruntime's
-pool included), which a loaded machine disturbs less than wall time: its ratio between 1 row and
-8 rows is how much more work a token costs alone. On a loaded machine the absolute times are noise; the share of a step outside onnxruntime
-and the per-call costs are what to read, repeated (``--repeat``) to see that they hold.
+The engines for every ``--rows`` are built first and the runs take turns between them; at the end
+the script prints the tokens/s ratio of the first ``--rows`` to the last, by the median step's wall
+time and by the process's CPU time per generated token (every thread's, onnxruntime's pool
+included), which a loaded machine disturbs less. On a loaded machine the absolute times are noise;
+the share of a step outside onnxruntime and the per-call costs are what to read, repeated
+(``--repeat``) to see that they hold.
 """
 
 from __future__ import annotations
@@ -228,51 +230,80 @@ def main() -> None:
     ap.add_argument("--speculate", choices=["auto", "on", "off"], default="auto", help="with --serving")
     ap.add_argument("--cprofile", type=int, default=0, help="also print the top N functions by own time")
     a = ap.parse_args()
-    from edgeft.runtime.params import SamplingParams, Spin
+    from edgeft.runtime.params import Spin
 
     print(f"load average {os.getloadavg()}")
-    modes = ["greedy", "sample"] if a.mode == "both" else [a.mode]
     clock = Clock()
     instrument_classes(clock)
-    for rows in a.rows:
+    built = {}
+    for rows in a.rows:  # every engine first, so that the runs alternate between them
         gen, engine = build(a.artifact, rows, Spin(a.spin))
         print(f"rows {rows}: threads spin={gen.spinning} ({gen.spin_reason})")
         prof: list = []
         instrument(clock, engine, prof)
-        if a.serving:
-            serve_runs(a, engine, gen, rows, clock)
-            engine.close()
-            continue
+        built[rows] = (gen, engine, prof)
+    if a.serving:
+        seen = collections.defaultdict(list)
+        for r in range(a.repeat):
+            for rows, (gen, engine, _) in built.items():
+                seen[rows].append(serve_run(a, engine, gen, rows, clock, r))
+        hi, lo = a.rows[0], a.rows[-1]
+        if hi != lo:
+            rate = {n: statistics.median(x for x, _ in seen[n]) for n in (hi, lo)}
+            cpu = {n: statistics.median(y for _, y in seen[n]) for n in (hi, lo)}
+            print(f"serving shape: tokens/s, {hi} clients against {lo}: {rate[hi] / rate[lo]:.2f}x by wall time, "
+                  f"{cpu[lo] / cpu[hi]:.2f}x by process CPU per token")
+    else:
+        decode_runs(a, built, clock)
+    for _, engine, _ in built.values():
+        engine.close()
+
+
+def decode_runs(a, built: dict, clock: Clock) -> None:
+    """``--repeat`` rounds of every mode on every engine in turn; then the tokens/s ratios of the first rows to the last."""
+    from edgeft.runtime.params import SamplingParams
+
+    modes = ["greedy", "sample"] if a.mode == "both" else [a.mode]
+    seen: dict[tuple[int, str], list[tuple[float, float]]] = collections.defaultdict(list)
+    for r in range(a.repeat):
         for mode in modes:
             params = SamplingParams(max_new_tokens=a.new, ignore_eos=True, speculate="off",
                                     **({"temperature": 0.0} if mode == "greedy" else {"temperature": 1.0, "seed": 7}))
-            for r in range(a.repeat):
+            for rows, (gen, engine, prof) in built.items():
                 prof[:] = [cProfile.Profile()] if a.cprofile and r == a.repeat - 1 else []
                 cpu0 = time.process_time()
                 wall = asyncio.run(run_once(engine, gen, rows, a.new, params))
                 cpu = time.process_time() - cpu0
                 s = summarize(clock, rows)
+                seen[rows, mode].append((s.get("ms_total", 0.0), 1e3 * cpu / (rows * a.new)))
                 print(report_line(f"rows {rows} {mode} run {r}{' (cProfile on)' if prof else ''}", s)
-                      + f"; wall {wall:.2f} s; process CPU {1e3 * cpu / (rows * a.new):.2f} ms per token")
+                      + f"; wall {wall:.2f} s; process CPU {seen[rows, mode][-1][1]:.2f} ms per token")
                 if prof:
                     out = io.StringIO()
                     pstats.Stats(prof[0], stream=out).sort_stats("tottime").print_stats(a.cprofile)
                     print(out.getvalue())
                     prof.clear()
-        engine.close()
+    hi, lo = a.rows[0], a.rows[-1]
+    for mode in modes if hi != lo else ():
+        step = {n: statistics.median(x for x, _ in seen[n, mode]) for n in (hi, lo)}
+        cpu = {n: statistics.median(y for _, y in seen[n, mode]) for n in (hi, lo)}
+        print(f"{mode}: steady decode tokens/s, {hi} rows against {lo}: {(hi / step[hi]) / (lo / step[lo]):.2f}x "
+              f"by the median step's wall time, {cpu[lo] / cpu[hi]:.2f}x by process CPU per token")
 
 
-def serve_runs(a, engine, gen, rows: int, clock: Clock) -> None:
+def serve_run(a, engine, gen, rows: int, clock: Clock, r: int) -> tuple[float, float]:
+    """One back-to-back run (``--serving``): tokens/s, CPU ms per token (returned) and where the engine thread's
+    time went (printed)."""
     from edgeft.runtime.params import SamplingParams
 
     params = SamplingParams(max_new_tokens=a.new, ignore_eos=True, temperature=0.0, speculate=a.speculate)
-    for r in range(a.repeat):
-        cpu0 = time.process_time()
-        wall = asyncio.run(clients(engine, gen, rows, a.serving, a.new, params))
-        cpu = time.process_time() - cpu0
-        n = rows * a.serving * a.new
-        print(f"rows {rows} serving run {r}: {n} tokens, {n / wall:.1f} tok/s, process CPU "
-              f"{1e3 * cpu / n:.2f} ms per token; engine thread: {serving_shares(clock)}")
+    cpu0 = time.process_time()
+    wall = asyncio.run(clients(engine, gen, rows, a.serving, a.new, params))
+    cpu = time.process_time() - cpu0
+    n = rows * a.serving * a.new
+    print(f"rows {rows} serving run {r}: {n} tokens, {n / wall:.1f} tok/s, process CPU "
+          f"{1e3 * cpu / n:.2f} ms per token; engine thread: {serving_shares(clock)}")
+    return n / wall, 1e3 * cpu / n
 
 
 if __name__ == "__main__":
