@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -194,16 +196,55 @@ def call_stream(req: GenerationRequest) -> Any:
     return CallStream([Tool(**t) for t in req.tools])
 
 
+class Mailbox:
+    """Items handed from engine threads to one event loop's queues, with one wake-up of the loop per burst.
+
+    A decode step hands out a chunk per row, one after another: the first ``post`` of a burst
+    schedules one ``drain`` on the loop (a self-pipe write and a loop wake-up), the rest of the
+    burst join it. Every queue gets its items in the order they were posted."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # weak: the mailbox is the value of a weak dict keyed by the loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:  # any thread
+        with self._lock:
+            first = not self._items
+            self._items.append((queue, item))
+        loop = self._loop()
+        if first and loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
+                loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # the loop
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The loop's one ``Mailbox`` (made on the loop's own thread, so there is no race to make it)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
+
+
 class Choice:
     """One sequence of a request in the engine: its chunks arrive on the engine thread, are read on the loop."""
 
     def __init__(self, index: int, loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> None:
         self.index, self.loop, self.events = index, loop, events
+        self.box = mailbox(loop)
         self.seq: Any = None
 
     def on_chunk(self, chunk: Any) -> None:  # engine thread
-        with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, chunk))
+        self.box.post(self.events, (self.index, chunk))
 
 
 class Generation:
