@@ -123,7 +123,7 @@ class SharedSlots:
         if eng.uses_positions:
             self._bind_array(io, "position_ids", pos)
         eng.run(io)
-        return self.logits[[s for s, _, _ in rows], 0].astype(np.float32)
+        return self.logits[[s for s, _, _ in rows], 0].astype(np.float32, copy=False)  # the row pick is a copy already
 
     def verify(self, slot: int, ids: list[int], start: int) -> np.ndarray:
         """Write ``ids`` at positions ``start..`` of ``slot`` alone; every position's logits [len(ids), vocab].
