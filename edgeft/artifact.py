@@ -14,8 +14,8 @@ before an artifact is used; it knows nothing of torch, transformers or onnxrunti
 a signature is made or checked), so the runtime can import it.
 
 Sections. Every part of a manifest is a frozen dataclass declared here (``Graph``, ``Tokenizer``,
-``Quantization``, ``Decoder``, ``Classifier``, ``Embedding``, ``Generation``, ``Trunk``, ``Gate``
-and ``Provenance``, the ``source`` section): these classes are the contract, the one place a
+``Quantization``, ``Decoder``, ``Classifier``, ``Embedding``, ``Generation``, ``Trunk``, ``Head``,
+``Gate`` and ``Provenance``, the ``source`` section): these classes are the contract, the one place a
 field's name, type and default are written. The export builds them, and the runtime, the
 commands and the benchmarks read their attributes, never the JSON's keys. ``Manifest.from_dict``
 drops keys a section does not know (what a newer edgeft added) and ``to_dict`` writes fields in
@@ -64,7 +64,9 @@ Classifier graphs take ``input_ids``, ``attention_mask`` and ``token_type_ids`` 
 ``Classifier.uses_token_type_ids``) and return ``logits`` of shape ``[batch, labels]``.
 A split classifier or decoder (``Trunk``, format 2) holds the same graph as two files, the
 shared trunk and its own top; the runtime chains them. A split decoder's trunk holds the
-caches of blocks 0..``Trunk.blocks``-1 (their past/present names), its top those above.
+caches of blocks 0..``Trunk.blocks``-1 (their past/present names), its top those above. A split
+decoder whose head is the base's (``Head``, format 3) holds it as a third file, shared like the
+trunk: the top then ends at the head's input, and the head makes ``logits``.
 Embedding graphs take the same inputs and return ``last_hidden_state`` ``[batch, sequence,
 dim]``; the runtime pools it as ``Embedding`` says (mean or CLS, then unit length or not).
 """
@@ -92,7 +94,7 @@ from edgeft.fsutil import (atomic_dir, atomic_write_bytes, atomic_write_json, ch
                            os_errors_as_one_line, sha256_file)
 
 FORMAT = "edgeft-artifact"
-FORMAT_VERSION = 2  # the newest this edgeft reads; 2: a split classifier (``Trunk``), which older ones refuse
+FORMAT_VERSION = 3  # the newest this edgeft reads; 2: a split model (``Trunk``); 3: a shared head (``Head``)
 MANIFEST = "manifest.json"
 PACK_SUFFIX = ".edgeft"
 DIGEST_PREFIX = "sha256:"
@@ -221,6 +223,21 @@ class Trunk:
     blocks: int
     outputs: list[str]
     top_inputs: list[str]
+
+
+@dataclass(frozen=True)
+class Head:
+    """A split decoder's LM head when it is the base's (tied to the trunk's frozen embedding), stored as its own
+    file and shared at load like the trunk.
+
+    The head takes ``input`` (the top's last hidden state: the final norm's output, after the
+    ``logits_to_keep`` slice) to ``logits``; it has no KV cache. Named by its content, so models
+    tuned from one base carry byte-identical heads; runtimes load one session per ``sha256``.
+    """
+
+    file: str  # "head-<first 16 hex of sha256>.onnx", listed in ``files`` like any other
+    sha256: str
+    input: str
 
 
 @dataclass(frozen=True)
@@ -358,6 +375,7 @@ class Manifest:
     embedding: Embedding | None = None
     generation: Generation | None = None
     trunk: Trunk | None = None  # a split classifier or decoder: graph.file is its top
+    head: Head | None = None  # a split decoder's shared head: the top ends at its input
     gate: Gate | None = None  # None before the gate ran (written {})
     source: Provenance | None = None  # None: not recorded (written {})
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"sha256", "size"}
@@ -376,6 +394,8 @@ class Manifest:
             raise ValueError("an embedding manifest needs an embedding section")
         if self.trunk is not None and (self.task is Task.embedding or self.format_version < 2):
             raise ValueError("a trunk section belongs to a classification or causal-lm manifest of format 2")
+        if self.head is not None and (self.trunk is None or self.task is not Task.causal_lm or self.format_version < 3):
+            raise ValueError("a head section belongs to a split causal-lm manifest of format 3")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -400,7 +420,7 @@ class Manifest:
             )
         sections = {"graph": Graph, "tokenizer": Tokenizer, "quantization": Quantization, "decoder": Decoder,
                     "classifier": Classifier, "embedding": Embedding, "generation": Generation,
-                    "trunk": Trunk, "gate": Gate, "source": Provenance}
+                    "trunk": Trunk, "head": Head, "gate": Gate, "source": Provenance}
         kw = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         for name, klass in sections.items():
             if name in ("gate", "source") and kw.get(name) == {}:
@@ -537,10 +557,10 @@ def parse_manifest(where: str, raw: bytes) -> tuple[Manifest, dict[str, Any]]:
             for m in manifest.files.values()):
         raise EdgeftError(f"{where}: {MANIFEST} has a malformed files section")
     check_names(where, manifest)
-    trunk = manifest.trunk
-    if trunk is not None and manifest.files.get(trunk.file, {}).get("sha256") != trunk.sha256:
-        raise EdgeftError(f"{where}: the manifest's trunk {str(trunk.file)[:80]!r} is not among its files with "
-                          "that digest")
+    for what, part in (("trunk", manifest.trunk), ("head", manifest.head)):
+        if part is not None and manifest.files.get(part.file, {}).get("sha256") != part.sha256:
+            raise EdgeftError(f"{where}: the manifest's {what} {str(part.file)[:80]!r} is not among its files with "
+                              "that digest")
     if manifest.classifier is not None:
         labels = manifest.classifier.labels
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):

@@ -98,8 +98,10 @@ def trunk_line(manifest) -> str:
         return f"{sum(int(manifest.files.get(n, {}).get('size', 0)) for n in names) / 1e6:.1f} MB"
 
     top = [n for n in manifest.files if n == manifest.graph.file or n.startswith(manifest.graph.file + ".")]
+    h = manifest.head
+    head = "" if h is None else f"; head {h.sha256} ({h.file}, {mb(h.file)}): the base's LM head, loaded once too"
     return (f"  trunk {t.sha256} ({t.file}, {mb(t.file)}): the embeddings and the first {t.blocks} blocks, "
-            f"loaded once for every model that carries this digest; top {manifest.graph.file} ({mb(*top)}): "
+            f"loaded once for every model that carries this digest{head}; top {manifest.graph.file} ({mb(*top)}): "
             "this model's own")
 
 

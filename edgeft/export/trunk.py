@@ -34,9 +34,17 @@ from edgeft.errors import EdgeftError
 
 TOP_FILE = "top.onnx"
 TRUNK_FORMAT_VERSION = 2
+HEAD_FORMAT_VERSION = 3  # with a shared head (``edgeft.export.head``)
 _PROTOBUF_LIMIT = (2 << 30) - (64 << 20)  # a trunk is one file: protobuf's 2 GiB, less room for the graph
 _LAYER = re.compile(r"/layers?\.(\d+)/")
 
+
+def write_named(folder: Path, prefix: str, raw: bytes) -> tuple[str, str]:
+    """Write a shared part's bytes as ``<prefix>-<first 16 hex of sha256>.onnx``; its name and sha256."""
+    digest = hashlib.sha256(raw).hexdigest()
+    name = f"{prefix}-{digest[:16]}.onnx"
+    (folder / name).write_bytes(raw)
+    return name, digest
 
 
 def _write_parts(folder: Path, raw: bytes, cut: Cut, src: Path) -> tuple[str, str]:
@@ -44,13 +52,12 @@ def _write_parts(folder: Path, raw: bytes, cut: Cut, src: Path) -> tuple[str, st
     ``src`` (and its data file); return the trunk's file name and sha256."""
     from edgeft.export.quantize import save
 
-    digest = hashlib.sha256(raw).hexdigest()
-    name = f"trunk-{digest[:16]}.onnx"
-    (folder / name).write_bytes(raw)
+    name, digest = write_named(folder, "trunk", raw)
     save(cut.top, folder / TOP_FILE)
     src.unlink()
     src.with_name(src.name + ".data").unlink(missing_ok=True)
     return name, digest
+
 
 def frozen_blocks(asked: int | None, trained: int | None, num_layers: int) -> int:
     """The boundary to cut at: ``asked`` (``--trunk-blocks``), else the run's frozen count; 0: no split.
@@ -107,12 +114,11 @@ def split(folder: Path, manifest: Manifest, blocks: int, log: Callable[[str], No
 
 
 def graph_files(folder: Path, manifest: Manifest | None) -> list[Path]:
-    """The ONNX files that make up an artifact's model: the graph, and the trunk where it is split
+    """The ONNX files that make up an artifact's model: the graph, and the trunk (and head) where it is split
     (no manifest: ``model.onnx``)."""
     if manifest is None:
         return [folder / "model.onnx"]
-    files = [folder / manifest.graph.file]
-    return files + [folder / manifest.trunk.file] if manifest.trunk is not None else files
+    return [folder / manifest.graph.file] + [folder / p.file for p in (manifest.trunk, manifest.head) if p is not None]
 
 
 # ---------------------------------------------------------------- the cut
@@ -287,11 +293,13 @@ _KV_LAYER = re.compile(r"\.(\d+)\.(?:key|value)$")
 
 def split_decoder(folder: Path, manifest: Manifest, blocks: int, log: Callable[[str], None]) -> Manifest:
     """Replace a decoder artifact's graph in ``folder`` by a trunk (embeddings, blocks 0..``blocks``-1
-    and their KV cache) and a top (the blocks above, the final norm, the head and their KV cache).
+    and their KV cache) and a top (the blocks above, the final norm, the head and their KV cache); a head
+    that is the base's goes to a shared file of its own (``edgeft.export.head``).
 
     Only the onnxruntime-genai builder's graph is cut (its blocks are named ``layers.N``);
     ``genai_config.json`` is dropped, since onnxruntime-genai's own loop drives one graph.
-    Returns ``manifest`` with the trunk section; the caller writes it."""
+    Returns ``manifest`` with the trunk (and head) section; the caller writes it."""
+    from edgeft.export import head
     from edgeft.export.quantize import load
 
     dec = manifest.decoder
@@ -301,7 +309,8 @@ def split_decoder(folder: Path, manifest: Manifest, blocks: int, log: Callable[[
     if not 0 < blocks < dec.num_layers + 1:
         raise EdgeftError(f"--trunk-blocks must be between 1 and the model's {dec.num_layers} blocks, not {blocks}")
     src = folder / manifest.graph.file
-    cut = cut_decoder(load(src), blocks)
+    model = load(src)
+    cut, base_head = head.detach(model, cut_decoder(model, blocks), log)
     raw = cut.trunk.SerializeToString()
     if len(raw) > _PROTOBUF_LIMIT:
         raise EdgeftError(f"the trunk is {len(raw) >> 20} MiB, over what one ONNX file holds: export with a "
@@ -313,7 +322,9 @@ def split_decoder(folder: Path, manifest: Manifest, blocks: int, log: Callable[[
         (folder / manifest.graph.genai_config).unlink(missing_ok=True)
     section = Trunk(file=name, sha256=digest, blocks=blocks, outputs=cut.outputs, top_inputs=cut.top_inputs)
     graph = dataclasses.replace(manifest.graph, file=TOP_FILE, genai_config=None)
-    return dataclasses.replace(manifest, graph=graph, trunk=section, format_version=TRUNK_FORMAT_VERSION)
+    shared = head.write(folder, base_head) if base_head is not None else None
+    return dataclasses.replace(manifest, graph=graph, trunk=section, head=shared,
+                               format_version=TRUNK_FORMAT_VERSION if shared is None else HEAD_FORMAT_VERSION)
 
 
 def _kv_layer(name: str) -> int | None:

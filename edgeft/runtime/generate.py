@@ -21,8 +21,10 @@ pending token and the draft; the rejected tail is then rewound out of the cache.
 
 A split artifact (``edgeft.artifact.Trunk``) runs as two graphs per call: the trunk (shared
 with every model tuned from the same base, ``edgeft.runtime.trunks``) holds the embeddings,
-blocks 0..K-1 and their caches; the top, the blocks above, the head and their caches. Each
-part has its own I/O binding; the tensors that cross pass as OrtValues, never copied.
+blocks 0..K-1 and their caches; the top, the blocks above, the head and their caches. Where the
+head is the base's (``edgeft.artifact.Head``) it is a third graph, shared like the trunk, with no
+cache: the top ends at its input. Each part has its own I/O binding; the tensors that cross pass
+as OrtValues, never copied.
 
 ``KVDecoder`` knows token ids and logits only; ``Generator`` adds the tokenizer, chat
 template, sampling, stop strings and incremental detokenization. Nothing here imports
@@ -96,7 +98,7 @@ class Completion:
 
 @dataclass
 class Part:
-    """One graph of a decoder: all of it, or a split artifact's trunk or top."""
+    """One graph of a decoder: all of it, or a split artifact's trunk, top or head."""
 
     session: ort.InferenceSession
     inputs: set[str]
@@ -116,7 +118,7 @@ class ChainedBinding:
     def __init__(self, parts: list[Part]) -> None:
         self.parts = parts
         self.ios = [part.session.io_binding() for part in parts]
-        self.out_of = {name: i for i, part in enumerate(parts) for name in part.output_names(True)}
+        self.out_of = {name: i for i, part in enumerate(parts) for name in part.output_names(part is parts[-1])}
         self.bound: list[list[str]] = [[] for _ in parts]  # each part's outputs in binding order
         for part in parts:
             for name in part.sends:
@@ -151,12 +153,14 @@ class KVDecoder:
 
     With ``trunk`` (a split artifact's shared trunk, ``edgeft.runtime.trunks.SharedTrunk``),
     ``session`` is the top: the trunk runs first on every call and owns the caches of its
-    ``blocks`` lowest layers."""
+    ``blocks`` lowest layers. With ``head`` too (``SharedHead``), the top ends at the head's
+    input and the head makes the logits."""
 
-    def __init__(self, session: ort.InferenceSession, decoder: Decoder, share_buffer: bool, trunk=None) -> None:
+    def __init__(self, session: ort.InferenceSession, decoder: Decoder, share_buffer: bool, trunk=None,
+                 head=None) -> None:
         self.session = session
         self.decoder = decoder
-        self.trunk = trunk
+        self.trunk, self.head = trunk, head
         names = [i.name for i in session.get_inputs()]
         top_inputs = set(names)
         if trunk is not None:
@@ -174,18 +178,24 @@ class KVDecoder:
         if missing or "input_ids" not in self.inputs:
             raise EdgeftError(f"the decoder graph lacks inputs the manifest names: {', '.join(missing[:3]) or 'input_ids'}")
         if trunk is None:
+            if head is not None:
+                raise EdgeftError("a decoder's head is a graph of its own only where the decoder is split")
             self.parts = [Part(session, top_inputs, self.layers, [])]
         else:
             below = {i.name for i in trunk.session.get_inputs()}
             k = trunk.blocks
             self.parts = [Part(trunk.session, below, self.layers[:k], list(trunk.outputs)),
-                          Part(session, top_inputs, self.layers[k:], [])]
+                          Part(session, top_inputs, self.layers[k:], [head.input] if head is not None else [])]
             if any(n not in below for layer in self.layers[:k] for n in layer[:2]) or set(trunk.outputs) - top_inputs:
                 raise EdgeftError(f"the trunk and top graphs do not meet at block {k} as the manifest says")
+            if head is not None:
+                if head.input not in output_dtypes(session):
+                    raise EdgeftError(f"the top graph does not end at the head's input {head.input!r} as the manifest says")
+                self.parts.append(Part(head.session, {head.input}, [], []))
             if not share_buffer:
                 raise EdgeftError("a split decoder runs on the builder's graph, whose past and present share one buffer")
         self.kv_dtype = dtypes[self.layers[0][0]]
-        self.logits_dtype = output_dtypes(session)["logits"]
+        self.logits_dtype = output_dtypes(head.session if head is not None else session)["logits"]
         self.share_buffer = share_buffer
         self.vocab = decoder.vocab_size
         self.keep = decoder.logits_to_keep  # None: the graph computes every position's logits
@@ -203,6 +213,23 @@ class KVDecoder:
             self.session.run_with_iobinding(io)
         else:
             io.run()
+
+    def top_hidden(self, io) -> ort.OrtValue:
+        """Run the top alone on ``io`` (a binding of the top's session, its inputs and caches bound by the caller)
+        up to the head's input: that tensor ``[rows, positions, hidden]``, for the shared head (a model with one)."""
+        io.bind_output(self.head.input, "cpu")  # bound last
+        self.parts[1].session.run_with_iobinding(io)
+        return io.get_outputs()[-1]
+
+    def top_logits(self, io, rows: int) -> np.ndarray:
+        """Run the top alone on ``io`` (as ``top_hidden``, one position per row), then the head where the model
+        has its own graph for it: the rows' logits ``[rows, 1, vocab]``."""
+        logits = np.empty((rows, 1, self.vocab), dtype=self.logits_dtype)
+        if self.head is not None:
+            return self.head.run(self.top_hidden(io), out=logits)
+        io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        self.parts[1].session.run_with_iobinding(io)
+        return logits
 
     def bind_keep(self, io, last_only: bool) -> None:
         """Ask ``io``'s next run for the last position's logits only, or for every position's."""
@@ -424,12 +451,14 @@ class Generator:
         self.spinning, self.spin_reason = resolve_spin(spin, threads, reserve, split=manifest.trunk is not None)
         session = open_session(self.folder / manifest.graph.file, threads, spin=self.spinning,
                                profile_prefix=profile_prefix)
-        shared = None
-        if manifest.trunk is not None:  # one session per trunk digest in this process
+        shared = head = None
+        if manifest.trunk is not None:  # one session per trunk (and head) digest in this process
             from edgeft.runtime import trunks
 
             shared = trunks.load(self.folder, manifest.trunk, threads, self.spinning)
-        self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest), shared)
+            if manifest.head is not None:
+                head = trunks.load_head(self.folder, manifest.head, threads, self.spinning)
+        self.engine = KVDecoder(session, self.decoder, _shares_buffer(self.folder, manifest), shared, head)
         tok = manifest.tokenizer
         self.eos_ids = frozenset(tok.eos_token_ids) or self._token_ids(tok.eos_token)
         self.bos_id = self.tokenizer.token_to_id(tok.bos_token) if tok.bos_token else None

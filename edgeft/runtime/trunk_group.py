@@ -335,9 +335,7 @@ class TrunkGroup:
             if name in part.inputs:
                 _bind(io, name, arr)
         _bind_cache(io, part.layers, kv.cache[kv.entries:], len(lengths))
-        logits = np.empty((len(lengths), 1, eng.vocab), dtype=eng.logits_dtype)
-        io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        part.session.run_with_iobinding(io)
+        logits = eng.top_logits(io, len(lengths))  # the top, then the model's shared head where it has one
         return logits[slots, 0].astype(np.float32)
 
 
