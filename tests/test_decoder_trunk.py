@@ -92,7 +92,8 @@ def test_split_base_equals_unsplit(tiny_llama_dir, exported, blocks):
     whole, split = exported(tiny_llama_dir, "none"), exported(tiny_llama_dir, "none", blocks)
     m = _manifest(split)
     trunk = m["trunk"]
-    assert m["graph"]["file"] == "top.onnx" and m["graph"]["genai_config"] is None and m["format_version"] == 2
+    # the tiny llama ties its head: the base's head is a shared file of its own (format 3, tests/test_decoder_head.py)
+    assert m["graph"]["file"] == "top.onnx" and m["graph"]["genai_config"] is None and m["format_version"] == 3
     assert trunk["blocks"] == blocks and trunk["file"] == f"trunk-{trunk['sha256'][:16]}.onnx"
     assert trunk["file"] in m["files"] and not (split / "model.onnx").exists()
     assert not (split / "genai_config.json").exists() and m["gate"]["passed"]
@@ -208,14 +209,16 @@ def _initializers(path: Path) -> set[str]:
 
 
 def test_head_copies(tiny_llama_dir, exported, tmp_path):
-    """Tied (the base): the trunk's embedding and the top's head read their own copy of the one matrix. Untied
-    and trained (--untie-head): the trunk holds the embedding alone, the top the trained head alone."""
+    """Tied (the base): the trunk's embedding and the shared head file read their own copy of the one matrix, the
+    top none. Untied and trained (--untie-head): the trunk holds the embedding alone, the top the trained head
+    alone, and there is no head file."""
     from edgeft.tune import TuneConfig, tune
 
     tied = exported(tiny_llama_dir, "int8", 2)
     trunk_file = tied / _manifest(tied)["trunk"]["file"]
     assert any(n.startswith("lm_head.") for n in _initializers(trunk_file))  # the builder's embedding reads it
-    assert any(n.startswith("lm_head.") for n in _initializers(tied / "top.onnx"))
+    assert any(n.startswith("lm_head.") for n in _initializers(tied / _manifest(tied)["head"]["file"]))
+    assert not any(n.startswith("lm_head.") for n in _initializers(tied / "top.onnx"))
 
     data = tmp_path / "verse.txt"
     data.write_text(VERSES[0] * 30)
@@ -223,10 +226,13 @@ def test_head_copies(tiny_llama_dir, exported, tmp_path):
                           max_steps=4, lr=3e-3, warmup=0, progress=False, threads=1, trainable_layers=2,
                           untie_head=True))
     whole, split = exported(run, "int8"), exported(run, "int8", 2)
-    below = _initializers(split / _manifest(split)["trunk"]["file"])
+    m = _manifest(split)
+    assert m["head"] is None and m["format_version"] == 2 and not list(split.glob("head-*"))  # the top keeps it
+    below = _initializers(split / m["trunk"]["file"])
     assert not any(n.startswith("lm_head.") for n in below) and any("embed_tokens" in n for n in below)
     assert not any("embed_tokens" in n for n in _initializers(split / "top.onnx"))
     a, b = _open(whole), _open(split)
+    assert b.engine.head is None and len(b.engine.parts) == 2
     ids = a.encode(PROMPT)
     np.testing.assert_allclose(b.score(ids), a.score(ids), atol=1e-4, rtol=0)
 

@@ -184,8 +184,9 @@ class KVDecoder:
         else:
             below = {i.name for i in trunk.session.get_inputs()}
             k = trunk.blocks
+            above = top_inputs | {i.name for i in session.get_overridable_initializers()}  # logits_to_keep
             self.parts = [Part(trunk.session, below, self.layers[:k], list(trunk.outputs)),
-                          Part(session, top_inputs, self.layers[k:], [head.input] if head is not None else [])]
+                          Part(session, above, self.layers[k:], [head.input] if head is not None else [])]
             if any(n not in below for layer in self.layers[:k] for n in layer[:2]) or set(trunk.outputs) - top_inputs:
                 raise EdgeftError(f"the trunk and top graphs do not meet at block {k} as the manifest says")
             if head is not None:
