@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_decoder_trunk import PROMPT, exported, runs  # noqa: F401 - the fixtures this module shares
+from test_decoder_trunk import PROMPT, exported, runs  # noqa: F401 - fixtures, used by name
 from test_integrity import one_line_refusal, run
 
 from edgeft import artifact
@@ -57,7 +57,7 @@ def _steps(gen, ids: list[int], tokens: list[int]) -> np.ndarray:
     return np.stack([state.prefill(ids)] + [state.step(t) for t in tokens])
 
 
-def test_three_parts_equal_the_unsplit_and_the_two_part_artifact(tiny_llama_dir, exported, two_part):
+def test_three_parts_equal_the_unsplit_and_the_two_part_artifact(tiny_llama_dir, exported, two_part):  # noqa: F811
     """fp32: the trunk, top and head give the unsplit graph's logits and the two-part split's (1e-5), prompt and
     cache steps, and their greedy and sampled tokens; the batching engine too."""
     from edgeft.runtime import SamplingParams
@@ -118,7 +118,7 @@ def _top_hidden(gen, ids: list[int]) -> np.ndarray:
     return eng.top_hidden(io).numpy()
 
 
-def test_two_runs_share_one_head_session_and_one_call_serves_both(runs, exported):
+def test_two_runs_share_one_head_session_and_one_call_serves_both(runs, exported):  # noqa: F811
     """Two runs from one base: byte-identical heads, one onnxruntime session; their tops' outputs stacked go
     through one head call, each row giving its own model's logits."""
     from edgeft.runtime import trunks
@@ -140,7 +140,7 @@ def test_two_runs_share_one_head_session_and_one_call_serves_both(runs, exported
     assert np.abs(logits[0, 0] - b.score(ids_a)[-1]).max() > 1e-3  # each row went through its own model's top
 
 
-def test_changed_head_byte_is_refused_for_every_model(runs, exported, tmp_path):
+def test_changed_head_byte_is_refused_for_every_model(runs, exported, tmp_path):  # noqa: F811
     """A head with one byte changed is refused (open and verify) in each model that carries it, even while a
     session for its digest is loaded."""
     loaded = _open(exported(runs[0], "none", 2))  # holds the head's session in this process
@@ -176,14 +176,14 @@ def test_a_manifest_from_before_heads_still_loads(two_part, tmp_path):
     (lambda d: d["head"].update(sha256="0" * 64), "not among its files"),
     (lambda d: d["head"].update(file="head-elsewhere.onnx"), "not among its files"),
 ], ids=["format-2", "no-trunk", "other-digest", "unlisted-file"])
-def test_a_head_section_where_it_does_not_belong_is_refused(tiny_llama_dir, exported, change, needle):
+def test_a_head_section_where_it_does_not_belong_is_refused(tiny_llama_dir, exported, change, needle):  # noqa: F811
     d = _manifest(exported(tiny_llama_dir, "none", 2))
     change(d)
     with pytest.raises(EdgeftError, match=needle):
         artifact.parse_manifest("x", artifact.manifest_file_bytes(artifact.sealed(d)))
 
 
-def test_verify_shows_the_head(tiny_llama_dir, exported):
+def test_verify_shows_the_head(tiny_llama_dir, exported):  # noqa: F811
     folder = exported(tiny_llama_dir, "none", 2)
     head = _manifest(folder)["head"]
     res = run("verify", folder)
