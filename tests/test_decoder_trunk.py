@@ -292,6 +292,8 @@ def test_one_trunk_call_per_step_for_two_models_each_row_as_alone(runs, exported
         assert group is not None and eb.group is group and group.members == [ea, eb]
         assert group.pool[0].shape[0] == 4  # one pool of trunk rows for both: one parallel of them
         calls = _count_runs(a.engine.trunk.session, monkeypatch)
+        assert a.engine.head is not None and b.engine.head is a.engine.head  # the base's head: one session
+        heads = _count_runs(a.engine.head.session, monkeypatch)
         greedy = SamplingParams(max_new_tokens=NEW, temperature=0.0, ignore_eos=True, speculate="off")
         sampled = SamplingParams(max_new_tokens=NEW, temperature=0.9, seed=5, ignore_eos=True, speculate="off")
         lent: list[list[int]] = []
@@ -303,6 +305,7 @@ def test_one_trunk_call_per_step_for_two_models_each_row_as_alone(runs, exported
                     Run(ea, a.encode("summer"), greedy).submit()]
         _wait(jobs)
         assert len(calls) == 4 + (NEW - 1)  # a prefill each, then one trunk call per step for every row
+        assert len(heads) == 4 + (NEW - 1)  # and one head call per step for both models' rows
         assert lent == [[0, 1, 2, 3]]  # the rows in use are packed whichever model holds them: one call spans 4
         assert group.steps == NEW - 1 and ea.stats.steps == eb.stats.steps == NEW - 1
         for job, gen in zip(jobs, (a, b, b, a)):

@@ -294,8 +294,33 @@ class TrunkGroup:
             for s in p:
                 ids[m.kv.rows[s.slot], 0], lengths[m.kv.rows[s.slot]] = s.next_token, s.length
         sends = self._run_trunk(first.kv.eng, ids, lengths)
-        out = {m: self._run_top(m.kv, *self._top_rows(m, p, sends), [s.slot for s in p]) for m, p in plain.items()}
+        out, hidden = {}, {}
+        for m, p in plain.items():
+            top_sends, top_lengths = self._top_rows(m, p, sends)
+            slots = [s.slot for s in p]
+            if m.kv.eng.head is None:
+                out[m] = self._run_top(m.kv, top_sends, top_lengths, slots)
+            else:  # the top up to its head's input; the head runs below, once for every model sharing it
+                hidden[m] = self._run_top(m.kv, top_sends, top_lengths, slots, hidden=True)
+        out.update(self._run_heads(hidden))
         self.steps += 1
+        return out
+
+    @staticmethod
+    def _run_heads(hidden: dict) -> dict:
+        """One call of each shared head over the stacked rows of every model that has it (a head is the base's,
+        so the models tuned from one base share one session): each model's rows of logits."""
+        by_head: dict[Any, list] = {}
+        for m in hidden:
+            by_head.setdefault(m.kv.eng.head, []).append(m)
+        out = {}
+        for head, models in by_head.items():
+            logits = head.run(np.concatenate([hidden[m] for m in models]))
+            at = 0
+            for m in models:
+                n = len(hidden[m])
+                out[m] = logits[at:at + n, 0].astype(np.float32)
+                at += n
         return out
 
     def _top_rows(self, m, plain: list, sends: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -326,7 +351,9 @@ class TrunkGroup:
         outs = io.get_outputs()[-len(part.sends):]  # bound after the caches
         return {name: out.numpy() for name, out in zip(part.sends, outs)}
 
-    def _run_top(self, kv, sends: dict[str, np.ndarray], lengths: np.ndarray, slots: list[int]) -> np.ndarray:
+    def _run_top(self, kv, sends: dict[str, np.ndarray], lengths: np.ndarray, slots: list[int],
+                 hidden: bool = False) -> np.ndarray:
+        """The logits of ``slots`` (or, with ``hidden``, the top's output for the model's shared head)."""
         eng = kv.eng
         part = eng.parts[1]
         io = part.session.io_binding()
@@ -335,6 +362,8 @@ class TrunkGroup:
             if name in part.inputs:
                 _bind(io, name, arr)
         _bind_cache(io, part.layers, kv.cache[kv.entries:], len(lengths))
+        if hidden:
+            return eng.top_hidden(io).numpy()[slots]
         logits = eng.top_logits(io, len(lengths))  # the top, then the model's shared head where it has one
         return logits[slots, 0].astype(np.float32)
 
