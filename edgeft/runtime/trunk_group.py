@@ -6,8 +6,9 @@ continuous-batching engines (``edgeft.runtime.engine.Engine``, made with ``batch
 every model on that trunk with the same slot length. Each iteration admits and prefills each
 engine's sequences as the engine's own loop would; then one trunk call takes the next token of
 every row of every model, its boundary tensors are split by model, and each model's top runs on
-its own rows with its own KV slots. Drafted rows are verified afterwards, each in a call of its
-own, as an engine alone does them.
+its own rows with its own KV slots; models whose head is the base's (a shared head file) stop
+their tops at the head's input, and one head call takes the stacked rows of all of them. Drafted
+rows are verified afterwards, each in a call of its own, as an engine alone does them.
 
 While the group has several members, their trunk KV caches are one pool: per trunk layer one
 ``[rows, kv_heads, slot_len, head_dim]`` buffer of one ``parallel`` of rows (the largest member's; in a
