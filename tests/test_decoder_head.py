@@ -131,6 +131,7 @@ def test_two_runs_share_one_head_session_and_one_call_serves_both(runs, exported
     assert a.engine.head is b.engine.head and a.engine.parts[2].session is b.engine.parts[2].session
     assert trunks.loaded_heads()[h1["sha256"]] is a.engine.head and h1["sha256"] not in trunks.loaded()
     assert a.engine.session is not b.engine.session
+    assert a.tokenizer is b.tokenizer  # one tokenizer file, by its sha256: loaded once
     ids_a, ids_b = a.encode(PROMPT), b.encode("Rough winds do shake the darling buds")
     hidden = np.concatenate([_top_hidden(a, ids_a), _top_hidden(b, ids_b)])
     logits = a.engine.head.run(hidden)

@@ -34,6 +34,8 @@ torch or transformers.
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,6 +431,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+_TOKENIZERS: weakref.WeakValueDictionary[str, Tokenizer] = weakref.WeakValueDictionary()
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def shared_tokenizer(folder: Path, manifest: Manifest) -> Tokenizer:
+    """The process's tokenizer for the file ``manifest`` lists with this sha256 (models tuned from one base
+    carry the same one: loaded once while any model holds it). A generator only reads it."""
+    name = manifest.tokenizer.file
+    digest = str(manifest.files.get(name, {}).get("sha256", "")) or f"{folder}/{name}"
+    with _TOKENIZERS_LOCK:
+        tok = _TOKENIZERS.get(digest)
+        if tok is None:
+            tok = Tokenizer.from_file(str(folder / name))
+            _TOKENIZERS[digest] = tok
+        return tok
+
+
 def _shares_buffer(folder: Path, manifest: Manifest) -> bool:
     """Whether the graph's past and present caches may be one buffer (the genai builder's GQA)."""
     if manifest.graph.genai_config and (folder / manifest.graph.genai_config).is_file():
@@ -445,7 +464,7 @@ class Generator:
         if manifest.task is not Task.causal_lm:
             raise EdgeftError(f"{folder} is a {manifest.task.value} artifact, not a text generator")
         self.folder, self.manifest = Path(folder), manifest
-        self.tokenizer = Tokenizer.from_file(str(self.folder / manifest.tokenizer.file))
+        self.tokenizer = shared_tokenizer(self.folder, manifest)
         self.decoder = manifest.decoder
         threads = threads or default_threads()
         # spinning or sleeping pool threads: an explicit Spin, else what the machine shows now
