@@ -1,6 +1,7 @@
 """Case ``serving``: many users at once, edgeft serve against llama.cpp's llama-server, same slots, same weights.
 
-    python -m benchmarks.run --cases serving          # ~15 min; BENCH_QUICK=1: 1 request a client, 15 s overload
+    python -m benchmarks.run --cases serving          # ~20 min; BENCH_QUICK=1: 1 request a client, 15 s overload
+    BENCH_SERVING_LEVELS=1,8 python -m benchmarks.run --cases serving   # those client counts only
 
 In a worker process of its own (``measure``): starts every server once, side by side on loopback
 (idle ones sleep), then for each client count (1, 4, 8, 16) takes turns system by system: N
@@ -11,7 +12,9 @@ wall time) and time to first token p50/p95. Then edgeft alone under overload: 64
 clients for 45 s, each retrying 0.2 s after a 429; every status code is counted, and an admitted
 request that does not end with ``[DONE]`` and all its tokens is a failure.
 
-edgeft runs the suite's int8 artifact with its defaults and ``--parallel 8`` (threads: all cores);
+edgeft runs the suite's int8 artifact with its defaults and ``--parallel 8`` (threads: all cores), and
+again with ``--speculate off`` (prompt-lookup drafts speed a lone client up and are never verified beside
+other rows, so the N-clients-over-one ratio is given both ways);
 llama-server (the native build of ``benchmarks.llamacpp``; without one its rows are skipped with
 the reason) runs ``-np 8 -c 8*SLOT`` and its own default thread count, as its users do, with idle
 threads sleeping (``--poll 0``, ``OMP_WAIT_POLICY=PASSIVE``, as for every system in benchmarks/;
@@ -44,6 +47,9 @@ if TYPE_CHECKING:
 CASE = "serving"
 REPO = prepare.REPO
 LEVELS, NP, NEW_TOKENS, OVERLOAD_CLIENTS = (1, 4, 8, 16), 8, 64, 64
+# edgeft a second time without prompt-lookup drafts: they speed a lone client up and never run beside
+# other rows, so the N-clients-over-one ratio is shown with and without them
+SPECULATE_OFF = ("--speculate", "off")
 SLOT = 512  # tokens per slot: prompt (~40) + new tokens, with room
 
 
@@ -96,12 +102,12 @@ class Server:
                 self.proc.kill()
 
 
-def edgeft_server(artifact: Path, np_: int) -> Server:
+def edgeft_server(artifact: Path, np_: int, flags: tuple[str, ...] = ()) -> Server:
     port = _free_port()
     exe = Path(sys.executable).with_name("edgeft")
     cmd = [str(exe), "serve", str(artifact), "--name", "bench", "--port", str(port), "--parallel", str(np_),
-           "--ctx-size", str(np_ * SLOT), "--log-level", "warning"]
-    return Server("edgeft", cmd, port)
+           "--ctx-size", str(np_ * SLOT), "--log-level", "warning", *flags]
+    return Server(" ".join(["edgeft", *flags]), cmd, port)
 
 
 def llama_server(bin_dir: Path, gguf: Path, np_: int, tag: str) -> Server:
@@ -228,7 +234,8 @@ async def overload(url: str, clients: int, seconds: float, new_tokens: int) -> d
 def measure(spec: dict) -> dict:
     """Every phase against servers this (worker) process starts and stops."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
-    servers = [edgeft_server(Path(spec["artifact"]), spec["np"])]
+    servers = [edgeft_server(Path(spec["artifact"]), spec["np"]),
+               edgeft_server(Path(spec["artifact"]), spec["np"], SPECULATE_OFF)]
     if spec.get("llama_bin"):
         servers += [llama_server(Path(spec["llama_bin"]), Path(spec["gguf"][tag]), spec["np"], tag)
                     for tag in ("Q8_0", "Q4_1")]
@@ -260,7 +267,8 @@ def measure(spec: dict) -> dict:
 def case(ctx: Context) -> None:
     from benchmarks.cases import WorkerFailed, lm_artifact
 
-    spec = {"artifact": str(lm_artifact(ctx, "int8")), "np": NP, "levels": list(LEVELS), "new_tokens": NEW_TOKENS,
+    levels = [int(c) for c in os.environ.get("BENCH_SERVING_LEVELS", ",".join(map(str, LEVELS))).split(",") if c]
+    spec = {"artifact": str(lm_artifact(ctx, "int8")), "np": NP, "levels": levels, "new_tokens": NEW_TOKENS,
             "per_client": 1 if ctx.quick else 3, "overload_clients": OVERLOAD_CLIENTS,
             "overload_seconds": 15.0 if ctx.quick else 45.0}
     try:
@@ -277,12 +285,12 @@ def case(ctx: Context) -> None:
         raise prepare.Unavailable(str(exc)) from None
     poll = "its own default polling" if os.environ.get("BENCH_LLAMA_POLL") == "default" else "--poll 0"
     for name, tab in r["rows"].items():
-        note = (f"{name}: `{' '.join(r['servers'][name][1:])}`" if name != "edgeft" else
-                f"edgeft serve --parallel {NP} on the int8 artifact, threads: all cores")
+        note = (f"{name}: `{' '.join(r['servers'][name][1:])}`" if not name.startswith("edgeft") else
+                f"{name.replace('edgeft', f'edgeft serve --parallel {NP}', 1)} on the int8 artifact, threads: all cores")
         for c, row in tab.items():
             c = int(c)
             ctx.add(CASE, name, "aggregate_tps", row["aggregate_tok_s"], "tok/s", clients=c,
-                    note=note + (f"; llama-server with {poll}" if name != "edgeft" else ""))
+                    note=note + (f"; llama-server with {poll}" if not name.startswith("edgeft") else ""))
             for q in ("p50", "p95"):
                 if row[f"ttft_{q}_s"] is not None:
                     ctx.add(CASE, name, f"ttft_{q}_ms", 1000 * row[f"ttft_{q}_s"], "ms", higher=False, clients=c)

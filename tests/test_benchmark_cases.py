@@ -77,6 +77,11 @@ def test_folded_case_goals_read_their_own_case_and_system():
         add("serving", "edgeft", "ttft_p50_ms", 100.0, "ms", clients=c)
         add("serving", "llama-server Q8_0", "ttft_p50_ms", 200.0, "ms", clients=c)
     assert _goal(res, "serving: edgeft at 8 clients vs its own").value == pytest.approx(300 / 90)
+    assert not [x for x in goals(res) if "speculate off" in x.name]  # not run: no goal
+    for c, v in ((1, 80.0), (8, 320.0)):
+        add("serving", "edgeft --speculate off", "aggregate_tps", v, "tok/s", clients=c)
+    assert _goal(res, "serving: edgeft --speculate off at 8 clients").value == pytest.approx(4.0)
+    assert _goal(res, "serving: edgeft at 8 clients vs its own").value == pytest.approx(300 / 90)  # its own rows
     vs = _goal(res, "serving: edgeft at 8 clients vs llama-server Q8_0")
     assert vs.value == pytest.approx(1.2) and not vs.met
     assert _goal(res, "serving: TTFT p50").value == 0.5 and _goal(res, "serving: TTFT p50").met
