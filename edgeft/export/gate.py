@@ -251,12 +251,41 @@ def repetition(ids: list[int], n: int = NGRAM) -> float:
     return 1.0 - len(set(grams)) / len(grams) if len(grams) > 1 else 0.0
 
 
+NLL_ROWS = 16  # logit rows taken to float64 at a time (all 128 of a 49k vocabulary at once: 3 arrays of 50 MB)
+
+
 def _nll(logits: np.ndarray, ids: list[int]) -> float:
-    """Summed negative log-likelihood of ids[1:] given logits [len, vocab] (float64 maths)."""
-    x = logits[:-1].astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    logz = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
-    return float((logz - x[np.arange(len(ids) - 1), ids[1:]]).sum())
+    """Summed negative log-likelihood of ids[1:] given logits [len, vocab] (float64 maths, ``NLL_ROWS`` rows at a
+    time: each row's figure is the same as all at once, and so is their sum)."""
+    n = len(ids) - 1
+    each = np.empty(n, dtype=np.float64)
+    for start in range(0, n, NLL_ROWS):
+        x = logits[start:min(n, start + NLL_ROWS)].astype(np.float64)
+        m = x.max(axis=1, keepdims=True)
+        logz = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
+        each[start:start + len(x)] = logz - x[np.arange(len(x)), ids[start + 1:start + 1 + len(x)]]
+    return float(each.sum())
+
+
+def runtime_encoder(folder: Path, tok: Any) -> tuple[Callable[[str], list[int]], set[int]]:
+    """``edgeft.runtime.Generator``'s ``encode`` and ``eos_ids`` for an artifact whose tokenizer files lie in
+    ``folder`` and whose manifest's tokenizer section is ``tok`` (``assemble.tokenizer_section``), without a
+    graph or a session: the PyTorch reference is measured before either exists. The same steps as the
+    runtime's (tested equal on the exported artifact)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / tok.file))
+    bos = tokenizer.token_to_id(tok.bos_token) if tok.bos_token else None
+    eos_token = tokenizer.token_to_id(tok.eos_token) if tok.eos_token else None
+    eos = set(tok.eos_token_ids) or ({eos_token} if eos_token is not None else set())
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer.encode(data.check_text(text, "the prompt"), add_special_tokens=True).ids
+        if tok.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    return encode, eos
 
 
 def lm_reference(model: Any, encode, evals: EvalSet, config: ExportConfig, eos_ids: set[int]) -> Reference:

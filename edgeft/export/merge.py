@@ -166,6 +166,14 @@ def remap(source: Source, config: ExportConfig) -> None:
     source.model = load_source(config).model
 
 
+def release(source: Source) -> None:
+    """Let the torch model go once the graph is exported (a decoder's candidates, calibration and gate read the
+    graph): its mapped weights leave the process, its merged tensors return to the system. A step that needs it
+    again (the sensitivity pass) loads it again (``load_source``)."""
+    source.model = None
+    give_back_memory()
+
+
 def give_back_memory() -> None:
     """Collect garbage and hand the heap memory it frees back to the system: glibc keeps freed blocks under
     its mapping threshold (up to 32 MB once larger ones were freed) for reuse, resident, until trimmed."""
