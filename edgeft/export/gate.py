@@ -289,8 +289,12 @@ def runtime_encoder(folder: Path, tok: Any) -> tuple[Callable[[str], list[int]],
 
 
 def lm_reference(model: Any, encode, evals: EvalSet, config: ExportConfig, eos_ids: set[int]) -> Reference:
-    """PyTorch's perplexity and greedy continuations on the eval set."""
+    """PyTorch's perplexity and greedy continuations on the eval set. The heap's free pages go back to the
+    system after each sequence (``trim_heap``): the pass runs beside every weight of the model, and the
+    arrays of texts of different lengths otherwise leave the heap holding tens of MB more at its end."""
     import torch
+
+    from edgeft.export.merge import trim_heap
 
     seqs = [ids[:MAX_TEXT_TOKENS] for ids in (encode(t) for t in evals.texts)]
     seqs = [s for s in seqs if len(s) >= 2]
@@ -302,23 +306,29 @@ def lm_reference(model: Any, encode, evals: EvalSet, config: ExportConfig, eos_i
             logits = model(torch.tensor([ids])).logits[0].float().numpy()
             nll += _nll(logits, ids)
             count += len(ids) - 1
+            del logits
+            trim_heap()
         prompts = [encode(p)[-MAX_TEXT_TOKENS:] if evals.whole_prompts else encode(p)[:PROMPT_TOKENS]
                    for p in evals.prompts]
         prompts = [p for p in prompts if p]
-        conts = [_greedy(model, p, config.gate_new_tokens, eos_ids) for p in _bar(prompts, "gate: PyTorch greedy", config)]
+        conts = [_greedy(model, p, config.gate_new_tokens, eos_ids, trim_heap)
+                 for p in _bar(prompts, "gate: PyTorch greedy", config)]
     reps = [repetition(c) for c in conts]
     return Reference(
         metrics={"perplexity": math.exp(nll / count), "repetition": float(np.mean(reps)) if reps else 0.0},
         token_ids=seqs, nll=nll, count=count, prompts=prompts, continuations=conts)
 
 
-def _greedy(model: Any, prompt: list[int], n: int, eos_ids: set[int]) -> list[int]:
+def _greedy(model: Any, prompt: list[int], n: int, eos_ids: set[int],
+            after: Callable[[], None] = lambda: None) -> list[int]:
     import torch
 
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=n, do_sample=False, num_beams=1,
                          pad_token_id=next(iter(eos_ids), 0), eos_token_id=sorted(eos_ids) or None)
     ids = out[0, len(prompt):].tolist()
+    del out
+    after()
     cut = next((i for i, t in enumerate(ids) if t in eos_ids), len(ids))
     return ids[:cut]
 

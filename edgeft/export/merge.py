@@ -177,10 +177,17 @@ def release(source: Source) -> None:
 def give_back_memory() -> None:
     """Collect garbage and hand the heap memory it frees back to the system: glibc keeps freed blocks under
     its mapping threshold (up to 32 MB once larger ones were freed) for reuse, resident, until trimmed."""
-    import ctypes
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (every arena's: the torch threads' too), without a
+    garbage collection: cheap enough to run between two forward passes."""
+    import ctypes
+
     try:
         ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: glibc's; absent elsewhere
     except (OSError, AttributeError):
