@@ -1,7 +1,7 @@
 """A decoder export never holds the torch model beside an onnxruntime session, and the gate measures the same.
 
 The gate's PyTorch reference is measured first (``edgeft.export.decoder_plan``), on the ids the runtime gives
-(``gate.runtime_encoder``, with no session); the torch model is released once the graph is exported, so the
+(``decoder_plan.runtime_encoder``, with no session); the torch model is released once the graph is exported, so the
 quantizers' calibration, the KV cache's scales and the gate's sessions run without it. What the gate records
 is what measuring it the old way (a session's tokenizer, the reference on a freshly loaded model, the artifact
 through the runtime) gives, to the last bit.
@@ -71,6 +71,7 @@ def test_the_gate_records_what_measuring_it_beside_the_artifact_gives(tiny_llama
     artifact's own ``Generator``, the PyTorch pass on a freshly loaded model; the gate's figures equal
     ``lm_gate`` of the artifact against that reference."""
     from edgeft.export import gate
+    from edgeft.export.decoder_plan import runtime_encoder
     from edgeft.export.merge import load_source
     from edgeft.runtime import Generator
 
@@ -81,7 +82,7 @@ def test_the_gate_records_what_measuring_it_beside_the_artifact_gives(tiny_llama
     gen = Generator.open(art, threads=1)
     source = load_source(config)
     evals = gate.eval_set(config, source.task, source.run_config, source.tokenizer, None)
-    ours, eos = gate.runtime_encoder(art, gen.manifest.tokenizer)
+    ours, eos = runtime_encoder(art, gen.manifest.tokenizer)
     texts = [*evals.texts, *evals.prompts, "", "<|im_start|>user"]
     assert [ours(t) for t in texts] == [gen.encode(t) for t in texts] and eos == set(gen.eos_ids)
 

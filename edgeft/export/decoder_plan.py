@@ -2,7 +2,7 @@
 the PyTorch reference first, then the fp32 graph, then the candidates and their gate, the model gone.
 
 1. The gate's PyTorch reference (perplexity and greedy continuations on the eval texts) is measured on
-   the model as loaded, on the token ids the runtime will give (``gate.runtime_encoder``, reading the
+   the model as loaded, on the token ids the runtime will give (``runtime_encoder``, reading the
    tokenizer files every candidate ships), before any graph, quantizer or session exists beside it.
 2. The model is mapped afresh (the pass read every page of it), the graph exported from it (the builder
    gives each weight's pages back once written), and the model released: candidates are quantized from
@@ -64,9 +64,32 @@ def reference(config: ExportConfig, source: Source, hf_dir: Path, log: Log) -> t
     log(f"gate: measuring PyTorch on {len(evals.texts)} held-out texts ({evals.origin})")
     model = source.model
     tok = assemble.tokenizer_section(source.tokenizer, model.config, getattr(model, "generation_config", None), hf_dir)
-    encode, eos = gate.runtime_encoder(hf_dir, tok)
+    encode, eos = runtime_encoder(hf_dir, tok)
     give_back_memory()
     return evals, gate.lm_reference(model, encode, evals, config, eos)
+
+
+def runtime_encoder(folder: Path, tok: Any) -> tuple[Callable[[str], list[int]], set[int]]:
+    """``edgeft.runtime.Generator``'s ``encode`` and ``eos_ids`` for an artifact whose tokenizer files lie in
+    ``folder`` and whose manifest's tokenizer section is ``tok`` (``assemble.tokenizer_section``), without a
+    graph or a session: the PyTorch reference is measured before either exists. The same steps as the
+    runtime's (tested equal on the exported artifact)."""
+    from tokenizers import Tokenizer
+
+    from edgeft.data import check_text
+
+    tokenizer = Tokenizer.from_file(str(folder / tok.file))
+    bos = tokenizer.token_to_id(tok.bos_token) if tok.bos_token else None
+    eos_token = tokenizer.token_to_id(tok.eos_token) if tok.eos_token else None
+    eos = set(tok.eos_token_ids) or ({eos_token} if eos_token is not None else set())
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer.encode(check_text(text, "the prompt"), add_special_tokens=True).ids
+        if tok.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    return encode, eos
 
 
 def _candidates(config: ExportConfig, source: Source, hf_dir: Path, work: Path, log: Log, graph: DecoderGraph,

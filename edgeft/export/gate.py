@@ -267,27 +267,6 @@ def _nll(logits: np.ndarray, ids: list[int]) -> float:
     return float(each.sum())
 
 
-def runtime_encoder(folder: Path, tok: Any) -> tuple[Callable[[str], list[int]], set[int]]:
-    """``edgeft.runtime.Generator``'s ``encode`` and ``eos_ids`` for an artifact whose tokenizer files lie in
-    ``folder`` and whose manifest's tokenizer section is ``tok`` (``assemble.tokenizer_section``), without a
-    graph or a session: the PyTorch reference is measured before either exists. The same steps as the
-    runtime's (tested equal on the exported artifact)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(folder / tok.file))
-    bos = tokenizer.token_to_id(tok.bos_token) if tok.bos_token else None
-    eos_token = tokenizer.token_to_id(tok.eos_token) if tok.eos_token else None
-    eos = set(tok.eos_token_ids) or ({eos_token} if eos_token is not None else set())
-
-    def encode(text: str) -> list[int]:
-        ids = tokenizer.encode(data.check_text(text, "the prompt"), add_special_tokens=True).ids
-        if tok.add_bos and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        return ids
-
-    return encode, eos
-
-
 def lm_reference(model: Any, encode, evals: EvalSet, config: ExportConfig, eos_ids: set[int]) -> Reference:
     """PyTorch's perplexity and greedy continuations on the eval set. The heap's free pages go back to the
     system after each sequence (``trim_heap``): the pass runs beside every weight of the model, and the
