@@ -159,8 +159,8 @@ def save_hf_configs(source: Source, folder: Path) -> Path:
 
 def remap(source: Source, config: ExportConfig) -> None:
     """Replace ``source.model`` by the same model loaded afresh (the base's weights mapped from their files,
-    the run's trained tensors merged in), dropping every page of it a pass read: the graph export and the
-    gate's PyTorch pass read all of it, and what follows them should not run beside it."""
+    the run's trained tensors merged in), dropping every page of it a pass read: the gate's PyTorch pass reads
+    all of it, and the graph export after it should not run beside it."""
     source.model = None
     give_back_memory()
     source.model = load_source(config).model
