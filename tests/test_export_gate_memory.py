@@ -69,7 +69,7 @@ def test_no_onnxruntime_session_runs_beside_the_torch_model(tiny_llama_dir, tmp_
 def test_the_gate_records_what_measuring_it_beside_the_artifact_gives(tiny_llama_dir, tmp_path):
     """The reference measured first, on ids from ``runtime_encoder``, equals the old order's: ids from the
     artifact's own ``Generator``, the PyTorch pass on a freshly loaded model; the gate's figures equal
-    ``lm_gate`` of the artifact against that reference."""
+    ``lm_gate`` of the artifact against that reference; the graph equals one made without the pass first."""
     from edgeft.export import gate
     from edgeft.export.decoder_plan import runtime_encoder
     from edgeft.export.merge import load_source
@@ -88,9 +88,22 @@ def test_the_gate_records_what_measuring_it_beside_the_artifact_gives(tiny_llama
 
     ref = gate.lm_reference(source.model, gen.encode, evals, config, set(gen.eos_ids))
     assert record["reference"] == ref.metrics  # the same floats, not rounded
-    del gen, source
     got = gate.lm_gate(art, ref, config)
     assert record["metrics"] == got.metrics and record["failures"] == got.failures
+
+    # and the graph: quantized from a graph exported off a model that never ran a PyTorch pass, byte for byte
+    from edgeft.export import quantize
+    from edgeft.export.decoder import check_supported, export_decoder
+    from edgeft.export.merge import save_hf_configs
+
+    fresh = load_source(config)
+    hf = save_hf_configs(fresh, tmp_path / "old" / "hf")
+    graph = export_decoder(fresh.model, hf, tmp_path / "old", check_supported(fresh.model.config))
+    (tmp_path / "old" / "q").mkdir()
+    quantize.quantize_decoder(graph.path, tmp_path / "old" / "q" / "model.onnx", config.quantize, config.block_size,
+                              graph.num_layers, graph.vocab_size, config.int8_activations, None, config.int4_mode)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "old" / "q" / name).read_bytes() == (art / name).read_bytes(), name
 
 
 def test_nll_in_row_blocks_is_the_whole_arrays_to_the_bit():
