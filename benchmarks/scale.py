@@ -25,7 +25,8 @@ schemes in ``BENCH_SCALE_EXPORT``, default ``int8,int4``; random weights may fai
 is measured), each in its own process: its peak RSS (``ru_maxrss``), the sampled peak of each phase, and
 the scratch disk (the largest size of the export's ``.OUT.work-*`` folder seen), each also as a ratio to
 the model's fp32 bytes. Goals: peak <= 1.3x and scratch <= 1.5x the fp32 bytes.
-``BENCH_SCALE_EXPORT=`` (empty) leaves the exports out.
+``BENCH_SCALE_EXPORT=`` (empty) leaves the exports out. ``BENCH_SCALE_TUNE=`` (empty; default ``int8,fp32``)
+leaves the tune rows out: the exports then read the 8-bit run an earlier run left in the work folder.
 """
 
 from __future__ import annotations
@@ -311,6 +312,12 @@ def _export_rows(ctx: Context, shape: str, models: Path, load: list[float]) -> N
                     phase=p["phase"], note="sampled every 0.25 s from the stderr line that starts it")
 
 
+def tune_precisions() -> list[str]:
+    import os
+
+    return [s for s in os.environ.get("BENCH_SCALE_TUNE", "int8,fp32").split(",") if s]
+
+
 def shapes() -> list[str]:
     import os
 
@@ -331,7 +338,7 @@ def case(ctx: Context) -> None:
                 note="frozen blocks' Linear weights: fp32 bytes minus int8 rows and fp32 row scales")
         peaks: dict[str, float] = {}
         steps: dict[str, list[float]] = {}
-        for prec in ("int8", "fp32"):
+        for prec in tune_precisions():
             system = f"{shape} {prec} base"
             if prec == "fp32" and shape in skip_fp32:
                 ctx.res.skip(CASE, system, "BENCH_SCALE_SKIP_FP32: does not fit this machine's memory")
@@ -351,7 +358,7 @@ def case(ctx: Context) -> None:
             for p in got["phases"]:
                 ctx.add(CASE, system, "phase_peak_rss_mib", p["peak_rss_mib"], "MiB", higher=False,
                         phase=p["phase"], note="sampled every 0.25 s from the stderr line that starts it")
-        if "int8" in peaks:
+        if "int8" in peaks or ("int8" not in tune_precisions() and (models / f"run-{shape}-int8").is_dir()):
             _export_rows(ctx, shape, models, load)
         if len(peaks) == 2:
             saved = peaks["fp32"] - peaks["int8"]

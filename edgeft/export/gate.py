@@ -251,17 +251,29 @@ def repetition(ids: list[int], n: int = NGRAM) -> float:
     return 1.0 - len(set(grams)) / len(grams) if len(grams) > 1 else 0.0
 
 
+NLL_ROWS = 16  # logit rows taken to float64 at a time (all 128 of a 49k vocabulary at once: 3 arrays of 50 MB)
+
+
 def _nll(logits: np.ndarray, ids: list[int]) -> float:
-    """Summed negative log-likelihood of ids[1:] given logits [len, vocab] (float64 maths)."""
-    x = logits[:-1].astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    logz = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
-    return float((logz - x[np.arange(len(ids) - 1), ids[1:]]).sum())
+    """Summed negative log-likelihood of ids[1:] given logits [len, vocab] (float64 maths, ``NLL_ROWS`` rows at a
+    time: each row's figure is the same as all at once, and so is their sum)."""
+    n = len(ids) - 1
+    each = np.empty(n, dtype=np.float64)
+    for start in range(0, n, NLL_ROWS):
+        x = logits[start:min(n, start + NLL_ROWS)].astype(np.float64)
+        m = x.max(axis=1, keepdims=True)
+        logz = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
+        each[start:start + len(x)] = logz - x[np.arange(len(x)), ids[start + 1:start + 1 + len(x)]]
+    return float(each.sum())
 
 
 def lm_reference(model: Any, encode, evals: EvalSet, config: ExportConfig, eos_ids: set[int]) -> Reference:
-    """PyTorch's perplexity and greedy continuations on the eval set."""
+    """PyTorch's perplexity and greedy continuations on the eval set. The heap's free pages go back to the
+    system after each sequence (``trim_heap``): the pass runs beside every weight of the model, and the
+    arrays of texts of different lengths otherwise leave the heap holding tens of MB more at its end."""
     import torch
+
+    from edgeft.export.merge import trim_heap
 
     seqs = [ids[:MAX_TEXT_TOKENS] for ids in (encode(t) for t in evals.texts)]
     seqs = [s for s in seqs if len(s) >= 2]
@@ -273,23 +285,29 @@ def lm_reference(model: Any, encode, evals: EvalSet, config: ExportConfig, eos_i
             logits = model(torch.tensor([ids])).logits[0].float().numpy()
             nll += _nll(logits, ids)
             count += len(ids) - 1
+            del logits
+            trim_heap()
         prompts = [encode(p)[-MAX_TEXT_TOKENS:] if evals.whole_prompts else encode(p)[:PROMPT_TOKENS]
                    for p in evals.prompts]
         prompts = [p for p in prompts if p]
-        conts = [_greedy(model, p, config.gate_new_tokens, eos_ids) for p in _bar(prompts, "gate: PyTorch greedy", config)]
+        conts = [_greedy(model, p, config.gate_new_tokens, eos_ids, trim_heap)
+                 for p in _bar(prompts, "gate: PyTorch greedy", config)]
     reps = [repetition(c) for c in conts]
     return Reference(
         metrics={"perplexity": math.exp(nll / count), "repetition": float(np.mean(reps)) if reps else 0.0},
         token_ids=seqs, nll=nll, count=count, prompts=prompts, continuations=conts)
 
 
-def _greedy(model: Any, prompt: list[int], n: int, eos_ids: set[int]) -> list[int]:
+def _greedy(model: Any, prompt: list[int], n: int, eos_ids: set[int],
+            after: Callable[[], None] = lambda: None) -> list[int]:
     import torch
 
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=n, do_sample=False, num_beams=1,
                          pad_token_id=next(iter(eos_ids), 0), eos_token_id=sorted(eos_ids) or None)
     ids = out[0, len(prompt):].tolist()
+    del out
+    after()
     cut = next((i for i, t in enumerate(ids) if t in eos_ids), len(ids))
     return ids[:cut]
 

@@ -159,20 +159,35 @@ def save_hf_configs(source: Source, folder: Path) -> Path:
 
 def remap(source: Source, config: ExportConfig) -> None:
     """Replace ``source.model`` by the same model loaded afresh (the base's weights mapped from their files,
-    the run's trained tensors merged in), dropping every page of it a pass read: the graph export and the
-    gate's PyTorch pass read all of it, and what follows them should not run beside it."""
+    the run's trained tensors merged in), dropping every page of it a pass read: the gate's PyTorch pass reads
+    all of it, and the graph export after it should not run beside it."""
     source.model = None
     give_back_memory()
     source.model = load_source(config).model
 
 
+def release(source: Source) -> None:
+    """Let the torch model go once the graph is exported (a decoder's candidates, calibration and gate read the
+    graph): its mapped weights leave the process, its merged tensors return to the system. A step that needs it
+    again (the sensitivity pass) loads it again (``load_source``)."""
+    source.model = None
+    give_back_memory()
+
+
 def give_back_memory() -> None:
     """Collect garbage and hand the heap memory it frees back to the system: glibc keeps freed blocks under
     its mapping threshold (up to 32 MB once larger ones were freed) for reuse, resident, until trimmed."""
-    import ctypes
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (every arena's: the torch threads' too), without a
+    garbage collection: cheap enough to run between two forward passes."""
+    import ctypes
+
     try:
         ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: glibc's; absent elsewhere
     except (OSError, AttributeError):

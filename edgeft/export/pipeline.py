@@ -4,8 +4,8 @@ Every candidate (one scheme, or several for ``auto`` and for classifier int8) is
 complete artifact folder in a work folder beside the destination, opened by edgeft's
 own runtime for the gate. The one kept is moved into place atomically; when the gate
 fails nothing is written (unless ``allow_degraded``) and the error names what failed.
-This module orchestrates; the steps live in ``merge``, ``decoder``, ``classifier``,
-``quantize``, ``assemble`` and ``gate``.
+This module orchestrates (a decoder's order is ``decoder_plan``'s); the steps live in ``merge``,
+``decoder``, ``classifier``, ``quantize``, ``assemble`` and ``gate``.
 """
 
 from __future__ import annotations
@@ -23,71 +23,24 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeft.artifact import MANIFEST, Gate, Int4Grid, Manifest, Quantization, Task, write_manifest
 from edgeft.errors import EdgeftError
-from edgeft.export import assemble, gate, quantize, smooth, trunk
-from edgeft.export.config import AUTO_ORDER, ExportConfig, Int8Mode, KVCache, Quantize
+from edgeft.export import assemble, gate, quantize, trunk
+from edgeft.export.candidates import Candidate, Gated, Log, Plan, say, unseal
+from edgeft.export.config import ExportConfig, Int8Mode, KVCache, Quantize
 from edgeft.fsutil import atomic_dir, check_destination, check_space, out_of_space, refuse_overlap
 
 if TYPE_CHECKING:
-    from edgeft.artifact import Embedding
     from edgeft.export.classifier import ClassifierGraph
-    from edgeft.export.decoder import DecoderGraph
     from edgeft.export.merge import Source
-
-Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@dataclass
-class Candidate:
-    """One complete artifact folder in the work folder, built on demand, then gated."""
-
-    name: str  # "int8", "int4", "mixed", "none", "int8-dynamic", "int8-weight-only"
-    build: Callable[[], tuple[Path, Manifest]]
-    folder: Path | None = None
-    manifest: Manifest | None = None
-    result: gate.GateResult | None = None
-    why: str = ""  # why it was chosen, once it is (recorded in the manifest's gate section)
-    note: str = ""  # what the candidate is, said beside ``why`` (searched: the sensitivity pass's choice)
-    retry: Callable[[gate.GateResult], Candidate | None] | None = None  # a narrower try after a failed gate
-    chosen4: list[str] = field(default_factory=list)  # searched: the groups it put at 4 bits
-
-    def ensure_built(self) -> Candidate:
-        if self.folder is None:
-            self.folder, self.manifest = self.build()
-        return self
-
-
-@dataclass
-class Plan:
-    """What one export is working with once its graph exists: the source, the fp32 graph, the
-    tokenizer, and the candidates built from them, smallest first. Made by ``_decoder_plan``,
-    ``_classifier_plan`` or ``_embedding_plan``; the gate changes only the candidates' results."""
-
-    config: ExportConfig
-    source: Source
-    graph: DecoderGraph | ClassifierGraph
-    tokenizer: Any  # the Hugging Face tokenizer (its files ship in every candidate)
-    candidates: list[Candidate]
-    max_length: int | None = None  # encoders: tokens per text
-    embedding: Embedding | None = None  # embedding models: what the manifest says of the vectors
-
-
-@dataclass(frozen=True)
-class Gated:
-    """What the gate measured: the candidate it chose (None: none passed), the eval texts, the reference."""
-
-    chosen: Candidate | None
-    evals: gate.EvalSet
-    reference: gate.Reference
 
 
 def export(config: ExportConfig, log: Log | None = _stderr) -> Path:
@@ -204,13 +157,6 @@ def work_bytes(config: ExportConfig, params: int) -> int:
     return int(params * (4 + SCHEME_BYTES[config.quantize]))
 
 
-def _unseal(c: Candidate) -> None:
-    """A gated candidate keeps no manifest: only the published artifact (its manifest written with the
-    gate's record) verifies; the candidate's manifest stays in memory (``c.manifest``)."""
-    if c.folder is not None:
-        (c.folder / MANIFEST).unlink(missing_ok=True)
-
-
 def _check_paths(config: ExportConfig) -> None:
     """Before anything is read or deleted: a local source that is not there is a local error (no hub
     attempt), and --out may not be, hold or lie inside what the export reads."""
@@ -274,7 +220,9 @@ def _export(config: ExportConfig, work: Path, log: Log, need: Need) -> Path:
     check_space(work, need.bytes, f"the export of {config.out}")  # before anything large is written
     hf_dir = save_hf_configs(source, work / "hf")
     if source.task is Task.causal_lm:
-        plan = _decoder_plan(config, source, hf_dir, work, log, route)
+        from edgeft.export import decoder_plan
+
+        plan = decoder_plan.plan(config, source, hf_dir, work, log, route)
     elif source.task is Task.embedding:
         plan = _embedding_plan(config, source, hf_dir, work, log)
     else:
@@ -305,222 +253,6 @@ def _torch_threads(config: ExportConfig, model: Any) -> None:
 
     small = sum(p.numel() for p in model.parameters()) < 20_000_000
     torch.set_num_threads(config.threads or (1 if small else torch.get_num_threads()))
-
-
-# ---------------------------------------------------------------- decoders
-
-def _decoder_schemes(config: ExportConfig) -> list[Quantize]:
-    return list(AUTO_ORDER) if config.quantize is Quantize.auto else [config.quantize]
-
-
-def _decoder_plan(config: ExportConfig, source: Source, hf_dir: Path, work: Path, log: Log, route: str) -> Plan:
-    from edgeft.export.decoder import export_decoder, int8_kv_cache
-    from edgeft.export.merge import remap
-
-    tokenizer = source.tokenizer
-    log("exporting the decoder graph (fp32)")
-    graph = export_decoder(source.model, hf_dir, work, route)
-    remap(source, config)  # the export read every page of the model: what follows runs beside a fresh map
-    if config.context_length and config.context_length > graph.context_length:
-        raise EdgeftError(f"--context-length {config.context_length} is longer than the model's "
-                          f"{graph.context_length} positions")
-    gen = assemble.generation_section(getattr(source.model, "generation_config", None))
-    # a decoder is cut only when asked (--trunk-blocks K), never at the run's frozen count by default
-    blocks = 0 if config.trunk_blocks is None else trunk.frozen_blocks(
-        config.trunk_blocks, source.run.trainable_layers if source.run else None, graph.num_layers)
-    kv_scales = _kv_scales(config, source, graph, log)
-
-    def build(scheme: Quantize, name: str | None = None, widths: dict[str, int] | None = None,
-              search: dict[str, Any] | None = None) -> tuple[Path, Manifest]:
-        folder = work / f"candidate-{name or scheme.value}"
-        folder.mkdir()
-        if scheme is Quantize.none:
-            assemble.copy_graph(graph.path, folder)
-            quant = Quantization(scheme="none", groups={"all": "fp32"}, method="none")
-        elif scheme is Quantize.int8 and config.int8_mode is Int8Mode.dynamic:
-            log("quantizing: int8, dynamic (smoothed, a scale per row)")
-            ids, origin = _calibration_ids(config, source)
-            feeds = smooth.decoder_feeds(graph.inputs, ids, graph.num_kv_heads, graph.head_dim, graph.kv_dtype)
-            quant = smooth.quantize_decoder_dynamic(graph.path, folder / "model.onnx", graph.vocab_size,
-                                                    graph.num_layers, config.block_size, feeds,
-                                                    config.threads)
-            quant = dataclasses.replace(quant, calibration={"tokens": int(sum(len(c) for c in ids)), "texts": origin,
-                                                            "alpha": smooth.ALPHA})
-        else:
-            log(f"quantizing: {name or scheme.value} (block size {config.block_size})")
-            quant = quantize.quantize_decoder(graph.path, folder / "model.onnx", scheme, config.block_size,
-                                              graph.num_layers, graph.vocab_size, config.int8_activations,
-                                              widths, config.int4_mode)
-            quant = dataclasses.replace(quant, search=search)
-        if kv_scales is not None:  # before the gate, which judges the cache with the weights
-            int8_kv_cache(folder / "model.onnx", kv_scales)
-        assemble.copy_support_files(hf_dir, folder, graph.genai_config, tokenizer, None, config.to_dict(),
-                                    config.context_length)
-        tok = assemble.tokenizer_section(tokenizer, source.model.config,
-                                         getattr(source.model, "generation_config", None), folder)
-        manifest = assemble.decoder_manifest(kv_graph, tok, gen, quant, source.architecture, config.context_length,
-                                             source.provenance())
-        if blocks:
-            manifest = trunk.split_decoder(folder, manifest, blocks, log)
-        return folder, write_manifest(folder, manifest)
-
-    kv_graph = graph if kv_scales is None else dataclasses.replace(graph, kv_dtype="int8")
-    search = _Search(config, source, graph, log)
-    candidates = [_searched_candidate(search, build, 1, None) if s is Quantize.searched
-                  else Candidate(s.value, lambda s=s: build(s)) for s in _decoder_schemes(config)]
-    return Plan(config, source, graph, tokenizer, candidates)
-
-
-def _kv_scales(config: ExportConfig, source: Source, graph: Any, log: Log) -> dict[str, Any] | None:
-    """--kv-cache int8: the cache's per-channel scales, measured on the fp32 graph over the calibration ids
-    of the dynamic int8 scheme (None: a float32 cache)."""
-    from edgeft.export.decoder import kv_cache_scales
-
-    if config.kv_cache is not KVCache.int8:
-        return None
-    ids, origin = _calibration_ids(config, source)
-    log(f"measuring the KV cache's range for an int8 cache on {sum(len(c) for c in ids)} tokens ({origin})")
-    feeds = smooth.decoder_feeds(graph.inputs, ids, graph.num_kv_heads, graph.head_dim, graph.kv_dtype)
-    return kv_cache_scales(graph.path, feeds, graph.num_layers)
-
-
-# Calibration of the dynamic int8 scheme: this many held-out tokens, in prompts of at most CALIBRATION_CHUNK.
-CALIBRATION_TOKENS = 2048
-CALIBRATION_CHUNK = 256
-
-
-def _calibration_ids(config: ExportConfig, source: Source) -> tuple[list[list[int]], str]:
-    """Token ids the smoothing measures activations on, and where they came from."""
-    evals = gate.eval_set(config, source.task, source.run_config, source.tokenizer, None)
-    texts, overlap = gate.calibration_texts(config, source.task, source.run_config, source.tokenizer, evals)
-    chunks = [ids[i:i + CALIBRATION_CHUNK] for ids in _encode_until(source.tokenizer, texts, CALIBRATION_TOKENS)
-              for i in range(0, len(ids), CALIBRATION_CHUNK)]
-    chunks = [c for c in chunks if len(c) >= 2]
-    if not chunks:
-        raise EdgeftError(f"the dynamic int8 scheme has no text to calibrate on ({evals.origin})")
-    return chunks, ("the gate texts themselves" if overlap else "held-out texts the gate does not score")
-
-
-# ---------------------------------------------------------------- searched widths
-
-# The first try aims the predicted perplexity rise at this share of the gate's budget (room for
-# the int8 activations, which the simulation leaves out, and for costs that do not add up exactly);
-# a failed try is narrowed so that the measured rise would land at SEARCH_AIM of the budget.
-SEARCH_TARGET_SHARE = 0.6
-SEARCH_AIM = 0.85
-SEARCH_TRIES = 3
-
-
-@dataclass
-class _Search:
-    """The sensitivity pass of one export, run the first time a searched candidate is built."""
-
-    config: ExportConfig
-    source: Source
-    graph: DecoderGraph
-    log: Log
-    found: list | None = None
-    unmatched: list[str] | None = None
-    sens: Any = None
-    overlap: bool = False
-
-    def run(self) -> _Search:
-        if self.sens is not None:
-            return self
-        from edgeft.export import sensitivity
-
-        config, source = self.config, self.source
-        evals = gate.eval_set(config, source.task, source.run_config, source.tokenizer, None)
-        texts, self.overlap = gate.calibration_texts(config, source.task, source.run_config, source.tokenizer, evals)
-        ids = sensitivity.chunks(_encode_until(source.tokenizer, texts, config.sensitivity_tokens),
-                                 config.sensitivity_tokens)
-        if ids.size < 2:
-            raise EdgeftError(f"the sensitivity pass has no held-out text to score ({evals.origin})")
-        self.found, self.unmatched = sensitivity.groups(self.graph.path, source.model, self.graph.vocab_size,
-                                                        config.block_size)
-        self.log(f"sensitivity: {len(self.found)} tensor groups, {ids.size} held-out tokens "
-                 f"({'the gate texts themselves' if self.overlap else 'held-out texts the gate does not score'}), "
-                 f"budget {config.sensitivity_seconds:g} s")
-        self.sens = sensitivity.measure(source.model, self.found, ids, config.block_size, config.sensitivity_seconds,
-                                        config.progress, self.log)
-        return self
-
-
-def _encode_until(tokenizer: Any, texts: list[str], tokens: int) -> list[list[int]]:
-    out, total = [], 0
-    for t in texts:
-        if total >= tokens:
-            break
-        ids = tokenizer.encode(t)
-        out.append(ids)
-        total += len(ids)
-    return out
-
-
-def _searched_candidate(search: _Search, build: Callable[..., tuple[Path, Manifest]], attempt: int,
-                        target: float | None) -> Candidate:
-    """A candidate whose widths come from the sensitivity pass, aiming its predicted rise at ``target``
-    percent (None: SEARCH_TARGET_SHARE of the budget); a failed gate yields a narrower next try."""
-    from edgeft.export import sensitivity
-
-    config = search.config
-    budget = config.max_perplexity_increase
-    c = Candidate("searched" if attempt == 1 else f"searched-{attempt}", lambda: (None, None))
-
-    def make() -> tuple[Path, Manifest]:
-        s = search.run()
-        aim = SEARCH_TARGET_SHARE * budget if target is None else target
-        choice = sensitivity.choose(s.found, s.sens, aim)
-        c.note, c.chosen4 = choice.why, choice.four_bit
-        widths = {g.node: 4 for g in s.found if g.name in choice.four_bit}
-        return build(Quantize.searched, c.name, widths, _search_record(s, choice, attempt))
-
-    def retry(result: gate.GateResult) -> Candidate | None:
-        s = search.run()
-        if attempt >= SEARCH_TRIES:
-            return None
-        floor = s.sens.increase_pct([])
-        spend = s.sens.increase_pct(c.chosen4) - floor  # what the failed mix was predicted to cost
-        measured = result.metrics.get("perplexity_increase_pct", 0.0)
-        if measured > SEARCH_AIM * budget and measured > floor:
-            spend *= min(0.8, (SEARCH_AIM * budget - floor) / (measured - floor))
-        else:  # failed on token agreement or repetition: halve what the 4-bit groups may cost
-            spend *= 0.5
-        narrower = sensitivity.choose(s.found, s.sens, floor + spend).four_bit
-        if spend <= 0 or not narrower or set(narrower) >= set(c.chosen4):
-            return None
-        search.log(f"{c.name} failed the gate: trying a narrower mix (predicted target {floor + spend:+.2f}%)")
-        return _searched_candidate(search, build, attempt + 1, floor + spend)
-
-    c.build, c.retry = make, retry
-    return c
-
-
-def _search_record(s: _Search, choice: Any, attempt: int) -> dict[str, Any]:
-    """The manifest's ``quantization.search``: every group's width and cost, and why this mix."""
-    sens = s.sens
-    return {
-        "method": "per-group fake quantization in PyTorch (onnxruntime's MatMulNBits blocks), others at int8; "
-                  "cost: mean KL from the all-int8 model on held-out token ids (NLL rise recorded too); "
-                  "greedy knapsack on cost per byte saved",
-        "why": choice.why,
-        "attempt": attempt,
-        "target_increase_pct": round(choice.target_pct, 4),
-        "predicted_increase_pct": round(choice.predicted_pct, 4),
-        "int8_predicted_increase_pct": round(sens.increase_pct([]), 4),
-        "widths": {g.name: ("int4" if g.name in choice.four_bit else "int8") for g in s.found},
-        "kl": {g: round(d, 7) for g, d in sens.kl.items()},
-        "nll_rise": {g: round(d, 6) for g, d in sens.deltas.items()},
-        "int8_kl": round(sens.baseline_kl, 7),
-        "unmeasured": [g.name for g in s.found if g.name not in sens.deltas],
-        "unmatched_nodes": list(s.unmatched or []),
-        "tokens": sens.tokens,
-        "tokens_are_gate_texts": s.overlap,
-        "cache_key": sens.key,
-        "groups_from_cache": sens.from_cache,
-        "seconds": round(sens.seconds, 2),
-        "budget_seconds": s.config.sensitivity_seconds,
-    }
 
 
 # ---------------------------------------------------------------- classifiers
@@ -625,17 +357,19 @@ def _encoder_candidates(config: ExportConfig, source: Source, hf_dir: Path, grap
 
 def _run_gate(plan: Plan, log: Log) -> Gated:
     config, source, candidates = plan.config, plan.source, plan.candidates
+    if source.task is Task.causal_lm:  # its reference was measured first, before the graph
+        from edgeft.export import decoder_plan
+
+        return decoder_plan.gate_candidates(plan, log)
     evals = gate.eval_set(config, source.task, source.run_config, plan.tokenizer, source.labels)
     log(f"gate: measuring PyTorch on {len(evals.texts)} held-out texts ({evals.origin})")
-    if source.task is Task.causal_lm:
-        return _gate_decoders(plan, evals, log)
     tokenizer_json = candidates[0].ensure_built().folder / "tokenizer.json"
     if source.task is Task.embedding:
         ref = gate.embedding_reference(source.model, tokenizer_json, evals, plan.embedding)
         for c in candidates:
             c.result = gate.embedding_gate(c.ensure_built().folder, ref, evals, config)
-            _unseal(c)
-            _say(c, log)
+            unseal(c)
+            say(c, log)
         passing = [c for c in candidates if c.result.passed]
         return Gated(pick_classifier(passing, "mean_cosine", classifier_timer(evals, config.threads, embedding=True),
                                      isa=_machine_isa()), evals, ref)
@@ -645,8 +379,8 @@ def _run_gate(plan: Plan, log: Log) -> Gated:
                                     pairs.template if pairs else None)
     for c in candidates:
         c.result = gate.classifier_gate(c.ensure_built().folder, ref, evals, config)
-        _unseal(c)
-        _say(c, log)
+        unseal(c)
+        say(c, log)
     passing = [c for c in candidates if c.result.passed]
     return Gated(pick_classifier(passing, timer=classifier_timer(evals, config.threads), isa=_machine_isa()),
                  evals, ref)
@@ -753,7 +487,7 @@ def classifier_timer(evals: gate.EvalSet, threads: int | None,
                 else:
                     open_[c.name] = TextClassifier.open(c.folder, threads=threads).predict_proba
             finally:
-                _unseal(c)
+                unseal(c)
             open_[c.name](texts)  # warm up before timing
         run = open_[c.name]
         start = time.perf_counter()
@@ -767,53 +501,6 @@ def _machine_isa() -> str:
     from edgeft.bench import cpu_isa, isa_summary
 
     return isa_summary(cpu_isa())
-
-
-def _gate_decoders(plan: Plan, evals: gate.EvalSet, log: Log) -> Gated:
-    from edgeft.runtime import Generator
-
-    from edgeft.export.merge import give_back_memory, remap
-
-    config, candidates = plan.config, plan.candidates
-    first = Generator.open(candidates[0].ensure_built().folder, threads=config.threads)
-    eos = set(first.eos_ids)
-    # the runtime's token ids, then its session closed: the PyTorch pass does not run beside it
-    encoded = {t: first.encode(t) for t in {*evals.texts, *evals.prompts}}
-    del first
-    give_back_memory()
-    ref = gate.lm_reference(plan.source.model, encoded.__getitem__, evals, config, eos)
-    remap(plan.source, config)  # nor the artifact's gate beside every page of the PyTorch model
-    i = 0
-    while i < len(candidates):  # candidates are ordered smallest first; a failed one may add a narrower try
-        c = candidates[i]
-        c.result = gate.lm_gate(c.ensure_built().folder, ref, config)
-        _unseal(c)
-        _say(c, log)
-        if c.result.passed:
-            c.why = ("the smallest scheme that passed the gate" if len(candidates) > 1
-                     else "the scheme asked for, and it passed the gate") + (f"; {c.note}" if c.note else "")
-            return Gated(c, evals, ref)
-        nxt = c.retry(c.result) if c.retry else None
-        if nxt is not None:
-            candidates.insert(i + 1, nxt)
-        i += 1
-    return Gated(None, evals, ref)
-
-
-def _say(c: Candidate, log: Log) -> None:
-    m = c.result.metrics
-    if "mean_cosine" in m:
-        figures = (f"mean cosine {m['mean_cosine']:.4f} (min {m['min_cosine']:.4f}), "
-                   f"{m['ms_per_text']:.2f} ms/text")
-    elif "perplexity" in m:
-        figures = (f"perplexity {m['perplexity']:.3f} ({m['perplexity_increase_pct']:+.2f}%), "
-                   f"token agreement {m['token_agreement']:.3f}, repetition {m['repetition']:.2f}")
-    else:
-        ci = m.get("accuracy_drop_ci95")
-        interval = f", 95% interval {ci[0]:.2f} to {ci[1]:.2f}" if ci else ""
-        figures = (f"accuracy {m['accuracy']:.4f} (drop {m['accuracy_drop_points']:.2f} pt{interval}), "
-                   f"agreement {m['label_agreement']:.4f}, {m['ms_per_text']:.2f} ms/text")
-    log(f"gate {c.name}: {'passed' if c.result.passed else 'FAILED'}: {figures}")
 
 
 # ---------------------------------------------------------------- publish
