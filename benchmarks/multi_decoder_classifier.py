@@ -10,7 +10,9 @@ over the int8 base, a score head on the last real token) on a different labelled
 ``../shared/data`` (``TASKS``: SST-2 sentiment, TREC's coarse and its fine question classes,
 SST-2 sentences by length), else the repository's slices. The tuning is short (``STEPS`` steps
 of 8 texts, the same in a quick run, so a quick run measures the prepared models): quality is not
-the point, only that each model has a top of its own above one frozen base. Each is exported
+the point, only that each model has a top of its own above one frozen base (so each run is
+evaluated, and its export gated, on rows of its own tuning file: a held-out split of a small slice
+can hold a label the rest lacks, which ``edgeft tune`` refuses). Each is exported
 int8 with ``--int8-mode dynamic`` (the same quantization for all four) split at ``--trunk-blocks
 26`` (the freeze boundary), so the four trunks are byte-identical and load as one session.
 
@@ -50,10 +52,10 @@ def family() -> Family:
 
 def artifact(ctx: Context, i: int) -> Path:
     """Task ``i``'s run, exported int8 (dynamic) and split at ``TRUNK_BLOCKS`` (cached)."""
-    name = TASKS[i]
+    name, data = TASKS[i], str(data_path(TASKS[i]))
     tag = f"smollm2-cls-{name}-top{TOP}-{STEPS}"
-    run = prepare.ensure_tuned(tag, [
-        "--model", prepare.LM, "--task", "classification", "--data", str(data_path(name)), *column_flags(name),
+    run = prepare.ensure_tuned(tag, [  # evaluated on its own rows: no held-out split to lack a rare label
+        "--model", prepare.LM, "--task", "classification", "--data", data, "--eval-data", data, *column_flags(name),
         "--trainable-layers", str(TOP), "--max-length", str(MAX_LENGTH), "--batch-size", "8", "--lr", "5e-4",
         "--max-steps", str(STEPS), "--max-eval-examples", "64", "--eval-batch-size", "16",
         "--threads", str(ctx.threads), "--no-progress", "--seed", str(i)])
