@@ -91,7 +91,7 @@ def test_a_split_decoder_classifier_answers_what_the_whole_graph_does(exported, 
 
 def test_padded_rows_get_what_each_gets_alone(exported):
     """Right padding after the trunk: the score head reads each row's last real token, not a pad."""
-    model = _open(exported(1, "none", 2))
+    model = _open(exported(0, "none", 2))
     together = model.predict_proba(TEXTS, batch_size=len(TEXTS))
     alone = np.concatenate([model.predict_proba([t]) for t in TEXTS])
     np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
