@@ -128,6 +128,16 @@ def data_path(name: str) -> Path:
     return DERIVED[name](path) if name in DERIVED else path
 
 
+def slice_tag(name: str) -> str:
+    """``"-slice"`` where data set ``name`` comes from the repository's slice (no shared data here), else
+    ``""``: a cache name's part, so a run tuned on a slice never stands in for one tuned on the shared file."""
+    try:
+        prepare.data_file(*DATA[name][0])
+    except prepare.Unavailable:
+        return "-slice"
+    return ""
+
+
 def column_flags(name: str) -> list[str]:
     """``--text-column`` / ``--label-column`` where data set ``name``'s columns are not found by name."""
     _s, _r, text_col, label_col = DATA[name]

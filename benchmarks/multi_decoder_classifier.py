@@ -8,13 +8,14 @@
 SmolLM2-135M-Instruct runs, each ``edgeft tune --task classification -n 4`` (top 4 of 30 blocks
 over the int8 base, a score head on the last real token) on a different labelled task from
 ``../shared/data`` (``TASKS``: SST-2 sentiment, TREC's coarse and its fine question classes,
-SST-2 sentences by length), else the repository's slices. The tuning is short (``STEPS`` steps
-of 8 texts, the same in a quick run, so a quick run measures the prepared models): quality is not
-the point, only that each model has a top of its own above one frozen base (so each run is
-evaluated, and its export gated, on rows of its own tuning file: a held-out split of a small slice
-can hold a label the rest lacks, which ``edgeft tune`` refuses). Each is exported
-int8 with ``--int8-mode dynamic`` (the same quantization for all four) split at ``--trunk-blocks
-26`` (the freeze boundary), so the four trunks are byte-identical and load as one session.
+SST-2 sentences by length; ``$EDGEFT_SHARED_DATA`` moves it), else the repository's slices
+(cached under names of their own). The tuning is short (``STEPS`` steps of 8 texts, the same in
+a quick run, so a quick run measures the prepared models): quality is not the point, only that
+each model has a top of its own above one frozen base (so each run is evaluated, and its export
+gated, on rows of its own tuning file: a held-out split of a small slice can hold a label the
+rest lacks, which ``edgeft tune`` refuses). Each is exported int8 with ``--int8-mode dynamic``
+(the same quantization for all four) split at ``--trunk-blocks 26`` (the freeze boundary), so
+the four trunks are byte-identical and load as one session.
 
 Texts and rounds as in ``multi_classifier``: 1,000 SST-2 dev and TREC sentences (quick: 200;
 ``BENCH_MULTI_TEXTS`` sets the count), batch 32; in alternating rounds the first model alone,
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks import prepare
-from benchmarks.multi_classifier import Family, column_flags, data_path, measure, run_case  # noqa: F401 - measure: the workers'
+from benchmarks.multi_classifier import Family, column_flags, data_path, measure, run_case, slice_tag  # noqa: F401 - measure: the workers'
 from benchmarks.multi_decoder import LAYERS, TOP, TRUNK_BLOCKS  # noqa: F401 - LAYERS: what TOP and TRUNK_BLOCKS split
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def family() -> Family:
 def artifact(ctx: Context, i: int) -> Path:
     """Task ``i``'s run, exported int8 (dynamic) and split at ``TRUNK_BLOCKS`` (cached)."""
     name, data = TASKS[i], str(data_path(TASKS[i]))
-    tag = f"smollm2-cls-{name}-top{TOP}-{STEPS}"
+    tag = f"smollm2-cls-{name}{slice_tag(name)}-top{TOP}-{STEPS}"
     run = prepare.ensure_tuned(tag, [  # evaluated on its own rows: no held-out split to lack a rare label
         "--model", prepare.LM, "--task", "classification", "--data", data, "--eval-data", data, *column_flags(name),
         "--trainable-layers", str(TOP), "--max-length", str(MAX_LENGTH), "--batch-size", "8", "--lr", "5e-4",

@@ -239,6 +239,9 @@ def test_multi_decoder_classifier_tunes_four_tasks_of_their_own(work, monkeypatc
     assert len(labels["sst2"]) == 2 and labels["sst2-length"] == {"short", "medium", "long"}
     assert len(labels["trec-coarse"]) == 6 and len(labels["trec-fine"]) > 20
     assert mc.length_label("a b c") == "short" and mc.length_label("w " * 25) == "long"
+    assert mc.slice_tag("trec-fine") == "-slice"  # a slice's run is cached apart from the shared file's
+    monkeypatch.setattr(prepare, "data_file", lambda *parts: SST2_SLICE)
+    assert mc.slice_tag("trec-fine") == ""
 
 
 def test_the_three_passes_alternate_and_each_is_warmed_once():
