@@ -546,7 +546,8 @@ CASES: dict[str, Callable[[Context], None]] = {
     **{name: module_case(name) for name in (
         "tune_minilm_sst2", "tune_smollm2_sonnets", "export_quality", "server_overhead", "frozen_cache",
         "int8_memory", "embeddings", "constrained", "serving", "batch_drift", "long_row", "gpu_tuning",
-        "speculative", "frozen_cache_alternating", "prefill_logits", "multi_classifier", "multi_decoder", "scale", "scale_speed")},
+        "speculative", "frozen_cache_alternating", "prefill_logits", "multi_classifier", "multi_decoder",
+        "multi_decoder_classifier", "scale", "scale_speed")},
 }
 # what `python -m benchmarks.run` runs without --cases
 DEFAULT_CASES = ("generation", "bandwidth", "classification", "quality", "tuning", "footprint", "peers")

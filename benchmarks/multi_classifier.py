@@ -11,15 +11,21 @@ else the repository's ``demo/sst2_2k.csv`` and ``tests/data`` slices), exported 
 blocks, are byte-identical: split at the default boundary, the runs' frozen count). Texts:
 1,000 SST-2 dev and TREC sentences (a quick run: 200; ``BENCH_MULTI_TEXTS`` sets the count, so a
 quick run's briefly tuned models can be timed on 1,000: the time does not depend on how well they learnt).
+``benchmarks.multi_decoder_classifier`` runs the same measurement on four SmolLM2 decoder
+classifiers (``Family``, ``run_case``).
 
 Two worker processes, each measuring one side alone (its own resident memory):
-- ``one``: the first model alone, ``predict_proba`` over the texts;
-- ``four``: the four models loaded together (one shared trunk session), ``classify_many`` over
-  the same texts, and, alternating with it, the four run one after another (``predict_proba``
+- ``one``: the first model alone, ``predict_proba`` over the texts (its memory);
+- ``four``: the four models loaded together (one shared trunk session), and in alternating
+  rounds (the order turns each round, so the machine's load falls on all three alike), at the
+  same batch size: the first model alone (``predict_proba``), the four in one call
+  (``classify_many``: the trunk once per batch) and the four one after another (``predict_proba``
   each: what four separate models cost, the trunk four times).
-Figures: seconds per pass (median of repeats after a warm-up), resident memory after loading
-and after the passes (VmRSS) and the peak. Goals (issue 29): four with ``classify_many`` at
-most 2.2x one alone (four one after another: ~4x); memory of four against one is reported.
+Figures: seconds per pass (median over the rounds, after one unmeasured pass of each), each
+four-model figure against the one-model figure of the same rounds (and round by round), resident
+memory after loading and after the passes (VmRSS) and the peak. Goals (issue 29): four with
+``classify_many`` at most 2.2x one alone (four one after another: ~4x); memory of four against
+one is reported.
 
 Two more workers time loading the second model (what ``POST /v1/models/load`` does: open it,
 every byte checked): ``add`` into a process that already holds the first (its trunk session
@@ -30,11 +36,13 @@ and the VmRSS the load added, one load each; goal (issue 29): ``add`` < 0.3x ``a
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from benchmarks import prepare
 
@@ -46,42 +54,99 @@ ADD, ALONE = "load one more model, trunk already loaded", "load that model alone
 GOAL_ADD = 0.3
 ONE, MANY, SEQ = "one MiniLM classifier", "four, classify_many (one trunk pass)", "four, one after another"
 GOAL_TIME = 2.2
+BATCH = 32
 REPO = prepare.REPO
-# name: (shared file, repository file, text column, label column)
+# name: (shared file, repository file, text column, label column); a derived set (``DERIVED``) is made from its file
 DATA = {
     "sst2": (("sst2", "train.tsv"), "demo/sst2_2k.csv", None, None),
     "sst2-slice": (("sst2", "dev.tsv"), "tests/data/sst2_dev_400.tsv", None, None),
     "trec-coarse": (("trec", "train.tsv"), "tests/data/trec_test_300.tsv", "text", "coarse_label"),
     "trec-person": (("trec", "train.tsv"), "tests/data/trec_test_300.tsv", None, None),  # derived: _person
+    "trec-fine": (("trec", "train.tsv"), "tests/data/trec_test_300.tsv", "text", "fine_label"),
+    "sst2-length": (("sst2", "train.tsv"), "tests/data/sst2_dev_400.tsv", None, None),  # derived: _length
 }
+MINILM = ("sst2", "sst2-slice", "trec-coarse", "trec-person")  # this case's four data sets
 
 
-def _data(name: str) -> Path:
+@dataclass(frozen=True)
+class Family:
+    """Four classifiers of one base, as a case measures them (``run_case``)."""
+
+    case: str
+    one: str  # the system name of one model alone
+    goal: float  # four in one call: at most this many times one alone
+    what: str  # the four models, for the note
+
+
+MINILM_FAMILY = Family(CASE, ONE, GOAL_TIME, "four MiniLM-L6 top-2 runs")
+
+
+def _rows(path: Path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        yield from csv.DictReader(fh, delimiter="\t" if path.suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE
+                                  if path.suffix == ".tsv" else csv.QUOTE_MINIMAL)
+
+
+def _write(name: str, rows: list[tuple[str, str]]) -> Path:
+    out = prepare.WORK / "data" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as dst:
+        w = csv.writer(dst)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return out
+
+
+def _person(trec: Path) -> Path:
+    """TREC questions labelled ``person`` (coarse class HUM) or ``other``: a binary task of its own."""
+    return _write(f"trec-person-{trec.stem}.csv",
+                  [(r["text"], "person" if r["coarse_label"] == "HUM" else "other") for r in _rows(trec)])
+
+
+def length_label(text: str) -> str:
+    """A sentence's length as a label: ``short`` (under 10 words), ``medium`` (under 20) or ``long``."""
+    n = len(text.split())
+    return "short" if n < 10 else "medium" if n < 20 else "long"
+
+
+def _length(sst2: Path) -> Path:
+    """SST-2 sentences labelled by their length (``length_label``), not their sentiment: a task of its own."""
+    rows = [(t, length_label(t)) for r in _rows(sst2) if (t := (r.get("sentence") or r.get("text") or "").strip())]
+    return _write(f"sst2-length-{sst2.stem}.csv", rows)
+
+
+DERIVED: dict[str, Callable[[Path], Path]] = {"trec-person": _person, "sst2-length": _length}
+
+
+def data_path(name: str) -> Path:
+    """Data set ``name``'s tuning file: the shared file, else the repository's slice (derived sets written once)."""
     shared, repo, *_ = DATA[name]
     try:
         path = prepare.data_file(*shared)
     except prepare.Unavailable:
         path = REPO / repo
-    return _person(path) if name == "trec-person" else path
+    return DERIVED[name](path) if name in DERIVED else path
 
 
-def _person(trec: Path) -> Path:
-    """TREC questions labelled ``person`` (coarse class HUM) or ``other``: a binary task of its own."""
-    import csv
+def slice_tag(name: str) -> str:
+    """``"-slice"`` where data set ``name`` comes from the repository's slice (no shared data here), else
+    ``""``: a cache name's part, so a run tuned on a slice never stands in for one tuned on the shared file."""
+    try:
+        prepare.data_file(*DATA[name][0])
+    except prepare.Unavailable:
+        return "-slice"
+    return ""
 
-    out = prepare.WORK / "data" / f"trec-person-{trec.stem}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(trec, encoding="utf-8") as src, open(out, "w", newline="", encoding="utf-8") as dst:
-        w = csv.writer(dst)
-        w.writerow(["text", "label"])
-        for row in csv.DictReader(src, delimiter="\t"):
-            w.writerow([row["text"], "person" if row["coarse_label"] == "HUM" else "other"])
-    return out
+
+def column_flags(name: str) -> list[str]:
+    """``--text-column`` / ``--label-column`` where data set ``name``'s columns are not found by name."""
+    _s, _r, text_col, label_col = DATA[name]
+    return (["--text-column", text_col] if text_col else []) + (["--label-column", label_col] if label_col else [])
 
 
 def texts(n: int) -> list[str]:
     """``n`` sentences: SST-2 and TREC rows interleaved (the repository's slices where the shared data is absent)."""
-    sources = [_data("sst2-slice"), _data("trec-coarse")]
+    sources = [data_path("sst2-slice"), data_path("trec-coarse")]
     rows = []
     for path in sources:
         lines = path.read_text(encoding="utf-8").splitlines()[1:]
@@ -116,32 +181,45 @@ def measure_load(spec: dict) -> dict:
     return {"seconds": seconds, "rss_added_mib": added, "shared_session": shared}
 
 
+def alternate(passes: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each of ``passes`` per round: one unmeasured pass of each first, then ``rounds`` rounds
+    of one pass each, the order turned by one every round (so no pass always follows the same one)."""
+    names = list(passes)
+    for name in names:
+        passes[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            passes[name]()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
 def measure(spec: dict) -> dict:
     """One side (``spec["side"]``: one, four, add or alone) in this worker process."""
     if spec["side"] in ("add", "alone"):
         return measure_load(spec)
-    from edgeft.bench import peak_rss_mib, summarize, timeit
+    from edgeft.bench import peak_rss_mib
     from edgeft.runtime import TextClassifier
     from edgeft.runtime.classify import classify_many
     from edgeft.runtime.trunks import loaded
 
-    sample = texts(spec["texts"])
+    sample, batch = texts(spec["texts"]), spec.get("batch", BATCH)
     base = _vm_rss_mib()
     paths = spec["paths"][:1] if spec["side"] == "one" else spec["paths"]
     models = [TextClassifier.open(p, threads=spec["threads"]) for p in paths]
     out = {"loaded_rss_mib": _vm_rss_mib(), "base_rss_mib": base, "texts": len(sample),
            "trunks": len(loaded()), "models": len(models)}
-    if spec["side"] == "one":
-        out["seconds"] = {ONE: summarize(timeit(lambda: models[0].predict_proba(sample, 32),
-                                                spec["repeats"])).to_dict()}
+    one = lambda: models[0].predict_proba(sample, batch)  # noqa: E731
+    if spec["side"] == "one":  # its memory; the time is the four side's, in the same rounds as the four
+        one()
     else:
-        runs: dict[str, list[float]] = {MANY: [], SEQ: []}
-        for _ in range(spec["repeats"]):  # alternating, so the machine's load falls on both alike
-            runs[MANY] += timeit(lambda: classify_many(models, sample, 32), 1)
-            runs[SEQ] += timeit(lambda: [m.predict_proba(sample, 32) for m in models], 1)
-        out["seconds"] = {k: summarize(v).to_dict() for k, v in runs.items()}
-        alone = [m.classify(sample[:50]) for m in models]
-        out["equal_to_alone"] = classify_many(models, sample[:50]) == alone
+        out["seconds"] = alternate({"one": one, "many": lambda: classify_many(models, sample, batch),
+                                    "seq": lambda: [m.predict_proba(sample, batch) for m in models]},
+                                   spec["repeats"])
+        alone = [m.classify(sample[:50], batch) for m in models]
+        out["equal_to_alone"] = classify_many(models, sample[:50], batch) == alone
     out["after_rss_mib"], out["peak_rss_mib"] = _vm_rss_mib(), peak_rss_mib()
     return out
 
@@ -152,56 +230,77 @@ def _artifacts(ctx: Context) -> list[Path]:
     steps = 20 if ctx.quick else ctx.classifier_steps
     prepare.ensure_model(prepare.ENCODER)
     arts = []
-    for i, (name, (_s, _r, text_col, label_col)) in enumerate(DATA.items()):
-        cols = (["--text-column", text_col] if text_col else []) + (["--label-column", label_col] if label_col else [])
+    for i, name in enumerate(MINILM):
         run = prepare.ensure_tuned(f"minilm-{name}-top2-{steps}", [
-            "--model", prepare.ENCODER, "--task", "classification", "--data", str(_data(name)), *cols,
-            "--trainable-layers", "2", *TUNE_FLAGS, "--max-steps", str(steps), "--seed", str(i)])
+            "--model", prepare.ENCODER, "--task", "classification", "--data", str(data_path(name)),
+            *column_flags(name), "--trainable-layers", "2", *TUNE_FLAGS, "--max-steps", str(steps), "--seed", str(i)])
         arts.append(prepare.ensure_exported(f"minilm-{name}-top2-{steps}-split-int8", run, "int8",
                                             ["--int8-mode", "dynamic", "--gate-texts", "200"]))
     return arts
 
 
 def case(ctx: Context) -> None:
+    run_case(ctx, MINILM_FAMILY, _artifacts(ctx), f"({', '.join(MINILM)}) exported int8 dynamic and split at the "
+                                                  "freeze boundary")
+
+
+def run_case(ctx: Context, fam: Family, arts: list[Path], how: str) -> None:
+    """Measure ``arts`` (four split artifacts of one base) as ``fam``: its gates, then (unless
+    ``BENCH_PREPARE_ONLY``) the one/four workers and the load workers, and their rows."""
     import json
 
-    from benchmarks.cases import WorkerFailed, _stat, record_gate
+    from benchmarks.cases import WorkerFailed, record_gate
 
-    arts = _artifacts(ctx)
     digests = {json.loads((a / "manifest.json").read_text()).get("trunk", {}).get("sha256") for a in arts}
     for a in arts:
-        record_gate(ctx, CASE, a.name, a)
+        record_gate(ctx, fam.case, a.name, a)
+    if os.environ.get("BENCH_PREPARE_ONLY"):  # tune and export now (a loaded machine is fine), measure later
+        return
     texts = int(os.environ.get("BENCH_MULTI_TEXTS") or (200 if ctx.quick else 1000))  # speed needs no long tuning
-    spec = {"paths": [str(a) for a in arts], "texts": texts,
-            "repeats": 2 if ctx.quick else ctx.repeats}
+    spec = {"paths": [str(a) for a in arts], "texts": texts, "batch": BATCH, "repeats": 2 if ctx.quick else ctx.repeats}
     try:
-        one = ctx.measure(CASE, side="one", **spec)
-        four = ctx.measure(CASE, side="four", **spec)
-        add = ctx.measure(CASE, side="add", **spec)
-        alone = ctx.measure(CASE, side="alone", **spec)
+        one = ctx.measure(fam.case, side="one", **spec)
+        four = ctx.measure(fam.case, side="four", **spec)
+        add = ctx.measure(fam.case, side="add", **spec)
+        alone = ctx.measure(fam.case, side="alone", **spec)
     except (WorkerFailed, subprocess.TimeoutExpired) as exc:
         raise prepare.Unavailable(str(exc)) from None
-    note = (f"{CASE}: {four['texts']} texts, batch 32, {ctx.threads} threads; four MiniLM-L6 top-2 runs "
-            f"({', '.join(DATA)}) exported int8 dynamic and split at the freeze boundary; "
+    note = (f"{fam.case}: {four['texts']} texts, batch {BATCH}, {ctx.threads} threads; {fam.what} {how}; "
             f"{len(digests)} distinct trunk(s) on disk, {four['trunks']} trunk session(s) loaded for four models; "
             f"classify_many equal to each model alone: {four['equal_to_alone']}")
-    t_one = _stat(one["seconds"][ONE])
-    ctx.add(CASE, ONE, "seconds", t_one, "s", higher=False, note=note)
-    for system in (MANY, SEQ):
-        t = _stat(four["seconds"][system])
-        ctx.add(CASE, system, "seconds", t, "s", higher=False)
-        ctx.add(CASE, system, "time_vs_one", t.median / t_one.median, "x", higher=False,
-                note=f"{system}: goal <= {GOAL_TIME}x one model alone" if system == MANY else "")
+    time_rows(ctx, fam, four["seconds"], note)
+    memory_rows(ctx, fam, one, four)
+    load_rows(ctx, fam.case, add, alone,
+              f"one load each, every byte checked; trunk session reused: {add['shared_session']}")
+
+
+def time_rows(ctx: Context, fam: Family, seconds: dict[str, list[float]], note: str) -> None:
+    """Seconds per pass of one model, four in one call and four one after another (the same rounds), and
+    each four-model figure against one model's: the ratio of the medians, round by round in the note."""
+    from edgeft.bench import summarize
+
+    rounds = len(seconds["one"])
+    t_one = summarize(seconds["one"])
+    ctx.add(fam.case, fam.one, "seconds", t_one, "s", higher=False, note=note)
+    for key, system in (("many", MANY), ("seq", SEQ)):
+        ctx.add(fam.case, system, "seconds", summarize(seconds[key]), "s", higher=False)
+        per_round = ", ".join(f"{a / b:.2f}" for a, b in zip(seconds[key], seconds["one"]))
+        goal = f"goal <= {fam.goal}x one model alone; " if key == "many" else ""
+        ctx.add(fam.case, system, "time_vs_one", summarize(seconds[key]).median / t_one.median, "x", higher=False,
+                note=f"{system}: {goal}median over {rounds} alternating rounds against one model in the same "
+                     f"rounds; round by round: {per_round}")
+
+
+def memory_rows(ctx: Context, fam: Family, one: dict, four: dict) -> None:
     for key in ("loaded_rss_mib", "after_rss_mib", "peak_rss_mib"):
-        ctx.add(CASE, ONE, key, one[key], "MiB", higher=False)
-        ctx.add(CASE, MANY, key, four[key], "MiB", higher=False)
-    ctx.add(CASE, MANY, "rss_vs_one", four["after_rss_mib"] / one["after_rss_mib"], "x", higher=False,
+        ctx.add(fam.case, fam.one, key, one[key], "MiB", higher=False)
+        ctx.add(fam.case, MANY, key, four[key], "MiB", higher=False)
+    ctx.add(fam.case, MANY, "rss_vs_one", four["after_rss_mib"] / one["after_rss_mib"], "x", higher=False,
             note="resident memory after the passes, four models loaded against one (whole process, Python included)")
     loaded_one = one["loaded_rss_mib"] - one["base_rss_mib"]
     loaded_four = four["loaded_rss_mib"] - four["base_rss_mib"]
-    ctx.add(CASE, MANY, "load_rss_vs_one", loaded_four / max(loaded_one, 1e-9), "x", higher=False,
+    ctx.add(fam.case, MANY, "load_rss_vs_one", loaded_four / max(loaded_one, 1e-9), "x", higher=False,
             note="memory the loading itself added (VmRSS after opening the models less before)")
-    load_rows(ctx, CASE, add, alone, f"one load each, every byte checked; trunk session reused: {add['shared_session']}")
 
 
 def load_rows(ctx: Context, case: str, add: dict, alone: dict, note: str) -> None:

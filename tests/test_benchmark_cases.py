@@ -223,3 +223,76 @@ def test_multi_decoder_case_runs_alone_on_tiny_split_decoders(work, tiny_llama_d
         assert res.find(metric, system) is not None, (metric, system)
     assert "(trunk shared with 1 of them)" in res.find("load_seconds", md.ADD).note
     assert "another trunk, shared with 0" in res.find("load_seconds", md.ADD).note
+
+
+def test_multi_decoder_classifier_tunes_four_tasks_of_their_own(work, monkeypatch):
+    import csv
+
+    import benchmarks.multi_classifier as mc
+    import benchmarks.multi_decoder_classifier as mdc
+
+    assert mdc.CASE in cases.CASES and mdc.CASE not in cases.DEFAULT_CASES
+    assert mdc.TRUNK_BLOCKS + mdc.TOP == mdc.LAYERS and len(mdc.TASKS) == 4 and set(mdc.TASKS) <= set(mc.DATA)
+    monkeypatch.setattr(prepare, "data_file", lambda *parts: (_ for _ in ()).throw(prepare.Unavailable("no")))
+    labels = {}
+    for name in mdc.TASKS:  # the repository's slices here: each task's labels read back as the tuning reads them
+        path = mc.data_path(name)
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t" if path.suffix == ".tsv" else ","))
+        col = dict(zip(*[iter(mc.column_flags(name))] * 2)).get("--label-column", "label")
+        labels[name] = {r[col] for r in rows}
+    assert len(labels["sst2"]) == 2 and labels["sst2-length"] == {"short", "medium", "long"}
+    assert len(labels["trec-coarse"]) == 6 and len(labels["trec-fine"]) > 20
+    assert mc.length_label("a b c") == "short" and mc.length_label("w " * 25) == "long"
+    assert mc.slice_tag("trec-fine") == "-slice"  # a slice's run is cached apart from the shared file's
+    monkeypatch.setattr(prepare, "data_file", lambda *parts: SST2_SLICE)
+    assert mc.slice_tag("trec-fine") == ""
+
+
+def test_the_three_passes_alternate_and_each_is_warmed_once():
+    from benchmarks.multi_classifier import alternate
+
+    calls = []
+    secs = alternate({k: (lambda k=k: calls.append(k)) for k in ("one", "many", "seq")}, rounds=4)
+    assert calls == ["one", "many", "seq",  # the unmeasured pass of each
+                     "one", "many", "seq", "many", "seq", "one", "seq", "one", "many", "one", "many", "seq"]
+    assert {k: len(v) for k, v in secs.items()} == {"one": 4, "many": 4, "seq": 4}
+
+
+@pytest.mark.slow  # tunes and exports four tiny decoder classifiers, then four worker processes: a few minutes
+def test_multi_decoder_classifier_case_runs_alone_on_tiny_split_decoders(work, tiny_llama_dir, monkeypatch):
+    import json
+
+    import benchmarks.multi_classifier as mc
+    import benchmarks.multi_decoder_classifier as mdc
+
+    monkeypatch.setattr(prepare, "LM", str(tiny_llama_dir))
+    monkeypatch.setattr(prepare, "ensure_model", lambda name: Path(name))
+    monkeypatch.setattr(prepare, "data_file", lambda *parts: (_ for _ in ()).throw(prepare.Unavailable("no")))
+    monkeypatch.setattr(mdc, "TOP", 2)  # the tiny llama's 4 blocks: top 2 tuned, the trunk the 2 below
+    monkeypatch.setattr(mdc, "TRUNK_BLOCKS", 2)
+    monkeypatch.setattr(mdc, "STEPS", 2)
+    monkeypatch.setenv("BENCH_MULTI_TEXTS", "40")
+    monkeypatch.setenv("BENCH_WORK", str(work))
+    monkeypatch.setenv("BENCH_PREPARE_ONLY", "1")
+    res = run.run_suite([mdc.CASE], quick=True, threads=1)
+    assert not res.skipped and not res.measurements and len(res.gates) == 4  # prepared only: gates, no timing
+    arts = sorted((work / "artifacts").iterdir())
+    trunk = [json.loads((a / "manifest.json").read_text())["trunk"] for a in arts]
+    assert len(arts) == 4 and len({t["sha256"] for t in trunk}) == 1 and trunk[0]["blocks"] == 2
+    monkeypatch.delenv("BENCH_PREPARE_ONLY")
+    made = {a.name: (a / "manifest.json").stat().st_mtime_ns for a in arts}
+    res = run.run_suite([mdc.CASE], quick=True, threads=1)
+    assert not res.skipped, res.skipped
+    assert made == {a.name: (a / "manifest.json").stat().st_mtime_ns for a in arts}  # measured what was prepared
+    note = res.find("seconds", mdc.ONE).note
+    assert "1 distinct trunk(s) on disk, 1 trunk session(s) loaded for four models" in note
+    assert "classify_many equal to each model alone: True" in note and "40 texts, batch 32" in note
+    for system in (mc.MANY, mc.SEQ):
+        ratio = res.find("time_vs_one", system)
+        assert ratio.median == pytest.approx(res.find("seconds", system).median / res.find("seconds", mdc.ONE).median)
+        assert "round by round" in ratio.note and ratio.case == mdc.CASE
+    assert "goal <= 1.5x" in res.find("time_vs_one", mc.MANY).note
+    for metric, system in (("rss_vs_one", mc.MANY), ("peak_rss_mib", mdc.ONE), ("load_rss_vs_alone", mc.ADD)):
+        assert res.find(metric, system) is not None, (metric, system)
+    assert "trunk session reused: True" in res.find("load_seconds", mc.ADD).note
