@@ -202,7 +202,10 @@ def watch(cmd: list[str], scratch: tuple[Path, str] | None = None, env: dict[str
     # ru_maxrss (KiB on Linux), or the sampled peak where that is larger: in a suite worker wait4 read less than
     # the sampled RSS of the same child (1,885 against 3,491 MiB for a tune, 353 for exports of 2-5 GiB)
     peak = max([usage.ru_maxrss / 1024, *(p["peak_rss_mib"] for p in phases)])
-    return {"rc": proc.returncode, "peak_rss_mib": round(peak, 1), "phases": [p for p in phases if p["peak_rss_mib"]],
+    # ``child_peak_mib`` too: a suite worker sets its result's ``peak_rss_mib`` to the larger of its own peak
+    # and that key, so without it the worker's own (~354 MiB) replaced this figure
+    return {"rc": proc.returncode, "peak_rss_mib": round(peak, 1), "child_peak_mib": round(peak, 1),
+            "phases": [p for p in phases if p["peak_rss_mib"]],
             "scratch_peak_mb": round(scratch_peak[0] / 1e6, 1), "tail": lines[-5:]}
 
 
