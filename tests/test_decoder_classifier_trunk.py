@@ -11,11 +11,11 @@ must run that trunk once per batch and give each model what it gives alone.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_trunk import _data as trunk_data
 
 # rows of different lengths, so a batch pads: the score head must read each row's last real token
 TEXTS = ["great lovely fine", "awful dull bad day and a long grey night of nothing at all", "summer night",
@@ -27,13 +27,7 @@ TASKS = [{"positive": ["great", "lovely", "fine", "good"], "negative": ["awful",
 
 
 def _data(path: Path, seed: int, words: dict[str, list[str]]) -> Path:
-    rng = random.Random(seed)
-    rows = ["text,label"]
-    for _ in range(96):
-        label = rng.choice(sorted(words))
-        rows.append(f"{' '.join(rng.choice(words[label]) for _ in range(rng.randint(2, 9)))},{label}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return trunk_data(path, seed, words, n=96, lengths=(2, 9))  # texts of different lengths: padding matters
 
 
 @pytest.fixture(scope="module")

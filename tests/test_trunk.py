@@ -26,12 +26,14 @@ WORDS = [{"positive": ["great", "lovely", "fine", "good"], "negative": ["awful",
          {"positive": ["summer", "day", "sonnet", "rose"], "negative": ["winter", "night", "cold", "grave"]}]
 
 
-def _data(path: Path, seed: int, words: dict[str, list[str]]) -> Path:
+def _data(path: Path, seed: int, words: dict[str, list[str]], n: int = 120, lengths: tuple[int, int] = (5, 5)) -> Path:
+    """A labelled CSV of ``n`` rows: each text ``lengths`` words (a range) drawn from its label's words."""
     rng = random.Random(seed)
     rows = ["text,label"]
-    for _ in range(120):
+    for _ in range(n):
         label = rng.choice(sorted(words))
-        rows.append(f"{' '.join(rng.choice(words[label]) for _ in range(5))},{label}")
+        k = lengths[0] if lengths[0] == lengths[1] else rng.randint(*lengths)
+        rows.append(f"{' '.join(rng.choice(words[label]) for _ in range(k))},{label}")
     path.write_text("\n".join(rows) + "\n")
     return path
 
