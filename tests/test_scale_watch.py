@@ -15,4 +15,5 @@ def test_a_watched_childs_peak_is_the_workers_reported_peak(monkeypatch, capsys)
     assert workers.main(["workers", json.dumps({"worker": "watched", "threads": 1})]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT "))
     got = json.loads(line[len("RESULT "):])
-    assert got["rc"] == 0 and got["peak_rss_mib"] >= 300 and got["child_peak_mib"] == got["peak_rss_mib"]
+    # the worker here is pytest itself, whose own peak may be larger still: the result is the larger of the two
+    assert got["rc"] == 0 and got["child_peak_mib"] >= 300 and got["peak_rss_mib"] >= got["child_peak_mib"]
