@@ -34,15 +34,12 @@ torch or transformers.
 from __future__ import annotations
 
 import json
-import threading
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
 from edgeft.artifact import Check, Decoder, Manifest, Task, open_artifact
 from edgeft.data import check_text
@@ -431,23 +428,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-_TOKENIZERS: weakref.WeakValueDictionary[str, Tokenizer] = weakref.WeakValueDictionary()
-_TOKENIZERS_LOCK = threading.Lock()
-
-
-def shared_tokenizer(folder: Path, manifest: Manifest) -> Tokenizer:
-    """The process's tokenizer for the file ``manifest`` lists with this sha256 (models tuned from one base
-    carry the same one: loaded once while any model holds it). A generator only reads it."""
-    name = manifest.tokenizer.file
-    digest = str(manifest.files.get(name, {}).get("sha256", "")) or f"{folder}/{name}"
-    with _TOKENIZERS_LOCK:
-        tok = _TOKENIZERS.get(digest)
-        if tok is None:
-            tok = Tokenizer.from_file(str(folder / name))
-            _TOKENIZERS[digest] = tok
-        return tok
-
-
 def _shares_buffer(folder: Path, manifest: Manifest) -> bool:
     """Whether the graph's past and present caches may be one buffer (the genai builder's GQA)."""
     if manifest.graph.genai_config and (folder / manifest.graph.genai_config).is_file():
@@ -464,7 +444,12 @@ class Generator:
         if manifest.task is not Task.causal_lm:
             raise EdgeftError(f"{folder} is a {manifest.task.value} artifact, not a text generator")
         self.folder, self.manifest = Path(folder), manifest
-        self.tokenizer = shared_tokenizer(self.folder, manifest)
+        from edgeft.runtime import trunks
+
+        # one tokenizer per tokenizer file (by its sha256) in this process
+        tok_file = manifest.tokenizer.file
+        digest = manifest.files.get(tok_file, {}).get("sha256") or str(self.folder / tok_file)
+        self.tokenizer = trunks.load_tokenizer(self.folder / tok_file, digest)
         self.decoder = manifest.decoder
         threads = threads or default_threads()
         # spinning or sleeping pool threads: an explicit Spin, else what the machine shows now
@@ -473,8 +458,6 @@ class Generator:
                                profile_prefix=profile_prefix)
         shared = head = None
         if manifest.trunk is not None:  # one session per trunk (and head) digest in this process
-            from edgeft.runtime import trunks
-
             shared = trunks.load(self.folder, manifest.trunk, threads, self.spinning)
             if manifest.head is not None:
                 head = trunks.load_head(self.folder, manifest.head, threads, self.spinning)

@@ -1,4 +1,4 @@
-"""One onnxruntime session per distinct shared part in this process: trunks and heads, keyed by sha256.
+"""One copy per distinct shared part in this process: trunk and head sessions, and tokenizers, keyed by sha256.
 
 A split classifier or decoder (``edgeft.artifact.Trunk``) carries its trunk, the embeddings and
 frozen blocks of its base, as a file named and hashed by its content; a split decoder whose head
@@ -107,6 +107,15 @@ def load_head(folder: Path, spec: Head, threads: int | None = None, spin: Any = 
     return _shared(spec.sha256, lambda: SharedHead(Path(folder) / spec.file, spec, threads, spin),
                    lambda h: isinstance(h, SharedHead) and h.input == spec.input,
                    f"{folder}: its manifest names another input for head {spec.sha256[:16]} than the one loaded")
+
+
+def load_tokenizer(path: Path, sha256: str) -> Any:
+    """The process's ``tokenizers.Tokenizer`` for the file with this sha256, read from ``path`` if none is loaded
+    (models tuned from one base carry the same file; a generator only reads it)."""
+    from tokenizers import Tokenizer
+
+    return _shared(sha256, lambda: Tokenizer.from_file(str(path)), lambda t: isinstance(t, Tokenizer),
+                   f"{path}: sha256 {sha256[:16]} is loaded as another kind of part")
 
 
 def loaded() -> dict[str, SharedTrunk]:
