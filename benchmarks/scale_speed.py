@@ -12,9 +12,9 @@ them with its own ``convert_hf_to_gguf.py --outtype f32`` (the vendored sources 
 and quantizes that file with ``llama-quantize``. Pairs on the same grid family:
 
 - edgeft int8 (``-q int8``: 8-bit symmetric blocks of 32) against llama.cpp Q8_0 (8-bit symmetric blocks of 32);
-- edgeft int4 (``-q int4 --block-size 32 --int4-mode zero-point``: 4-bit blocks of 32, each with a 4-bit
-  integer zero point, the only 4-bit grid ``MatMulNBits`` runs without extra ops; edgeft has no
-  zero-point-free 4-bit flag) against Q4_0 (4-bit symmetric blocks of 32) and Q4_K_M (llama.cpp's default).
+- edgeft int4-sym (``-q int4 --block-size 32 --int4-mode symmetric``: 4-bit symmetric blocks of 32, Q4_0's
+  grid) and edgeft int4 (``--int4-mode zero-point``, edgeft's default: each block with a 4-bit integer zero
+  point) against Q4_0 (4-bit symmetric blocks of 32) and Q4_K_M (llama.cpp's default).
 
 Measured per system, in alternating rounds (every system once per round, the order rotated, each in a
 fresh worker process; the 1-minute load average sampled before each): decode after a short prompt,
@@ -72,6 +72,7 @@ PREFILL = 512
 EDGEFT_SYSTEMS = {  # system -> edgeft export arguments
     "edgeft int8": ["-q", "int8", "--block-size", "32"],
     "edgeft int4": ["-q", "int4", "--block-size", "32", "--int4-mode", "zero-point"],
+    "edgeft int4-sym": ["-q", "int4", "--block-size", "32", "--int4-mode", "symmetric"],
     # the integer-GEMM prompt path: per-channel int8 weights, int8 activations on a scale per row
     # (``DynamicQuantizeMatMul``: onnxruntime's u8s8 kernels, VNNI or AMX where the CPU has them)
     "edgeft int8-dynamic": ["-q", "int8", "--int8-mode", "dynamic"],
@@ -83,6 +84,7 @@ LLAMA_VARIANTS = {"llama.cpp Q8_0 kv8": ("Q8_0", ["-ctk", "q8_0", "-ctv", "q8_0"
 OPT_IN = ("edgeft int8 kv8", "llama.cpp Q8_0 kv8")  # run only when BENCH_SCALE_SYSTEMS names them
 # (edgeft system, llama.cpp systems at the same bits): its ratio is against the fastest of them
 PAIRS = (("edgeft int8", ("llama.cpp Q8_0",)), ("edgeft int4", ("llama.cpp Q4_0", "llama.cpp Q4_K_M")),
+         ("edgeft int4-sym", ("llama.cpp Q4_0", "llama.cpp Q4_K_M")),
          ("edgeft int8-dynamic", ("llama.cpp Q8_0",)), ("edgeft int8 kv8", ("llama.cpp Q8_0 kv8",)))
 # edgeft against itself: the integer-GEMM prompt path over today's weight-only int8 (goal: prefill >= 2x at
 # unchanged decode on a VNNI or AMX CPU)

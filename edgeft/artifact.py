@@ -274,6 +274,7 @@ class Int4Grid(str, enum.Enum):
 
     zero_point = "zero-point"  # w = scale * (q - z), an integer zero point per block (MatMulNBits alone)
     float_offset = "float-offset"  # w = offset + scale * q, a float offset per block (llama.cpp's Q4_1 grid)
+    symmetric = "symmetric"  # w = scale * q, q in -8..7, no zero point (llama.cpp's Q4_0 grid)
 
     @classmethod
     def _missing_(cls, value: object) -> "Int4Grid | None":

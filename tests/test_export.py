@@ -261,13 +261,14 @@ def test_offset_pass_is_the_same_matmul_with_one_block_sum_per_input(rank, sums)
         assert np.linalg.norm(y8 - ref) < 0.1 * np.linalg.norm(integer - ref)
 
 
-def test_int4_offset_mode_is_refused_without_4bit_blocks(work, tiny_llama_dir, bert_run):
-    for source, scheme, said in ((tiny_llama_dir, "int8", "not --quantize int8"),
-                                 (bert_run, "auto", "not a classification model")):
-        out = work / f"refused-offset-{scheme}"
-        with pytest.raises(EdgeftError, match=f"--int4-mode float-offset applies .*{said}"):
-            _export(source, out, scheme, int4_mode="float-offset")
-        assert not out.exists()
+def test_int4_grid_modes_are_refused_without_4bit_blocks(work, tiny_llama_dir, bert_run):
+    for mode in ("float-offset", "symmetric"):
+        for source, scheme, said in ((tiny_llama_dir, "int8", "not --quantize int8"),
+                                     (bert_run, "auto", "not a classification model")):
+            out = work / f"refused-{mode}-{scheme}"
+            with pytest.raises(EdgeftError, match=f"--int4-mode {mode} applies .*{said}"):
+                _export(source, out, scheme, int4_mode=mode)
+            assert not out.exists()
 
 
 def test_int4_offset_export_holds_a_q41_model_with_an_8bit_head(work, tiny_llama_dir, tmp_path):

@@ -137,12 +137,12 @@ def test_the_int4_grid_is_one_spelling_from_the_flag_to_the_manifest(tmp_path, m
     from edgeft.export import quantize
     from edgeft.export.config import Quantize
 
-    assert [g.value for g in Int4Grid] == ["zero-point", "float-offset"]
-    assert "--int4-mode [zero-point|float-offset]" in _help("export")
+    assert [g.value for g in Int4Grid] == ["zero-point", "float-offset", "symmetric"]
+    assert "--int4-mode [zero-point|float-offset|symmetric]" in _help("export")
     src, _ = _graph(tmp_path)
     seen = []
     monkeypatch.setattr(E, "export", lambda config: seen.append(config) or tmp_path)
-    for spelled in ("zero-point", "float-offset"):
+    for spelled in ("zero-point", "float-offset", "symmetric"):
         res = run("export", "src", "-o", tmp_path / "a", "-q", "int4", "--int4-mode", spelled)
         assert res.exit_code == 0, res.output
         grid = seen[-1].int4_mode
@@ -173,7 +173,7 @@ def test_the_old_int4_spelling_is_refused_in_one_line_naming_the_new_one(tmp_pat
     assert res.exit_code == 2 and "--int4-mode offset is now spelled float-offset" in res.output, res.output
     with pytest.raises(EdgeftError, match="^--int4-mode offset is now spelled float-offset"):
         ExportConfig(source="src", out=tmp_path / "a", int4_mode="offset")
-    with pytest.raises(EdgeftError, match="--int4-mode must be one of zero-point, float-offset, not 'q4_1'"):
+    with pytest.raises(EdgeftError, match="--int4-mode must be one of zero-point, float-offset, symmetric, not 'q4_1'"):
         ExportConfig(source="src", out=tmp_path / "a", int4_mode="q4_1")
 
 

@@ -83,9 +83,11 @@ class ExportConfig:
     weight-only (what best gives) or dynamic (smoothed per-channel, int8 activations on a scale per row,
     integer GEMM: faster prompt prefill, calibrated on held-out texts)."""
     int4_mode: Int4Grid = Int4Grid.zero_point
-    """Decoders' 4-bit blocks: zero-point (an integer zero point per block: onnxruntime's 4-bit kernel alone)
-    or float-offset (a float offset per block, the min/max grid of llama.cpp's Q4_1, offsets stored 8-bit, and the
-    head at 8 bits as in Q4_1 files; closer to the model, but four small extra ops per matmul)."""
+    """Decoders' 4-bit blocks: zero-point (an integer zero point per block: onnxruntime's 4-bit kernel alone),
+    symmetric (a scale per block and no zero point, llama.cpp's Q4_0 grid: the same kernel with less to read and
+    unpack, a coarser grid), or float-offset (a float offset per block, the min/max grid of llama.cpp's Q4_1,
+    offsets stored 8-bit, and the head at 8 bits as in Q4_1 files; closer to the model, but four small extra ops
+    per matmul)."""
     kv_cache: KVCache = field(default=KVCache.float32, metadata=flag("--kv-cache"))
     """Decoders: the KV cache's storage, float32 or int8 (a quarter of the bytes each decode step reads at long
     contexts; per-channel scales measured on held-out texts, and the gate judges each candidate with it, as it

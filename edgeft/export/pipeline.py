@@ -190,14 +190,14 @@ def _check_scheme(config: ExportConfig) -> None:
         raise EdgeftError("--kv-cache int8 applies to decoders; an encoder keeps no KV cache")
     if config.trunk_blocks and config.task is Task.embedding:
         raise EdgeftError("--trunk-blocks splits classifiers and decoders; an embedding model exports as one graph")
-    if config.int4_mode is Int4Grid.float_offset:
+    if config.int4_mode is not Int4Grid.zero_point:
         what = None
         if config.quantize not in (*narrow, Quantize.auto):
             what = f"--quantize {config.quantize.value}"
         elif config.task is not None and config.task is not Task.causal_lm:
             what = f"a {config.task.value} model"
         if what:
-            raise EdgeftError(f"--int4-mode float-offset applies to a decoder's 4-bit blocks (--quantize int4, mixed, "
+            raise EdgeftError(f"--int4-mode {config.int4_mode.value} applies to a decoder's 4-bit blocks (--quantize int4, mixed, "
                               f"searched or auto), not {what}")
     if config.task is Task.causal_lm and config.int8_mode is Int8Mode.dynamic and not config.int8_activations:
         raise EdgeftError("--int8-mode dynamic computes on int8 activations: drop --fp32-activations, or use "

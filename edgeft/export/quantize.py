@@ -4,7 +4,8 @@ Decoders get weight-only block quantization: every MatMul with a constant weight
 ``MatMulNBits`` (8 or 4 bits, selectable block size, int8 activations on CPU), and the
 token embedding becomes ``GatherBlockQuantized`` at the same width, sharing the head's
 quantized matrix when the model ties them. 8-bit blocks are symmetric; 4-bit blocks have
-a zero point (asymmetric), except the head, whose matrix the embedding may share. The 8-bit
+a zero point (asymmetric; none with ``--int4-mode symmetric``, llama.cpp's Q4_0 grid), except the head,
+whose matrix the embedding may share. The 8-bit
 and 4-bit blocks are made one weight at a time from the fp32 graph's external file (``_block_pass``,
 with onnxruntime's own kernels), so the fp32 weights of the MatMuls are never all in memory.
 
@@ -285,7 +286,7 @@ def quantize_decoder(src: Path, dest: Path, scheme: Quantize, block_size: int, n
     else:
         # (bits, symmetric, nodes): 4-bit blocks with zero points; a 4-bit head stays symmetric, as
         # the embedding lookup may share its quantized matrix
-        passes = [(4, False, [n for n in four if head is None or n != head.node]),
+        passes = [(4, int4_grid is Int4Grid.symmetric, [n for n in four if head is None or n != head.node]),
                   (4, True, [head.node] if head is not None and plan[head.node] == 4 else []),
                   (8, True, eight)]
         for bits, symmetric, nodes in passes:
