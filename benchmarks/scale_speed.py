@@ -404,8 +404,8 @@ def case(ctx: Context) -> None:
     ctx.res.notes.append(
         f"{CASE}: random weights of real shapes ({', '.join(names)}; vocabulary {VOCAB}, SmolLM2's tokenizer): "
         "quality on random weights is meaningless, so gates are recorded, not used; equal grids (8-bit blocks of "
-        "32 against Q8_0, 4-bit blocks of 32 against Q4_0 and Q4_K_M; edgeft's 4-bit blocks carry a 4-bit zero "
-        "point, Q4_0's do not) make the speed comparison fair. CPU: " + isa_summary(isa) + f"; {rounds} rounds, "
+        "32 against Q8_0, 4-bit blocks of 32 against Q4_0 and Q4_K_M; edgeft int4-sym's blocks are Q4_0's grid, edgeft "
+        "int4's carry a 4-bit zero point as well) make the speed comparison fair. CPU: " + isa_summary(isa) + f"; {rounds} rounds, "
         "order rotated each round, a figure is the median of the round medians [their min-max]"
         + (f"; 1-minute load average {min(load):.2f}-{max(load):.2f} before the workers" if load else ""))
     if (llama := llamacpp.current()) is not None:
