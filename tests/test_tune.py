@@ -155,6 +155,39 @@ def test_int8_linear_rounds_the_weight_and_passes_the_input_gradient():
     assert not layer.weight.requires_grad and layer.weight.grad is None
 
 
+def test_int8_linears_widen_their_weights_into_one_reused_buffer_per_thread():
+    """Each call widens the int8 rows into the thread's one scratch buffer (grown to the largest weight
+    once), not a fresh matrix each call; results are those of a fresh widening; another thread has its own."""
+    import threading
+
+    import torch
+
+    from edgeft.tune import int8
+
+    torch.manual_seed(1)
+    layers = []
+    for n_in, n_out in ((32, 16), (64, 48), (16, 8)):
+        layer = int8.Int8Linear.like(torch.nn.Linear(n_in, n_out, bias=False))
+        layer.put("weight", torch.randn(n_out, n_in))
+        layers.append(layer)
+    int8._SCRATCH.buf = None
+    ptrs = []
+    for layer in layers * 2:
+        x = torch.randn(3, layer.in_features, requires_grad=True)
+        y = layer(x)
+        y.square().sum().backward()
+        ptrs.append(int8._SCRATCH.buf.data_ptr())
+        w = layer.weight.float() * layer.scale[:, None]
+        torch.testing.assert_close(y, x.detach() @ w.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, (2 * y.detach()) @ w, rtol=1e-5, atol=1e-5)
+    assert int8._SCRATCH.buf.numel() == 64 * 48 and len(set(ptrs[1:])) == 1  # grown once, at the largest
+    other: list = []
+    thread = threading.Thread(target=lambda: (layers[0](torch.randn(2, 32)), other.append(int8._SCRATCH.buf)))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != ptrs[-1] and int8._SCRATCH.buf.data_ptr() == ptrs[-1]
+
+
 def test_int8_base_on_cpu_maps_only_the_embeddings_and_imports_no_bitsandbytes(tiny_llama_dir):
     """Loaded tensor by tensor: of the checkpoint only the frozen embeddings stay mapped; no bitsandbytes."""
     import subprocess

@@ -26,6 +26,7 @@ nothing of data, training or the run folder.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,18 +52,45 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(torch.float32)
 
 
+class _Scratch(threading.local):
+    """One reusable buffer per thread for the weight of the call in progress.
+
+    A frozen weight is widened for each call and dropped after it. Allocated afresh, a matrix of tens
+    of MB is a new mapping each time (glibc maps allocations that large), whose pages the kernel faults
+    in and zeroes on every call, forward and backward: a fifth of a large layer's time. The buffer is the
+    largest frozen weight's size, once per thread; nothing holds the widened weight beyond its call (the
+    autograd function saves the int8 rows)."""
+
+    buf: torch.Tensor | None = None
+
+    def widen(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.buf is None or self.buf.dtype != dtype or self.buf.numel() < q.numel():
+            self.buf = None  # the old one goes before the new one is made
+            self.buf = torch.empty(q.numel(), dtype=dtype)
+        return self.buf[:q.numel()].view(q.shape).copy_(q)
+
+
+_SCRATCH = _Scratch()
+
+
 class _DequantMatmul(torch.autograd.Function):
     """``x @ (q * scale).T``, the weight de-quantized per call; the gradient is the input's only."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(q, scale)
-        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+        return F.linear(x, _widened(q, x.dtype)) * scale.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         q, scale = ctx.saved_tensors
-        return (grad * scale.to(grad.dtype)) @ q.to(grad.dtype), None, None
+        return (grad * scale.to(grad.dtype)) @ _widened(q, grad.dtype), None, None
+
+
+def _widened(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q`` as ``dtype`` (a mixed-dtype multiply by the scales here would be several times slower than a
+    copy, so the scales go on the output): in the thread's scratch buffer on CPU, a fresh tensor elsewhere."""
+    return _SCRATCH.widen(q, dtype) if q.device.type == "cpu" else q.to(dtype)
 
 
 class Int8Linear(nn.Module):
