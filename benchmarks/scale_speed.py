@@ -421,6 +421,8 @@ def _gguf_systems(ctx: Context, shape: str, model: Path, root: Path, source: Pat
     rows, and the systems that time them."""
     types = {t: [v for v, (vt, _) in LLAMA_VARIANTS.items() if vt == t and wanted(v)] for t in GGUF_TYPES}
     types = {t: v for t, v in types.items() if wanted(f"llama.cpp {t}") or v}
+    if not types:  # no llama.cpp system wanted: nothing to convert (an fp32 file nobody quantizes would stay)
+        return []
     outs = {t: root / "gguf" / f"{shape}.{t}.gguf" for t in types}
     f32 = root / "gguf" / f"{shape}.F32.gguf"
     made = bool(outs) and all(o.exists() for o in outs.values())

@@ -63,3 +63,17 @@ def test_ratios_are_against_the_faster_peer_at_the_same_bits_and_skip_missing_si
 def test_the_case_is_registered_by_name_and_not_in_the_default_run():
     assert "scale_speed" in cases.CASES and "scale_speed" not in cases.DEFAULT_CASES
     assert scale_speed.CASE == "scale_speed" and callable(scale_speed.case) and not hasattr(scale_speed, "main")
+
+
+def test_no_llama_cpp_system_wanted_converts_nothing(monkeypatch, tmp_path):
+    """Only edgeft systems named: no fp32 GGUF is converted (it would be left behind, as large as the model)."""
+    monkeypatch.setenv("BENCH_SCALE_SYSTEMS", "edgeft int4-sym")
+    made: list = []
+    facts = {"seconds": 1.0, "bytes": 1, "export_peak_rss_mib": 1.0}
+    monkeypatch.setattr(scale_speed, "_made", lambda *a, **k: made.append(a) or facts)
+    monkeypatch.setattr(scale_speed, "_export_rows", lambda *a, **k: None)
+    assert scale_speed._gguf_systems(None, "tiny-llama", tmp_path, tmp_path, tmp_path, tmp_path) == []
+    assert made == []
+    monkeypatch.setenv("BENCH_SCALE_SYSTEMS", "edgeft int4-sym,llama.cpp Q4_0")
+    scale_speed._gguf_systems(None, "tiny-llama", tmp_path, tmp_path, tmp_path, tmp_path)
+    assert [a[2] for a in made][:1] == ["llama.cpp F32"]
