@@ -53,36 +53,54 @@ def site_scale(amax: np.ndarray, row_max: np.ndarray, rows: int, alpha: float) -
 def calibrate_file(model: Any, src: Path, tensors: Sequence[str], feeds: Sequence[dict],
                    threads: int | None = None) -> dict[str, np.ndarray]:
     """Largest magnitude per channel (last axis) of each of ``tensors`` over the runs ``feeds``, from a session
-    on ``model``'s graph saved beside ``src`` (whose data file its external tensors name): no copy of the
-    weights is made. ``model`` is left as it came."""
+    on a copy of ``model``'s graph saved beside ``src`` (its external tensors name ``src``'s data file, mapped by
+    onnxruntime: no copy of the weights is made). The copy reduces each tensor to its channels' maxima in the
+    graph (``Abs``, ``Flatten``, ``ReduceMax``: exact), so a run returns a few KiB, not the activations."""
     import onnx
     import onnxruntime as ort
 
-    before = len(model.graph.output)
-    have = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                              for t in tensors if t not in have)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # the weights stay mapped from their file: packed copies of the MatMuls' weights would hold them twice
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.enable_mem_pattern = False  # a few prompts: planned blocks and an arena would outlive each op's buffers
+    opts.enable_cpu_mem_arena = False
     if threads:
         opts.intra_op_num_threads = threads
     fd, name = tempfile.mkstemp(prefix=".calibrate-", suffix=".onnx", dir=Path(src).parent)
     os.close(fd)
     out: dict[str, np.ndarray] = {}
     try:
-        onnx.save_model(model, name)  # the graph alone: its external tensors stay where they are
+        onnx.save_model(_with_maxima(model, tensors), name)  # the graph alone: the tensors stay where they are
         session = ort.InferenceSession(name, opts, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
         for feed in feeds:
-            values = dict(zip(names, session.run(None, feed)))
-            for t in tensors:
-                v = np.abs(values[t].reshape(-1, values[t].shape[-1])).max(0)
+            for t, v in zip(tensors, session.run([f"{t}/edgeft_amax" for t in tensors], feed)):
                 out[t] = v if t not in out else np.maximum(out[t], v)
         del session
     finally:
-        del model.graph.output[before:]
         Path(name).unlink(missing_ok=True)
     return out
+
+
+def _with_maxima(model: Any, tensors: Sequence[str]) -> Any:
+    """A copy of ``model`` (a graph whose weights are external) with ``{t}/edgeft_amax`` outputs: the largest
+    |value| of each channel (last axis) of each of ``tensors``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset >= 18:
+        copy.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "edgeft_amax_axes"))
+    for t in tensors:
+        base = f"{t}/edgeft_amax"
+        reduce = (helper.make_node("ReduceMax", [f"{base}/rows", "edgeft_amax_axes"], [base], keepdims=0)
+                  if opset >= 18 else helper.make_node("ReduceMax", [f"{base}/rows"], [base], axes=[0], keepdims=0))
+        copy.graph.node.extend([helper.make_node("Abs", [t], [f"{base}/abs"]),
+                                helper.make_node("Flatten", [f"{base}/abs"], [f"{base}/rows"], axis=-1), reduce])
+        copy.graph.output.append(helper.make_tensor_value_info(base, TensorProto.FLOAT, None))
+    return copy
 
 
 # ---------------------------------------------------------------- a weight, a block of rows at a time
