@@ -87,7 +87,10 @@ def test_streamed_artifact_is_the_whole_graph_paths(graph, tmp_path, monkeypatch
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
     _old_path(graph.path, tmp_path / "old" / "model.onnx", graph.vocab_size, 32, feeds)
+    from edgeft.export import quantize
+
     monkeypatch.setattr(dynamic, "CHUNK", 200)  # several blocks of rows per weight
+    monkeypatch.setattr(quantize, "QUANT_ROWS", 1000)  # and per embedding
     got = smooth.quantize_decoder_dynamic(graph.path, tmp_path / "new" / "model.onnx", graph.vocab_size,
                                           graph.num_layers, 32, feeds)
     assert got.method == "dynamic-smoothed" and got.activations == "int8-per-row"

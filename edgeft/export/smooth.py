@@ -19,6 +19,12 @@ Weights are 7-bit (``reduce_range``): on AVX2 without VNNI, onnxruntime's u8 x s
 pairs of products in 16 bits, which full-range int8 weights overflow. The token embedding is
 8-bit ``GatherBlockQuantized``, as in the weight-only scheme.
 
+The export (``quantize_decoder_dynamic``) leaves the fp32 weights in their file and makes the
+int8 graph one weight at a time (``edgeft.export.dynamic``). ``rewrite`` (``calibrate``,
+``smooth``, ``per_row`` on a graph held whole in memory) is the same rewrite on a small graph:
+the tests check with it that the rewrite is exact in fp32, and that the export's graph is what it
+and onnxruntime's ``quantize_dynamic`` make.
+
 This module knows ONNX graphs and onnxruntime; nothing of torch or tokenizers: the
 calibration ids come from the caller.
 """
