@@ -61,8 +61,6 @@ def calibrate_file(model: Any, src: Path, tensors: Sequence[str], feeds: Sequenc
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    # the weights stay mapped from their file: packed copies of the MatMuls' weights would hold them twice
-    opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_mem_pattern = False  # a few prompts: planned blocks and an arena would outlive each op's buffers
     opts.enable_cpu_mem_arena = False
     if threads:
