@@ -71,7 +71,9 @@ def calibrate_file(model: Any, src: Path, tensors: Sequence[str], feeds: Sequenc
     try:
         onnx.save_model(_with_maxima(model, tensors), name)  # the graph alone: the tensors stay where they are
         session = ort.InferenceSession(name, opts, providers=["CPUExecutionProvider"])
+        inputs = {i.name for i in session.get_inputs()}
         for feed in feeds:
+            feed = {k: v for k, v in feed.items() if k in inputs}
             for t, v in zip(tensors, session.run([f"{t}/edgeft_amax" for t in tensors], feed)):
                 out[t] = v if t not in out else np.maximum(out[t], v)
         del session
@@ -98,7 +100,28 @@ def _with_maxima(model: Any, tensors: Sequence[str]) -> Any:
         copy.graph.node.extend([helper.make_node("Abs", [t], [f"{base}/abs"]),
                                 helper.make_node("Flatten", [f"{base}/abs"], [f"{base}/rows"], axis=-1), reduce])
         copy.graph.output.append(helper.make_tensor_value_info(base, TensorProto.FLOAT, None))
+    _keep_only(copy, [f"{t}/edgeft_amax" for t in tensors])
     return copy
+
+
+def _keep_only(model: Any, outputs: Sequence[str]) -> None:
+    """Make ``outputs`` the graph's only outputs and drop the nodes and initializers they do not need (the
+    head, whose input is measured but whose product is not): the session holds no weight it does not use."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    needed, todo = set(), list(outputs)
+    while todo:
+        node = made_by.get(todo.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            todo.extend(i for i in node.input if i)
+    keep = [n for n in model.graph.node if id(n) in needed]
+    model.graph.ClearField("node")
+    model.graph.node.extend(keep)
+    wanted = set(outputs)
+    for i in reversed([i for i, o in enumerate(model.graph.output) if o.name not in wanted]):
+        del model.graph.output[i]
+    used = {i for n in model.graph.node for i in n.input} | {i.name for i in model.graph.input}
+    remove_initializers(model, {t.name for t in model.graph.initializer if t.name not in used})
 
 
 # ---------------------------------------------------------------- a weight, a block of rows at a time
