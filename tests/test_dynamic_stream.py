@@ -173,3 +173,32 @@ def test_columns_are_onnxruntimes_per_channel_int8_to_the_bit(tmp_path):
                                        reduce_range=True)
             assert zero[c] == zp and scale[c] == sc and scale.dtype == np.float32, c
             assert np.array_equal(q[:, c], qc.astype(np.int8)), c
+
+
+@pytest.mark.parametrize("graph", ["tiny_llama_dir"], indirect=True)
+def test_calibration_session_holds_only_what_the_measured_tensors_need(graph, monkeypatch):
+    """The session's graph measures each tensor's channel maxima in the graph and has lost the head; its figures
+    are the whole graph's (``smooth.calibrate``, every tensor an output, the model in memory) to the bit."""
+    import onnxruntime as ort
+
+    from edgeft.export.quantize import load, load_graph, matmul_targets
+
+    model = load_graph(graph.path)
+    targets = matmul_targets(model, graph.vocab_size)
+    tensors = [s.tensor for s in smooth.sites(model, [t.node for t in targets])]
+    assert tensors
+    seen: list = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession",
+                        lambda p, *a, **k: (seen.append(onnx.load(p, load_external_data=False)), real(p, *a, **k))[1])
+    outputs = [o.name for o in model.graph.output]
+    got = dynamic.calibrate_file(model, graph.path, tensors, _feeds(graph))
+    assert [o.name for o in model.graph.output] == outputs  # the caller's graph as it came
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    want = smooth.calibrate(load(graph.path), tensors, _feeds(graph))
+    assert set(got) == set(want) and all(np.array_equal(got[t], want[t]) for t in tensors)
+    session_graph = seen[0]
+    assert [o.name for o in session_graph.graph.output] == [f"{t}/edgeft_amax" for t in tensors]
+    head = next(t for t in targets if t.group == "head")
+    assert head.node not in {n.name for n in session_graph.graph.node}  # (its weight stays where the embedding
+    assert not [n for n in session_graph.graph.node if n.op_type == "MatMul" and n.input[1] == head.weight]  # is it)
