@@ -3,8 +3,9 @@
 The steps of ``edgeft.export.smooth`` (calibrate, smooth, quantize), done without the whole fp32
 graph in memory:
 
-- **calibration** runs a session on the fp32 graph's own file: a copy of the graph alone (the
-  tensors to measure added as outputs) is written beside it, naming the same data file;
+- **calibration** runs a session on the fp32 graph's own file: a copy of the graph alone is written
+  beside it, naming the same data file, each tensor to measure reduced to its channels' maxima in the
+  graph and what only the head needs left out;
 - **smoothing** changes the norms' gains in the graph (they are small) and, for the weights, only
   notes what to do to each (rows times a scale, a range of columns divided by one), in the order the
   whole-graph rewrite does it, so the numbers are its numbers to the bit;
@@ -12,7 +13,9 @@ graph in memory:
   writes int8 per output column, 7-bit (``reduce_range``), with the nodes onnxruntime's
   ``quantize_dynamic`` writes for a MatMul with a constant weight (``DynamicQuantizeLinear``,
   ``MatMulInteger``, ``Cast``, two ``Mul``; onnxruntime fuses them into ``DynamicQuantizeMatMul`` when
-  it loads the graph), its names, its rounding and its node order.
+  it loads the graph), its names, its rounding and its node order (for opset 11 and later, where
+  ``quantize_dynamic`` writes ``DynamicQuantizeLinear``). What it does not write: the shapes
+  ``quantize_dynamic``'s shape inference records (``value_info``) and its producer name.
 
 This module knows ONNX graphs, onnxruntime and numpy; it does not know how the sites to smooth are
 found (``smooth.sites``) nor where the calibration ids come from.
@@ -53,9 +56,11 @@ def site_scale(amax: np.ndarray, row_max: np.ndarray, rows: int, alpha: float) -
 def calibrate_file(model: Any, src: Path, tensors: Sequence[str], feeds: Sequence[dict],
                    threads: int | None = None) -> dict[str, np.ndarray]:
     """Largest magnitude per channel (last axis) of each of ``tensors`` over the runs ``feeds``, from a session
-    on a copy of ``model``'s graph saved beside ``src`` (its external tensors name ``src``'s data file, mapped by
-    onnxruntime: no copy of the weights is made). The copy reduces each tensor to its channels' maxima in the
-    graph (``Abs``, ``Flatten``, ``ReduceMax``: exact), so a run returns a few KiB, not the activations."""
+    on a copy of ``model``'s graph saved beside ``src`` (its external tensors name ``src``'s data file: the session
+    reads the weights, nothing else holds them). The copy reduces each tensor to its channels' maxima in the
+    graph (``Abs``, ``Flatten``, ``ReduceMax``: exact), so a run returns a few KiB, not the activations. The
+    session keeps onnxruntime's prepacked weights: without them its sums, and so the maxima, differ in the last
+    bits from the whole-graph path's."""
     import onnx
     import onnxruntime as ort
 
