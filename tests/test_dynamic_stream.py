@@ -202,3 +202,34 @@ def test_calibration_session_holds_only_what_the_measured_tensors_need(graph, mo
     head = next(t for t in targets if t.group == "head")
     assert head.node not in {n.name for n in session_graph.graph.node}  # (its weight stays where the embedding
     assert not [n for n in session_graph.graph.node if n.op_type == "MatMul" and n.input[1] == head.weight]  # is it)
+
+
+def test_shared_inputs_and_weights_are_quantized_once_as_onnxruntime_does(tmp_path):
+    """Two MatMuls on one input share its ``DynamicQuantizeLinear``; two on one weight share its int8 copy."""
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgeft.export.quantize import load, load_graph, save
+
+    rng = np.random.default_rng(5)
+    w = {n: numpy_helper.from_array(rng.standard_normal((32, 24)).astype(np.float32), n) for n in ("wa", "wb")}
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], "mm_a"), helper.make_node("MatMul", ["x", "wb"], ["b"], "mm_b"),
+             helper.make_node("Relu", ["x"], ["r"], "relu"), helper.make_node("MatMul", ["r", "wa"], ["c"], "mm_c"),
+             helper.make_node("Sum", ["a", "b", "c"], ["y"], "sum")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])], list(w.values()))
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
+    quantize_dynamic(str(tmp_path / "fp32.onnx"), str(tmp_path / "ref.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=True, reduce_range=True, op_types_to_quantize=["MatMul"],
+                     nodes_to_quantize=["mm_a", "mm_b", "mm_c"], use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1})
+    ref = load(tmp_path / "ref.onnx")
+    ours = load_graph(tmp_path / "fp32.onnx")
+    dynamic.integer_matmuls(ours, tmp_path, ["mm_a", "mm_b", "mm_c"], {})
+    assert _nodes(ours) == _nodes(ref)
+    assert [n.op_type for n in ours.graph.node].count("DynamicQuantizeLinear") == 2
+    have = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    want = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
+    assert [t.name for t in ours.graph.initializer] == list(want) == ["wa_scale", "wa_zero_point", "wa_quantized", "wb_scale", "wb_zero_point",
+                                        "wb_quantized"]
+    assert all(np.array_equal(have[n], want[n]) and have[n].dtype == want[n].dtype for n in want)

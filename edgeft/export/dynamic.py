@@ -226,7 +226,7 @@ def integer_matmuls(model: Any, base: Path, nodes: Sequence[str], ops: Ops) -> N
 
     inits, wanted = _inits(model), set(nodes)
     quantized: dict[str, tuple[str, str, str]] = {}
-    new = []
+    new, done = [], set()
     for node in model.graph.node:
         if node.name not in wanted:
             new.append(node)
@@ -236,13 +236,15 @@ def integer_matmuls(model: Any, base: Path, nodes: Sequence[str], ops: Ops) -> N
             quantized[x] = (f"{x}_quantized", f"{x}_scale", f"{x}_zero_point")
             new.append(helper.make_node("DynamicQuantizeLinear", [x], list(quantized[x]), f"{x}_QuantizeLinear"))
         t = inits[node.input[1]]
-        q, scale, zero = quantize_columns(t, base, ops.get(t.name, []))
-        # as onnxruntime adds them, one weight at a time: scale and zero point (as lists), then the data
-        model.graph.initializer.extend([
-            helper.make_tensor(f"{t.name}_scale", TensorProto.FLOAT, [len(scale)], scale.tolist()),
-            helper.make_tensor(f"{t.name}_zero_point", TensorProto.INT8, [len(zero)], zero.tolist()),
-            numpy_helper.from_array(q, f"{t.name}_quantized")])
-        del q
+        if t.name not in done:  # a weight two MatMuls read is quantized once, as onnxruntime does
+            q, scale, zero = quantize_columns(t, base, ops.get(t.name, []))
+            # as onnxruntime adds them, one weight at a time: scale and zero point (as lists), then the data
+            model.graph.initializer.extend([
+                helper.make_tensor(f"{t.name}_scale", TensorProto.FLOAT, [len(scale)], scale.tolist()),
+                helper.make_tensor(f"{t.name}_zero_point", TensorProto.INT8, [len(zero)], zero.tolist()),
+                numpy_helper.from_array(q, f"{t.name}_quantized")])
+            done.add(t.name)
+            del q
         new += _integer_nodes(node, quantized[x], t.name)
     model.graph.ClearField("node")
     model.graph.node.extend(new)
