@@ -570,8 +570,10 @@ def _ancestors(producers: dict, name: str, depth: int = 4) -> set[str]:
     return seen
 
 
-def _quantize_embedding(model, bits: int, block_size: int, head: MatMulTarget | None, head_bits: int) -> bool:
-    """Replace the token-embedding Gather by GatherBlockQuantized; True when it shares the head's weight."""
+def _quantize_embedding(model, bits: int, block_size: int, head: MatMulTarget | None, head_bits: int,
+                        base: Path | None = None) -> bool:
+    """Replace the token-embedding Gather by GatherBlockQuantized; True when it shares the head's weight.
+    With ``base``, a matrix still in its external file is read from it a block of rows at a time."""
     from onnx import helper, numpy_helper
 
     if not bits:
@@ -593,12 +595,16 @@ def _quantize_embedding(model, bits: int, block_size: int, head: MatMulTarget | 
         new = _gbq_nodes(node, reshape.output[0], scales, bits, attrs["block_size"], hidden, nb * attrs["block_size"], model)
         replace_node(model, node, [reshape, *new])
         return True
-    if matrix is None:  # tied, but the head stays at another width: materialize the matrix
-        w = numpy_helper.to_array(inits[head.weight]).T
+    if base is not None:
+        w = _weight(inits[head.weight], base).T if matrix is None else _weight(inits[matrix], base)
+        data, scales = _block_quantize_mapped(w, bits, block_size)
     else:
-        w = numpy_helper.to_array(inits[matrix])
+        if matrix is None:  # tied, but the head stays at another width: materialize the matrix
+            w = numpy_helper.to_array(inits[head.weight]).T
+        else:
+            w = numpy_helper.to_array(inits[matrix])
+        data, scales = block_quantize_rows(w.astype(np.float32), bits, block_size)
     vocab, hidden = w.shape
-    data, scales = block_quantize_rows(w.astype(np.float32), bits, block_size)
     dname, sname = f"{node.name}_Q{bits}", f"{node.name}_scales"
     model.graph.initializer.extend([numpy_helper.from_array(data, dname), numpy_helper.from_array(scales, sname)])
     new = _gbq_nodes(node, dname, sname, bits, block_size, hidden, data.shape[1] * 8 // bits, model)
@@ -651,6 +657,18 @@ def block_quantize_rows(w: np.ndarray, bits: int, block_size: int) -> tuple[np.n
     if bits == 4:
         q = pack4(q)
     return np.ascontiguousarray(q), scales.astype(np.float32)
+
+
+def _block_quantize_mapped(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``block_quantize_rows`` of ``w`` (mapped from its file) a block of rows at a time: the same bytes."""
+    rows, cols = w.shape
+    nb = -(-cols // block_size)
+    data, scales = np.empty((rows, nb * block_size * bits // 8), np.uint8), np.empty((rows, nb), np.float32)
+    step = max(1, QUANT_ROWS // max(1, cols))
+    for r in range(0, rows, step):
+        data[r:r + step], scales[r:r + step] = block_quantize_rows(np.asarray(w[r:r + step], dtype=np.float32),
+                                                                   bits, block_size)
+    return data, scales
 
 
 def pack4(q: np.ndarray) -> np.ndarray:

@@ -19,13 +19,18 @@ Weights are 7-bit (``reduce_range``): on AVX2 without VNNI, onnxruntime's u8 x s
 pairs of products in 16 bits, which full-range int8 weights overflow. The token embedding is
 8-bit ``GatherBlockQuantized``, as in the weight-only scheme.
 
+The export (``quantize_decoder_dynamic``) leaves the fp32 weights in their file and makes the
+int8 graph one weight at a time (``edgeft.export.dynamic``). ``rewrite`` (``calibrate``,
+``smooth``, ``per_row`` on a graph held whole in memory) is the same rewrite on a small graph:
+the tests check with it that the rewrite is exact in fp32, and that the export's graph is what it
+and onnxruntime's ``quantize_dynamic`` make.
+
 This module knows ONNX graphs and onnxruntime; nothing of torch or tokenizers: the
 calibration ids come from the caller.
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,12 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.artifact import Quantization
+from edgeft.export import dynamic
+from edgeft.export.dynamic import EPS, site_scale
 from edgeft.export.quantize import (MatMulTarget, _drop_unused_initializers, _group_widths, _inits, _producers,
-                                    _quantize_embedding, _quiet, gemm_to_matmul, load, matmul_targets, save)
+                                    _quantize_embedding, _quiet, gemm_to_matmul, load_graph, materialize,
+                                    matmul_targets, save)
 
 INLINE_LIMIT = 1 << 30  # bytes of weights up to which calibration hands onnxruntime the model in memory
 ALPHA = 0.5  # SmoothQuant's migration strength (0.75 and 0.9 were worse on SmolLM2: results/dynamic_int8.md)
-EPS = 1e-6
 _NORMS = {"SimplifiedLayerNormalization": (1, None), "LayerNormalization": (1, 2),
           "SkipSimplifiedLayerNormalization": (2, None), "SkipLayerNormalization": (2, 3)}  # gain, bias inputs
 
@@ -189,10 +196,8 @@ def smooth(model, found: Sequence[Site], amax: dict[str, np.ndarray], alpha: flo
     done = 0
     for site in found:
         ws = [get(w) for w in site.weights]
-        x = amax[site.tensor].astype(np.float64)
-        w = np.max([np.abs(m).max(1) for m in ws], axis=0).astype(np.float64)
-        s = np.where((x > EPS) & (w > EPS), np.clip(x, EPS, None) ** alpha / np.clip(w, EPS, None) ** (1 - alpha), 1.0)
-        if not np.all(np.isfinite(s)) or len(s) != ws[0].shape[0]:
+        s = site_scale(amax[site.tensor], np.max([np.abs(m).max(1) for m in ws], axis=0), ws[0].shape[0], alpha)
+        if s is None:
             continue
         for name, m in zip(site.weights, ws):
             put(name, m * s[:, None])
@@ -258,34 +263,31 @@ def rewrite(model, vocab_size: int, feeds: Sequence[dict], threads: int | None =
 
 
 def quantize_decoder_dynamic(src: Path, dest: Path, vocab_size: int, num_layers: int, block_size: int,
-                             feeds: Sequence[dict], threads: int | None = None) -> Quantization:
-    """The fp32 decoder graph at ``src`` -> smoothed, row-scaled dynamic int8 at ``dest``."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+                             feeds: Sequence[dict], threads: int | None = None, alpha: float = ALPHA) -> Quantization:
+    """The fp32 decoder graph at ``src`` -> smoothed, row-scaled dynamic int8 at ``dest``, its weights read from
+    ``src``'s data file one at a time (``edgeft.export.dynamic``): the fp32 weights are never all in memory,
+    and the graph is what ``rewrite`` then onnxruntime's ``quantize_dynamic`` (per channel, 7-bit weights,
+    MatMuls with a constant weight only) made of the whole graph in memory."""
+    src = Path(src)
+    base = src.parent
     _quiet()
-    model = load(src)
-    targets, _ = rewrite(model, vocab_size, feeds, threads, work=Path(dest).parent)
+    model = load_graph(src)
+    transposed = {n.input[1] for n in model.graph.node if n.op_type == "Gemm" and len(n.input) > 1
+                  and any(a.name == "transB" and a.i for a in n.attribute)}  # gemm_to_matmul reads these
+    materialize(model, base, keep={t.name for t in model.graph.initializer} - transposed)
+    gemm_to_matmul(model)
+    targets = matmul_targets(model, vocab_size)
+    names = [t.node for t in targets]
+    found = sites(model, names)
+    amax = dynamic.calibrate_file(model, src, [s.tensor for s in found], feeds, threads) if found else {}
+    ops, _ = dynamic.smooth_file(model, base, found, amax, alpha)
+    per_row(model, names)
+    dynamic.integer_matmuls(model, base, names, ops)
     head = next((t for t in targets if t.group == "head"), None)
-    tmp_in, tmp_out = Path(dest).with_name("smoothed-tmp.onnx"), Path(dest).with_name("dynamic-tmp.onnx")
-    save(model, tmp_in)
-    del model
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # "consider pre-processing": the graph is already optimized
-    try:
-        quantize_dynamic(str(tmp_in), str(tmp_out), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_quantize=[t.node for t in targets],
-                         use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1})
-    finally:
-        root.setLevel(level)
-    model = load(tmp_out)
-    _quantize_embedding(model, 8, block_size, head, 0)
+    _quantize_embedding(model, 8, block_size, head, 0, base)
     _drop_unused_initializers(model)
+    materialize(model, base)  # what is left in the source's file: the small tensors the graph reads
     save(model, dest)
-    for p in (tmp_in, tmp_out):
-        p.unlink(missing_ok=True)
-        p.with_name(p.name + ".data").unlink(missing_ok=True)
     return Quantization(scheme="int8", method="dynamic-smoothed", block_size=block_size,
                        groups=_group_widths(targets, {t.node: 8 for t in targets}, 8, num_layers),
                        activations="int8-per-row")
