@@ -814,3 +814,29 @@ def test_export_refuses_early_when_the_disk_cannot_hold_it(work, tiny_llama_dir,
         _export(tiny_llama_dir, work / "llama-full", "int8")
     assert not (work / "llama-full").exists() and not [p for p in work.iterdir() if p.name.startswith(".llama-full")]
     assert pipeline.work_bytes(ExportConfig(source="s", out=work / "x"), 1_000_000) > 4_000_000  # the fp32 graph
+
+
+def test_export_says_its_disk_and_memory_before_the_slow_part(work, tiny_llama_dir):
+    from edgeft.export import pipeline
+
+    lines: list[str] = []
+    export(ExportConfig(source=str(tiny_llama_dir), out=work / "llama-said", quantize="int8", **FAST_GATE),
+           log=lines.append)
+    said = [i for i, line in enumerate(lines) if line.startswith("expects about ")]
+    assert len(said) == 1, lines
+    graph = next(i for i, line in enumerate(lines) if "graph" in line or "quantiz" in line)
+    assert said[0] < graph, lines  # before the graph is built
+    assert " of scratch disk (" in lines[said[0]] and " of memory" in lines[said[0]]
+    params = 10**9
+    assert pipeline.peak_bytes(params) > 4 * params  # the gate's PyTorch pass holds the fp32 model
+
+
+def test_the_memory_line_warns_when_the_machine_has_less_than_the_peak():
+    from edgeft.export.pipeline import expected_line
+
+    roomy = expected_line(2_000_000_000, 3_000_000_000, 50_000_000_000, 8_000_000_000)
+    assert roomy == ("expects about 2.0 GB of scratch disk (50.0 GB free) and a peak of about 3.0 GB of memory "
+                     "(8.0 GB available)")
+    tight = expected_line(2_000_000_000, 3_000_000_000, 50_000_000_000, 1_500_000_000)
+    assert "warning: only 1.5 GB is available now, so the export may be killed for memory" in tight
+    assert expected_line(1, 2, 3, None).endswith("of memory")

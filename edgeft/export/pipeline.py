@@ -32,7 +32,7 @@ from edgeft.errors import EdgeftError
 from edgeft.export import assemble, gate, quantize, trunk
 from edgeft.export.candidates import Candidate, Gated, Log, Plan, say, unseal
 from edgeft.export.config import ExportConfig, Int8Mode, KVCache, Quantize
-from edgeft.fsutil import atomic_dir, check_destination, check_space, out_of_space, refuse_overlap
+from edgeft.fsutil import atomic_dir, check_destination, check_space, free_bytes, mb, out_of_space, refuse_overlap
 
 if TYPE_CHECKING:
     from edgeft.export.classifier import ClassifierGraph
@@ -157,6 +157,41 @@ def work_bytes(config: ExportConfig, params: int) -> int:
     return int(params * (4 + SCHEME_BYTES[config.quantize]))
 
 
+# The export's peak, measured at 0.5B-3B: the gate's PyTorch pass holds the fp32 model (1.0x its bytes) beside
+# the libraries' fixed share (torch, onnxruntime, the builder: about 0.6 GB); see docs/export.md.
+PEAK_MODEL_SHARE = 1.05
+PEAK_FIXED_BYTES = 600_000_000
+
+
+def peak_bytes(params: int) -> int:
+    """About the largest resident memory an export of ``params`` weights reaches."""
+    return int(params * 4 * PEAK_MODEL_SHARE) + PEAK_FIXED_BYTES
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def expected_line(disk: int, peak: int, free: int, available: int | None) -> str:
+    """What the export will take, said before the slow part: scratch disk (checked against the free space
+    already) and peak memory, with a warning when the machine has less memory available than that."""
+    line = f"expects about {mb(disk)} of scratch disk ({mb(free)} free) and a peak of about {mb(peak)} of memory"
+    if available is None:
+        return line
+    if available < peak:
+        return (f"{line}; warning: only {mb(available)} is available now, so the export may be killed for "
+                "memory (close other programs, or export on a machine with more)")
+    return f"{line} ({mb(available)} available)"
+
+
 def _check_paths(config: ExportConfig) -> None:
     """Before anything is read or deleted: a local source that is not there is a local error (no hub
     attempt), and --out may not be, hold or lie inside what the export reads."""
@@ -216,8 +251,10 @@ def _export(config: ExportConfig, work: Path, log: Log, need: Need) -> Path:
         raise EdgeftError(f"--kv-cache int8 needs an onnxruntime-genai builder graph (llama, qwen2, ...); "
                           f"{source.architecture} exports through torch.onnx, whose cache stays float32")
     _torch_threads(config, source.model)
-    need.bytes = work_bytes(config, sum(p.numel() for p in source.model.parameters()))
+    params = sum(p.numel() for p in source.model.parameters())
+    need.bytes = work_bytes(config, params)
     check_space(work, need.bytes, f"the export of {config.out}")  # before anything large is written
+    log(expected_line(need.bytes, peak_bytes(params), free_bytes(work), available_memory()))
     hf_dir = save_hf_configs(source, work / "hf")
     if source.task is Task.causal_lm:
         from edgeft.export import decoder_plan
