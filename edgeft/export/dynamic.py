@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeft.export.quantize import _inits, _weight, remove_initializers
+from edgeft.export.quantize import _inits, _weight, default_opset, remove_initializers
 
 CHUNK = 1 << 22  # fp32 values of a weight read from its file at a time (16 MiB)
 EPS = 1e-6
@@ -95,18 +95,27 @@ def _with_maxima(model: Any, tensors: Sequence[str]) -> Any:
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model)
     if opset >= 18:
         copy.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "edgeft_amax_axes"))
     for t in tensors:
         base = f"{t}/edgeft_amax"
-        reduce = (helper.make_node("ReduceMax", [f"{base}/rows", "edgeft_amax_axes"], [base], keepdims=0)
-                  if opset >= 18 else helper.make_node("ReduceMax", [f"{base}/rows"], [base], axes=[0], keepdims=0))
+        reduce = reduce_max(opset, f"{base}/rows", base, 0, "edgeft_amax_axes", keepdims=0)
         copy.graph.node.extend([helper.make_node("Abs", [t], [f"{base}/abs"]),
                                 helper.make_node("Flatten", [f"{base}/abs"], [f"{base}/rows"], axis=-1), reduce])
         copy.graph.output.append(helper.make_tensor_value_info(base, TensorProto.FLOAT, None))
     _keep_only(copy, [f"{t}/edgeft_amax" for t in tensors])
     return copy
+
+
+def reduce_max(opset: int, x: str, out: str, axis: int, axes: str, keepdims: int, name: str | None = None) -> Any:
+    """A ``ReduceMax`` node over one ``axis`` of ``x``, written for ``opset``: from opset 18 the axes are an input,
+    the initializer named ``axes`` (holding ``[axis]``, which the caller adds); before it, an attribute."""
+    from onnx import helper
+
+    if opset >= 18:
+        return helper.make_node("ReduceMax", [x, axes], [out], keepdims=keepdims, name=name)
+    return helper.make_node("ReduceMax", [x], [out], axes=[axis], keepdims=keepdims, name=name)
 
 
 def _keep_only(model: Any, outputs: Sequence[str]) -> None:

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edgeft.export.quantize import load, logits_chain, replace_node, save
+from edgeft.export.quantize import default_opset, load, logits_chain, replace_node, save
 
 # Operators that show a fusion took place (reported in the manifest).
 FUSED_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "SkipSimplifiedLayerNormalization",
@@ -70,7 +70,7 @@ def interface(path: Path) -> tuple[list[str], list[str], int]:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(m, missing=0)
     init = {t.name for t in m.graph.initializer}
     return [i.name for i in m.graph.input if i.name not in init], [o.name for o in m.graph.output], opset
 

@@ -692,6 +692,11 @@ def _drop_unused_initializers(model) -> None:
     remove_initializers(model, {t.name for t in model.graph.initializer if t.name not in used})
 
 
+def default_opset(model, missing: int = 13) -> int:
+    """The version of the default (``ai.onnx``) operator set ``model`` imports; ``missing`` when it names none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), missing)
+
+
 def remove_initializers(model, names: set[str]) -> None:
     """Delete the initializers named ``names`` in place. Rebuilding the list instead (clear, then extend with
     the kept ones) copies every kept tensor's bytes, and protobuf's arena keeps the cleared copies until the

@@ -42,7 +42,7 @@ from edgeft.artifact import Quantization
 from edgeft.export import dynamic
 from edgeft.export.dynamic import EPS, site_scale
 from edgeft.export.quantize import (MatMulTarget, _drop_unused_initializers, _group_widths, _inits, _producers,
-                                    _quantize_embedding, _quiet, gemm_to_matmul, load_graph, materialize,
+                                    _quantize_embedding, _quiet, default_opset, gemm_to_matmul, load_graph, materialize,
                                     matmul_targets, save)
 
 INLINE_LIMIT = 1 << 30  # bytes of weights up to which calibration hands onnxruntime the model in memory
@@ -217,7 +217,7 @@ def per_row(model, targets: Sequence[str]) -> int:
     """Divide each target's input by its rows' largest magnitude; multiply the product back."""
     from onnx import helper, numpy_helper
 
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = default_opset(model)
     axes = "edgeft_rowq_axes"
     model.graph.initializer.extend([numpy_helper.from_array(np.array([-1], np.int64), axes),
                                     numpy_helper.from_array(np.array(EPS, np.float32), "edgeft_rowq_eps")])
@@ -229,10 +229,8 @@ def per_row(model, targets: Sequence[str]) -> int:
         x = n.input[0]
         if x not in normed:
             base = f"{x}/edgeft_rowq"
-            reduce = (helper.make_node("ReduceMax", [f"{base}/abs", axes], [f"{base}/max"], keepdims=1,
-                                       name=f"{base}/ReduceMax") if opset >= 18 else
-                      helper.make_node("ReduceMax", [f"{base}/abs"], [f"{base}/max"], axes=[-1], keepdims=1,
-                                       name=f"{base}/ReduceMax"))
+            reduce = dynamic.reduce_max(opset, f"{base}/abs", f"{base}/max", -1, axes, keepdims=1,
+                                        name=f"{base}/ReduceMax")
             new += [helper.make_node("Abs", [x], [f"{base}/abs"], name=f"{base}/Abs"), reduce,
                     helper.make_node("Max", [f"{base}/max", "edgeft_rowq_eps"], [f"{base}/scale"], name=f"{base}/Max"),
                     helper.make_node("Div", [x, f"{base}/scale"], [f"{base}/rows"], name=f"{base}/Div")]
