@@ -107,13 +107,19 @@ def manifest_card(manifest: Any, signature_checked: bool = False) -> dict[str, A
     }
 
 
+# The event loop's share of a core while it streams every slot's chunks beside the pool: it used
+# 0.035 of one at 8 streaming clients and 165 tokens/s (benchmarks/results/2026-12-07-vm-icelake-serving.md);
+# a whole core kept for it made a 2-core machine's threads sleep, 27% slower for one client, 24% for 8.
+EVENT_LOOP_CORES = 0.1
+
+
 def _spin_reserve(config: ServeConfig, others: int) -> float:
     """Cores a model's spinning threads must leave free: the ``others`` models' threads, and with
-    several slots one for the event loop (it streams every slot's chunks while the pool works)."""
+    several slots a tenth of one for the event loop (it streams every slot's chunks while the pool works)."""
     from edgeft.runtime.session import default_threads
 
     threads = config.threads or default_threads()
-    return threads * others + (1.0 if config.parallel > 1 else 0.0)
+    return threads * others + (EVENT_LOOP_CORES if config.parallel > 1 else 0.0)
 
 
 def _model(config: ServeConfig, metrics: Registry, name: str, first: Any) -> Model:
