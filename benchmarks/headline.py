@@ -190,11 +190,12 @@ def serving_goals(res: SuiteResult, case: str, np_: int) -> list[Goal]:
     one, full = agg("edgeft", 1), agg("edgeft", np_)
     out = [Goal(f"{case}: edgeft at {np_} clients vs its own single client", full.median / one.median
                 if one and full else None, 3.0, detail="aggregate tok/s")]
-    off = "edgeft --speculate off"
-    if off in res.systems(case):
-        one_off, full_off = agg(off, 1), agg(off, np_)
-        out.append(Goal(f"{case}: {off} at {np_} clients vs its own single client", full_off.median / one_off.median
-                        if one_off and full_off else None, 3.0, detail="aggregate tok/s, no drafts on either side"))
+    # the same server with --speculate off, and on the other artifacts (``serving.ARTIFACTS``)
+    for other in [s for s in res.systems(case) if s.startswith("edgeft ")]:
+        one_o, full_o = agg(other, 1), agg(other, np_)
+        detail = "aggregate tok/s" + (", no drafts on either side" if "--speculate off" in other else "")
+        out.append(Goal(f"{case}: {other} at {np_} clients vs its own single client", full_o.median / one_o.median
+                        if one_o and full_o else None, 3.0, detail=detail))
     for peer in [s for s in res.systems(case) if s.startswith("llama-server")]:
         theirs = agg(peer, np_)
         out.append(Goal(f"{case}: edgeft at {np_} clients vs {peer} -np {np_}",

@@ -2,9 +2,11 @@
 
     python -m benchmarks.run --cases serving          # ~20 min; BENCH_QUICK=1: 1 request a client, 15 s overload
     BENCH_SERVING_LEVELS=1,8 python -m benchmarks.run --cases serving   # those client counts only
+    BENCH_SERVING_REQUESTS=8 ...                                          # requests per client (3)
 
-In a worker process of its own (``measure``): starts every server once, side by side on loopback
-(idle ones sleep), then for each client count (1, 4, 8, 16) takes turns system by system: N
+In a worker process of its own (``measure``): starts every server once, on loopback, one after
+another (each healthy before the next loads, so an edgeft server's spin choice sees idle cores; idle
+servers sleep), then for each client count (1, 4, 8, 16) takes turns system by system: N
 streaming clients each send requests back to back (``/v1/completions``, greedy, 64 new tokens
 with ``ignore_eos`` so every request costs the same; each client its own prompt, so no prefix is
 shared). Per system and client count: aggregate tokens/s (every completion token / the phase's
@@ -12,9 +14,11 @@ wall time) and time to first token p50/p95. Then edgeft alone under overload: 64
 clients for 45 s, each retrying 0.2 s after a 429; every status code is counted, and an admitted
 request that does not end with ``[DONE]`` and all its tokens is a failure.
 
-edgeft runs the suite's int8 artifact with its defaults and ``--parallel 8`` (threads: all cores), and
-again with ``--speculate off`` (prompt-lookup drafts speed a lone client up and are never verified beside
-other rows, so the N-clients-over-one ratio is given both ways);
+edgeft runs the suite's int8 artifact and its int8-dynamic one (``-q int8 --int8-mode dynamic``: int8
+activations, onnxruntime's u8s8 kernels; ``BENCH_SERVING_ARTIFACTS=int8`` serves the first alone) with
+their defaults and ``--parallel 8`` (threads: all cores), each again with ``--speculate off`` (prompt-lookup
+drafts speed a lone client up and are never verified beside other rows, so the N-clients-over-one ratio
+is given both ways);
 llama-server (the native build of ``benchmarks.llamacpp``; without one its rows are skipped with
 the reason) runs ``-np 8 -c 8*SLOT`` and its own default thread count, as its users do, with idle
 threads sleeping (``--poll 0``, ``OMP_WAIT_POLICY=PASSIVE``, as for every system in benchmarks/;
@@ -28,12 +32,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +58,9 @@ LEVELS, NP, NEW_TOKENS, OVERLOAD_CLIENTS = (1, 4, 8, 16), 8, 64, 64
 # other rows, so the N-clients-over-one ratio is shown with and without them
 SPECULATE_OFF = ("--speculate", "off")
 SLOT = 512  # tokens per slot: prompt (~40) + new tokens, with room
+# the artifacts edgeft serves (``lm_artifact``'s names): weight-only int8, whose 8-bit block kernel costs
+# about 3x a lone row's time at 8 rows, and int8-dynamic, whose u8s8 kernel costs about 1.5x
+ARTIFACTS = ("int8", "int8-dynamic")
 
 
 def _free_port() -> int:
@@ -102,12 +112,13 @@ class Server:
                 self.proc.kill()
 
 
-def edgeft_server(artifact: Path, np_: int, flags: tuple[str, ...] = ()) -> Server:
+def edgeft_server(artifact: Path, np_: int, flags: tuple[str, ...] = (), quant: str = "int8") -> Server:
+    """``edgeft serve`` on ``artifact``; named "edgeft" (the int8 artifact) or "edgeft QUANT", then its flags."""
     port = _free_port()
     exe = Path(sys.executable).with_name("edgeft")
     cmd = [str(exe), "serve", str(artifact), "--name", "bench", "--port", str(port), "--parallel", str(np_),
-           "--ctx-size", str(np_ * SLOT), "--log-level", "warning", *flags]
-    return Server(" ".join(["edgeft", *flags]), cmd, port)
+           "--ctx-size", str(np_ * SLOT), "--log-level", "info", *flags]  # info: its load line says if threads spin
+    return Server(" ".join(["edgeft" if quant == "int8" else f"edgeft {quant}", *flags]), cmd, port)
 
 
 def llama_server(bin_dir: Path, gguf: Path, np_: int, tag: str) -> Server:
@@ -234,17 +245,24 @@ async def overload(url: str, clients: int, seconds: float, new_tokens: int) -> d
 def measure(spec: dict) -> dict:
     """Every phase against servers this (worker) process starts and stops."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
-    servers = [edgeft_server(Path(spec["artifact"]), spec["np"]),
-               edgeft_server(Path(spec["artifact"]), spec["np"], SPECULATE_OFF)]
+    starts: list[Callable[[], Server]] = [partial(edgeft_server, Path(path), spec["np"], flags, quant)
+                                          for quant, path in spec["artifacts"].items()
+                                          for flags in ((), SPECULATE_OFF)]
     if spec.get("llama_bin"):
-        servers += [llama_server(Path(spec["llama_bin"]), Path(spec["gguf"][tag]), spec["np"], tag)
-                    for tag in ("Q8_0", "Q4_1")]
+        starts += [partial(llama_server, Path(spec["llama_bin"]), Path(spec["gguf"][tag]), spec["np"], tag)
+                   for tag in ("Q8_0", "Q4_1")]
     texts = prompts(max(spec["levels"]) * spec["per_client"])
-    result: dict = {"rows": {s.name: {} for s in servers}, "servers": {s.name: s.cmd for s in servers}}
+    servers: list[Server] = []
+    result: dict = {"rows": {}, "servers": {}}
     try:
-        for s in servers:
+        # one at a time, each healthy before the next starts: an edgeft server decides at load whether its
+        # threads spin from how busy the cores are, which another server's loading would make them
+        for start in starts:
+            servers.append(s := start())
             s.wait()
             asyncio.run(phase(s.url, 1, 1, 8, texts))  # warm-up
+            result["rows"][s.name], result["servers"][s.name] = {}, s.cmd
+            time.sleep(1.0)  # the warm-up's busy cores out of the next load's sample
         for c in spec["levels"]:
             for s in servers:
                 result["rows"][s.name][c] = asyncio.run(phase(s.url, c, spec["per_client"], spec["new_tokens"], texts))
@@ -261,6 +279,9 @@ def measure(spec: dict) -> dict:
     finally:
         for s in servers:
             s.stop()
+    # each edgeft server's load line: whether its threads spin, and what the machine showed then
+    result["spin"] = {s.name: m.group(0) for s in servers if s.name.startswith("edgeft")
+                      and (m := re.search(r"threads (spin|sleep) \([^)]*\)", s.log.read_text(errors="replace")))}
     return result
 
 
@@ -268,8 +289,10 @@ def case(ctx: Context) -> None:
     from benchmarks.cases import WorkerFailed, lm_artifact
 
     levels = [int(c) for c in os.environ.get("BENCH_SERVING_LEVELS", ",".join(map(str, LEVELS))).split(",") if c]
-    spec = {"artifact": str(lm_artifact(ctx, "int8")), "np": NP, "levels": levels, "new_tokens": NEW_TOKENS,
-            "per_client": 1 if ctx.quick else 3, "overload_clients": OVERLOAD_CLIENTS,
+    quants = [q for q in os.environ.get("BENCH_SERVING_ARTIFACTS", ",".join(ARTIFACTS)).split(",") if q]
+    spec = {"artifacts": {q: str(lm_artifact(ctx, q)) for q in quants}, "np": NP, "levels": levels, "new_tokens": NEW_TOKENS,
+            "per_client": 1 if ctx.quick else int(os.environ.get("BENCH_SERVING_REQUESTS", 3)),
+            "overload_clients": OVERLOAD_CLIENTS,
             "overload_seconds": 15.0 if ctx.quick else 45.0}
     try:
         spec["llama_bin"] = str(prepare.llama_bin())
@@ -285,8 +308,11 @@ def case(ctx: Context) -> None:
         raise prepare.Unavailable(str(exc)) from None
     poll = "its own default polling" if os.environ.get("BENCH_LLAMA_POLL") == "default" else "--poll 0"
     for name, tab in r["rows"].items():
+        quant = next((q for q in quants if q != "int8" and q in name.split()), "int8")
+        flags = " ".join(w for w in name.split()[1:] if w != quant)
         note = (f"{name}: `{' '.join(r['servers'][name][1:])}`" if not name.startswith("edgeft") else
-                f"{name.replace('edgeft', f'edgeft serve --parallel {NP}', 1)} on the int8 artifact, threads: all cores")
+                f"{name}: `edgeft serve --parallel {NP}{' ' + flags if flags else ''}` on the {quant} artifact, "
+                "threads: all cores")
         for c, row in tab.items():
             c = int(c)
             ctx.add(CASE, name, "aggregate_tps", row["aggregate_tok_s"], "tok/s", clients=c,
@@ -303,5 +329,7 @@ def case(ctx: Context) -> None:
                 note=f"{system}: streaming chat clients retrying 0.2 s after a 429; statuses {o['statuses']}")
         for metric in ("admitted", "admitted_incomplete", "server_errors", "transport_errors", "tokens"):
             ctx.add(CASE, system, metric, o[metric], "count", higher=metric in ("admitted", "tokens"))
+    if r.get("spin"):
+        ctx.res.notes.append(f"{CASE}: edgeft's threads at load: " + "; ".join(f"{k}: {v}" for k, v in r["spin"].items()))
     if r.get("edgeft_metrics"):
         ctx.res.notes.append(f"{CASE}: edgeft's /metrics after the run: {'; '.join(r['edgeft_metrics'])}")

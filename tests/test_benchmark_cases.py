@@ -82,6 +82,11 @@ def test_folded_case_goals_read_their_own_case_and_system():
         add("serving", "edgeft --speculate off", "aggregate_tps", v, "tok/s", clients=c)
     assert _goal(res, "serving: edgeft --speculate off at 8 clients").value == pytest.approx(4.0)
     assert _goal(res, "serving: edgeft at 8 clients vs its own").value == pytest.approx(300 / 90)  # its own rows
+    assert not [x for x in goals(res) if "int8-dynamic" in x.name]  # not served: no goal
+    for c, v in ((1, 100.0), (8, 250.0)):
+        add("serving", "edgeft int8-dynamic", "aggregate_tps", v, "tok/s", clients=c)
+    dyn = _goal(res, "serving: edgeft int8-dynamic at 8 clients")
+    assert dyn.value == pytest.approx(2.5) and not dyn.met
     vs = _goal(res, "serving: edgeft at 8 clients vs llama-server Q8_0")
     assert vs.value == pytest.approx(1.2) and not vs.met
     assert _goal(res, "serving: TTFT p50").value == 0.5 and _goal(res, "serving: TTFT p50").met
