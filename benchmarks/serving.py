@@ -281,7 +281,7 @@ def measure(spec: dict) -> dict:
             s.stop()
     # each edgeft server's load line: whether its threads spin, and what the machine showed then
     result["spin"] = {s.name: m.group(0) for s in servers if s.name.startswith("edgeft")
-                      and (m := re.search(r"threads (spin|sleep) \([^)]*\)", s.log.read_text(errors="replace")))}
+                      and (m := re.search(r"threads (spin|sleep) \((?:[^()]|\([^)]*\))*\)", s.log.read_text(errors="replace")))}
     return result
 
 
