@@ -187,15 +187,15 @@ def case_goals(res: SuiteResult) -> list[Goal]:
 def serving_goals(res: SuiteResult, case: str, np_: int) -> list[Goal]:
     """edgeft at ``np_`` clients against its own single client and against each llama-server at ``np_``."""
     agg = lambda system, c: _in(res, case, "aggregate_tps", system, {"clients": c})  # noqa: E731
-    one, full = agg("edgeft", 1), agg("edgeft", np_)
-    out = [Goal(f"{case}: edgeft at {np_} clients vs its own single client", full.median / one.median
-                if one and full else None, 3.0, detail="aggregate tok/s")]
-    # the same server with --speculate off, and on the other artifacts (``serving.ARTIFACTS``)
-    for other in [s for s in res.systems(case) if s.startswith("edgeft ")]:
-        one_o, full_o = agg(other, 1), agg(other, np_)
-        detail = "aggregate tok/s" + (", no drafts on either side" if "--speculate off" in other else "")
-        out.append(Goal(f"{case}: {other} at {np_} clients vs its own single client", full_o.median / one_o.median
-                        if one_o and full_o else None, 3.0, detail=detail))
+    out = []
+    # the int8 server (its goal stated even when not run), then the others the case ran: the same server with
+    # --speculate off, and the other artifacts (``serving.ARTIFACTS``)
+    for server in ["edgeft", *[s for s in res.systems(case) if s.startswith("edgeft ")]]:
+        one, full = agg(server, 1), agg(server, np_)
+        detail = "aggregate tok/s" + (", no drafts on either side" if "--speculate off" in server else "")
+        out.append(Goal(f"{case}: {server} at {np_} clients vs its own single client", full.median / one.median
+                        if one and full else None, 3.0, detail=detail))
+    full = agg("edgeft", np_)
     for peer in [s for s in res.systems(case) if s.startswith("llama-server")]:
         theirs = agg(peer, np_)
         out.append(Goal(f"{case}: edgeft at {np_} clients vs {peer} -np {np_}",
