@@ -24,6 +24,12 @@ def test_spin_only_on_idle_cores(cores, threads, reserve, spins):
     assert choose_spin(threads, reserve, cores)[0] is spins
 
 
+def test_the_reason_names_the_slack_that_lets_a_pool_just_short_of_its_cores_spin():
+    spin, why = choose_spin(2, 0.1, Cores(2, 0.0))  # 2.0 idle, 2.1 needed: inside the slack
+    assert spin and why == "2.0 of 2 usable cores idle, 2.1 needed (2 threads + 0.1 reserved, 0.25 core of slack)"
+    assert not choose_spin(2, 0.3, Cores(2, 0.0))[0]  # 2.3 needed: past it
+
+
 def test_explicit_setting_else_machine_and_the_library_reads_no_environment(monkeypatch):
     monkeypatch.setattr(session, "machine_cores", lambda: Cores(2, 2.0))
     monkeypatch.setenv("EDGEFT_SPIN", "1")  # read by the commands' --spin, not by the library

@@ -41,6 +41,9 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+SPIN_SLACK = 0.25  # cores: the idle count is sampled, so a pool within this of fitting still spins
+
+
 @dataclass(frozen=True)
 class Cores:
     """What the machine shows at load: cores this process may use and how many other work keeps busy."""
@@ -64,9 +67,9 @@ def choose_spin(threads: int, reserve: float = 0.0, cores: Cores | None = None) 
     """
     cores = cores or machine_cores()
     need = threads + reserve
-    spin = cores.spare() + 0.25 >= need
+    spin = cores.spare() + SPIN_SLACK >= need
     why = (f"{cores.spare():.1f} of {cores.usable:g} usable cores idle, {need:g} needed "
-           f"({threads} threads{f' + {reserve:g} reserved' if reserve else ''})")
+           f"({threads} threads{f' + {reserve:g} reserved' if reserve else ''}, {SPIN_SLACK:g} core of slack)")
     return spin, why
 
 
