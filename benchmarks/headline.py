@@ -191,11 +191,11 @@ def serving_goals(res: SuiteResult, case: str, np_: int) -> list[Goal]:
     # the int8 server (its goal stated even when not run), then the others the case ran: the same server with
     # --speculate off, and the other artifacts (``serving.ARTIFACTS``)
     for server in ["edgeft", *[s for s in res.systems(case) if s.startswith("edgeft ")]]:
-        one, full = agg(server, 1), agg(server, np_)
+        single, many = agg(server, 1), agg(server, np_)
         detail = "aggregate tok/s" + (", no drafts on either side" if "--speculate off" in server else "")
-        out.append(Goal(f"{case}: {server} at {np_} clients vs its own single client", full.median / one.median
-                        if one and full else None, 3.0, detail=detail))
-    full = agg("edgeft", np_)
+        out.append(Goal(f"{case}: {server} at {np_} clients vs its own single client", many.median / single.median
+                        if single and many else None, 3.0, detail=detail))
+    full = agg("edgeft", np_)  # the int8 server's, against each llama-server
     for peer in [s for s in res.systems(case) if s.startswith("llama-server")]:
         theirs = agg(peer, np_)
         out.append(Goal(f"{case}: edgeft at {np_} clients vs {peer} -np {np_}",
